@@ -1,0 +1,18 @@
+"""qiao.backends — one file per target behind the ``Backend`` interface (see ``base.py``).
+
+Backends are discovered lazily through the ``qiao.backends`` entry-point group (``registry.py``).
+"""
+
+from qiao.backends.base import Availability, Backend, DevicePreset, Phase, Runner
+from qiao.backends.registry import discover, get_backend, list_backends
+
+__all__ = [
+    "Availability",
+    "Backend",
+    "DevicePreset",
+    "Phase",
+    "Runner",
+    "discover",
+    "get_backend",
+    "list_backends",
+]

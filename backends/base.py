@@ -1,0 +1,164 @@
+"""The backend interface: what every qiao target implements.
+
+A backend turns an imported model (a Relax module plus its weights) into files in an artifact directory,
+and, where its device is present, loads and runs those files. Read this file once and you can write one:
+the abstract methods are ``presets``, ``availability``, ``target``, ``build`` and ``load``; the per-target
+lowering phases and the MoE schedule parameters have defaults you override when your target needs to.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from qiao.compiler.errors import UnknownTarget
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+    from qiao.compiler.frontend import ImportedModel
+
+
+@dataclass(frozen=True)
+class DevicePreset:
+    """A named device of a backend (``sm_90``, ``gfx942``, ``Ascend910B``...).
+
+    Parameters
+    ----------
+    name : str
+        What users pass as ``--arch``.
+    description : str
+        Human name of the chips, e.g. ``"NVIDIA H100 / H200 (Hopper)"``.
+    target : dict
+        The TVM target as a dict (``{"kind": "cuda", "arch": "sm_90"}``), or the vendor's target
+        description for hand-off backends (``{"soc_version": "Ascend910B"}``).
+    moe_schedule : Mapping
+        Per-device MoE schedule parameters (block sizes...), read by the MoE lowering. Change with
+        ``dataclasses.replace``; presets are frozen.
+    """
+
+    name: str
+    description: str
+    target: Mapping[str, Any]
+    moe_schedule: Mapping[str, Any] = field(default_factory=dict)
+
+    def replace(self, **changes) -> DevicePreset:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Availability:
+    """What a backend can do on this machine. ``missing`` says what to install for the rest."""
+
+    can_compile: bool
+    can_run: bool
+    missing: tuple[str, ...] = ()
+
+    @property
+    def status(self) -> str:
+        if self.can_compile and self.can_run:
+            return "ready"
+        if self.can_compile:
+            return "compiles only (no device)" + (
+                f": {'; '.join(self.missing)}" if self.missing else ""
+            )
+        return "toolchain missing: " + "; ".join(self.missing or ("unknown",))
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One named step of a lowering pipeline: a list of Relax/TIR module passes."""
+
+    name: str
+    passes: Sequence[Any]
+
+
+class Runner(abc.ABC):
+    """A loaded artifact on its device. ``run`` takes and returns numpy arrays in manifest order."""
+
+    @abc.abstractmethod
+    def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Run once on already-checked inputs; returns the outputs in manifest order."""
+
+    def benchmark(self, inputs: Sequence[np.ndarray], repeat: int, number: int) -> list[float]:
+        """Seconds per call for ``repeat`` measurements of ``number`` calls each (device-synchronised).
+
+        The default times ``run`` from Python; TVM backends override it with TVM's time evaluator."""
+        import time
+
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            for _ in range(number):
+                self.run(inputs)
+            times.append((time.perf_counter() - start) / number)
+        return times
+
+
+class Backend(abc.ABC):
+    """Base class of every backend. Subclasses set ``name``, ``vendor`` and ``default_preset``."""
+
+    name: ClassVar[str]
+    vendor: ClassVar[str]
+    default_preset: ClassVar[str | None] = None
+
+    # -- what the backend is -------------------------------------------------------------------
+    @abc.abstractmethod
+    def presets(self) -> Mapping[str, DevicePreset]:
+        """The named devices this backend knows, by ``--arch`` name."""
+
+    @abc.abstractmethod
+    def availability(self) -> Availability:
+        """What works here. Must never raise: probe, catch, and report what is missing."""
+
+    @abc.abstractmethod
+    def target(self, arch: str | None = None) -> Any:
+        """The compilation target for ``arch`` (a preset name, or a backend-specific chip name)."""
+
+    # -- what it does --------------------------------------------------------------------------
+    @abc.abstractmethod
+    def build(
+        self, model: ImportedModel, arch: str | None, workdir: str, options: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Compile ``model`` into files under ``workdir`` (an empty temporary directory).
+
+        Returns the backend's manifest section: at least ``{"library": file name or None}`` plus
+        anything ``load`` needs. Raise ``ToolchainMissing`` / ``CompileError`` on failure; the caller
+        removes ``workdir``, so a failed build never leaves a partial artifact.
+        """
+
+    @abc.abstractmethod
+    def load(self, artifact_dir: str, manifest: Mapping[str, Any]) -> Runner:
+        """Load a built artifact for running. Raise ``ToolchainMissing`` when the device is absent."""
+
+    # -- defaults a backend may override -------------------------------------------------------
+    def phases(self, target: Any) -> list[Phase]:
+        """The lowering phases, in order (see ``qiao.compiler.pipeline``)."""
+        from qiao.compiler.pipeline import default_phases
+
+        return default_phases(target)
+
+    def moe_schedule(self, arch: str | None) -> Mapping[str, Any]:
+        """MoE schedule parameters for ``arch`` (from its preset; empty means the lowering's defaults)."""
+        preset = self.presets().get(arch or self.default_preset or "")
+        return dict(preset.moe_schedule) if preset else {}
+
+    def preset(self, arch: str | None) -> DevicePreset | None:
+        """The preset named ``arch`` (default preset when ``None``); ``None`` for a raw chip name."""
+        name = arch or self.default_preset
+        if name is None:
+            return None
+        return self.presets().get(name)
+
+    def require_preset(self, arch: str | None) -> DevicePreset:
+        """Like ``preset`` but raise ``UnknownTarget`` naming the known presets."""
+        found = self.preset(arch)
+        if found is None:
+            known = ", ".join(self.presets())
+            raise UnknownTarget(
+                f"backend {self.name!r} has no device preset {arch!r}. fix: pass --arch with one of: "
+                f"{known}"
+            )
+        return found

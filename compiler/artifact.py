@@ -1,0 +1,202 @@
+"""The artifact directory: compiled files, weights and ``manifest.json``.
+
+Written into a temporary sibling directory and renamed into place, so a failed compile leaves nothing
+behind and a reader never sees half an artifact. ``load`` refuses an artifact of another format version or
+whose files changed since they were written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from qiao.compiler.errors import ArtifactCorrupt, InputMismatch
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PARAMS = "params.npz"
+SOURCE_MODEL = "model.onnx"
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _hash_tree(root: str) -> dict[str, str]:
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, root)
+            if rel != MANIFEST:
+                out[rel] = sha256_file(full)
+    return dict(sorted(out.items()))
+
+
+@contextlib.contextmanager
+def staging_dir(final_dir: str) -> Iterator[str]:
+    """Yield an empty temporary directory beside ``final_dir``; on success it replaces ``final_dir``
+    atomically (an existing artifact there is swapped out, then removed); on error it is removed."""
+    final_dir = os.path.abspath(final_dir)
+    parent = os.path.dirname(final_dir)
+    os.makedirs(parent, exist_ok=True)
+    if os.path.exists(final_dir) and not os.path.isfile(os.path.join(final_dir, MANIFEST)):
+        if not os.path.isdir(final_dir) or os.listdir(final_dir):
+            raise ArtifactCorrupt(
+                f"{final_dir} exists and is not a qiao artifact; refusing to replace it. "
+                "fix: choose another -o directory or remove it"
+            )
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final_dir)}.tmp-", dir=parent)
+    try:
+        yield tmp
+        old = None
+        if os.path.exists(final_dir):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(final_dir)}.old-", dir=parent)
+            os.rmdir(old)
+            os.rename(final_dir, old)
+        os.rename(tmp, final_dir)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_params(workdir: str, params: Mapping[str, np.ndarray]) -> list[str]:
+    """Write weights to ``params.npz`` (uncompressed, so loading is a plain read); returns their order."""
+    names = list(params)
+    np.savez(os.path.join(workdir, PARAMS), **{f"p{i}": params[n] for i, n in enumerate(names)})
+    return names
+
+
+def load_params(artifact_dir: str, manifest: Mapping[str, Any]) -> list[np.ndarray]:
+    names = manifest.get("params", {}).get("names", [])
+    if not names:
+        return []
+    with np.load(os.path.join(artifact_dir, PARAMS)) as data:
+        return [data[f"p{i}"] for i in range(len(names))]
+
+
+def write_manifest(workdir: str, manifest: dict) -> dict:
+    """Fill in the file hashes and write ``manifest.json`` into ``workdir``."""
+    manifest = dict(manifest)
+    manifest["files"] = _hash_tree(workdir)
+    _write_json_atomic(os.path.join(workdir, MANIFEST), manifest)
+    return manifest
+
+
+def _write_json_atomic(path: str, data: dict) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_manifest(artifact_dir: str, verify: bool = True) -> dict:
+    """Read and check an artifact's manifest: format version, every file present and unmodified."""
+    path = os.path.join(artifact_dir, MANIFEST)
+    if not os.path.isfile(path):
+        raise ArtifactCorrupt(
+            f"{artifact_dir} is not a qiao artifact (no {MANIFEST}). fix: pass a directory written by "
+            "`qiao compile`, or compile the model again"
+        )
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ArtifactCorrupt(
+            f"{path} is unreadable ({err}). fix: compile the model again"
+        ) from err
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactCorrupt(
+            f"{artifact_dir} has artifact format version {version!r}; this qiao reads version "
+            f"{FORMAT_VERSION}. fix: recompile the model with this qiao version"
+        )
+    if verify:
+        expected = manifest.get("files", {})
+        actual = _hash_tree(artifact_dir)
+        missing = sorted(set(expected) - set(actual))
+        changed = sorted(n for n in expected if n in actual and actual[n] != expected[n])
+        extra = sorted(set(actual) - set(expected))
+        problems = []
+        if missing:
+            problems.append(f"missing: {', '.join(missing)}")
+        if changed:
+            problems.append(f"modified: {', '.join(changed)}")
+        if extra:
+            problems.append(f"unexpected: {', '.join(extra)}")
+        if problems:
+            raise ArtifactCorrupt(
+                f"artifact {artifact_dir} does not match its manifest ({'; '.join(problems)}). "
+                "fix: recompile the model; do not edit artifact files by hand"
+            )
+    return manifest
+
+
+def record_validation(artifact_dir: str, result: dict) -> None:
+    """Store the last validation result in the manifest (the manifest is not part of the file hashes)."""
+    manifest = read_manifest(artifact_dir, verify=False)
+    manifest["validation"] = dict(result, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    _write_json_atomic(os.path.join(artifact_dir, MANIFEST), manifest)
+
+
+def check_inputs(specs: Sequence[Mapping[str, Any]], inputs: Mapping[str, Any]) -> list[np.ndarray]:
+    """Order ``inputs`` as ``specs`` and check names, dtypes, ranks, static dims and that each symbolic
+    dim has one value across all inputs. Raises ``InputMismatch`` naming the input, expected vs got."""
+    names = [s["name"] for s in specs]
+    missing = [n for n in names if n not in inputs]
+    extra = [n for n in inputs if n not in names]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing input(s) {', '.join(map(repr, missing))}")
+        if extra:
+            parts.append(f"unknown input(s) {', '.join(map(repr, extra))}")
+        raise InputMismatch(f"{'; '.join(parts)}. fix: the model takes exactly: {', '.join(names)}")
+    bound: dict[str, tuple[int, str]] = {}
+    ordered = []
+    for spec in specs:
+        name, dtype, shape = spec["name"], spec["dtype"], spec["shape"]
+        value = np.asarray(inputs[name])
+        if value.dtype != np.dtype(dtype):
+            raise InputMismatch(
+                f"input {name!r}: expected dtype {dtype}, got {value.dtype}. "
+                f"fix: cast it, e.g. x.astype('{dtype}')"
+            )
+        want = "(" + ", ".join(str(d) for d in shape) + ")"
+        if value.ndim != len(shape):
+            raise InputMismatch(
+                f"input {name!r}: expected shape {want} (rank {len(shape)}), got {value.shape} "
+                f"(rank {value.ndim})"
+            )
+        for axis, (dim, got) in enumerate(zip(shape, value.shape)):
+            if isinstance(dim, int):
+                if got != dim:
+                    raise InputMismatch(
+                        f"input {name!r}: expected shape {want}, got {tuple(value.shape)} (axis {axis} "
+                        f"must be {dim})"
+                    )
+            elif isinstance(dim, str):
+                if dim in bound and bound[dim][0] != got:
+                    other = bound[dim][1]
+                    raise InputMismatch(
+                        f"input {name!r}: axis {axis} is {dim!r}={got}, but input {other!r} has "
+                        f"{dim!r}={bound[dim][0]}; inputs sharing a symbolic dim must agree"
+                    )
+                bound.setdefault(dim, (got, name))
+        ordered.append(np.ascontiguousarray(value))
+    return ordered

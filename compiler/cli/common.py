@@ -1,0 +1,39 @@
+"""Argument helpers shared by subcommands."""
+
+from __future__ import annotations
+
+import argparse
+
+from qiao.compiler.errors import QiaoError
+
+
+def add_target_arguments(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument(
+        "--target",
+        "-t",
+        default=None if required else "cpu",
+        required=required,
+        help="backend name (see `qiao targets`); default: cpu",
+    )
+    p.add_argument(
+        "--arch",
+        default=None,
+        help="device preset or chip name of the backend (e.g. sm_90, gfx942)",
+    )
+
+
+def parse_key_values(items: list[str] | None, what: str) -> dict:
+    """``["batch=4", "seq=16"]`` → ``{"batch": 4, "seq": 16}`` (ints where they parse)."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise QiaoError(f"bad {what} {item!r}. fix: write it as NAME=VALUE")
+        try:
+            out[key] = int(value)
+        except ValueError:
+            try:
+                out[key] = float(value)
+            except ValueError:
+                out[key] = value
+    return out

@@ -1,0 +1,261 @@
+"""``compile`` and ``load``: the one entry point that the CLI, the tests and users share."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+from qiao.compiler import artifact as art
+from qiao.compiler.errors import QiaoError, ToolchainMissing
+
+__version__ = "0.1.0"
+
+
+@dataclass
+class ResolvedModel:
+    """A model in ONNX form plus where it came from."""
+
+    proto: onnx.ModelProto
+    name: str
+    source: dict  # manifest "source" section
+    spec: Any = None  # qiao.models.ModelSpec for built-in models
+
+
+def resolve_model(model, example_args=None, model_options: Mapping | None = None) -> ResolvedModel:
+    """Turn a path, built-in name, ``ModelProto`` or ``torch.nn.Module`` into ONNX."""
+    from qiao.compiler.frontend import load_onnx
+
+    if isinstance(model, onnx.ModelProto):
+        return ResolvedModel(model, model.graph.name or "model", {"kind": "onnx"})
+    if isinstance(model, (str, os.PathLike)):
+        path = os.fspath(model)
+        if os.path.exists(path) or path.endswith(".onnx"):
+            proto = load_onnx(path)
+            name = os.path.splitext(os.path.basename(path))[0]
+            return ResolvedModel(proto, name, {"kind": "onnx", "path": os.path.abspath(path)})
+        from qiao.models import get_model
+
+        spec = get_model(path, **dict(model_options or {}))
+        proto = _export_to_proto(
+            spec.module,
+            spec.example_inputs,
+            input_names=spec.input_names,
+            output_names=spec.output_names,
+            dynamic_axes=spec.dynamic_axes,
+        )
+        source = {"kind": "builtin", "name": spec.name, "options": dict(model_options or {})}
+        return ResolvedModel(proto, spec.name, source, spec)
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        torch = None
+    if torch is not None and isinstance(model, torch.nn.Module):
+        if example_args is None:
+            raise QiaoError(
+                "compiling a torch.nn.Module needs example inputs. fix: pass example_args=(tensor, ...)"
+            )
+        proto = _export_to_proto(model, example_args)
+        return ResolvedModel(
+            proto, type(model).__name__.lower(), {"kind": "torch", "class": type(model).__name__}
+        )
+    raise QiaoError(
+        f"cannot compile an object of type {type(model).__name__}. fix: pass a path to an .onnx file, a "
+        "built-in model name, an onnx.ModelProto or a torch.nn.Module with example_args"
+    )
+
+
+def _export_to_proto(module, args, **kwargs) -> onnx.ModelProto:
+    from qiao.compiler.export import export
+
+    with tempfile.TemporaryDirectory(prefix="qiao-export-") as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        export(module, args, path, **kwargs)
+        return onnx.load(path)  # loads external data too
+
+
+def default_output_dir(model_name: str, target: str, arch: str | None) -> str:
+    parts = [model_name, target] + ([arch] if arch else [])
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(parts))
+
+
+def _save_proto(proto: onnx.ModelProto, path: str) -> None:
+    if proto.ByteSize() > (1 << 31) - (64 << 20):
+        onnx.save(
+            proto, path, save_as_external_data=True, location=os.path.basename(path) + ".data"
+        )
+    else:
+        onnx.save(proto, path)
+
+
+def compile(
+    model,
+    target: str = "cpu",
+    output_dir: str | os.PathLike | None = None,
+    *,
+    arch: str | None = None,
+    example_args=None,
+    model_options: Mapping | None = None,
+    **options,
+) -> Artifact:
+    """Compile a model for ``target`` into an artifact directory.
+
+    Parameters
+    ----------
+    model : str, os.PathLike, onnx.ModelProto or torch.nn.Module
+        An ``.onnx`` path, a built-in model name (``qiao models``), a ``ModelProto``, or a module
+        (with ``example_args``).
+    target : str
+        A backend name (``qiao targets``).
+    output_dir : str, optional
+        Artifact directory; default ``<model>-<target>[-<arch>]`` in the working directory.
+    arch : str, optional
+        Device preset or chip name for the backend (``--arch``).
+    example_args : tuple, optional
+        Example inputs when ``model`` is a ``torch.nn.Module``.
+    model_options : dict, optional
+        Overrides for a built-in model's builder (e.g. ``{"batch": 8}``).
+    **options
+        Backend options, e.g. ``dump_ir="dir"``.
+
+    Returns
+    -------
+    Artifact
+    """
+    from qiao.backends import get_backend
+    from qiao.compiler.frontend import import_onnx
+
+    backend = get_backend(target)
+    if arch is not None:
+        backend.target(arch)  # reject an unknown arch before any slow work
+    availability = backend.availability()
+    if not availability.can_compile:
+        raise ToolchainMissing(
+            f"backend {target!r} cannot compile on this machine: {'; '.join(availability.missing)}"
+        )
+    resolved = resolve_model(model, example_args, model_options)
+    imported = import_onnx(resolved.proto, to_relax=getattr(backend, "imports_relax", True))
+    out = os.fspath(output_dir) if output_dir else default_output_dir(resolved.name, target, arch)
+    serialized = (
+        resolved.proto.SerializeToString() if resolved.proto.ByteSize() < (1 << 31) else b""
+    )
+    source = dict(
+        resolved.source, sha256=hashlib.sha256(serialized).hexdigest() if serialized else None
+    )
+    if "path" in source and os.path.isfile(source["path"]):
+        source["sha256"] = art.sha256_file(source["path"])
+
+    import tvm
+
+    with art.staging_dir(out) as tmp:
+        _save_proto(resolved.proto, os.path.join(tmp, art.SOURCE_MODEL))
+        param_names = art.save_params(tmp, imported.params) if imported.params else []
+        backend_section = backend.build(imported, arch, tmp, options)
+        target_obj = backend.target(arch)
+        manifest = {
+            "format_version": art.FORMAT_VERSION,
+            "qiao_version": __version__,
+            "tvm_version": tvm.__version__,
+            "model": resolved.name,
+            "source": source,
+            "backend": dict(
+                backend_section, name=backend.name, arch=arch or backend.default_preset
+            ),
+            "target": _target_json(target_obj),
+            "inputs": [s.to_json() for s in imported.inputs],
+            "outputs": [s.to_json() for s in imported.outputs],
+            "params": {"file": art.PARAMS if param_names else None, "names": param_names},
+            "validation": None,
+        }
+        manifest = art.write_manifest(tmp, manifest)
+    return Artifact(os.path.abspath(out), manifest)
+
+
+def _target_json(target) -> Any:
+    """TVM's JSON form of a target (its ``str`` is JSON in TVM 0.27); vendor targets are dicts already."""
+    import json
+
+    if isinstance(target, Mapping):
+        return dict(target)
+    return {k: v for k, v in json.loads(str(target)).items() if v != ""}
+
+
+def load(directory: str | os.PathLike) -> Artifact:
+    """Open an artifact directory, checking its format version and file hashes."""
+    directory = os.path.abspath(os.fspath(directory))
+    return Artifact(directory, art.read_manifest(directory))
+
+
+class Artifact:
+    """A compiled model on disk. ``run`` executes it on the backend's device."""
+
+    def __init__(self, directory: str, manifest: dict):
+        self.directory = directory
+        self.manifest = manifest
+        self._runner = None
+
+    @property
+    def inputs(self) -> list[dict]:
+        return self.manifest["inputs"]
+
+    @property
+    def outputs(self) -> list[dict]:
+        return self.manifest["outputs"]
+
+    @property
+    def backend(self):
+        from qiao.backends import get_backend
+
+        return get_backend(self.manifest["backend"]["name"])
+
+    @property
+    def runner(self):
+        if self._runner is None:
+            self._runner = self.backend.load(self.directory, self.manifest)
+        return self._runner
+
+    def check_inputs(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        return art.check_inputs(self.inputs, inputs)
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run once. ``inputs`` maps every input name to an array of the manifest's dtype and shape."""
+        ordered = self.check_inputs(inputs)
+        outputs = self.runner.run(ordered)
+        return dict(zip([o["name"] for o in self.outputs], outputs))
+
+    def random_inputs(
+        self, seed: int = 0, dims: Mapping[str, int] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Seeded random inputs that fit the manifest; symbolic dims take ``dims`` or 2."""
+        return random_inputs(self.inputs, seed, dims)
+
+    def __repr__(self) -> str:
+        return f"Artifact({self.directory!r}, backend={self.manifest['backend']['name']!r})"
+
+
+def random_inputs(
+    specs, seed: int = 0, dims: Mapping[str, int] | None = None
+) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    dims = dict(dims or {})
+    out = {}
+    for spec in specs:
+        shape = tuple(d if isinstance(d, int) else int(dims.get(d, 2)) for d in spec["shape"])
+        dtype = np.dtype(spec["dtype"])
+        if dtype.kind == "f":
+            out[spec["name"]] = rng.standard_normal(shape).astype(dtype)
+        elif dtype.kind in "iu":
+            out[spec["name"]] = rng.integers(0, 8, shape).astype(dtype)
+        elif dtype.kind == "b":
+            out[spec["name"]] = rng.integers(0, 2, shape).astype(bool)
+        else:
+            raise QiaoError(
+                f"cannot make random inputs of dtype {dtype} for {spec['name']!r}; pass --inputs"
+            )
+    return out

@@ -1,0 +1,227 @@
+"""ONNX → Relax: TVM's ONNX importer with qiao's converters and qiao's parameter handling.
+
+``import_onnx`` is the only entry point. It loads and checks the model, scans the whole graph for
+unsupported operators first (one error listing all of them), keeps ``dim_param`` dimensions symbolic, and
+separates large float initializers (weights) from the graph as parameters, so that artifacts for big
+models keep weights in a file beside the library instead of inside it.
+
+qiao's own converters live in sibling modules, one per op family, and register with
+``register_converter``; they take precedence over TVM's for the same op type.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from qiao.compiler.errors import CompileError, InvalidModel, QiaoError, UnsupportedOps
+
+# Initializers with at least this many elements and a float dtype become run-time parameters; smaller
+# ones (shapes, axes, scalars, biases of tiny layers) stay constants so TVM can fold and shape-infer them.
+PARAM_MIN_ELEMENTS = 64
+
+_CONVERTERS: dict[str, Any] = {}
+# Modules whose import registers converters (kept lazy: importing them pulls in TVM).
+_CONVERTER_MODULES = ("qiao.compiler.frontend.converters", "qiao.compiler.frontend.moe")
+
+# Operators whose domain is not the default ONNX one but which qiao understands.
+KNOWN_DOMAINS = {"", "ai.onnx", "com.microsoft"}
+
+
+def register_converter(op_type: str):
+    """Class decorator: use this ``OnnxOpConverter`` subclass for ``op_type`` instead of TVM's."""
+
+    def wrap(cls):
+        _CONVERTERS[op_type] = cls
+        return cls
+
+    return wrap
+
+
+@dataclass
+class TensorSpec:
+    """Name, dtype and shape of a graph input or output; symbolic dims are strings."""
+
+    name: str
+    dtype: str
+    shape: list  # int for static dims, str for symbolic ones, None when unknown
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> TensorSpec:
+        return cls(d["name"], d["dtype"], list(d["shape"]))
+
+
+@dataclass
+class ImportedModel:
+    """The result of importing: a Relax module whose ``main`` takes inputs then params."""
+
+    mod: Any  # tvm.IRModule, or None when imported with ``to_relax=False``
+    params: dict[str, np.ndarray]  # in the order ``main`` takes them after the inputs
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    opset: int
+    proto: onnx.ModelProto
+    op_types: list[str] = field(default_factory=list)
+
+
+def load_onnx(model) -> onnx.ModelProto:
+    """Read an ONNX model from a path or pass a ``ModelProto`` through, checking it is well formed."""
+    if isinstance(model, onnx.ModelProto):
+        proto = model
+        where = "the given ModelProto"
+    else:
+        path = os.fspath(model)
+        where = path
+        if not os.path.isfile(path):
+            raise InvalidModel(
+                f"{path}: no such file. fix: pass the path to an existing .onnx file"
+            )
+        try:
+            proto = onnx.load(path)
+        except Exception as err:  # protobuf raises DecodeError, RuntimeError, ...
+            raise InvalidModel(
+                f"{path} is not a readable ONNX model ({type(err).__name__}: {err}). "
+                "fix: re-export it, or check the file is complete (truncated downloads fail this way)"
+            ) from err
+    if not proto.graph.node and not proto.graph.output:
+        raise InvalidModel(
+            f"{where} holds no ONNX graph (empty or not an ONNX file). fix: pass a model exported "
+            "with torch.onnx.export or another ONNX exporter"
+        )
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as err:
+        raise InvalidModel(
+            f"{where} fails the ONNX checker: {str(err).strip().splitlines()[0]}. "
+            "fix: re-export the model; a truncated or hand-edited file fails this way"
+        ) from err
+    return proto
+
+
+def _convert_map():
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    for mod in _CONVERTER_MODULES:
+        importlib.import_module(mod)
+    return {**onnx_frontend._get_convert_map(), **_CONVERTERS}
+
+
+def _iter_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _iter_nodes(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _iter_nodes(g)
+
+
+def find_unsupported_ops(proto: onnx.ModelProto) -> dict[str, list[str]]:
+    """Return ``{op_type: [node names]}`` for every node qiao cannot convert (subgraphs included)."""
+    convert_map = _convert_map()
+    handled = {"If", "Constant"}
+    bad: dict[str, list[str]] = {}
+    for i, node in enumerate(_iter_nodes(proto.graph)):
+        domain = node.domain or ""
+        key = node.op_type if domain in ("", "ai.onnx") else f"{domain}::{node.op_type}"
+        ok = domain in KNOWN_DOMAINS and (node.op_type in convert_map or node.op_type in handled)
+        if domain == "com.microsoft" and node.op_type not in _CONVERTERS:
+            ok = False
+        if not ok:
+            bad.setdefault(key, []).append(node.name or f"<unnamed node #{i}>")
+    return bad
+
+
+def _elem_dtype(elem_type: int) -> str:
+    return str(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+
+
+def _value_spec(vi: onnx.ValueInfoProto) -> TensorSpec:
+    tt = vi.type.tensor_type
+    shape: list = []
+    if tt.HasField("shape"):
+        for d in tt.shape.dim:
+            if d.HasField("dim_value"):
+                shape.append(int(d.dim_value))
+            elif d.HasField("dim_param"):
+                shape.append(d.dim_param)
+            else:
+                shape.append(None)
+    dtype = _elem_dtype(tt.elem_type) if tt.elem_type else "float32"
+    return TensorSpec(vi.name, dtype, shape)
+
+
+def import_onnx(model, shape_dict: dict | None = None, to_relax: bool = True) -> ImportedModel:
+    """Import an ONNX model (path or ``ModelProto``) into Relax.
+
+    Parameters
+    ----------
+    model : str, os.PathLike or onnx.ModelProto
+    shape_dict : dict, optional
+        ``{input_name: shape}`` overriding the model's input shapes (ints or symbolic names).
+    to_relax : bool
+        False for hand-off backends that consume ONNX themselves: check and describe the model only.
+
+    Returns
+    -------
+    ImportedModel
+    """
+    proto = load_onnx(model)
+    if to_relax:
+        bad = find_unsupported_ops(proto)
+        if bad:
+            raise UnsupportedOps(bad)
+
+    init_names = {t.name for t in proto.graph.initializer}
+    inputs = [_value_spec(i) for i in proto.graph.input if i.name not in init_names]
+    outputs = [_value_spec(o) for o in proto.graph.output]
+    for spec in inputs:
+        if shape_dict and spec.name in shape_dict:
+            spec.shape = list(shape_dict[spec.name])
+        if any(d is None for d in spec.shape):
+            # An unnamed dynamic dim: give it a name so it stays symbolic and shows in the manifest.
+            spec.shape = [
+                f"{spec.name}_dim{i}" if d is None else d for i, d in enumerate(spec.shape)
+            ]
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
+    op_types = sorted({n.op_type for n in _iter_nodes(proto.graph)})
+    if not to_relax:
+        return ImportedModel(None, {}, inputs, outputs, opset, proto, op_types)
+
+    from qiao.compiler.frontend.importer import QiaoImporter
+
+    importer = QiaoImporter(_convert_map(), {s.name: s.shape for s in inputs}, PARAM_MIN_ELEMENTS)
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):  # TVM prints "Error converting operator ..." itself
+            mod, params = importer.run(proto, opset)
+    except QiaoError:
+        raise
+    except Exception as err:
+        where = " ".join(log.getvalue().split())[:300] or "while importing"
+        detail = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise CompileError(
+            f"TVM's ONNX importer failed: {where}: {detail}. fix: rerun with --debug for the trace; "
+            "a converter in qiao.compiler.frontend.converters can override TVM's for this op"
+        ) from err
+    return ImportedModel(mod, params, inputs, outputs, opset, proto, op_types)
+
+
+__all__ = [
+    "ImportedModel",
+    "TensorSpec",
+    "find_unsupported_ops",
+    "import_onnx",
+    "load_onnx",
+    "register_converter",
+]

@@ -1,0 +1,3 @@
+"""Converter for ``com.microsoft::MoE`` (filled by the MoE lowering)."""
+
+from __future__ import annotations

@@ -1,0 +1,133 @@
+"""The lowering pipeline: named phases, in order, with an optional IR dump between them.
+
+Every backend returns its phases from ``Backend.phases(target)``; ``default_phases`` is the shape they
+share (after TVM's ``relax/backend/<target>/pipeline.py``). A backend replaces single phases (usually
+``schedule``) rather than writing a pipeline of its own, and nothing here switches on the target kind.
+
+Phases:
+  prepare           inference simplifications, qiao's graph rewrites (MoE lowering)
+  library_dispatch  sorting/sampling dispatch to TVM's library kernels
+  legalize          Relax ops → TIR, operator fusion
+  schedule          per-target TIR schedules (CPU GEMM/conv rules, GPU dlight rules)
+  dataflow_lower    Relax dataflow → VM-ready form
+  finalize          memory planning, VM lowering
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from qiao.backends.base import Phase
+
+
+def prepare_passes(target: Any) -> list:
+    from tvm import relax
+
+    return [
+        relax.transform.DecomposeOpsForInference(),
+        relax.transform.FoldConstant(),
+    ]
+
+
+def library_dispatch_passes(target: Any) -> list:
+    from tvm import relax
+
+    return [relax.backend.DispatchSampling(), relax.backend.DispatchSortScan()]
+
+
+def legalize_passes(target: Any) -> list:
+    from tvm import relax
+
+    return [
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ]
+
+
+def dataflow_lower_passes(target: Any) -> list:
+    from tvm import relax
+
+    return [
+        relax.transform.RewriteDataflowReshape(),
+        relax.transform.ToNonDataflow(),
+        relax.transform.RemovePurityChecking(),
+        relax.transform.CallTIRRewrite(),
+    ]
+
+
+def finalize_passes(target: Any) -> list:
+    from tvm import relax
+
+    return [
+        relax.transform.StaticPlanBlockMemory(),
+        relax.transform.LowerAllocTensor(),
+        relax.transform.KillAfterLastUse(),
+        relax.transform.LowerRuntimeBuiltin(),
+        relax.transform.ComputePrimValue(),
+        relax.transform.VMShapeLower(),
+        relax.transform.AttachGlobalSymbol(),
+    ]
+
+
+def default_phases(target: Any, schedule: Sequence = ()) -> list[Phase]:
+    """The phases every TVM-based backend shares; ``schedule`` fills the schedule phase."""
+    return [
+        Phase("prepare", prepare_passes(target)),
+        Phase("library_dispatch", library_dispatch_passes(target)),
+        Phase("legalize", legalize_passes(target)),
+        Phase("schedule", list(schedule)),
+        Phase("dataflow_lower", dataflow_lower_passes(target)),
+        Phase("finalize", finalize_passes(target)),
+    ]
+
+
+def replace_phase(phases: list[Phase], name: str, passes: Sequence) -> list[Phase]:
+    """Return ``phases`` with the passes of phase ``name`` replaced."""
+    if name not in {p.name for p in phases}:
+        raise ValueError(f"no phase named {name!r} in {[p.name for p in phases]}")
+    return [Phase(p.name, list(passes)) if p.name == name else p for p in phases]
+
+
+def insert_passes(
+    phases: list[Phase], name: str, passes: Sequence, *, first: bool = True
+) -> list[Phase]:
+    """Return ``phases`` with ``passes`` added at the start (or end) of phase ``name``."""
+    out = []
+    for p in phases:
+        if p.name == name:
+            p = Phase(p.name, [*passes, *p.passes] if first else [*p.passes, *passes])
+        out.append(p)
+    return out
+
+
+def make_pipeline(phases: Sequence[Phase], target: Any, dump_dir: str | None = None):
+    """One module pass running ``phases`` in order under ``target``; dumps the IR after each phase
+    to ``dump_dir/NN-<phase>.py`` when given (also via ``QIAO_DUMP_IR=<dir>``)."""
+    import tvm
+
+    dump_dir = dump_dir or os.environ.get("QIAO_DUMP_IR") or None
+
+    @tvm.transform.module_pass(opt_level=0, name="qiao_pipeline")
+    def _pipeline(mod, _ctx):
+        with target:
+            if dump_dir:
+                os.makedirs(dump_dir, exist_ok=True)
+                _dump(mod, dump_dir, 0, "imported")
+            for i, phase in enumerate(phases, start=1):
+                if phase.passes:
+                    mod = tvm.transform.Sequential(list(phase.passes), name=phase.name)(mod)
+                if dump_dir:
+                    _dump(mod, dump_dir, i, phase.name)
+        return mod
+
+    return _pipeline
+
+
+def _dump(mod, dump_dir: str, index: int, name: str) -> None:
+    with open(os.path.join(dump_dir, f"{index:02d}-{name}.py"), "w") as f:
+        f.write(mod.script(show_meta=False))

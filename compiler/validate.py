@@ -1,0 +1,247 @@
+"""Validation: run an artifact and compare with ONNX Runtime (always) and PyTorch eager (built-in models)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from qiao.compiler import artifact as art
+from qiao.compiler.errors import QiaoError, ToolchainMissing, ValidationMismatch
+
+DEFAULT_RTOL = 1e-4
+DEFAULT_ATOL = 1e-4
+
+
+@dataclass
+class Comparison:
+    """One output against one reference."""
+
+    output: str
+    reference: str
+    max_abs: float
+    max_rel: float
+    rtol: float
+    atol: float
+    ok: bool
+    note: str = ""
+
+
+@dataclass
+class ValidationReport:
+    artifact: str
+    backend: str
+    comparisons: list[Comparison] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # references that could not run, with why
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.comparisons) and all(c.ok for c in self.comparisons)
+
+    def to_json(self) -> dict:
+        return {
+            "ok": self.ok,
+            "backend": self.backend,
+            "comparisons": [c.__dict__ for c in self.comparisons],
+            "skipped": self.skipped,
+        }
+
+    def format(self) -> str:
+        lines = [
+            f"{'output':<20} {'reference':<12} {'max abs err':>12} {'max rel err':>12}  tolerance        verdict"
+        ]
+        for c in self.comparisons:
+            tol = f"rtol={c.rtol:g} atol={c.atol:g}"
+            verdict = "ok" if c.ok else "MISMATCH" + (f" ({c.note})" if c.note else "")
+            lines.append(
+                f"{c.output:<20} {c.reference:<12} {c.max_abs:>12.3e} {c.max_rel:>12.3e}  {tol:<16} {verdict}"
+            )
+        for s in self.skipped:
+            lines.append(f"(not compared: {s})")
+        lines.append(f"{'PASS' if self.ok else 'FAIL'}: {self.artifact} [{self.backend}]")
+        return "\n".join(lines)
+
+
+def compare(name: str, reference: str, actual, expected, rtol: float, atol: float) -> Comparison:
+    """Compare two arrays the way ``assert_close`` does: shape, then dtype, then values."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    if actual.shape != expected.shape:
+        return Comparison(
+            name,
+            reference,
+            float("inf"),
+            float("inf"),
+            rtol,
+            atol,
+            False,
+            f"shape {actual.shape} vs {expected.shape}",
+        )
+    if actual.dtype != expected.dtype:
+        return Comparison(
+            name,
+            reference,
+            float("inf"),
+            float("inf"),
+            rtol,
+            atol,
+            False,
+            f"dtype {actual.dtype} vs {expected.dtype}",
+        )
+    if actual.size == 0:
+        return Comparison(name, reference, 0.0, 0.0, rtol, atol, True)
+    if actual.dtype.kind in "biu":
+        diff = np.abs(actual.astype(np.int64) - expected.astype(np.int64))
+        ok = bool((diff == 0).all())
+        return Comparison(name, reference, float(diff.max()), float(diff.max()), 0, 0, ok)
+    a, e = actual.astype(np.float64), expected.astype(np.float64)
+    nan_mismatch = np.isnan(a) != np.isnan(e)
+    finite = np.isfinite(a) & np.isfinite(e)
+    inf_mismatch = ~finite & ~np.isnan(a) & ~np.isnan(e) & (a != e)
+    diff = np.where(finite, np.abs(a - e), 0.0)
+    rel = diff / np.maximum(np.abs(e), np.finfo(np.float32).tiny)
+    ok = bool(((diff <= atol + rtol * np.abs(np.where(finite, e, 0))) | ~finite).all())
+    ok = ok and not nan_mismatch.any() and not inf_mismatch.any()
+    note = "NaN/inf pattern differs" if (nan_mismatch.any() or inf_mismatch.any()) else ""
+    return Comparison(name, reference, float(diff.max()), float(rel.max()), rtol, atol, ok, note)
+
+
+def onnxruntime_reference(
+    model_path: str, inputs: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(model_path, opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, dict(inputs))))
+
+
+def torch_reference(
+    source: Mapping, inputs: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray] | None:
+    """Eager PyTorch outputs for a built-in model (rebuilt from its seed), else ``None``."""
+    if source.get("kind") != "builtin":
+        return None
+    import torch
+    from qiao.models import get_model
+
+    spec = get_model(source["name"], **source.get("options", {}))
+    args = [torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in spec.input_names]
+    with torch.no_grad():
+        out = spec.module(*args)
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    return {n: o.detach().numpy() for n, o in zip(spec.output_names, outs)}
+
+
+def example_inputs(artifact) -> dict[str, np.ndarray]:
+    """The built-in model's own example inputs, or seeded random inputs that fit the manifest."""
+    source = artifact.manifest.get("source", {})
+    if source.get("kind") == "builtin":
+        from qiao.models import get_model
+
+        spec = get_model(source["name"], **source.get("options", {}))
+        return {n: t.numpy() for n, t in zip(spec.input_names, spec.example_inputs)}
+    return artifact.random_inputs()
+
+
+def tolerances(artifact, rtol: float | None, atol: float | None) -> tuple[float, float]:
+    source = artifact.manifest.get("source", {})
+    d_rtol, d_atol = DEFAULT_RTOL, DEFAULT_ATOL
+    if source.get("kind") == "builtin":
+        from qiao.models import get_model
+
+        spec = get_model(source["name"], **source.get("options", {}))
+        d_rtol, d_atol = spec.rtol, spec.atol
+    return (rtol if rtol is not None else d_rtol, atol if atol is not None else d_atol)
+
+
+def load_inputs(path: str) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError) as err:
+        raise QiaoError(
+            f"cannot read inputs from {path}: {err}. fix: pass an .npz written by numpy.savez"
+        ) from err
+
+
+def validate(
+    model,
+    target: str = "cpu",
+    inputs: Mapping[str, np.ndarray] | str | None = None,
+    *,
+    arch: str | None = None,
+    output_dir: str | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    raise_on_mismatch: bool = False,
+    **compile_options,
+) -> ValidationReport:
+    """Compile (unless ``model`` is an artifact directory), run, and compare with the references.
+
+    Parameters
+    ----------
+    model : str, os.PathLike, Artifact or anything ``compile`` takes
+    target : str
+        Backend to compile for when ``model`` is not an artifact yet.
+    inputs : dict or str, optional
+        Input arrays or an ``.npz`` path; default: the built-in model's example inputs or seeded random ones.
+    rtol, atol : float, optional
+        Tolerances; default: the built-in model's own, else 1e-4 / 1e-4.
+
+    Returns
+    -------
+    ValidationReport
+        Also recorded in the artifact's manifest.
+    """
+    from qiao.compiler.driver import Artifact, compile, load
+
+    if isinstance(model, Artifact):
+        artifact = model
+    elif isinstance(model, (str, os.PathLike)) and os.path.isdir(os.fspath(model)):
+        artifact = load(model)
+    else:
+        artifact = compile(model, target, output_dir, arch=arch, **compile_options)
+
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = load_inputs(os.fspath(inputs))
+    if inputs is None:
+        inputs = example_inputs(artifact)
+    rtol, atol = tolerances(artifact, rtol, atol)
+
+    backend_name = artifact.manifest["backend"]["name"]
+    availability = artifact.backend.availability()
+    if not availability.can_run:
+        raise ToolchainMissing(
+            f"cannot validate on {backend_name!r} here: {'; '.join(availability.missing) or 'no device'}. "
+            f"The artifact is ready in {artifact.directory}; copy it to a machine with the device and run "
+            f"`qiao validate {artifact.directory}` there"
+        )
+    actual = artifact.run(inputs)
+    report = ValidationReport(artifact.directory, backend_name)
+
+    ordered_inputs = dict(zip([s["name"] for s in artifact.inputs], artifact.check_inputs(inputs)))
+    references = {"onnxruntime": None, "torch": None}
+    try:
+        references["onnxruntime"] = onnxruntime_reference(
+            os.path.join(artifact.directory, art.SOURCE_MODEL), ordered_inputs
+        )
+    except Exception as err:  # ORT lacks some ops or dtypes; say so instead of failing validation
+        report.skipped.append(
+            f"onnxruntime could not run the model: {str(err).splitlines()[0][:200]}"
+        )
+    references["torch"] = torch_reference(artifact.manifest.get("source", {}), ordered_inputs)
+    for ref_name, ref in references.items():
+        if ref is None:
+            continue
+        for name, value in actual.items():
+            if name in ref:
+                report.comparisons.append(compare(name, ref_name, value, ref[name], rtol, atol))
+    if not report.comparisons:
+        report.skipped.append("no reference could run; nothing was compared")
+    art.record_validation(artifact.directory, report.to_json())
+    if raise_on_mismatch and not report.ok:
+        raise ValidationMismatch(report.format())
+    return report
