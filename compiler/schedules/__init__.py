@@ -1,0 +1,1 @@
+"""qiao.compiler.schedules"""
