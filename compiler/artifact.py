@@ -1,8 +1,8 @@
 """The artifact directory: compiled files, weights and ``manifest.json``.
 
-Written into a temporary sibling directory and renamed into place, so a failed compile leaves nothing
-behind and a reader never sees half an artifact. ``load`` refuses an artifact of another format version or
-whose files changed since they were written.
+Written into a temporary sibling directory and renamed into place, so a failed compile leaves
+nothing behind and a reader never sees half an artifact. ``load`` refuses an artifact of another
+format version or whose files changed since they were written.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def staging_dir(final_dir: str) -> Iterator[str]:
 
 
 def save_params(workdir: str, params: Mapping[str, np.ndarray]) -> list[str]:
-    """Write weights to ``params.npz`` (uncompressed, so loading is a plain read); returns their order."""
+    """Write weights to ``params.npz`` (uncompressed: a plain read); returns their order."""
     names = list(params)
     np.savez(os.path.join(workdir, PARAMS), **{f"p{i}": params[n] for i, n in enumerate(names)})
     return names
@@ -110,7 +110,8 @@ def read_manifest(artifact_dir: str, verify: bool = True) -> dict:
     path = os.path.join(artifact_dir, MANIFEST)
     if not os.path.isfile(path):
         raise ArtifactCorrupt(
-            f"{artifact_dir} is not a qiao artifact (no {MANIFEST}). fix: pass a directory written by "
+            f"{artifact_dir} is not a qiao artifact (no {MANIFEST}). "
+            "fix: pass a directory written by "
             "`qiao compile`, or compile the model again"
         )
     try:
@@ -148,15 +149,17 @@ def read_manifest(artifact_dir: str, verify: bool = True) -> dict:
 
 
 def record_validation(artifact_dir: str, result: dict) -> None:
-    """Store the last validation result in the manifest (the manifest is not part of the file hashes)."""
+    """Store the last validation result in the manifest (which is not part of the file hashes)."""
     manifest = read_manifest(artifact_dir, verify=False)
     manifest["validation"] = dict(result, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     _write_json_atomic(os.path.join(artifact_dir, MANIFEST), manifest)
 
 
 def check_inputs(specs: Sequence[Mapping[str, Any]], inputs: Mapping[str, Any]) -> list[np.ndarray]:
-    """Order ``inputs`` as ``specs`` and check names, dtypes, ranks, static dims and that each symbolic
-    dim has one value across all inputs. Raises ``InputMismatch`` naming the input, expected vs got."""
+    """Order ``inputs`` as ``specs`` and check names, dtypes, ranks, static dims, and that each
+    symbolic dim has one value across all inputs.
+
+    Raises ``InputMismatch`` naming the input, expected vs got."""
     names = [s["name"] for s in specs]
     missing = [n for n in names if n not in inputs]
     extra = [n for n in inputs if n not in names]
@@ -187,8 +190,8 @@ def check_inputs(specs: Sequence[Mapping[str, Any]], inputs: Mapping[str, Any]) 
             if isinstance(dim, int):
                 if got != dim:
                     raise InputMismatch(
-                        f"input {name!r}: expected shape {want}, got {tuple(value.shape)} (axis {axis} "
-                        f"must be {dim})"
+                        f"input {name!r}: expected shape {want}, got {tuple(value.shape)} "
+                        f"(axis {axis} must be {dim})"
                     )
             elif isinstance(dim, str):
                 if dim in bound and bound[dim][0] != got:

@@ -59,15 +59,16 @@ def resolve_model(model, example_args=None, model_options: Mapping | None = None
     if torch is not None and isinstance(model, torch.nn.Module):
         if example_args is None:
             raise QiaoError(
-                "compiling a torch.nn.Module needs example inputs. fix: pass example_args=(tensor, ...)"
+                "compiling a torch.nn.Module needs example inputs. "
+                "fix: pass example_args=(tensor, ...)"
             )
         proto = _export_to_proto(model, example_args)
         return ResolvedModel(
             proto, type(model).__name__.lower(), {"kind": "torch", "class": type(model).__name__}
         )
     raise QiaoError(
-        f"cannot compile an object of type {type(model).__name__}. fix: pass a path to an .onnx file, a "
-        "built-in model name, an onnx.ModelProto or a torch.nn.Module with example_args"
+        f"cannot compile an object of type {type(model).__name__}. fix: pass a path to an .onnx "
+        "file, a built-in model name, an onnx.ModelProto or a torch.nn.Module with example_args"
     )
 
 
@@ -178,7 +179,7 @@ def compile(
 
 
 def _target_json(target) -> Any:
-    """TVM's JSON form of a target (its ``str`` is JSON in TVM 0.27); vendor targets are dicts already."""
+    """TVM's JSON form of a target (its ``str`` is JSON in TVM 0.27); vendor targets are dicts."""
     import json
 
     if isinstance(target, Mapping):
@@ -224,7 +225,7 @@ class Artifact:
         return art.check_inputs(self.inputs, inputs)
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run once. ``inputs`` maps every input name to an array of the manifest's dtype and shape."""
+        """Run once. ``inputs`` maps every input name to an array of the manifest's dtype/shape."""
         ordered = self.check_inputs(inputs)
         outputs = self.runner.run(ordered)
         return dict(zip([o["name"] for o in self.outputs], outputs))

@@ -1,6 +1,7 @@
 """qiao's error hierarchy.
 
-Library code raises these with the fix in the message; only the CLI prints them and picks the exit code.
+Library code raises these with the fix in the message; only the CLI prints them and picks the exit
+code.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ class UnsupportedOps(QiaoError):
         super().__init__(
             f"the model uses {len(ops)} unsupported operator type(s):\n"
             + "\n".join(lines)
-            + "\nfix: re-export the model without these operators (e.g. a different opset), or add a"
-            " converter in qiao.compiler.frontend"
+            + "\nfix: re-export the model without these operators (e.g. a different opset), or "
+            "add a converter in qiao.compiler.frontend"
         )
 
 

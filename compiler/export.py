@@ -1,8 +1,9 @@
 """PyTorch → ONNX.
 
 ``export`` wraps ``torch.onnx.export`` (the dynamo exporter) with qiao's defaults: named inputs and
-outputs, symbolic dimensions, quiet logs, and a clear error when the model does not export. MoE blocks
-are recognised here and emitted as one ``com.microsoft::MoE`` node (``qiao.compiler.export_moe``).
+outputs, symbolic dimensions, quiet logs, and a clear error when the model does not export. MoE
+blocks are recognised here and emitted as one ``com.microsoft::MoE`` node
+(``qiao.compiler.export_moe``).
 """
 
 from __future__ import annotations
@@ -114,9 +115,10 @@ def export(
     except Exception as err:
         msg = str(err).strip().splitlines()
         raise ExportError(
-            f"PyTorch could not export {type(module).__name__} to ONNX: {msg[0] if msg else type(err).__name__}"
-            ". fix: check the example inputs match forward(); export it yourself with torch.onnx.export "
-            "and pass the .onnx file"
+            f"PyTorch could not export {type(module).__name__} to ONNX: "
+            f"{msg[0] if msg else type(err).__name__}. "
+            "fix: check the example inputs match forward(); "
+            "export it yourself with torch.onnx.export and pass the .onnx file"
         ) from err
     finally:
         for lg, level in zip(loggers, levels):

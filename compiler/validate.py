@@ -1,4 +1,4 @@
-"""Validation: run an artifact and compare with ONNX Runtime (always) and PyTorch eager (built-in models)."""
+"""Validation: run an artifact, compare with ONNX Runtime (always) and PyTorch eager (built-ins)."""
 
 from __future__ import annotations
 
@@ -48,15 +48,13 @@ class ValidationReport:
         }
 
     def format(self) -> str:
-        lines = [
-            f"{'output':<20} {'reference':<12} {'max abs err':>12} {'max rel err':>12}  tolerance        verdict"
-        ]
+        header = f"{'output':<20} {'reference':<12} {'max abs err':>12} {'max rel err':>12}"
+        lines = [f"{header}  {'tolerance':<16} verdict"]
         for c in self.comparisons:
             tol = f"rtol={c.rtol:g} atol={c.atol:g}"
             verdict = "ok" if c.ok else "MISMATCH" + (f" ({c.note})" if c.note else "")
-            lines.append(
-                f"{c.output:<20} {c.reference:<12} {c.max_abs:>12.3e} {c.max_rel:>12.3e}  {tol:<16} {verdict}"
-            )
+            row = f"{c.output:<20} {c.reference:<12} {c.max_abs:>12.3e} {c.max_rel:>12.3e}"
+            lines.append(f"{row}  {tol:<16} {verdict}")
         for s in self.skipped:
             lines.append(f"(not compared: {s})")
         lines.append(f"{'PASS' if self.ok else 'FAIL'}: {self.artifact} [{self.backend}]")
@@ -187,7 +185,8 @@ def validate(
     target : str
         Backend to compile for when ``model`` is not an artifact yet.
     inputs : dict or str, optional
-        Input arrays or an ``.npz`` path; default: the built-in model's example inputs or seeded random ones.
+        Input arrays or an ``.npz`` path; default: the built-in model's example inputs, else seeded
+        random ones.
     rtol, atol : float, optional
         Tolerances; default: the built-in model's own, else 1e-4 / 1e-4.
 
@@ -215,8 +214,9 @@ def validate(
     availability = artifact.backend.availability()
     if not availability.can_run:
         raise ToolchainMissing(
-            f"cannot validate on {backend_name!r} here: {'; '.join(availability.missing) or 'no device'}. "
-            f"The artifact is ready in {artifact.directory}; copy it to a machine with the device and run "
+            f"cannot validate on {backend_name!r} here: "
+            f"{'; '.join(availability.missing) or 'no device'}. The artifact is ready in "
+            f"{artifact.directory}; copy it to a machine with the device and run "
             f"`qiao validate {artifact.directory}` there"
         )
     actual = artifact.run(inputs)

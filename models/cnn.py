@@ -1,4 +1,4 @@
-"""A small convolutional network: conv, batch norm, ReLU, max/avg pooling, residual add, linear head."""
+"""A small convolutional network: conv, batch norm, ReLU, pooling, residual add, linear head."""
 
 from __future__ import annotations
 

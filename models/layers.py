@@ -1,5 +1,5 @@
-"""Layers shared by the built-in transformer models: RMSNorm, rotary embeddings, grouped-query attention,
-SwiGLU MLP. Written with plain tensor ops so that they export to standard ONNX."""
+"""Layers shared by the built-in transformer models: RMSNorm, rotary embeddings, grouped-query
+attention, SwiGLU MLP. Written with plain tensor ops so that they export to standard ONNX."""
 
 from __future__ import annotations
 

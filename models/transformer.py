@@ -1,4 +1,4 @@
-"""A small dense transformer decoder layer: RMSNorm, grouped-query attention with RoPE, SwiGLU MLP."""
+"""A small dense transformer decoder layer: RMSNorm, GQA attention with RoPE, SwiGLU MLP."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ class DecoderLayer(nn.Module):
 
 @register_model(
     "transformer",
-    "dense decoder layer (hidden 256, 8 heads / 2 KV heads, RoPE, SwiGLU 688), dynamic batch and sequence",
+    "dense decoder layer (hidden 256, 8 heads / 2 KV heads, RoPE, SwiGLU 688), dynamic batch, seq",
 )
 def build_transformer(
     batch: int = 1,

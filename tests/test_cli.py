@@ -1,4 +1,4 @@
-"""End-to-end CLI through a subprocess: compile, run, validate, targets, models, --help, --version."""
+"""End-to-end CLI in a subprocess: compile, run, validate, targets, models, --help, --version."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Built-in models and exported PyTorch modules compile for the CPU and match ORT and PyTorch eager."""
+"""Built-in models and exported PyTorch modules compile for the CPU and match ORT and torch."""
 
 from __future__ import annotations
 

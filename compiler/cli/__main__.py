@@ -1,8 +1,8 @@
 """The ``qiao`` command: a dispatch table of subcommands, one module each.
 
-Each subcommand module has ``add_arguments(parser)`` and ``main(args) -> int``; they parse and print,
-the work happens in library functions. ``QiaoError`` becomes one line on stderr and its exit code;
-``--debug`` shows the traceback instead.
+Each subcommand module has ``add_arguments(parser)`` and ``main(args) -> int``; they parse and
+print, the work happens in library functions. ``QiaoError`` becomes one line on stderr and its exit
+code; ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ def _version() -> str:
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qiao",
-        description="qiao (桥): compile PyTorch/ONNX models into validated artifacts for CPU, CUDA, "
-        "ROCm, Ascend and Cambricon.",
+        description="qiao (桥): compile PyTorch/ONNX models into validated artifacts for CPU, "
+        "CUDA, ROCm, Ascend and Cambricon.",
     )
     parser.add_argument("--version", action="version", version=_version())
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")

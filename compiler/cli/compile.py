@@ -1,4 +1,5 @@
-"""Compile a model (an .onnx file or a built-in model name) for a target into an artifact directory."""
+"""Compile a model (an .onnx file or a built-in model name) for a target into an artifact
+directory."""
 
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ def main(args) -> int:
     m = artifact.manifest
     sig = ", ".join(f"{s['name']}: {s['dtype']}{list(s['shape'])}" for s in m["inputs"])
     print(
-        f"compiled {m['model']} for {m['backend']['name']} ({m['backend'].get('arch')}) → {artifact.directory}"
+        f"compiled {m['model']} for {m['backend']['name']} ({m['backend'].get('arch')})"
+        f" → {artifact.directory}"
     )
     print(f"  inputs: {sig}")
     return 0

@@ -1,4 +1,5 @@
-"""Compile if needed, run, and compare with ONNX Runtime (always) and PyTorch eager (built-in models).
+"""Compile if needed, run, and compare with ONNX Runtime (always) and PyTorch eager (built-in
+models).
 
 Exits 1 when any output differs beyond tolerance."""
 

@@ -1,9 +1,9 @@
 """ONNX → Relax: TVM's ONNX importer with qiao's converters and qiao's parameter handling.
 
 ``import_onnx`` is the only entry point. It loads and checks the model, scans the whole graph for
-unsupported operators first (one error listing all of them), keeps ``dim_param`` dimensions symbolic, and
-separates large float initializers (weights) from the graph as parameters, so that artifacts for big
-models keep weights in a file beside the library instead of inside it.
+unsupported operators first (one error listing all of them), keeps ``dim_param`` dimensions
+symbolic, and separates large float initializers (weights) from the graph as parameters, so that
+artifacts for big models keep weights in a file beside the library instead of inside it.
 
 qiao's own converters live in sibling modules, one per op family, and register with
 ``register_converter``; they take precedence over TVM's for the same op type.
@@ -22,8 +22,8 @@ import numpy as np
 import onnx
 from qiao.compiler.errors import CompileError, InvalidModel, QiaoError, UnsupportedOps
 
-# Initializers with at least this many elements and a float dtype become run-time parameters; smaller
-# ones (shapes, axes, scalars, biases of tiny layers) stay constants so TVM can fold and shape-infer them.
+# Initializers with at least this many elements and a float dtype become run-time parameters;
+# smaller ones (shapes, axes, scalars, tiny biases) stay constants so TVM can fold and shape-infer.
 PARAM_MIN_ELEMENTS = 64
 
 _CONVERTERS: dict[str, Any] = {}
@@ -74,7 +74,7 @@ class ImportedModel:
 
 
 def load_onnx(model) -> onnx.ModelProto:
-    """Read an ONNX model from a path or pass a ``ModelProto`` through, checking it is well formed."""
+    """Read an ONNX model from a path (or take a ``ModelProto``) and check it is well formed."""
     if isinstance(model, onnx.ModelProto):
         proto = model
         where = "the given ModelProto"
@@ -90,7 +90,7 @@ def load_onnx(model) -> onnx.ModelProto:
         except Exception as err:  # protobuf raises DecodeError, RuntimeError, ...
             raise InvalidModel(
                 f"{path} is not a readable ONNX model ({type(err).__name__}: {err}). "
-                "fix: re-export it, or check the file is complete (truncated downloads fail this way)"
+                "fix: re-export it, or check the file is complete (truncated copies fail this way)"
             ) from err
     if not proto.graph.node and not proto.graph.output:
         raise InvalidModel(
@@ -127,7 +127,7 @@ def _iter_nodes(graph: onnx.GraphProto):
 
 
 def find_unsupported_ops(proto: onnx.ModelProto) -> dict[str, list[str]]:
-    """Return ``{op_type: [node names]}`` for every node qiao cannot convert (subgraphs included)."""
+    """``{op_type: [node names]}`` for every node qiao cannot convert (subgraphs included)."""
     convert_map = _convert_map()
     handled = {"If", "Constant"}
     bad: dict[str, list[str]] = {}
@@ -211,7 +211,8 @@ def import_onnx(model, shape_dict: dict | None = None, to_relax: bool = True) ->
         where = " ".join(log.getvalue().split())[:300] or "while importing"
         detail = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         raise CompileError(
-            f"TVM's ONNX importer failed: {where}: {detail}. fix: rerun with --debug for the trace; "
+            f"TVM's ONNX importer failed: {where}: {detail}. "
+            "fix: rerun with --debug for the trace; "
             "a converter in qiao.compiler.frontend.converters can override TVM's for this op"
         ) from err
     return ImportedModel(mod, params, inputs, outputs, opset, proto, op_types)

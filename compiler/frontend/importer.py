@@ -1,4 +1,4 @@
-"""qiao's subclass of TVM's ONNX graph importer: qiao converters, and weights split from constants."""
+"""qiao's subclass of TVM's ONNX graph importer: qiao converters, weights split from constants."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from tvm.relax.frontend.onnx import onnx_frontend
 
 
 class QiaoImporter(onnx_frontend.ONNXGraphImporter):
-    """Import with a given converter map; float initializers of ``min_param_elements`` or more become
-    parameters of ``main`` (after the inputs), everything else a constant."""
+    """Import with a given converter map; float initializers of ``min_param_elements`` or more
+    become parameters of ``main`` (after the inputs), everything else a constant."""
 
     def __init__(self, convert_map: dict, input_shapes: dict, min_param_elements: int):
         super().__init__(shape_dict=None, dtype_dict={}, keep_params_in_input=True, sanitize=True)
@@ -36,8 +36,8 @@ class QiaoImporter(onnx_frontend.ONNXGraphImporter):
                 else:
                     dim.dim_value = int(d)
         with warnings.catch_warnings():
-            # TVM warns for every sanitised name ("fc1.weight" → "fc1_weight"); the manifest keeps the
-            # ONNX names, so the renaming is invisible to users.
+            # TVM warns for every sanitised name ("fc1.weight" → "fc1_weight"); the manifest keeps
+            # the ONNX names, so the renaming is invisible to users.
             warnings.filterwarnings("ignore", message="Renaming name")
             mod = self.from_onnx(graph, opset)
         mod, detached = relax.frontend.detach_params(mod)
