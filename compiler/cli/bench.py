@@ -1,0 +1,123 @@
+"""Benchmark a model on one or more targets against ONNX Runtime and PyTorch eager.
+
+MODEL is a built-in name, an .onnx file or an artifact directory. --tokens (LLM blocks: the sequence
+/ token dimension) or --batch binds a symbolic dimension to each size; one artifact per target
+serves all of them. Prints a table (progress on stderr when it is a terminal); --json prints the
+result document instead; -o writes it for `qiao report`. Exits 1 when an output differs from a
+baseline's.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from qiao.compiler.cli.common import parse_key_values
+
+
+def add_arguments(p):
+    p.add_argument("model", help="built-in model name, .onnx file, or artifact directory")
+    p.add_argument(
+        "--target",
+        "-t",
+        default=None,
+        help="backend(s), comma-separated; TARGET:ARCH picks a preset per target, e.g. "
+        "cpu,cuda:sm_90 (default: cpu, or the artifact's own target)",
+    )
+    p.add_argument("--arch", default=None, help="device preset when there is one target")
+    p.add_argument(
+        "--baseline",
+        default="onnxruntime,torch",
+        help="comma-separated baselines: onnxruntime, torch, or none (default: onnxruntime,torch)",
+    )
+    sizes = p.add_mutually_exclusive_group()
+    sizes.add_argument("--tokens", default=None, help="token counts, e.g. 1,16,128 (LLM blocks)")
+    sizes.add_argument("--batch", default=None, help="batch sizes, e.g. 1,16")
+    p.add_argument(
+        "--dim",
+        action="append",
+        metavar="NAME=SIZE",
+        help="value of another symbolic dimension (default 1; repeatable)",
+    )
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls per case (default 3)")
+    p.add_argument("--repeat", type=int, default=30, help="timed samples per case (default 30)")
+    p.add_argument(
+        "--min-time",
+        type=float,
+        default=0.5,
+        metavar="S",
+        help="minimum seconds of timed calls per engine and case (default 0.5)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    p.add_argument("-o", "--output", default=None, help="write the result JSON to this file")
+    p.add_argument("--json", action="store_true", help="print the result JSON, nothing else")
+    p.add_argument("--label", default=None, help="name of this machine in reports")
+    p.add_argument(
+        "--artifact-dir", default=None, help="keep the compiled artifacts in this directory"
+    )
+    p.add_argument(
+        "--no-roofs",
+        action="store_true",
+        help="skip measuring this CPU's GEMM / copy ceilings for the roofline view",
+    )
+    p.add_argument("--rpc-tracker", default=None, metavar="HOST:PORT", help="TVM RPC tracker")
+    p.add_argument("--rpc-key", default=None, help="device key of the RPC server to run on")
+
+
+def _progress(quiet: bool):
+    if quiet or not sys.stderr.isatty():
+        return None
+
+    def show(message: str) -> None:
+        sys.stderr.write(f"\r\033[K{message}")
+        sys.stderr.flush()
+
+    return show
+
+
+def main(args) -> int:
+    from qiao.compiler.bench import bench, format_result, mismatches, parse_sizes, write_result
+
+    baselines = [b.strip() for b in args.baseline.split(",") if b.strip() not in ("", "none")]
+    show = _progress(args.json)
+    try:
+        result = bench(
+            args.model,
+            args.target,
+            arch=args.arch,
+            baselines=baselines,
+            tokens=parse_sizes(args.tokens, "--tokens"),
+            batch=parse_sizes(args.batch, "--batch"),
+            dims=parse_key_values(args.dim, "--dim"),
+            warmup=args.warmup,
+            repeat=args.repeat,
+            min_time=args.min_time,
+            seed=args.seed,
+            rpc_tracker=args.rpc_tracker,
+            rpc_key=args.rpc_key,
+            artifact_dir=args.artifact_dir,
+            label=args.label,
+            roofs=not args.no_roofs,
+            progress=show,
+        )
+    finally:
+        if show is not None:
+            sys.stderr.write("\r\033[K")
+    if args.output:
+        write_result(result, args.output)
+    if args.json:
+        json.dump(result, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print(format_result(result))
+        if args.output:
+            print(f"wrote {args.output}")
+    bad = mismatches(result)
+    if bad:
+        print(
+            f"qiao bench: outputs differ from a baseline ({'; '.join(bad)}): these timings are of "
+            "wrong results. fix: run `qiao validate` on the model and report it",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
