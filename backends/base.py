@@ -1,10 +1,11 @@
 """The backend interface: what every qiao target implements.
 
-A backend turns an imported model (a Relax module plus its weights) into files in an artifact directory,
-and, where its device is present, loads and runs those files. Read this file once and you can write one:
-the abstract methods are ``presets``, ``availability``, ``target``, ``build`` and ``load``; the per-target
-lowering phases and the MoE schedule parameters have defaults you override when your target needs to.
-"""
+A backend turns an imported model (a Relax module plus its weights) into files in an artifact
+directory, and, where its device is present, loads and runs those files. Read this file once and you
+can write one: the abstract methods are ``presets``, ``availability``, ``target``, ``build`` and
+``load``; the per-target lowering phases, the MoE schedule parameters and the post-write check have
+defaults you override when your target needs to. Backends whose vendor compiler consumes ONNX itself
+set ``imports_relax = False``."""
 
 from __future__ import annotations
 
@@ -55,11 +56,16 @@ class Availability:
     can_compile: bool
     can_run: bool
     missing: tuple[str, ...] = ()
+    handoff_only: bool = False  # a hand-off backend whose vendor compiler is absent: package only
 
     @property
     def status(self) -> str:
         if self.can_compile and self.can_run:
             return "ready"
+        if self.handoff_only:
+            return "toolchain missing (writes the hand-off package only): " + "; ".join(
+                self.missing
+            )
         if self.can_compile:
             return "compiles only (no device)" + (
                 f": {'; '.join(self.missing)}" if self.missing else ""
@@ -83,9 +89,11 @@ class Runner(abc.ABC):
         """Run once on already-checked inputs; returns the outputs in manifest order."""
 
     def benchmark(self, inputs: Sequence[np.ndarray], repeat: int, number: int) -> list[float]:
-        """Seconds per call for ``repeat`` measurements of ``number`` calls each (device-synchronised).
+        """Seconds per call for ``repeat`` measurements of ``number`` calls each
+        (device-synchronised).
 
-        The default times ``run`` from Python; TVM backends override it with TVM's time evaluator."""
+        The default times ``run`` from Python; TVM backends override it with TVM's time
+        evaluator."""
         import time
 
         times = []
@@ -98,11 +106,17 @@ class Runner(abc.ABC):
 
 
 class Backend(abc.ABC):
-    """Base class of every backend. Subclasses set ``name``, ``vendor`` and ``default_preset``."""
+    """Base class of every backend. Subclasses set ``name``, ``vendor`` and ``default_preset``.
+
+    ``imports_relax`` says whether ``build`` receives a Relax module (TVM backends) or only the
+    checked ONNX model (``ImportedModel.proto``: hand-off backends, whose vendor compiler reads
+    ONNX).
+    """
 
     name: ClassVar[str]
     vendor: ClassVar[str]
     default_preset: ClassVar[str | None] = None
+    imports_relax: ClassVar[bool] = True
 
     # -- what the backend is -------------------------------------------------------------------
     @abc.abstractmethod
@@ -125,15 +139,24 @@ class Backend(abc.ABC):
         """Compile ``model`` into files under ``workdir`` (an empty temporary directory).
 
         Returns the backend's manifest section: at least ``{"library": file name or None}`` plus
-        anything ``load`` needs. Raise ``ToolchainMissing`` / ``CompileError`` on failure; the caller
-        removes ``workdir``, so a failed build never leaves a partial artifact.
+        anything ``load`` needs. Raise ``ToolchainMissing`` / ``CompileError`` on failure; the
+        caller removes ``workdir``, so a failed build never leaves a partial artifact.
         """
 
     @abc.abstractmethod
     def load(self, artifact_dir: str, manifest: Mapping[str, Any]) -> Runner:
-        """Load a built artifact for running. Raise ``ToolchainMissing`` when the device is absent."""
+        """Load a built artifact for running; ``ToolchainMissing`` when the device is absent."""
 
     # -- defaults a backend may override -------------------------------------------------------
+    def after_write(self, artifact_dir: str, manifest: Mapping[str, Any]) -> None:
+        """Called once the artifact is in place. The default does nothing.
+
+        Hand-off backends raise ``ToolchainMissing`` here when the vendor compiler could not run:
+        the complete hand-off package stays in ``artifact_dir`` (its manifest says ``status:
+        handoff-only``) and the CLI still exits 2 with the message naming what to install.
+        """
+        return None
+
     def phases(self, target: Any) -> list[Phase]:
         """The lowering phases, in order (see ``qiao.compiler.pipeline``)."""
         from qiao.compiler.pipeline import default_phases
@@ -141,12 +164,12 @@ class Backend(abc.ABC):
         return default_phases(target)
 
     def moe_schedule(self, arch: str | None) -> Mapping[str, Any]:
-        """MoE schedule parameters for ``arch`` (from its preset; empty means the lowering's defaults)."""
+        """MoE schedule parameters for ``arch`` (its preset's; empty: the lowering's defaults)."""
         preset = self.presets().get(arch or self.default_preset or "")
         return dict(preset.moe_schedule) if preset else {}
 
     def preset(self, arch: str | None) -> DevicePreset | None:
-        """The preset named ``arch`` (default preset when ``None``); ``None`` for a raw chip name."""
+        """The preset named ``arch`` (default preset for ``None``); ``None`` for a raw chip name."""
         name = arch or self.default_preset
         if name is None:
             return None
@@ -158,7 +181,8 @@ class Backend(abc.ABC):
         if found is None:
             known = ", ".join(self.presets())
             raise UnknownTarget(
-                f"backend {self.name!r} has no device preset {arch!r}. fix: pass --arch with one of: "
+                f"backend {self.name!r} has no device preset {arch!r}. fix: pass --arch with one "
+                "of: "
                 f"{known}"
             )
         return found

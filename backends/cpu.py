@@ -63,6 +63,14 @@ class CPUBackend(TVMBackend):
                 )
         return tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": os.cpu_count() or 1})
 
+    def schedule_passes(self, target, options=None) -> list:
+        """qiao's CPU schedules (GEMM, convolution, attention, then parallel/vectorised defaults),
+        with this device's tuning records; ``options`` may ask to tune first (``tune``, ``trials``).
+        """
+        from qiao.compiler.schedules import schedule_passes
+
+        return schedule_passes(target, options)
+
     def device(self):
         import tvm
 

@@ -1,10 +1,10 @@
 """Backend discovery through the ``qiao.backends`` entry-point group.
 
-Built-in backends are declared in qiao's own ``pyproject.toml`` under the same group third parties use.
-Entries are stored as import strings and imported only when a backend is asked for or listed; a plugin
-that fails to import is reported (``qiao targets`` shows it as broken) and never breaks other backends
-or ``import qiao``. Set ``QIAO_DISABLE_PLUGINS=1`` to ignore every backend not shipped with qiao.
-"""
+Built-in backends are declared in qiao's own ``pyproject.toml`` under the same group third parties
+use. Entries are stored as import strings and imported only when a backend is asked for or listed; a
+plugin that fails to import is reported (``qiao targets`` shows it as broken) and never breaks other
+backends or ``import qiao``. Set ``QIAO_DISABLE_PLUGINS=1`` to ignore every backend not shipped with
+qiao."""
 
 from __future__ import annotations
 
@@ -103,7 +103,8 @@ def load_entry(entry: BackendEntry) -> Backend:
         ) from err
     if not (isinstance(obj, type) and issubclass(obj, Backend)):
         raise BrokenBackend(
-            f"backend {entry.name!r} from {entry.dist}: {entry.value} is not a qiao.backends.base.Backend "
+            f"backend {entry.name!r} from {entry.dist}: {entry.value} is not a "
+            "qiao.backends.base.Backend "
             f"subclass. {hint}"
         )
     try:
@@ -115,7 +116,8 @@ def load_entry(entry: BackendEntry) -> Backend:
         ) from err
     if getattr(backend, "name", None) != entry.name:
         raise BrokenBackend(
-            f"backend {entry.name!r} from {entry.dist}: its class says name={getattr(backend, 'name', None)!r}; "
+            f"backend {entry.name!r} from {entry.dist}: its class says "
+            f"name={getattr(backend, 'name', None)!r}; "
             "the entry-point name and Backend.name must match"
         )
     _cache[key] = backend

@@ -1,15 +1,24 @@
 """What the TVM-based backends (cpu, cuda, rocm) share: compile through qiao's pipeline, export one
-shared library, load it in TVM's Relax VM with the weights from ``params.npz``."""
+shared library, load it in TVM's Relax VM with the weights from ``params.npz``.
+
+GPU backends add two things here. ``GPUBackend`` schedules with qiao's GPU rule set (TVM's dlight
+GPU rules) and lets a subclass replace the device code TVM generated (CUDA source → a fatbin
+compiled ahead of time) before it is packed into the library. The small readers at the end (the
+packed-imports blob, the device module layout, ELF headers and symbols) are what that rewrite and
+the tests use to look inside an artifact without a GPU."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping, Sequence
-from typing import Any
+import struct
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 from qiao.backends.base import Backend, Runner
-from qiao.compiler.errors import CompileError
+from qiao.compiler.errors import ArtifactCorrupt, CompileError
 
 LIBRARY = "model.so"
 
@@ -48,23 +57,31 @@ class TVMRunner(Runner):
 class TVMBackend(Backend):
     """Shared base for backends whose artifact is a TVM shared library."""
 
-    def schedule_passes(self, target: Any) -> list:
-        """The passes of the ``schedule`` phase for this target; overridden per backend."""
+    def schedule_passes(self, target: Any, options: Mapping[str, Any] | None = None) -> list:
+        """The passes of the ``schedule`` phase for this target; overridden per backend.
+        ``options`` are the compile options (tuning switches...)."""
         return []
 
-    def phases(self, target: Any):
+    def phases(self, target: Any, options: Mapping[str, Any] | None = None):
         from qiao.compiler.pipeline import default_phases
 
-        return default_phases(target, schedule=self.schedule_passes(target))
+        return default_phases(target, schedule=self.schedule_passes(target, options))
+
+    def compile_context(self, target: Any) -> contextlib.AbstractContextManager:
+        """Entered around ``tvm.compile``: where a backend registers TVM callbacks (linkers...)."""
+        return contextlib.nullcontext()
 
     def compile_module(self, mod, target, options: Mapping[str, Any]):
         """Run the phases and ``tvm.compile``; returns the TVM executable."""
         import tvm
         from qiao.compiler.pipeline import make_pipeline
 
-        pipeline = make_pipeline(self.phases(target), target, options.get("dump_ir"))
+        pipeline = make_pipeline(self.phases(target, options), target, options.get("dump_ir"))
         try:
-            return tvm.compile(mod, target=target, relax_pipeline=pipeline)
+            with self.compile_context(target):
+                return tvm.compile(mod, target=target, relax_pipeline=pipeline)
+        except CompileError:
+            raise
         except Exception as err:
             first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
             raise CompileError(
@@ -75,12 +92,15 @@ class TVMBackend(Backend):
     def build(self, model, arch, workdir, options):
         target = self.target(arch)
         executable = self.compile_module(model.mod, target, options)
-        self.export(executable, target, workdir, options)
-        return {"library": LIBRARY}
+        section = self.export(executable, target, workdir, options)
+        return {"library": LIBRARY, **(section or {})}
 
-    def export(self, executable, target, workdir: str, options: Mapping[str, Any]) -> None:
-        """Write the compiled executable as ``LIBRARY``; device backends add their device code."""
+    def export(
+        self, executable, target, workdir: str, options: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Write the executable as ``LIBRARY``; returns extra manifest fields (device code...)."""
         executable.export_library(os.path.join(workdir, LIBRARY))
+        return {}
 
     def device(self):
         """The TVM device this backend runs on."""
@@ -93,3 +113,323 @@ class TVMBackend(Backend):
         return TVMRunner(
             os.path.join(artifact_dir, manifest["backend"]["library"]), params, self.device()
         )
+
+
+class GPUBackend(TVMBackend):
+    """A TVM backend whose library imports one device module (``cuda``, ``hip``...).
+
+    Subclasses set ``device_module`` (the module kind in TVM's import tree) and may override
+    ``device_code`` to replace what TVM generated (e.g. compile CUDA source ahead of time).
+    ``export`` stores a copy of the final device code beside the library
+    (``model.<arch>.<format>``) and records its format and kernels in the manifest; the copy is
+    what tests and vendor tools inspect, the library holds the same bytes.
+    """
+
+    device_module: ClassVar[str]
+
+    def schedule_passes(self, target, options=None):
+        # qiao's rule set for the target kind: TVM's dlight GPU rules, skipping kernels that come
+        # scheduled already (the MoE lowering's).
+        from qiao.compiler.schedules import schedule_passes
+
+        return schedule_passes(target, options)
+
+    def arch_name(self, target: Any) -> str:
+        """The chip name used in file names and the manifest (``sm_90``, ``gfx942``)."""
+        raise NotImplementedError
+
+    def device_code(
+        self, fmt: str, code: bytes, target: Any, options: Mapping[str, Any]
+    ) -> tuple[str, bytes]:
+        """Return the final ``(format, bytes)`` of the device code; the default keeps TVM's."""
+        return fmt, code
+
+    def export(self, executable, target, workdir, options):
+        imports = PackedImports.parse(pack_imports(executable.mod))
+        found = [i for i, (kind, _) in enumerate(imports.modules) if kind == self.device_module]
+        if len(found) != 1:
+            raise CompileError(
+                f"expected one {self.device_module!r} device module in the compiled library, found "
+                f"{len(found)} (modules: {[k for k, _ in imports.modules]}). fix: report this with "
+                "the model attached"
+            )
+        index = found[0]
+        module = DeviceModule.parse(imports.modules[index][1])
+        fmt, code = self.device_code(module.fmt, module.code, target, options)
+        path = os.path.join(workdir, LIBRARY)
+        if (fmt, code) == (module.fmt, module.code):
+            executable.export_library(path)
+        else:
+            module = DeviceModule(fmt, module.functions, code, module.tail)
+            imports.modules[index] = (self.device_module, module.to_bytes())
+            export_library_with_imports(executable.mod, path, imports.to_bytes())
+        device_file = f"model.{self.arch_name(target)}.{fmt}"
+        with open(os.path.join(workdir, device_file), "wb") as f:
+            f.write(code)
+        return {
+            "device_code": device_file,
+            "device_format": fmt,
+            "kernels": sorted(module.kernel_names()),
+        }
+
+
+@contextlib.contextmanager
+def tvm_global_funcs(funcs: Mapping[str, Callable]) -> Iterator[None]:
+    """Register TVM global functions (``tvm_callback_*``) for the duration of a block, then restore
+    whatever was registered before, so one backend's linker choice does not leak into another's."""
+    import tvm_ffi
+
+    previous = {name: tvm_ffi.get_global_func(name, allow_missing=True) for name in funcs}
+    for name, func in funcs.items():
+        tvm_ffi.register_global_func(name, func, override=True)
+    try:
+        yield
+    finally:
+        for name, func in previous.items():
+            if func is None:
+                tvm_ffi.remove_global_func(name)
+            else:
+                tvm_ffi.register_global_func(name, func, override=True)
+
+
+# -- the library's packed imports ------------------------------------------------------------------
+# TVM serializes every imported module (VM executable, host code, device code) into one blob, the
+# symbol ``__tvm_ffi__library_bin`` of the exported library: u64 payload size, the import tree in
+# CSR form (two u64 vectors), then per module its kind (u64 length + bytes) and, except for the
+# host library itself (kind "_lib"), its serialized bytes (u64 length + bytes).
+LIBRARY_BLOB_SYMBOL = "__tvm_ffi__library_bin"
+
+
+class _Reader:
+    def __init__(self, data: bytes, pos: int = 0):
+        self.data, self.pos = data, pos
+
+    def u64(self) -> int:
+        if self.pos + 8 > len(self.data):
+            raise ValueError("truncated data")
+        (value,) = struct.unpack_from("<Q", self.data, self.pos)
+        self.pos += 8
+        return value
+
+    def raw(self, n: int) -> bytes:
+        if self.pos + n > len(self.data):
+            raise ValueError("truncated data")
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return bytes(out)
+
+    def string(self) -> bytes:
+        return self.raw(self.u64())
+
+    def u64s(self) -> list[int]:
+        return [self.u64() for _ in range(self.u64())]
+
+
+def _pack_str(value: bytes) -> bytes:
+    return struct.pack("<Q", len(value)) + value
+
+
+@dataclass
+class PackedImports:
+    """The decoded ``__tvm_ffi__library_bin``: import tree plus ``(kind, bytes)`` per module."""
+
+    row_ptr: list[int]
+    child_indices: list[int]
+    modules: list[tuple[str, bytes | None]] = field(default_factory=list)
+
+    @classmethod
+    def parse(cls, blob: bytes) -> PackedImports:
+        r = _Reader(blob)
+        size = r.u64()
+        if size + 8 != len(blob):
+            raise ValueError(f"packed imports say {size} bytes, blob holds {len(blob) - 8}")
+        out = cls(r.u64s(), r.u64s())
+        while r.pos < len(blob):
+            kind = r.string().decode()
+            out.modules.append((kind, None if kind == "_lib" else r.string()))
+        return out
+
+    def to_bytes(self) -> bytes:
+        body = b"".join(
+            struct.pack("<Q", len(v)) + b"".join(struct.pack("<Q", x) for x in v)
+            for v in (self.row_ptr, self.child_indices)
+        )
+        for kind, payload in self.modules:
+            body += _pack_str(kind.encode())
+            if payload is not None:
+                body += _pack_str(payload)
+        return struct.pack("<Q", len(body)) + body
+
+
+def pack_imports(module) -> bytes:
+    """The packed-imports blob TVM would embed when exporting ``module``."""
+    import tvm_ffi
+
+    return bytes(tvm_ffi.get_global_func("runtime.ModulePackImportsToTensor")(module).numpy())
+
+
+def export_library_with_imports(module, path: str, blob: bytes) -> None:
+    """``module.export_library(path)`` but embedding ``blob`` as the packed imports."""
+
+    def fpack_imports(_mod, is_system_lib, prefix, workspace_dir):
+        if is_system_lib or prefix:
+            raise CompileError(
+                "system-library export is not supported by qiao's device-code packing"
+            )
+        c_path = os.path.join(workspace_dir, "qiao_devc.c")
+        with open(c_path, "w") as f:
+            f.write(_blob_c_source(blob))
+        return c_path
+
+    module.export_library(path, fpack_imports=fpack_imports)
+
+
+def _blob_c_source(blob: bytes) -> str:
+    rows = [",".join(str(b) for b in blob[i : i + 32]) for i in range(0, len(blob), 32)]
+    return (
+        "#ifdef _WIN32\n#define QIAO_EXPORT __declspec(dllexport)\n#else\n"
+        '#define QIAO_EXPORT __attribute__((visibility("default")))\n#endif\n'
+        '#ifdef __cplusplus\nextern "C" {\n#endif\n'
+        f"QIAO_EXPORT extern const unsigned char {LIBRARY_BLOB_SYMBOL}[];\n"
+        f"const unsigned char {LIBRARY_BLOB_SYMBOL}[{len(blob)}] = {{\n"
+        + ",\n".join(rows)
+        + "\n};\n#ifdef __cplusplus\n}\n#endif\n"
+    )
+
+
+def read_library_imports(library_path: str) -> PackedImports:
+    """Decode the packed imports of an exported library without loading it (no device needed)."""
+    with open(library_path, "rb") as f:
+        data = f.read()
+    try:
+        start = elf_symbol_offset(data, LIBRARY_BLOB_SYMBOL)
+        (size,) = struct.unpack_from("<Q", data, start)
+        return PackedImports.parse(data[start : start + 8 + size])
+    except (ValueError, struct.error) as err:
+        raise ArtifactCorrupt(
+            f"{library_path}: cannot read TVM's packed modules ({err}). fix: recompile the model"
+        ) from err
+
+
+# -- the device module's own layout ----------------------------------------------------------------
+@dataclass
+class DeviceModule:
+    """A serialized TVM CUDA/ROCm module: format, function table, code, and any trailing fields.
+
+    Layout: format string (``cuda``/``ptx``/``cubin``/``fatbin``/``hsaco``; newer TVM prefixes a
+    ``cuda.module.v1`` tag), then ``Map<str, FunctionInfo>``, then the code, then (versioned layout
+    only) a source map kept verbatim in ``tail``.
+    """
+
+    fmt: str
+    functions: bytes  # the function table, kept as serialized
+    code: bytes
+    tail: bytes = b""
+    version_tag: bytes = b""
+
+    @classmethod
+    def parse(cls, payload: bytes) -> DeviceModule:
+        r = _Reader(payload)
+        fmt = r.string()
+        tag = b""
+        if fmt.endswith(b".module.v1"):
+            tag, fmt = fmt, r.string()
+        start = r.pos
+        for _ in range(r.u64()):  # FunctionInfo: name, arg dtypes, launch tags, arg extra tags
+            r.string()
+            r.string()
+            r.raw(4 * r.u64())
+            for _ in range(r.u64()):
+                r.string()
+            r.raw(4 * r.u64())
+        functions = payload[start : r.pos]
+        code = r.string()
+        tail = payload[r.pos :]
+        if tail and not tag:
+            raise ValueError(f"{len(tail)} unexpected bytes after the device code")
+        return cls(fmt.decode(), functions, code, tail, tag)
+
+    def to_bytes(self) -> bytes:
+        head = _pack_str(self.version_tag) if self.version_tag else b""
+        return (
+            head + _pack_str(self.fmt.encode()) + self.functions + _pack_str(self.code) + self.tail
+        )
+
+    def kernel_names(self) -> list[str]:
+        r = _Reader(self.functions)
+        names = []
+        for _ in range(r.u64()):
+            names.append(r.string().decode())
+            r.string()
+            r.raw(4 * r.u64())
+            for _ in range(r.u64()):
+                r.string()
+            r.raw(4 * r.u64())
+        return names
+
+
+# -- ELF -------------------------------------------------------------------------------------------
+EM_CUDA = 190
+EM_AMDGPU = 224
+
+
+@dataclass(frozen=True)
+class ElfInfo:
+    """Header fields and defined function symbols of a 64-bit little-endian ELF file."""
+
+    machine: int
+    os_abi: int
+    abi_version: int
+    flags: int
+    functions: tuple[str, ...]
+
+
+def _elf_sections(data: bytes) -> list[tuple]:
+    if data[:4] != b"\x7fELF":
+        raise ValueError("not an ELF file")
+    if data[4] != 2 or data[5] != 1:
+        raise ValueError("only 64-bit little-endian ELF is supported")
+    (shoff,) = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    # (name, type, flags, addr, offset, size, link, info, addralign, entsize)
+    return [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+
+
+def _elf_symbols(data: bytes, sections: list[tuple]) -> Iterator[tuple[str, int, int, int, int]]:
+    """Yield ``(name, info, shndx, value, size)`` for every symbol in .symtab and .dynsym."""
+    for sh in sections:
+        if sh[1] not in (2, 11):  # SHT_SYMTAB, SHT_DYNSYM
+            continue
+        strtab = sections[sh[6]]
+        for off in range(sh[4], sh[4] + sh[5], 24):
+            st_name, st_info, _, st_shndx, st_value, st_size = struct.unpack_from(
+                "<IBBHQQ", data, off
+            )
+            start = strtab[4] + st_name
+            name = data[start : data.index(b"\0", start)].decode(errors="replace")
+            yield name, st_info, st_shndx, st_value, st_size
+
+
+def read_elf(data: bytes) -> ElfInfo:
+    """Machine, OS ABI, flags and defined function names (``STT_FUNC``) of an ELF file."""
+    sections = _elf_sections(data)
+    (machine,) = struct.unpack_from("<H", data, 18)
+    (flags,) = struct.unpack_from("<I", data, 0x30)
+    functions = sorted(
+        {
+            name
+            for name, info, shndx, *_ in _elf_symbols(data, sections)
+            if info & 0xF == 2 and shndx
+        }
+    )
+    return ElfInfo(machine, data[7], data[8], flags, tuple(functions))
+
+
+def elf_symbol_offset(data: bytes, symbol: str) -> int:
+    """File offset of a defined symbol's bytes (through the section that holds its address)."""
+    sections = _elf_sections(data)
+    for name, _, shndx, value, _ in _elf_symbols(data, sections):
+        if name == symbol and 0 < shndx < len(sections):
+            sec = sections[shndx]
+            return sec[4] + (value - sec[3])
+    raise ValueError(f"symbol {symbol} not found")

@@ -59,6 +59,9 @@ def staging_dir(final_dir: str) -> Iterator[str]:
                 "fix: choose another -o directory or remove it"
             )
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final_dir)}.tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; an artifact is as shareable as any directory
     try:
         yield tmp
         old = None

@@ -86,7 +86,7 @@ def default_output_dir(model_name: str, target: str, arch: str | None) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(parts))
 
 
-def _save_proto(proto: onnx.ModelProto, path: str) -> None:
+def save_proto(proto: onnx.ModelProto, path: str) -> None:
     if proto.ByteSize() > (1 << 31) - (64 << 20):
         onnx.save(
             proto, path, save_as_external_data=True, location=os.path.basename(path) + ".data"
@@ -141,7 +141,7 @@ def compile(
             f"backend {target!r} cannot compile on this machine: {'; '.join(availability.missing)}"
         )
     resolved = resolve_model(model, example_args, model_options)
-    imported = import_onnx(resolved.proto, to_relax=getattr(backend, "imports_relax", True))
+    imported = import_onnx(resolved.proto, to_relax=backend.imports_relax)
     out = os.fspath(output_dir) if output_dir else default_output_dir(resolved.name, target, arch)
     serialized = (
         resolved.proto.SerializeToString() if resolved.proto.ByteSize() < (1 << 31) else b""
@@ -155,7 +155,7 @@ def compile(
     import tvm
 
     with art.staging_dir(out) as tmp:
-        _save_proto(resolved.proto, os.path.join(tmp, art.SOURCE_MODEL))
+        save_proto(resolved.proto, os.path.join(tmp, art.SOURCE_MODEL))
         param_names = art.save_params(tmp, imported.params) if imported.params else []
         backend_section = backend.build(imported, arch, tmp, options)
         target_obj = backend.target(arch)
@@ -175,7 +175,10 @@ def compile(
             "validation": None,
         }
         manifest = art.write_manifest(tmp, manifest)
-    return Artifact(os.path.abspath(out), manifest)
+    artifact = Artifact(os.path.abspath(out), manifest)
+    # Hand-off backends without their vendor toolchain raise here: the package is complete and kept.
+    backend.after_write(artifact.directory, manifest)
+    return artifact
 
 
 def _target_json(target) -> Any:

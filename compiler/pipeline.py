@@ -25,9 +25,12 @@ from qiao.backends.base import Phase
 def prepare_passes(target: Any) -> list:
     from tvm import relax
 
+    from qiao.compiler.passes import LowerMoE
+
     return [
         relax.transform.DecomposeOpsForInference(),
         relax.transform.FoldConstant(),
+        LowerMoE(target),  # com.microsoft::MoE -> qiao's gating/align/grouped-GEMM/combine kernels
     ]
 
 

@@ -27,9 +27,10 @@ def main(args) -> int:
             continue
         try:
             status = backend.availability().status
-        except Exception as err:  # a plugin's probe must not break the listing
-            status = f"broken plugin: availability() raised {type(err).__name__}: {err}"
-        presets = [f"{p.name} ({p.description})" for p in backend.presets().values()]
+            presets = [f"{p.name} ({p.description})" for p in backend.presets().values()]
+        except Exception as err:  # a plugin's probe or presets must not break the listing
+            status = f"broken plugin: {type(err).__name__}: {err}"
+            presets = []
         rows.append(
             {
                 "name": entry.name,

@@ -2,13 +2,23 @@
 
 Each converter is an ``OnnxOpConverter`` subclass registered with ``register_converter``; keep one
 family of ops per section and say why TVM's own converter is not enough.
+
+TVM's importer tracks shape arithmetic symbolically: ``Shape`` gives a ``relax.ShapeExpr``,
+``Gather``/``Squeeze`` of one dimension a bare PrimExpr (``batch * 4``), and most converters accept
+neither — exported PyTorch models (the dynamo exporter spells ``x.view(b * h, s, d)`` as Shape →
+Squeeze → Mul → Reshape → Concat) then fail with "expects the input data to be a Tensor". Two
+mechanisms fix that class of problem here: converters that keep symbolic values symbolic where the
+result is shape arithmetic (``Reshape``, ``Shape``), and, for every other TVM converter, a wrapper
+(``_SymbolicTolerant``) that retries a failed conversion with its symbolic inputs materialised as
+int64 tensors.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import tvm
-from qiao.compiler.frontend import register_converter
+from qiao.compiler.frontend import _CONVERTERS, register_converter
 from tvm import relax, tirx
 from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
 
@@ -28,7 +38,7 @@ def _prim_dtype(x) -> str:
 
 
 def _integral_prim(x):
-    """``x`` as an int64 PrimExpr when it is an integer in disguise (e.g. ``Cast("float32", seq)``)."""
+    """``x`` as int64 PrimExpr when it is an integer in disguise, e.g. ``Cast("float32", seq)``."""
     if isinstance(x, (int, np.integer)) or (isinstance(x, float) and x.is_integer()):
         return tirx.IntImm("int64", int(x))
     if isinstance(x, tirx.Cast) and "int" in _prim_dtype(x.value):
@@ -38,74 +48,653 @@ def _integral_prim(x):
     return None
 
 
-# --- Range ------------------------------------------------------------------------------------------
-@register_converter("Range")
-class Range(tvm_onnx.OnnxOpConverter):
-    """Range whose bounds are integers, even when typed float (``torch.arange(seq, dtype=float)``).
+def simplify_dims(expr):
+    """Simplify a PrimExpr knowing every variable in it is a tensor dim, hence >= 0.
 
-    TVM's converter turns a symbolic float bound into a tensor and back into a *fresh* shape variable,
-    so ``arange(seq)`` no longer has length ``seq`` and every broadcast against the sequence axis loses
-    its shape (RoPE tables in every exported transformer hit this). Here the length stays an
-    expression of the original symbolic dims; other cases fall back to TVM's converter.
+    Without that, ``max(seq, 0)`` stays in shapes (``Range``) and then never matches ``seq``, so
+    broadcasting and matmul shape inference give up further down.
+    """
+    analyzer = tvm.sym.Analyzer()
+    for var in tirx.analysis.undefined_vars(expr):
+        analyzer.update(var, tvm.sym.ConstIntBound(0, tvm.sym.ConstIntBound.POS_INF))
+    return analyzer.simplify(expr)
+
+
+def _is_symbolic_value(x) -> bool:
+    """True for the importer's symbolic shape values: a ``ShapeExpr`` or a bare PrimExpr."""
+    return isinstance(x, relax.ShapeExpr) or (x is not None and tvm.ir.is_prim_expr(x))
+
+
+def _const(value, dtype: str) -> relax.Expr:
+    return relax.const(np.asarray(value, dtype=dtype), dtype)
+
+
+def prim_to_tensor(bb: relax.BlockBuilder, x) -> relax.Expr:
+    """A 0-d tensor holding the PrimExpr ``x`` (an integer expression, or a float cast of one).
+
+    ``relax.op.full`` refuses PrimExpr fill values, so integers go through ``shape_to_tensor``.
+    """
+    dtype = _prim_dtype(x)
+    if isinstance(x, (tirx.IntImm, tirx.FloatImm)):
+        return _const(x.value, dtype)
+    source = x
+    if isinstance(x, tirx.Cast) and "float" in dtype and "int" in _prim_dtype(x.value):
+        source = x.value
+    elif "float" in dtype:
+        raise ValueError(f"cannot turn the symbolic float value {x} into a tensor")
+    as_int = _integral_prim(source) if _prim_dtype(source) != "bool" else tirx.Cast("int64", source)
+    tensor = bb.normalize(relax.op.shape_to_tensor(relax.ShapeExpr([as_int])))
+    tensor = bb.normalize(relax.op.reshape(tensor, ()))
+    return tensor if dtype == "int64" else bb.normalize(relax.op.astype(tensor, dtype))
+
+
+def materialize(bb: relax.BlockBuilder, x):
+    """``x`` as a tensor when it is a symbolic shape value (``ShapeExpr`` → int64[n], PrimExpr →
+    0-d); anything else unchanged."""
+    if isinstance(x, relax.ShapeExpr):
+        return bb.normalize(relax.op.shape_to_tensor(x))
+    if x is not None and tvm.ir.is_prim_expr(x):
+        return prim_to_tensor(bb, x)
+    return x
+
+
+def _static_dims(expr) -> list[int] | None:
+    """The shape of a tensor expression as ints, or ``None`` when any dim is symbolic/unknown."""
+    shape = getattr(getattr(expr, "ty", None), "shape", None)
+    if not isinstance(shape, relax.ShapeExpr):
+        return None
+    dims = list(shape.values)
+    if not all(isinstance(d, tirx.IntImm) for d in dims):
+        return None
+    return [int(d.value) for d in dims]
+
+
+def _shape_tensor(bb: relax.BlockBuilder, data) -> relax.Expr:
+    """The shape of tensor ``data`` as an int64[rank] tensor (a constant when static)."""
+    dims = _static_dims(data)
+    if dims is not None:
+        return _const(dims, "int64")
+    return bb.normalize(relax.op.shape_to_tensor(bb.normalize(relax.op.shape_of(data))))
+
+
+def _tensor_length(expr) -> int | None:
+    """Static length of a 1-D tensor expression, else ``None``."""
+    dims = _static_dims(expr)
+    return dims[0] if dims is not None and len(dims) == 1 else None
+
+
+def _runtime_shape(bb: relax.BlockBuilder, shape_tensor, length: int, prefix: str):
+    """A ``ShapeExpr`` of fresh symbolic dims bound to the values of an int64[length] tensor."""
+    return tvm_onnx._tensor_to_shape_expr(bb, shape_tensor, length, prefix)
+
+
+# --- Symbolic-value tolerance for TVM's converters ------------------------------------------------
+class _SymbolicTolerant(tvm_onnx.OnnxOpConverter):
+    """Runs TVM's converter ``base``; when that fails on an input that is a ``ShapeExpr`` or a
+    PrimExpr, runs it again with those inputs as int64 tensors.
+
+    TVM's converters accept symbolic shape values only here and there (``Unsqueeze`` of a PrimExpr,
+    ``Concat`` of ShapeExprs), so e.g. ``Sqrt(Cast(Shape(x)[-1]))`` or ``Equal(batch, 0)`` fails in
+    type inference. The first attempt keeps the value symbolic where TVM can; the retry is plain
+    tensor arithmetic, which is always right, only less foldable. Bindings the failed attempt
+    emitted are unused and pure.
+    """
+
+    base: type = tvm_onnx.OnnxOpConverter
+
+    @classmethod
+    def get_converter(cls, opset):
+        inner = cls.base.get_converter(opset)
+
+        def convert(bb, inputs, attr, params):
+            if not any(_is_symbolic_value(x) for x in inputs):
+                return fold_small_constant(inputs, inner(bb, inputs, attr, params))
+            try:
+                out = inner(bb, inputs, dict(attr), params)
+                return bb.normalize(out) if isinstance(out, relax.Expr) else out
+            except Exception as first:  # noqa: BLE001 - retried, then re-raised
+                tensors = tvm_onnx.onnx_input(materialize(bb, x) for x in inputs)
+                try:
+                    out = inner(bb, tensors, attr, params)
+                    return bb.normalize(out) if isinstance(out, relax.Expr) else out
+                except Exception:  # noqa: BLE001
+                    raise first from None
+
+        return convert
+
+
+def fold_small_constant(inputs, out):
+    """Evaluate ``out`` now when all its inputs are constants and it is a small integer or boolean
+    tensor — shape arithmetic. TVM's converters fold some ops with NumPy but not others
+    (``Not``, ``And``, ``Less``...), and a shape that is not a constant at import time sends
+    ``Expand``/``Reshape``/``Slice`` down their dynamic-shape paths, which are slower to compile
+    and, for TVM's ``Expand``, wrong. Float results are left to ``FoldConstant`` in the pipeline.
+    """
+    if not isinstance(out, relax.Call) or not all(
+        x is None or isinstance(x, tvm.ir.GenericConst) for x in inputs
+    ):
+        return out
+    if not any(isinstance(a, tvm.ir.GenericConst) for a in out.args):
+        return out
+    dims = _static_dims(out) if hasattr(out, "ty") and out.ty is not None else None
+    if dims is None:
+        try:
+            out = relax.BlockBuilder().normalize(out)
+        except Exception:  # noqa: BLE001 - leave it to the importer's own normalisation
+            return out
+        dims = _static_dims(out)
+    dtype = str(getattr(out.ty, "dtype", ""))
+    if dims is None or int(np.prod(dims)) > 4096 or not dtype.startswith(("int", "uint", "bool")):
+        return out
+    bb = relax.BlockBuilder()
+    with bb.function("fold", []):
+        bb.emit_func_output(bb.emit(out))
+    mod = relax.transform.LegalizeOps()(bb.get())
+    with tvm.target.Target({"kind": "llvm"}):
+        mod = relax.transform.FoldConstant()(mod)
+    body = mod["fold"].body
+    folded = body.body if isinstance(body, relax.SeqExpr) else body
+    return folded if isinstance(folded, tvm.ir.GenericConst) else out
+
+
+# Converters of TVM's map that belong to com.microsoft: qiao decides separately which of those it
+# supports (``find_unsupported_ops`` treats a registered com.microsoft op as supported).
+_NOT_WRAPPED = {
+    "FastGelu",
+    "BiasGelu",
+    "MatMulInteger16",
+    "SkipLayerNormalization",
+    "EmbedLayerNormalization",
+    "Attention",
+}
+
+
+def _wrap_tvm_converters() -> None:
+    """Register ``_SymbolicTolerant`` around every TVM converter qiao does not replace."""
+    for op_type, base in tvm_onnx._get_convert_map().items():
+        if op_type in _CONVERTERS or op_type in _NOT_WRAPPED:
+            continue
+        _CONVERTERS[op_type] = type(op_type, (_SymbolicTolerant,), {"base": base})
+
+
+# --- Constant -------------------------------------------------------------------------------------
+@register_converter("Constant")
+class Constant(tvm_onnx.OnnxOpConverter):
+    """Constant with any of its value attributes.
+
+    TVM's converter reads only ``value`` (a tensor) and fails with "no value in Constant" on
+    ``value_int(s)`` / ``value_float(s)``, which every function-expanded ONNX op and many
+    hand-written graphs use for scalars.
     """
 
     @classmethod
-    def _impl_v11(cls, bb, inputs, attr, params):
-        start, limit, delta = (_scalar(tvm_onnx.get_constant(x, params)) for x in inputs[:3])
-        start_i, limit_i, delta_i = (_integral_prim(v) for v in (start, limit, delta))
-        dtype_src = inputs[0]
-        out_dtype = (
-            str(dtype_src.ty.dtype)
-            if isinstance(dtype_src, relax.Expr) and hasattr(dtype_src.ty, "dtype")
-            else "int64"
-        )
-        if (
-            all(v is not None for v in (start_i, limit_i, delta_i))
-            and isinstance(delta_i, tirx.IntImm)
-            and delta_i.value > 0
-            and isinstance(start_i, tirx.IntImm)
+    def _impl_v1(cls, bb, inputs, attr, params):
+        if "value" in attr:
+            return tvm_onnx.Constant._impl_v13(bb, inputs, attr, params)
+        for key, dtype in (
+            ("value_int", "int64"),
+            ("value_ints", "int64"),
+            ("value_float", "float32"),
+            ("value_floats", "float32"),
         ):
-            count = tirx.max(
-                tirx.floordiv(limit_i - start_i + delta_i - 1, delta_i), tirx.IntImm("int64", 0)
+            if key in attr:
+                value = attr[key]
+                return _const(list(value) if isinstance(value, tuple) else value, dtype)
+        if "sparse_value" in attr:
+            return relax.const(onnx.numpy_helper.to_array(attr["sparse_value"]))
+        raise ValueError(
+            f"Constant with attributes {sorted(k for k in attr if k != 'tvm_custom')} is not "
+            "supported (strings have no tensor type in TVM)"
+        )
+
+
+# --- Shape / Reshape ------------------------------------------------------------------------------
+@register_converter("Shape")
+class Shape(tvm_onnx.OnnxOpConverter):
+    """Shape of a statically shaped tensor as an int64 constant.
+
+    TVM's converter returns a ``ShapeExpr`` even when every dim is known, and its importer refuses
+    ShapeExpr inputs to all but a dozen ops, so ``Cast(Shape(x)) → Sqrt`` (attention scaling in
+    every function-expanded Attention) fails. A constant folds through any op. Symbolic shapes stay
+    ShapeExprs (TVM's converter).
+    """
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        dims = _static_dims(inputs[0])
+        if dims is None:
+            return tvm_onnx.Shape._impl_v15(bb, inputs, attr, params)
+        rank = len(dims)
+        start = attr.get("start", 0)
+        end = attr.get("end", rank)
+        start = min(max(start + rank if start < 0 else start, 0), rank)
+        end = min(max(end + rank if end < 0 else end, 0), rank)
+        return _const(dims[start:end], "int64")
+
+
+@register_converter("Reshape")
+class Reshape(tvm_onnx.OnnxOpConverter):
+    """Reshape of symbolic scalars and with a shape computed at run time.
+
+    * A PrimExpr (``batch * 4`` from Shape → Squeeze → Mul) reshaped to ``[1]``: TVM's converter
+      hands it to ``relax.op.reshape``, which takes tensors only ("Reshape expects the input data to
+      be a Tensor. However, the given input is ir.PrimType" — ``torch.nn.MultiheadAttention``
+      exported with dynamic batch). Here it becomes a one-element ``ShapeExpr``, so the
+      ``Concat`` → ``Reshape`` that follows keeps the symbolic dims.
+    * A ShapeExpr reshaped to its own length: kept as is.
+    * A shape tensor known only at run time ("requires the input new shape to be Shape"): the
+      output shape is resolved at run time (0 copies the input dim unless ``allowzero``, -1 takes
+      the rest) and bound to fresh symbolic dims.
+    """
+
+    @classmethod
+    def _impl_v5(cls, bb, inputs, attr, params):
+        data, new_shape = inputs[0], tvm_onnx.get_constant(inputs[1], params)
+        allowzero = attr.get("allowzero", 0)
+        target = (
+            [int(v) for v in new_shape.value.numpy().tolist()]
+            if isinstance(new_shape, tvm.ir.GenericConst)
+            else None
+        )
+        if data is not None and tvm.ir.is_prim_expr(data) and target is not None:
+            if target == []:
+                return data
+            if len(target) == 1 and target[0] in (1, -1):
+                return relax.ShapeExpr([_integral_prim(data)])
+            data = prim_to_tensor(bb, data)
+        if isinstance(data, relax.ShapeExpr) and target is not None:
+            if len(target) == 1 and target[0] in (-1, len(data.values)):
+                return data
+        if target is not None or isinstance(new_shape, relax.ShapeExpr):
+            return tvm_onnx.Reshape._impl_v13(bb, [data, new_shape], attr, params)
+        return cls._runtime_reshape(bb, materialize(bb, data), new_shape, allowzero)
+
+    @classmethod
+    def _runtime_reshape(cls, bb, data, new_shape, allowzero):
+        length = _tensor_length(new_shape)
+        rank = len(data.ty.shape.values) if isinstance(data.ty.shape, relax.ShapeExpr) else None
+        if length is None or rank is None:
+            raise ValueError("Reshape needs a statically known input rank and shape length")
+        shape = bb.normalize(relax.op.astype(new_shape, "int64"))
+        in_shape = _shape_tensor(bb, data)
+        if not allowzero and rank > 0:
+            # 0 copies the input dim at the same position (positions past the input rank are
+            # invalid ONNX; clamp so the gather stays in bounds).
+            positions = _const(np.minimum(np.arange(length), rank - 1), "int64")
+            same_pos = bb.normalize(relax.op.take(in_shape, positions, axis=0))
+            shape = bb.normalize(
+                relax.op.where(relax.op.equal(shape, _const(0, "int64")), same_pos, shape)
             )
-            count = tvm.sym.Analyzer().simplify(count)
-            positions = relax.op.arange(0, count, 1, "int64")
-            if delta_i.value != 1:
-                positions = relax.op.multiply(positions, relax.const(delta_i.value, "int64"))
-            if start_i.value != 0:
-                positions = relax.op.add(positions, relax.const(start_i.value, "int64"))
-            return positions if out_dtype == "int64" else relax.op.astype(positions, out_dtype)
-        return tvm_onnx.Range._impl_v12(bb, inputs, attr, params)
+        is_rest = bb.normalize(relax.op.equal(shape, _const(-1, "int64")))
+        known = bb.normalize(
+            relax.op.prod(relax.op.where(is_rest, _const(1, "int64"), shape), keepdims=True)
+        )
+        total = (
+            bb.normalize(relax.op.prod(in_shape, keepdims=True)) if rank else _const([1], "int64")
+        )
+        rest = bb.normalize(
+            relax.op.floor_divide(total, relax.op.maximum(known, _const(1, "int64")))
+        )
+        shape = bb.normalize(relax.op.where(is_rest, rest, shape))
+        return relax.op.reshape(data, _runtime_shape(bb, shape, length, "reshape_dim"))
 
 
-# --- Expand -----------------------------------------------------------------------------------------
-@register_converter("Expand")
-class Expand(tvm_onnx.OnnxOpConverter):
-    """Expand to a constant shape when the data has symbolic dims.
+@register_converter("ConstantOfShape")
+class ConstantOfShape(tvm_onnx.OnnxOpConverter):
+    """ConstantOfShape whose shape is known only at run time.
 
-    TVM's converter reads ``dim.value`` of every data dim and so fails on symbolic ones; exported
-    ``repeat_interleave`` (grouped-query attention) is exactly that case. Broadcasting follows ONNX:
-    right-aligned, 1 broadcasts, -1 keeps the data dim.
+    TVM's converter calls ``tensor_to_shape`` on anything that is not a ``ShapeExpr``: on a value
+    that is already shape-typed (e.g. produced inside an ``If`` branch) type inference fails, and
+    on a run-time tensor the result has unknown dims, so no op after it can be legalised. Here the
+    dims are bound to names first.
+    """
+
+    @classmethod
+    def _impl_v9(cls, bb, inputs, attr, params):
+        shape = inputs[0]
+        if isinstance(getattr(shape, "ty", None), relax.ShapeType) and not isinstance(
+            shape, relax.ShapeExpr
+        ):
+            if shape.ty.ndim < 0:
+                raise ValueError("ConstantOfShape needs a shape of known length")
+            # Bind the dims to names so the result (and everything after it) has a known shape.
+            dims = [tirx.Var(f"const_of_shape_{i}", "int64") for i in range(shape.ty.ndim)]
+            bb.match_cast(shape, relax.ShapeType(dims))
+            shape = relax.ShapeExpr(dims)
+        elif (
+            not isinstance(shape, (relax.ShapeExpr, tvm.ir.GenericConst))
+            and not tvm.ir.is_prim_expr(shape)
+            and _tensor_length(shape) is not None
+        ):
+            # A shape tensor computed at run time: TVM's tensor_to_shape leaves the dims unknown,
+            # and ops on the result then cannot be legalised.
+            shape = _runtime_shape(
+                bb, bb.normalize(relax.op.astype(shape, "int64")), _tensor_length(shape), "dim"
+            )
+        if isinstance(shape, relax.ShapeExpr) and not all(
+            isinstance(d, tirx.IntImm) for d in shape.values
+        ):
+            value = attr.get("value")
+            array = (
+                onnx.numpy_helper.to_array(value).reshape(())
+                if value is not None
+                else np.zeros((), "float32")
+            )
+            return relax.op.broadcast_to(relax.const(array, str(array.dtype)), shape)
+        return tvm_onnx.ConstantOfShape._impl_v9(bb, inputs, attr, params)
+
+
+# --- Slicing with run-time parameters -------------------------------------------------------------
+def _int64(bb, x):
+    return bb.normalize(relax.op.astype(x, "int64"))
+
+
+def _per_dim(bb, rank: int, axes, values, default):
+    """int64[rank]: ``values[p]`` for the dims named by ``axes[p]`` (run time), ``default`` (an
+    int64[rank] tensor) elsewhere."""
+    dims = _const(np.arange(rank).reshape(rank, 1), "int64")
+    hit = relax.op.astype(relax.op.equal(dims, relax.op.expand_dims(axes, 0)), "int64")  # (rank, k)
+    picked = relax.op.sum(relax.op.multiply(hit, relax.op.expand_dims(values, 0)), axis=1)
+    named = relax.op.greater(relax.op.sum(hit, axis=1), _const(0, "int64"))
+    return bb.normalize(relax.op.where(named, picked, default))
+
+
+@register_converter("Slice")
+class Slice(tvm_onnx.OnnxOpConverter):
+    """Slice whose starts/ends/axes/steps are tensors known only at run time.
+
+    TVM's converter takes a dynamic-slice path that fails to compile ("There is no definition of
+    I.GlobalVar("shape_func")"). Here the per-dim start and length are computed at run time with
+    ONNX's clamping rules, the lengths are bound to names, and each dim is gathered with
+    ``start + arange(length) * step`` (negative steps included).
     """
 
     @classmethod
     def _impl_v13(cls, bb, inputs, attr, params):
-        data, shape = inputs[0], inputs[1]
-        data_shape = getattr(data.ty, "shape", None)
-        if isinstance(shape, tvm.ir.GenericConst) and data_shape is not None:
-            target = [int(v) for v in shape.value.numpy().tolist()]
-            dims = list(data_shape.values) if hasattr(data_shape, "values") else list(data_shape)
-            rank = max(len(dims), len(target))
-            dims = [tirx.IntImm("int64", 1)] * (rank - len(dims)) + dims
-            target = [1] * (rank - len(target)) + target
-            out = []
-            for d, t in zip(dims, target):
-                static = d.value if isinstance(d, tirx.IntImm) else None
-                if t in (-1, 1):
-                    out.append(d)
-                elif static is not None and static not in (1, t):
-                    raise ValueError(f"Expand: cannot broadcast dim {static} to {t}")
-                else:
-                    out.append(tirx.IntImm("int64", t))
-            return relax.op.broadcast_to(data, relax.ShapeExpr(out))
-        return tvm_onnx.Expand._impl_v13(bb, inputs, attr, params)
+        data = inputs[0]
+        params_in = [tvm_onnx.get_constant(inputs[i], params) for i in range(1, 5)]
+        dynamic = [
+            p is not None
+            and not isinstance(p, (tvm.ir.GenericConst, relax.ShapeExpr))
+            and not tvm.ir.is_prim_expr(p)
+            for p in params_in
+        ]
+        if not any(dynamic) or _is_symbolic_value(data) or _tensor_length(inputs[1]) is None:
+            return tvm_onnx.Slice._impl_v13(bb, inputs, attr, params)
+        rank = data.ty.ndim
+        starts, ends = (_int64(bb, materialize(bb, p)) for p in params_in[:2])
+        count = _tensor_length(starts)
+        axes = (
+            _int64(bb, materialize(bb, params_in[2]))
+            if params_in[2] is not None
+            else _const(np.arange(count), "int64")
+        )
+        steps = (
+            _int64(bb, materialize(bb, params_in[3]))
+            if params_in[3] is not None
+            else _const(np.ones(count), "int64")
+        )
+        zero = _const(0, "int64")
+        axes = bb.normalize(
+            relax.op.where(
+                relax.op.less(axes, zero), relax.op.add(axes, _const(rank, "int64")), axes
+            )
+        )
+        dims = _shape_tensor(bb, data)
+        start = _per_dim(bb, rank, axes, starts, _const(np.zeros(rank), "int64"))
+        end = _per_dim(bb, rank, axes, ends, dims)
+        step = _per_dim(bb, rank, axes, steps, _const(np.ones(rank), "int64"))
+        forward = relax.op.greater(step, zero)
+        start = relax.op.where(relax.op.less(start, zero), relax.op.add(start, dims), start)
+        end = relax.op.where(relax.op.less(end, zero), relax.op.add(end, dims), end)
+        last = relax.op.subtract(dims, _const(1, "int64"))
+        start = relax.op.where(
+            forward,
+            relax.op.minimum(relax.op.maximum(start, zero), dims),
+            relax.op.minimum(relax.op.maximum(start, zero), last),
+        )
+        end = relax.op.where(
+            forward,
+            relax.op.minimum(relax.op.maximum(end, zero), dims),
+            relax.op.minimum(relax.op.maximum(end, _const(-1, "int64")), last),
+        )
+        start, end = bb.normalize(start), bb.normalize(end)
+        # ceil((end - start) / step), at least 0
+        span = relax.op.subtract(end, start)
+        length = relax.op.floor_divide(
+            relax.op.subtract(
+                relax.op.add(span, step),
+                relax.op.where(forward, _const(1, "int64"), _const(-1, "int64")),
+            ),
+            step,
+        )
+        length = bb.normalize(relax.op.maximum(length, zero))
+        lengths = _runtime_shape(bb, length, rank, "slice_dim").values
+        out = data
+        for d in range(rank):
+            index = relax.op.take(start, _const(d, "int64"), axis=0)
+            stride = relax.op.take(step, _const(d, "int64"), axis=0)
+            positions = relax.op.arange(0, lengths[d], 1, "int64")
+            gather = bb.normalize(relax.op.add(relax.op.multiply(positions, stride), index))
+            out = bb.normalize(relax.op.take(out, gather, axis=d))
+        return out
+
+
+@register_converter("Split")
+class Split(tvm_onnx.OnnxOpConverter):
+    """Split by sizes given as a run-time tensor (TVM: "Dynamic Split not yet supported"): the
+    offsets are a cumulative sum at run time and every piece is a slice bound to named dims."""
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):  # sizes as an attribute
+        return tvm_onnx.Split._impl_v1(bb, inputs, attr, params)
+
+    @classmethod
+    def _impl_v13(cls, bb, inputs, attr, params):
+        sizes = tvm_onnx.get_constant(inputs[1], params) if inputs[1] is not None else None
+        if (
+            sizes is None
+            or isinstance(sizes, tvm.ir.GenericConst)
+            or _tensor_length(sizes)
+            in (
+                None,
+                0,
+            )
+        ):
+            return tvm_onnx.Split._impl_v13(bb, inputs, attr, params)
+        data, axis = inputs[0], attr.get("axis", 0)
+        axis = axis + data.ty.ndim if axis < 0 else axis
+        sizes = _int64(bb, sizes)
+        begins = bb.normalize(relax.op.cumsum(sizes, axis=0, exclusive=True))
+        bounds = bb.normalize(relax.op.concat([begins, relax.op.add(begins, sizes)], axis=0))
+        count = _tensor_length(sizes)
+        values = _runtime_shape(bb, bounds, 2 * count, "split").values
+        pieces = [
+            bb.normalize(
+                relax.op.strided_slice(
+                    data, [axis], [values[i]], [values[count + i]], assume_inbound=True
+                )
+            )
+            for i in range(count)
+        ]
+        return relax.Tuple(pieces)
+
+
+@register_converter("OneHot")
+class OneHot(tvm_onnx.OnnxOpConverter):
+    """OneHot whose ``depth`` (and ``values``) arrive at run time (TVM: "Only constant depth
+    currently supported"): the depth is bound to a name and compared with an ``arange``."""
+
+    @classmethod
+    def _impl_v11(cls, bb, inputs, attr, params):
+        indices, depth, values = (tvm_onnx.get_constant(inputs[i], params) for i in range(3))
+        if isinstance(depth, tvm.ir.GenericConst) and isinstance(values, tvm.ir.GenericConst):
+            return tvm_onnx.OneHot._impl_v11(bb, inputs, attr, params)
+        rank = indices.ty.ndim
+        axis = attr.get("axis", -1)
+        axis = axis + rank + 1 if axis < 0 else axis
+        depth_1d = bb.normalize(relax.op.reshape(_int64(bb, materialize(bb, depth)), [1]))
+        (depth_dim,) = _runtime_shape(bb, depth_1d, 1, "one_hot_depth").values
+        idx = _int64(bb, indices)
+        idx = relax.op.where(
+            relax.op.less(idx, _const(0, "int64")),
+            relax.op.add(idx, relax.op.reshape(depth_1d, ())),
+            idx,
+        )
+        idx = bb.normalize(relax.op.expand_dims(idx, axis))
+        classes = relax.op.arange(0, depth_dim, 1, "int64")
+        classes = relax.op.reshape(classes, [1] * axis + [depth_dim] + [1] * (rank - axis))
+        values = materialize(bb, values)
+        off = relax.op.take(values, _const(0, "int64"), axis=0)
+        on = relax.op.take(values, _const(1, "int64"), axis=0)
+        return relax.op.where(relax.op.equal(idx, classes), on, off)
+
+
+@register_converter("Pad")
+class Pad(tvm_onnx.OnnxOpConverter):
+    """Pad whose pads (or constant value, or axes) are known only at run time.
+
+    TVM's converter requires constant pads ("Dynamic pads are not supported yet"), and a constant
+    value that is a graph input fails with "'Var' object has no attribute 'value'". Here each axis
+    is gathered from ``arange(out_len) - pad_begin``, with out-of-range positions mapped per mode
+    (constant: masked to the value, edge: clamped, reflect: mirrored, wrap: modulo) — the output
+    lengths are bound to named dims. Negative pads (crops) follow from the same formula.
+    """
+
+    @classmethod
+    def _impl_v11(cls, bb, inputs, attr, params):
+        pads = tvm_onnx.get_constant(inputs[1], params)
+        value = tvm_onnx.get_constant(inputs[2], params) if len(inputs) > 2 else None
+        axes = tvm_onnx.get_constant(inputs[3], params) if len(inputs) > 3 else None
+        if all(x is None or isinstance(x, tvm.ir.GenericConst) for x in (pads, value, axes)):
+            return tvm_onnx.Pad._impl_v18(bb, inputs, attr, params)
+        data = inputs[0]
+        rank, dtype = data.ty.ndim, str(data.ty.dtype)
+        mode = attr.get("mode", b"constant")
+        mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+        pads = _int64(bb, materialize(bb, pads))
+        count = _tensor_length(pads) // 2
+        axes = (
+            _int64(bb, materialize(bb, axes))
+            if axes is not None
+            else _const(np.arange(count), "int64")
+        )
+        axes = bb.normalize(
+            relax.op.where(
+                relax.op.less(axes, _const(0, "int64")),
+                relax.op.add(axes, _const(rank, "int64")),
+                axes,
+            )
+        )
+        zeros = _const(np.zeros(rank), "int64")
+        pads_begin = bb.normalize(relax.op.strided_slice(pads, [0], [0], [count]))
+        pads_end = bb.normalize(relax.op.strided_slice(pads, [0], [count], [2 * count]))
+        begin = _per_dim(bb, rank, axes, pads_begin, zeros)
+        end = _per_dim(bb, rank, axes, pads_end, zeros)
+        dims = _shape_tensor(bb, data)
+        out_dims = bb.normalize(relax.op.add(relax.op.add(dims, begin), end))
+        lengths = _runtime_shape(bb, out_dims, rank, "pad_dim").values
+        out, valid = data, None
+        for d in range(rank):
+            extent = relax.op.take(dims, _const(d, "int64"), axis=0)
+            source = relax.op.subtract(
+                relax.op.arange(0, lengths[d], 1, "int64"),
+                relax.op.take(begin, _const(d, "int64"), axis=0),
+            )
+            source = bb.normalize(source)
+            last = relax.op.subtract(extent, _const(1, "int64"))
+            if mode == "constant":
+                inside = bb.normalize(
+                    relax.op.logical_and(
+                        relax.op.greater_equal(source, _const(0, "int64")),
+                        relax.op.less(source, extent),
+                    )
+                )
+                shape = [1] * rank
+                shape[d] = -1
+                inside = bb.normalize(relax.op.reshape(inside, shape))
+                valid = inside if valid is None else relax.op.logical_and(valid, inside)
+                index = relax.op.minimum(relax.op.maximum(source, _const(0, "int64")), last)
+            elif mode == "edge":
+                index = relax.op.minimum(relax.op.maximum(source, _const(0, "int64")), last)
+            elif mode == "wrap":
+                index = relax.op.floor_mod(source, extent)
+            elif mode == "reflect":
+                period = relax.op.maximum(
+                    relax.op.multiply(last, _const(2, "int64")), _const(1, "int64")
+                )
+                folded = relax.op.floor_mod(relax.op.abs(source), period)
+                index = relax.op.where(
+                    relax.op.greater(folded, last), relax.op.subtract(period, folded), folded
+                )
+            else:
+                raise ValueError(f"Pad mode {mode!r} is not one of constant, edge, reflect, wrap")
+            out = bb.normalize(relax.op.take(out, bb.normalize(index), axis=d))
+        if mode != "constant":
+            return out
+        fill = (
+            relax.op.astype(relax.op.reshape(materialize(bb, value), ()), dtype)
+            if value is not None
+            else _const(0, dtype)
+        )
+        return relax.op.where(valid, out, fill)
+
+
+# --- Attention (ai.onnx, opset 23+) ---------------------------------------------------------------
+@register_converter("Attention")
+class Attention(tvm_onnx.OnnxOpConverter):
+    """ONNX ``Attention`` (opset 23-25): scaled dot-product attention with causal/boolean/additive
+    masks, KV cache, grouped-query heads, softcap, sliding windows and padded KV lengths.
+
+    TVM's "Attention" converter is the ``com.microsoft`` contrib op (packed QKV weights, required
+    ``num_heads``) and fails on the standard op with ``KeyError: 'num_heads'``; that form is still
+    handed to it. This follows the ONNX reference (``onnx/reference/ops/op_attention.py``) step by
+    step, including its fully-masked-row convention (such rows give 0, not NaN).
+
+    Shapes: Q ``(B, Hq, S, D)`` or ``(B, S, Hq*D)``; K ``(B, Hkv, L, D)``; V ``(B, Hkv, L, Dv)``;
+    ``attn_mask`` broadcastable to ``(B, Hq, S, L_total)`` (its last dim may be shorter: padded
+    with -inf); ``past_key``/``past_value`` ``(B, Hkv, P, D|Dv)``; ``nonpad_kv_seqlen`` ``(B,)``.
+    """
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        if "num_heads" in attr:  # com.microsoft::Attention
+            return tvm_onnx.Attention._impl_v1(bb, inputs, attr, params)
+        q, k, v, mask, past_k, past_v, nonpad = (inputs[i] for i in range(7))
+        dtype = str(q.ty.dtype)
+        three_d = q.ty.ndim == 3
+        if three_d:
+            q = cls._split_heads(bb, q, attr["q_num_heads"])
+            k = cls._split_heads(bb, k, attr["kv_num_heads"])
+            v = cls._split_heads(bb, v, attr["kv_num_heads"])
+        head_size = q.ty.shape.values[3]
+        if "scale" in attr:
+            scale = float(attr["scale"])
+        elif isinstance(head_size, tirx.IntImm):
+            scale = 1.0 / np.sqrt(head_size.value)
+        else:
+            raise ValueError("Attention without a scale needs a static head size")
+        # The reference scales Q and K by sqrt(scale) each, rounded to the input dtype.
+        root = _const(np.sqrt(np.float32(scale)).astype(dtype), dtype)
+        if past_k is not None:
+            k = bb.normalize(relax.op.concat([past_k, k], axis=2))
+            v = bb.normalize(relax.op.concat([past_v, v], axis=2))
+        present_k, present_v = k, v
+        q_len, kv_len = q.ty.shape.values[2], k.ty.shape.values[2]
+        past_len = past_k.ty.shape.values[2] if past_k is not None else 0
+        bias = cls._bias(bb, attr, dtype, mask, nonpad, q_len, kv_len, past_len)
+
+        q_heads, kv_heads = q.ty.shape.values[1], k.ty.shape.values[1]
+        if not tvm.sym.Analyzer().can_prove_equal(q_heads, kv_heads):
+            reps = tvm.sym.Analyzer().simplify(tirx.floordiv(q_heads, kv_heads))
+            if not isinstance(reps, tirx.IntImm):
+                raise ValueError("grouped-query Attention needs static head counts")
+            k = bb.normalize(relax.op.repeat(k, int(reps.value), axis=1))
+            v = bb.normalize(relax.op.repeat(v, int(reps.value), axis=1))
+        scores = relax.op.matmul(
+            relax.op.multiply(q, root),
+            relax.op.multiply(relax.op.permute_dims(k, [0, 1, 3, 2]), root),
+        )
+        scores = bb.normalize(scores)
+        softcap = attr.get("softcap")
+        if softcap is not None

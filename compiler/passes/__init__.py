@@ -1,1 +1,5 @@
-"""qiao.compiler.passes"""
+"""qiao.compiler.passes — qiao's Relax/TIR passes, one per module, named after the class."""
+
+from qiao.compiler.passes.lower_moe import LowerMoE
+
+__all__ = ["LowerMoE"]

@@ -1,0 +1,263 @@
+"""What the MoE benchmark compares, built once per run on the same weights and inputs:
+
+- ``QiaoMoE``: the ``com.microsoft::MoE`` node compiled by qiao for the CPU (symbolic token count,
+  one build for every T), timed with TVM's evaluator on the VM;
+- ``OrtMoE``: ONNX Runtime's ``com.microsoft::MoE`` CPU kernel on the same node;
+- ``TorchEagerMoE``: the loop transformers uses (per hit expert: gather its tokens, SwiGLU,
+  ``index_add_``) — ``qiao.compiler.export_moe.moe_reference``;
+- ``Roofline``: active FLOPs at the sgemm rate and routed experts' weight bytes at the read
+bandwidth,
+  both measured in the same run.
+
+Weights are the expert layers of one block in ONNX's layout (``fc1`` [E, 2I, H] gate/up interleaved,
+``fc2`` [E, H, I]); the router is outside the op (every engine gets the same router logits).
+Run ``python benchmarks/test_moe.py`` for the table, or the pytest suite.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+QWEN3_30B_A3B_BLOCK = dict(num_experts=128, hidden=2048, inter=768, top_k=8)
+SMOKE_BLOCK = dict(num_experts=8, hidden=64, inter=32, top_k=2)
+
+
+@dataclass
+class MoEWeights:
+    num_experts: int
+    hidden: int
+    inter: int
+    top_k: int
+    fc1: np.ndarray  # (E, 2I, H) float32, gate/up rows interleaved
+    fc2: np.ndarray  # (E, H, I) float32
+    router: np.ndarray  # (E, H) float32
+
+    @property
+    def expert_bytes(self) -> int:
+        return (self.fc1[0].size + self.fc2[0].size) * 4
+
+    def inputs(self, tokens: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Seeded tokens (T, H) and their router logits (T, E)."""
+        x = np.random.default_rng(seed).standard_normal((tokens, self.hidden), dtype=np.float32)
+        return x, x @ self.router.T
+
+    def hit_experts(self, logits: np.ndarray) -> int:
+        """Distinct experts the tokens route to (ties aside)."""
+        top = np.argpartition(-logits, self.top_k - 1, axis=1)[:, : self.top_k]
+        return int(np.unique(top).size)
+
+    def active_flops(self, tokens: int) -> float:
+        return 2.0 * tokens * self.top_k * 3 * self.hidden * self.inter
+
+
+def make_weights(
+    num_experts: int, hidden: int, inter: int, top_k: int, seed: int = 0
+) -> MoEWeights:
+    """Seeded block weights, scaled to unit-size activations (generated in float32 directly)."""
+    rng = np.random.default_rng(seed)
+    fc1 = rng.standard_normal((num_experts, 2 * inter, hidden), dtype=np.float32)
+    fc1 *= np.float32(1 / np.sqrt(hidden))
+    fc2 = rng.standard_normal((num_experts, hidden, inter), dtype=np.float32)
+    fc2 *= np.float32(1 / np.sqrt(inter))
+    router = rng.standard_normal((num_experts, hidden), dtype=np.float32)
+    router *= np.float32(1 / np.sqrt(hidden))
+    return MoEWeights(num_experts, hidden, inter, top_k, fc1, fc2, router)
+
+
+def moe_onnx(w: MoEWeights):
+    """The MoE node with the weights as graph inputs (nothing large serialised)."""
+    from onnx import TensorProto, helper
+
+    node = helper.make_node(
+        "MoE",
+        ["x", "logits", "fc1", "", "fc2"],
+        ["y"],
+        domain="com.microsoft",
+        k=w.top_k,
+        activation_type="swiglu",
+        swiglu_fusion=1,
+        normalize_routing_weights=1,
+        activation_alpha=1.0,
+        activation_beta=0.0,
+    )
+    f = TensorProto.FLOAT
+    graph = helper.make_graph(
+        [node],
+        "moe_block",
+        [
+            helper.make_tensor_value_info("x", f, ["tokens", w.hidden]),
+            helper.make_tensor_value_info("logits", f, ["tokens", w.num_experts]),
+            helper.make_tensor_value_info("fc1", f, list(w.fc1.shape)),
+            helper.make_tensor_value_info("fc2", f, list(w.fc2.shape)),
+        ],
+        [helper.make_tensor_value_info("y", f, ["tokens", w.hidden])],
+    )
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    )
+
+
+def timed(fn, repeat: int, warmup: int = 1, min_time: float = 0.0) -> list[float]:
+    """Seconds per call, ``repeat`` samples (each sample runs until ``min_time`` has passed)."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeat):
+        n, start = 0, time.perf_counter()
+        while True:
+            fn()
+            n += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_time:
+                break
+        out.append(elapsed / n)
+    return out
+
+
+class QiaoMoE:
+    """The node compiled by qiao's CPU backend; ``run`` returns y, ``time`` uses TVM's evaluator."""
+
+    name = "qiao"
+
+    def __init__(self, w: MoEWeights, target: str = "cpu", arch: str | None = None):
+        import tvm
+        from qiao.backends import get_backend
+        from qiao.compiler.frontend import import_onnx
+
+        backend = get_backend(target)
+        self.tvm_target = backend.target(arch)
+        imported = import_onnx(moe_onnx(w))
+        self.executable = backend.compile_module(imported.mod, self.tvm_target, {})
+        self.device = backend.device()
+        self.vm = tvm.relax.VirtualMachine(self.executable, self.device)
+        self.weights = [tvm.runtime.tensor(a, self.device) for a in (w.fc1, w.fc2)]
+
+    def _args(self, x, logits):
+        import tvm
+
+        return [
+            tvm.runtime.tensor(x, self.device),
+            tvm.runtime.tensor(logits, self.device),
+            *self.weights,
+        ]
+
+    def run(self, x, logits) -> np.ndarray:
+        return self.vm["main"](*self._args(x, logits)).numpy()
+
+    def time(self, x, logits, repeat: int, warmup: bool = True) -> list[float]:
+        args = self._args(x, logits)
+        number = 1 if x.shape[0] >= 16 else 5
+        timer = self.vm.time_evaluator(
+            "main", self.device, number=number, repeat=repeat, min_repeat_ms=0
+        )
+        if warmup:
+            timer(*args)  # first touch of the weights, thread pool start
+        return list(timer(*args).results)
+
+
+class OrtMoE:
+    """ONNX Runtime's ``com.microsoft::MoE`` CPU kernel."""
+
+    name = "onnxruntime"
+
+    def __init__(self, w: MoEWeights, threads: int | None = None):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(
+            moe_onnx(w).SerializeToString(), opts, providers=["CPUExecutionProvider"]
+        )
+        self.fc1, self.fc2 = w.fc1, w.fc2
+
+    def run(self, x, logits) -> np.ndarray:
+        return self.session.run(None, {"x": x, "logits": logits, "fc1": self.fc1, "fc2": self.fc2})[
+            0
+        ]
+
+    def time(self, x, logits, repeat: int, warmup: bool = True) -> list[float]:
+        return timed(lambda: self.run(x, logits), repeat, warmup=int(warmup), min_time=0.05)
+
+
+class TorchEagerMoE:
+    """PyTorch eager with the transformers loop (``qiao.compiler.export_moe.moe_reference``)."""
+
+    name = "torch"
+
+    def __init__(self, w: MoEWeights):
+        import torch
+
+        self.torch = torch
+        self.fc1, self.fc2 = torch.from_numpy(w.fc1), torch.from_numpy(w.fc2)
+        self.top_k = w.top_k
+
+    def run(self, x, logits) -> np.ndarray:
+        from qiao.compiler.export_moe import moe_reference
+
+        with self.torch.no_grad():
+            return moe_reference(
+                self.torch.from_numpy(x),
+                self.torch.from_numpy(logits),
+                self.fc1,
+                self.fc2,
+                self.top_k,
+                True,
+            ).numpy()
+
+    def time(self, x, logits, repeat: int, warmup: bool = True) -> list[float]:
+        return timed(lambda: self.run(x, logits), repeat, warmup=int(warmup), min_time=0.05)
+
+
+@dataclass
+class MachineRates:
+    sgemm_flops: float  # FLOP/s of a large float32 GEMM (PyTorch/oneDNN, all threads)
+    read_bytes: float  # bytes/s streaming a large float32 array (all threads)
+
+
+def measure_rates(w: MoEWeights, repeat: int = 5) -> MachineRates:
+    """sgemm rate on the block's own GEMM shape, and read bandwidth over the expert weights."""
+    import torch
+
+    a = torch.randn(512, w.hidden)
+    b = torch.randn(w.hidden, 2 * w.inter)
+    gemm = statistics.median(timed(lambda: a @ b, repeat, min_time=0.05))
+    weights = torch.from_numpy(w.fc1)
+    nbytes = weights.numel() * 4
+    read = statistics.median(timed(lambda: weights.sum(), max(3, repeat // 2)))
+    return MachineRates(2.0 * 512 * w.hidden * 2 * w.inter / gemm, nbytes / read)
+
+
+def roofline_seconds(w: MoEWeights, tokens: int, logits: np.ndarray, rates: MachineRates) -> float:
+    """max(active FLOPs / sgemm rate, routed experts' weight bytes / read bandwidth)."""
+    return max(
+        w.active_flops(tokens) / rates.sgemm_flops,
+        w.hit_experts(logits) * w.expert_bytes / rates.read_bytes,
+    )
+
+
+def is_smoke() -> bool:
+    return os.environ.get("QIAO_BENCH_SMOKE") == "1"
+
+
+__all__ = [
+    "MachineRates",
+    "MoEWeights",
+    "OrtMoE",
+    "QWEN3_30B_A3B_BLOCK",
+    "QiaoMoE",
+    "SMOKE_BLOCK",
+    "TorchEagerMoE",
+    "is_smoke",
+    "make_weights",
+    "measure_rates",
+    "moe_onnx",
+    "roofline_seconds",
+    "timed",
+]

@@ -1,0 +1,165 @@
+"""Whole models on the CPU: qiao against ONNX Runtime on the same ONNX file, interleaved.
+
+Cases are the issue's speed floors:
+
+* built-in ``mlp`` (batch 1 and 16 × 128 = 2048 rows) and ``transformer`` (batch 1 and 16, 128
+  tokens each): qiao's latency within 1.5× of ONNX Runtime's;
+* built-in ``cnn`` and classic CNN architectures from ``transformers`` built from small random
+  configs (ResNet, MobileNetV2, ConvNeXt; nothing downloaded), exported to ONNX: within 2×.
+
+One artifact per model serves its sizes (symbolic batch / sequence). Each case first checks qiao's
+outputs against ONNX Runtime's, then alternates rounds of qiao and ORT calls so both see the same
+machine load; the figure is the median of the per-round ORT/qiao latency ratios (``speedup`` in the
+extra info: above 1 qiao is faster; the floor is 1/1.5 or 1/2).
+
+    pytest benchmarks/test_cpu_models.py --benchmark-only -s     # full; prints every ratio
+    QIAO_BENCH_SMOKE=1 pytest benchmarks/test_cpu_models.py -q   # CI: smallest cases, one round
+    QIAO_BENCH_ENFORCE=1 ...                                      # fail a case below its floor
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+
+import pytest
+
+full = pytest.mark.full_only
+
+
+def _resnet():
+    import transformers
+
+    config = transformers.ResNetConfig(
+        num_channels=3, embedding_size=16, hidden_sizes=[16, 32, 64], depths=[1, 1, 1],
+        layer_type="basic",
+    )
+    return transformers.ResNetModel(config)
+
+
+def _mobilenet_v2():
+    import torch
+    import transformers
+
+    config = transformers.MobileNetV2Config(
+        num_channels=3, image_size=64, depth_multiplier=0.5, min_depth=8
+    )
+    model = transformers.MobileNetV2Model(config)
+    for module in model.modules():  # He init keeps activations alive through the ReLU6 stack
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight)
+    return model
+
+
+def _convnext():
+    import transformers
+
+    config = transformers.ConvNextConfig(
+        num_channels=3, hidden_sizes=[16, 32, 64], depths=[1, 1, 1], num_stages=3
+    )
+    return transformers.ConvNextModel(config)
+
+
+HF_MODELS = {"resnet": _resnet, "mobilenet_v2": _mobilenet_v2, "convnext": _convnext}
+IMAGE = 64
+
+# (model, dims, floor on ORT latency / qiao latency)
+CASES = [
+    pytest.param("mlp", {"batch": 1}, 1 / 1.5, id="mlp-batch1"),
+    pytest.param("mlp", {"batch": 2048}, 1 / 1.5, id="mlp-batch2048", marks=full),
+    pytest.param("transformer", {"batch": 1, "seq": 128}, 1 / 1.5, id="transformer-b1x128",
+                 marks=full),
+    pytest.param("transformer", {"batch": 16, "seq": 128}, 1 / 1.5, id="transformer-b16x128",
+                 marks=full),
+    pytest.param("cnn", {"batch": 1}, 1 / 2, id="cnn-batch1"),
+    pytest.param("cnn", {"batch": 16}, 1 / 2, id="cnn-batch16", marks=full),
+]
+for _name in HF_MODELS:
+    for _batch in (1, 8):
+        CASES.append(
+            pytest.param(_name, {"batch": _batch}, 1 / 2, id=f"{_name}-batch{_batch}", marks=full)
+        )
+
+_artifacts: dict[str, object] = {}
+
+
+def _artifact(name: str, root):
+    """Compile ``name`` once per session (built-in, or exported from ``transformers``)."""
+    if name in _artifacts:
+        return _artifacts[name]
+    from qiao.compiler import compile, export
+
+    out = root / name
+    if name in HF_MODELS:
+        import torch
+
+        model = HF_MODELS[name]().eval()
+        path = root / f"{name}.onnx"
+        export(
+            model,
+            (torch.randn(1, 3, IMAGE, IMAGE),),
+            path,
+            input_names=["pixel_values"],
+            output_names=["out"],
+            dynamic_axes={"pixel_values": {0: "batch"}},
+        )
+        _artifacts[name] = compile(path, "cpu", out)
+    else:
+        _artifacts[name] = compile(name, "cpu", out)
+    return _artifacts[name]
+
+
+@pytest.fixture(scope="session")
+def artifact_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("cpu-model-artifacts")
+
+
+@pytest.mark.parametrize("model, dims, floor", CASES)
+def test_model_vs_onnxruntime(benchmark, smoke, artifact_root, model, dims, floor):
+    from qiao.compiler.bench import (
+        OnnxRuntimeEngine,
+        QiaoEngine,
+        choose_number,
+        time_callable,
+    )
+    from qiao.compiler.validate import compare, tolerances
+
+    artifact = _artifact(model, artifact_root)
+    inputs = artifact.random_inputs(0, dims)
+    qiao = QiaoEngine(artifact)
+    ort = OnnxRuntimeEngine(os.path.join(artifact.directory, "model.onnx"), "cpu")
+    rtol, atol = tolerances(artifact, None, None)
+    expected = ort.outputs(inputs)
+    for name, value in qiao.outputs(inputs).items():
+        check = compare(name, "onnxruntime", value, expected[name], rtol, atol)
+        assert check.ok, f"{model} {dims}: {name} differs from onnxruntime: {check}"
+
+    run_qiao, run_ort = qiao.prepare(inputs), ort.prepare(inputs)
+    rounds, min_time = (1, 0.0) if smoke else (11, 0.1)
+    for _ in range(0 if smoke else 3):  # warm caches, thread pools and allocators
+        run_qiao()
+        run_ort()
+    n_qiao = choose_number(min(time_callable(run_qiao, 3, 1)), 1, min_time)
+    n_ort = choose_number(min(time_callable(run_ort, 3, 1)), 1, min_time)
+    ratios, t_qiao, t_ort = [], [], []
+    for _ in range(rounds):
+        a = min(time_callable(run_qiao, 1, n_qiao))
+        b = min(time_callable(run_ort, 1, n_ort))
+        t_qiao.append(a)
+        t_ort.append(b)
+        ratios.append(b / a)
+    speedup = statistics.median(ratios)
+    benchmark.group = f"{model} {' '.join(f'{k}={v}' for k, v in dims.items())}"
+    benchmark.extra_info.update(
+        speedup=speedup,
+        qiao_median_s=statistics.median(t_qiao),
+        onnxruntime_median_s=statistics.median(t_ort),
+        floor=floor,
+    )
+    benchmark.pedantic(run_qiao, rounds=1 if smoke else 5, iterations=1 if smoke else n_qiao)
+    print(
+        f"\n  {benchmark.group}: qiao {statistics.median(t_qiao) * 1e3:.3f} ms, onnxruntime "
+        f"{statistics.median(t_ort) * 1e3:.3f} ms, ORT/qiao {speedup:.2f} (floor {floor:.2f})"
+    )
+    if os.environ.get("QIAO_BENCH_ENFORCE") == "1" and not smoke:
+        assert speedup >= floor, f"{benchmark.group}: ORT/qiao {speedup:.2f} < floor {floor:.2f}"

@@ -1,0 +1,788 @@
+"""MoE stage 3, grouped GEMM over the routed (token, expert) pairs only.
+
+``group_gemm_up``: for every slot s of expert e (from ``moe_align``), ``act[s, i] = act_fn(gate_i,
+up_i)``
+with ``gate_i, up_i = fc1[e, rows(i)] . x[token(s)]`` — gate and up computed together, the
+activation
+applied in registers (SiLU·mul for SwiGLU).
+``group_gemm_down``: ``out[t, j, :] = w[t, j] * fc2[e] @ act[s]`` for the slot s of pair (t, j), the
+routing weight applied in the epilogue; ``moe_combine`` then sums the k rows of each token.
+
+Weights stay in ONNX's linear layout (``fc1 [E, rows, H]``, ``fc2 [E, H, I]``: the reduction axis is
+contiguous), so kernels read them in place and never copy them.
+
+CPU schedule: parallel tasks over (expert that received tokens) x (output tile); inside a task the
+expert's tokens are walked ``micro_m`` at a time through a register-blocked micro-kernel
+(``micro_m`` tokens x ``micro_n`` weight rows, each accumulator one SIMD vector along the reduction
+axis, horizontal sums at the end). The weight tile (``tile_*`` rows) is read from memory once and
+stays
+in L2 while every token of the expert passes over it. Fewer than ``micro_m`` tokens (decode, and
+the tail
+of each expert) take the GEMV kernel: one token against ``gemv_n`` rows per step, weights streamed
+once.
+Tasks exist only for experts with tokens, so the work follows k, not the number of experts.
+
+GPU schedule: one thread block per (aligned block of ``block_m`` slots, output tile); operand tiles
+staged in shared memory, each thread accumulates ``gpu_thread_m x gpu_thread_n`` outputs. Up to
+``gpu_gemv_max_tokens`` tokens take GEMV kernels instead: one thread block per routed pair and row
+group, 32 lanes splitting the reduction with a shared-memory tree.
+"""
+
+from __future__ import annotations
+
+from qiao.compiler.kernels.moe_common import (
+    KERNEL_ATTRS,
+    MoEConfig,
+    divisor_at_most,
+    num_blocks,
+    pow2_divisor,
+)
+
+GEMV_LANES = 32  # GPU GEMV: threads splitting one dot product
+
+
+def _cpu_up_params(cfg: MoEConfig, sched):
+    U = cfg.units_per_row_group
+    PU = divisor_at_most(cfg.inter, max(1, sched.micro_n // U))
+    TILE = divisor_at_most(cfg.inter, sched.tile_up, PU)
+    PG = divisor_at_most(TILE, max(1, sched.gemv_n // U))
+    VL = pow2_divisor(cfg.hidden, sched.vector_lanes)
+    return U, PU, TILE, PG, VL
+
+
+def _cpu_down_params(cfg: MoEConfig, sched):
+    NR = divisor_at_most(cfg.hidden, sched.down_micro_n)
+    TILE = divisor_at_most(cfg.hidden, sched.tile_down, NR)
+    NG = divisor_at_most(TILE, sched.gemv_n)
+    VL = pow2_divisor(cfg.inter, sched.vector_lanes)
+    return NR, TILE, NG, VL
+
+
+def group_gemm_up(cfg: MoEConfig, sched, *, gpu: bool = False):
+    """Build the gate/up grouped GEMM with the activation fused.
+
+    Parameters
+    ----------
+    cfg : MoEConfig
+    sched : qiao.compiler.schedules.moe_table.MoESchedule
+    gpu : bool
+        Thread-bound GPU kernels instead of the CPU schedule.
+
+    Returns
+    -------
+    tvm.tirx.PrimFunc
+        ``group_gemm_up(x, fc1, fc1_bias, topk_ids, sorted_pairs, offsets, counts, active,
+        num_active,
+        block_expert, num_used_blocks, pair_slot, act)`` with
+
+        - ``x``: (T, H) float32 tokens;
+        - ``fc1``: (E, R, H) float32, R = 2I (gate/up rows in ``cfg.gate_up_layout``) or I;
+        - ``fc1_bias``: (E, R) float32 when ``cfg.fc1_bias``, else a (1,) placeholder (unread);
+        - ``topk_ids``: (T, k) int32 and the ``moe_align`` outputs (see there);
+        - ``act``: (S, I) float32 output, one row per slot (padding rows untouched).
+    """
+    if gpu:
+        return _up_gpu(cfg, sched)
+    return _up_cpu(cfg, sched)
+
+
+def group_gemm_down(cfg: MoEConfig, sched, *, gpu: bool = False):
+    """Build the down-projection grouped GEMM with the routing weight fused.
+
+    Returns
+    -------
+    tvm.tirx.PrimFunc
+        ``group_gemm_down(act, fc2, fc2_bias, topk_ids, topk_weights, sorted_pairs, offsets, counts,
+        active, num_active, block_expert, num_used_blocks, pair_slot, out)`` with
+
+        - ``act``: (S, I) float32 from ``group_gemm_up``;
+        - ``fc2``: (E, H, I) float32; ``fc2_bias``: (E, H) when ``cfg.fc2_bias``, else (1,) unread;
+        - ``topk_weights``: (T, k) float32 routing weights;
+        - ``out``: (T, k, H) float32 output, ``out[t, j] = w[t, j] * expert_j(x[t])``.
+    """
+    if gpu:
+        return _down_gpu(cfg, sched)
+    return _down_cpu(cfg, sched)
+
+
+def _epilogue_up(cfg: MoEConfig, red, m, p, B1, e, unit):
+    """act(gate, up) of unit ``p`` of row ``m`` of the register tile ``red``."""
+    U = cfg.units_per_row_group
+    g = red[m, p * U]
+    if cfg.fc1_bias:
+        g = g + B1[e, cfg.fc1_row(unit, 0)]
+    if not cfg.gated:
+        return cfg.activation_expr(g)
+    u = red[m, p * U + 1]
+    if cfg.fc1_bias:
+        u = u + B1[e, cfg.fc1_row(unit, 1)]
+    return cfg.activation_expr(g, u)
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU: one register-blocked dot-product grouped GEMM, specialised by row mapping and epilogue
+# ------------------------------------------------------------------------------------------------
+def _halves(n: int) -> tuple[int, int]:
+    # Accumulators are split in two buffers: each stays under TVM's 1 KB stack-array limit (larger
+    # scratch goes to a heap workspace, which LLVM cannot keep in registers).
+    return (n + 1) // 2, n // 2
+
+
+def _cpu_grouped_gemm(
+    *,
+    red_len: int,
+    VL: int,
+    MR: int,
+    NR: int,
+    NG: int,
+    TILE: int,
+    NT: int,
+    a_row,
+    w_row,
+    epilogue,
+    prefetch: bool,
+):
+    """Generic CPU body over (active expert, output tile of ``TILE`` rows) tasks.
+
+    ``a_row(PAIRS, K, slot)`` gives the row of A for a slot; ``w_row(r)`` the expert-weight row of
+    tile
+    row ``r``; ``epilogue(OUT, E1, E2, PAIRS, red, m, slot, e, r0, n)`` stores ``n`` results of
+    ``red[m, :]``
+    for tile rows ``r0 ..``. With ``prefetch``, each k step also prefetches the same k position of
+    the next row group, so the next rows stream from memory while these are multiplied.
+    """
+    from tvm.script import tirx as T
+
+    KO = red_len // VL
+    NA, NB = _halves(NR)
+    GA, GB = _halves(NG)
+
+    @T.macro
+    def body(A, W, PAIRS, OFF, CNT, ACTIVE, NACT, OUT, E1, E2):
+        for task in T.parallel(NACT[0] * NT):
+            # "global" scope: constant-size scratch under 1 KB becomes a stack array (registers)
+            acc0 = T.alloc_buffer((MR, NA, VL), "float32")
+            acc1 = T.alloc_buffer((MR, max(NB, 1), VL), "float32")
+            gacc0 = T.alloc_buffer((GA, VL), "float32")
+            gacc1 = T.alloc_buffer((max(GB, 1), VL), "float32")
+            red = T.alloc_buffer((MR, max(NR, NG)), "float32")
+            arow = T.alloc_buffer((MR,), "int64")
+            e: T.let[T.int64] = T.Cast("int64", ACTIVE[task // NT])
+            r_tile: T.let[T.int32] = task % NT * TILE
+            cnt: T.let[T.int32] = CNT[e]
+            off: T.let[T.int32] = OFF[e]
+            for mb in range((cnt + MR - 1) // MR):
+                if cnt - mb * MR >= T.min(2, MR):
+                    # micro-kernel: MR rows of A x NR weight rows, one vector accumulator each; a
+                    # partial block repeats its last row (weights are still read once)
+                    for m in T.unroll(MR):
+                        arow[m] = a_row(PAIRS, off + mb * MR + T.min(m, cnt - mb * MR - 1))
+                    for g in range(TILE // NR):
+                        for m in T.unroll(MR):
+                            for r in T.unroll(NA):
+                                for lane in T.vectorized(VL):
+                                    acc0[m, r, lane] = T.float32(0)
+                            for r in T.unroll(NB):
+                                for lane in T.vectorized(VL):
+                                    acc1[m, r, lane] = T.float32(0)
+                        for ko in range(KO):
+                            if prefetch:
+                                for r in T.unroll(NR):
+                                    T.evaluate(
+                                        T.call_llvm_intrin(
+                                            "void",
+                                            "llvm.prefetch.p0",
+                                            T.address_of(
+                                                W[e, w_row(r_tile + (g + 1) * NR + r), ko * VL]
+                                            ),
+                                            0,
+                                            3,
+                                            1,
+                                        )
+                                    )
+                            for m in T.unroll(MR):
+                                for r in T.unroll(NA):
+                                    for lane in T.vectorized(VL):
+                                        acc0[m, r, lane] = (
+                                            acc0[m, r, lane]
+                                            + A[arow[m], ko * VL + lane]
+                                            * W[e, w_row(r_tile + g * NR + r), ko * VL + lane]
+                                        )
+                                for r in T.unroll(NB):
+                                    for lane in T.vectorized(VL):
+                                        acc1[m, r, lane] = (
+                                            acc1[m, r, lane]
+                                            + A[arow[m], ko * VL + lane]
+                                            * W[e, w_row(r_tile + g * NR + NA + r), ko * VL + lane]
+                                        )
+                        for m in T.unroll(MR):
+                            for r in T.unroll(NA):
+                                red[m, r] = T.float32(0)
+                                for lane in T.unroll(VL):
+                                    red[m, r] = red[m, r] + acc0[m, r, lane]
+                            for r in T.unroll(NB):
+                                red[m, NA + r] = T.float32(0)
+                                for lane in T.unroll(VL):
+                                    red[m, NA + r] = red[m, NA + r] + acc1[m, r, lane]
+                        for m in T.unroll(MR):
+                            if mb * MR + m < cnt:
+                                epilogue(
+                                    OUT,
+                                    E1,
+                                    E2,
+                                    PAIRS,
+                                    red,
+                                    m,
+                                    off + mb * MR + m,
+                                    e,
+                                    r_tile + g * NR,
+                                    NR,
+                                )
+                else:
+                    # GEMV (a lone row: decode): NG weight rows per step, weights streamed once
+                    for m in range(cnt - mb * MR):
+                        arow[0] = a_row(PAIRS, off + mb * MR + m)
+                        for g in range(TILE // NG):
+                            for r in T.unroll(GA):
+                                for lane in T.vectorized(VL):
+                                    gacc0[r, lane] = T.float32(0)
+                            for r in T.unroll(GB):
+                                for lane in T.vectorized(VL):
+                                    gacc1[r, lane] = T.float32(0)
+                            for ko in range(KO):
+                                if prefetch:
+                                    for r in T.unroll(NG):
+                                        T.evaluate(
+                                            T.call_llvm_intrin(
+                                                "void",
+                                                "llvm.prefetch.p0",
+                                                T.address_of(
+                                                    W[e, w_row(r_tile + (g + 1) * NG + r), ko * VL]
+                                                ),
+                                                0,
+                                                3,
+                                                1,
+                                            )
+                                        )
+                                for r in T.unroll(GA):
+                                    for lane in T.vectorized(VL):
+                                        gacc0[r, lane] = (
+                                            gacc0[r, lane]
+                                            + A[arow[0], ko * VL + lane]
+                                            * W[e, w_row(r_tile + g * NG + r), ko * VL + lane]
+                                        )
+                                for r in T.unroll(GB):
+                                    for lane in T.vectorized(VL):
+                                        gacc1[r, lane] = (
+                                            gacc1[r, lane]
+                                            + A[arow[0], ko * VL + lane]
+                                            * W[e, w_row(r_tile + g * NG + GA + r), ko * VL + lane]
+                                        )
+                            for r in T.unroll(GA):
+                                red[0, r] = T.float32(0)
+                                for lane in T.unroll(VL):
+                                    red[0, r] = red[0, r] + gacc0[r, lane]
+                            for r in T.unroll(GB):
+                                red[0, GA + r] = T.float32(0)
+                                for lane in T.unroll(VL):
+                                    red[0, GA + r] = red[0, GA + r] + gacc1[r, lane]
+                            epilogue(
+                                OUT,
+                                E1,
+                                E2,
+                                PAIRS,
+                                red,
+                                0,
+                                off + mb * MR + m,
+                                e,
+                                r_tile + g * NG,
+                                NG,
+                            )
+
+    return body
+
+
+def _up_cpu_body(cfg: MoEConfig, sched):
+    """fc1 rows are walked in (unit, gate/up) order: tile row r is unit r // U, part r % U."""
+    from tvm.script import tirx as T
+
+    K = cfg.top_k
+    U, PU, TILE, PG, VL = _cpu_up_params(cfg, sched)
+
+    def a_row(PAIRS, slot):
+        return T.Cast("int64", PAIRS[slot] // K)
+
+    def w_row(r):
+        return cfg.fc1_row(r // U, r % U)
+
+    @T.macro
+    def epilogue(ACT, B1, _unused, PAIRS, red, m, slot, e, r0, n):
+        for p in T.unroll(n // U):
+            ACT[slot, r0 // U + p] = _epilogue_up(cfg, red, m, p, B1, e, r0 // U + p)
+
+    generic = _cpu_grouped_gemm(
+        red_len=cfg.hidden,
+        VL=VL,
+        MR=sched.micro_m,
+        NR=PU * U,
+        NG=PG * U,
+        TILE=TILE * U,
+        NT=cfg.inter // TILE,
+        a_row=a_row,
+        w_row=w_row,
+        epilogue=epilogue,
+        prefetch=bool(sched.prefetch),
+    )
+
+    @T.macro
+    def body(X, W1, B1, IDS, PAIRS, OFF, CNT, ACTIVE, NACT, BEXP, NBLK, PSLOT, ACT):
+        generic(X, W1, PAIRS, OFF, CNT, ACTIVE, NACT, ACT, B1, None)
+
+    return body
+
+
+def _down_cpu_body(cfg: MoEConfig, sched):
+    """fc2 rows are the output columns; the routing weight (and bias) scale each result."""
+    from tvm.script import tirx as T
+
+    K = cfg.top_k
+    NR, TILE, NG, VL = _cpu_down_params(cfg, sched)
+
+    def a_row(PAIRS, slot):
+        return T.Cast("int64", slot)
+
+    def w_row(r):
+        return r
+
+    def bias(B2, e, col):
+        return B2[e, col] if cfg.fc2_bias else T.float32(0)
+
+    @T.macro
+    def epilogue(OUT, B2, TW, PAIRS, red, m, slot, e, r0, n):
+        for r in T.unroll(n):
+            OUT[PAIRS[slot] // K, PAIRS[slot] % K, r0 + r] = TW[
+                PAIRS[slot] // K, PAIRS[slot] % K
+            ] * (red[m, r] + bias(B2, e, r0 + r))
+
+    generic = _cpu_grouped_gemm(
+        red_len=cfg.inter,
+        VL=VL,
+        MR=sched.down_micro_m,
+        NR=NR,
+        NG=NG,
+        TILE=TILE,
+        NT=cfg.hidden // TILE,
+        a_row=a_row,
+        w_row=w_row,
+        epilogue=epilogue,
+        prefetch=bool(sched.prefetch),
+    )
+
+    @T.macro
+    def body(A, W2, B2, IDS, TW, PAIRS, OFF, CNT, ACTIVE, NACT, BEXP, NBLK, PSLOT, OUT):
+        generic(A, W2, PAIRS, OFF, CNT, ACTIVE, NACT, OUT, B2, TW)
+
+    return body
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU bodies
+# ------------------------------------------------------------------------------------------------
+def _gpu_tile(cfg: MoEConfig, sched, out_cols: int, rows_per_unit: int):
+    """(units per block, units per thread, threads x, threads y) of a GPU GEMM tile."""
+    BM, TM = sched.block_m, sched.gpu_thread_m
+    if BM % TM:
+        raise ValueError(f"block_m {BM} must be a multiple of gpu_thread_m {TM}")
+    BNU = divisor_at_most(out_cols, max(1, sched.gpu_tile_n // rows_per_unit))
+    TNU = divisor_at_most(BNU, max(1, sched.gpu_thread_n // rows_per_unit))
+    TX, TY = BNU // TNU, BM // TM
+    if TX * TY > 1024:
+        raise ValueError(f"GPU MoE tile needs {TX * TY} threads per block (> 1024)")
+    return BNU, TNU, TX, TY
+
+
+def _up_gpu_body(cfg: MoEConfig, sched):
+    from tvm.script import tirx as T
+
+    H, INTER, K = cfg.hidden, cfg.inter, cfg.top_k
+    U = cfg.units_per_row_group
+    BM, TM, BK = sched.block_m, sched.gpu_thread_m, sched.gpu_tile_k
+    BNU, TNU, TX, TY = _gpu_tile(cfg, sched, INTER, U)
+    BN, TNR, NTH = BNU * U, TNU * U, TX * TY
+    KT = (H + BK - 1) // BK
+    GU = divisor_at_most(INTER, max(1, 128 // GEMV_LANES))  # GEMV: units per block (threadIdx.y)
+    LANES = GEMV_LANES
+    GEMV_MAX = sched.gpu_gemv_max_tokens
+
+    @T.macro
+    def gemm(X, W1, B1, PAIRS, BEXP, NBLK, ACT, n):
+        for bx in T.thread_binding(num_blocks(n, K, cfg.num_experts, BM), thread="blockIdx.x"):
+            for by in T.thread_binding(INTER // BNU, thread="blockIdx.y"):
+                for ty in T.thread_binding(TY, thread="threadIdx.y"):
+                    for tx in T.thread_binding(TX, thread="threadIdx.x"):
+                        a_s = T.alloc_buffer((BM, BK), "float32", scope="shared")
+                        b_s = T.alloc_buffer((BN, BK + 1), "float32", scope="shared")
+                        acc = T.alloc_buffer((TM, TNR), "float32", scope="local")
+                        if bx < T.Cast("int64", NBLK[0]):
+                            for tm in T.unroll(TM):
+                                for tn in T.unroll(TNR):
+                                    acc[tm, tn] = T.float32(0)
+                            for k0 in range(KT):
+                                for it in range((BM * BK + NTH - 1) // NTH):
+                                    if it * NTH + ty * TX + tx < BM * BK:
+                                        a_s[
+                                            (it * NTH + ty * TX + tx) // BK,
+                                            (it * NTH + ty * TX + tx) % BK,
+                                        ] = T.if_then_else(
+                                            k0 * BK + (it * NTH + ty * TX + tx) % BK < H,
+                                            X[
+                                                T.max(
+                                                    PAIRS[
+                                                        bx * BM + (it * NTH + ty * TX + tx) // BK
+                                                    ],
+                                                    0,
+                                                )
+                                                // K,
+                                                T.min(
+                                                    k0 * BK + (it * NTH + ty * TX + tx) % BK, H - 1
+                                                ),
+                                            ],
+                                            T.float32(0),
+                                        )
+                                for it in range((BN * BK + NTH - 1) // NTH):
+                                    if it * NTH + ty * TX + tx < BN * BK:
+                                        b_s[
+                                            (it * NTH + ty * TX + tx) // BK,
+                                            (it * NTH + ty * TX + tx) % BK,
+                                        ] = T.if_then_else(
+                                            k0 * BK + (it * NTH + ty * TX + tx) % BK < H,
+                                            W1[
+                                                T.Cast("int64", BEXP[bx]),
+                                                cfg.fc1_row(
+                                                    by * BNU + (it * NTH + ty * TX + tx) // BK // U,
+                                                    (it * NTH + ty * TX + tx) // BK % U,
+                                                ),
+                                                T.min(
+                                                    k0 * BK + (it * NTH + ty * TX + tx) % BK, H - 1
+                                                ),
+                                            ],
+                                            T.float32(0),
+                                        )
+                                T.tvm_storage_sync("shared")
+                                for kk in range(BK):
+                                    for tm in T.unroll(TM):
+                                        for tn in T.unroll(TNR):
+                                            acc[tm, tn] = (
+                                                acc[tm, tn]
+                                                + a_s[ty * TM + tm, kk] * b_s[tx * TNR + tn, kk]
+                                            )
+                                T.tvm_storage_sync("shared")
+                            for tm in T.unroll(TM):
+                                if PAIRS[bx * BM + ty * TM + tm] >= 0:
+                                    for p in T.unroll(TNU):
+                                        ACT[bx * BM + ty * TM + tm, by * BNU + tx * TNU + p] = (
+                                            _epilogue_up(
+                                                cfg,
+                                                acc,
+                                                tm,
+                                                p,
+                                                B1,
+                                                T.Cast("int64", BEXP[bx]),
+                                                by * BNU + tx * TNU + p,
+                                            )
+                                        )
+
+    @T.macro
+    def gemv(X, W1, B1, IDS, PSLOT, ACT, n):
+        for bx in T.thread_binding(n * K, thread="blockIdx.x"):
+            for by in T.thread_binding(INTER // GU, thread="blockIdx.y"):
+                for ty in T.thread_binding(GU, thread="threadIdx.y"):
+                    for tx in T.thread_binding(LANES, thread="threadIdx.x"):
+                        red = T.alloc_buffer((1, U), "float32", scope="local")
+                        for w in T.unroll(U):
+                            red[0, w] = T.float32(0)
+                            for kk in range((H + LANES - 1) // LANES):
+                                if kk * LANES + tx < H:
+                                    red[0, w] = (
+                                        red[0, w]
+                                        + X[bx // K, kk * LANES + tx]
+                                        * W1[
+                                            T.Cast("int64", IDS[bx // K, bx % K]),
+                                            cfg.fc1_row(by * GU + ty, w),
+                                            kk * LANES + tx,
+                                        ]
+                                    )
+                            # warp tree: no shared memory, no barriers
+                            for s in T.unroll(5):
+                                red[0, w] = red[0, w] + T.tvm_warp_shuffle_down(
+                                    T.tvm_warp_activemask(),
+                                    red[0, w],
+                                    T.shift_right(16, s),
+                                    LANES,
+                                    LANES,
+                                )
+                        if tx == 0:
+                            ACT[PSLOT[bx // K, bx % K], by * GU + ty] = _epilogue_up(
+                                cfg,
+                                red,
+                                0,
+                                0,
+                                B1,
+                                T.Cast("int64", IDS[bx // K, bx % K]),
+                                by * GU + ty,
+                            )
+
+    @T.macro
+    def body(X, W1, B1, IDS, PAIRS, OFF, CNT, ACTIVE, NACT, BEXP, NBLK, PSLOT, ACT):
+        if X.shape[0] <= GEMV_MAX:
+            gemv(X, W1, B1, IDS, PSLOT, ACT, X.shape[0])
+        else:
+            gemm(X, W1, B1, PAIRS, BEXP, NBLK, ACT, X.shape[0])
+
+    return body
+
+
+def _down_gpu_body(cfg: MoEConfig, sched):
+    from tvm.script import tirx as T
+
+    H, INTER, K = cfg.hidden, cfg.inter, cfg.top_k
+    BM, TM, BK = sched.block_m, sched.gpu_thread_m, sched.gpu_tile_k
+    BNU, TNU, TX, TY = _gpu_tile(cfg, sched, H, 1)
+    NTH = TX * TY
+    KT = (INTER + BK - 1) // BK
+    GU = divisor_at_most(H, max(1, 128 // GEMV_LANES))
+    LANES = GEMV_LANES
+    GEMV_MAX = sched.gpu_gemv_max_tokens
+
+    def bias(B2, e, col):
+        return B2[e, col] if cfg.fc2_bias else T.float32(0)
+
+    @T.macro
+    def gemm(A, W2, B2, TW, PAIRS, BEXP, NBLK, OUT, n):
+        for bx in T.thread_binding(num_blocks(n, K, cfg.num_experts, BM), thread="blockIdx.x"):
+            for by in T.thread_binding(H // BNU, thread="blockIdx.y"):
+                for ty in T.thread_binding(TY, thread="threadIdx.y"):
+                    for tx in T.thread_binding(TX, thread="threadIdx.x"):
+                        a_s = T.alloc_buffer((BM, BK), "float32", scope="shared")
+                        b_s = T.alloc_buffer((BNU, BK + 1), "float32", scope="shared")
+                        acc = T.alloc_buffer((TM, TNU), "float32", scope="local")
+                        if bx < T.Cast("int64", NBLK[0]):
+                            for tm in T.unroll(TM):
+                                for tn in T.unroll(TNU):
+                                    acc[tm, tn] = T.float32(0)
+                            for k0 in range(KT):
+                                for it in range((BM * BK + NTH - 1) // NTH):
+                                    if it * NTH + ty * TX + tx < BM * BK:
+                                        a_s[
+                                            (it * NTH + ty * TX + tx) // BK,
+                                            (it * NTH + ty * TX + tx) % BK,
+                                        ] = T.if_then_else(
+                                            k0 * BK + (it * NTH + ty * TX + tx) % BK < INTER,
+                                            A[
+                                                bx * BM + (it * NTH + ty * TX + tx) // BK,
+                                                T.min(
+                                                    k0 * BK + (it * NTH + ty * TX + tx) % BK,
+                                                    INTER - 1,
+                                                ),
+                                            ],
+                                            T.float32(0),
+                                        )
+                                for it in range((BNU * BK + NTH - 1) // NTH):
+                                    if it * NTH + ty * TX + tx < BNU * BK:
+                                        b_s[
+                                            (it * NTH + ty * TX + tx) // BK,
+                                            (it * NTH + ty * TX + tx) % BK,
+                                        ] = T.if_then_else(
+                                            k0 * BK + (it * NTH + ty * TX + tx) % BK < INTER,
+                                            W2[
+                                                T.Cast("int64", BEXP[bx]),
+                                                by * BNU + (it * NTH + ty * TX + tx) // BK,
+                                                T.min(
+                                                    k0 * BK + (it * NTH + ty * TX + tx) % BK,
+                                                    INTER - 1,
+                                                ),
+                                            ],
+                                            T.float32(0),
+                                        )
+                                T.tvm_storage_sync("shared")
+                                for kk in range(BK):
+                                    for tm in T.unroll(TM):
+                                        for tn in T.unroll(TNU):
+                                            acc[tm, tn] = (
+                                                acc[tm, tn]
+                                                + a_s[ty * TM + tm, kk] * b_s[tx * TNU + tn, kk]
+                                            )
+                                T.tvm_storage_sync("shared")
+                            for tm in T.unroll(TM):
+                                if PAIRS[bx * BM + ty * TM + tm] >= 0:
+                                    for tn in T.unroll(TNU):
+                                        OUT[
+                                            PAIRS[bx * BM + ty * TM + tm] // K,
+                                            PAIRS[bx * BM + ty * TM + tm] % K,
+                                            by * BNU + tx * TNU + tn,
+                                        ] = TW[
+                                            PAIRS[bx * BM + ty * TM + tm] // K,
+                                            PAIRS[bx * BM + ty * TM + tm] % K,
+                                        ] * (
+                                            acc[tm, tn]
+                                            + bias(
+                                                B2,
+                                                T.Cast("int64", BEXP[bx]),
+                                                by * BNU + tx * TNU + tn,
+                                            )
+                                        )
+
+    @T.macro
+    def gemv(A, W2, B2, IDS, TW, PSLOT, OUT, n):
+        for bx in T.thread_binding(n * K, thread="blockIdx.x"):
+            for by in T.thread_binding(H // GU, thread="blockIdx.y"):
+                for ty in T.thread_binding(GU, thread="threadIdx.y"):
+                    for tx in T.thread_binding(LANES, thread="threadIdx.x"):
+                        red = T.alloc_buffer((1,), "float32", scope="local")
+                        red[0] = T.float32(0)
+                        for kk in range((INTER + LANES - 1) // LANES):
+                            if kk * LANES + tx < INTER:
+                                red[0] = (
+                                    red[0]
+                                    + A[PSLOT[bx // K, bx % K], kk * LANES + tx]
+                                    * W2[
+                                        T.Cast("int64", IDS[bx // K, bx % K]),
+                                        by * GU + ty,
+                                        kk * LANES + tx,
+                                    ]
+                                )
+                        for s in T.unroll(5):
+                            red[0] = red[0] + T.tvm_warp_shuffle_down(
+                                T.tvm_warp_activemask(), red[0], T.shift_right(16, s), LANES, LANES
+                            )
+                        if tx == 0:
+                            OUT[bx // K, bx % K, by * GU + ty] = TW[bx // K, bx % K] * (
+                                red[0]
+                                + bias(B2, T.Cast("int64", IDS[bx // K, bx % K]), by * GU + ty)
+                            )
+
+    @T.macro
+    def body(A, W2, B2, IDS, TW, PAIRS, OFF, CNT, ACTIVE, NACT, BEXP, NBLK, PSLOT, OUT):
+        if OUT.shape[0] <= GEMV_MAX:
+            gemv(A, W2, B2, IDS, TW, PSLOT, OUT, OUT.shape[0])
+        else:
+            gemm(A, W2, B2, TW, PAIRS, BEXP, NBLK, OUT, OUT.shape[0])
+
+    return body
+
+
+# ------------------------------------------------------------------------------------------------
+# Signatures (shared by the CPU and GPU bodies)
+# ------------------------------------------------------------------------------------------------
+def _up_func(cfg: MoEConfig, sched, body):
+    from tvm.script import tirx as T
+
+    E, H, INTER, K, R, BM = (
+        cfg.num_experts,
+        cfg.hidden,
+        cfg.inter,
+        cfg.top_k,
+        cfg.fc1_rows,
+        sched.block_m,
+    )
+    BSHAPE = (E, R) if cfg.fc1_bias else (1,)
+
+    @T.prim_func(s_tir=True)
+    def group_gemm_up(
+        x_h: T.handle,
+        w_h: T.handle,
+        b_h: T.handle,
+        ids_h: T.handle,
+        pairs_h: T.handle,
+        off_h: T.handle,
+        cnt_h: T.handle,
+        act_h: T.handle,
+        nact_h: T.handle,
+        bexp_h: T.handle,
+        nblk_h: T.handle,
+        pslot_h: T.handle,
+        out_h: T.handle,
+    ):
+        T.func_attr(KERNEL_ATTRS)
+        n = T.int64()
+        X = T.match_buffer(x_h, (n, H), "float32")
+        W1 = T.match_buffer(w_h, (T.int64(E), T.int64(R), T.int64(H)), "float32")
+        B1 = T.match_buffer(b_h, BSHAPE, "float32")
+        IDS = T.match_buffer(ids_h, (n, K), "int32")
+        PAIRS = T.match_buffer(pairs_h, (num_blocks(n, K, E, BM) * BM,), "int32")
+        OFF = T.match_buffer(off_h, (E + 1,), "int32")
+        CNT = T.match_buffer(cnt_h, (E,), "int32")
+        ACTIVE = T.match_buffer(act_h, (E,), "int32")
+        NACT = T.match_buffer(nact_h, (1,), "int32")
+        BEXP = T.match_buffer(bexp_h, (num_blocks(n, K, E, BM),), "int32")
+        NBLK = T.match_buffer(nblk_h, (1,), "int32")
+        PSLOT = T.match_buffer(pslot_h, (n, K), "int32")
+        ACT = T.match_buffer(out_h, (num_blocks(n, K, E, BM) * BM, INTER), "float32")
+        with T.sblock("root"):
+            body(X, W1, B1, IDS, PAIRS, OFF, CNT, ACTIVE, NACT, BEXP, NBLK, PSLOT, ACT)
+
+    return group_gemm_up
+
+
+def _down_func(cfg: MoEConfig, sched, body):
+    from tvm.script import tirx as T
+
+    E, H, INTER, K, BM = cfg.num_experts, cfg.hidden, cfg.inter, cfg.top_k, sched.block_m
+    BSHAPE = (E, H) if cfg.fc2_bias else (1,)
+
+    @T.prim_func(s_tir=True)
+    def group_gemm_down(
+        a_h: T.handle,
+        w_h: T.handle,
+        b_h: T.handle,
+        ids_h: T.handle,
+        tw_h: T.handle,
+        pairs_h: T.handle,
+        off_h: T.handle,
+        cnt_h: T.handle,
+        act_h: T.handle,
+        nact_h: T.handle,
+        bexp_h: T.handle,
+        nblk_h: T.handle,
+        pslot_h: T.handle,
+        out_h: T.handle,
+    ):
+        T.func_attr(KERNEL_ATTRS)
+        n = T.int64()
+        A = T.match_buffer(a_h, (num_blocks(n, K, E, BM) * BM, INTER), "float32")
+        W2 = T.match_buffer(w_h, (T.int64(E), T.int64(H), T.int64(INTER)), "float32")
+        B2 = T.match_buffer(b_h, BSHAPE, "float32")
+        IDS = T.match_buffer(ids_h, (n, K), "int32")
+        TW = T.match_buffer(tw_h, (n, K), "float32")
+        PAIRS = T.match_buffer(pairs_h, (num_blocks(n, K, E, BM) * BM,), "int32")
+        OFF = T.match_buffer(off_h, (E + 1,), "int32")
+        CNT = T.match_buffer(cnt_h, (E,), "int32")
+        ACTIVE = T.match_buffer(act_h, (E,), "int32")
+        NACT = T.match_buffer(nact_h, (1,), "int32")
+        BEXP = T.match_buffer(bexp_h, (num_blocks(n, K, E, BM),), "int32")
+        NBLK = T.match_buffer(nblk_h, (1,), "int32")
+        PSLOT = T.match_buffer(pslot_h, (n, K), "int32")
+        OUT = T.match_buffer(out_h, (n, K, H), "float32")
+        with T.sblock("root"):
+            body(A, W2, B2, IDS, TW, PAIRS, OFF, CNT, ACTIVE, NACT, BEXP, NBLK, PSLOT, OUT)
+
+    return group_gemm_down
+
+
+def _up_cpu(cfg, sched):
+    return _up_func(cfg, sched, _up_cpu_body(cfg, sched))
+
+
+def _down_cpu(cfg, sched):
+    return _down_func(cfg, sched, _down_cpu_body(cfg, sched))
+
+
+def _up_gpu(cfg, sched):
+    return _up_func(cfg, sched, _up_gpu_body(cfg, sched))
+
+
+def _down_gpu(cfg, sched):
+    return _down_func(cfg, sched, _down_gpu_body(cfg, sched))
+
+
+__all__ = ["GEMV_LANES", "group_gemm_down", "group_gemm_up"]

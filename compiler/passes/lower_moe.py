@@ -1,0 +1,215 @@
+"""``LowerMoE``: replace each ``qiao.moe`` placeholder (from the ``com.microsoft::MoE`` converter)
+with
+qiao's four MoE stages, scheduled for the target:
+
+    moe_gating    softmax + top-k + renormalise          logits (T, E)       -> ids, weights (T, k)
+    moe_align     counts, padded offsets, sorted slots    ids                 -> dispatch tables
+    group_gemm_up gate/up GEMM + activation per slot      x (T, H), fc1       -> act (S, I)
+    group_gemm_down down GEMM x routing weight per pair   act, fc2            -> out (T, k, H)
+    moe_combine   sum of the k rows of each token         out                 -> y (T, H)
+
+The token count T stays symbolic: one artifact serves every T. Schedule parameters (block sizes,
+micro-kernel shape) come from ``qiao.compiler.schedules.moe_table.lookup(target)``, with a backend's
+overrides on top; the kernels are the same for every target family, only their schedule differs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import tvm
+from qiao.compiler.errors import CompileError
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+MOE_EXTERN = "qiao.moe"
+GPU_KINDS = ("cuda", "rocm", "vulkan", "metal", "opencl", "webgpu")
+
+
+def is_moe_placeholder(call: relax.Call) -> bool:
+    """Whether ``call`` is the ``qiao.moe`` placeholder the MoE converter emits."""
+    return (
+        isinstance(call, relax.Call)
+        and isinstance(call.op, tvm.ir.Op)
+        and call.op.name == "relax.call_dps_packed"
+        and isinstance(call.args[0], relax.ExternFunc)
+        and call.args[0].global_symbol == MOE_EXTERN
+    )
+
+
+def _config(call: relax.Call):
+    from qiao.compiler.kernels.moe_common import MoEConfig
+
+    args = call.args[1].fields
+    return MoEConfig(**json.loads(args[-1].value)), list(args[:-1])
+
+
+@mutator
+class _MoELowerer(PyExprMutator):
+    def __init__(self, mod, target, schedule):
+        super().__init__(mod)
+        self.target = target
+        self.schedule = schedule
+        self.gpu = target.kind.name in GPU_KINDS
+        self.lowered = 0
+
+    def visit_call_(self, call):  # noqa: D102 - PyExprMutator hook
+        call = super().visit_call_(call)
+        if not is_moe_placeholder(call):
+            return call
+        self.lowered += 1
+        cfg, (x, logits, fc1, b1, fc2, b2) = _config(call)
+        return emit_moe(self.builder_, cfg, self.schedule, x, logits, fc1, b1, fc2, b2, self.gpu)
+
+
+def emit_moe(bb: relax.BlockBuilder, cfg, schedule, x, logits, fc1, b1, fc2, b2, gpu: bool):
+    """Emit the four MoE stages for ``cfg`` into ``bb``; returns ``y`` (T, H).
+
+    Parameters
+    ----------
+    bb : relax.BlockBuilder
+    cfg : qiao.compiler.kernels.moe_common.MoEConfig
+    schedule : qiao.compiler.schedules.moe_table.MoESchedule
+    x, logits, fc1, b1, fc2, b2 : relax.Expr
+        (T, H), (T, E), (E, R, H), (E, R) or (1,), (E, H, I), (E, H) or (1,).
+    gpu : bool
+        Thread-bound kernels (CUDA, ROCm...) instead of the CPU schedule.
+    """
+    from qiao.compiler.kernels.group_gemm import group_gemm_down, group_gemm_up
+    from qiao.compiler.kernels.moe_align import moe_align
+    from qiao.compiler.kernels.moe_combine import moe_combine
+    from qiao.compiler.kernels.moe_common import num_blocks
+    from qiao.compiler.kernels.moe_gating import moe_gating
+
+    E, H, INTER, K, BM = cfg.num_experts, cfg.hidden, cfg.inter, cfg.top_k, schedule.block_m
+    n = x.ty.shape[0]
+    blocks = num_blocks(n, K, E, BM)
+    i32, f32 = "int32", "float32"
+
+    def tt(shape, dtype):
+        return relax.TensorType(shape, dtype)
+
+    gating = bb.add_func(moe_gating(E, K, cfg.normalize, gpu=gpu), "moe_gating")
+    align = bb.add_func(moe_align(E, K, BM, gpu=gpu), "moe_align")
+    up = bb.add_func(group_gemm_up(cfg, schedule, gpu=gpu), "group_gemm_up")
+    down = bb.add_func(group_gemm_down(cfg, schedule, gpu=gpu), "group_gemm_down")
+    combine = bb.add_func(
+        moe_combine(H, K, gpu=gpu, vector_lanes=schedule.vector_lanes), "moe_combine"
+    )
+
+    routed = bb.emit(relax.call_tir(gating, [logits], [tt((n, K), i32), tt((n, K), f32)]))
+    ids, weights = bb.emit(relax.TupleGetItem(routed, 0)), bb.emit(relax.TupleGetItem(routed, 1))
+    tables = bb.emit(
+        relax.call_tir(
+            align,
+            [ids],
+            [
+                tt((E,), i32),  # counts
+                tt((E + 1,), i32),  # offsets
+                tt((E,), i32),  # active experts
+                tt((1,), i32),  # number of active experts
+                tt((blocks * BM,), i32),  # sorted pairs (slots)
+                tt((blocks,), i32),  # block -> expert
+                tt((1,), i32),  # used blocks
+                tt((n, K), i32),  # pair -> slot
+            ],
+        )
+    )
+    t = [bb.emit(relax.TupleGetItem(tables, i)) for i in range(8)]
+    counts, offsets, active, num_active, pairs, block_expert, num_used, pair_slot = t
+    act = bb.emit(
+        relax.call_tir(
+            up,
+            [
+                x,
+                fc1,
+                b1,
+                ids,
+                pairs,
+                offsets,
+                counts,
+                active,
+                num_active,
+                block_expert,
+                num_used,
+                pair_slot,
+            ],
+            tt((blocks * BM, INTER), f32),
+        )
+    )
+    out = bb.emit(
+        relax.call_tir(
+            down,
+            [
+                act,
+                fc2,
+                b2,
+                ids,
+                weights,
+                pairs,
+                offsets,
+                counts,
+                active,
+                num_active,
+                block_expert,
+                num_used,
+                pair_slot,
+            ],
+            tt((n, K, H), f32),
+        )
+    )
+    return bb.emit(relax.call_tir(combine, [out], tt((n, H), f32)))
+
+
+@tvm.transform.module_pass(opt_level=0, name="LowerMoE")
+class LowerMoE:
+    """Lower ``qiao.moe`` placeholders to qiao's MoE kernels for ``target``.
+
+    Parameters
+    ----------
+    target : tvm.target.Target, optional
+        Default: the current target (the pipeline runs under ``with target``).
+    overrides : Mapping, optional
+        Schedule fields replacing the table's (e.g. a backend preset's ``moe_schedule``).
+    """
+
+    def __init__(self, target: Any = None, overrides: Mapping[str, Any] | None = None):
+        self.target = target
+        self.overrides = dict(overrides or {})
+
+    def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
+        if not _has_placeholder(mod):
+            return mod
+        from qiao.compiler.schedules.moe_table import lookup
+
+        target = self.target or tvm.target.Target.current(allow_none=True)
+        if target is None:
+            raise CompileError(
+                "LowerMoE needs a target to pick the MoE schedule. fix: pass LowerMoE(target) or "
+                "run the pipeline under `with target:`"
+            )
+        lowerer = _MoELowerer(mod, target, lookup(target, self.overrides))
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                lowerer.builder_.update_func(gv, lowerer.visit_expr(func))
+        return lowerer.builder_.get()
+
+
+def _has_placeholder(mod: tvm.IRModule) -> bool:
+    found = []
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and is_moe_placeholder(expr):
+            found.append(expr)
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+            if found:
+                return True
+    return False
+
+
+__all__ = ["LowerMoE", "emit_moe", "is_moe_placeholder"]

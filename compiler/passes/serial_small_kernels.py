@@ -1,0 +1,225 @@
+"""SerialSmallKernels: run a parallel CPU kernel on one core when its work is small.
+
+Waking TVM's thread pool costs about a microsecond on an idle machine and ten or more on a busy one,
+more than a small layer's whole kernel (a batch-1 MLP layer, an RMSNorm of one token). Shapes are
+often symbolic, so the decision is made at run time: a function with parallel loops becomes
+
+    if work < threshold:  <the same loops, all serial>
+    else:                 <the parallel schedule>
+
+where ``work`` counts block executions, a vectorised loop counting once (roughly instructions; a
+symbolic expression of the shape variables). Functions whose work is static are decided at compile time, without a branch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Work (block executions, a vectorised loop counting once) below which a kernel stays serial: about
+# 20 µs of one core's time, the break-even of waking the pool on a busy machine.
+DEFAULT_THRESHOLD = 1 << 16
+
+
+def _work(stmt):
+    """Block executions under ``stmt`` as a PrimExpr, or ``None`` when it is not a closed product
+    of loop extents (an extent depending on an outer loop)."""
+    from tvm import s_tir, tirx
+
+    if stmt is None:
+        return tirx.const(0, "int64")
+    if isinstance(stmt, tirx.For):
+        inner = _work(stmt.body)
+        if inner is None:
+            return None
+        if stmt.kind == tirx.ForKind.VECTORIZED:
+            return inner  # one SIMD instruction per lane group
+        return tirx.Cast("int64", stmt.extent) * inner
+    if isinstance(stmt, tirx.SeqStmt):
+        total = tirx.const(0, "int64")
+        for s in stmt.seq:
+            w = _work(s)
+            if w is None:
+                return None
+            total = total + w
+        return total
+    if isinstance(stmt, s_tir.SBlockRealize):
+        inner = _work(stmt.block.body)
+        if inner is None:
+            return None
+        init = _work(stmt.block.init) if stmt.block.init is not None else tirx.const(0, "int64")
+        return tirx.const(1, "int64") + inner + (init if init is not None else 0)
+    if isinstance(stmt, tirx.IfThenElse):
+        a = _work(stmt.then_case)
+        b = _work(stmt.else_case) if stmt.else_case is not None else tirx.const(0, "int64")
+        if a is None or b is None:
+            return None
+        return tirx.Max(a, b)
+    body = getattr(stmt, "body", None)
+    if body is not None and isinstance(body, tirx.Stmt):
+        return _work(body)
+    return tirx.const(0, "int64")
+
+
+def _has_parallel(stmt) -> bool:
+    import tvm_ffi
+    from tvm import tirx
+
+    found = []
+
+    def on_for(node):
+        if node.kind == tirx.ForKind.PARALLEL:
+            found.append(node)
+
+    tvm_ffi.structural_walk(stmt, [(tirx.For, on_for)])
+    return bool(found)
+
+
+def _is_layout_preproc(stmt) -> bool:
+    import tvm_ffi
+    from tvm import s_tir
+
+    found = []
+
+    def on_block(node):
+        if "meta_schedule.layout_rewrite_preproc" in (node.annotations or {}):
+            found.append(node)
+
+    tvm_ffi.structural_walk(stmt, [(s_tir.SBlock, on_block)])
+    return bool(found)
+
+
+def _serial_copy(stmt):
+    import tvm_ffi
+    from tvm import tirx
+
+    def on_for(value, mutator):
+        new = mutator.default_mutate(value)
+        if new.kind != tirx.ForKind.PARALLEL:
+            return new
+        return tirx.For(
+            new.loop_var, new.min, new.extent, tirx.ForKind.SERIAL, new.body,
+            new.thread_binding, new.annotations,
+        )
+
+    return tvm_ffi.structural_mutate(stmt, [(tirx.For, on_for)])
+
+
+def _at_least(expr, threshold: int) -> bool:
+    """Whether ``expr`` is at least ``threshold`` with every variable at its smallest size, 1."""
+    import tvm
+    import tvm_ffi
+    from tvm.ir.expr import Var
+
+    def on_var(v, _mutator):
+        return tvm.tirx.const(1, v.ty.dtype if hasattr(v.ty, "dtype") else "int64")
+
+    low = tvm.sym.Analyzer().simplify(tvm_ffi.structural_mutate(expr, [(Var, on_var)]))
+    return isinstance(low, tvm.tirx.IntImm) and int(low.value) >= threshold
+
+
+def _free_vars_are_params(expr, func) -> bool:
+    import tvm_ffi
+    from tvm.ir.expr import Var
+
+    allowed = set()
+    for p in func.params:
+        allowed.add(p.name)
+        shape = getattr(p.ty, "shape", None) or []
+        for d in shape:
+            tvm_ffi.structural_walk(d, [(Var, lambda v: (allowed.add(v.name), None)[1])])
+    names = []
+    tvm_ffi.structural_walk(expr, [(Var, lambda v: (names.append(v.name), None)[1])])
+    return all(n in allowed for n in names)
+
+
+def serial_when_small(func, threshold: int = DEFAULT_THRESHOLD):
+    """``func`` with its parallel loops made serial when its work is below ``threshold`` (a run-time
+    branch for symbolic shapes); unchanged when it has no parallel loop."""
+    import tvm
+    from tvm import s_tir, tirx
+
+    realize = func.body
+    if not isinstance(realize, s_tir.SBlockRealize) or not _has_parallel(realize.block.body):
+        return func
+    root = realize.block
+    # Weight-packing steps stay first and untouched: the pipeline lifts them out of the function
+    # (SplitLayoutRewritePreproc needs them as leading statements of the root block).
+    stmts = list(root.body.seq) if isinstance(root.body, tirx.SeqStmt) else [root.body]
+    lead = 0
+    while lead < len(stmts) and _is_layout_preproc(stmts[lead]):
+        lead += 1
+    rest = stmts[lead:]
+    if not rest:
+        return func
+    compute = rest[0] if len(rest) == 1 else tirx.SeqStmt(rest)
+    if not _has_parallel(compute):
+        return func
+    work = _work(compute)
+    if work is None or not _free_vars_are_params(work, func):
+        return func
+    work = tvm.sym.Analyzer().simplify(work)
+    if isinstance(work, tirx.IntImm):
+        if int(work.value) >= threshold:
+            return func
+        compute = _serial_copy(compute)
+    elif _at_least(work, threshold):
+        # Large even when every symbolic dimension is 1: no serial case exists (and a branch that
+        # can only be taken at size 0 makes TVM's simplifier fold divisions by zero in it).
+        return func
+    else:
+        compute = tirx.IfThenElse(
+            work < tirx.const(threshold, "int64"), _serial_copy(compute), compute
+        )
+    body = compute if lead == 0 else tirx.SeqStmt([*stmts[:lead], compute])
+    new_root = s_tir.SBlock(
+        root.iter_vars, root.reads, root.writes, root.name_hint, body, root.init,
+        root.alloc_buffers, root.match_buffers, root.annotations,
+    )
+    new_func = func.with_body(s_tir.SBlockRealize(realize.iter_values, realize.predicate, new_root))
+    # The serial copy re-defines the loop and block variables of the parallel one.
+    mod = tirx.transform.ConvertSSA()(tvm.IRModule({"main": new_func}))
+    return mod["main"]
+
+
+def _make_pass():
+    import tvm
+    from tvm import tirx
+
+    from qiao.compiler.passes.apply_schedule_rules import with_functions
+
+    @tvm.ir.transform.module_pass(opt_level=0, name="SerialSmallKernels")
+    class _SerialSmallKernels:
+        def __init__(self, threshold):
+            self.threshold = threshold
+
+        def transform_module(self, mod, _ctx):
+            updates = {}
+            for gvar, func in mod.functions_items():
+                if isinstance(func, tirx.PrimFunc):
+                    new = serial_when_small(func, self.threshold)
+                    if not new.same_as(func):
+                        updates[gvar] = new
+            return with_functions(mod, updates)
+
+    return _SerialSmallKernels
+
+
+_PASS = None
+
+
+def SerialSmallKernels(threshold: int = DEFAULT_THRESHOLD) -> Any:  # noqa: N802 - like TVM's
+    """Module pass applying ``serial_when_small`` to every PrimFunc.
+
+    Parameters
+    ----------
+    threshold : int
+        Block executions below which a kernel runs serially.
+
+    Returns
+    -------
+    tvm.transform.Pass
+    """
+    global _PASS
+    if _PASS is None:
+        _PASS = _make_pass()
+    return _PASS(threshold)

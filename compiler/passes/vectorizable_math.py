@@ -1,0 +1,234 @@
+"""VectorizableMath: rewrite float32 ``exp``, ``sigmoid``, ``tanh`` and ``erf`` in TIR as polynomial
+expressions that LLVM vectorises.
+
+TVM lowers these intrinsics to libm calls, which LLVM cannot vectorise: a vectorised softmax or SiLU
+loop becomes one scalar ``expf`` call per lane, and that dominates small transformer layers. The
+replacements are the classic single-precision approximations (Cephes ``expf`` with Cody-Waite range
+reduction, Eigen's rational ``erf``), accurate to a few ulp over the whole float range; ``exp``
+saturates below ``-88.38`` (about ``1e-38`` instead of ``0``, which no softmax can tell apart) and
+above ``88.38``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_EXP_HI = 88.3762626647950
+_EXP_LO = -88.3762626647949
+_LOG2E = 1.44269504088896341
+_LN2_HI = 0.693359375
+_LN2_LO = -2.12194440e-4
+_EXP_POLY = (
+    1.9875691500e-4,
+    1.3981999507e-3,
+    8.3334519073e-3,
+    4.1665795894e-2,
+    1.6666665459e-1,
+    5.0000001201e-1,
+)
+_TANH_P = (
+    -5.70498872745e-3,
+    2.06390887954e-2,
+    -5.37397155531e-2,
+    1.33314422036e-1,
+    -3.33332819422e-1,
+)
+# Eigen's generic_fast_erf_float: erf(x) ≈ x·P(x²)/Q(x²) on [-4, 4], ±1 outside.
+_ERF_P = (
+    -2.72614225801306e-10,
+    2.77068142495902e-08,
+    -2.10102402082508e-06,
+    -5.69250639462346e-05,
+    -7.34990630326855e-04,
+    -2.95459980854025e-03,
+    -1.60960333262415e-02,
+)
+_ERF_Q = (
+    -1.45660718464996e-05,
+    -2.13374055278905e-04,
+    -1.68282697438203e-03,
+    -7.37332916720468e-03,
+    -1.42647390514189e-02,
+)
+
+
+def _c(value: float):
+    from tvm import tirx
+
+    return tirx.const(value, "float32")
+
+
+def _horner(x, coefficients):
+    acc = _c(coefficients[0])
+    for coef in coefficients[1:]:
+        acc = acc * x + _c(coef)
+    return acc
+
+
+def _let(value, body_fn, name: str):
+    """``body_fn(v)`` with ``v`` bound to ``value`` once (values are used several times)."""
+    from tvm import tirx
+
+    var = tirx.Var(name, "float32")
+    return tirx.Let(var, value, body_fn(var))
+
+
+def fast_exp(x):
+    """``exp(x)`` for a float32 TIR expression, as vectorisable arithmetic."""
+    from tvm import tirx
+
+    def body(v):
+        v = tirx.Min(tirx.Max(v, _c(_EXP_LO)), _c(_EXP_HI))
+
+        def reduced(clamped):
+            n = tirx.floor(clamped * _c(_LOG2E) + _c(0.5))
+
+            def with_n(fn):
+                r = clamped - fn * _c(_LN2_HI) - fn * _c(_LN2_LO)
+
+                def poly(rv):
+                    y = _horner(rv, _EXP_POLY) * (rv * rv) + rv + _c(1.0)
+                    exponent = tirx.Cast("int32", fn) + tirx.const(127, "int32")
+                    scale = tirx.reinterpret(
+                        "float32", tirx.shift_left(exponent, tirx.const(23, "int32"))
+                    )
+                    return y * scale
+
+                return _let(r, poly, "exp_r")
+
+            return _let(n, with_n, "exp_n")
+
+        return _let(v, reduced, "exp_x")
+
+    return _let(x, body, "exp_in")
+
+
+def fast_sigmoid(x):
+    """``1 / (1 + exp(-x))`` with ``fast_exp``."""
+    return _c(1.0) / (_c(1.0) + fast_exp(_c(0.0) - x))
+
+
+def fast_tanh(x):
+    """Cephes ``tanhf``: an odd polynomial for ``|x| < 0.625``, else
+    ``sign(x)·(1 - e)/(1 + e)`` with ``e = exp(-2|x|)`` (no overflow for large ``|x|``)."""
+    from tvm import tirx
+
+    def body(v):
+        def with_e(e):
+            magnitude = (_c(1.0) - e) / (_c(1.0) + e)
+            large = tirx.Select(v < _c(0.0), _c(0.0) - magnitude, magnitude)
+            small = v + v * (v * v) * _horner(v * v, _TANH_P)
+            return tirx.Select(tirx.Max(v, _c(0.0) - v) < _c(0.625), small, large)
+
+        return _let(fast_exp(_c(-2.0) * tirx.Max(v, _c(0.0) - v)), with_e, "tanh_e")
+
+    return _let(x, body, "tanh_in")
+
+
+def fast_erf(x):
+    """Eigen's rational ``erf`` approximation, clamped to [-4, 4] (where erf is ±1 in float32)."""
+    from tvm import tirx
+
+    def body(v):
+        v = tirx.Min(tirx.Max(v, _c(-4.0)), _c(4.0))
+
+        def with_clamped(c):
+            def with_sq(x2):
+                return c * _horner(x2, _ERF_P) / _horner(x2, _ERF_Q)
+
+            return _let(c * c, with_sq, "erf_x2")
+
+        return _let(v, with_clamped, "erf_x")
+
+    return _let(x, body, "erf_in")
+
+
+REWRITES = {
+    "tirx.exp": fast_exp,
+    "tirx.sigmoid": fast_sigmoid,
+    "tirx.tanh": fast_tanh,
+    "tirx.erf": fast_erf,
+}
+
+
+def _bool_compare(node):
+    """``0 < int(b)`` / ``int(b) != 0`` for a boolean ``b`` → ``b`` (the ONNX importer's masks
+    compare casts of booleans; the casts to 64-bit integers make LLVM split every vector)."""
+    from tvm import tirx
+
+    def cast_of_bool(e):
+        return isinstance(e, tirx.Cast) and str(e.value.ty) == "bool"
+
+    def is_zero(e):
+        return isinstance(e, tirx.IntImm) and int(e.value) == 0
+
+    if isinstance(node, tirx.LT) and is_zero(node.a) and cast_of_bool(node.b):
+        return node.b.value
+    if isinstance(node, tirx.GT) and is_zero(node.b) and cast_of_bool(node.a):
+        return node.a.value
+    if isinstance(node, tirx.NE) and is_zero(node.b) and cast_of_bool(node.a):
+        return node.a.value
+    return None
+
+
+def rewrite_math(func):
+    """``func`` with every float32 ``exp``/``sigmoid``/``tanh``/``erf`` call rewritten, and
+    comparisons of boolean casts with zero folded to the boolean."""
+    import tvm_ffi
+    from tvm import tirx
+    from tvm.ir.expr import Call
+
+    def on_call(value, mutator):
+        new = mutator.default_mutate(value)
+        op = getattr(new, "op", None)
+        name = getattr(op, "name", None)
+        rewrite = REWRITES.get(name)
+        if rewrite is None or len(new.args) != 1 or str(new.ty) != "float32":
+            return new
+        return rewrite(new.args[0])
+
+    def on_compare(value, mutator):
+        new = mutator.default_mutate(value)
+        folded = _bool_compare(new)
+        return new if folded is None else folded
+
+    return tvm_ffi.structural_mutate(
+        func, [(Call, on_call), (tirx.LT, on_compare), (tirx.GT, on_compare),
+               (tirx.NE, on_compare)]
+    )
+
+
+def _make_pass():
+    import tvm
+    from tvm import tirx
+
+    from qiao.compiler.passes.apply_schedule_rules import with_functions
+
+    @tvm.ir.transform.module_pass(opt_level=0, name="VectorizableMath")
+    class _VectorizableMath:
+        def transform_module(self, mod, _ctx):
+            updates = {}
+            for gvar, func in mod.functions_items():
+                if isinstance(func, tirx.PrimFunc):
+                    new = rewrite_math(func)
+                    if not new.same_as(func):
+                        updates[gvar] = new
+            return with_functions(mod, updates)
+
+    return _VectorizableMath
+
+
+_PASS = None
+
+
+def VectorizableMath() -> Any:  # noqa: N802 - a pass constructor, named like TVM's
+    """Module pass applying ``rewrite_math`` to every PrimFunc.
+
+    Returns
+    -------
+    tvm.transform.Pass
+    """
+    global _PASS
+    if _PASS is None:
+        _PASS = _make_pass()
+    return _PASS()

@@ -1,0 +1,166 @@
+"""The CPU rule set: qiao's GEMM, convolution and attention rules, then TVM's CPU rules, then
+parallel + vectorised schedules for whatever is left (elementwise chains, other reductions).
+
+TVM's default CPU pipeline leaves every kernel it has no rule for as a serial scalar loop nest; here
+every PrimFunc gets at least a parallel outer loop and a vectorised inner one.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from qiao.compiler.schedules.cpu_info import cpu_info
+
+log = logging.getLogger("qiao.schedules")
+
+# Below this many output elements (static extents) a kernel stays on one core: waking the thread
+# pool costs more than the work.
+MIN_PARALLEL_ELEMENTS = 1 << 14
+
+
+def cpu_rules(target: Any) -> list:
+    """The ordered schedule rules for an LLVM CPU target; the first that applies wins."""
+    import tvm.s_tir.dlight as dl
+    from qiao.compiler.schedules.cpu_conv import CPUWindowReduction
+    from qiao.compiler.schedules.cpu_gemm import CPUMatmul
+    from qiao.compiler.schedules.cpu_reduction import CPURowReduction
+
+    return [
+        CPUMatmul(),
+        dl.cpu.GEMV(),
+        CPUWindowReduction(),
+        CPURowReduction(),
+        dl.cpu.Reduction(),
+        CPUInjective(),
+        CPUFallback(),
+    ]
+
+
+def _static_int(expr) -> int | None:
+    import tvm
+
+    return int(expr.value) if isinstance(expr, tvm.tirx.IntImm) else None
+
+
+def vector_split(sch, loop, lanes: int) -> None:
+    """Vectorise ``loop``: all of it when its static extent fits the SIMD width, else split by the
+    largest power of two ≤ ``lanes`` dividing the extent. Symbolic extents are left to LLVM."""
+    extent = _static_int(sch.get(loop).extent)
+    if extent is None or extent < 2:
+        return
+    if extent <= lanes:
+        sch.vectorize(loop)
+        return
+    width = lanes
+    while width > 1 and extent % width:
+        width //= 2
+    if width > 1:
+        _, inner = sch.split(loop, [None, width])
+        sch.vectorize(inner)
+
+
+def parallelize_outer(sch, loops: list, lanes: int) -> None:
+    """Fuse and parallelise ``loops`` when the work behind them is worth a thread pool wake-up."""
+    if not loops:
+        return
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    extent = _static_int(sch.get(fused).extent)
+    block_elems = 1
+    # Elements below the fused loop (all static, or unknown → assume large).
+    inner = sch.get(fused).body
+    while hasattr(inner, "body") and hasattr(inner, "extent"):
+        e = _static_int(inner.extent)
+        if e is None:
+            block_elems = None
+            break
+        block_elems *= e
+        inner = inner.body
+    if extent is not None and block_elems is not None:
+        if extent * block_elems < MIN_PARALLEL_ELEMENTS or extent < 2:
+            return
+    sch.parallel(fused)
+
+
+class CPUInjective:
+    """Elementwise / injective functions (all blocks spatial): inline the chain into its last
+    block(s), parallelise the outer loops, vectorise the innermost."""
+
+    def is_target_available(self, target: Any) -> bool:
+        return target.kind.name == "llvm"
+
+    def apply(self, func, target, tunable: bool):
+        from tvm import s_tir
+        from tvm.s_tir.dlight.analysis import normalize_prim_func
+        from tvm.s_tir.dlight.base import try_inline
+
+        if not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None or not infos or not all(info.is_injective() for info in infos):
+            return None
+        remaining = try_inline(sch, infos)
+        cpu = cpu_info(target)
+        for info in remaining:
+            block = info.block_rv
+            loops = sch.get_loops(block)
+            if not loops:
+                continue
+            dtype = str(sch.get(block).writes[0].source.dtype) if sch.get(block).writes else "f32"
+            lanes = cpu.lanes(dtype if dtype != "bool" else "int8")
+            vector_split(sch, loops[-1], lanes)
+            loops = sch.get_loops(block)
+            # Parallelise every serial loop above the innermost one (vectorised, or left serial
+            # for LLVM when its extent is symbolic).
+            outer = [lp for lp in loops[:-1] if sch.get(lp).kind == _serial_kind()]
+            parallelize_outer(sch, outer, lanes)
+        return sch
+
+
+def _serial_kind():
+    from tvm import tirx
+
+    return tirx.ForKind.SERIAL
+
+
+class CPUFallback:
+    """Anything else (reductions TVM's rules skip: pooling, reductions over several axes, argmax):
+    inline what inlines, then per remaining block parallelise its leading spatial loops."""
+
+    def is_target_available(self, target: Any) -> bool:
+        return target.kind.name == "llvm"
+
+    def apply(self, func, target, tunable: bool):
+        from tvm import s_tir
+        from tvm.s_tir.dlight.analysis import normalize_prim_func
+        from tvm.s_tir.dlight.base import try_inline
+
+        if not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None or not infos:
+            return None
+        remaining = try_inline(sch, infos)
+        changed = False
+        for info in remaining:
+            block = info.block_rv
+            loops = sch.get_loops(block)
+            kinds = info.dom_kind()
+            if len(kinds) != len(loops):
+                continue
+            leading = []
+            for loop, kind in zip(loops, kinds):
+                if kind != "S":
+                    break
+                leading.append(loop)
+            if len(leading) == len(loops) and len(leading) > 1:
+                leading = leading[:-1]
+            if leading:
+                try:
+                    parallelize_outer(sch, leading, 1)
+                    changed = True
+                except Exception as err:  # a loop carried dependence, an opaque block
+                    log.debug("fallback: cannot parallelise %s: %s", info.name, err)
+        return sch if changed else None

@@ -1,0 +1,733 @@
+"""CPU GEMM schedules: register-blocked, vectorised, cache-blocked, packed and parallel.
+
+Every GEMM-like TIR block — ``C[S, I, J] += A[S, I, K] * B[S, J, K]`` in any buffer layout, with any
+elementwise producers and epilogues fused around it (dense layers, ``matmul``, batched matmul,
+attention's ``Q·Kᵀ`` and ``P·V``, im2col convolution) — is scheduled the same way, after BLIS:
+
+* the block is normalised to ``(S, I, J, K)`` and padded so that ``I``, ``J`` (and ``K`` when it is
+  unrolled) are multiples of the micro-tile — dynamic extents (a symbolic batch or sequence) included;
+* ``B`` is packed once per call into panels ``Bp[S, J / nr, K, nr]`` (contiguous ``nr``-wide rows, no
+  TLB or cache-set conflicts), in parallel; when ``B`` is a model weight the packing block is marked
+  as a layout-rewrite preprocessing step so the pipeline can lift it out of the run-time path;
+* the parallel loop runs over ``(S, I / mc, J / nc)``; each task packs its rows of ``A`` into
+  ``Ap[mc / mr, K, mr]`` (the zero padding of a dynamic ``I`` happens here, once per task) so the
+  micro-kernel broadcasts ``A`` from one contiguous stream;
+* the micro-kernel keeps an ``mr × nr`` tile of ``C`` in SIMD registers (``nr = nr_vectors × lanes``,
+  lanes from the target's SIMD width), unrolls ``mr`` and ``k_unroll``, and writes the tile back
+  through the fused epilogue.
+
+Tile sizes come from ``choose_tile`` (register budget, padding waste, core count) or from a tuning
+record (``qiao.compiler.schedules.tuning``). ``schedule_microkernel`` is the reusable core for
+kernels that tile their own outer loops (the MoE grouped GEMM).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+from qiao.compiler.schedules.cpu_info import CPUInfo, cpu_info
+
+# Float dtypes the micro-kernel handles; integer GEMMs go to the generic rules.
+GEMM_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+@dataclass(frozen=True)
+class GemmTile:
+    """Tile sizes of one CPU GEMM schedule.
+
+    Parameters
+    ----------
+    mr : int
+        Rows of ``C`` per micro-kernel (register block height).
+    nr_vectors : int
+        SIMD vectors per micro-kernel row; ``nr = nr_vectors * lanes`` columns of ``C``.
+    mc_tiles : int
+        Micro-tiles of ``I`` per parallel task (``mc = mr * mc_tiles`` packed rows of ``A``).
+    nc_tiles : int
+        Micro-tiles of ``J`` per parallel task (``nc = nr * nc_tiles`` columns, the ``B`` panel
+        reused across the task's rows); ``0`` puts all of ``J`` in every task (the only choice
+        for a symbolic ``J``).
+    k_unroll : int
+        Unroll factor of the reduction loop (``K`` is zero-padded to a multiple when needed).
+    pack_b : bool
+        Pack ``B`` into ``nr``-wide panels; without it the micro-kernel reads ``B`` in place
+        (only possible when ``B`` is contiguous along ``J``).
+    """
+
+    mr: int = 8
+    nr_vectors: int = 2
+    mc_tiles: int = 1
+    nc_tiles: int = 8
+    k_unroll: int = 4
+    pack_b: bool = True
+
+    def nr(self, lanes: int) -> int:
+        return self.nr_vectors * lanes
+
+    def to_json(self) -> dict:
+        return {
+            "mr": self.mr,
+            "nr_vectors": self.nr_vectors,
+            "mc_tiles": self.mc_tiles,
+            "nc_tiles": self.nc_tiles,
+            "k_unroll": self.k_unroll,
+            "pack_b": self.pack_b,
+        }
+
+
+@dataclass
+class GemmShape:
+    """Extents of a normalised GEMM; ``None`` for a symbolic extent."""
+
+    s: int | None
+    m: int | None
+    n: int | None
+    k: int | None
+    dtype: str
+
+
+# -- tile selection -------------------------------------------------------------------------------
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def register_tiles(cpu: CPUInfo) -> list[tuple[int, int]]:
+    """Register-block shapes ``(mr, nr_vectors)`` that fit the target's SIMD registers.
+
+    The ``mr * nr_vectors`` accumulators, ``nr_vectors`` loaded ``B`` vectors and one broadcast ``A``
+    element must fit the register file; the largest ``mr`` per ``nr_vectors`` is listed, capped at
+    16 rows (beyond that the broadcast stream dominates).
+    """
+    tiles = []
+    for nv in (1, 2, 3, 4):
+        mr = min((cpu.vector_registers - nv - 1) // nv, 16)
+        if mr >= 2:
+            tiles.append((mr, nv))
+    return tiles
+
+
+def _divisors_up_to(n: int, cap: int) -> list[int]:
+    return [d for d in range(1, min(n, cap) + 1) if n % d == 0]
+
+
+def choose_tile(cpu: CPUInfo, shape: GemmShape) -> GemmTile:
+    """A default tile for ``shape`` on ``cpu``: no tuning, decided from extents and registers.
+
+    ``nr`` wastes the least ``J`` padding (ties favour two vectors, the best measured micro-kernel);
+    ``mr`` fills the registers (shrunk for a short static ``I``). Task blocks ``mc_tiles`` /
+    ``nc_tiles`` always divide the tile counts (a ragged split would put a predicate into the
+    micro-kernel), and are as large as possible while every core keeps several tasks.
+    """
+    lanes = cpu.lanes(shape.dtype)
+    best = None
+    for mr, nv in register_tiles(cpu):
+        nr = nv * lanes
+        waste = 0.0 if shape.n is None else (_ceil_div(shape.n, nr) * nr - shape.n) / shape.n
+        # Prefer two vectors (measured best with 16 or 32 registers); one only when it saves
+        # more than a tenth of the padded work.
+        key = (waste + (0.0 if nv == 2 else 0.1), -mr * nv)
+        if best is None or key < best[0]:
+            best = (key, mr, nv)
+    _, mr, nv = best
+    if nv == 2:
+        # 8 x 2 vectors with 32 registers, 6 x 2 with 16 (the classic AVX2 6x16 kernel).
+        mr = 8 if cpu.vector_registers >= 32 else 6
+    if shape.m is not None:
+        mr = max(1, min(mr, shape.m))
+    nr = nv * lanes
+    k_unroll = 4
+    if shape.k is not None:
+        # Unroll by what divides K; an odd K of some length (a 3-channel convolution's 27) is
+        # zero-padded to a multiple of 4 rather than left without unrolling.
+        k_unroll = next((u for u in (8, 4, 2) if shape.k % u == 0), 4 if shape.k >= 16 else 1)
+    mc_tiles, nc_tiles = 1, 0
+    tasks_wanted = 4 * cpu.num_cores
+    if shape.n is not None and shape.m is not None and shape.s is not None:
+        n_tiles = _ceil_div(shape.n, nr)
+        m_tiles = _ceil_div(shape.m, mr)
+        row_tasks = shape.s * m_tiles
+        if row_tasks < tasks_wanted:
+            # Too few row blocks to feed the cores (a short static M): split N as well, into the
+            # fewest column blocks that make enough tasks (each task packs its few rows of A).
+            for nc in sorted(_divisors_up_to(n_tiles, n_tiles), reverse=True):
+                nc_tiles = nc
+                if row_tasks * (n_tiles // nc) >= tasks_wanted:
+                    break
+            nc_tiles = 0 if nc_tiles == n_tiles else nc_tiles
+        else:
+            # Enough rows: bigger row blocks reuse each B panel more, while keeping the tasks.
+            for cand in (8, 4, 2):
+                if m_tiles % cand == 0 and shape.s * (m_tiles // cand) >= tasks_wanted:
+                    mc_tiles = cand
+                    break
+    return GemmTile(mr, nv, mc_tiles, nc_tiles, k_unroll, True)
+
+
+def check_tile(tile: GemmTile, shape: GemmShape, lanes: int) -> None:
+    """Raise ``ValueError`` when ``tile`` would split an extent of ``shape`` raggedly."""
+    nr = tile.nr(lanes)
+    if tile.mc_tiles > 1 and (shape.m is None or _ceil_div(shape.m, tile.mr) % tile.mc_tiles):
+        raise ValueError(f"mc_tiles={tile.mc_tiles} does not divide the row tiles of {shape}")
+    if tile.nc_tiles > 0 and (shape.n is None or _ceil_div(shape.n, nr) % tile.nc_tiles):
+        raise ValueError(f"nc_tiles={tile.nc_tiles} does not divide the column tiles of {shape}")
+    if min(tile.mr, tile.nr_vectors, tile.mc_tiles, tile.k_unroll) < 1 or tile.nc_tiles < 0:
+        raise ValueError(f"tile sizes must be positive: {tile}")
+
+
+# -- analysis -------------------------------------------------------------------------------------
+
+
+def _static(extent) -> int | None:
+    import tvm
+
+    return int(extent.value) if isinstance(extent, tvm.tirx.IntImm) else None
+
+
+def find_gemm_block(sch) -> Any | None:
+    """The single reduction block of a GEMM-like function (others spatial), or ``None``."""
+    from tvm.s_tir.dlight.analysis import get_root_block
+    from tvm.s_tir.dlight.gpu.matmul import get_reduction_blocks
+
+    blocks = sch.get_child_blocks(get_root_block(sch))
+    reductions = get_reduction_blocks(sch, blocks)
+    if not reductions:
+        return None
+    block = reductions[0]
+    stmt = sch.get(block)
+    if gemm_index_maps(stmt) is None:
+        return None
+    if str(stmt.writes[0].source.dtype) not in GEMM_DTYPES:
+        return None
+    if not _is_multiply_accumulate(stmt):
+        return None
+    return block
+
+
+def _is_multiply_accumulate(stmt) -> bool:
+    """``C[...] = C[...] + A[...] * B[...]`` (casts allowed), the only reduction the kernel does."""
+    from tvm import tirx
+    from tvm.ir.expr import TensorLoad
+
+    body = stmt.body
+    if not isinstance(body, tirx.BufferStore) or not isinstance(body.value, tirx.Add):
+        return False
+    add = body.value
+
+    def strip(e):
+        while isinstance(e, tirx.Cast):
+            e = e.value
+        return e
+
+    def is_acc(e) -> bool:
+        return isinstance(e, TensorLoad) and e.source.same_as(body.buffer)
+
+    lhs, rhs = strip(add.a), strip(add.b)
+    if is_acc(rhs):
+        lhs, rhs = rhs, lhs
+    return is_acc(lhs) and isinstance(strip(rhs), tirx.Mul)
+
+
+def gemm_shape(sch, block) -> GemmShape:
+    """Extents of a normalised ``(S, IO, I, J, K)`` block (``s`` counts ``S × IO``)."""
+    iters = sch.get(block).iter_vars
+    s, io, m, n, k = (_static(iv.dom.extent) for iv in iters)
+    batch = None if s is None or io is None else s * io
+    return GemmShape(batch, m, n, k, str(sch.get(block).writes[0].source.dtype))
+
+
+# -- schedule -------------------------------------------------------------------------------------
+
+
+def _writer_of(sch, blocks, buffer):
+    for b in blocks:
+        if any(w.source.same_as(buffer) for w in sch.get(b).writes):
+            return b
+    return None
+
+
+def gemm_index_maps(stmt):
+    """Index maps taking a GEMM-like block to ``(S, IO, I, J, K)`` and its operands to
+    ``A[S, IO, I, K]``, ``B[S, J, K]``, ``C[S, IO, I, J]``, or ``None`` when it is not GEMM-like.
+
+    ``S`` fuses the iterators every operand has (batch), ``J`` those of ``B`` and ``C``, ``K`` the
+    reduction. Of the iterators only ``A`` and ``C`` have, the last is ``I`` (tiled by the
+    micro-kernel) and the others fuse into ``IO``, an outer loop: fusing ``batch × seq`` into one
+    ``I`` would index every element through ``// seq`` and ``% seq``.
+    """
+    from tvm import tirx
+    from tvm.s_tir.dlight.gpu.matmul import IterKind
+
+    traits = _iter_traits(stmt)
+    if traits is None:
+        return None
+    a_traits, b_traits, c_traits, block_traits = traits
+
+    def labels(trait_list):
+        out = []
+        i_positions = [n for n, t in enumerate(trait_list) if t.kind == IterKind.kIter_I]
+        for n, t in enumerate(trait_list):
+            if t.kind == IterKind.kIter_I:
+                out.append("I" if n == i_positions[-1] else "IO")
+            else:
+                out.append({IterKind.kIter_S: "S", IterKind.kIter_J: "J",
+                            IterKind.kIter_K: "K", IterKind.kIter_T: "T"}[t.kind])
+        return out
+
+    def fusion_map(trait_list, order):
+        fused: dict[str, Any] = {}
+        inputs = []
+        for n, (t, label) in enumerate(zip(trait_list, labels(trait_list))):
+            v = tirx.Var(f"i{n}", t.extent.ty)
+            inputs.append(v)
+            if label == "T":
+                continue
+            fused[label] = fused[label] * t.extent + v if label in fused else v
+        zero = tirx.IntImm(trait_list[0].extent.ty, 0)
+        return tirx.IndexMap(inputs, [fused.get(k, zero) for k in order], None)
+
+    return (
+        fusion_map(block_traits, ["S", "IO", "I", "J", "K"]),
+        fusion_map(a_traits, ["S", "IO", "I", "K"]),
+        fusion_map(b_traits, ["S", "J", "K"]),
+        fusion_map(c_traits, ["S", "IO", "I", "J"]),
+    )
+
+
+def _iter_traits(stmt):
+    """dlight's ``detect_iter_traits``, except that an extent-1 iterator is classified by the
+    operands that use it like any other: a one-row product (``x[1, k] @ w[k, n]``, a batch-1
+    dense layer with static shapes) is a GEMM with ``M = 1`` rather than no GEMM at all."""
+    from tvm import tirx
+    from tvm.s_tir.dlight.gpu.matmul import IterKind, IterTrait
+    from tvm.tirx.analysis import undefined_vars
+
+    if len(stmt.reads) != 2 or len(stmt.writes) != 1:
+        return None
+
+    def axes(region) -> set:
+        out = set()
+        for r in region:
+            if not (isinstance(r.extent, tirx.IntImm) and int(r.extent.value) == 1):
+                return None
+            out |= set(undefined_vars(r.min))
+        return out
+
+    a_axes, b_axes, c_axes = (axes(x.region) for x in (*stmt.reads, stmt.writes[0]))
+    if a_axes is None or b_axes is None or c_axes is None:
+        return None
+    traits = {}
+    for iv in stmt.iter_vars:
+        var = iv.var
+        in_a, in_b, in_c = var in a_axes, var in b_axes, var in c_axes
+        if iv.iter_type == tirx.IterVar.DataPar:
+            if in_a and in_b and in_c:
+                kind = IterKind.kIter_S
+            elif in_a and in_c:
+                kind = IterKind.kIter_I
+            elif in_b and in_c:
+                kind = IterKind.kIter_J
+            elif not (in_a or in_b or in_c) or _is_unit(iv):
+                kind = IterKind.kIter_T
+            else:
+                return None
+        elif iv.iter_type == tirx.IterVar.CommReduce and in_a and in_b and not in_c:
+            kind = IterKind.kIter_K
+        elif iv.iter_type == tirx.IterVar.CommReduce and _is_unit(iv):
+            kind = IterKind.kIter_T
+        else:
+            return None
+        if _is_unit(iv) and kind == IterKind.kIter_S:
+            kind = IterKind.kIter_T
+        traits[var] = IterTrait(kind, iv.dom.extent)
+    kinds = {t.kind for t in traits.values()}
+    if not {IterKind.kIter_I, IterKind.kIter_J, IterKind.kIter_K} <= kinds:
+        return None
+    order = [iv.var for iv in stmt.iter_vars]
+    return (
+        [traits[v] for v in order if v in a_axes],
+        [traits[v] for v in order if v in b_axes],
+        [traits[v] for v in order if v in c_axes],
+        [traits[v] for v in order],
+    )
+
+
+def _is_unit(iv) -> bool:
+    from tvm import tirx
+
+    return isinstance(iv.dom.extent, tirx.IntImm) and int(iv.dom.extent.value) == 1
+
+
+def normalize_gemm(sch, block):
+    """Rewrite ``block`` to iterate ``(S, IO, I, J, K)`` over reindexed operands (see
+    ``gemm_index_maps``). Returns the blocks writing the reindexed ``A`` and ``B``."""
+    # Reindex A last so its copy sits after B's: the B packing (lifted out of the function when B is
+    # a weight) must be the first statement.
+    rb = sch.reindex(block, ("read", 1))
+    ra = sch.reindex(block, ("read", 0))
+    rc = sch.reindex(block, ("write", 0))
+    block_map, a_map, b_map, c_map = gemm_index_maps(sch.get(block))
+    sch.transform_layout(ra, ("write", 0), a_map)
+    sch.transform_layout(rb, ("write", 0), b_map)
+    sch.transform_layout(rc, ("read", 0), c_map)
+    sch.transform_block_layout(block, block_map)
+    return ra, rb
+
+
+def _pad_and_find_stages(sch, block, ra, rb, mr: int, nr: int, k_pad: int):
+    """Pad the normalised block; return the blocks producing its ``A`` and ``B`` operands."""
+    sch.pad_einsum(block, [1, 1, mr, nr, k_pad])
+    stmt = sch.get(block)
+    producers = sch.get_producers(block)
+    a_stage = _writer_of(sch, producers, stmt.reads[0].source)
+    b_stage = _writer_of(sch, producers, stmt.reads[1].source)
+    # pad_einsum inserts "<buf>_pad" copies after the reindex blocks when it pads; fold the
+    # reindex copy into them so one block does gather + zero-pad (+ transpose for B).
+    for stage, reindex in ((a_stage, ra), (b_stage, rb)):
+        if not sch.get(stage).same_as(sch.get(reindex)):
+            sch.compute_inline(reindex)
+    a_stage = _writer_of(sch, sch.get_producers(block), stmt.reads[0].source)
+    b_stage = _writer_of(sch, sch.get_producers(block), stmt.reads[1].source)
+    return a_stage, b_stage
+
+
+def _try(fn, *args) -> bool:
+    try:
+        fn(*args)
+        return True
+    except Exception:  # a schedule primitive refused: leave the IR as it is
+        return False
+
+
+def inline_producers(sch, block) -> None:
+    """Inline every elementwise producer chain of ``block`` (transposes, broadcasts, casts)."""
+    while any(_try(sch.compute_inline, p) for p in _all_producers(sch, block)):
+        pass
+
+
+def _all_producers(sch, block) -> list:
+    out = []
+    for p in sch.get_producers(block):
+        out.append(p)
+        out.extend(_all_producers(sch, p))
+    return out
+
+
+def _all_consumers(sch, block) -> list:
+    out = []
+    for c in sch.get_consumers(block):
+        out.append(c)
+        out.extend(_all_consumers(sch, c))
+    return out
+
+
+def _inline_one_consumer(sch, block) -> bool:
+    """Fold one consumer of ``block`` (or a side input of one) into its neighbour; the block
+    handles go stale after a successful inline, so the caller re-queries."""
+    for consumer in _all_consumers(sch, block):
+        for producer in sch.get_producers(consumer):
+            if sch.get(producer).same_as(sch.get(block)):
+                continue
+            if producer_chain_inlined(sch, producer):
+                return True
+        if _try(sch.compute_inline, consumer) or _try(sch.reverse_compute_inline, consumer):
+            return True
+    return False
+
+
+def producer_chain_inlined(sch, block) -> bool:
+    """Inline ``block`` (a side input such as a mask or a broadcast bias) and its own producers
+    into their consumers; true when anything changed."""
+    for p in _all_producers(sch, block):
+        if _try(sch.compute_inline, p):
+            return True
+    return _try(sch.compute_inline, block)
+
+
+def inline_epilogue(sch, block) -> list:
+    """Fold the consumers of ``block`` (copy-outs, bias, activations, masks) into it.
+
+    Side inputs of an epilogue (a mask computed from iota, a broadcast bias) are inlined into the
+    epilogue first. Returns the consumers that could not be folded (scheduled separately).
+    """
+    while _inline_one_consumer(sch, block):
+        pass
+    return _all_consumers(sch, block)
+
+
+def schedule_microkernel(
+    sch,
+    block,
+    i_loop,
+    j_loop,
+    k_loop,
+    *,
+    mr: int,
+    nr_vectors: int,
+    lanes: int,
+    k_unroll: int = 1,
+    rows_inside: bool = True,
+):
+    """Register-block one GEMM tile loop nest: the reusable CPU micro-kernel.
+
+    The loops ``i_loop`` (extent a multiple of ``mr``), ``j_loop`` (a multiple of ``nr_vectors *
+    lanes``) and ``k_loop`` (a multiple of ``k_unroll``) must be the three innermost loops of
+    ``block``, in that order, and ``block`` a multiply-accumulate reduction
+    ``C[.., i, j] += A[.., i, k] * B[.., k, j]`` whose ``B`` is contiguous along ``j`` (packed or
+    not). Afterwards ``C`` is computed in an ``mr × nr`` register tile:
+
+        for j0: for i0:                 # micro-tiles (i0 outside j0 with rows_inside=False)
+          acc[mr, nr] = 0               # SIMD registers
+          for k0: for k1 (unrolled):
+            for i1 (unrolled): for j1 (unrolled vectors × SIMD lanes):
+              acc[i1, j1] += A[i0*mr+i1, k] * B[k, j0*nr+j1]
+          C[tile] = acc                 # write-back block (fold epilogues into it)
+
+    Parameters
+    ----------
+    sch : tvm.s_tir.Schedule
+    block : SBlockRV
+        The reduction block.
+    i_loop, j_loop, k_loop : LoopRV
+        Row, column and reduction loops of one task's tile.
+    mr, nr_vectors, lanes : int
+        Register block: ``mr`` rows × ``nr_vectors`` SIMD vectors of ``lanes`` elements
+        (``cpu_info(target).lanes(dtype)``; ``register_tiles`` lists shapes that fit).
+    k_unroll : int
+        Unroll factor of the reduction.
+    rows_inside : bool
+        Sweep the rows of the tile inside each ``nr``-wide column panel (``B`` panel reused from L1,
+        the BLIS order for packed ``A``); ``False`` sweeps columns inside rows.
+
+    Returns
+    -------
+    tuple
+        ``(write_back, init)``: the block that stores the register tile to ``C`` and the block that
+        zeroes it.
+    """
+    nr = nr_vectors * lanes
+    i0, i1 = sch.split(i_loop, [None, mr])
+    j0, j1 = sch.split(j_loop, [None, nr])
+    k0, k1 = sch.split(k_loop, [None, k_unroll])
+    tile_loops = (j0, i0) if rows_inside else (i0, j0)
+    sch.reorder(*tile_loops, k0, k1, i1, j1)
+    j1v, j1l = sch.split(j1, [None, lanes])
+    write_back = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(write_back, tile_loops[1], preserve_unit_loops=True)
+    sch.unroll(k1)
+    sch.unroll(i1)
+    sch.unroll(j1v)
+    sch.vectorize(j1l)
+    init = sch.decompose_reduction(block, k0)
+    _vectorize_write_back(sch, write_back, lanes)
+    return write_back, init
+
+
+def _vectorize_write_back(sch, block, lanes: int) -> None:
+    loops = sch.get_loops(block)
+    inner = loops[-1]
+    outer_rows = loops[-2]
+    _, vec = sch.split(inner, [None, lanes])
+    sch.vectorize(vec)
+    sch.unroll(outer_rows)
+
+
+def canonicalize_stage(sch, block) -> None:
+    """Make a copy block iterate over its output buffer's indices, in order (one loop per dim)."""
+    from tvm import tirx
+
+    stmt = sch.get(block)
+    iters = [iv.var for iv in stmt.iter_vars]
+    indices = list(stmt.body.indices)
+    if len(sch.get_loops(block)) == len(indices) and all(
+        isinstance(x, tirx.Var) and x.same_as(v) for x, v in zip(indices, iters)
+    ):
+        return
+    sch.transform_block_layout(block, tirx.IndexMap(iters, indices, None))
+
+
+def _schedule_b_pack(sch, b_stage, nr: int, lanes: int, preproc: bool) -> None:
+    # B[S, J, K] → panels Bp[S, J / nr, K, nr].
+    canonicalize_stage(sch, b_stage)
+    sch.transform_layout(b_stage, ("write", 0), lambda s, j, k: (s, j // nr, k, j % nr))
+    s, j, k = sch.get_loops(b_stage)[-3:]
+    jo, ji = sch.split(j, [None, nr])
+    sch.reorder(jo, k, ji)
+    sch.parallel(sch.fuse(s, jo))
+    _, jl = sch.split(ji, [None, lanes])
+    sch.vectorize(jl)
+    if preproc:
+        sch.annotate(b_stage, "meta_schedule.layout_rewrite_preproc", True)
+
+
+def _schedule_a_pack(sch, a_stage, at_loop, mr: int) -> None:
+    # A[S, IO, I, K] → panels Ap[S, IO, I / mr, K, mr], each task packing its own rows.
+    canonicalize_stage(sch, a_stage)
+    sch.transform_layout(
+        a_stage, ("write", 0), lambda s, io, i, k: (s, io, i // mr, k, i % mr)
+    )
+    sch.compute_at(a_stage, at_loop, preserve_unit_loops=True)
+    i, k = sch.get_loops(a_stage)[-2:]
+    i_panel, i_row = sch.split(i, [None, mr])
+    sch.reorder(i_panel, k, i_row)
+    sch.unroll(i_row)
+
+
+def _b_reads_param(sch, b_stage) -> bool:
+    """Whether the packing block only reads a static-shaped function parameter (maybe a weight:
+    the pipeline can then pack it once at load time instead of at every call)."""
+    from tvm import tirx
+
+    stmt = sch.get(b_stage)
+    if len(stmt.reads) != 1:
+        return False
+    source = stmt.reads[0].source
+    if not any(source.same_as(p) for p in sch.mod["main"].params):
+        return False
+    return all(isinstance(d, tirx.IntImm) for d in source.ty.shape)
+
+
+def schedule_gemm(sch, block, target: Any, tile: GemmTile | None = None) -> GemmTile:
+    """Schedule the GEMM-like ``block`` of ``sch`` for a CPU target (see the module docstring).
+
+    Parameters
+    ----------
+    sch : tvm.s_tir.Schedule
+        Schedule of the function holding ``block``; producers and consumers of ``block`` are
+        elementwise (they are inlined into the packing stages and the write-back).
+    block : SBlockRV
+        A reduction block found by ``find_gemm_block``.
+    target : tvm.target.Target
+        LLVM target; SIMD width and core count are read from it.
+    tile : GemmTile, optional
+        Tile sizes; default ``choose_tile``.
+
+    Returns
+    -------
+    GemmTile
+        The tile used.
+    """
+    cpu = cpu_info(target)
+    ra, rb = normalize_gemm(sch, block)
+    shape = gemm_shape(sch, block)
+    tile = tile or choose_tile(cpu, shape)
+    lanes = cpu.lanes(shape.dtype)
+    check_tile(tile, shape, lanes)
+    nr = tile.nr(lanes)
+    k_pad = tile.k_unroll if shape.k is None or shape.k % tile.k_unroll else 1
+    a_stage, b_stage = _pad_and_find_stages(sch, block, ra, rb, tile.mr, nr, k_pad)
+    inline_producers(sch, a_stage)
+    inline_producers(sch, b_stage)
+
+    s, io, i, j, k = sch.get_loops(block)
+    i_task, i_tile = sch.split(i, [None, tile.mr * tile.mc_tiles])
+    single_j_task = tile.nc_tiles == 0 or _ceil_div(shape.n, nr) == tile.nc_tiles
+    j_task, j_tile = sch.split(j, [1, None] if single_j_task else [None, nr * tile.nc_tiles])
+    sch.reorder(s, io, i_task, j_task, j_tile, i_tile, k)
+    task = sch.fuse(s, io, i_task, j_task)
+    sch.parallel(task)
+    # Inside a task: for each nr-wide B panel, sweep the task's rows of packed A.
+    write_back, _ = schedule_microkernel(
+        sch, block, i_tile, j_tile, k, mr=tile.mr, nr_vectors=tile.nr_vectors, lanes=lanes,
+        k_unroll=tile.k_unroll,
+    )
+    # Each task packs its rows of A (once per row block when the task spans all of N; tasks split
+    # along N are only made for a short static M, where repacking a few rows costs nothing).
+    _schedule_a_pack(sch, a_stage, task, tile.mr)
+    _schedule_b_pack(sch, b_stage, nr, lanes, preproc=_b_reads_param(sch, b_stage))
+    leftover = inline_epilogue(sch, write_back)
+    for consumer in leftover:
+        _parallel_vectorize(sch, consumer, lanes)
+    return tile
+
+
+def _parallel_vectorize(sch, block, lanes: int) -> None:
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    with contextlib.suppress(Exception):
+        sch.parallel(loops[0])
+    if len(loops) > 1:
+        with contextlib.suppress(Exception):
+            _, vec = sch.split(loops[-1], [None, lanes])
+            sch.vectorize(vec)
+
+
+def candidate_tiles(cpu: CPUInfo, shape: GemmShape) -> list[GemmTile]:
+    """Tiles worth measuring for ``shape``, the default first, then by distance from it.
+
+    Varies the register block (every ``register_tiles`` shape, and 4/6/8-row variants), the
+    unroll, and — where the extents are static — the task grid; only tiles ``check_tile`` accepts.
+    """
+    base = choose_tile(cpu, shape)
+    lanes = cpu.lanes(shape.dtype)
+    blocks = set()
+    for mr, nv in register_tiles(cpu):
+        for rows in {mr, 8, 6, 4}:
+            if rows <= mr and (shape.m is None or rows <= shape.m):
+                blocks.add((rows, nv))
+    blocks.add((base.mr, base.nr_vectors))
+    found = []
+    for mr, nv in sorted(blocks):
+        nr = nv * lanes
+        m_tiles = None if shape.m is None else _ceil_div(shape.m, mr)
+        n_tiles = None if shape.n is None else _ceil_div(shape.n, nr)
+        mcs = [1] if m_tiles is None else [d for d in (1, 2, 4, 8) if m_tiles % d == 0]
+        ncs = [0] if n_tiles is None else [0] + [d for d in (1, 2, 4, 8) if n_tiles % d == 0]
+        for mc in mcs:
+            for nc in ncs:
+                for ku in (1, 2, 4, 8):
+                    tile = GemmTile(mr, nv, mc, nc, ku, True)
+                    try:
+                        check_tile(tile, shape, lanes)
+                    except ValueError:
+                        continue
+                    found.append(tile)
+
+    def distance(t: GemmTile) -> tuple:
+        return (
+            t != base,
+            abs(t.mr * t.nr_vectors - base.mr * base.nr_vectors),
+            t.nr_vectors != base.nr_vectors,
+            t.k_unroll != base.k_unroll,
+            t.mc_tiles != base.mc_tiles,
+            t.nc_tiles != base.nc_tiles,
+            t.mr,
+            t.nr_vectors,
+            t.k_unroll,
+            t.mc_tiles,
+            t.nc_tiles,
+        )
+
+    unique = sorted(set(found) | {base}, key=distance)
+    return unique
+
+
+class CPUMatmul:
+    """Schedule rule: GEMM-like PrimFuncs (see the module docstring) on LLVM CPU targets.
+
+    Follows TVM's dlight ``ScheduleRule`` protocol (``apply(func, target, tunable)`` returns a
+    schedule or ``None``). ``tile`` overrides ``choose_tile`` (tuning uses it); ``GemmTile``
+    records of the tuning database reach it through ``ApplyScheduleRules``.
+    """
+
+    def __init__(self, tile: GemmTile | None = None):
+        self.tile = tile
+
+    def is_target_available(self, target: Any) -> bool:
+        return target.kind.name == "llvm"
+
+    def apply(self, func, target, tunable: bool):
+        from tvm import s_tir
+
+        if not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        block = find_gemm_block(sch)
+        if block is None:
+            return None
+        schedule_gemm(sch, block, target, self.tile)
+        return sch

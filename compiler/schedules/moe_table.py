@@ -1,0 +1,410 @@
+"""Per-device schedule parameters of qiao's MoE kernels (block sizes, micro-kernel shapes).
+
+The values live in ``moe_table.json`` beside this file, one entry per device key; ``qiao tune``
+regenerates the CPU entries by measurement. ``lookup(target)`` picks the entry for a TVM target:
+
+- LLVM (CPU) targets: ``cpu/<mcpu>`` when tuned for that CPU, else ``cpu/avx512``, ``cpu/avx2`` or
+  ``cpu/simd128`` from the target's SIMD width (read from the target, never from this machine);
+- CUDA: ``cuda/<arch>`` then ``cuda``; ROCm: ``rocm/<mcpu>`` then ``rocm``.
+
+A backend's ``moe_schedule(arch)`` may return overrides (a mapping of field names); they are
+applied with
+``MoESchedule.replace``. Entries only name the fields they change from the defaults below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from qiao.compiler.errors import QiaoError
+
+TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "moe_table.json")
+TABLE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class MoESchedule:
+    """Schedule parameters of the four MoE stages for one device.
+
+    Parameters
+    ----------
+    device : str
+        The table key this came from (``cpu/avx512``, ``cuda``...).
+    block_m : int
+        Alignment block: each expert's token slots are padded to a multiple of this (vLLM's
+        ``moe_align_block_size``); on GPUs it is also the rows of one thread-block tile.
+    vector_lanes : int
+        CPU: float32 lanes of one SIMD register; the reduction axis is vectorised by this.
+    micro_m, micro_n : int
+        CPU gate/up grouped-GEMM micro-kernel: tokens x weight rows held in ``micro_m * micro_n``
+        vector accumulators (registers). ``micro_m`` full rows use it; fewer use the GEMV kernel.
+    down_micro_m, down_micro_n : int
+        The same for the down projection (its reduction axis is shorter, so more token rows stay
+        in L1).
+    gemv_n : int
+        CPU GEMV (decode) kernel: weight rows per step for one token.
+    prefetch : int
+        CPU: 1 to prefetch the next weight rows while multiplying the current ones (the weight
+        streams are what bounds decode and small batches), 0 to rely on the hardware prefetcher.
+    tile_up, tile_down : int
+        CPU: intermediate columns (gate/up) and output columns (down) of one parallel task.
+    gpu_tile_n, gpu_tile_k : int
+        GPU tile: output columns and reduction depth per thread block (shared memory).
+    gpu_thread_m, gpu_thread_n : int
+        GPU: outputs per thread (rows x columns) inside the tile.
+    gpu_gemv_max_tokens : int
+        GPU: token counts up to this use the GEMV (decode) kernels.
+    """
+
+    device: str = "default"
+    block_m: int = 4
+    vector_lanes: int = 8
+    micro_m: int = 2
+    micro_n: int = 4
+    down_micro_m: int = 2
+    down_micro_n: int = 4
+    gemv_n: int = 8
+    prefetch: int = 0
+    tile_up: int = 16
+    tile_down: int = 64
+    gpu_tile_n: int = 64
+    gpu_tile_k: int = 32
+    gpu_thread_m: int = 2
+    gpu_thread_n: int = 4
+    gpu_gemv_max_tokens: int = 4
+
+    def replace(self, **changes: Any) -> MoESchedule:
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_FIELDS = {f.name for f in dataclasses.fields(MoESchedule)}
+
+
+def _check_entry(key: str, entry: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = set(entry) - _FIELDS
+    if unknown:
+        raise QiaoError(
+            f"MoE schedule table entry {key!r} has unknown field(s) {sorted(unknown)}. "
+            "fix: use only "
+            f"{sorted(_FIELDS - {'device'})} (see qiao.compiler.schedules.moe_table.MoESchedule)"
+        )
+    bad = [
+        k
+        for k, v in entry.items()
+        if k != "device" and (not isinstance(v, int) or v < (0 if k == "prefetch" else 1))
+    ]
+    if bad:
+        raise QiaoError(
+            f"MoE schedule table entry {key!r}: {bad} must be positive integers. fix: rerun "
+            "`qiao tune` or correct the entry"
+        )
+    return dict(entry)
+
+
+@functools.lru_cache(maxsize=4)
+def _load(path: str, mtime: float) -> dict[str, dict[str, Any]]:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as err:
+        raise QiaoError(
+            f"cannot read the MoE schedule table {path}: {err}. "
+            "fix: restore it from the repository "
+            "or regenerate it with `qiao tune`"
+        ) from err
+    if data.get("version") != TABLE_VERSION or not isinstance(data.get("entries"), dict):
+        raise QiaoError(
+            f"{path} is not a version-{TABLE_VERSION} MoE schedule table. fix: regenerate it with "
+            "`qiao tune`"
+        )
+    return {k: _check_entry(k, v) for k, v in data["entries"].items()}
+
+
+def load_table(path: str | None = None) -> dict[str, dict[str, Any]]:
+    """The table's entries, ``{device key: {field: value}}``."""
+    path = path or os.environ.get("QIAO_MOE_TABLE") or TABLE_PATH
+    return _load(path, os.path.getmtime(path) if os.path.exists(path) else 0.0)
+
+
+def device_keys(target: Any) -> list[str]:
+    """Table keys for ``target``, most specific first."""
+    kind = target.kind.name
+    attrs = target.attrs
+    if kind == "llvm":
+        from qiao.compiler.schedules.cpu_info import cpu_info
+
+        mcpu = str(attrs.get("mcpu", "") or "")
+        width = cpu_info(target).simd_bits
+        family = {512: "cpu/avx512", 256: "cpu/avx2"}.get(width, "cpu/simd128")
+        return ([f"cpu/{mcpu}"] if mcpu else []) + [family]
+    if kind in ("cuda", "rocm"):
+        arch = str(attrs.get("arch", "") or attrs.get("mcpu", "") or "")
+        return ([f"{kind}/{arch}"] if arch else []) + [kind]
+    return [kind]
+
+
+def lookup(target: Any, overrides: Mapping[str, Any] | None = None) -> MoESchedule:
+    """The MoE schedule for a TVM target, with a backend's ``overrides`` applied last."""
+    table = load_table()
+    for key in device_keys(target):
+        if key in table:
+            schedule = MoESchedule(**{**table[key], "device": key})
+            break
+    else:
+        schedule = MoESchedule(device="default")
+    if overrides:
+        schedule = schedule.replace(**_check_entry("backend override", dict(overrides)))
+    return schedule
+
+
+def write_entry(
+    key: str,
+    values: Mapping[str, Any],
+    measured: Mapping[str, Any] | None = None,
+    path: str | None = None,
+) -> str:
+    """Store ``values`` as the entry ``key`` (atomically); returns the table path."""
+    path = path or os.environ.get("QIAO_MOE_TABLE") or TABLE_PATH
+    data = {"version": TABLE_VERSION, "entries": {}, "measurements": {}}
+    if os.path.exists(path):
+        with open(path) as f:
+            data = json.load(f)
+    data.setdefault("measurements", {})
+    data["entries"][key] = _check_entry(key, {k: v for k, v in values.items() if k != "device"})
+    if measured is not None:
+        data["measurements"][key] = dict(measured)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Measuring schedules (``qiao tune``)
+# ------------------------------------------------------------------------------------------------
+def _compile_kernel(func, target):
+    import tvm
+
+    return tvm.compile(
+        tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _dispatch_kernels(
+    num_experts: int, top_k: int, normalize: bool, block_m: int, target_json: str
+):
+    import tvm
+    from qiao.compiler.kernels.moe_align import moe_align
+    from qiao.compiler.kernels.moe_gating import moe_gating
+
+    target = tvm.target.Target(target_json)
+    return (
+        _compile_kernel(moe_gating(num_experts, top_k, normalize), target),
+        _compile_kernel(moe_align(num_experts, top_k, block_m), target),
+    )
+
+
+def time_stage_kernels(
+    target: Any,
+    schedule: MoESchedule,
+    cfg,
+    tokens: int,
+    *,
+    seed: int = 0,
+    repeat: int = 5,
+    weights=None,
+) -> dict[str, float]:
+    """Median seconds of the gate/up and down grouped GEMMs for ``tokens`` tokens on this machine.
+
+    Gating and alignment run once (compiled for ``target``) to produce the real dispatch tables; the
+    two GEMMs are then timed with TVM's evaluator. ``weights`` = (fc1, fc2) numpy arrays to reuse.
+    """
+    import numpy as np
+    import tvm
+    from qiao.compiler.kernels.group_gemm import group_gemm_down, group_gemm_up
+    from qiao.compiler.kernels.moe_common import num_blocks
+
+    E, H, INTER, K, BM = cfg.num_experts, cfg.hidden, cfg.inter, cfg.top_k, schedule.block_m
+    rng = np.random.default_rng(seed)
+    if weights is None:
+        weights = (
+            rng.standard_normal((E, cfg.fc1_rows, H), dtype=np.float32),
+            rng.standard_normal((E, H, INTER), dtype=np.float32),
+        )
+    dev = tvm.cpu(0)
+
+    def nd(a):
+        return tvm.runtime.tensor(np.ascontiguousarray(a), dev)
+
+    def empty(shape, dtype):
+        return tvm.runtime.empty(shape, dtype, dev)
+
+    blocks = num_blocks(tokens, K, E, BM)
+    x = nd(rng.standard_normal((tokens, H), dtype=np.float32))
+    logits = nd(rng.standard_normal((tokens, E), dtype=np.float32))
+    ids, tw = empty((tokens, K), "int32"), empty((tokens, K), "float32")
+    gating, align = _dispatch_kernels(E, K, cfg.normalize, BM, str(target))
+    gating["main"](logits, ids, tw)
+    tables = [
+        empty((E,), "int32"),
+        empty((E + 1,), "int32"),
+        empty((E,), "int32"),
+        empty((1,), "int32"),
+        empty((blocks * BM,), "int32"),
+        empty((blocks,), "int32"),
+        empty((1,), "int32"),
+        empty((tokens, K), "int32"),
+    ]
+    align["main"](ids, *tables)
+    counts, offsets, active, nact, pairs, bexp, nblk, pslot = tables
+    fc1, fc2 = nd(weights[0]), nd(weights[1])
+    bias = nd(np.zeros((1,), np.float32))
+    act = empty((blocks * BM, INTER), "float32")
+    out = empty((tokens, K, H), "float32")
+    up_args = [x, fc1, bias, ids, pairs, offsets, counts, active, nact, bexp, nblk, pslot, act]
+    down_args = [
+        act,
+        fc2,
+        bias,
+        ids,
+        tw,
+        pairs,
+        offsets,
+        counts,
+        active,
+        nact,
+        bexp,
+        nblk,
+        pslot,
+        out,
+    ]
+    result = {}
+    for name, func, args in (
+        ("up", group_gemm_up(cfg, schedule), up_args),
+        ("down", group_gemm_down(cfg, schedule), down_args),
+    ):
+        lib = _compile_kernel(func, target)
+        timer = lib.mod.time_evaluator("main", dev, number=1, repeat=repeat, min_repeat_ms=20)
+        timer(*args)
+        result[name] = float(np.median(timer(*args).results))
+    return result
+
+
+# Candidate CPU micro-kernels (tokens x weight rows), within 32 vector registers for AVX-512 and 16
+# for narrower SIMD: accumulators + one register per token row + one for the weight stream.
+_CANDIDATES = {
+    32: [(1, 16), (2, 8), (2, 12), (3, 8), (4, 4), (4, 6), (6, 4), (8, 2)],
+    16: [(1, 8), (2, 4), (2, 6), (3, 4), (4, 2)],
+}
+
+
+def tune_cpu(
+    target: Any,
+    cfg,
+    *,
+    tokens_decode: int = 1,
+    tokens_prefill: int | None = None,
+    repeat: int = 5,
+    log=print,
+    candidates=None,
+    gemv_rows=(4, 8, 12, 16),
+    tiles_up=(8, 16, 32, 64),
+    tiles_down=(32, 64, 128, 256),
+) -> tuple[str, MoESchedule, dict[str, Any]]:
+    """Measure candidate CPU schedules for ``cfg`` on this machine and return the best.
+
+    The decode kernel (``gemv_n``) is chosen on ``tokens_decode`` tokens, the micro-kernels and
+    tiles
+    on ``tokens_prefill`` (default: enough tokens for ~32 per expert, Qwen3-30B-A3B's T=512 load).
+    ``candidates`` (micro-kernel shapes), ``gemv_rows`` and ``tiles_*`` narrow the search.
+    Returns ``(table key, schedule, measurements)``.
+    """
+    from qiao.compiler.schedules.cpu_info import cpu_info
+
+    info = cpu_info(target)
+    lanes = info.lanes("float32")
+    regs = 32 if info.vector_registers >= 32 else 16
+    key = device_keys(target)[0]
+    base = lookup(target).replace(device=key, vector_lanes=lanes)
+    prefill = tokens_prefill or max(1, 32 * cfg.num_experts // cfg.top_k)
+    rng_weights = None
+    measurements: dict[str, Any] = {
+        "config": dict(
+            experts=cfg.num_experts, hidden=cfg.hidden, inter=cfg.inter, top_k=cfg.top_k
+        ),
+        "tokens_decode": tokens_decode,
+        "tokens_prefill": prefill,
+    }
+
+    def measure(schedule, tokens):
+        nonlocal rng_weights
+        if rng_weights is None:
+            import numpy as np
+
+            rng = np.random.default_rng(0)
+            rng_weights = (
+                rng.standard_normal((cfg.num_experts, cfg.fc1_rows, cfg.hidden), dtype=np.float32),
+                rng.standard_normal((cfg.num_experts, cfg.hidden, cfg.inter), dtype=np.float32),
+            )
+        return time_stage_kernels(target, schedule, cfg, tokens, repeat=repeat, weights=rng_weights)
+
+    # 1. decode: rows per GEMV step
+    best = base
+    scores = {}
+    for gemv_n in gemv_rows:
+        if gemv_n > regs - 2:
+            continue
+        t = measure(best.replace(gemv_n=gemv_n), tokens_decode)
+        scores[gemv_n] = t["up"] + t["down"]
+        log(f"decode T={tokens_decode} gemv_n={gemv_n}: {scores[gemv_n] * 1e3:.3f} ms")
+    best = best.replace(gemv_n=min(scores, key=scores.get))
+    measurements["decode"] = {str(k): v for k, v in scores.items()}
+    # 2. prefill: micro-kernel of each GEMM, then the task tiles
+    for stage, fields in (
+        ("up", ("micro_m", "micro_n")),
+        ("down", ("down_micro_m", "down_micro_n")),
+    ):
+        scores = {}
+        for mm, mn in candidates or _CANDIDATES[regs]:
+            sched = best.replace(**{fields[0]: mm, fields[1]: mn})
+            if stage == "up":
+                sched = sched.replace(block_m=mm)
+            scores[(mm, mn)] = measure(sched, prefill)[stage]
+            log(f"prefill T={prefill} {stage} micro {mm}x{mn}: {scores[(mm, mn)] * 1e3:.3f} ms")
+        mm, mn = min(scores, key=scores.get)
+        best = best.replace(**{fields[0]: mm, fields[1]: mn})
+        if stage == "up":
+            best = best.replace(block_m=mm)
+        measurements[f"prefill_{stage}"] = {f"{a}x{b}": v for (a, b), v in scores.items()}
+    for field, options, stage in (("tile_up", tiles_up, "up"), ("tile_down", tiles_down, "down")):
+        scores = {}
+        for v in options:
+            scores[v] = measure(best.replace(**{field: v}), prefill)[stage]
+            log(f"prefill T={prefill} {field}={v}: {scores[v] * 1e3:.3f} ms")
+        best = best.replace(**{field: min(scores, key=scores.get)})
+        measurements[field] = {str(k): v for k, v in scores.items()}
+    return key, best, measurements
+
+
+__all__ = [
+    "MoESchedule",
+    "TABLE_PATH",
+    "device_keys",
+    "load_table",
+    "lookup",
+    "time_stage_kernels",
+    "tune_cpu",
+    "write_entry",
+]

@@ -1,0 +1,375 @@
+"""Tuning that persists: a per-device database of measured GEMM tiles, filled on demand.
+
+``qiao compile --tune`` measures, for every GEMM-like kernel of the model (dense layers, batched
+matmuls, convolutions) whose workload this device has no record of, up to ``--trials`` candidate
+tiles of qiao's CPU GEMM schedule (``cpu_gemm.candidate_tiles``: the default first) and records the
+fastest. Every later compile for the same device, tuned or not, schedules those workloads with the
+recorded tile; a workload already tuned on a device is never measured again.
+
+Why not MetaSchedule's search: qiao's models keep their batch and sequence dimensions symbolic, and
+MetaSchedule tunes static shapes only (its builder also imports ``tvm.s_tir.tensor_intrin``, about
+a minute, and strips the weight-packing blocks qiao's GEMMs rely on). The search space here is the
+same rule the compiler uses without tuning, so a tuned schedule is valid for every shape, and the
+symbolic dimensions only need one value to measure at (``tune_dims``, default 64 each).
+
+Layout: ``$QIAO_CACHE_DIR/tuning/<device>/records.json`` (default cache dir ``~/.cache/qiao``).
+``<device>`` names the CPU and hashes what changes the best schedule: the LLVM ``mcpu``/``mattr``,
+the core count, and the CPU model when compiling for the host. A record holds the tile, its time,
+the default tile's time, the trial count and the dimensions measured at; records of an older
+schedule version are ignored rather than misapplied. Candidates run in a separate process, so a
+kernel that crashes costs a trial, not the compile.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+log = logging.getLogger("qiao.tuning")
+
+DEFAULT_TRIALS = 16
+DEFAULT_DIM = 64
+# Bump when the GEMM schedule changes meaning: older records are then ignored, not misapplied.
+SCHEDULE_VERSION = 1
+RECORDS = "records.json"
+
+
+def cache_dir() -> str:
+    """``$QIAO_CACHE_DIR`` or ``~/.cache/qiao``."""
+    return os.environ.get("QIAO_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "qiao"
+    )
+
+
+def _host_cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model", "Hardware"):
+                    return value.strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def is_host_target(target: Any) -> bool:
+    """Whether ``target`` is this machine's CPU (tuning measures here, so it must be)."""
+    import tvm
+
+    return str(target.attrs.get("mcpu", "")) == str(tvm.target.codegen.llvm_get_system_cpu())
+
+
+def device_key(target: Any) -> str:
+    """Directory name of ``target``'s records: ``<mcpu>-<cores>c-<hash of the details>``."""
+    attrs = {k: str(v) for k, v in json.loads(str(target)).items() if k != "tag"}
+    mcpu = attrs.get("mcpu", "") or "generic"
+    details = dict(attrs, cpu_model=_host_cpu_model() if is_host_target(target) else "")
+    digest = hashlib.sha256(json.dumps(details, sort_keys=True).encode()).hexdigest()[:12]
+    cores = attrs.get("num-cores", "")
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{mcpu}-{cores}c" if cores else mcpu)
+    return f"{slug}-{digest}"
+
+
+def workload_key(func) -> str:
+    """Identity of a PrimFunc's workload: its structural hash (names of variables do not matter)."""
+    import tvm_ffi
+
+    if func.attrs is not None and "global_symbol" in func.attrs:
+        func = func.without_attr("global_symbol")
+    value = tvm_ffi.structural_hash(func, map_free_vars=True)
+    return f"{value & ((1 << 64) - 1):016x}"
+
+
+class TuningDatabase:
+    """Tuned GEMM tiles of one device, keyed by workload.
+
+    Parameters
+    ----------
+    directory : str
+        Where ``records.json`` lives (created on the first record).
+    target : tvm.target.Target, optional
+        The device's target.
+    tune_dims : mapping, optional
+        Values of symbolic dimensions to measure at (``{"batch": 1, "seq": 128}``); others take
+        ``DEFAULT_DIM``.
+    """
+
+    def __init__(
+        self, directory: str, target: Any = None, tune_dims: Mapping[str, int] | None = None
+    ):
+        self.directory = directory
+        self.target = target
+        self.tune_dims = dict(tune_dims or {})
+        self._records: dict[str, dict] | None = None
+        self.tuned: list[str] = []  # workloads measured by this object (for reports and tests)
+
+    @classmethod
+    def for_target(
+        cls, target: Any, root: str | None = None, tune_dims: Mapping[str, int] | None = None
+    ) -> TuningDatabase:
+        """The database of ``target`` under ``root`` (default ``cache_dir()/tuning``)."""
+        base = root or os.path.join(cache_dir(), "tuning")
+        return cls(os.path.join(base, device_key(target)), target, tune_dims)
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.directory, RECORDS)
+
+    def records(self) -> dict[str, dict]:
+        """All records (read once; a missing or unreadable file is an empty database)."""
+        if self._records is None:
+            self._records = {}
+            try:
+                with open(self.path) as f:
+                    data = json.load(f)
+                if data.get("schedule_version") == SCHEDULE_VERSION:
+                    self._records = dict(data.get("records", {}))
+            except (OSError, ValueError, AttributeError):
+                pass
+        return self._records
+
+    def lookup(self, func) -> dict | None:
+        """The record of ``func``'s workload, or ``None``."""
+        return self.records().get(workload_key(func))
+
+    def commit(self, func, record: Mapping[str, Any]) -> None:
+        """Store ``record`` for ``func``'s workload (atomic rewrite of ``records.json``)."""
+        records = self.records()
+        records[workload_key(func)] = dict(record)
+        os.makedirs(self.directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".records-", dir=self.directory)
+        with os.fdopen(fd, "w") as f:
+            json.dump(
+                {"schedule_version": SCHEDULE_VERSION, "records": records},
+                f,
+                indent=1,
+                sort_keys=True,
+            )
+        os.replace(tmp, self.path)
+
+    def schedule(self, func, target: Any, tune_trials: int = 0):
+        """``func`` scheduled from its record — tuning it first when ``tune_trials`` > 0, it has no
+        record and it is GEMM-like — or ``None`` (no record; the default rules apply)."""
+        from qiao.compiler.schedules.cpu_gemm import CPUMatmul, GemmTile
+
+        record = self.lookup(func)
+        if record is None and tune_trials > 0:
+            record = tune_gemm(func, target, tune_trials, self.tune_dims)
+            if record is not None:
+                self.commit(func, record)
+                self.tuned.append(workload_key(func))
+        if record is None:
+            return None
+        sch = CPUMatmul(GemmTile(**record["tile"])).apply(func, target, False)
+        return None if sch is None else sch.mod["main"]
+
+
+# -- measuring -------------------------------------------------------------------------------------
+
+
+def shape_vars(func) -> dict[str, Any]:
+    """Symbolic shape variables of ``func``'s parameters, by name."""
+    import tvm_ffi
+    from tvm.ir.expr import Var
+
+    found: dict[str, Any] = {}
+    for p in func.params:
+        shape = getattr(p.ty, "shape", None)
+        if shape is None:
+            found.setdefault(p.name, p)  # a scalar parameter (e.g. a shape value)
+            continue
+        for d in shape:
+            tvm_ffi.structural_walk(d, [(Var, lambda v: (found.setdefault(v.name, v), None)[1])])
+    return found
+
+
+def concrete_args(func, dims: Mapping[str, int]) -> list[dict]:
+    """Argument specs for calling ``func`` with its symbolic dimensions set to ``dims``:
+    ``{"shape": [...], "dtype": ...}`` for buffers, ``{"scalar": int}`` for scalar parameters."""
+    import tvm
+    import tvm_ffi
+    from tvm.ir.expr import Var
+
+    variables = shape_vars(func)
+    analyzer = tvm.sym.Analyzer()
+
+    def value(expr) -> int:
+        def on_var(v, _mutator):
+            var = variables.get(v.name)
+            if var is not None and v.same_as(var):
+                return tvm.tirx.const(int(dims[v.name]), "int64")
+            return v
+
+        out = analyzer.simplify(tvm_ffi.structural_mutate(expr, [(Var, on_var)]))
+        if not isinstance(out, tvm.tirx.IntImm):
+            raise ValueError(f"cannot evaluate {expr} with {dict(dims)}")
+        return int(out.value)
+
+    args = []
+    for p in func.params:
+        shape = getattr(p.ty, "shape", None)
+        if shape is None:
+            args.append({"scalar": int(dims[p.name])})
+        else:
+            args.append({"shape": [value(d) for d in shape], "dtype": str(p.ty.dtype)})
+    return args
+
+
+def tune_gemm(
+    func, target: Any, trials: int, tune_dims: Mapping[str, int] | None = None
+) -> dict | None:
+    """Measure up to ``trials`` candidate tiles of ``func`` (GEMM-like) on this machine.
+
+    Returns the record of the fastest (``tile``, ``seconds``, ``default_seconds``, ``trials``,
+    ``dims``), or ``None`` when ``func`` is not GEMM-like or nothing could be measured.
+    """
+    import tvm
+    from qiao.compiler.errors import QiaoError
+    from qiao.compiler.schedules.cpu_gemm import (
+        CPUMatmul,
+        candidate_tiles,
+        find_gemm_block,
+        gemm_shape,
+        normalize_gemm,
+    )
+    from qiao.compiler.schedules.cpu_info import cpu_info
+    from tvm import s_tir
+
+    if not is_host_target(target):
+        raise QiaoError(
+            f"cannot tune for mcpu={target.attrs.get('mcpu')!r} on this "
+            f"{tvm.target.codegen.llvm_get_system_cpu()} machine: tuning measures here. fix: tune "
+            "on the target machine (its records can then be copied into this cache), or compile "
+            "without --tune"
+        )
+    probe = s_tir.Schedule(func)
+    block = find_gemm_block(probe)
+    if block is None:
+        return None
+    normalize_gemm(probe, block)
+    shape = gemm_shape(probe, block)
+    dims = {n: int((tune_dims or {}).get(n, DEFAULT_DIM)) for n in shape_vars(func)}
+    try:
+        args = concrete_args(func, dims)
+    except (KeyError, ValueError) as err:
+        log.info("not tuning %s: %s", func.attrs.get("global_symbol", "kernel"), err)
+        return None
+    tiles = candidate_tiles(cpu_info(target), shape)[: max(1, trials)]
+    with tempfile.TemporaryDirectory(prefix="qiao-tune-") as tmp:
+        libs = []
+        for n, tile in enumerate(tiles):
+            sch = CPUMatmul(tile).apply(func, target, False)
+            scheduled = _finish(sch.mod["main"], target)
+            path = os.path.join(tmp, f"cand{n}.so")
+            try:
+                ex = tvm.compile(
+                    tvm.IRModule({"main": scheduled.with_attr("global_symbol", "main")}),
+                    target=target,
+                )
+                ex.export_library(path)
+                libs.append((tile, path))
+            except Exception as err:  # a candidate the compiler rejects is just not measured
+                log.info("candidate %s does not build: %s", tile, err)
+        seconds = measure_libraries([p for _, p in libs], args)
+    measured = [(t, s) for (t, _), s in zip(libs, seconds) if s is not None]
+    if not measured:
+        return None
+    best_tile, best = min(measured, key=lambda ts: ts[1])
+    default = dict((t, s) for t, s in measured).get(tiles[0])
+    log.info("tuned %s: %s at %.3g s (default %s)", shape, best_tile, best, default)
+    return {
+        "kind": "gemm",
+        "tile": best_tile.to_json(),
+        "seconds": best,
+        "default_seconds": default,
+        "trials": len(libs),
+        "dims": dims,
+    }
+
+
+def _finish(func, target):
+    """The post-rule CPU passes, so candidates are measured as they will be compiled."""
+    from qiao.compiler.passes.vectorizable_math import rewrite_math
+    from qiao.compiler.passes.vectorize_ragged_loops import split_ragged_vector_loops
+
+    return rewrite_math(split_ragged_vector_loops(func))
+
+
+def measure_libraries(paths: list[str], args: list[dict], repeat: int = 5) -> list[float | None]:
+    """Median seconds per call of each library's ``main`` on random ``args``, measured in a child
+    process (one that crashes loses that candidate only); ``None`` where a candidate failed."""
+    results: dict[int, float | None] = {}
+    pending = list(range(len(paths)))
+    while pending:
+        spec = {"paths": [paths[i] for i in pending], "args": args, "repeat": repeat}
+        proc = subprocess.run(
+            [sys.executable, "-m", "qiao.compiler.schedules.tuning", "measure"],
+            input=json.dumps(spec),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        done = 0
+        for line in proc.stdout.splitlines():
+            if not line.startswith("{"):
+                continue
+            row = json.loads(line)
+            results[pending[row["index"]]] = row.get("seconds")
+            done = max(done, row["index"] + 1)
+        if proc.returncode != 0:
+            if done < len(pending):
+                results[pending[done]] = None  # the candidate that was running when it died
+                log.info("candidate %s crashed: %s", paths[pending[done]], proc.stderr[-300:])
+            done += 1
+        pending = pending[done:]
+    return [results.get(i) for i in range(len(paths))]
+
+
+def _measure_main() -> int:
+    """Child process: read a spec on stdin, print one JSON line per library as it is measured."""
+    import numpy as np
+    import tvm
+
+    spec = json.loads(sys.stdin.read())
+    rng = np.random.default_rng(0)
+    dev = tvm.cpu(0)
+    host_args = []
+    for a in spec["args"]:
+        if "scalar" in a:
+            host_args.append(a["scalar"])
+        elif a["dtype"] == "bool":
+            host_args.append(rng.integers(0, 2, a["shape"]).astype(bool))
+        else:
+            host_args.append(rng.standard_normal(a["shape"]).astype(a["dtype"]))
+    dev_args = [tvm.runtime.tensor(x, dev) if isinstance(x, np.ndarray) else x for x in host_args]
+    for index, path in enumerate(spec["paths"]):
+        try:
+            lib = tvm.runtime.load_module(path)
+            lib["main"](*dev_args)  # warm-up (and a crash here is caught by the parent)
+            evaluator = lib.time_evaluator(
+                "main", dev, number=1, repeat=spec["repeat"], min_repeat_ms=20
+            )
+            secs = float(np.median(list(evaluator(*dev_args).results)))
+        except Exception as err:  # a candidate that fails at run time
+            print(json.dumps({"index": index, "seconds": None, "error": str(err)[:200]}),
+                  flush=True)
+            continue
+        print(json.dumps({"index": index, "seconds": secs}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["measure"]:
+        sys.exit(_measure_main())
+    sys.exit(f"usage: {sys.argv[0]} measure  (spec on stdin)")

@@ -1,0 +1,455 @@
+"""The MoE op (``com.microsoft::MoE``) through qiao's four-stage lowering on the CPU, against ONNX
+Runtime,
+an independent NumPy reference and PyTorch eager: token counts from 1 up on one symbolic-T artifact,
+experts with no tokens, one expert with every token, k = 1, k = E, duplicate router scores, the
+activation/layout/bias variants ONNX allows, and the stage kernels alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from conftest import assert_close
+from onnx import TensorProto, helper, numpy_helper
+
+RTOL, ATOL = 1e-4, 1e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# Independent reference (NumPy, float64), ONNX Runtime's semantics
+# ------------------------------------------------------------------------------------------------
+def numpy_moe(
+    x,
+    logits,
+    fc1,
+    fc2,
+    k,
+    normalize=True,
+    activation="swiglu",
+    layout="interleaved",
+    b1=None,
+    b2=None,
+    alpha=1.0,
+    beta=0.0,
+    limit=None,
+):
+    """y = sum_j w_j * fc2_e (act(fc1_e x)) over the top-k experts of softmax(logits); ties in the
+    probabilities go to the higher expert index (ONNX Runtime's CPU kernel)."""
+    x, logits = x.astype(np.float64), logits.astype(np.float64)
+    fc1, fc2 = fc1.astype(np.float64), fc2.astype(np.float64)
+    num_experts = logits.shape[1]
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    y = np.zeros_like(x)
+    for t in range(x.shape[0]):
+        order = np.lexsort((-np.arange(num_experts), -p[t]))[:k]
+        w = p[t, order] / (p[t, order].sum() if normalize else 1.0)
+        for e, we in zip(order, w):
+            h = fc1[e] @ x[t] + (b1[e] if b1 is not None else 0)
+            if activation == "swiglu":
+                inter = fc2.shape[2]
+                g, u = (h[0::2], h[1::2]) if layout == "interleaved" else (h[:inter], h[inter:])
+                if limit is not None:
+                    g, u = np.minimum(g, limit), np.clip(u, -limit, limit)
+                a = g / (1 + np.exp(-alpha * g)) * (u + beta)
+            elif activation == "silu":
+                a = h / (1 + np.exp(-h))
+            elif activation == "relu":
+                a = np.maximum(h, 0)
+            elif activation == "gelu":  # tanh approximation, as ORT's MoE
+                a = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h**3)))
+            else:
+                a = h
+            y[t] += we * (fc2[e] @ a + (b2[e] if b2 is not None else 0))
+    return y.astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Building and compiling MoE graphs
+# ------------------------------------------------------------------------------------------------
+def make_weights(E, H, INTER, activation="swiglu", bias=False, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = 2 * INTER if activation == "swiglu" else INTER
+    w = {
+        "fc1": (rng.standard_normal((E, rows, H)) / np.sqrt(H)).astype(np.float32),
+        "fc2": (rng.standard_normal((E, H, INTER)) / np.sqrt(INTER)).astype(np.float32),
+    }
+    if bias:
+        w["b1"] = (0.1 * rng.standard_normal((E, rows))).astype(np.float32)
+        w["b2"] = (0.1 * rng.standard_normal((E, H))).astype(np.float32)
+    return w
+
+
+def moe_model(weights, k, normalize=1, activation="swiglu", fusion=1, rank=2, **attrs):
+    """One MoE node; weights are initializers; the token dimension is symbolic."""
+    E, _, H = weights["fc1"].shape
+    names = [
+        "x",
+        "logits",
+        "fc1",
+        "b1" if "b1" in weights else "",
+        "fc2",
+        "b2" if "b2" in weights else "",
+    ]
+    kw = dict(k=k, activation_type=activation, normalize_routing_weights=normalize, **attrs)
+    if activation == "swiglu":
+        kw["swiglu_fusion"] = fusion
+    node = helper.make_node("MoE", names, ["y"], domain="com.microsoft", **kw)
+    tok = ["batch", "seq"] if rank == 3 else ["tokens"]
+    graph = helper.make_graph(
+        [node],
+        "moe",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [*tok, H]),
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["tokens", E]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*tok, H])],
+        initializer=[numpy_helper.from_array(v, n) for n, v in weights.items()],
+    )
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    )
+
+
+def ort_run(model, x, logits):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x, "logits": logits})[0]
+
+
+@pytest.fixture(scope="module")
+def compile_moe(tmp_path_factory):
+    """``compile_moe(key, model)`` → an Artifact, compiled once per key for the CPU."""
+    from qiao.compiler import compile
+
+    cache = {}
+
+    def get(key, model):
+        if key not in cache:
+            path = tmp_path_factory.mktemp("moe") / f"{key}.onnx"
+            onnx.save(model, str(path))
+            cache[key] = compile(str(path), "cpu", tmp_path_factory.mktemp("art") / key)
+        return cache[key]
+
+    return get
+
+
+def inputs(T, H, E, seed, rank=2):
+    rng = np.random.default_rng(seed)
+    shape = (1, T) if rank == 3 else (T,)  # router logits are (tokens, E) in both forms
+    return (
+        rng.standard_normal((*shape, H)).astype(np.float32),
+        (2 * rng.standard_normal((T, E))).astype(np.float32),
+    )
+
+
+E, H, INTER = 8, 64, 32
+BASE = make_weights(E, H, INTER)
+
+
+@pytest.fixture(scope="module")
+def base_k2(compile_moe):
+    return compile_moe("base_k2", moe_model(BASE, k=2))
+
+
+# ------------------------------------------------------------------------------------------------
+# The ONNX contract itself (what ORT computes), checked independently of qiao
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("k, normalize", [(1, 1), (2, 1), (2, 0), (8, 1)])
+def test_onnxruntime_moe_contract(k, normalize):
+    """ORT's com.microsoft::MoE takes router logits (softmax over all experts, then top-k),
+    normalize_routing_weights renormalises, swiglu_fusion=1 means interleaved gate/up rows."""
+    x, logits = inputs(5, H, E, seed=1)
+    got = ort_run(moe_model(BASE, k, normalize), x, logits)
+    assert_close(
+        got, numpy_moe(x, logits, BASE["fc1"], BASE["fc2"], k, bool(normalize)), RTOL, ATOL
+    )
+
+
+def test_onnxruntime_breaks_ties_toward_higher_expert_index():
+    """All-equal logits with k=3: ORT picks experts 7, 6, 5 (std::partial_sort with std::greater on
+    (probability, index) pairs); the reference and qiao follow that rule."""
+    x, _ = inputs(2, H, E, seed=2)
+    logits = np.zeros((2, E), np.float32)
+    got = ort_run(moe_model(BASE, 3), x, logits)
+
+    def only(e):
+        return np.where(np.arange(E) == e, 10.0, 0.0)[None].repeat(2, 0).astype(np.float32)
+
+    by_hand = sum(numpy_moe(x, only(e), BASE["fc1"], BASE["fc2"], 1) for e in (5, 6, 7)) / 3
+    assert_close(got, by_hand, RTOL, ATOL)
+
+
+# ------------------------------------------------------------------------------------------------
+# qiao vs ORT, NumPy and PyTorch eager
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("T", [1, 2, 3, 4, 5, 8, 17, 64])
+def test_moe_op_all_token_counts_one_artifact(base_k2, T):
+    import torch
+    from qiao.compiler.export_moe import moe_reference
+
+    assert base_k2.inputs[0]["shape"][0] == "tokens"  # one artifact, symbolic T
+    x, logits = inputs(T, H, E, seed=T)
+    y = base_k2.run({"x": x, "logits": logits})["y"]
+    assert_close(y, ort_run(moe_model(BASE, 2), x, logits), RTOL, ATOL, "vs onnxruntime")
+    assert_close(y, numpy_moe(x, logits, BASE["fc1"], BASE["fc2"], 2), RTOL, ATOL, "vs numpy")
+    with torch.no_grad():
+        ref = moe_reference(
+            torch.from_numpy(x),
+            torch.from_numpy(logits),
+            torch.from_numpy(BASE["fc1"]),
+            torch.from_numpy(BASE["fc2"]),
+            2,
+            True,
+        )
+    assert_close(y, ref.numpy(), RTOL, ATOL, "vs torch eager")
+
+
+def test_moe_op_one_expert_gets_every_token(base_k2):
+    x, logits = inputs(37, H, E, seed=3)
+    logits[:, 3] += 50.0  # expert 3 first for all 37 tokens; the rest spread over the others
+    y = base_k2.run({"x": x, "logits": logits})["y"]
+    assert_close(y, ort_run(moe_model(BASE, 2), x, logits), RTOL, ATOL)
+
+
+def test_moe_op_experts_without_tokens(base_k2):
+    x, logits = inputs(6, H, E, seed=4)
+    logits[:, :2] += 40.0  # every token picks experts 0 and 1; experts 2..7 get nothing
+    y = base_k2.run({"x": x, "logits": logits})["y"]
+    assert_close(y, ort_run(moe_model(BASE, 2), x, logits), RTOL, ATOL)
+    assert_close(y, numpy_moe(x, logits, BASE["fc1"], BASE["fc2"], 2), RTOL, ATOL)
+
+
+def test_moe_op_duplicate_router_scores(base_k2):
+    """Ties inside the top-k (any order gives the same sum: ORT, NumPy and torch agree) and ties
+    across
+    the top-k boundary (the choice matters: qiao follows ORT's higher-index-first rule)."""
+    import torch
+    from qiao.compiler.export_moe import moe_reference
+
+    x, _ = inputs(4, H, E, seed=5)
+    inside = np.array(
+        [
+            [3, 3, 0, 0, 0, 0, 0, 0],
+            [1, 0, 1, 0, 0, 0, 0, -1],
+            [0, 0, 0, 0, 0, 0, 2, 2],
+            [5, 0, 0, 5, 0, 0, 0, 0],
+        ],
+        np.float32,
+    )
+    y = base_k2.run({"x": x, "logits": inside})["y"]
+    assert_close(y, ort_run(moe_model(BASE, 2), x, inside), RTOL, ATOL)
+    with torch.no_grad():
+        ref = moe_reference(
+            torch.from_numpy(x),
+            torch.from_numpy(inside),
+            torch.from_numpy(BASE["fc1"]),
+            torch.from_numpy(BASE["fc2"]),
+            2,
+            True,
+        )
+    assert_close(y, ref.numpy(), RTOL, ATOL, "vs torch")
+    across = np.array(
+        [[0] * 8, [1, 0, 0, 0, 0, 0, 0, 0], [0, 0, 2, 0, 0, 2, 0, 2], [1, 1, 1, 1, 1, 1, 1, 1]],
+        np.float32,
+    )
+    y = base_k2.run({"x": x, "logits": across})["y"]
+    assert_close(y, ort_run(moe_model(BASE, 2), x, across), RTOL, ATOL)
+    assert_close(y, numpy_moe(x, across, BASE["fc1"], BASE["fc2"], 2), RTOL, ATOL)
+
+
+@pytest.mark.parametrize("k, normalize", [(1, 0), (E, 1)], ids=["k1", "k_equals_E"])
+def test_moe_op_k_extremes(compile_moe, k, normalize):
+    art = compile_moe(f"k{k}", moe_model(BASE, k, normalize))
+    for T in (1, 3, 19):
+        x, logits = inputs(T, H, E, seed=10 + T)
+        y = art.run({"x": x, "logits": logits})["y"]
+        assert_close(y, ort_run(moe_model(BASE, k, normalize), x, logits), RTOL, ATOL)
+        assert_close(
+            y, numpy_moe(x, logits, BASE["fc1"], BASE["fc2"], k, bool(normalize)), RTOL, ATOL
+        )
+
+
+VARIANTS = {
+    # name: (E, H, I, k, make_weights kwargs, node kwargs, ORT can run it)
+    "odd_dims": (5, 40, 24, 3, {}, {}, True),
+    "bias_limit_alpha_beta": (
+        6,
+        32,
+        16,
+        2,
+        {"bias": True},
+        {"swiglu_limit": 1.5, "activation_alpha": 1.702, "activation_beta": 1.0},
+        True,
+    ),
+    "concat_gate_up": (6, 32, 16, 2, {}, {"fusion": 2}, False),
+    "silu_bias": (6, 32, 16, 2, {"activation": "silu", "bias": True}, {"activation": "silu"}, True),
+    "relu_unnormalized": (
+        6,
+        32,
+        16,
+        2,
+        {"activation": "relu"},
+        {"activation": "relu", "normalize": 0},
+        True,
+    ),
+    "gelu": (6, 32, 16, 2, {"activation": "gelu"}, {"activation": "gelu"}, True),
+    "identity": (6, 32, 16, 3, {"activation": "identity"}, {"activation": "identity"}, True),
+    "input_3d": (6, 32, 16, 2, {}, {"rank": 3}, True),
+}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_moe_op_variants(compile_moe, name):
+    e, h, i, k, wkw, nkw, ort_ok = VARIANTS[name]
+    w = make_weights(e, h, i, seed=7, **wkw)
+    model = moe_model(w, k, **nkw)
+    art = compile_moe(name, model)
+    rank = nkw.get("rank", 2)
+    ref_kw = dict(
+        normalize=bool(nkw.get("normalize", 1)),
+        activation=nkw.get("activation", "swiglu"),
+        layout="concat" if nkw.get("fusion") == 2 else "interleaved",
+        b1=w.get("b1"),
+        b2=w.get("b2"),
+        alpha=nkw.get("activation_alpha", 1.0),
+        beta=nkw.get("activation_beta", 0.0),
+        limit=nkw.get("swiglu_limit"),
+    )
+    for T in (1, 6):
+        x, logits = inputs(T, h, e, seed=20 + T, rank=rank)
+        y = art.run({"x": x, "logits": logits})["y"]
+        expected = numpy_moe(x.reshape(-1, h), logits, w["fc1"], w["fc2"], k, **ref_kw).reshape(
+            y.shape
+        )
+        assert_close(y, expected, RTOL, ATOL, f"{name} vs numpy")
+        if ort_ok:
+            assert_close(y, ort_run(model, x, logits), RTOL, ATOL, f"{name} vs onnxruntime")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"use_sparse_mixer": 1}, "use_sparse_mixer"),
+        ({"fusion": 0}, "swiglu_fusion=0"),
+        ({"fc3": True}, "fc3"),
+    ],
+)
+def test_moe_unsupported_forms_fail_with_a_fix(tmp_path, change, message):
+    from qiao.compiler import compile
+    from qiao.compiler.errors import QiaoError
+
+    w = make_weights(4, 16, 8, seed=1)
+    if change.pop("fc3", False):
+        model = moe_model(w, 2)
+        node = model.graph.node[0]
+        node.input.extend(["", "fc3"])
+        model.graph.initializer.append(
+            numpy_helper.from_array(w["fc2"].transpose(0, 2, 1).copy(), "fc3")
+        )
+    else:
+        model = moe_model(w, 2, **change)
+    with pytest.raises(QiaoError, match=message) as err:
+        compile(model, "cpu", tmp_path / "art")
+    assert "fix:" in str(err.value)
+    assert not (tmp_path / "art").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# The lowering and the stage kernels
+# ------------------------------------------------------------------------------------------------
+def test_lower_moe_emits_the_four_stages_as_scheduled_kernels():
+    import tvm
+    from qiao.compiler.frontend import import_onnx
+    from qiao.compiler.passes import LowerMoE
+
+    mod = import_onnx(moe_model(BASE, 2)).mod
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})
+    lowered = LowerMoE(target)(mod)
+    prims = {
+        gv.name_hint: f for gv, f in lowered.functions_items() if isinstance(f, tvm.tirx.PrimFunc)
+    }
+    assert set(prims) == {
+        "moe_gating",
+        "moe_align",
+        "group_gemm_up",
+        "group_gemm_down",
+        "moe_combine",
+    }
+    for name, f in prims.items():
+        assert f.attrs["tirx.is_scheduled"] and f.attrs["tir.is_scheduled"], name
+    text = lowered["main"].script()
+    assert "qiao.moe" not in text and text.count("R.call_tir") == 5
+    # one artifact for every T: the token dimension stays a variable in the Relax signature
+    x_shape = lowered["main"].params[0].ty.shape
+    assert isinstance(x_shape[0], tvm.tirx.Var) and x_shape[0].name == "tokens"
+
+
+def _run_prim(func, args):
+    import tvm
+
+    lib = tvm.compile(
+        tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+        target=tvm.target.Target({"kind": "llvm"}),
+    )
+    nd = [tvm.runtime.tensor(a) for a in args]
+    lib["main"](*nd)
+    return [a.numpy() for a in nd]
+
+
+@pytest.mark.parametrize("E_, k, normalize", [(8, 2, True), (8, 8, False), (16, 3, True)])
+def test_gating_kernel_order_and_weights(E_, k, normalize):
+    from qiao.compiler.kernels.moe_gating import moe_gating
+
+    rng = np.random.default_rng(k)
+    logits = rng.standard_normal((9, E_)).astype(np.float32)
+    logits[0] = 0.0  # all tied
+    logits[1, ::2] = 1.0  # half tied at the top
+    _, ids, w = _run_prim(
+        moe_gating(E_, k, normalize),
+        [logits, np.zeros((9, k), np.int32), np.zeros((9, k), np.float32)],
+    )
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    for t in range(9):
+        order = np.lexsort((-np.arange(E_), -p[t]))[:k]
+        np.testing.assert_array_equal(ids[t], order, err_msg=f"token {t}")
+        ref = p[t, order] / (p[t, order].sum() if normalize else 1)
+        assert_close(w[t], ref.astype(np.float32), 1e-6, 1e-7, f"weights of token {t}")
+
+
+@pytest.mark.parametrize("T, block_m", [(1, 4), (13, 3), (40, 16)])
+def test_align_kernel_tables(T, block_m):
+    from qiao.compiler.kernels.moe_align import moe_align
+    from qiao.compiler.kernels.moe_common import num_blocks
+
+    E_, k = 8, 2
+    rng = np.random.default_rng(T)
+    ids = np.stack([rng.choice(E_, k, replace=False) for _ in range(T)]).astype(np.int32)
+    ids[: T // 2, 0] = 5  # a popular expert
+    B = num_blocks(T, k, E_, block_m)
+    outs = [
+        np.zeros(s, np.int32)
+        for s in ((E_,), (E_ + 1,), (E_,), (1,), (B * block_m,), (B,), (1,), (T, k))
+    ]
+    _, cnt, off, active, nact, pairs, bexp, nblk, pslot = _run_prim(
+        moe_align(E_, k, block_m), [ids, *outs]
+    )
+    counts = np.bincount(ids.ravel(), minlength=E_)
+    np.testing.assert_array_equal(cnt, counts)
+    padded = -(-counts // block_m) * block_m
+    np.testing.assert_array_equal(off, np.concatenate([[0], np.cumsum(padded)]))
+    hit = np.nonzero(counts)[0]
+    assert nact[0] == hit.size
+    np.testing.assert_array_equal(active[: hit.size], hit)
+    assert nblk[0] == padded.sum() // block_m
+    np.testing.assert_array_equal(bexp[: nblk[0]], np.repeat(np.arange(E_), padded // block_m))
+    for e in range(E_):
+        run = pairs[off[e] : off[e + 1]]
+        np.testing.assert_array_equal(run[: counts[e]], np.nonzero(ids.ravel() == e)[0])
+        assert (run[counts[e] :] == -1).all()
+    assert (pairs[off[E_] :] == -1).all()
+    np.testing.assert_array_equal(pairs[pslot.ravel()], np.arange(T * k))

@@ -1,0 +1,117 @@
+"""The per-device MoE schedule table and ``qiao tune``, which regenerates its CPU entry by
+measurement.
+(No timing is asserted: only that tuning measures, writes a valid entry, and the lowering uses
+it.)"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import assert_close, run_cli
+
+
+def target(d):
+    import tvm
+
+    return tvm.target.Target(d)
+
+
+def test_table_picks_entries_by_target():
+    from qiao.compiler.schedules.moe_table import device_keys, lookup
+
+    avx512 = lookup(target({"kind": "llvm", "mcpu": "skylake-avx512"}))
+    avx2 = lookup(target({"kind": "llvm", "mcpu": "x86-64-v3"}))
+    assert (avx512.device, avx512.vector_lanes) == ("cpu/avx512", 16)
+    assert (avx2.device, avx2.vector_lanes) == ("cpu/avx2", 8)
+    assert device_keys(target({"kind": "cuda", "arch": "sm_90"})) == ["cuda/sm_90", "cuda"]
+    assert lookup(target({"kind": "cuda", "arch": "sm_90"})).device == "cuda"
+    assert lookup(target({"kind": "llvm", "mcpu": "x86-64-v3"}), {"block_m": 7}).block_m == 7
+
+
+def test_table_rejects_bad_entries(tmp_path, monkeypatch):
+    from qiao.compiler.errors import QiaoError
+    from qiao.compiler.schedules.moe_table import lookup
+
+    bad = tmp_path / "t.json"
+    bad.write_text(json.dumps({"version": 1, "entries": {"cpu/avx2": {"micro_q": 3}}}))
+    monkeypatch.setenv("QIAO_MOE_TABLE", str(bad))
+    with pytest.raises(QiaoError, match="unknown field.*micro_q.*fix:"):
+        lookup(target({"kind": "llvm", "mcpu": "x86-64-v3"}))
+    bad.write_text(json.dumps({"version": 1, "entries": {"cpu/avx2": {"micro_m": 0}}}))
+    with pytest.raises(QiaoError, match="positive integers"):
+        lookup(target({"kind": "llvm", "mcpu": "x86-64-v3"}))
+    monkeypatch.delenv("QIAO_MOE_TABLE")
+    with pytest.raises(QiaoError, match=r"\bunknown field"):
+        lookup(target({"kind": "llvm", "mcpu": "x86-64-v3"}), {"nope": 1})
+
+
+def test_tune_measures_and_writes_an_entry_the_lowering_uses(tmp_path, monkeypatch):
+    """A narrowed search on a tiny MoE shape; the written entry drives a correct compile."""
+    import numpy as np
+    from qiao.compiler import compile
+    from qiao.compiler.kernels.moe_common import MoEConfig
+    from qiao.compiler.schedules.moe_table import TABLE_PATH, lookup, tune_cpu, write_entry
+    from test_moe import inputs, make_weights, moe_model, numpy_moe
+
+    table = tmp_path / "table.json"
+    table.write_text(open(TABLE_PATH).read())
+    cpu = target({"kind": "llvm", "mcpu": "znver4"})
+    lines = []
+    key, best, measured = tune_cpu(
+        cpu,
+        MoEConfig(4, 32, 16, 2),
+        tokens_prefill=24,
+        repeat=1,
+        log=lines.append,
+        candidates=[(2, 4), (3, 2)],
+        gemv_rows=(4,),
+        tiles_up=(8,),
+        tiles_down=(16, 32),
+    )
+    assert key == "cpu/znver4" and best.device == "cpu/znver4"
+    assert (best.micro_m, best.micro_n) in {(2, 4), (3, 2)} and best.tile_down in (16, 32)
+    assert all(v > 0 for v in measured["prefill_up"].values()) and len(lines) == 8
+    write_entry(
+        key, {**best.to_json(), "micro_m": 3, "micro_n": 2, "block_m": 3}, measured, path=str(table)
+    )
+    monkeypatch.setenv("QIAO_MOE_TABLE", str(table))
+    chosen = lookup(cpu)
+    assert (chosen.device, chosen.micro_m, chosen.micro_n) == ("cpu/znver4", 3, 2)
+    assert json.loads(table.read_text())["measurements"]["cpu/znver4"]["tokens_prefill"] == 24
+    w = make_weights(4, 32, 16, seed=3)
+    art = compile(moe_model(w, 2), "cpu", tmp_path / "art", arch="znver4")
+    x, logits = inputs(11, 32, 4, seed=1)
+    assert_close(
+        art.run({"x": x, "logits": logits})["y"],
+        numpy_moe(x, logits, w["fc1"], w["fc2"], 2),
+        1e-4,
+        1e-5,
+    )
+    assert np.isfinite(x).all()
+
+
+def test_tune_cli_dry_run(tmp_path):
+    table = tmp_path / "table.json"
+    proc = run_cli(
+        "tune",
+        "--experts",
+        "2",
+        "--hidden",
+        "16",
+        "--inter",
+        "8",
+        "--top-k",
+        "1",
+        "--tokens",
+        "4",
+        "--repeat",
+        "1",
+        "--table",
+        str(table),
+        "--dry-run",
+        "--quick",
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "best for cpu/" in proc.stdout and not table.exists()

@@ -1,0 +1,493 @@
+"""qiao's CPU schedules: every scheduled kernel against the unscheduled one and against NumPy.
+
+Kernels come from Relax operators legalised exactly as the pipeline does (LegalizeOps, FuseOps,
+FuseTIR), so the PrimFuncs have the shapes, fused epilogues and symbolic dimensions that real models
+produce. Nothing here times anything: speed lives in benchmarks/.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import assert_close
+
+tvm = pytest.importorskip("tvm")
+import tvm_ffi  # noqa: E402
+from tvm import relax  # noqa: E402
+
+ZNVER4 = {"kind": "llvm", "mcpu": "znver4", "num-cores": 2}  # AVX-512: 16 fp32 lanes
+ZNVER3 = {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}  # AVX2: 8 fp32 lanes
+
+
+def _target(spec=None):
+    from qiao.backends.cpu import CPUBackend
+
+    return tvm.target.Target(spec) if spec else CPUBackend().target()
+
+
+def _can_run(target) -> bool:
+    """A kernel compiled for ``target`` runs here when the host has its SIMD features."""
+    from tvm.target.codegen import llvm_cpu_has_features
+
+    host = _target()
+    return all(
+        llvm_cpu_has_features(f, host)
+        for f in ("avx512f", "avx2", "fma")
+        if llvm_cpu_has_features(f, target)
+    )
+
+
+def _fused_module(build):
+    """Relax module from ``build(bb) -> [params]``, legalised and fused like the pipeline does."""
+    bb = relax.BlockBuilder()
+    build(bb)
+    mod = bb.get()
+    for p in (
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ):
+        mod = p(mod)
+    return mod
+
+
+def _prim_funcs(mod):
+    return {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+
+
+def _kernel(mod, prefix):
+    funcs = _prim_funcs(mod)
+    names = [n for n in funcs if n.startswith(prefix)]
+    assert len(names) == 1, f"expected one kernel named {prefix}*, got {sorted(funcs)}"
+    return funcs[names[0]]
+
+
+def _matmul_module(m, k, n, *, dyn=False, batch=None, transb=False, epilogue=None):
+    """``x[batch?, m, k] @ w`` (``w`` ``[k, n]``, or ``[n, k]`` transposed), plus an epilogue."""
+
+    def build(bb):
+        mdim = tvm.tirx.Var("m", "int64") if dyn else m
+        xs = ((batch,) if batch else ()) + (mdim, k)
+        ws = ((batch,) if batch else ()) + ((n, k) if transb else (k, n))
+        x = relax.Var("x", relax.TensorType(xs, "float32"))
+        w = relax.Var("w", relax.TensorType(ws, "float32"))
+        with bb.function("main", [x, w]):
+            with bb.dataflow():
+                axes = ([0, 2, 1] if batch else [1, 0]) if transb else None
+                ww = bb.emit(relax.op.permute_dims(w, axes)) if transb else w
+                y = bb.emit(relax.op.matmul(x, ww))
+                if epilogue == "silu":
+                    y = bb.emit(relax.op.multiply(relax.op.sigmoid(y), y))
+                elif epilogue == "relu":
+                    y = bb.emit(relax.op.nn.relu(y))
+                out = bb.emit_output(y)
+            bb.emit_func_output(out)
+
+    return _fused_module(build)
+
+
+def _build(func, target):
+    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    return tvm.compile(mod, target=target).jit()["main"]
+
+
+def _run(func, target, arrays):
+    """Run ``func`` on copies of ``arrays`` (numpy, or ints for scalar params); returns numpy."""
+    fn = _build(func, target)
+    dev = tvm.cpu()
+    args = [tvm.runtime.tensor(np.array(a), dev) if isinstance(a, np.ndarray) else a for a in arrays]
+    fn(*args)
+    return [a.numpy() if hasattr(a, "numpy") else a for a in args]
+
+
+def _finish(func):
+    """The CPU passes that run after the rules in the schedule phase."""
+    from qiao.compiler.passes.vectorizable_math import rewrite_math
+    from qiao.compiler.passes.vectorize_ragged_loops import split_ragged_vector_loops
+
+    return rewrite_math(split_ragged_vector_loops(func))
+
+
+def _schedule(func, target, rule=None):
+    from qiao.compiler.schedules import rules_for
+
+    rules = rules_for(target) if rule is None else [rule]
+    for r in rules:
+        sch = r.apply(func, target, False)
+        if sch is not None:
+            return _finish(sch.mod["main"]), type(r).__name__
+    raise AssertionError("no rule applied")
+
+
+def _script(func) -> str:
+    return func.script()
+
+
+# -- target facts -------------------------------------------------------------------------------
+
+
+def test_simd_width_comes_from_the_target_not_the_host():
+    from qiao.compiler.schedules.cpu_info import cpu_info
+
+    avx512 = cpu_info(_target(ZNVER4))
+    avx2 = cpu_info(_target(ZNVER3))
+    sse = cpu_info(_target({"kind": "llvm", "mcpu": "x86-64"}))
+    assert (avx512.simd_bits, avx512.vector_registers, avx512.lanes("float32")) == (512, 32, 16)
+    assert (avx2.simd_bits, avx2.vector_registers, avx2.lanes("float32")) == (256, 16, 8)
+    assert sse.lanes("float32") == 4 and sse.lanes("float16") == 8
+    assert avx512.num_cores == 2
+
+
+def test_register_tiles_fit_the_register_file():
+    from qiao.compiler.schedules.cpu_gemm import register_tiles
+    from qiao.compiler.schedules.cpu_info import CPUInfo
+
+    for regs in (16, 32):
+        tiles = register_tiles(CPUInfo(256, regs, 2))
+        assert tiles
+        for mr, nv in tiles:
+            assert mr * nv + nv + 1 <= regs
+
+
+def test_default_tiles_never_split_raggedly():
+    from qiao.compiler.schedules.cpu_gemm import GemmShape, check_tile, choose_tile
+    from qiao.compiler.schedules.cpu_info import CPUInfo
+
+    cpu = CPUInfo(512, 32, 2)
+    for shape in (
+        GemmShape(1, None, 688, 256, "float32"),
+        GemmShape(1, 128, 688, 256, "float32"),
+        GemmShape(8, None, None, 32, "float32"),
+        GemmShape(1, 4, 40, 13, "float32"),
+        GemmShape(1, 1024, 1024, 1024, "float32"),
+    ):
+        tile = choose_tile(cpu, shape)
+        check_tile(tile, shape, 16)  # raises on a ragged task split
+        if shape.n == 688:
+            assert tile.nr_vectors * 16 in (16, 32)  # 688 = 43 × 16: little or no padding
+    from qiao.compiler.schedules.cpu_gemm import GemmTile
+
+    with pytest.raises(ValueError, match="does not divide"):
+        check_tile(GemmTile(8, 2, 1, 3, 4), GemmShape(1, 64, 256, 64, "float32"), 16)
+
+
+# -- GEMM --------------------------------------------------------------------------------------
+
+GEMM_CASES = [
+    # (m, k, n, dyn, batch, transb, epilogue) — ragged tiles, a transposed weight, a batch, an
+    # epilogue, a dynamic M, a K that is zero-padded for unrolling
+    pytest.param(64, 128, 96, True, None, False, None, id="dyn-m"),
+    pytest.param(20, 27, 40, True, None, True, "silu", id="dyn-ragged-transb-silu"),
+    pytest.param(13, 32, 70, False, 3, False, "relu", id="batched-static-ragged"),
+    pytest.param(1, 64, 256, False, None, False, None, id="one-row"),
+]
+
+
+@pytest.mark.parametrize("m,k,n,dyn,batch,transb,epilogue", GEMM_CASES)
+def test_gemm_matches_unscheduled_and_numpy(m, k, n, dyn, batch, transb, epilogue):
+    target = _target()
+    mod = _matmul_module(m, k, n, dyn=dyn, batch=batch, transb=transb, epilogue=epilogue)
+    func = _kernel(mod, "fused_matmul" if epilogue else "matmul")
+    scheduled, rule = _schedule(func, target)
+    assert rule == "CPUMatmul"
+    rng = np.random.default_rng(0)
+    bshape = (batch,) if batch else ()
+    x = rng.standard_normal(bshape + (m, k)).astype("float32")
+    w = rng.standard_normal(bshape + (k, n)).astype("float32")  # the kernel sees w already [k, n]
+    out = np.zeros(bshape + (m, n), "float32")
+    got = _run(scheduled, target, [x, w, out])[-1]
+    plain = _run(func, target, [x, w, out])[-1]
+    ref = np.matmul(x.astype("float64"), w.astype("float64"))
+    if epilogue == "silu":
+        ref = ref / (1 + np.exp(-ref)) * 1.0
+    elif epilogue == "relu":
+        ref = np.maximum(ref, 0)
+    assert_close(got, plain, rtol=1e-5, atol=1e-4, name="scheduled vs unscheduled")
+    assert_close(got, ref.astype("float32"), rtol=1e-4, atol=1e-4, name="scheduled vs numpy")
+
+
+def test_gemm_schedule_has_register_tiles_parallel_and_target_width():
+    """The structure the issue asks for, read off the IR: packed B panels, a register tile in
+    local scope, a parallel task loop, and vectors of the *target's* width (8 lanes for AVX2)."""
+    mod = _matmul_module(64, 128, 96, dyn=True)
+    func = _kernel(mod, "matmul")
+    from qiao.compiler.schedules.cpu_gemm import CPUMatmul
+
+    for spec, lanes in ((ZNVER4, 16), (ZNVER3, 8)):
+        text = _script(CPUMatmul().apply(func, _target(spec), False).mod["main"])
+        assert 'scope="local"' in text, "no register tile"
+        assert "T.parallel(" in text
+        assert f"T.vectorized(T.int64({lanes}))" in text
+        assert "meta_schedule.layout_rewrite_preproc" in text, "weight packing not marked"
+        other = 16 if lanes == 8 else 8
+        assert f"T.vectorized(T.int64({other}))" not in text
+
+
+def test_avx2_schedule_is_correct_where_it_runs():
+    target = _target(ZNVER3)
+    if not _can_run(target):
+        pytest.skip("this host lacks the AVX2/FMA features of znver3")
+    mod = _matmul_module(19, 64, 48, dyn=True)
+    func = _kernel(mod, "matmul")
+    scheduled, _ = _schedule(func, target)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((19, 64)).astype("float32")
+    w = rng.standard_normal((64, 48)).astype("float32")
+    got = _run(scheduled, target, [x, w, np.zeros((19, 48), "float32")])[-1]
+    assert_close(got, x @ w, rtol=1e-4, atol=1e-4)
+
+
+def test_microkernel_is_reusable_on_a_plain_tile_loop_nest():
+    """``schedule_microkernel`` on a hand-tiled block (what the MoE grouped GEMM would do)."""
+    from qiao.compiler.schedules.cpu_gemm import inline_epilogue, schedule_microkernel
+    from tvm import s_tir, te
+
+    a = te.placeholder((32, 64), "float32", name="A")
+    b = te.placeholder((64, 48), "float32", name="B")
+    kk = te.reduce_axis((0, 64), name="k")
+    c = te.compute((32, 48), lambda i, j: te.sum(a[i, kk] * b[kk, j], axis=kk), name="C")
+    d = te.compute((32, 48), lambda i, j: c[i, j] * 2.0, name="D")
+    func = te.create_prim_func([a, b, d])
+    sch = s_tir.Schedule(func)
+    block = sch.get_sblock("C")
+    i, j, k = sch.get_loops(block)
+    write_back, _ = schedule_microkernel(
+        sch, block, i, j, k, mr=4, nr_vectors=3, lanes=16, k_unroll=4
+    )
+    assert inline_epilogue(sch, write_back) == []
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((32, 64)).astype("float32")
+    y = rng.standard_normal((64, 48)).astype("float32")
+    got = _run(sch.mod["main"], _target(), [x, y, np.zeros((32, 48), "float32")])[-1]
+    assert_close(got, 2 * (x @ y), rtol=1e-4, atol=1e-4)
+
+
+def test_conv2d_goes_through_the_gemm_and_matches_numpy():
+    def build(bb):
+        n = tvm.tirx.Var("n", "int64")
+        x = relax.Var("x", relax.TensorType((n, 5, 11, 11), "float32"))
+        w = relax.Var("w", relax.TensorType((7, 5, 3, 3), "float32"))
+        with bb.function("main", [x, w]):
+            with bb.dataflow():
+                y = bb.emit(relax.op.nn.conv2d(x, w, strides=2, padding=1))
+                y = bb.emit(relax.op.nn.relu(y))
+                out = bb.emit_output(y)
+            bb.emit_func_output(out)
+
+    func = _kernel(_fused_module(build), "fused_conv2d")
+    target = _target()
+    scheduled, rule = _schedule(func, target)
+    assert rule == "CPUMatmul"
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 5, 11, 11)).astype("float32")
+    w = rng.standard_normal((7, 5, 3, 3)).astype("float32")
+    out = np.zeros((2, 7, 6, 6), "float32")
+    got = _run(scheduled, target, [x, w, out])[-1]
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    ref = np.zeros_like(out, dtype="float64")
+    for oy in range(6):
+        for ox in range(6):
+            patch = xp[:, :, 2 * oy : 2 * oy + 3, 2 * ox : 2 * ox + 3]
+            ref[:, :, oy, ox] = np.einsum("ncij,fcij->nf", patch, w)
+    assert_close(got, np.maximum(ref, 0).astype("float32"), rtol=1e-4, atol=1e-4)
+    assert_close(got, _run(func, target, [x, w, out])[-1], rtol=1e-5, atol=1e-4)
+
+
+# -- reductions, windows, elementwise ----------------------------------------------------------
+
+
+def _softmax_module():
+    def build(bb):
+        s = tvm.tirx.Var("s", "int64")
+        x = relax.Var("x", relax.TensorType((2, 3, s, s), "float32"))
+        with bb.function("main", [x]):
+            with bb.dataflow():
+                out = bb.emit_output(relax.op.nn.softmax(x, axis=-1))
+            bb.emit_func_output(out)
+
+    return _fused_module(build)
+
+
+@pytest.mark.parametrize("seq", [37, 48])  # a ragged last vector, and whole vectors only
+def test_softmax_row_reduction_matches_numpy(seq):
+    func = _kernel(_softmax_module(), "softmax")
+    target = _target()
+    scheduled, rule = _schedule(func, target)
+    assert rule == "CPURowReduction"
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((2, 3, seq, seq)) * 4).astype("float32")
+    x[..., -1] = -np.inf  # masked positions, as causal attention produces
+    got = _run(scheduled, target, [x, np.zeros_like(x)])[-1]
+    e = np.exp(x.astype("float64") - x.max(-1, keepdims=True))
+    assert_close(got, (e / e.sum(-1, keepdims=True)).astype("float32"), rtol=1e-5, atol=1e-6)
+
+
+def test_layer_norm_and_max_pool_match_numpy():
+    def build(bb):
+        n = tvm.tirx.Var("n", "int64")
+        x = relax.Var("x", relax.TensorType((n, 96), "float32"))
+        g = relax.Var("g", relax.TensorType((96,), "float32"))
+        b = relax.Var("b", relax.TensorType((96,), "float32"))
+        img = relax.Var("img", relax.TensorType((n, 4, 10, 10), "float32"))
+        with bb.function("main", [x, g, b, img]):
+            with bb.dataflow():
+                y = bb.emit(relax.op.nn.layer_norm(x, g, b, axes=[-1]))
+                p = bb.emit(relax.op.nn.max_pool2d(img, pool_size=3, strides=2, padding=1))
+                out = bb.emit_output(relax.Tuple([y, p]))
+            bb.emit_func_output(out)
+
+    mod = _fused_module(build)
+    target = _target()
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((5, 96)).astype("float32")
+    g = rng.standard_normal(96).astype("float32")
+    b = rng.standard_normal(96).astype("float32")
+    ln, ln_rule = _schedule(_kernel(mod, "layer_norm"), target)
+    assert ln_rule == "CPURowReduction"
+    got = _run(ln, target, [x, g, b, np.zeros_like(x)])[-1]
+    mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    assert_close(got, (x - mu) / np.sqrt(var + 1e-5) * g + b, rtol=1e-4, atol=1e-4)
+
+    img = rng.standard_normal((2, 4, 10, 10)).astype("float32")
+    pool_func = _kernel(mod, "max_pool2d")
+    pool, pool_rule = _schedule(pool_func, target)
+    assert pool_rule == "CPUWindowReduction"
+    got = _run(pool, target, [img, np.zeros((2, 4, 5, 5), "float32")])[-1]
+    padded = np.pad(img, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=-np.inf)
+    ref = np.stack(
+        [
+            np.stack([padded[:, :, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3].max((2, 3))
+                      for j in range(5)], -1)
+            for i in range(5)
+        ],
+        -2,
+    )
+    assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_elementwise_chain_is_parallel_vectorised_and_correct():
+    def build(bb):
+        n = tvm.tirx.Var("n", "int64")
+        x = relax.Var("x", relax.TensorType((n, 64), "float32"))
+        with bb.function("main", [x]):
+            with bb.dataflow():
+                y = bb.emit(relax.op.tanh(relax.op.add(x, relax.const(1.0, "float32"))))
+                out = bb.emit_output(relax.op.multiply(y, relax.const(3.0, "float32")))
+            bb.emit_func_output(out)
+
+    func = _kernel(_fused_module(build), "fused_add")
+    target = _target()
+    scheduled, rule = _schedule(func, target)
+    assert rule == "CPUInjective"
+    text = _script(scheduled)
+    assert "T.parallel(" in text and "T.vectorized(" in text
+    x = np.linspace(-5, 5, 7 * 64, dtype="float32").reshape(7, 64)
+    got = _run(scheduled, target, [x, np.zeros_like(x)])[-1]
+    assert_close(got, (np.tanh(x.astype("float64") + 1) * 3).astype("float32"), atol=2e-6)
+
+
+# -- passes ------------------------------------------------------------------------------------
+
+
+def test_vectorizable_math_is_accurate_and_removes_libm_calls():
+    from qiao.compiler.passes.vectorizable_math import rewrite_math
+    from tvm import s_tir, te
+
+    n = 4096
+    xs = np.concatenate([np.linspace(-95, 95, n // 2), np.linspace(-3, 3, n // 2)]).astype("f4")
+    xs[0] = -np.inf
+    refs = {
+        "exp": np.exp,
+        "sigmoid": lambda v: 1 / (1 + np.exp(-v)),
+        "tanh": np.tanh,
+        "erf": np.vectorize(math.erf),
+    }
+    for name, ref_fn in refs.items():
+        a = te.placeholder((n,), "float32", name="A")
+        op = getattr(tvm.tirx, name)
+        b = te.compute((n,), lambda i: op(a[i]), name="B")  # noqa: B023 - used right away
+        func = rewrite_math(te.create_prim_func([a, b]))
+        assert f"T.{name}(" not in _script(func)
+        sch = s_tir.Schedule(func)
+        (loop,) = sch.get_loops(sch.get_sblock("B"))
+        sch.vectorize(sch.split(loop, [None, 16])[1])
+        got = _run(sch.mod["main"], _target(), [xs, np.zeros(n, "float32")])[-1]
+        with np.errstate(over="ignore"):
+            ref = ref_fn(xs.astype("float64"))
+        finite = np.abs(xs) < 88 if name == "exp" else np.isfinite(ref)
+        err = np.abs(got[finite] - ref[finite]) / np.maximum(np.abs(ref[finite]), 1e-30)
+        tiny = np.abs(ref[finite]) < 1e-30
+        assert err[~tiny].max() < 5e-7, f"{name}: max relative error {err[~tiny].max():.2e}"
+        assert not np.isnan(got).any(), name
+    assert got[0] == pytest.approx(-1.0)  # erf(-inf) (the last function checked)
+
+
+def test_serial_small_kernels_branches_on_work_and_stays_correct():
+    from qiao.compiler.passes.serial_small_kernels import serial_when_small
+    from qiao.compiler.schedules.cpu import CPUInjective
+
+    def build(bb):
+        n = tvm.tirx.Var("n", "int64")
+        x = relax.Var("x", relax.TensorType((n, 128), "float32"))
+        with bb.function("main", [x]):
+            with bb.dataflow():
+                out = bb.emit_output(relax.op.add(x, relax.const(2.0, "float32")))
+            bb.emit_func_output(out)
+
+    target = _target()
+    func = _kernel(_fused_module(build), "add")
+    parallel = CPUInjective().apply(func, target, False).mod["main"]
+    branched = serial_when_small(parallel, threshold=4096)
+    text = _script(branched)
+    assert text.count("T.parallel(") == 1 and "if " in text
+    for rows in (2, 600):  # serial branch, parallel branch
+        x = np.arange(rows * 128, dtype="float32").reshape(rows, 128)
+        got = _run(branched, target, [x, np.zeros_like(x)])[-1]
+        assert_close(got, x + 2)
+
+
+def test_functions_marked_scheduled_are_left_alone():
+    from qiao.compiler.passes.apply_schedule_rules import ApplyScheduleRules, is_scheduled
+    from qiao.compiler.schedules import rules_for
+
+    target = _target()
+    mod = _matmul_module(32, 32, 32)
+    name = next(gv for gv in mod.get_global_vars() if gv.name_hint == "matmul")
+    for key in ("tir.is_scheduled", "tirx.is_scheduled"):
+        marked = tvm.IRModule(dict(mod.functions_items()))
+        marked[name] = mod[name].with_attr(key, True)
+        assert is_scheduled(marked[name])
+        with target:
+            out = ApplyScheduleRules(rules_for(target), strict=True)(marked)
+        assert tvm_ffi.structural_equal(out[name], marked[name]), key
+    with target:
+        out = ApplyScheduleRules(rules_for(target), strict=True)(mod)
+    assert "T.parallel(" in _script(out[name])
+    assert is_scheduled(out[name])
+
+
+def test_gpu_kinds_get_the_dlight_rules_and_no_cpu_passes():
+    from qiao.compiler.schedules import register_rule_set, rules_for, schedule_passes
+
+    cuda = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+    names = [type(r).__name__ for r in rules_for(cuda)]
+    assert names[0] == "Matmul" and names[-1] == "Fallback"
+    passes = schedule_passes(cuda)
+    assert len(passes) == 1  # rule application only: no tuning database, no CPU rewrites
+    assert [type(r).__name__ for r in rules_for(_target())][0] == "CPUMatmul"
+    with pytest.raises(ValueError, match="already has a rule set"):
+        register_rule_set("llvm", lambda target: [])
+
+
+def test_importing_the_schedules_package_loads_no_tvm():
+    code = (
+        "import sys, qiao.compiler.schedules as s, qiao.compiler.schedules.tuning as t;"
+        "print(any(m == 'tvm' or m.startswith('tvm.') for m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,180 @@
+"""The per-device tuning database: keys, persistence, tune-on-demand, reuse without retuning.
+
+One real (tiny) tuning run with two trials; everything else uses records written by the test.
+Every test points ``QIAO_CACHE_DIR`` at a temporary directory.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import assert_close
+
+tvm = pytest.importorskip("tvm")
+from tvm import relax  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("QIAO_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _host_target():
+    from qiao.backends.cpu import CPUBackend
+
+    return CPUBackend().target()
+
+
+def _dense_module(k=32, n=48):
+    """``relu(x[b, k] @ w[k, n])`` with a symbolic batch, legalised and fused."""
+    bb = relax.BlockBuilder()
+    b = tvm.tirx.Var("batch", "int64")
+    x = relax.Var("x", relax.TensorType((b, k), "float32"))
+    w = relax.Var("w", relax.TensorType((k, n), "float32"))
+    with bb.function("main", [x, w]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.relu(relax.op.matmul(x, w)))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    mod = bb.get()
+    for p in (
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ):
+        mod = p(mod)
+    return mod
+
+
+def _gemm(mod):
+    (func,) = [f for gv, f in mod.functions_items() if gv.name_hint.startswith("fused_matmul")]
+    return func
+
+
+def test_device_key_separates_cpus_and_core_counts():
+    from qiao.compiler.schedules.tuning import device_key
+
+    t = tvm.target.Target
+    a = device_key(t({"kind": "llvm", "mcpu": "znver3", "num-cores": 2}))
+    b = device_key(t({"kind": "llvm", "mcpu": "znver4", "num-cores": 2}))
+    c = device_key(t({"kind": "llvm", "mcpu": "znver3", "num-cores": 8}))
+    assert len({a, b, c}) == 3
+    assert a.startswith("znver3-2c-") and c.startswith("znver3-8c-")
+    assert a == device_key(t({"kind": "llvm", "mcpu": "znver3", "num-cores": 2}))
+
+
+def test_workload_key_is_stable_across_processes():
+    from qiao.compiler.schedules.tuning import workload_key
+
+    here = workload_key(_gemm(_dense_module()))
+    code = (
+        "import sys; sys.path.insert(0, 'tests'); import test_tuning as t;"
+        "from qiao.compiler.schedules.tuning import workload_key;"
+        "print(workload_key(t._gemm(t._dense_module())))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == here
+    assert workload_key(_gemm(_dense_module(n=64))) != here
+
+
+def test_database_round_trip_and_stale_versions(cache_dir):
+    from qiao.compiler.schedules import tuning
+
+    target = _host_target()
+    func = _gemm(_dense_module())
+    db = tuning.TuningDatabase.for_target(target)
+    assert db.lookup(func) is None
+    record = {"kind": "gemm", "tile": {"mr": 4, "nr_vectors": 1, "mc_tiles": 1, "nc_tiles": 0,
+                                       "k_unroll": 4, "pack_b": True}, "seconds": 1e-5}
+    db.commit(func, record)
+    assert str(cache_dir) in db.path
+    assert tuning.TuningDatabase.for_target(target).lookup(func) == record
+    with open(db.path) as f:
+        data = json.load(f)
+    data["schedule_version"] = tuning.SCHEDULE_VERSION + 1
+    with open(db.path, "w") as f:
+        json.dump(data, f)
+    assert tuning.TuningDatabase.for_target(target).lookup(func) is None
+    with open(db.path, "w") as f:
+        f.write("{not json")
+    assert tuning.TuningDatabase.for_target(target).lookup(func) is None
+
+
+def test_tune_once_then_reuse_without_measuring(monkeypatch):
+    """Two real trials on a tiny kernel; the record then serves a fresh database object, and
+    asking again never measures (a second tuning attempt would raise here)."""
+    from qiao.compiler.schedules import tuning
+
+    target = _host_target()
+    func = _gemm(_dense_module())
+    db = tuning.TuningDatabase.for_target(target, tune_dims={"batch": 16})
+    scheduled = db.schedule(func, target, tune_trials=2)
+    assert scheduled is not None and db.tuned == [tuning.workload_key(func)]
+    record = db.lookup(func)
+    assert record["trials"] == 2 and record["dims"] == {"batch": 16}
+    assert record["seconds"] > 0 and record["seconds"] <= record["default_seconds"]
+
+    def no_tuning(*args, **kwargs):
+        raise AssertionError("a workload already tuned on this device was tuned again")
+
+    monkeypatch.setattr(tuning, "tune_gemm", no_tuning)
+    again = tuning.TuningDatabase.for_target(target)
+    assert again.schedule(func, target, tune_trials=2) is not None
+    assert again.tuned == []
+    # The tuned kernel is still right.
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 32)).astype("float32")
+    w = rng.standard_normal((32, 48)).astype("float32")
+    fn = tvm.compile(
+        tvm.IRModule({"main": scheduled.with_attr("global_symbol", "main")}), target=target
+    ).jit()["main"]
+    out = tvm.runtime.tensor(np.zeros((5, 48), "float32"))
+    fn(tvm.runtime.tensor(x), tvm.runtime.tensor(w), out)
+    assert_close(out.numpy(), np.maximum(x @ w, 0), rtol=1e-5, atol=1e-5)
+
+
+def test_compiles_apply_recorded_tiles(tmp_path):
+    """A record written for a workload decides that workload's schedule in the next compile."""
+    from qiao.compiler.schedules import schedule_passes, tuning
+
+    target = _host_target()
+    mod = _dense_module()
+    func = _gemm(mod)
+    db = tuning.TuningDatabase.for_target(target, root=str(tmp_path / "db"))
+    db.commit(func, {"kind": "gemm", "tile": {"mr": 5, "nr_vectors": 1, "mc_tiles": 1,
+                                              "nc_tiles": 0, "k_unroll": 2, "pack_b": True}})
+
+    def schedule(options):
+        with target:
+            out = tvm.transform.Sequential(schedule_passes(target, options))(mod)
+        return _gemm(out).script()
+
+    recorded = schedule({"tuning_db": str(tmp_path / "db")})
+    default = schedule({"tuning_db": str(tmp_path / "empty")})
+    assert "T.unroll(T.int64(5))" in recorded  # the recorded 5-row register block
+    assert "T.unroll(T.int64(5))" not in default
+    assert schedule({"tuning_db": str(tmp_path / "db"), "use_tuning_db": False}) == default
+
+
+def test_tuning_refuses_another_cpu():
+    from qiao.compiler.errors import QiaoError
+    from qiao.compiler.schedules import tuning
+
+    host = str(tvm.target.codegen.llvm_get_system_cpu())
+    other = "znver3" if host != "znver3" else "skylake"
+    target = tvm.target.Target({"kind": "llvm", "mcpu": other, "num-cores": 2})
+    with pytest.raises(QiaoError, match="cannot tune"):
+        tuning.tune_gemm(_gemm(_dense_module()), target, 2)
+
+
+def test_measuring_a_broken_candidate_gives_none(tmp_path):
+    from qiao.compiler.schedules.tuning import measure_libraries
+
+    missing = str(tmp_path / "no-such-library.so")
+    assert measure_libraries([missing], [{"shape": [2], "dtype": "float32"}], repeat=1) == [None]
