@@ -697,4 +697,644 @@ class Attention(tvm_onnx.OnnxOpConverter):
         )
         scores = bb.normalize(scores)
         softcap = attr.get("softcap")
-        if softcap is not None
+        if softcap is not None and softcap > 0:
+            cap = _const(softcap, dtype)
+            scores = bb.normalize(
+                relax.op.multiply(relax.op.tanh(relax.op.divide(scores, cap)), cap)
+            )
+        qk_out = scores
+        with_bias = bb.normalize(relax.op.add(scores, bias)) if bias is not None else scores
+        mode = attr.get("qk_matmul_output_mode", 0)
+        if mode == 2:
+            qk_out = with_bias
+        precision = attr.get("softmax_precision")
+        logits = with_bias
+        if precision is not None:
+            logits = bb.normalize(relax.op.astype(logits, tvm_onnx.get_type(precision)))
+        probs = cls._safe_softmax(bb, logits)
+        if bias is not None:
+            row_max = relax.op.max(bias, axis=-1, keepdims=True)
+            fully_masked = relax.op.equal(row_max, _const(-np.inf, dtype))
+            probs = bb.normalize(
+                relax.op.where(fully_masked, _const(0, str(probs.ty.dtype)), probs)
+            )
+        if mode == 3:
+            qk_out = probs
+        qk_out = bb.normalize(relax.op.astype(qk_out, dtype))
+        probs = bb.normalize(relax.op.astype(probs, dtype))
+        y = bb.normalize(relax.op.matmul(probs, v))
+        if three_d:
+            y = bb.normalize(relax.op.permute_dims(y, [0, 2, 1, 3]))
+            b, s, h, d = y.ty.shape.values
+            y = bb.normalize(relax.op.reshape(y, relax.ShapeExpr([b, s, h * d])))
+        outputs = [y, present_k, present_v, qk_out]
+        count = attr["tvm_custom"]["num_outputs"]
+        return y if count == 1 else relax.Tuple(outputs[:count])
+
+    @staticmethod
+    def _split_heads(bb, x, heads: int):
+        b, s, hidden = x.ty.shape.values
+        x = relax.op.reshape(x, relax.ShapeExpr([b, s, heads, tirx.floordiv(hidden, heads)]))
+        return bb.normalize(relax.op.permute_dims(x, [0, 2, 1, 3]))
+
+    @staticmethod
+    def _safe_softmax(bb, x):
+        """Softmax over the last axis that gives 0 (not NaN) for a row of -inf."""
+        dtype = str(x.ty.dtype)
+        zero = _const(0, dtype)
+        row_max = relax.op.max(x, axis=-1, keepdims=True)
+        row_max = relax.op.where(relax.op.equal(row_max, _const(-np.inf, dtype)), zero, row_max)
+        e = bb.normalize(relax.op.exp(relax.op.subtract(x, row_max)))
+        total = relax.op.sum(e, axis=-1, keepdims=True)
+        total = relax.op.where(relax.op.equal(total, zero), _const(1, dtype), total)
+        return bb.normalize(relax.op.divide(e, total))
+
+    @staticmethod
+    def _int_tensor(bb, value):
+        """An int64 scalar tensor for an int, IntImm or symbolic length."""
+        if isinstance(value, int):
+            return _const(value, "int64")
+        if isinstance(value, tirx.IntImm):
+            return _const(int(value.value), "int64")
+        return prim_to_tensor(bb, _integral_prim(value))
+
+    @classmethod
+    def _bias(cls, bb, attr, dtype, mask, nonpad, q_len, kv_len, past_len):
+        """The additive bias ``(…, S, L)``: mask (padded to L), causal, window, KV padding."""
+        zero, neg_inf = _const(0, dtype), _const(-np.inf, dtype)
+        if mask is not None:
+            mask_len = mask.ty.shape.values[-1]
+            pad = tvm.sym.Analyzer().simplify(kv_len - mask_len)
+            if not isinstance(pad, tirx.IntImm):
+                raise ValueError("Attention mask length must be static relative to the KV length")
+            if pad.value > 0:
+                pad_widths = [0, 0] * (mask.ty.ndim - 1) + [0, int(pad.value)]
+                fill = False if str(mask.ty.dtype) == "bool" else -np.inf
+                mask = relax.op.nn.pad(
+                    mask, pad_widths, pad_value=float(fill) if fill is not False else 0.0
+                )
+                mask = bb.normalize(mask)
+            if str(mask.ty.dtype) == "bool":
+                mask = bb.normalize(relax.op.where(mask, zero, neg_inf))
+        causal = attr.get("is_causal", 0)
+        left, right = attr.get("left_window_size", -1), attr.get("right_window_size", -1)
+        if not causal and left < 0 and right < 0 and nonpad is None:
+            return mask
+        # Query i (absolute position i + offset) may see key j; offset is the past length, or
+        # per batch nonpad_kv_seqlen - S for an external cache.
+        rows = relax.op.reshape(relax.op.arange(0, q_len, 1, "int64"), relax.ShapeExpr([q_len, 1]))
+        cols = relax.op.reshape(
+            relax.op.arange(0, kv_len, 1, "int64"), relax.ShapeExpr([1, kv_len])
+        )
+        rows, cols = bb.normalize(rows), bb.normalize(cols)
+        if nonpad is not None:
+            nonpad = bb.normalize(relax.op.astype(nonpad, "int64"))
+            nonpad = bb.normalize(relax.op.reshape(nonpad, [-1, 1, 1, 1]))
+        if nonpad is not None and past_len == 0:
+            offset = bb.normalize(relax.op.subtract(nonpad, cls._int_tensor(bb, q_len)))
+        else:
+            offset = cls._int_tensor(bb, past_len)
+        diff = bb.normalize(relax.op.subtract(relax.op.add(rows, offset), cols))  # i + off - j
+        bias = mask if mask is not None else zero
+        if causal:
+            allowed = relax.op.greater_equal(diff, _const(0, "int64"))
+            bias = relax.op.add(bias, relax.op.where(allowed, zero, neg_inf))
+        if left >= 0 or right >= 0:
+            allowed = relax.op.ones_like(diff, "bool")
+            if left >= 0:
+                allowed = relax.op.logical_and(
+                    allowed, relax.op.less_equal(diff, _const(left, "int64"))
+                )
+            if right >= 0:
+                allowed = relax.op.logical_and(
+                    allowed,
+                    relax.op.less_equal(relax.op.negative(diff), _const(right, "int64")),
+                )
+            bias = relax.op.add(bias, relax.op.where(allowed, zero, neg_inf))
+        if nonpad is not None:
+            valid = relax.op.less(cols, nonpad)
+            bias = relax.op.add(bias, relax.op.where(valid, zero, neg_inf))
+        bias = bb.normalize(bias)
+        # Broadcast up to (S, L) at least, as the reference's zeros((S, L)) + bias does.
+        return bb.normalize(
+            relax.op.add(bias, relax.op.zeros(relax.ShapeExpr([q_len, kv_len]), dtype))
+        )
+
+
+# --- Reductions with axes known only at run time ------------------------------------------------
+def _runtime_axes_mask(bb, axes, rank: int):
+    """bool[rank]: which axes an int tensor of (possibly negative) axis numbers names."""
+    axes = bb.normalize(relax.op.astype(axes, "int64"))
+    axes = bb.normalize(
+        relax.op.where(
+            relax.op.less(axes, _const(0, "int64")),
+            relax.op.add(axes, _const(rank, "int64")),
+            axes,
+        )
+    )
+    # A scatter, not a reduction over the axes list: TVM's CPU reductions over an extent that is
+    # zero at run time (empty axes) return garbage.
+    ones = relax.op.ones_like(axes, "int64")
+    hits = relax.op.scatter_elements(_const(np.zeros(rank), "int64"), axes, ones, axis=0)
+    return bb.normalize(relax.op.greater(hits, _const(0, "int64")))
+
+
+def reduce_runtime_axes(bb, x, axes, keepdims: bool, reduce_fn, noop_with_empty_axes=False):
+    """Reduce ``x`` (static rank) over the axes in the int tensor ``axes`` (static length, values
+    known only at run time) with ``reduce_fn(x, axis)`` (keepdims=True).
+
+    Axis by axis: the reduction along the axis is concatenated in front of the data and a slice
+    bound at run time keeps either it (axis named) or the data (axis not named), so zero-sized
+    axes reduce to the reduction's identity as they should. Without ``keepdims`` the named axes
+    are then dropped with a reshape to a run-time shape.
+    """
+    rank, length = x.ty.ndim, _tensor_length(axes)
+    if not keepdims and length is None:
+        raise ValueError("a reduction without keepdims needs axes of static length")
+    mask = _runtime_axes_mask(bb, axes, rank)
+    if not noop_with_empty_axes and length is None:
+        # Empty axes (possible when the length is only known at run time) mean all axes.
+        none = relax.op.equal(relax.op.max(relax.op.astype(mask, "int32")), _const(0, "int32"))
+        mask = bb.normalize(relax.op.logical_or(mask, none))
+    out = x
+    for i in range(rank):
+        selected = bb.normalize(relax.op.take(mask, _const(i, "int64"), axis=0))
+        stacked = bb.normalize(relax.op.concat([reduce_fn(out, i), out], axis=i))
+        extent = Attention._int_tensor(bb, out.ty.shape.values[i])
+        bounds = relax.op.where(
+            selected,
+            _const([0, 1], "int64"),
+            relax.op.concat(
+                [
+                    _const([1], "int64"),
+                    relax.op.add(relax.op.reshape(extent, [1]), _const([1], "int64")),
+                ],
+                axis=0,
+            ),
+        )
+        begin, end = _runtime_shape(bb, bb.normalize(bounds), 2, f"reduce_axis{i}").values
+        out = bb.normalize(
+            relax.op.strided_slice(stacked, [i], [begin], [end], assume_inbound=True)
+        )
+    if keepdims:
+        return out
+    # The k-th kept axis is the number of axes whose running count of kept axes is <= k.
+    keep = relax.op.astype(relax.op.logical_not(mask), "int64")
+    running = relax.op.expand_dims(relax.op.cumsum(keep, axis=0), 0)
+    ks = _const(np.arange(rank - length).reshape(-1, 1), "int64")
+    src = relax.op.sum(relax.op.astype(relax.op.less_equal(running, ks), "int64"), axis=1)
+    out_dims = bb.normalize(relax.op.take(_shape_tensor(bb, x), src, axis=0))
+    return relax.op.reshape(out, _runtime_shape(bb, out_dims, rank - length, "reduced_dim"))
+
+
+_REDUCTIONS = {
+    # op type: (pre-transform, reduction, post-transform); None = identity
+    "ReduceSum": (None, relax.op.sum, None),
+    "ReduceMean": (None, relax.op.mean, None),
+    "ReduceMax": (None, relax.op.max, None),
+    "ReduceMin": (None, relax.op.min, None),
+    "ReduceProd": (None, relax.op.prod, None),
+    "ReduceSumSquare": (lambda x: relax.op.multiply(x, x), relax.op.sum, None),
+    "ReduceL1": (relax.op.abs, relax.op.sum, None),
+    "ReduceL2": (lambda x: relax.op.multiply(x, x), relax.op.sum, relax.op.sqrt),
+    "ReduceLogSum": (None, relax.op.sum, relax.op.log),
+    "ReduceLogSumExp": (relax.op.exp, relax.op.sum, relax.op.log),
+}
+
+
+class _RuntimeAxesReduce(tvm_onnx.OnnxOpConverter):
+    """Reductions whose ``axes`` input is not a constant (opset 13 ReduceSum, opset 18 the rest).
+
+    TVM's converters assert "Only constant axes currently supported". Constant axes still go to
+    TVM's converter; a run-time ``axes`` of static length goes through ``reduce_runtime_axes``.
+    """
+
+    op_type = ""
+
+    @classmethod
+    def get_converter(cls, opset):
+        tvm_convert = tvm_onnx._get_convert_map()[cls.op_type].get_converter(opset)
+        pre, reduce_op, post = _REDUCTIONS[cls.op_type]
+
+        def convert(bb, inputs, attr, params):
+            data = inputs[0]
+            if str(data.ty.dtype) == "bool" and reduce_op in (relax.op.max, relax.op.min):
+                # TVM has no min/max identity for bool; uint8 orders False < True the same way.
+                as_int = tvm_onnx.onnx_input([bb.normalize(relax.op.astype(data, "uint8"))])
+                as_int.extend(inputs[1:])
+                return relax.op.astype(bb.normalize(convert(bb, as_int, attr, params)), "bool")
+            axes = tvm_onnx.get_constant(inputs[1], params) if len(inputs) > 1 else None
+            if axes is None or isinstance(axes, tvm.ir.GenericConst):
+                return tvm_convert(bb, inputs, attr, params)
+            if _tensor_length(axes) == 0:
+                if attr.get("noop_with_empty_axes", 0):
+                    return data
+                return tvm_convert(bb, tvm_onnx.onnx_input([data]), attr, params)
+            if pre is not None:
+                data = bb.normalize(pre(data))
+
+            def reduce_fn(x, axis):
+                return reduce_op(x, axis=axis, keepdims=True)
+
+            out = reduce_runtime_axes(
+                bb,
+                data,
+                axes,
+                bool(attr.get("keepdims", 1)),
+                reduce_fn,
+                bool(attr.get("noop_with_empty_axes", 0)),
+            )
+            return post(out) if post is not None else out
+
+        return convert
+
+
+for _op_type in _REDUCTIONS:
+    register_converter(_op_type)(type(_op_type, (_RuntimeAxesReduce,), {"op_type": _op_type}))
+
+
+# --- Normalisations -------------------------------------------------------------------------------
+def _normalized_axes(data, axis: int) -> list[int]:
+    rank = data.ty.ndim
+    axis = axis + rank if axis < 0 else axis
+    if not 0 <= axis < rank:
+        raise ValueError(f"normalisation axis {axis} is out of range for rank {rank}")
+    return list(range(axis, rank))
+
+
+def _broadcast_to_normalized(bb, weight, data, axes: list[int]):
+    """``weight`` broadcast to the normalised trailing dims of ``data`` (ONNX allows any
+    broadcastable shape; TVM's norm ops read it with exactly those dims)."""
+    dims = list(data.ty.shape.values)[axes[0] :]
+    return bb.normalize(relax.op.broadcast_to(weight, relax.ShapeExpr(dims)))
+
+
+@register_converter("LayerNormalization")
+class LayerNormalization(tvm_onnx.OnnxOpConverter):
+    """LayerNormalization with its ``Mean`` and ``InvStdDev`` outputs and broadcastable weights.
+
+    TVM's converter returns scalar placeholders for the second and third outputs (they are real
+    outputs of the op, computed in ``stash_type`` precision with the reduced dims kept), and
+    requires ``Scale``/``B`` to have exactly the normalised shape.
+    """
+
+    @classmethod
+    def _impl_v17(cls, bb, inputs, attr, params):
+        data, scale, bias = inputs[0], inputs[1], inputs[2]
+        axes = _normalized_axes(data, attr.get("axis", -1))
+        eps = float(attr.get("epsilon", 1e-5))
+        dtype = str(data.ty.dtype)
+        scale = _broadcast_to_normalized(bb, scale, data, axes)
+        bias = (
+            _broadcast_to_normalized(bb, bias, data, axes)
+            if bias is not None
+            else relax.op.zeros_like(scale)
+        )
+        count = attr["tvm_custom"]["num_outputs"]
+        if count == 1:
+            return relax.op.nn.layer_norm(data, scale, bias, axes, eps)
+        stash = tvm_onnx.get_type(attr.get("stash_type", 1))
+        x = bb.normalize(relax.op.astype(data, stash)) if stash != dtype else data
+        mean = bb.normalize(relax.op.mean(x, axes, keepdims=True))
+        centered = bb.normalize(relax.op.subtract(x, mean))
+        var = relax.op.mean(relax.op.multiply(centered, centered), axes, keepdims=True)
+        inv_std = bb.normalize(
+            relax.op.divide(_const(1, stash), relax.op.sqrt(relax.op.add(var, _const(eps, stash))))
+        )
+        normalized = relax.op.astype(relax.op.multiply(centered, inv_std), dtype)
+        y = relax.op.add(relax.op.multiply(normalized, scale), bias)
+        return relax.Tuple([y, mean, inv_std][:count])
+
+
+@register_converter("RMSNormalization")
+class RMSNormalization(tvm_onnx.OnnxOpConverter):
+    """RMSNormalization as ``x / sqrt(mean(x², axes) + eps) * scale`` in ``stash_type``.
+
+    TVM's converter lowers to ``nn.rms_norm``, which fails to compile when the normalised axes
+    start at 0 ("Tensor dimension mismatch in read") and when ``scale`` is broadcastable rather
+    than exactly the normalised shape.
+    """
+
+    @classmethod
+    def _impl_v23(cls, bb, inputs, attr, params):
+        data, scale = inputs[0], inputs[1]
+        axes = _normalized_axes(data, attr.get("axis", -1))
+        eps = float(attr.get("epsilon", 1e-5))
+        dtype = str(data.ty.dtype)
+        stash = tvm_onnx.get_type(attr.get("stash_type", 1))
+        x = bb.normalize(relax.op.astype(data, stash)) if stash != dtype else data
+        mean_square = relax.op.mean(relax.op.multiply(x, x), axes, keepdims=True)
+        rms = relax.op.sqrt(relax.op.add(mean_square, _const(eps, stash)))
+        normalized = relax.op.astype(relax.op.divide(x, rms), dtype)
+        return relax.op.multiply(normalized, scale)
+
+
+@register_converter("LpNormalization")
+class LpNormalization(tvm_onnx.OnnxOpConverter):
+    """``x / ||x||_p`` along ``axis`` (p = 1 or 2); TVM has no converter. A zero norm gives 0, as
+    in the ONNX reference."""
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        x = inputs[0]
+        axis, p = attr.get("axis", -1), attr.get("p", 2)
+        if p == 1:
+            norm = relax.op.sum(relax.op.abs(x), axis, keepdims=True)
+        elif p == 2:
+            norm = relax.op.sqrt(relax.op.sum(relax.op.multiply(x, x), axis, keepdims=True))
+        else:
+            raise ValueError(f"LpNormalization supports p = 1 or 2, not {p}")
+        norm = bb.normalize(norm)
+        zero = _const(0, str(x.ty.dtype))
+        is_zero = relax.op.equal(norm, zero)
+        safe = relax.op.where(is_zero, _const(1, str(x.ty.dtype)), norm)
+        return relax.op.where(is_zero, zero, relax.op.divide(x, safe))
+
+
+# --- Elementwise ops TVM lacks or mistypes --------------------------------------------------------
+@register_converter("Pow")
+class Pow(tvm_onnx.OnnxOpConverter):
+    """Pow with mixed or integer dtypes.
+
+    ONNX lets the exponent have any numeric type (``x ** 2`` exports as Pow(float, int64)); TVM's
+    converter requires equal dtypes, and TVM's ``power`` refuses integers. The exponent is cast to
+    the base's dtype; integer powers are computed in float64 and rounded back.
+    """
+
+    @classmethod
+    def _impl_v7(cls, bb, inputs, attr, params):
+        base, exponent = inputs[0], inputs[1]
+        if _is_symbolic_value(base) or _is_symbolic_value(exponent):
+            return tvm_onnx.Pow._impl_v7(bb, inputs, attr, params)
+        dtype = str(base.ty.dtype)
+        if str(exponent.ty.dtype) != dtype:
+            exponent = bb.normalize(relax.op.astype(exponent, dtype))
+        if "float" in dtype:
+            return tvm_onnx.Pow._impl_v7(bb, tvm_onnx.onnx_input([base, exponent]), attr, params)
+        wide = relax.op.power(
+            relax.op.astype(base, "float64"), relax.op.astype(exponent, "float64")
+        )
+        return relax.op.astype(relax.op.round(wide), dtype)
+
+
+@register_converter("Celu")
+class Celu(tvm_onnx.OnnxOpConverter):
+    """``max(0, x) + min(0, alpha * (exp(x / alpha) - 1))``; TVM has no converter."""
+
+    @classmethod
+    def _impl_v12(cls, bb, inputs, attr, params):
+        x = inputs[0]
+        dtype = str(x.ty.dtype)
+        alpha = _const(attr.get("alpha", 1.0), dtype)
+        zero = _const(0, dtype)
+        negative = relax.op.multiply(
+            alpha, relax.op.subtract(relax.op.exp(relax.op.divide(x, alpha)), _const(1, dtype))
+        )
+        return relax.op.add(relax.op.maximum(x, zero), relax.op.minimum(negative, zero))
+
+
+@register_converter("Elu")
+class Elu(tvm_onnx.OnnxOpConverter):
+    """``x`` for x > 0, ``alpha * (exp(x) - 1)`` otherwise, in the input's dtype (TVM's converter
+    mixes float32 constants into float16/float64 graphs and fails type checking)."""
+
+    @classmethod
+    def _impl_v6(cls, bb, inputs, attr, params):
+        x = inputs[0]
+        dtype = str(x.ty.dtype)
+        negative = relax.op.multiply(
+            _const(attr.get("alpha", 1.0), dtype),
+            relax.op.subtract(relax.op.exp(x), _const(1, dtype)),
+        )
+        return relax.op.where(relax.op.greater(x, _const(0, dtype)), x, negative)
+
+
+@register_converter("Selu")
+class Selu(tvm_onnx.OnnxOpConverter):
+    """``gamma * (x if x > 0 else alpha * (exp(x) - 1))`` in the input's dtype (same float32
+    constant problem as TVM's Elu)."""
+
+    @classmethod
+    def _impl_v6(cls, bb, inputs, attr, params):
+        x = inputs[0]
+        dtype = str(x.ty.dtype)
+        alpha = _const(attr.get("alpha", 1.67326319217681884765625), dtype)
+        gamma = _const(attr.get("gamma", 1.05070102214813232421875), dtype)
+        negative = relax.op.multiply(alpha, relax.op.subtract(relax.op.exp(x), _const(1, dtype)))
+        inner = relax.op.where(relax.op.greater(x, _const(0, dtype)), x, negative)
+        return relax.op.multiply(gamma, inner)
+
+
+@register_converter("Swish")
+class Swish(tvm_onnx.OnnxOpConverter):
+    """``x * sigmoid(alpha * x)`` (opset 24); TVM has no converter."""
+
+    @classmethod
+    def _impl_v24(cls, bb, inputs, attr, params):
+        x = inputs[0]
+        alpha = _const(attr.get("alpha", 1.0), str(x.ty.dtype))
+        return relax.op.multiply(x, relax.op.sigmoid(relax.op.multiply(alpha, x)))
+
+
+# --- Scans and axis-indexed ops whose axis arrives at run time ------------------------------------
+def _select_over_axes(bb, axis_input, rank: int, build):
+    """``build(axis)`` for a constant axis; for a run-time scalar axis, every candidate axis is
+    built and the one named is selected (ranks are small, and each candidate keeps the shape)."""
+    axis = tvm_onnx.get_constant(axis_input, [{}, {}]) if axis_input is not None else None
+    if isinstance(axis, tvm.ir.GenericConst):
+        value = int(axis.value.numpy().reshape(-1)[0])
+        return build(value + rank if value < 0 else value)
+    axis = bb.normalize(relax.op.reshape(relax.op.astype(axis_input, "int64"), ()))
+    axis = bb.normalize(
+        relax.op.where(
+            relax.op.less(axis, _const(0, "int64")), relax.op.add(axis, _const(rank, "int64")), axis
+        )
+    )
+    out = build(rank - 1)
+    for candidate in range(rank - 2, -1, -1):
+        out = relax.op.where(
+            relax.op.equal(axis, _const(candidate, "int64")), build(candidate), out
+        )
+    return out
+
+
+class _Scan(tvm_onnx.OnnxOpConverter):
+    """CumSum / CumProd with ``exclusive`` and ``reverse``, also for an axis given at run time
+    (TVM: "CumSum with non-constant axis input is not supported yet"; no CumProd converter)."""
+
+    scan = staticmethod(relax.op.cumsum)
+
+    @classmethod
+    def _impl_v11(cls, bb, inputs, attr, params):
+        data = inputs[0]
+        exclusive, reverse = bool(attr.get("exclusive", 0)), bool(attr.get("reverse", 0))
+
+        def build(axis: int):
+            x = bb.normalize(relax.op.flip(data, axis)) if reverse else data
+            out = bb.normalize(cls.scan(x, axis, exclusive=exclusive))
+            return bb.normalize(relax.op.flip(out, axis)) if reverse else out
+
+        return _select_over_axes(bb, inputs[1], data.ty.ndim, build)
+
+
+@register_converter("CumSum")
+class CumSum(_Scan):
+    __doc__ = _Scan.__doc__
+    scan = staticmethod(relax.op.cumsum)
+
+
+@register_converter("CumProd")
+class CumProd(_Scan):
+    __doc__ = _Scan.__doc__
+    scan = staticmethod(relax.op.cumprod)
+
+
+@register_converter("ReverseSequence")
+class ReverseSequence(tvm_onnx.OnnxOpConverter):
+    """Reverse the first ``sequence_lens[b]`` steps of each batch entry; TVM has no converter."""
+
+    @classmethod
+    def _impl_v10(cls, bb, inputs, attr, params):
+        return relax.op.reverse_sequence(
+            inputs[0],
+            bb.normalize(relax.op.astype(inputs[1], "int64")),
+            attr.get("time_axis", 0),
+            attr.get("batch_axis", 1),
+        )
+
+
+# --- Losses ---------------------------------------------------------------------------------------
+def _loss_attrs(attr) -> tuple[str, int]:
+    reduction = attr.get("reduction", b"mean")
+    reduction = reduction.decode() if isinstance(reduction, bytes) else str(reduction)
+    # No ignore_index means none: pick a value no valid class index can take.
+    return reduction, int(attr.get("ignore_index", -(2**31)))
+
+
+@register_converter("NegativeLogLikelihoodLoss")
+class NegativeLogLikelihoodLoss(tvm_onnx.OnnxOpConverter):
+    """``-input[n, target[n, ...], ...]`` weighted and reduced; TVM has the Relax op
+    (``nn.nll_loss``) but no ONNX converter."""
+
+    @classmethod
+    def _impl_v12(cls, bb, inputs, attr, params):
+        reduction, ignore_index = _loss_attrs(attr)
+        return relax.op.nn.nll_loss(inputs[0], inputs[1], inputs[2], reduction, ignore_index)
+
+
+@register_converter("SoftmaxCrossEntropyLoss")
+class SoftmaxCrossEntropyLoss(tvm_onnx.OnnxOpConverter):
+    """NLL loss of ``log_softmax(scores, axis=1)``, with the log-probabilities as optional second
+    output; TVM has no converter."""
+
+    @classmethod
+    def _impl_v12(cls, bb, inputs, attr, params):
+        reduction, ignore_index = _loss_attrs(attr)
+        log_prob = bb.normalize(relax.op.nn.log_softmax(inputs[0], axis=1))
+        loss = relax.op.nn.nll_loss(log_prob, inputs[1], inputs[2], reduction, ignore_index)
+        if attr["tvm_custom"]["num_outputs"] == 2:
+            return relax.Tuple([bb.normalize(loss), log_prob])
+        return loss
+
+
+# --- Range ----------------------------------------------------------------------------------------
+@register_converter("Range")
+class Range(tvm_onnx.OnnxOpConverter):
+    """Range whose bounds are integers, even when typed float (``torch.arange(seq, dtype=float)``).
+
+    TVM's converter turns a symbolic float bound into a tensor and back into a *fresh* shape
+    variable, so ``arange(seq)`` no longer has length ``seq`` and every broadcast against the
+    sequence axis loses its shape (RoPE tables in every exported transformer hit this). Here the
+    length stays an expression of the original symbolic dims; other cases fall back to TVM's
+    converter.
+    """
+
+    @classmethod
+    def _impl_v11(cls, bb, inputs, attr, params):
+        consts = [tvm_onnx.get_constant(x, params) for x in inputs[:3]]
+        if all(isinstance(x, tvm.ir.GenericConst) for x in consts):
+            return tvm_onnx.Range._impl_v12(bb, consts, attr, params)  # a NumPy constant
+        start, limit, delta = (_scalar(x) for x in consts)
+        start_i, limit_i, delta_i = (_integral_prim(v) for v in (start, limit, delta))
+        dtype_src = inputs[0]
+        out_dtype = (
+            str(dtype_src.ty.dtype)
+            if isinstance(dtype_src, relax.Expr) and hasattr(dtype_src.ty, "dtype")
+            else "int64"
+        )
+        if (
+            all(v is not None for v in (start_i, limit_i, delta_i))
+            and isinstance(delta_i, tirx.IntImm)
+            and delta_i.value > 0
+            and isinstance(start_i, tirx.IntImm)
+        ):
+            count = tirx.max(
+                tirx.floordiv(limit_i - start_i + delta_i - 1, delta_i), tirx.IntImm("int64", 0)
+            )
+            count = simplify_dims(count)
+            positions = relax.op.arange(0, count, 1, "int64")
+            if delta_i.value != 1:
+                positions = relax.op.multiply(positions, relax.const(delta_i.value, "int64"))
+            if start_i.value != 0:
+                positions = relax.op.add(positions, relax.const(start_i.value, "int64"))
+            return positions if out_dtype == "int64" else relax.op.astype(positions, out_dtype)
+        return tvm_onnx.Range._impl_v12(bb, inputs, attr, params)
+
+
+# --- Expand ---------------------------------------------------------------------------------------
+@register_converter("Expand")
+class Expand(tvm_onnx.OnnxOpConverter):
+    """Expand to a constant shape when the data has symbolic dims.
+
+    TVM's converter reads ``dim.value`` of every data dim and so fails on symbolic ones; exported
+    ``repeat_interleave`` (grouped-query attention) is exactly that case. Broadcasting follows ONNX:
+    right-aligned, 1 broadcasts, -1 keeps the data dim.
+    """
+
+    @classmethod
+    def _impl_v13(cls, bb, inputs, attr, params):
+        data, shape = inputs[0], inputs[1]
+        data_shape = getattr(data.ty, "shape", None)
+        if isinstance(shape, tvm.ir.GenericConst) and data_shape is not None:
+            target = [int(v) for v in shape.value.numpy().tolist()]
+            dims = list(data_shape.values) if hasattr(data_shape, "values") else list(data_shape)
+            rank = max(len(dims), len(target))
+            dims = [tirx.IntImm("int64", 1)] * (rank - len(dims)) + dims
+            target = [1] * (rank - len(target)) + target
+            out = []
+            for d, t in zip(dims, target):
+                static = d.value if isinstance(d, tirx.IntImm) else None
+                if t in (-1, 1):
+                    out.append(d)
+                elif static is not None and static not in (1, t):
+                    raise ValueError(f"Expand: cannot broadcast dim {static} to {t}")
+                else:
+                    out.append(tirx.IntImm("int64", t))
+            return relax.op.broadcast_to(data, relax.ShapeExpr(out))
+        if not isinstance(shape, relax.ShapeExpr) and _tensor_length(shape) is not None:
+            return cls._runtime_expand(bb, materialize(bb, data), shape)
+        return tvm_onnx.Expand._impl_v13(bb, inputs, attr, params)
+
+    @classmethod
+    def _runtime_expand(cls, bb, data, shape):
+        # TVM binds the requested shape itself, so a 1 where the data dim is larger shrinks the
+        # output instead of broadcasting (ONNX: out = broadcast(data dims, shape)).
+        length = _tensor_length(shape)
+        rank = len(data.ty.shape.values)
+        out_rank = max(rank, length)
+        if rank < out_rank:
+            data = bb.normalize(
+                relax.op.reshape(data, [1] * (out_rank - rank) + list(data.ty.shape.values))
+            )
+        target = bb.normalize(relax.op.astype(shape, "int64"))
+        if length < out_rank:
+            target = bb.normalize(
+                relax.op.concat([_const([1] * (out_rank - length), "int64"), target], axis=0)
+            )
+        data_dims = _shape_tensor(bb, data)
+        one = _const(1, "int64")
+        out = bb.normalize(relax.op.where(relax.op.equal(target, one), data_dims, target))
+        return relax.op.broadcast_to(data, _runtime_shape(bb, out, out_rank, "expand_dim"))
+
+
+_wrap_tvm_converters()  # last: every converter registered above takes precedence
