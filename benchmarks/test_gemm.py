@@ -22,7 +22,7 @@ import pytest
 
 FLOOR = 0.6
 full = pytest.mark.full_only
-H, I, HEADS, KV, D = 256, 688, 8, 2, 32  # the built-in transformer layer
+HIDDEN, INTER, HEADS, KV, D = 256, 688, 8, 2, 32  # the built-in transformer layer
 
 # (id, batch (None = 2-D), M, K, N); the row count M is symbolic in the kernel.
 CASES = [
@@ -31,10 +31,10 @@ CASES = [
 ]
 for tokens, label in ((128, "b1x128"), (16 * 128, "b16x128")):
     CASES += [
-        pytest.param(None, tokens, H, H, id=f"{label}-q_o_proj", marks=full),
-        pytest.param(None, tokens, H, KV * D, id=f"{label}-k_v_proj", marks=full),
-        pytest.param(None, tokens, H, I, id=f"{label}-gate_up", marks=full),
-        pytest.param(None, tokens, I, H, id=f"{label}-down", marks=full),
+        pytest.param(None, tokens, HIDDEN, HIDDEN, id=f"{label}-q_o_proj", marks=full),
+        pytest.param(None, tokens, HIDDEN, KV * D, id=f"{label}-k_v_proj", marks=full),
+        pytest.param(None, tokens, HIDDEN, INTER, id=f"{label}-gate_up", marks=full),
+        pytest.param(None, tokens, INTER, HIDDEN, id=f"{label}-down", marks=full),
     ]
     seqs = tokens // 128
     CASES += [

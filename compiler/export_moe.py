@@ -2,10 +2,9 @@
 
 A MoE block calls the custom op ``torch.ops.qiao.moe`` (eager: the loop transformers uses — per hit
 expert, gather its tokens, SwiGLU, ``index_add_``); the dynamo exporter maps that op to ONNX
-Runtime's
-``com.microsoft::MoE`` through ``translation_table()``, so the exported graph holds the whole block
-as
-one node that ORT executes (an independent reference) and qiao lowers to its own kernels.
+Runtime's ``com.microsoft::MoE`` through ``translation_table()``, so the exported graph holds the
+whole block as one node that ORT executes (an independent reference) and qiao lowers to its own
+kernels.
 
 ``prepare_for_export`` swaps blocks qiao did not define for ``MoEBlock``: Hugging Face transformers'
 ``Qwen3MoeSparseMoeBlock`` (5.x stacked expert weights) — the user's model is not modified

@@ -1,6 +1,5 @@
 """Qwen3-MoE: the decoder (RMSNorm, grouped-query attention with per-head q/k RMSNorm and RoPE,
-sparse
-MoE block) and one MoE block at Qwen3-30B-A3B's real size.
+sparse MoE block) and one MoE block at Qwen3-30B-A3B's real size.
 
 Built-in models:
 

@@ -8,7 +8,7 @@ import os
 import re
 
 import pytest
-from conftest import run_cli
+from qiao.compiler.testing import run_cli
 from qiao.backends import Availability, get_backend
 from qiao.backends.registry import discover
 from qiao.compiler.errors import UnknownTarget

@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import assert_close, run_cli
+from qiao.compiler.testing import assert_close, run_cli
 from onnx import TensorProto, helper, numpy_helper
 from qiao.compiler import QiaoError, UnknownTarget
 from qiao.compiler.bench import (

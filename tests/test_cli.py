@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from conftest import assert_close, run_cli
+from qiao.compiler.testing import assert_close, run_cli
 from qiao.compiler import load
 
 

@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import assert_close, run_cli
+from qiao.compiler.testing import assert_close, run_cli
 from qiao.backends import cuda
 from qiao.backends.tvm_backend import (
     EM_CUDA,

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import onnx
 import pytest
-from conftest import run_cli
+from qiao.compiler.testing import run_cli
 from onnx import TensorProto, helper
 from qiao.compiler import (
     ArtifactCorrupt,

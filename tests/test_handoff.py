@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import assert_close, run_cli
+from qiao.compiler.testing import assert_close, run_cli
 from onnx import TensorProto, helper, numpy_helper
 from qiao.backends import get_backend
 from qiao.backends.handoff import (

@@ -1,15 +1,14 @@
 """The MoE op (``com.microsoft::MoE``) through qiao's four-stage lowering on the CPU, against ONNX
-Runtime,
-an independent NumPy reference and PyTorch eager: token counts from 1 up on one symbolic-T artifact,
-experts with no tokens, one expert with every token, k = 1, k = E, duplicate router scores, the
-activation/layout/bias variants ONNX allows, and the stage kernels alone."""
+Runtime, an independent NumPy reference and PyTorch eager: token counts from 1 up on one symbolic-T
+artifact, experts with no tokens, one expert with every token, k = 1, k = E, duplicate router
+scores, the activation/layout/bias variants ONNX allows, and the stage kernels alone."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
 import pytest
-from conftest import assert_close
+from qiao.compiler.testing import assert_close
 from onnx import TensorProto, helper, numpy_helper
 
 RTOL, ATOL = 1e-4, 1e-5
@@ -225,8 +224,7 @@ def test_moe_op_experts_without_tokens(base_k2):
 
 def test_moe_op_duplicate_router_scores(base_k2):
     """Ties inside the top-k (any order gives the same sum: ORT, NumPy and torch agree) and ties
-    across
-    the top-k boundary (the choice matters: qiao follows ORT's higher-index-first rule)."""
+    across the top-k boundary (the choice matters: qiao follows ORT's higher-index-first rule)."""
     import torch
     from qiao.compiler.export_moe import moe_reference
 

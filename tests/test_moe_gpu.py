@@ -1,7 +1,6 @@
 """MoE kernels for GPUs: the same four-stage lowering scheduled with thread blocks and shared
-memory.
-Here (no GPU) the CUDA source and the packed device code are checked for every MoE kernel; the run
-against ONNX Runtime happens where a GPU is present."""
+memory. Here (no GPU) the CUDA source and the packed device code are checked for every MoE kernel;
+the run against ONNX Runtime happens where a GPU is present."""
 
 from __future__ import annotations
 
@@ -9,7 +8,7 @@ import functools
 import re
 
 import pytest
-from conftest import assert_close, has_command
+from qiao.compiler.testing import assert_close, has_command
 from test_moe import BASE, inputs, moe_model, ort_run
 
 KERNELS = (
@@ -54,8 +53,8 @@ def _cuda_source(arch: str) -> str:
 
 def test_moe_cuda_source_holds_every_stage_kernel():
     """TVM generates CUDA for sm_90 from the same lowering: gating, alignment, the grouped GEMMs
-    (tiled
-    GEMM and the decode GEMV, both per projection), combine; shared memory in the GEMM tiles."""
+    (tiled GEMM and the decode GEMV, both per projection), combine; shared memory in the GEMM tiles.
+    """
     src = _cuda_source("sm_90")
     pattern = r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\('
     names = set(re.findall(pattern, src))

@@ -1,14 +1,13 @@
 """The per-device MoE schedule table and ``qiao tune``, which regenerates its CPU entry by
-measurement.
-(No timing is asserted: only that tuning measures, writes a valid entry, and the lowering uses
-it.)"""
+measurement. (No timing is asserted: only that tuning measures, writes a valid entry, and the
+lowering uses it.)"""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-from conftest import assert_close, run_cli
+from qiao.compiler.testing import assert_close, run_cli
 
 
 def target(d):
@@ -68,10 +67,12 @@ def test_tune_measures_and_writes_an_entry_the_lowering_uses(tmp_path, monkeypat
         gemv_rows=(4,),
         tiles_up=(8,),
         tiles_down=(16, 32),
+        prefetch_options=(0, 1),
     )
     assert key == "cpu/znver4" and best.device == "cpu/znver4"
     assert (best.micro_m, best.micro_n) in {(2, 4), (3, 2)} and best.tile_down in (16, 32)
-    assert all(v > 0 for v in measured["prefill_up"].values()) and len(lines) == 8
+    assert best.prefetch in (0, 1) and set(measured["prefetch"]) == {"0", "1"}
+    assert all(v > 0 for v in measured["prefill_up"].values()) and len(lines) == 10
     write_entry(
         key, {**best.to_json(), "micro_m": 3, "micro_n": 2, "block_m": 3}, measured, path=str(table)
     )

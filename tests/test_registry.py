@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import run_cli
+from qiao.compiler.testing import run_cli
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "plugin_fixture")
 BUILTINS = {"cpu", "cuda", "rocm", "ascend", "cambricon"}

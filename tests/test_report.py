@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from qiao.compiler.testing import run_cli
 from qiao.compiler import QiaoError
 from qiao.compiler.bench import SCHEMA, SCHEMA_VERSION
 from qiao.compiler.report import flatten, load_results, write_report

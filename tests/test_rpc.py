@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import assert_close, run_cli
+from qiao.compiler.testing import assert_close, run_cli
 from qiao.compiler.rpc import RPCError, parse_tracker_address, probe, tracker_keys
 
 pytest.importorskip("tornado", reason="TVM's RPC tracker needs tornado (pip install -e '.[rpc]')")

@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import assert_close
+from qiao.compiler.testing import assert_close
 
 tvm = pytest.importorskip("tvm")
 import tvm_ffi  # noqa: E402
@@ -100,7 +100,9 @@ def _run(func, target, arrays):
     """Run ``func`` on copies of ``arrays`` (numpy, or ints for scalar params); returns numpy."""
     fn = _build(func, target)
     dev = tvm.cpu()
-    args = [tvm.runtime.tensor(np.array(a), dev) if isinstance(a, np.ndarray) else a for a in arrays]
+    args = [
+        tvm.runtime.tensor(np.array(a), dev) if isinstance(a, np.ndarray) else a for a in arrays
+    ]
     fn(*args)
     return [a.numpy() if hasattr(a, "numpy") else a for a in args]
 

@@ -1,11 +1,10 @@
 """Measure qiao's MoE kernel schedules on this CPU and store the best in the per-device table.
 
 Times the gate/up and down grouped GEMMs (decode: the GEMV kernel; prefill: register micro-kernels
-and
-task tiles) for one MoE shape — by default Qwen3-30B-A3B's expert shape with 16 experts, which keeps
-the same per-expert work at a fraction of the memory — and writes the winner as the table entry for
-the target's CPU (``cpu/<mcpu>``) in ``qiao/compiler/schedules/moe_table.json`` (or ``--table``).
-"""
+and task tiles) for one MoE shape — by default Qwen3-30B-A3B's expert shape with 16 experts, which
+keeps the same per-expert work at a fraction of the memory — and writes the winner as the table
+entry for the target's CPU (``cpu/<mcpu>``) in ``qiao/compiler/schedules/moe_table.json`` (or
+``--table``)."""
 
 from __future__ import annotations
 
@@ -46,7 +45,13 @@ def main(args) -> int:
     target = get_backend("cpu").target(args.arch)
     cfg = MoEConfig(args.experts, args.hidden, args.inter, args.top_k)
     narrow = (
-        dict(candidates=[(2, 4), (4, 4)], gemv_rows=(8,), tiles_up=(16,), tiles_down=(64,))
+        dict(
+            candidates=[(2, 4), (4, 4)],
+            gemv_rows=(8,),
+            tiles_up=(16,),
+            tiles_down=(64,),
+            prefetch_options=(0,),
+        )
         if args.quick
         else {}
     )

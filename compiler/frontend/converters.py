@@ -1136,6 +1136,131 @@ class Swish(tvm_onnx.OnnxOpConverter):
         return relax.op.multiply(x, relax.op.sigmoid(relax.op.multiply(alpha, x)))
 
 
+class _Hyperbolic(tvm_onnx.OnnxOpConverter):
+    """``(exp(x) ± exp(-x)) / 2``: TVM's converters emit ``tirx.cosh``/``tirx.sinh``, which LLVM
+    code generation does not know ("unknown intrinsic")."""
+
+    combine = staticmethod(relax.op.add)
+
+    @classmethod
+    def _impl_v9(cls, bb, inputs, attr, params):
+        x = inputs[0]
+        both = cls.combine(relax.op.exp(x), relax.op.exp(relax.op.negative(x)))
+        return relax.op.multiply(both, _const(0.5, str(x.ty.dtype)))
+
+
+@register_converter("Cosh")
+class Cosh(_Hyperbolic):
+    __doc__ = _Hyperbolic.__doc__
+    combine = staticmethod(relax.op.add)
+
+
+@register_converter("Sinh")
+class Sinh(_Hyperbolic):
+    __doc__ = _Hyperbolic.__doc__
+    combine = staticmethod(relax.op.subtract)
+
+
+@register_converter("IsInf")
+class IsInf(tvm_onnx.OnnxOpConverter):
+    """IsInf honouring ``detect_positive``/``detect_negative`` (TVM's converter ignores them)."""
+
+    @classmethod
+    def _impl_v10(cls, bb, inputs, attr, params):
+        x = inputs[0]
+        dtype = str(x.ty.dtype)
+        positive = relax.op.equal(x, _const(np.inf, dtype))
+        negative = relax.op.equal(x, _const(-np.inf, dtype))
+        if attr.get("detect_positive", 1) and attr.get("detect_negative", 1):
+            return relax.op.logical_or(positive, negative)
+        if attr.get("detect_positive", 1):
+            return positive
+        if attr.get("detect_negative", 1):
+            return negative
+        return relax.op.zeros_like(x, "bool")
+
+
+@register_converter("Dropout")
+class Dropout(tvm_onnx.OnnxOpConverter):
+    """Inference Dropout: the input, and an all-true ``bool`` mask when asked for (TVM's mask is
+    float). In training mode the output is random unless the ratio is a constant 0, so other
+    training-mode Dropouts are refused rather than silently compiled as identity."""
+
+    @classmethod
+    def _impl_v7(cls, bb, inputs, attr, params):
+        x = inputs[0]
+        training = tvm_onnx.get_constant(inputs[2], params) if len(inputs) > 2 else None
+        ratio = tvm_onnx.get_constant(inputs[1], params) if len(inputs) > 1 else None
+        is_training = training is not None and (
+            not isinstance(training, tvm.ir.GenericConst) or bool(training.value.numpy())
+        )
+        zero_ratio = isinstance(ratio, tvm.ir.GenericConst) and float(ratio.value.numpy()) == 0.0
+        if is_training and not zero_ratio:
+            raise ValueError(
+                "Dropout in training mode with a non-zero ratio is random; qiao compiles "
+                "inference graphs only"
+            )
+        if attr["tvm_custom"]["num_outputs"] == 1:
+            return x
+        return relax.Tuple([x, bb.normalize(relax.op.ones_like(x, "bool"))])
+
+
+@register_converter("RotaryEmbedding")
+class RotaryEmbedding(tvm_onnx.OnnxOpConverter):
+    """ONNX RotaryEmbedding (opset 23); TVM has no converter.
+
+    Input ``(B, H, S, D)`` or ``(B, S, H*D)`` (with ``num_heads``); caches ``(max_pos, R/2)``
+    gathered by ``position_ids`` ``(B, S)``, or ``(B, S, R/2)`` without them; the first ``R``
+    (``rotary_embedding_dim``, default D) channels rotate, as halves or interleaved pairs.
+    """
+
+    @classmethod
+    def _impl_v23(cls, bb, inputs, attr, params):
+        x, cos, sin, positions = inputs[0], inputs[1], inputs[2], inputs[3]
+        four_d = x.ty.ndim == 4
+        if four_d:
+            x = bb.normalize(relax.op.permute_dims(x, [0, 2, 1, 3]))  # (B, S, H, D)
+        else:
+            b, s, hidden = x.ty.shape.values
+            heads = attr["num_heads"]
+            x = bb.normalize(
+                relax.op.reshape(x, relax.ShapeExpr([b, s, heads, tirx.floordiv(hidden, heads)]))
+            )
+        head = x.ty.shape.values[3]
+        rot = attr.get("rotary_embedding_dim", 0) or int(head)
+        half = rot // 2
+        if positions is not None:
+            cos = relax.op.take(cos, positions, axis=0)
+            sin = relax.op.take(sin, positions, axis=0)
+        cos = bb.normalize(relax.op.expand_dims(cos, 2))  # (B, S, 1, R/2)
+        sin = bb.normalize(relax.op.expand_dims(sin, 2))
+        rotate = bb.normalize(relax.op.strided_slice(x, [3], [0], [rot]))
+        if attr.get("interleaved", 0):
+            x1 = relax.op.strided_slice(rotate, [3], [0], [rot], [2])
+            x2 = relax.op.strided_slice(rotate, [3], [1], [rot], [2])
+        else:
+            x1 = relax.op.strided_slice(rotate, [3], [0], [half])
+            x2 = relax.op.strided_slice(rotate, [3], [half], [rot])
+        x1, x2 = bb.normalize(x1), bb.normalize(x2)
+        real = relax.op.subtract(relax.op.multiply(cos, x1), relax.op.multiply(sin, x2))
+        imag = relax.op.add(relax.op.multiply(sin, x1), relax.op.multiply(cos, x2))
+        real, imag = bb.normalize(real), bb.normalize(imag)
+        if attr.get("interleaved", 0):
+            pairs = relax.op.concat(
+                [relax.op.expand_dims(real, 4), relax.op.expand_dims(imag, 4)], axis=4
+            )
+            rotated = relax.op.reshape(bb.normalize(pairs), rotate.ty.shape)
+        else:
+            rotated = relax.op.concat([real, imag], axis=3)
+        rotated = bb.normalize(rotated)
+        if not (isinstance(head, tirx.IntImm) and rot == int(head)):
+            rest = relax.op.strided_slice(x, [3], [rot], [head])
+            rotated = bb.normalize(relax.op.concat([rotated, rest], axis=3))
+        if four_d:
+            return relax.op.permute_dims(rotated, [0, 2, 1, 3])
+        return relax.op.reshape(rotated, inputs[0].ty.shape)
+
+
 # --- Scans and axis-indexed ops whose axis arrives at run time ------------------------------------
 def _select_over_axes(bb, axis_input, rank: int, build):
     """``build(axis)`` for a constant axis; for a run-time scalar axis, every candidate axis is

@@ -1,7 +1,6 @@
 """Converter for ``com.microsoft::MoE`` (ONNX Runtime's contrib op): one node becomes one
-placeholder
-call that ``qiao.compiler.passes.LowerMoE`` replaces with qiao's four-stage MoE kernels for the
-target.
+placeholder call that ``qiao.compiler.passes.LowerMoE`` replaces with qiao's four-stage MoE kernels
+for the target.
 
 The placeholder is ``R.call_dps_packed("qiao.moe", (x, router_logits, fc1, fc1_bias, fc2, fc2_bias,
 config))`` on 2-D tokens, ``config`` a JSON string of ``MoEConfig``; absent biases are ``(1,)`` zero

@@ -1,11 +1,11 @@
 """qiao.compiler.kernels — qiao's own TIR kernels, each documenting its tensors.
 
-The MoE dispatch, in the order ``qiao.compiler.passes.LowerMoE`` calls them (CPU and GPU schedules of
-the same stages; shared definitions in ``moe_common``):
+The MoE dispatch, in the order ``qiao.compiler.passes.LowerMoE`` calls them (CPU and GPU schedules
+of the same stages; shared definitions in ``moe_common``):
 
 - ``moe_gating.moe_gating``: softmax + top-k + renormalise, fused;
 - ``moe_align.moe_align``: per-expert counts, padded prefix sums, slots sorted by expert;
-- ``group_gemm.group_gemm_up`` / ``group_gemm_down``: grouped GEMMs over routed pairs only (gate/up with
-  the activation fused; down with the routing weight fused), GEMV kernels for decode;
+- ``group_gemm.group_gemm_up`` / ``group_gemm_down``: grouped GEMMs over routed pairs only (gate/up
+  with the activation fused; down with the routing weight fused), GEMV kernels for decode;
 - ``moe_combine.moe_combine``: weighted rows summed back in token order (deterministic).
 """

@@ -1,10 +1,9 @@
 """MoE stage 3, grouped GEMM over the routed (token, expert) pairs only.
 
-``group_gemm_up``: for every slot s of expert e (from ``moe_align``), ``act[s, i] = act_fn(gate_i,
-up_i)``
-with ``gate_i, up_i = fc1[e, rows(i)] . x[token(s)]`` — gate and up computed together, the
-activation
-applied in registers (SiLU·mul for SwiGLU).
+``group_gemm_up``: for every slot s of expert e (from ``moe_align``),
+``act[s, i] = act_fn(gate_i, up_i)`` with ``gate_i, up_i = fc1[e, rows(i)] . x[token(s)]`` — gate
+and up computed together, the activation applied in registers (SiLU·mul for SwiGLU).
+
 ``group_gemm_down``: ``out[t, j, :] = w[t, j] * fc2[e] @ act[s]`` for the slot s of pair (t, j), the
 routing weight applied in the epilogue; ``moe_combine`` then sums the k rows of each token.
 
@@ -14,18 +13,16 @@ contiguous), so kernels read them in place and never copy them.
 CPU schedule: parallel tasks over (expert that received tokens) x (output tile); inside a task the
 expert's tokens are walked ``micro_m`` at a time through a register-blocked micro-kernel
 (``micro_m`` tokens x ``micro_n`` weight rows, each accumulator one SIMD vector along the reduction
-axis, horizontal sums at the end). The weight tile (``tile_*`` rows) is read from memory once and
-stays
-in L2 while every token of the expert passes over it. Fewer than ``micro_m`` tokens (decode, and
-the tail
-of each expert) take the GEMV kernel: one token against ``gemv_n`` rows per step, weights streamed
-once.
-Tasks exist only for experts with tokens, so the work follows k, not the number of experts.
+axis, horizontal sums at the end; a partial block repeats its last token). The weight tile
+(``tile_*`` rows) is read from memory once and stays in L2 while every token of the expert passes
+over it. A lone token (decode) takes the GEMV kernel: ``gemv_n`` weight rows per step, weights
+streamed once. Tasks exist only for experts with tokens, so the work follows k, not the number of
+experts.
 
 GPU schedule: one thread block per (aligned block of ``block_m`` slots, output tile); operand tiles
 staged in shared memory, each thread accumulates ``gpu_thread_m x gpu_thread_n`` outputs. Up to
 ``gpu_gemv_max_tokens`` tokens take GEMV kernels instead: one thread block per routed pair and row
-group, 32 lanes splitting the reduction with a shared-memory tree.
+group, a warp of 32 lanes splitting each dot product and reducing with shuffles.
 """
 
 from __future__ import annotations

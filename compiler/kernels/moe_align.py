@@ -4,8 +4,7 @@ into those slots. Within an expert, pairs keep token order, so every later stage
 
 Besides the slots it emits what the grouped GEMMs schedule over: the list of experts that received
 tokens (CPU tasks run over these only, so work follows k, not E) and each block's expert (GPU thread
-blocks run over these).
-"""
+blocks run over these)."""
 
 from __future__ import annotations
 

@@ -27,8 +27,8 @@ def moe_combine(
     -------
     tvm.tirx.PrimFunc
         ``moe_combine(expert_out, y)`` with ``expert_out``: (T, k, H) float32 weighted expert
-        outputs
-        from ``group_gemm_down`` and ``y``: (T, H) float32, ``y[t] = sum_j expert_out[t, j]``.
+        outputs from ``group_gemm_down`` and ``y``: (T, H) float32, ``y[t] = sum_j expert_out[t,
+        j]``.
     """
     from tvm.script import tirx as T
 

@@ -1,6 +1,5 @@
-"""What the MoE kernels share: the op's configuration, the buffer sizes of the dispatch, the
-gate/up row
-layout, the activation epilogue and the attributes every MoE PrimFunc carries.
+"""What the MoE kernels share: the op's configuration, the buffer sizes of the dispatch, the gate/up
+row layout, the activation epilogue and the attributes every MoE PrimFunc carries.
 
 The MoE op (ONNX Runtime's ``com.microsoft::MoE`` semantics) for ``T`` tokens, ``E`` experts, hidden
 size ``H``, expert intermediate size ``I`` and ``k`` experts per token::

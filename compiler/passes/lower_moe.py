@@ -1,6 +1,5 @@
 """``LowerMoE``: replace each ``qiao.moe`` placeholder (from the ``com.microsoft::MoE`` converter)
-with
-qiao's four MoE stages, scheduled for the target:
+with qiao's four MoE stages, scheduled for the target:
 
     moe_gating    softmax + top-k + renormalise          logits (T, E)       -> ids, weights (T, k)
     moe_align     counts, padded offsets, sorted slots    ids                 -> dispatch tables

@@ -8,7 +8,8 @@ often symbolic, so the decision is made at run time: a function with parallel lo
     else:                 <the parallel schedule>
 
 where ``work`` counts block executions, a vectorised loop counting once (roughly instructions; a
-symbolic expression of the shape variables). Functions whose work is static are decided at compile time, without a branch.
+symbolic expression of the shape variables). Functions whose work is static are decided at compile
+time, without a branch.
 """
 
 from __future__ import annotations
@@ -183,9 +184,8 @@ def serial_when_small(func, threshold: int = DEFAULT_THRESHOLD):
 
 def _make_pass():
     import tvm
-    from tvm import tirx
-
     from qiao.compiler.passes.apply_schedule_rules import with_functions
+    from tvm import tirx
 
     @tvm.ir.transform.module_pass(opt_level=0, name="SerialSmallKernels")
     class _SerialSmallKernels:

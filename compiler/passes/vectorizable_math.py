@@ -200,9 +200,8 @@ def rewrite_math(func):
 
 def _make_pass():
     import tvm
-    from tvm import tirx
-
     from qiao.compiler.passes.apply_schedule_rules import with_functions
+    from tvm import tirx
 
     @tvm.ir.transform.module_pass(opt_level=0, name="VectorizableMath")
     class _VectorizableMath:

@@ -25,15 +25,6 @@ def _conjuncts(expr) -> list:
     return [expr]
 
 
-def _uses(expr, var) -> bool:
-    import tvm_ffi
-    from tvm.ir.expr import Var
-
-    hits = []
-    tvm_ffi.structural_walk(expr, [(Var, lambda v: (hits.append(v.same_as(var)), None)[1])])
-    return any(hits)
-
-
 def _substitute(expr, var, value):
     import tvm_ffi
     from tvm.ir.expr import Var
@@ -92,6 +83,7 @@ def split_ragged_vector_loops(func):
     """``func`` with every vectorised loop over a lane-predicated block rewritten (module doc)."""
     import tvm
     import tvm_ffi
+    from qiao.compiler.schedules.tir_util import uses_var
     from tvm import s_tir, tirx
 
     changed = []
@@ -103,10 +95,10 @@ def split_ragged_vector_loops(func):
         realize = new.body
         lane = new.loop_var
         conds = _conjuncts(realize.predicate)
-        ragged = [c for c in conds if _uses(c, lane)]
+        ragged = [c for c in conds if uses_var(c, lane)]
         if not ragged:
             return new
-        steady = [c for c in conds if not _uses(c, lane)]
+        steady = [c for c in conds if not uses_var(c, lane)]
         first = new.min
         last = new.min + new.extent - 1
         all_lanes = _all(
@@ -141,9 +133,8 @@ def split_ragged_vector_loops(func):
 
 def _make_pass():
     import tvm
-    from tvm import tirx
-
     from qiao.compiler.passes.apply_schedule_rules import with_functions
+    from tvm import tirx
 
     @tvm.ir.transform.module_pass(opt_level=0, name="VectorizeRaggedLoops")
     class _VectorizeRaggedLoops:

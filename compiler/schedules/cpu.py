@@ -11,6 +11,7 @@ import logging
 from typing import Any
 
 from qiao.compiler.schedules.cpu_info import cpu_info
+from qiao.compiler.schedules.tir_util import static_int
 
 log = logging.getLogger("qiao.schedules")
 
@@ -37,16 +38,10 @@ def cpu_rules(target: Any) -> list:
     ]
 
 
-def _static_int(expr) -> int | None:
-    import tvm
-
-    return int(expr.value) if isinstance(expr, tvm.tirx.IntImm) else None
-
-
 def vector_split(sch, loop, lanes: int) -> None:
     """Vectorise ``loop``: all of it when its static extent fits the SIMD width, else split by the
     largest power of two ≤ ``lanes`` dividing the extent. Symbolic extents are left to LLVM."""
-    extent = _static_int(sch.get(loop).extent)
+    extent = static_int(sch.get(loop).extent)
     if extent is None or extent < 2:
         return
     if extent <= lanes:
@@ -65,12 +60,12 @@ def parallelize_outer(sch, loops: list, lanes: int) -> None:
     if not loops:
         return
     fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-    extent = _static_int(sch.get(fused).extent)
+    extent = static_int(sch.get(fused).extent)
     block_elems = 1
     # Elements below the fused loop (all static, or unknown → assume large).
     inner = sch.get(fused).body
     while hasattr(inner, "body") and hasattr(inner, "extent"):
-        e = _static_int(inner.extent)
+        e = static_int(inner.extent)
         if e is None:
             block_elems = None
             break

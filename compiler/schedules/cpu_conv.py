@@ -31,13 +31,13 @@ class CPUWindowReduction:
 
     def apply(self, func, target, tunable: bool):
         from tvm import s_tir, tirx
+        from qiao.compiler.schedules.cpu import parallelize_outer, vector_split
         from tvm.s_tir.dlight.analysis import normalize_prim_func
-        from tvm.s_tir.dlight.base import try_inline_contiguous_spatial
 
         if not self.is_target_available(target):
             return None
         sch = s_tir.Schedule(func)
-        infos = try_inline_contiguous_spatial(sch, normalize_prim_func(sch))
+        infos = normalize_prim_func(sch)
         if not infos:
             return None
         reductions = [i for i in infos if not i.is_injective()]
@@ -59,10 +59,17 @@ class CPUWindowReduction:
             return None
         if not _slides(sch.get(red.block_rv)):
             return None  # a row reduction (mean, sum over an axis): CPURowReduction's
-        if infos[0] is not red:
-            return None  # a producer that did not inline: leave it to the generic rules
+        position = infos.index(red)
         dtype = str(sch.get(red.block_rv).writes[0].source.dtype)
         lanes = cpu_info(target).lanes(dtype if dtype != "bool" else "int8")
+        # Producers (the zero-padded copy of the input) stay separate, vectorised passes: inlined,
+        # their bounds checks would run once per window tap instead of once per element.
+        for info in infos[:position]:
+            p_loops = sch.get_loops(info.block_rv)
+            vector_split(sch, p_loops[-1], lanes)
+            p_loops = sch.get_loops(info.block_rv)
+            parallelize_outer(sch, [lp for lp in p_loops[:-1]
+                                    if sch.get(lp).kind == tirx.ForKind.SERIAL], lanes)
 
         # Parallel over the outer output axes; the innermost output axis and the window stay as
         # written, a short loop nest LLVM vectorises (measured faster than vectorising the output
@@ -71,7 +78,7 @@ class CPUWindowReduction:
         task = sch.fuse(*outer) if len(outer) > 1 else outer[0]
         parallelize = _static_size(sch, task) is None or _static_size(sch, task) > 1
         # Epilogues (bias, activation) follow each task's rows while they are in cache.
-        for info in infos[1:]:
+        for info in infos[position + 1:]:
             sch.reverse_compute_at(info.block_rv, task, preserve_unit_loops=True)
             e_vec = _vector_inner(sch, sch.get_loops(info.block_rv)[-1], lanes)
             if e_vec is not None:
@@ -83,16 +90,14 @@ class CPUWindowReduction:
 
 def _slides(block) -> bool:
     """Whether some read index mixes an output iterator with a window iterator (``y·s + ry``)."""
-    import tvm_ffi
+    from qiao.compiler.schedules.tir_util import var_names
     from tvm import tirx
-    from tvm.ir.expr import Var
 
     spatial = {iv.var.name for iv in block.iter_vars if iv.iter_type == tirx.IterVar.DataPar}
     reduce = {iv.var.name for iv in block.iter_vars if iv.iter_type == tirx.IterVar.CommReduce}
     for region in block.reads:
         for rng in region.region:
-            names = []
-            tvm_ffi.structural_walk(rng.min, [(Var, lambda v: (names.append(v.name), None)[1])])
+            names = var_names(rng.min)
             if spatial.intersection(names) and reduce.intersection(names):
                 return True
     return False

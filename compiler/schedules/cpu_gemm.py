@@ -1,20 +1,23 @@
 """CPU GEMM schedules: register-blocked, vectorised, cache-blocked, packed and parallel.
 
-Every GEMM-like TIR block — ``C[S, I, J] += A[S, I, K] * B[S, J, K]`` in any buffer layout, with any
-elementwise producers and epilogues fused around it (dense layers, ``matmul``, batched matmul,
-attention's ``Q·Kᵀ`` and ``P·V``, im2col convolution) — is scheduled the same way, after BLIS:
+Every GEMM-like TIR block — ``C[S, I, J] += A[S, I, K] * B[S, J, K]`` in any buffer layout, with
+any elementwise producers and epilogues fused around it (dense layers, ``matmul``, batched matmul,
+attention's ``Q·Kᵀ`` and ``P·V``, convolutions as implicit im2col) — is scheduled the same way,
+after BLIS:
 
-* the block is normalised to ``(S, I, J, K)`` and padded so that ``I``, ``J`` (and ``K`` when it is
-  unrolled) are multiples of the micro-tile — dynamic extents (a symbolic batch or sequence) included;
-* ``B`` is packed once per call into panels ``Bp[S, J / nr, K, nr]`` (contiguous ``nr``-wide rows, no
-  TLB or cache-set conflicts), in parallel; when ``B`` is a model weight the packing block is marked
-  as a layout-rewrite preprocessing step so the pipeline can lift it out of the run-time path;
-* the parallel loop runs over ``(S, I / mc, J / nc)``; each task packs its rows of ``A`` into
-  ``Ap[mc / mr, K, mr]`` (the zero padding of a dynamic ``I`` happens here, once per task) so the
-  micro-kernel broadcasts ``A`` from one contiguous stream;
-* the micro-kernel keeps an ``mr × nr`` tile of ``C`` in SIMD registers (``nr = nr_vectors × lanes``,
-  lanes from the target's SIMD width), unrolls ``mr`` and ``k_unroll``, and writes the tile back
-  through the fused epilogue.
+* the block is normalised to ``(S, IO, I, J, K)`` (``IO``: row axes other than the last, e.g. the
+  batch of ``x[batch, seq, k] @ w``, kept as an outer loop) and padded so that ``I``, ``J`` (and
+  ``K`` when it is unrolled) are multiples of the micro-tile — symbolic extents included;
+* ``B`` is packed once per call into panels ``Bp[S, J / nr, K, nr]`` (contiguous ``nr``-wide rows,
+  no TLB or cache-set conflicts), in parallel; when ``B`` is a static-shaped parameter (a weight)
+  the packing block is marked as a layout-rewrite preprocessing step, so the pipeline can lift it
+  out of the run-time path (``SplitLayoutRewritePreproc`` then ``LiftTransformParams``);
+* the parallel loop runs over ``(S, IO, I / mc, J / nc)``; each task packs its rows of ``A`` into
+  ``Ap[mc / mr, K, mr]`` (the zero padding of a symbolic ``I`` happens here) so the micro-kernel
+  broadcasts ``A`` from one contiguous stream;
+* the micro-kernel keeps an ``mr × nr`` tile of ``C`` in SIMD registers (``nr = nr_vectors ×
+  lanes``, lanes from the target's SIMD width), unrolls ``mr`` and ``k_unroll``, and writes the tile
+  back through the fused epilogue.
 
 Tile sizes come from ``choose_tile`` (register budget, padding waste, core count) or from a tuning
 record (``qiao.compiler.schedules.tuning``). ``schedule_microkernel`` is the reusable core for
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qiao.compiler.schedules.cpu_info import CPUInfo, cpu_info
+from qiao.compiler.schedules.tir_util import static_int
 
 # Float dtypes the micro-kernel handles; integer GEMMs go to the generic rules.
 GEMM_DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -51,9 +55,6 @@ class GemmTile:
         for a symbolic ``J``).
     k_unroll : int
         Unroll factor of the reduction loop (``K`` is zero-padded to a multiple when needed).
-    pack_b : bool
-        Pack ``B`` into ``nr``-wide panels; without it the micro-kernel reads ``B`` in place
-        (only possible when ``B`` is contiguous along ``J``).
     """
 
     mr: int = 8
@@ -61,7 +62,6 @@ class GemmTile:
     mc_tiles: int = 1
     nc_tiles: int = 8
     k_unroll: int = 4
-    pack_b: bool = True
 
     def nr(self, lanes: int) -> int:
         return self.nr_vectors * lanes
@@ -73,7 +73,6 @@ class GemmTile:
             "mc_tiles": self.mc_tiles,
             "nc_tiles": self.nc_tiles,
             "k_unroll": self.k_unroll,
-            "pack_b": self.pack_b,
         }
 
 
@@ -98,9 +97,9 @@ def _ceil_div(a: int, b: int) -> int:
 def register_tiles(cpu: CPUInfo) -> list[tuple[int, int]]:
     """Register-block shapes ``(mr, nr_vectors)`` that fit the target's SIMD registers.
 
-    The ``mr * nr_vectors`` accumulators, ``nr_vectors`` loaded ``B`` vectors and one broadcast ``A``
-    element must fit the register file; the largest ``mr`` per ``nr_vectors`` is listed, capped at
-    16 rows (beyond that the broadcast stream dominates).
+    The ``mr * nr_vectors`` accumulators, ``nr_vectors`` loaded ``B`` vectors and one broadcast
+    ``A`` element must fit the register file; the largest ``mr`` per ``nr_vectors`` is listed,
+    capped at 16 rows (beyond that the broadcast stream dominates).
     """
     tiles = []
     for nv in (1, 2, 3, 4):
@@ -164,7 +163,7 @@ def choose_tile(cpu: CPUInfo, shape: GemmShape) -> GemmTile:
                 if m_tiles % cand == 0 and shape.s * (m_tiles // cand) >= tasks_wanted:
                     mc_tiles = cand
                     break
-    return GemmTile(mr, nv, mc_tiles, nc_tiles, k_unroll, True)
+    return GemmTile(mr, nv, mc_tiles, nc_tiles, k_unroll)
 
 
 def check_tile(tile: GemmTile, shape: GemmShape, lanes: int) -> None:
@@ -181,12 +180,6 @@ def check_tile(tile: GemmTile, shape: GemmShape, lanes: int) -> None:
 # -- analysis -------------------------------------------------------------------------------------
 
 
-def _static(extent) -> int | None:
-    import tvm
-
-    return int(extent.value) if isinstance(extent, tvm.tirx.IntImm) else None
-
-
 def find_gemm_block(sch) -> Any | None:
     """The single reduction block of a GEMM-like function (others spatial), or ``None``."""
     from tvm.s_tir.dlight.analysis import get_root_block
@@ -198,7 +191,7 @@ def find_gemm_block(sch) -> Any | None:
         return None
     block = reductions[0]
     stmt = sch.get(block)
-    if gemm_index_maps(stmt) is None:
+    if gemm_orientation(stmt) is None:
         return None
     if str(stmt.writes[0].source.dtype) not in GEMM_DTYPES:
         return None
@@ -234,7 +227,7 @@ def _is_multiply_accumulate(stmt) -> bool:
 def gemm_shape(sch, block) -> GemmShape:
     """Extents of a normalised ``(S, IO, I, J, K)`` block (``s`` counts ``S × IO``)."""
     iters = sch.get(block).iter_vars
-    s, io, m, n, k = (_static(iv.dom.extent) for iv in iters)
+    s, io, m, n, k = (static_int(iv.dom.extent) for iv in iters)
     batch = None if s is None or io is None else s * io
     return GemmShape(batch, m, n, k, str(sch.get(block).writes[0].source.dtype))
 
@@ -249,7 +242,33 @@ def _writer_of(sch, blocks, buffer):
     return None
 
 
-def gemm_index_maps(stmt):
+def gemm_orientation(stmt) -> int | None:
+    """Which read of a GEMM-like block plays ``A`` (0 or 1), or ``None`` when it is not GEMM-like.
+
+    ``B``'s column axis ``J`` is the one the micro-kernel vectorises and the write-back stores
+    whole vectors along, so ``B`` is the operand that carries the output's innermost (contiguous)
+    axis: the weight of ``x @ w``, but the input of an NCHW convolution (whose output is contiguous
+    along the image width), with the weights as ``A``.
+    """
+    from tvm.tirx.analysis import undefined_vars
+
+    valid = [a for a in (0, 1) if _iter_traits(stmt, a) is not None]
+    if not valid:
+        return None
+    inner = set(undefined_vars(stmt.writes[0].region[-1].min))
+    for a in valid:
+        b_vars = set()
+        for r in stmt.reads[1 - a].region:
+            b_vars |= set(undefined_vars(r.min))
+        a_vars = set()
+        for r in stmt.reads[a].region:
+            a_vars |= set(undefined_vars(r.min))
+        if inner and inner <= b_vars and not inner & a_vars:
+            return a
+    return valid[0]
+
+
+def gemm_index_maps(stmt, a_index: int = 0):
     """Index maps taking a GEMM-like block to ``(S, IO, I, J, K)`` and its operands to
     ``A[S, IO, I, K]``, ``B[S, J, K]``, ``C[S, IO, I, J]``, or ``None`` when it is not GEMM-like.
 
@@ -261,7 +280,7 @@ def gemm_index_maps(stmt):
     from tvm import tirx
     from tvm.s_tir.dlight.gpu.matmul import IterKind
 
-    traits = _iter_traits(stmt)
+    traits = _iter_traits(stmt, a_index)
     if traits is None:
         return None
     a_traits, b_traits, c_traits, block_traits = traits
@@ -297,7 +316,7 @@ def gemm_index_maps(stmt):
     )
 
 
-def _iter_traits(stmt):
+def _iter_traits(stmt, a_index: int = 0):
     """dlight's ``detect_iter_traits``, except that an extent-1 iterator is classified by the
     operands that use it like any other: a one-row product (``x[1, k] @ w[k, n]``, a batch-1
     dense layer with static shapes) is a GEMM with ``M = 1`` rather than no GEMM at all."""
@@ -316,7 +335,8 @@ def _iter_traits(stmt):
             out |= set(undefined_vars(r.min))
         return out
 
-    a_axes, b_axes, c_axes = (axes(x.region) for x in (*stmt.reads, stmt.writes[0]))
+    a_read, b_read = stmt.reads[a_index], stmt.reads[1 - a_index]
+    a_axes, b_axes, c_axes = (axes(x.region) for x in (a_read, b_read, stmt.writes[0]))
     if a_axes is None or b_axes is None or c_axes is None:
         return None
     traits = {}
@@ -363,34 +383,37 @@ def _is_unit(iv) -> bool:
 
 def normalize_gemm(sch, block):
     """Rewrite ``block`` to iterate ``(S, IO, I, J, K)`` over reindexed operands (see
-    ``gemm_index_maps``). Returns the blocks writing the reindexed ``A`` and ``B``."""
+    ``gemm_index_maps``, ``gemm_orientation``). Returns the blocks writing the reindexed ``A`` and
+    ``B``, and the read index of ``A``."""
+    a_index = gemm_orientation(sch.get(block))
     # Reindex A last so its copy sits after B's: the B packing (lifted out of the function when B is
     # a weight) must be the first statement.
-    rb = sch.reindex(block, ("read", 1))
-    ra = sch.reindex(block, ("read", 0))
+    rb = sch.reindex(block, ("read", 1 - a_index))
+    ra = sch.reindex(block, ("read", a_index))
     rc = sch.reindex(block, ("write", 0))
-    block_map, a_map, b_map, c_map = gemm_index_maps(sch.get(block))
+    block_map, a_map, b_map, c_map = gemm_index_maps(sch.get(block), a_index)
     sch.transform_layout(ra, ("write", 0), a_map)
     sch.transform_layout(rb, ("write", 0), b_map)
     sch.transform_layout(rc, ("read", 0), c_map)
     sch.transform_block_layout(block, block_map)
-    return ra, rb
+    return ra, rb, a_index
 
 
-def _pad_and_find_stages(sch, block, ra, rb, mr: int, nr: int, k_pad: int):
+def _pad_and_find_stages(sch, block, ra, rb, a_index: int, mr: int, nr: int, k_pad: int):
     """Pad the normalised block; return the blocks producing its ``A`` and ``B`` operands."""
     sch.pad_einsum(block, [1, 1, mr, nr, k_pad])
     stmt = sch.get(block)
+    a_read, b_read = stmt.reads[a_index].source, stmt.reads[1 - a_index].source
     producers = sch.get_producers(block)
-    a_stage = _writer_of(sch, producers, stmt.reads[0].source)
-    b_stage = _writer_of(sch, producers, stmt.reads[1].source)
+    a_stage = _writer_of(sch, producers, a_read)
+    b_stage = _writer_of(sch, producers, b_read)
     # pad_einsum inserts "<buf>_pad" copies after the reindex blocks when it pads; fold the
     # reindex copy into them so one block does gather + zero-pad (+ transpose for B).
     for stage, reindex in ((a_stage, ra), (b_stage, rb)):
         if not sch.get(stage).same_as(sch.get(reindex)):
             sch.compute_inline(reindex)
-    a_stage = _writer_of(sch, sch.get_producers(block), stmt.reads[0].source)
-    b_stage = _writer_of(sch, sch.get_producers(block), stmt.reads[1].source)
+    a_stage = _writer_of(sch, sch.get_producers(block), a_read)
+    b_stage = _writer_of(sch, sch.get_producers(block), b_read)
     return a_stage, b_stage
 
 
@@ -611,14 +634,14 @@ def schedule_gemm(sch, block, target: Any, tile: GemmTile | None = None) -> Gemm
         The tile used.
     """
     cpu = cpu_info(target)
-    ra, rb = normalize_gemm(sch, block)
+    ra, rb, a_index = normalize_gemm(sch, block)
     shape = gemm_shape(sch, block)
     tile = tile or choose_tile(cpu, shape)
     lanes = cpu.lanes(shape.dtype)
     check_tile(tile, shape, lanes)
     nr = tile.nr(lanes)
     k_pad = tile.k_unroll if shape.k is None or shape.k % tile.k_unroll else 1
-    a_stage, b_stage = _pad_and_find_stages(sch, block, ra, rb, tile.mr, nr, k_pad)
+    a_stage, b_stage = _pad_and_find_stages(sch, block, ra, rb, a_index, tile.mr, nr, k_pad)
     inline_producers(sch, a_stage)
     inline_producers(sch, b_stage)
 
@@ -680,7 +703,7 @@ def candidate_tiles(cpu: CPUInfo, shape: GemmShape) -> list[GemmTile]:
         for mc in mcs:
             for nc in ncs:
                 for ku in (1, 2, 4, 8):
-                    tile = GemmTile(mr, nv, mc, nc, ku, True)
+                    tile = GemmTile(mr, nv, mc, nc, ku)
                     try:
                         check_tile(tile, shape, lanes)
                     except ValueError:

@@ -113,16 +113,14 @@ class CPURowReduction:
 
 def _operands_over_reduction(block) -> int:
     """How many read regions of ``block`` are indexed by a reduction iterator."""
-    import tvm_ffi
     from tvm import tirx
-    from tvm.ir.expr import Var
 
     reduce = {iv.var.name for iv in block.iter_vars if iv.iter_type == tirx.IterVar.CommReduce}
+    from qiao.compiler.schedules.tir_util import var_names
+
     count = 0
     for region in block.reads:
-        names = []
-        for rng in region.region:
-            tvm_ffi.structural_walk(rng.min, [(Var, lambda v: (names.append(v.name), None)[1])])
+        names = set().union(*(var_names(rng.min) for rng in region.region))
         count += bool(reduce.intersection(names))
     return count
 
@@ -162,6 +160,7 @@ def _restore_tail_guards(func, guards):
     import tvm
     import tvm_ffi
     from qiao.compiler.passes.vectorize_ragged_loops import fresh_block
+    from qiao.compiler.schedules.tir_util import uses_var
     from tvm import s_tir, tirx
 
     wanted = {f"{name}_update": (extent, lanes) for name, extent, lanes in guards}
@@ -201,7 +200,7 @@ def _restore_tail_guards(func, guards):
                 outer = binding
             elif lane is None:
                 lane = binding  # rfactor puts the factored (lane) iterator first
-        if outer is None or lane is None or not _uses(outer, new.loop_var):
+        if outer is None or lane is None or not uses_var(outer, new.loop_var):
             return new
         full = tirx.FloorDiv(extent, tirx.const(lanes, extent.ty.dtype))
         guard = outer * lanes + lane < extent
@@ -220,15 +219,6 @@ def _restore_tail_guards(func, guards):
     out = tvm_ffi.structural_mutate(func, [(tirx.For, on_for)])
     # The tail re-defines the loop variables of the full-vector part.
     return tirx.transform.ConvertSSA()(tvm.IRModule({"main": out}))["main"]
-
-
-def _uses(expr, var) -> bool:
-    import tvm_ffi
-    from tvm.ir.expr import Var
-
-    hits = []
-    tvm_ffi.structural_walk(expr, [(Var, lambda v: (hits.append(v.same_as(var)), None)[1])])
-    return any(hits)
 
 
 def _is_true(expr) -> bool:

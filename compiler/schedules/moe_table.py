@@ -7,10 +7,8 @@ regenerates the CPU entries by measurement. ``lookup(target)`` picks the entry f
   ``cpu/simd128`` from the target's SIMD width (read from the target, never from this machine);
 - CUDA: ``cuda/<arch>`` then ``cuda``; ROCm: ``rocm/<mcpu>`` then ``rocm``.
 
-A backend's ``moe_schedule(arch)`` may return overrides (a mapping of field names); they are
-applied with
-``MoESchedule.replace``. Entries only name the fields they change from the defaults below.
-"""
+A backend's ``moe_schedule(arch)`` may return overrides (a mapping of field names); they are applied
+with ``MoESchedule.replace``. Entries only name the fields they change from the defaults below."""
 
 from __future__ import annotations
 
@@ -322,13 +320,14 @@ def tune_cpu(
     gemv_rows=(4, 8, 12, 16),
     tiles_up=(8, 16, 32, 64),
     tiles_down=(32, 64, 128, 256),
+    prefetch_options=(0, 1),
 ) -> tuple[str, MoESchedule, dict[str, Any]]:
     """Measure candidate CPU schedules for ``cfg`` on this machine and return the best.
 
     The decode kernel (``gemv_n``) is chosen on ``tokens_decode`` tokens, the micro-kernels and
-    tiles
-    on ``tokens_prefill`` (default: enough tokens for ~32 per expert, Qwen3-30B-A3B's T=512 load).
-    ``candidates`` (micro-kernel shapes), ``gemv_rows`` and ``tiles_*`` narrow the search.
+    tiles on ``tokens_prefill`` (default: enough tokens for ~32 per expert, Qwen3-30B-A3B's T=512
+    load), then software prefetch on both. ``candidates`` (micro-kernel shapes), ``gemv_rows``,
+    ``tiles_*`` and ``prefetch_options`` narrow the search.
     Returns ``(table key, schedule, measurements)``.
     """
     from qiao.compiler.schedules.cpu_info import cpu_info
@@ -395,6 +394,15 @@ def tune_cpu(
             log(f"prefill T={prefill} {field}={v}: {scores[v] * 1e3:.3f} ms")
         best = best.replace(**{field: min(scores, key=scores.get)})
         measurements[field] = {str(k): v for k, v in scores.items()}
+    # 3. software prefetch of the next weight rows: on decode and prefill together
+    scores = {}
+    for pf in prefetch_options:
+        sched = best.replace(prefetch=pf)
+        t_dec, t_pre = measure(sched, tokens_decode), measure(sched, prefill)
+        scores[pf] = t_dec["up"] + t_dec["down"] + t_pre["up"] + t_pre["down"]
+        log(f"prefetch={pf}: {scores[pf] * 1e3:.3f} ms (decode + prefill)")
+    best = best.replace(prefetch=min(scores, key=scores.get))
+    measurements["prefetch"] = {str(k): v for k, v in scores.items()}
     return key, best, measurements
 
 

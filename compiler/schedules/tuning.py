@@ -164,7 +164,7 @@ class TuningDatabase:
         from qiao.compiler.schedules.cpu_gemm import CPUMatmul, GemmTile
 
         record = self.lookup(func)
-        if record is None and tune_trials > 0:
+        if record is None and tune_trials > 0 and is_tunable(func):
             record = tune_gemm(func, target, tune_trials, self.tune_dims)
             if record is not None:
                 self.commit(func, record)
@@ -176,6 +176,14 @@ class TuningDatabase:
 
 
 # -- measuring -------------------------------------------------------------------------------------
+
+
+def is_tunable(func) -> bool:
+    """Whether ``func`` is a kernel the tuner searches (GEMM-like: ``CPUMatmul`` applies)."""
+    from qiao.compiler.schedules.cpu_gemm import find_gemm_block
+    from tvm import s_tir
+
+    return find_gemm_block(s_tir.Schedule(func)) is not None
 
 
 def shape_vars(func) -> dict[str, Any]:
