@@ -164,9 +164,13 @@ class Backend(abc.ABC):
         return default_phases(target)
 
     def moe_schedule(self, arch: str | None) -> Mapping[str, Any]:
-        """MoE schedule parameters for ``arch`` (its preset's; empty: the lowering's defaults)."""
-        preset = self.presets().get(arch or self.default_preset or "")
-        return dict(preset.moe_schedule) if preset else {}
+        """MoE schedule parameters for ``arch``: the per-device table entry for its target (which
+        ``qiao tune`` regenerates), with the preset's own ``moe_schedule`` applied on top."""
+        from qiao.compiler.schedules.moe_table import lookup
+
+        preset = self.preset(arch)
+        overrides = dict(preset.moe_schedule) if preset else None
+        return lookup(self.target(arch), overrides).to_json()
 
     def preset(self, arch: str | None) -> DevicePreset | None:
         """The preset named ``arch`` (default preset for ``None``); ``None`` for a raw chip name."""

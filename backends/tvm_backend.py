@@ -65,7 +65,12 @@ class TVMBackend(Backend):
     def phases(self, target: Any, options: Mapping[str, Any] | None = None):
         from qiao.compiler.pipeline import default_phases
 
-        return default_phases(target, schedule=self.schedule_passes(target, options))
+        options = options or {}
+        return default_phases(
+            target,
+            schedule=self.schedule_passes(target, options),
+            moe_schedule=options.get("moe_schedule"),
+        )
 
     def compile_context(self, target: Any) -> contextlib.AbstractContextManager:
         """Entered around ``tvm.compile``: where a backend registers TVM callbacks (linkers...)."""
@@ -91,6 +96,9 @@ class TVMBackend(Backend):
 
     def build(self, model, arch, workdir, options):
         target = self.target(arch)
+        preset = self.preset(arch)
+        if preset is not None and preset.moe_schedule and "moe_schedule" not in options:
+            options = {**options, "moe_schedule": dict(preset.moe_schedule)}
         executable = self.compile_module(model.mod, target, options)
         section = self.export(executable, target, workdir, options)
         return {"library": LIBRARY, **(section or {})}

@@ -20,13 +20,9 @@ from qiao.compiler.errors import (
 )
 from qiao.compiler.export import export
 
-
-def validate(*args, **kwargs):
-    """See ``qiao.compiler.validate.validate``."""
-    from qiao.compiler.validate import validate as _validate
-
-    return _validate(*args, **kwargs)
-
+# Bound after the submodule of the same name is imported, so ``qiao.compiler.validate`` stays the
+# function (a lazy wrapper would be replaced by the module the first time anything imports it).
+from qiao.compiler.validate import validate  # noqa: E402
 
 __all__ = [
     "Artifact",

@@ -1,8 +1,9 @@
 """The lowering pipeline: named phases, in order, with an optional IR dump between them.
 
-Every backend returns its phases from ``Backend.phases(target)``; ``default_phases`` is the shape they
-share (after TVM's ``relax/backend/<target>/pipeline.py``). A backend replaces single phases (usually
-``schedule``) rather than writing a pipeline of its own, and nothing here switches on the target kind.
+Every backend returns its phases from ``Backend.phases(target)``; ``default_phases`` is the shape
+they share (after TVM's ``relax/backend/<target>/pipeline.py``). A backend replaces single phases
+(usually ``schedule``) rather than writing a pipeline of its own, and nothing here switches on the
+target kind.
 
 Phases:
   prepare           inference simplifications, qiao's graph rewrites (MoE lowering)
@@ -16,13 +17,14 @@ Phases:
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from qiao.backends.base import Phase
 
 
-def prepare_passes(target: Any) -> list:
+def prepare_passes(target: Any, moe_schedule: Mapping[str, Any] | None = None) -> list:
+    """``moe_schedule`` overrides the MoE block sizes the per-device table gives for ``target``."""
     from tvm import relax
 
     from qiao.compiler.passes import LowerMoE
@@ -30,7 +32,8 @@ def prepare_passes(target: Any) -> list:
     return [
         relax.transform.DecomposeOpsForInference(),
         relax.transform.FoldConstant(),
-        LowerMoE(target),  # com.microsoft::MoE -> qiao's gating/align/grouped-GEMM/combine kernels
+        # com.microsoft::MoE -> qiao's gating / align / grouped-GEMM / combine kernels
+        LowerMoE(target, overrides=moe_schedule),
     ]
 
 
@@ -77,10 +80,13 @@ def finalize_passes(target: Any) -> list:
     ]
 
 
-def default_phases(target: Any, schedule: Sequence = ()) -> list[Phase]:
-    """The phases every TVM-based backend shares; ``schedule`` fills the schedule phase."""
+def default_phases(
+    target: Any, schedule: Sequence = (), moe_schedule: Mapping[str, Any] | None = None
+) -> list[Phase]:
+    """The phases every TVM-based backend shares; ``schedule`` fills the schedule phase and
+    ``moe_schedule`` (a device preset's MoE parameters) tunes the MoE lowering."""
     return [
-        Phase("prepare", prepare_passes(target)),
+        Phase("prepare", prepare_passes(target, moe_schedule)),
         Phase("library_dispatch", library_dispatch_passes(target)),
         Phase("legalize", legalize_passes(target)),
         Phase("schedule", list(schedule)),

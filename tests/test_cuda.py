@@ -21,7 +21,7 @@ from qiao.backends.tvm_backend import (
 )
 from qiao.compiler import compile, load
 from qiao.compiler.errors import CompileError, ToolchainMissing
-from test_backends import write_tiny_onnx
+from tests.test_backends import write_tiny_onnx
 
 needs_nvcc = pytest.mark.skipif(
     cuda.find_nvcc() is None, reason="nvcc (CUDA toolkit) not installed"

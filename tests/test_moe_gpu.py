@@ -9,7 +9,7 @@ import re
 
 import pytest
 from qiao.compiler.testing import assert_close, has_command
-from test_moe import BASE, inputs, moe_model, ort_run
+from tests.test_moe import BASE, inputs, moe_model, ort_run
 
 KERNELS = (
     "moe_gating_kernel",

@@ -13,7 +13,7 @@ from qiao.backends import rocm
 from qiao.backends.tvm_backend import EM_AMDGPU, DeviceModule, read_elf, read_library_imports
 from qiao.compiler import compile, load
 from qiao.compiler.errors import ToolchainMissing
-from test_backends import write_tiny_onnx
+from tests.test_backends import write_tiny_onnx
 
 # EF_AMDGPU_MACH values from LLVM's ELF.h (the low byte of e_flags of an AMDGPU code object).
 EF_AMDGPU_MACH = {"gfx90a": 0x3F, "gfx942": 0x4C}

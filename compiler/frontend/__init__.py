@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+
 from qiao.compiler.errors import CompileError, InvalidModel, QiaoError, UnsupportedOps
 
 # Initializers with at least this many elements and a float dtype become run-time parameters;
@@ -27,6 +28,7 @@ from qiao.compiler.errors import CompileError, InvalidModel, QiaoError, Unsuppor
 PARAM_MIN_ELEMENTS = 64
 
 _CONVERTERS: dict[str, Any] = {}
+_PROTOBUF_LIMIT = (1 << 31) - 1
 # Modules whose import registers converters (kept lazy: importing them pulls in TVM).
 _CONVERTER_MODULES = ("qiao.compiler.frontend.converters", "qiao.compiler.frontend.moe")
 
@@ -98,7 +100,12 @@ def load_onnx(model) -> onnx.ModelProto:
             "with torch.onnx.export or another ONNX exporter"
         )
     try:
-        onnx.checker.check_model(proto)
+        if proto.ByteSize() < _PROTOBUF_LIMIT:
+            onnx.checker.check_model(proto)
+        elif not isinstance(model, onnx.ModelProto):
+            onnx.checker.check_model(os.fspath(model))  # over 2 GB: the checker reads the file
+        # An in-memory model over 2 GB cannot be serialised for the checker; it came from qiao's
+        # own exporter (or the caller), and the importer still rejects anything malformed.
     except Exception as err:
         raise InvalidModel(
             f"{where} fails the ONNX checker: {str(err).strip().splitlines()[0]}. "

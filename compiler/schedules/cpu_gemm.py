@@ -145,7 +145,15 @@ def choose_tile(cpu: CPUInfo, shape: GemmShape) -> GemmTile:
         k_unroll = next((u for u in (8, 4, 2) if shape.k % u == 0), 4 if shape.k >= 16 else 1)
     mc_tiles, nc_tiles = 1, 0
     tasks_wanted = 4 * cpu.num_cores
-    if shape.n is not None and shape.m is not None and shape.s is not None:
+    if shape.n is not None and shape.m is not None and shape.s is None:
+        # Both tile extents static, a symbolic batch outside (a convolution: I = output channels,
+        # J = image positions). One task per ~64 rows × ~256 columns of C: the batch supplies
+        # the tasks, the blocks keep A and B panels in cache.
+        m_tiles, n_tiles = _ceil_div(shape.m, mr), _ceil_div(shape.n, nr)
+        mc_tiles = max(_divisors_up_to(m_tiles, max(1, 64 // mr)))
+        nc_tiles = max(_divisors_up_to(n_tiles, max(1, 256 // nr)))
+        nc_tiles = 0 if nc_tiles == n_tiles else nc_tiles
+    elif shape.n is not None and shape.m is not None:
         n_tiles = _ceil_div(shape.n, nr)
         m_tiles = _ceil_div(shape.m, mr)
         row_tasks = shape.s * m_tiles
@@ -225,10 +233,10 @@ def _is_multiply_accumulate(stmt) -> bool:
 
 
 def gemm_shape(sch, block) -> GemmShape:
-    """Extents of a normalised ``(S, IO, I, J, K)`` block (``s`` counts ``S × IO``)."""
+    """Extents of a normalised ``(S, IO, JO, I, J, K)`` block (``s`` counts ``S × IO × JO``)."""
     iters = sch.get(block).iter_vars
-    s, io, m, n, k = (static_int(iv.dom.extent) for iv in iters)
-    batch = None if s is None or io is None else s * io
+    s, io, jo, m, n, k = (static_int(iv.dom.extent) for iv in iters)
+    batch = None if None in (s, io, jo) else s * io * jo
     return GemmShape(batch, m, n, k, str(sch.get(block).writes[0].source.dtype))
 
 
@@ -246,9 +254,11 @@ def gemm_orientation(stmt) -> int | None:
     """Which read of a GEMM-like block plays ``A`` (0 or 1), or ``None`` when it is not GEMM-like.
 
     ``B``'s column axis ``J`` is the one the micro-kernel vectorises and the write-back stores
-    whole vectors along, so ``B`` is the operand that carries the output's innermost (contiguous)
-    axis: the weight of ``x @ w``, but the input of an NCHW convolution (whose output is contiguous
-    along the image width), with the weights as ``A``.
+    whole vectors along, so ``B`` is preferably the operand that carries the output's innermost
+    (contiguous) axis: the weight of ``x @ w``, but the input of an NCHW convolution (whose output
+    is contiguous along the image), with the weights as ``A``. Unless that ``J`` is short and
+    static (a 2×2 feature map) while the other orientation's is not: padding ``J`` to whole
+    vectors would then waste most of the work.
     """
     from tvm.tirx.analysis import undefined_vars
 
@@ -256,26 +266,53 @@ def gemm_orientation(stmt) -> int | None:
     if not valid:
         return None
     inner = set(undefined_vars(stmt.writes[0].region[-1].min))
-    for a in valid:
-        b_vars = set()
+
+    def contiguous(a: int) -> bool:
+        b_vars, a_vars = set(), set()
         for r in stmt.reads[1 - a].region:
             b_vars |= set(undefined_vars(r.min))
-        a_vars = set()
         for r in stmt.reads[a].region:
             a_vars |= set(undefined_vars(r.min))
-        if inner and inner <= b_vars and not inner & a_vars:
-            return a
-    return valid[0]
+        return bool(inner) and inner <= b_vars and not inner & a_vars
+
+    preferred = next((a for a in valid if contiguous(a)), valid[0])
+    others = [a for a in valid if a != preferred]
+    if others and _j_extent(stmt, preferred) is not None:
+        short, alternative = _j_extent(stmt, preferred), _j_extent(stmt, others[0])
+        if short < 16 and (alternative is None or alternative >= 4 * short):
+            return others[0]
+    return preferred
+
+
+def _j_extent(stmt, a_index: int) -> int | None:
+    """Static extent of the ``J`` axis (image positions, output features) in an orientation."""
+    from tvm import tirx
+    from tvm.s_tir.dlight.gpu.matmul import IterKind
+
+    traits = _iter_traits(stmt, a_index)
+    static = [
+        int(t.extent.value)
+        for t in traits[3]
+        if t.kind == IterKind.kIter_J and isinstance(t.extent, tirx.IntImm)
+    ]  # symbolic J axes go to the outer JO loop
+    if not static:
+        return None
+    extent = 1
+    for value in static:
+        extent *= value
+    return extent
 
 
 def gemm_index_maps(stmt, a_index: int = 0):
-    """Index maps taking a GEMM-like block to ``(S, IO, I, J, K)`` and its operands to
-    ``A[S, IO, I, K]``, ``B[S, J, K]``, ``C[S, IO, I, J]``, or ``None`` when it is not GEMM-like.
+    """Index maps taking a GEMM-like block to ``(S, IO, JO, I, J, K)`` and its operands to
+    ``A[S, IO, I, K]``, ``B[S, JO, J, K]``, ``C[S, IO, JO, I, J]``; ``None`` when not GEMM-like.
 
-    ``S`` fuses the iterators every operand has (batch), ``J`` those of ``B`` and ``C``, ``K`` the
-    reduction. Of the iterators only ``A`` and ``C`` have, the last is ``I`` (tiled by the
-    micro-kernel) and the others fuse into ``IO``, an outer loop: fusing ``batch × seq`` into one
-    ``I`` would index every element through ``// seq`` and ``% seq``.
+    ``S`` fuses the iterators every operand has (batch), ``K`` the reduction. Of the iterators
+    only ``A`` and ``C`` have, the last is ``I`` (tiled by the micro-kernel) and the others fuse
+    into ``IO``, an outer loop: fusing ``batch × seq`` into one ``I`` would index every element
+    through ``// seq`` and ``% seq``. Likewise the symbolic iterators only ``B`` and ``C`` have
+    (the batch of a convolution whose ``J`` is the image) go to ``JO`` and the static ones to
+    ``J``, so ``J`` keeps a static extent the tiles can divide.
     """
     from tvm import tirx
     from tvm.s_tir.dlight.gpu.matmul import IterKind
@@ -284,35 +321,39 @@ def gemm_index_maps(stmt, a_index: int = 0):
     if traits is None:
         return None
     a_traits, b_traits, c_traits, block_traits = traits
-
-    def labels(trait_list):
-        out = []
-        i_positions = [n for n, t in enumerate(trait_list) if t.kind == IterKind.kIter_I]
-        for n, t in enumerate(trait_list):
-            if t.kind == IterKind.kIter_I:
-                out.append("I" if n == i_positions[-1] else "IO")
-            else:
-                out.append({IterKind.kIter_S: "S", IterKind.kIter_J: "J",
-                            IterKind.kIter_K: "K", IterKind.kIter_T: "T"}[t.kind])
-        return out
+    i_traits = [t for t in block_traits if t.kind == IterKind.kIter_I]
+    j_traits = [t for t in block_traits if t.kind == IterKind.kIter_J]
+    j_outer = [t for t in j_traits if not isinstance(t.extent, tirx.IntImm)]
+    if len(j_outer) == len(j_traits):
+        j_outer = j_outer[:-1]
+    label = {}
+    for t in block_traits:
+        if t.kind == IterKind.kIter_I:
+            label[id(t)] = "I" if t is i_traits[-1] else "IO"
+        elif t.kind == IterKind.kIter_J:
+            label[id(t)] = "JO" if any(t is o for o in j_outer) else "J"
+        else:
+            label[id(t)] = {IterKind.kIter_S: "S", IterKind.kIter_K: "K",
+                            IterKind.kIter_T: "T"}[t.kind]
 
     def fusion_map(trait_list, order):
         fused: dict[str, Any] = {}
         inputs = []
-        for n, (t, label) in enumerate(zip(trait_list, labels(trait_list))):
+        for n, t in enumerate(trait_list):
             v = tirx.Var(f"i{n}", t.extent.ty)
             inputs.append(v)
-            if label == "T":
+            kind = label[id(t)]
+            if kind == "T":
                 continue
-            fused[label] = fused[label] * t.extent + v if label in fused else v
+            fused[kind] = fused[kind] * t.extent + v if kind in fused else v
         zero = tirx.IntImm(trait_list[0].extent.ty, 0)
         return tirx.IndexMap(inputs, [fused.get(k, zero) for k in order], None)
 
     return (
-        fusion_map(block_traits, ["S", "IO", "I", "J", "K"]),
+        fusion_map(block_traits, ["S", "IO", "JO", "I", "J", "K"]),
         fusion_map(a_traits, ["S", "IO", "I", "K"]),
-        fusion_map(b_traits, ["S", "J", "K"]),
-        fusion_map(c_traits, ["S", "IO", "I", "J"]),
+        fusion_map(b_traits, ["S", "JO", "J", "K"]),
+        fusion_map(c_traits, ["S", "IO", "JO", "I", "J"]),
     )
 
 
@@ -382,7 +423,7 @@ def _is_unit(iv) -> bool:
 
 
 def normalize_gemm(sch, block):
-    """Rewrite ``block`` to iterate ``(S, IO, I, J, K)`` over reindexed operands (see
+    """Rewrite ``block`` to iterate ``(S, IO, JO, I, J, K)`` over reindexed operands (see
     ``gemm_index_maps``, ``gemm_orientation``). Returns the blocks writing the reindexed ``A`` and
     ``B``, and the read index of ``A``."""
     a_index = gemm_orientation(sch.get(block))
@@ -401,7 +442,7 @@ def normalize_gemm(sch, block):
 
 def _pad_and_find_stages(sch, block, ra, rb, a_index: int, mr: int, nr: int, k_pad: int):
     """Pad the normalised block; return the blocks producing its ``A`` and ``B`` operands."""
-    sch.pad_einsum(block, [1, 1, mr, nr, k_pad])
+    sch.pad_einsum(block, [1, 1, 1, mr, nr, k_pad])
     stmt = sch.get(block)
     a_read, b_read = stmt.reads[a_index].source, stmt.reads[1 - a_index].source
     producers = sch.get_producers(block)
@@ -572,45 +613,68 @@ def canonicalize_stage(sch, block) -> None:
     sch.transform_block_layout(block, tirx.IndexMap(iters, indices, None))
 
 
-def _schedule_b_pack(sch, b_stage, nr: int, lanes: int, preproc: bool) -> None:
-    # B[S, J, K] → panels Bp[S, J / nr, K, nr].
+def _schedule_b_pack(sch, b_stage, at_loop, nr: int, lanes: int, preproc: bool) -> None:
+    # B[S, JO, J, K] → panels Bp[S, JO, J / nr, K, nr]: up front, or per task (its columns).
     canonicalize_stage(sch, b_stage)
-    sch.transform_layout(b_stage, ("write", 0), lambda s, j, k: (s, j // nr, k, j % nr))
-    s, j, k = sch.get_loops(b_stage)[-3:]
-    jo, ji = sch.split(j, [None, nr])
-    sch.reorder(jo, k, ji)
-    sch.parallel(sch.fuse(s, jo))
+    sch.transform_layout(
+        b_stage, ("write", 0), lambda s, jo, j, k: (s, jo, j // nr, k, j % nr)
+    )
+    if at_loop is not None:
+        sch.compute_at(b_stage, at_loop, preserve_unit_loops=True)
+    s, jo, j, k = sch.get_loops(b_stage)[-4:]
+    j_panel, ji = sch.split(j, [None, nr])
+    sch.reorder(j_panel, k, ji)
+    if at_loop is None:
+        sch.parallel(sch.fuse(s, jo, j_panel))
     _, jl = sch.split(ji, [None, lanes])
     sch.vectorize(jl)
     if preproc:
         sch.annotate(b_stage, "meta_schedule.layout_rewrite_preproc", True)
 
 
-def _schedule_a_pack(sch, a_stage, at_loop, mr: int) -> None:
-    # A[S, IO, I, K] → panels Ap[S, IO, I / mr, K, mr], each task packing its own rows.
+def _schedule_a_pack(sch, a_stage, at_loop, mr: int, preproc: bool) -> None:
+    # A[S, IO, I, K] → panels Ap[S, IO, I / mr, K, mr]: per task (its own rows), or up front.
     canonicalize_stage(sch, a_stage)
     sch.transform_layout(
         a_stage, ("write", 0), lambda s, io, i, k: (s, io, i // mr, k, i % mr)
     )
-    sch.compute_at(a_stage, at_loop, preserve_unit_loops=True)
-    i, k = sch.get_loops(a_stage)[-2:]
+    if at_loop is not None:
+        sch.compute_at(a_stage, at_loop, preserve_unit_loops=True)
+    s, io, i, k = sch.get_loops(a_stage)[-4:]
     i_panel, i_row = sch.split(i, [None, mr])
     sch.reorder(i_panel, k, i_row)
     sch.unroll(i_row)
+    if at_loop is None:
+        sch.parallel(sch.fuse(s, io, i_panel))
+    if preproc:
+        sch.annotate(a_stage, "meta_schedule.layout_rewrite_preproc", True)
 
 
-def _b_reads_param(sch, b_stage) -> bool:
-    """Whether the packing block only reads a static-shaped function parameter (maybe a weight:
+def _is_weight(sch, stage) -> bool:
+    """Whether a packing block only reads a static-shaped function parameter (maybe a weight:
     the pipeline can then pack it once at load time instead of at every call)."""
     from tvm import tirx
 
-    stmt = sch.get(b_stage)
+    stmt = sch.get(stage)
     if len(stmt.reads) != 1:
         return False
     source = stmt.reads[0].source
     if not any(source.same_as(p) for p in sch.mod["main"].params):
         return False
     return all(isinstance(d, tirx.IntImm) for d in source.ty.shape)
+
+
+def _drop_late_preproc_marks(sch) -> None:
+    """Keep the weight-packing mark only on leading root statements: the pipeline's split of
+    packing steps (``SplitLayoutRewritePreproc``) requires them before any other computation."""
+    from tvm.s_tir.dlight.analysis import get_root_block
+
+    seen_other = False
+    for child in sch.get_child_blocks(get_root_block(sch)):
+        marked = "meta_schedule.layout_rewrite_preproc" in (sch.get(child).annotations or {})
+        if marked and seen_other:
+            sch.unannotate(child, "meta_schedule.layout_rewrite_preproc")
+        seen_other = seen_other or not marked
 
 
 def schedule_gemm(sch, block, target: Any, tile: GemmTile | None = None) -> GemmTile:
@@ -645,22 +709,27 @@ def schedule_gemm(sch, block, target: Any, tile: GemmTile | None = None) -> Gemm
     inline_producers(sch, a_stage)
     inline_producers(sch, b_stage)
 
-    s, io, i, j, k = sch.get_loops(block)
-    i_task, i_tile = sch.split(i, [None, tile.mr * tile.mc_tiles])
+    s, io, jo, i, j, k = sch.get_loops(block)
+    single_i_task = shape.m is not None and _ceil_div(shape.m, tile.mr) == tile.mc_tiles
+    i_task, i_tile = sch.split(i, [1, None] if single_i_task else [None, tile.mr * tile.mc_tiles])
     single_j_task = tile.nc_tiles == 0 or _ceil_div(shape.n, nr) == tile.nc_tiles
     j_task, j_tile = sch.split(j, [1, None] if single_j_task else [None, nr * tile.nc_tiles])
-    sch.reorder(s, io, i_task, j_task, j_tile, i_tile, k)
-    task = sch.fuse(s, io, i_task, j_task)
+    sch.reorder(s, io, jo, i_task, j_task, j_tile, i_tile, k)
+    task = sch.fuse(s, io, jo, i_task, j_task)
     sch.parallel(task)
     # Inside a task: for each nr-wide B panel, sweep the task's rows of packed A.
     write_back, _ = schedule_microkernel(
         sch, block, i_tile, j_tile, k, mr=tile.mr, nr_vectors=tile.nr_vectors, lanes=lanes,
         k_unroll=tile.k_unroll,
     )
-    # Each task packs its rows of A (once per row block when the task spans all of N; tasks split
-    # along N are only made for a short static M, where repacking a few rows costs nothing).
-    _schedule_a_pack(sch, a_stage, task, tile.mr)
-    _schedule_b_pack(sch, b_stage, nr, lanes, preproc=_b_reads_param(sch, b_stage))
+    # Weights are packed once, up front (and lifted to load time by the pipeline); activations
+    # per task when the task's slice is all that is needed (A: its rows; B: its columns, when one
+    # task holds every row), else once up front for B.
+    a_weight, b_weight = _is_weight(sch, a_stage), _is_weight(sch, b_stage)
+    _schedule_a_pack(sch, a_stage, None if a_weight else task, tile.mr, preproc=a_weight)
+    b_at = task if not b_weight and single_i_task else None
+    _schedule_b_pack(sch, b_stage, b_at, nr, lanes, preproc=b_weight)
+    _drop_late_preproc_marks(sch)
     leftover = inline_epilogue(sch, write_back)
     for consumer in leftover:
         _parallel_vectorize(sch, consumer, lanes)
