@@ -51,7 +51,7 @@ def test_tune_measures_and_writes_an_entry_the_lowering_uses(tmp_path, monkeypat
     from qiao.compiler import compile
     from qiao.compiler.kernels.moe_common import MoEConfig
     from qiao.compiler.schedules.moe_table import TABLE_PATH, lookup, tune_cpu, write_entry
-    from test_moe import inputs, make_weights, moe_model, numpy_moe
+    from tests.test_moe import inputs, make_weights, moe_model, numpy_moe
 
     table = tmp_path / "table.json"
     table.write_text(open(TABLE_PATH).read())

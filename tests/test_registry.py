@@ -121,7 +121,7 @@ def test_broken_plugin_fails_only_when_asked_for():
 
 
 def test_third_party_backend_compiles_and_validates(tmp_path):
-    from test_backends import write_tiny_onnx
+    from tests.test_backends import write_tiny_onnx
 
     env = plugin_env("good")
     out = tmp_path / "tiny-demo"
