@@ -64,28 +64,14 @@ class ValidationReport:
 def compare(name: str, reference: str, actual, expected, rtol: float, atol: float) -> Comparison:
     """Compare two arrays the way ``assert_close`` does: shape, then dtype, then values."""
     actual, expected = np.asarray(actual), np.asarray(expected)
+    mismatch = None
     if actual.shape != expected.shape:
-        return Comparison(
-            name,
-            reference,
-            float("inf"),
-            float("inf"),
-            rtol,
-            atol,
-            False,
-            f"shape {actual.shape} vs {expected.shape}",
-        )
-    if actual.dtype != expected.dtype:
-        return Comparison(
-            name,
-            reference,
-            float("inf"),
-            float("inf"),
-            rtol,
-            atol,
-            False,
-            f"dtype {actual.dtype} vs {expected.dtype}",
-        )
+        mismatch = f"shape {actual.shape} vs {expected.shape}"
+    elif actual.dtype != expected.dtype:
+        mismatch = f"dtype {actual.dtype} vs {expected.dtype}"
+    if mismatch:
+        inf = float("inf")
+        return Comparison(name, reference, inf, inf, rtol, atol, False, mismatch)
     if actual.size == 0:
         return Comparison(name, reference, 0.0, 0.0, rtol, atol, True)
     if actual.dtype.kind in "biu":
