@@ -16,11 +16,12 @@ def host_cpu() -> str:
 
 
 class CPUBackend(TVMBackend):
-    """x86-64 / AArch64 through LLVM. ``--arch`` is a preset or any LLVM CPU name (default: host)."""
+    """x86-64 / AArch64 through LLVM. ``--arch``: a preset or any LLVM CPU name (default: host)."""
 
     name = "cpu"
     vendor = "generic (LLVM)"
     default_preset = "host"
+    lift_weight_packing = True  # the CPU GEMM rules pack weights; do it once, at load
 
     def presets(self):
         return {
@@ -58,8 +59,9 @@ class CPUBackend(TVMBackend):
                 mcpu, tvm.target.codegen.llvm_get_system_triple()
             ):
                 raise UnknownTarget(
-                    f"{arch!r} is neither a cpu preset nor an LLVM CPU name. fix: pass --arch with one "
-                    f"of {', '.join(self.presets())} or an LLVM CPU such as skylake-avx512, znver3"
+                    f"{arch!r} is neither a cpu preset nor an LLVM CPU name. "
+                    f"fix: pass --arch with one of {', '.join(self.presets())} "
+                    "or an LLVM CPU such as skylake-avx512, znver3"
                 )
         return tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": os.cpu_count() or 1})
 

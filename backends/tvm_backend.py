@@ -33,7 +33,20 @@ class TVMRunner(Runner):
         self.device = device
         self.executable = tvm.runtime.load_module(library_path)
         self.vm = relax.VirtualMachine(self.executable, device)
-        self.params = [tvm.runtime.tensor(p, device) for p in params]
+        self.params = self.prepare_params(params)
+
+    def prepare_params(self, params: Sequence[np.ndarray]) -> list:
+        """Copy the weights to the device and run the artifact's ``main_transform_params`` once:
+        weight packing that the ``lift_params`` phase moved out of ``main`` happens at load, not on
+        every call. Artifacts without it take the weights as they are."""
+        import tvm
+
+        tensors = [tvm.runtime.tensor(np.ascontiguousarray(p), self.device) for p in params]
+        try:
+            transform = self.vm["main_transform_params"]
+        except (AttributeError, KeyError, RuntimeError):
+            return tensors
+        return list(transform(tensors))
 
     def _args(self, inputs: Sequence[np.ndarray]) -> list:
         import tvm
@@ -57,6 +70,9 @@ class TVMRunner(Runner):
 class TVMBackend(Backend):
     """Shared base for backends whose artifact is a TVM shared library."""
 
+    # Whether the schedules pack weights that the lift_params phase moves to load time.
+    lift_weight_packing: bool = False
+
     def schedule_passes(self, target: Any, options: Mapping[str, Any] | None = None) -> list:
         """The passes of the ``schedule`` phase for this target; overridden per backend.
         ``options`` are the compile options (tuning switches...)."""
@@ -70,6 +86,7 @@ class TVMBackend(Backend):
             target,
             schedule=self.schedule_passes(target, options),
             moe_schedule=options.get("moe_schedule"),
+            lift_params=self.lift_weight_packing,
         )
 
     def compile_context(self, target: Any) -> contextlib.AbstractContextManager:

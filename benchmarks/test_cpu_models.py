@@ -31,7 +31,10 @@ def _resnet():
     import transformers
 
     config = transformers.ResNetConfig(
-        num_channels=3, embedding_size=16, hidden_sizes=[16, 32, 64], depths=[1, 1, 1],
+        num_channels=3,
+        embedding_size=16,
+        hidden_sizes=[16, 32, 64],
+        depths=[1, 1, 1],
         layer_type="basic",
     )
     return transformers.ResNetModel(config)
@@ -67,10 +70,12 @@ IMAGE = 64
 CASES = [
     pytest.param("mlp", {"batch": 1}, 1 / 1.5, id="mlp-batch1"),
     pytest.param("mlp", {"batch": 2048}, 1 / 1.5, id="mlp-batch2048", marks=full),
-    pytest.param("transformer", {"batch": 1, "seq": 128}, 1 / 1.5, id="transformer-b1x128",
-                 marks=full),
-    pytest.param("transformer", {"batch": 16, "seq": 128}, 1 / 1.5, id="transformer-b16x128",
-                 marks=full),
+    pytest.param(
+        "transformer", {"batch": 1, "seq": 128}, 1 / 1.5, id="transformer-b1x128", marks=full
+    ),
+    pytest.param(
+        "transformer", {"batch": 16, "seq": 128}, 1 / 1.5, id="transformer-b16x128", marks=full
+    ),
     pytest.param("cnn", {"batch": 1}, 1 / 2, id="cnn-batch1"),
     pytest.param("cnn", {"batch": 16}, 1 / 2, id="cnn-batch16", marks=full),
 ]

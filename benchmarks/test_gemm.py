@@ -46,9 +46,10 @@ for tokens, label in ((128, "b1x128"), (16 * 128, "b16x128")):
 def _kernel(batch, k, n):
     """The scheduled, compiled kernel ``x[batch?, m, k] @ w[batch?, k, n]`` (``m`` symbolic)."""
     import tvm
+    from tvm import relax
+
     from qiao.backends.cpu import CPUBackend
     from qiao.compiler.schedules import schedule_passes
-    from tvm import relax
 
     target = CPUBackend().target()
     bb = relax.BlockBuilder()
@@ -72,6 +73,7 @@ def _kernel(batch, k, n):
 @pytest.mark.parametrize("batch, m, k, n", CASES)
 def test_gemm_vs_numpy(benchmark, smoke, batch, m, k, n):
     import tvm
+
     from qiao.compiler.bench import choose_number, time_callable
 
     fn = _kernel(batch, k, n)

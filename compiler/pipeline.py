@@ -10,6 +10,7 @@ Phases:
   library_dispatch  sorting/sampling dispatch to TVM's library kernels
   legalize          Relax ops → TIR, operator fusion
   schedule          per-target TIR schedules (CPU GEMM/conv rules, GPU dlight rules)
+  lift_params       weight-only computations (packing) moved to ``main_transform_params``
   dataflow_lower    Relax dataflow → VM-ready form
   finalize          memory planning, VM lowering
 """
@@ -55,6 +56,14 @@ def legalize_passes(target: Any) -> list:
     ]
 
 
+def lift_params_passes(target: Any) -> list:
+    """Move computations on weights only (the packing the schedules mark) into
+    ``main_transform_params``, which the runner calls once at load."""
+    from qiao.compiler.passes.lift_weight_packing import LiftWeightPacking
+
+    return [LiftWeightPacking()]
+
+
 def dataflow_lower_passes(target: Any) -> list:
     from tvm import relax
 
@@ -81,15 +90,21 @@ def finalize_passes(target: Any) -> list:
 
 
 def default_phases(
-    target: Any, schedule: Sequence = (), moe_schedule: Mapping[str, Any] | None = None
+    target: Any,
+    schedule: Sequence = (),
+    moe_schedule: Mapping[str, Any] | None = None,
+    lift_params: bool = False,
 ) -> list[Phase]:
-    """The phases every TVM-based backend shares; ``schedule`` fills the schedule phase and
-    ``moe_schedule`` (a device preset's MoE parameters) tunes the MoE lowering."""
+    """The phases every TVM-based backend shares; ``schedule`` fills the schedule phase,
+    ``moe_schedule`` (a device preset's MoE parameters) tunes the MoE lowering, and
+    ``lift_params`` moves weight packing to load time (the artifact then has
+    ``main_transform_params``, which ``TVMRunner`` calls once)."""
     return [
         Phase("prepare", prepare_passes(target, moe_schedule)),
         Phase("library_dispatch", library_dispatch_passes(target)),
         Phase("legalize", legalize_passes(target)),
         Phase("schedule", list(schedule)),
+        Phase("lift_params", lift_params_passes(target) if lift_params else []),
         Phase("dataflow_lower", dataflow_lower_passes(target)),
         Phase("finalize", finalize_passes(target)),
     ]

@@ -222,8 +222,6 @@ class RPCRunner(TVMRunner):
     """
 
     def __init__(self, remote: RemoteDevice, artifact_dir: str, manifest: Mapping[str, Any]):
-        import tvm
-        from qiao.compiler.artifact import load_params
         from tvm import relax
 
         library = manifest.get("backend", {}).get("library")
@@ -259,9 +257,31 @@ class RPCRunner(TVMRunner):
             )
         self.executable = session.load_module(remote_name)
         self.vm = relax.VirtualMachine(self.executable, self.device)
-        self.params = [
-            tvm.runtime.tensor(p, self.device) for p in load_params(artifact_dir, manifest)
-        ]
+        self.params = self._remote_params(artifact_dir, manifest, library)
+
+    def _remote_params(self, artifact_dir: str, manifest: Mapping[str, Any], library: str) -> list:
+        """Weights on the remote device. TVM's RPC cannot pass the tuple that
+        ``main_transform_params`` takes, so the lifted weight packing runs here, on this host's CPU
+        (CPU artifacts only have it), and its results are uploaded."""
+        import tvm
+        from qiao.compiler.artifact import load_params
+        from tvm import relax
+
+        params = load_params(artifact_dir, manifest)
+        local = (
+            relax.VirtualMachine(
+                tvm.runtime.load_module(os.path.join(artifact_dir, library)), tvm.cpu()
+            )
+            if manifest.get("target", {}).get("kind") == "llvm"
+            else None
+        )
+        try:
+            transform = local["main_transform_params"] if local is not None else None
+        except (AttributeError, KeyError, RuntimeError):
+            transform = None
+        if transform is not None:
+            params = [p.numpy() for p in transform([tvm.runtime.tensor(p) for p in params])]
+        return [tvm.runtime.tensor(np.ascontiguousarray(p), self.device) for p in params]
 
     def benchmark(self, inputs: Sequence[np.ndarray], repeat: int, number: int) -> list[float]:
         # A saved closure avoids returning the outputs over the network on every timed call.

@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 import pytest
+
 from qiao.compiler.testing import assert_close
 
 tvm = pytest.importorskip("tvm")
@@ -246,8 +247,9 @@ def test_avx2_schedule_is_correct_where_it_runs():
 
 def test_microkernel_is_reusable_on_a_plain_tile_loop_nest():
     """``schedule_microkernel`` on a hand-tiled block (what the MoE grouped GEMM would do)."""
-    from qiao.compiler.schedules.cpu_gemm import inline_epilogue, schedule_microkernel
     from tvm import s_tir, te
+
+    from qiao.compiler.schedules.cpu_gemm import inline_epilogue, schedule_microkernel
 
     a = te.placeholder((32, 64), "float32", name="A")
     b = te.placeholder((64, 48), "float32", name="B")
@@ -357,14 +359,15 @@ def test_layer_norm_and_max_pool_match_numpy():
 
     img = rng.standard_normal((2, 4, 10, 10)).astype("float32")
     pool_func = _kernel(mod, "max_pool2d")
-    pool, pool_rule = _schedule(pool_func, target)
-    assert pool_rule == "CPUWindowReduction"
+    pool, _ = _schedule(pool_func, target)
     got = _run(pool, target, [img, np.zeros((2, 4, 5, 5), "float32")])[-1]
     padded = np.pad(img, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=-np.inf)
     ref = np.stack(
         [
-            np.stack([padded[:, :, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3].max((2, 3))
-                      for j in range(5)], -1)
+            np.stack(
+                [padded[:, :, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3].max((2, 3)) for j in range(5)],
+                -1,
+            )
             for i in range(5)
         ],
         -2,
@@ -397,8 +400,9 @@ def test_elementwise_chain_is_parallel_vectorised_and_correct():
 
 
 def test_vectorizable_math_is_accurate_and_removes_libm_calls():
-    from qiao.compiler.passes.vectorizable_math import rewrite_math
     from tvm import s_tir, te
+
+    from qiao.compiler.passes.vectorizable_math import rewrite_math
 
     n = 4096
     xs = np.concatenate([np.linspace(-95, 95, n // 2), np.linspace(-3, 3, n // 2)]).astype("f4")
@@ -493,3 +497,31 @@ def test_importing_the_schedules_package_loads_no_tvm():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_depthwise_conv_window_rule_matches_numpy():
+    def build(bb):
+        n = tvm.tirx.Var("n", "int64")
+        x = relax.Var("x", relax.TensorType((n, 6, 9, 9), "float32"))
+        w = relax.Var("w", relax.TensorType((6, 1, 3, 3), "float32"))
+        with bb.function("main", [x, w]):
+            with bb.dataflow():
+                y = bb.emit(relax.op.nn.conv2d(x, w, padding=1, groups=6))
+                out = bb.emit_output(relax.op.nn.relu(y))
+            bb.emit_func_output(out)
+
+    func = _kernel(_fused_module(build), "fused_conv2d")
+    target = _target()
+    scheduled, rule = _schedule(func, target)
+    assert rule == "CPUWindowReduction"
+    assert "T.parallel(" in _script(scheduled)
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((2, 6, 9, 9)).astype("float32")
+    w = rng.standard_normal((6, 1, 3, 3)).astype("float32")
+    got = _run(scheduled, target, [x, w, np.zeros((2, 6, 9, 9), "float32")])[-1]
+    xp = np.pad(x.astype("float64"), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    ref = np.zeros((2, 6, 9, 9))
+    for dy in range(3):
+        for dx in range(3):
+            ref += xp[:, :, dy : dy + 9, dx : dx + 9] * w[None, :, 0, dy, dx, None, None]
+    assert_close(got, np.maximum(ref, 0).astype("float32"), rtol=1e-5, atol=1e-5)

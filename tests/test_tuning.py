@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 import pytest
+
 from qiao.compiler.testing import assert_close
 
 tvm = pytest.importorskip("tvm")
@@ -90,8 +91,11 @@ def test_database_round_trip_and_stale_versions(cache_dir):
     func = _gemm(_dense_module())
     db = tuning.TuningDatabase.for_target(target)
     assert db.lookup(func) is None
-    record = {"kind": "gemm", "tile": {"mr": 4, "nr_vectors": 1, "mc_tiles": 1, "nc_tiles": 0,
-                                       "k_unroll": 4}, "seconds": 1e-5}
+    record = {
+        "kind": "gemm",
+        "tile": {"mr": 4, "nr_vectors": 1, "mc_tiles": 1, "nc_tiles": 0, "k_unroll": 4},
+        "seconds": 1e-5,
+    }
     db.commit(func, record)
     assert str(cache_dir) in db.path
     assert tuning.TuningDatabase.for_target(target).lookup(func) == record
@@ -147,8 +151,13 @@ def test_compiles_apply_recorded_tiles(tmp_path):
     mod = _dense_module()
     func = _gemm(mod)
     db = tuning.TuningDatabase.for_target(target, root=str(tmp_path / "db"))
-    db.commit(func, {"kind": "gemm", "tile": {"mr": 5, "nr_vectors": 1, "mc_tiles": 1,
-                                              "nc_tiles": 0, "k_unroll": 2}})
+    db.commit(
+        func,
+        {
+            "kind": "gemm",
+            "tile": {"mr": 5, "nr_vectors": 1, "mc_tiles": 1, "nc_tiles": 0, "k_unroll": 2},
+        },
+    )
 
     def schedule(options):
         with target:
@@ -185,10 +194,11 @@ def test_model_compile_tunes_its_gemms_once(monkeypatch):
     ``tune`` tunes every GEMM of the model into the device database; the next compile (tune asked
     again) only reads records; outputs match ONNX Runtime."""
     import onnxruntime as ort
+
     from qiao.backends.cpu import CPUBackend
     from qiao.compiler.driver import random_inputs, resolve_model
     from qiao.compiler.frontend import import_onnx
-    from qiao.compiler.pipeline import default_phases, make_pipeline
+    from qiao.compiler.pipeline import make_pipeline
     from qiao.compiler.schedules import tuning
 
     backend = CPUBackend()
@@ -198,8 +208,9 @@ def test_model_compile_tunes_its_gemms_once(monkeypatch):
     options = {"tune": True, "trials": 2, "tune_dims": {"batch": 8}}
 
     def build():
-        phases = default_phases(target, schedule=backend.schedule_passes(target, options))
-        return tvm.compile(imported.mod, target=target, relax_pipeline=make_pipeline(phases, target))
+        phases = backend.phases(target, options)
+        pipeline = make_pipeline(phases, target)
+        return tvm.compile(imported.mod, target=target, relax_pipeline=pipeline)
 
     executable = build()
     records = tuning.TuningDatabase.for_target(target).records()
@@ -215,7 +226,10 @@ def test_model_compile_tunes_its_gemms_once(monkeypatch):
     inputs = random_inputs([s.to_json() for s in imported.inputs], 0, {"batch": 5})
     vm = relax.VirtualMachine(executable, tvm.cpu())
     args = [tvm.runtime.tensor(inputs[s.name]) for s in imported.inputs]
-    args += [tvm.runtime.tensor(v) for v in imported.params.values()]
+    # Weights go through the lifted packing once, as TVMRunner does at load.
+    args += list(
+        vm["main_transform_params"]([tvm.runtime.tensor(v) for v in imported.params.values()])
+    )
     got = vm["main"](*args).numpy()
     session = ort.InferenceSession(resolved.proto.SerializeToString())
     assert_close(got, session.run(None, inputs)[0], rtol=1e-5, atol=1e-5)

@@ -23,12 +23,33 @@ def add_arguments(p):
     p.add_argument(
         "--dump-ir", metavar="DIR", default=None, help="write the IR after each lowering phase"
     )
+    p.add_argument(
+        "--tune",
+        action="store_true",
+        help="measure GEMM-like kernels not yet tuned on this device and record the fastest "
+        "(slow; later compiles reuse the records)",
+    )
+    p.add_argument(
+        "--trials", type=int, default=None, metavar="N", help="candidates per kernel with --tune"
+    )
+    p.add_argument(
+        "--tune-dim",
+        action="append",
+        metavar="NAME=SIZE",
+        help="symbolic dimension value to tune at (default 64; repeatable)",
+    )
 
 
 def main(args) -> int:
     from qiao.compiler import compile
 
     options = {"dump_ir": args.dump_ir} if args.dump_ir else {}
+    if args.tune:
+        options.update(
+            tune=True,
+            trials=args.trials,
+            tune_dims=parse_key_values(args.tune_dim, "--tune-dim"),
+        )
     artifact = compile(
         args.model,
         args.target,

@@ -98,8 +98,13 @@ def _serial_copy(stmt):
         if new.kind != tirx.ForKind.PARALLEL:
             return new
         return tirx.For(
-            new.loop_var, new.min, new.extent, tirx.ForKind.SERIAL, new.body,
-            new.thread_binding, new.annotations,
+            new.loop_var,
+            new.min,
+            new.extent,
+            tirx.ForKind.SERIAL,
+            new.body,
+            new.thread_binding,
+            new.annotations,
         )
 
     return tvm_ffi.structural_mutate(stmt, [(tirx.For, on_for)])
@@ -173,8 +178,15 @@ def serial_when_small(func, threshold: int = DEFAULT_THRESHOLD):
         )
     body = compute if lead == 0 else tirx.SeqStmt([*stmts[:lead], compute])
     new_root = s_tir.SBlock(
-        root.iter_vars, root.reads, root.writes, root.name_hint, body, root.init,
-        root.alloc_buffers, root.match_buffers, root.annotations,
+        root.iter_vars,
+        root.reads,
+        root.writes,
+        root.name_hint,
+        body,
+        root.init,
+        root.alloc_buffers,
+        root.match_buffers,
+        root.annotations,
     )
     new_func = func.with_body(s_tir.SBlockRealize(realize.iter_values, realize.predicate, new_root))
     # The serial copy re-defines the loop and block variables of the parallel one.
@@ -184,8 +196,9 @@ def serial_when_small(func, threshold: int = DEFAULT_THRESHOLD):
 
 def _make_pass():
     import tvm
-    from qiao.compiler.passes.apply_schedule_rules import with_functions
     from tvm import tirx
+
+    from qiao.compiler.passes.apply_schedule_rules import with_functions
 
     @tvm.ir.transform.module_pass(opt_level=0, name="SerialSmallKernels")
     class _SerialSmallKernels:

@@ -193,15 +193,15 @@ def rewrite_math(func):
         return new if folded is None else folded
 
     return tvm_ffi.structural_mutate(
-        func, [(Call, on_call), (tirx.LT, on_compare), (tirx.GT, on_compare),
-               (tirx.NE, on_compare)]
+        func, [(Call, on_call), (tirx.LT, on_compare), (tirx.GT, on_compare), (tirx.NE, on_compare)]
     )
 
 
 def _make_pass():
     import tvm
-    from qiao.compiler.passes.apply_schedule_rules import with_functions
     from tvm import tirx
+
+    from qiao.compiler.passes.apply_schedule_rules import with_functions
 
     @tvm.ir.transform.module_pass(opt_level=0, name="VectorizableMath")
     class _VectorizableMath:

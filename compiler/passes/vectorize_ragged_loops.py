@@ -83,8 +83,9 @@ def split_ragged_vector_loops(func):
     """``func`` with every vectorised loop over a lane-predicated block rewritten (module doc)."""
     import tvm
     import tvm_ffi
-    from qiao.compiler.schedules.tir_util import uses_var
     from tvm import s_tir, tirx
+
+    from qiao.compiler.schedules.tir_util import uses_var
 
     changed = []
 
@@ -106,20 +107,28 @@ def split_ragged_vector_loops(func):
             + [_substitute(c, lane, last) for c in ragged]
         )
         vector = tirx.For(
-            new.loop_var, new.min, new.extent, tirx.ForKind.VECTORIZED,
+            new.loop_var,
+            new.min,
+            new.extent,
+            tirx.ForKind.VECTORIZED,
             s_tir.SBlockRealize(
                 realize.iter_values,
                 _all(steady) if steady else tirx.const(True, "bool"),
                 realize.block,
             ),
-            new.thread_binding, new.annotations,
+            new.thread_binding,
+            new.annotations,
         )
         tail = tirx.For(
-            new.loop_var, new.min, new.extent, tirx.ForKind.SERIAL,
+            new.loop_var,
+            new.min,
+            new.extent,
+            tirx.ForKind.SERIAL,
             s_tir.SBlockRealize(
                 realize.iter_values, realize.predicate, fresh_block(realize.block, "_tail")
             ),
-            new.thread_binding, new.annotations,
+            new.thread_binding,
+            new.annotations,
         )
         changed.append(True)
         return tirx.IfThenElse(all_lanes, vector, tail)
@@ -133,8 +142,9 @@ def split_ragged_vector_loops(func):
 
 def _make_pass():
     import tvm
-    from qiao.compiler.passes.apply_schedule_rules import with_functions
     from tvm import tirx
+
+    from qiao.compiler.passes.apply_schedule_rules import with_functions
 
     @tvm.ir.transform.module_pass(opt_level=0, name="VectorizeRaggedLoops")
     class _VectorizeRaggedLoops:

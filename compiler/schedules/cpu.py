@@ -1,5 +1,8 @@
-"""The CPU rule set: qiao's GEMM, convolution and attention rules, then TVM's CPU rules, then
-parallel + vectorised schedules for whatever is left (elementwise chains, other reductions).
+"""The CPU rule set, most specific first: GEMM-like kernels (dense and batched matmuls, attention's
+two products, convolutions as implicit im2col: ``cpu_gemm``), TVM's GEMV, sliding-window reductions
+(depthwise convolutions, pooling: ``cpu_conv``), row reductions (softmax, RMS/layer norm, means:
+``cpu_reduction``), TVM's generic reduction, then parallel + vectorised schedules for whatever is
+left (elementwise chains, other reductions).
 
 TVM's default CPU pipeline leaves every kernel it has no rule for as a serial scalar loop nest; here
 every PrimFunc gets at least a parallel outer loop and a vectorised inner one.
@@ -23,6 +26,7 @@ MIN_PARALLEL_ELEMENTS = 1 << 14
 def cpu_rules(target: Any) -> list:
     """The ordered schedule rules for an LLVM CPU target; the first that applies wins."""
     import tvm.s_tir.dlight as dl
+
     from qiao.compiler.schedules.cpu_conv import CPUWindowReduction
     from qiao.compiler.schedules.cpu_gemm import CPUMatmul
     from qiao.compiler.schedules.cpu_reduction import CPURowReduction

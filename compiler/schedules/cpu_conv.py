@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from qiao.compiler.schedules.cpu_gemm import is_multiply_accumulate
 from qiao.compiler.schedules.cpu_info import cpu_info
 
 # Largest window (product of static reduction extents) handled as a window reduction.
@@ -31,8 +32,9 @@ class CPUWindowReduction:
 
     def apply(self, func, target, tunable: bool):
         from tvm import s_tir, tirx
-        from qiao.compiler.schedules.cpu import parallelize_outer, vector_split
         from tvm.s_tir.dlight.analysis import normalize_prim_func
+
+        from qiao.compiler.schedules.cpu import parallelize_outer, vector_split
 
         if not self.is_target_available(target):
             return None
@@ -60,6 +62,10 @@ class CPUWindowReduction:
         if not _slides(sch.get(red.block_rv)):
             return None  # a row reduction (mean, sum over an axis): CPURowReduction's
         position = infos.index(red)
+        if position > 0 and not is_multiply_accumulate(sch.get(red.block_rv)):
+            # Padded pooling: measured faster left to CPUFallback (outer loops parallel, the rest
+            # as written) than with the padding pass split out.
+            return None
         dtype = str(sch.get(red.block_rv).writes[0].source.dtype)
         lanes = cpu_info(target).lanes(dtype if dtype != "bool" else "int8")
         # Producers (the zero-padded copy of the input) stay separate, vectorised passes: inlined,
@@ -68,8 +74,9 @@ class CPUWindowReduction:
             p_loops = sch.get_loops(info.block_rv)
             vector_split(sch, p_loops[-1], lanes)
             p_loops = sch.get_loops(info.block_rv)
-            parallelize_outer(sch, [lp for lp in p_loops[:-1]
-                                    if sch.get(lp).kind == tirx.ForKind.SERIAL], lanes)
+            parallelize_outer(
+                sch, [lp for lp in p_loops[:-1] if sch.get(lp).kind == tirx.ForKind.SERIAL], lanes
+            )
 
         # Parallel over the outer output axes; the innermost output axis and the window stay as
         # written, a short loop nest LLVM vectorises (measured faster than vectorising the output
@@ -78,7 +85,7 @@ class CPUWindowReduction:
         task = sch.fuse(*outer) if len(outer) > 1 else outer[0]
         parallelize = _static_size(sch, task) is None or _static_size(sch, task) > 1
         # Epilogues (bias, activation) follow each task's rows while they are in cache.
-        for info in infos[position + 1:]:
+        for info in infos[position + 1 :]:
             sch.reverse_compute_at(info.block_rv, task, preserve_unit_loops=True)
             e_vec = _vector_inner(sch, sch.get_loops(info.block_rv)[-1], lanes)
             if e_vec is not None:
@@ -90,8 +97,9 @@ class CPUWindowReduction:
 
 def _slides(block) -> bool:
     """Whether some read index mixes an output iterator with a window iterator (``y·s + ry``)."""
-    from qiao.compiler.schedules.tir_util import var_names
     from tvm import tirx
+
+    from qiao.compiler.schedules.tir_util import var_names
 
     spatial = {iv.var.name for iv in block.iter_vars if iv.iter_type == tirx.IterVar.DataPar}
     reduce = {iv.var.name for iv in block.iter_vars if iv.iter_type == tirx.IterVar.CommReduce}

@@ -203,12 +203,12 @@ def find_gemm_block(sch) -> Any | None:
         return None
     if str(stmt.writes[0].source.dtype) not in GEMM_DTYPES:
         return None
-    if not _is_multiply_accumulate(stmt):
+    if not is_multiply_accumulate(stmt):
         return None
     return block
 
 
-def _is_multiply_accumulate(stmt) -> bool:
+def is_multiply_accumulate(stmt) -> bool:
     """``C[...] = C[...] + A[...] * B[...]`` (casts allowed), the only reduction the kernel does."""
     from tvm import tirx
     from tvm.ir.expr import TensorLoad
@@ -333,8 +333,9 @@ def gemm_index_maps(stmt, a_index: int = 0):
         elif t.kind == IterKind.kIter_J:
             label[id(t)] = "JO" if any(t is o for o in j_outer) else "J"
         else:
-            label[id(t)] = {IterKind.kIter_S: "S", IterKind.kIter_K: "K",
-                            IterKind.kIter_T: "T"}[t.kind]
+            label[id(t)] = {IterKind.kIter_S: "S", IterKind.kIter_K: "K", IterKind.kIter_T: "T"}[
+                t.kind
+            ]
 
     def fusion_map(trait_list, order):
         fused: dict[str, Any] = {}
@@ -616,9 +617,7 @@ def canonicalize_stage(sch, block) -> None:
 def _schedule_b_pack(sch, b_stage, at_loop, nr: int, lanes: int, preproc: bool) -> None:
     # B[S, JO, J, K] → panels Bp[S, JO, J / nr, K, nr]: up front, or per task (its columns).
     canonicalize_stage(sch, b_stage)
-    sch.transform_layout(
-        b_stage, ("write", 0), lambda s, jo, j, k: (s, jo, j // nr, k, j % nr)
-    )
+    sch.transform_layout(b_stage, ("write", 0), lambda s, jo, j, k: (s, jo, j // nr, k, j % nr))
     if at_loop is not None:
         sch.compute_at(b_stage, at_loop, preserve_unit_loops=True)
     s, jo, j, k = sch.get_loops(b_stage)[-4:]
@@ -635,9 +634,7 @@ def _schedule_b_pack(sch, b_stage, at_loop, nr: int, lanes: int, preproc: bool) 
 def _schedule_a_pack(sch, a_stage, at_loop, mr: int, preproc: bool) -> None:
     # A[S, IO, I, K] → panels Ap[S, IO, I / mr, K, mr]: per task (its own rows), or up front.
     canonicalize_stage(sch, a_stage)
-    sch.transform_layout(
-        a_stage, ("write", 0), lambda s, io, i, k: (s, io, i // mr, k, i % mr)
-    )
+    sch.transform_layout(a_stage, ("write", 0), lambda s, io, i, k: (s, io, i // mr, k, i % mr))
     if at_loop is not None:
         sch.compute_at(a_stage, at_loop, preserve_unit_loops=True)
     s, io, i, k = sch.get_loops(a_stage)[-4:]
@@ -719,7 +716,14 @@ def schedule_gemm(sch, block, target: Any, tile: GemmTile | None = None) -> Gemm
     sch.parallel(task)
     # Inside a task: for each nr-wide B panel, sweep the task's rows of packed A.
     write_back, _ = schedule_microkernel(
-        sch, block, i_tile, j_tile, k, mr=tile.mr, nr_vectors=tile.nr_vectors, lanes=lanes,
+        sch,
+        block,
+        i_tile,
+        j_tile,
+        k,
+        mr=tile.mr,
+        nr_vectors=tile.nr_vectors,
+        lanes=lanes,
         k_unroll=tile.k_unroll,
     )
     # Weights are packed once, up front (and lifted to load time by the pipeline); activations

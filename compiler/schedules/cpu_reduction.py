@@ -97,7 +97,8 @@ class CPURowReduction:
             # innermost, so that each step of the reduction is one vector operation.
             p_loops = sch.get_loops(partial)[1:]
             lane = next(
-                lp for lp in p_loops
+                lp
+                for lp in p_loops
                 if isinstance(sch.get(lp).extent, tirx.IntImm)
                 and int(sch.get(lp).extent.value) == lanes
             )
@@ -159,9 +160,10 @@ def _restore_tail_guards(func, guards):
     """
     import tvm
     import tvm_ffi
+    from tvm import s_tir, tirx
+
     from qiao.compiler.passes.vectorize_ragged_loops import fresh_block
     from qiao.compiler.schedules.tir_util import uses_var
-    from tvm import s_tir, tirx
 
     wanted = {f"{name}_update": (extent, lanes) for name, extent, lanes in guards}
 
@@ -205,14 +207,22 @@ def _restore_tail_guards(func, guards):
         full = tirx.FloorDiv(extent, tirx.const(lanes, extent.ty.dtype))
         guard = outer * lanes + lane < extent
         main = tirx.For(
-            new.loop_var, new.min, full, new.kind,
+            new.loop_var,
+            new.min,
+            full,
+            new.kind,
             rebuild(loops, realize, tirx.const(True, "bool"), vectorized=True),
-            new.thread_binding, new.annotations,
+            new.thread_binding,
+            new.annotations,
         )
         tail = tirx.For(
-            new.loop_var, full, new.min + new.extent - full, new.kind,
+            new.loop_var,
+            full,
+            new.min + new.extent - full,
+            new.kind,
             rebuild(loops, realize, guard, vectorized=False),
-            new.thread_binding, new.annotations,
+            new.thread_binding,
+            new.annotations,
         )
         return tirx.SeqStmt([main, tail])
 
@@ -224,15 +234,18 @@ def _restore_tail_guards(func, guards):
 def _is_true(expr) -> bool:
     from tvm import tirx
 
-    return isinstance(expr, (bool, int)) and bool(expr) or (
-        isinstance(expr, tirx.IntImm) and int(expr.value) == 1
+    return (
+        isinstance(expr, (bool, int))
+        and bool(expr)
+        or (isinstance(expr, tirx.IntImm) and int(expr.value) == 1)
     )
 
 
 def _vectorize_inner(sch, block, lanes: int, first: int) -> None:
     """Vectorise the innermost loop of an elementwise block (static or symbolic extent)."""
-    from qiao.compiler.schedules.cpu import vector_split
     from tvm import tirx
+
+    from qiao.compiler.schedules.cpu import vector_split
 
     loops = sch.get_loops(block)
     if len(loops) <= first:

@@ -180,8 +180,9 @@ class TuningDatabase:
 
 def is_tunable(func) -> bool:
     """Whether ``func`` is a kernel the tuner searches (GEMM-like: ``CPUMatmul`` applies)."""
-    from qiao.compiler.schedules.cpu_gemm import find_gemm_block
     from tvm import s_tir
+
+    from qiao.compiler.schedules.cpu_gemm import find_gemm_block
 
     return find_gemm_block(s_tir.Schedule(func)) is not None
 
@@ -243,6 +244,8 @@ def tune_gemm(
     ``dims``), or ``None`` when ``func`` is not GEMM-like or nothing could be measured.
     """
     import tvm
+    from tvm import s_tir
+
     from qiao.compiler.errors import QiaoError
     from qiao.compiler.schedules.cpu_gemm import (
         CPUMatmul,
@@ -252,7 +255,6 @@ def tune_gemm(
         normalize_gemm,
     )
     from qiao.compiler.schedules.cpu_info import cpu_info
-    from tvm import s_tir
 
     if not is_host_target(target):
         raise QiaoError(
@@ -370,8 +372,9 @@ def _measure_main() -> int:
             )
             secs = float(np.median(list(evaluator(*dev_args).results)))
         except Exception as err:  # a candidate that fails at run time
-            print(json.dumps({"index": index, "seconds": None, "error": str(err)[:200]}),
-                  flush=True)
+            print(
+                json.dumps({"index": index, "seconds": None, "error": str(err)[:200]}), flush=True
+            )
             continue
         print(json.dumps({"index": index, "seconds": secs}), flush=True)
     return 0
