@@ -19,6 +19,7 @@ import re
 import shutil
 
 import numpy as np
+
 from qiao.backends.base import Availability, DevicePreset, Runner
 from qiao.backends.handoff import HandoffBackend, bound_output_sizes, require_output
 from qiao.compiler.errors import ToolchainMissing, UnknownTarget

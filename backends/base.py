@@ -19,6 +19,7 @@ from qiao.compiler.errors import UnknownTarget
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
+
     from qiao.compiler.frontend import ImportedModel
 
 

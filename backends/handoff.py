@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
 from qiao.backends.base import Backend
 from qiao.compiler.driver import save_proto  # large models: weights as external data
 from qiao.compiler.errors import CompileError, QiaoError, ToolchainMissing

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
+
 from qiao.backends.base import Backend, Runner
 from qiao.compiler.errors import ArtifactCorrupt, CompileError
 
@@ -41,7 +42,7 @@ class TVMRunner(Runner):
         every call. Artifacts without it take the weights as they are."""
         import tvm
 
-        tensors = [tvm.runtime.tensor(np.ascontiguousarray(p), self.device) for p in params]
+        tensors = [tvm.runtime.tensor(np.asarray(p, order="C"), self.device) for p in params]
         try:
             transform = self.vm["main_transform_params"]
         except (AttributeError, KeyError, RuntimeError):
@@ -52,7 +53,7 @@ class TVMRunner(Runner):
         import tvm
 
         return [
-            tvm.runtime.tensor(np.ascontiguousarray(x), self.device) for x in inputs
+            tvm.runtime.tensor(np.asarray(x, order="C"), self.device) for x in inputs
         ] + self.params
 
     def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -96,6 +97,7 @@ class TVMBackend(Backend):
     def compile_module(self, mod, target, options: Mapping[str, Any]):
         """Run the phases and ``tvm.compile``; returns the TVM executable."""
         import tvm
+
         from qiao.compiler.pipeline import make_pipeline
 
         pipeline = make_pipeline(self.phases(target, options), target, options.get("dump_ir"))

@@ -126,6 +126,7 @@ class QiaoMoE:
 
     def __init__(self, w: MoEWeights, target: str = "cpu", arch: str | None = None):
         import tvm
+
         from qiao.backends import get_backend
         from qiao.compiler.frontend import import_onnx
 

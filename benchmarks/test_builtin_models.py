@@ -8,6 +8,7 @@ never the speed of a wrong answer. See conftest.py for smoke mode and how to com
 from __future__ import annotations
 
 import pytest
+
 from qiao.compiler.bench import OnnxRuntimeEngine, QiaoEngine, TorchEngine, plan_sizes
 from qiao.compiler.validate import compare, tolerances
 

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
 from qiao.compiler.errors import ArtifactCorrupt, InputMismatch
 
 FORMAT_VERSION = 1
@@ -61,7 +62,7 @@ def staging_dir(final_dir: str) -> Iterator[str]:
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final_dir)}.tmp-", dir=parent)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; an artifact is as shareable as any directory
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; artifacts are shared like any directory
     try:
         yield tmp
         old = None
@@ -204,5 +205,5 @@ def check_inputs(specs: Sequence[Mapping[str, Any]], inputs: Mapping[str, Any]) 
                         f"{dim!r}={bound[dim][0]}; inputs sharing a symbolic dim must agree"
                     )
                 bound.setdefault(dim, (got, name))
-        ordered.append(np.ascontiguousarray(value))
+        ordered.append(np.asarray(value, order="C"))  # ascontiguousarray makes 0-d 1-d
     return ordered

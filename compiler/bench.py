@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from qiao.compiler.errors import QiaoError, ToolchainMissing
 
 SCHEMA = "qiao-bench"
@@ -551,6 +552,7 @@ class TorchEngine(Engine):
 
     def __init__(self, source: Mapping[str, Any], device: str = "cpu"):
         import torch
+
         from qiao.models import get_model
 
         if device != "cpu" and not torch.cuda.is_available():

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+
 from qiao.compiler import artifact as art
 from qiao.compiler.errors import QiaoError, ToolchainMissing
 

@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
 from qiao.backends.tvm_backend import TVMRunner
 from qiao.compiler.errors import QiaoError, ToolchainMissing
 
@@ -264,8 +265,9 @@ class RPCRunner(TVMRunner):
         ``main_transform_params`` takes, so the lifted weight packing runs here, on this host's CPU
         (CPU artifacts only have it), and its results are uploaded."""
         import tvm
-        from qiao.compiler.artifact import load_params
         from tvm import relax
+
+        from qiao.compiler.artifact import load_params
 
         params = load_params(artifact_dir, manifest)
         local = (
@@ -281,7 +283,7 @@ class RPCRunner(TVMRunner):
             transform = None
         if transform is not None:
             params = [p.numpy() for p in transform([tvm.runtime.tensor(p) for p in params])]
-        return [tvm.runtime.tensor(np.ascontiguousarray(p), self.device) for p in params]
+        return [tvm.runtime.tensor(np.asarray(p, order="C"), self.device) for p in params]
 
     def benchmark(self, inputs: Sequence[np.ndarray], repeat: int, number: int) -> list[float]:
         # A saved closure avoids returning the outputs over the network on every timed call.

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from qiao.compiler import artifact as art
 from qiao.compiler.errors import QiaoError, ToolchainMissing, ValidationMismatch
 
@@ -109,6 +110,7 @@ def torch_reference(
     if source.get("kind") != "builtin":
         return None
     import torch
+
     from qiao.models import get_model
 
     spec = get_model(source["name"], **source.get("options", {}))

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
 from qiao.compiler.errors import UnknownModel
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-from qiao.models import ModelSpec, register_model
 from torch import nn
+
+from qiao.models import ModelSpec, register_model
 
 
 class SmallCNN(nn.Module):

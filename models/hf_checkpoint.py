@@ -8,6 +8,7 @@ import os
 from collections.abc import Iterable
 
 import torch
+
 from qiao.compiler.errors import QiaoError
 
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
+
 from qiao.models import ModelSpec, register_model
 from qiao.models.layers import Attention, RMSNorm, SwiGLU
-from torch import nn
 
 
 class DecoderLayer(nn.Module):

@@ -8,10 +8,11 @@ import os
 import re
 
 import pytest
-from qiao.compiler.testing import run_cli
+
 from qiao.backends import Availability, get_backend
 from qiao.backends.registry import discover
 from qiao.compiler.errors import UnknownTarget
+from qiao.compiler.testing import run_cli
 
 # The README section "Writing a backend": its example is installed and run by this test.
 WRITING_A_BACKEND = os.environ.get(
@@ -130,6 +131,7 @@ def test_imports_relax_false_backend_gets_onnx_only(tmp_path):
     """``imports_relax = False``: the backend gets the checked ONNX model and no Relax module."""
     import onnx
     from onnx import TensorProto, helper
+
     from qiao.compiler.frontend import import_onnx
 
     graph = helper.make_graph(

@@ -9,8 +9,8 @@ import os
 
 import numpy as np
 import pytest
-from qiao.compiler.testing import assert_close, run_cli
 from onnx import TensorProto, helper, numpy_helper
+
 from qiao.compiler import QiaoError, UnknownTarget
 from qiao.compiler.bench import (
     SCHEMA_VERSION,
@@ -29,6 +29,7 @@ from qiao.compiler.fingerprint import (
     parse_nvidia_smi,
     parse_rocm_smi,
 )
+from qiao.compiler.testing import assert_close, run_cli
 
 
 # -- statistics ------------------------------------------------------------------------------------

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from qiao.compiler.testing import assert_close, run_cli
+
 from qiao.compiler import load
+from qiao.compiler.testing import assert_close, run_cli
 
 
 def test_version_and_help():

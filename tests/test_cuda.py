@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 import pytest
-from qiao.compiler.testing import assert_close, run_cli
+
 from qiao.backends import cuda
 from qiao.backends.tvm_backend import (
     EM_CUDA,
@@ -21,6 +21,7 @@ from qiao.backends.tvm_backend import (
 )
 from qiao.compiler import compile, load
 from qiao.compiler.errors import CompileError, ToolchainMissing
+from qiao.compiler.testing import assert_close, run_cli
 from tests.test_backends import write_tiny_onnx
 
 needs_nvcc = pytest.mark.skipif(

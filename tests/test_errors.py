@@ -8,8 +8,8 @@ import os
 import numpy as np
 import onnx
 import pytest
-from qiao.compiler.testing import run_cli
 from onnx import TensorProto, helper
+
 from qiao.compiler import (
     ArtifactCorrupt,
     InputMismatch,
@@ -19,6 +19,7 @@ from qiao.compiler import (
     compile,
     load,
 )
+from qiao.compiler.testing import run_cli
 
 
 def _unsupported_model(path):

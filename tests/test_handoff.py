@@ -13,8 +13,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from qiao.compiler.testing import assert_close, run_cli
 from onnx import TensorProto, helper, numpy_helper
+
 from qiao.backends import get_backend
 from qiao.backends.handoff import (
     PACKAGE_DIR,
@@ -25,6 +25,7 @@ from qiao.backends.handoff import (
 from qiao.compiler import compile, load
 from qiao.compiler.errors import CompileError, ToolchainMissing
 from qiao.compiler.frontend import TensorSpec
+from qiao.compiler.testing import assert_close, run_cli
 
 HIDDEN, INTER, EXPERTS, TOP_K = 16, 12, 4, 2
 

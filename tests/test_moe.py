@@ -8,8 +8,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from qiao.compiler.testing import assert_close
 from onnx import TensorProto, helper, numpy_helper
+
+from qiao.compiler.testing import assert_close
 
 RTOL, ATOL = 1e-4, 1e-5
 
@@ -188,6 +189,7 @@ def test_onnxruntime_breaks_ties_toward_higher_expert_index():
 @pytest.mark.parametrize("T", [1, 2, 3, 4, 5, 8, 17, 64])
 def test_moe_op_all_token_counts_one_artifact(base_k2, T):
     import torch
+
     from qiao.compiler.export_moe import moe_reference
 
     assert base_k2.inputs[0]["shape"][0] == "tokens"  # one artifact, symbolic T
@@ -226,6 +228,7 @@ def test_moe_op_duplicate_router_scores(base_k2):
     """Ties inside the top-k (any order gives the same sum: ORT, NumPy and torch agree) and ties
     across the top-k boundary (the choice matters: qiao follows ORT's higher-index-first rule)."""
     import torch
+
     from qiao.compiler.export_moe import moe_reference
 
     x, _ = inputs(4, H, E, seed=5)
@@ -361,6 +364,7 @@ def test_moe_unsupported_forms_fail_with_a_fix(tmp_path, change, message):
 # ------------------------------------------------------------------------------------------------
 def test_lower_moe_emits_the_four_stages_as_scheduled_kernels():
     import tvm
+
     from qiao.compiler.frontend import import_onnx
     from qiao.compiler.passes import LowerMoE
 

@@ -8,6 +8,7 @@ import functools
 import re
 
 import pytest
+
 from qiao.compiler.testing import assert_close, has_command
 from tests.test_moe import BASE, inputs, moe_model, ort_run
 
@@ -32,6 +33,7 @@ def has_cuda_gpu() -> bool:
 
 def _cuda_source(arch: str) -> str:
     import tvm
+
     from qiao.compiler.frontend import import_onnx
     from qiao.compiler.pipeline import default_phases, make_pipeline
 

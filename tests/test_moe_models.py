@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+
 from qiao.compiler.testing import assert_close
 
 
@@ -252,9 +253,10 @@ def test_builtin_model_loads_checkpoint_option(tmp_path):
 
 
 def test_checkpoint_errors_name_the_problem(tmp_path):
+    from safetensors.torch import save_file
+
     from qiao.compiler.errors import QiaoError
     from qiao.models import get_model
-    from safetensors.torch import save_file
 
     with pytest.raises(QiaoError, match="does not exist.*fix:"):
         get_model("qwen3-moe-tiny", checkpoint=str(tmp_path / "nowhere"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from qiao.compiler.testing import assert_close, run_cli
 
 
@@ -48,6 +49,7 @@ def test_table_rejects_bad_entries(tmp_path, monkeypatch):
 def test_tune_measures_and_writes_an_entry_the_lowering_uses(tmp_path, monkeypatch):
     """A narrowed search on a tiny MoE shape; the written entry drives a correct compile."""
     import numpy as np
+
     from qiao.compiler import compile
     from qiao.compiler.kernels.moe_common import MoEConfig
     from qiao.compiler.schedules.moe_table import TABLE_PATH, lookup, tune_cpu, write_entry

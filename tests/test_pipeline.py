@@ -5,8 +5,9 @@ from __future__ import annotations
 import onnxruntime as ort
 import pytest
 import torch
-from qiao.compiler.testing import assert_close
+
 from qiao.compiler import compile, export, load
+from qiao.compiler.testing import assert_close
 from qiao.compiler.validate import validate
 from qiao.models import get_model, list_models
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+
 from qiao.compiler.testing import run_cli
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "plugin_fixture")

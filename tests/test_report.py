@@ -7,10 +7,11 @@ import json
 
 import numpy as np
 import pytest
-from qiao.compiler.testing import run_cli
+
 from qiao.compiler import QiaoError
 from qiao.compiler.bench import SCHEMA, SCHEMA_VERSION
 from qiao.compiler.report import flatten, load_results, write_report
+from qiao.compiler.testing import run_cli
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

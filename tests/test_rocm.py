@@ -9,6 +9,7 @@ import re
 
 import onnx
 import pytest
+
 from qiao.backends import rocm
 from qiao.backends.tvm_backend import EM_AMDGPU, DeviceModule, read_elf, read_library_imports
 from qiao.compiler import compile, load

@@ -11,8 +11,9 @@ import time
 
 import numpy as np
 import pytest
-from qiao.compiler.testing import assert_close, run_cli
+
 from qiao.compiler.rpc import RPCError, parse_tracker_address, probe, tracker_keys
+from qiao.compiler.testing import assert_close, run_cli
 
 pytest.importorskip("tornado", reason="TVM's RPC tracker needs tornado (pip install -e '.[rpc]')")
 pytest.importorskip("cloudpickle", reason="TVM's RPC needs cloudpickle (pip install -e '.[rpc]')")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from qiao.compiler.cli.common import parse_key_values
 
 

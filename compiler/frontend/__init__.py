@@ -28,6 +28,7 @@ from qiao.compiler.errors import CompileError, InvalidModel, QiaoError, Unsuppor
 PARAM_MIN_ELEMENTS = 64
 
 _CONVERTERS: dict[str, Any] = {}
+_DOMAINS: dict[str, str] = {}  # op type -> the domain its qiao converter is for
 _PROTOBUF_LIMIT = (1 << 31) - 1
 # Modules whose import registers converters (kept lazy: importing them pulls in TVM).
 _CONVERTER_MODULES = ("qiao.compiler.frontend.converters", "qiao.compiler.frontend.moe")
@@ -36,11 +37,16 @@ _CONVERTER_MODULES = ("qiao.compiler.frontend.converters", "qiao.compiler.fronte
 KNOWN_DOMAINS = {"", "ai.onnx", "com.microsoft"}
 
 
-def register_converter(op_type: str):
-    """Class decorator: use this ``OnnxOpConverter`` subclass for ``op_type`` instead of TVM's."""
+def register_converter(op_type: str, domain: str = ""):
+    """Class decorator: use this ``OnnxOpConverter`` subclass for ``op_type`` instead of TVM's.
+
+    TVM's importer keys converters by op type alone; ``domain`` records which domain qiao supports
+    the op in, so a converter for ai.onnx ``Attention`` does not admit ``com.microsoft::Attention``.
+    """
 
     def wrap(cls):
         _CONVERTERS[op_type] = cls
+        _DOMAINS[op_type] = domain
         return cls
 
     return wrap
@@ -142,7 +148,7 @@ def find_unsupported_ops(proto: onnx.ModelProto) -> dict[str, list[str]]:
         domain = node.domain or ""
         key = node.op_type if domain in ("", "ai.onnx") else f"{domain}::{node.op_type}"
         ok = domain in KNOWN_DOMAINS and (node.op_type in convert_map or node.op_type in handled)
-        if domain == "com.microsoft" and node.op_type not in _CONVERTERS:
+        if domain == "com.microsoft" and _DOMAINS.get(node.op_type) != "com.microsoft":
             ok = False
         if not ok:
             bad.setdefault(key, []).append(node.name or f"<unnamed node #{i}>")

@@ -18,9 +18,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import tvm
-from qiao.compiler.frontend import _CONVERTERS, register_converter
 from tvm import relax, tirx
 from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
+
+from qiao.compiler.frontend import _CONVERTERS, register_converter
 
 
 def _scalar(x):
@@ -1137,8 +1138,9 @@ class Swish(tvm_onnx.OnnxOpConverter):
 
 
 class _Hyperbolic(tvm_onnx.OnnxOpConverter):
-    """``(exp(x) ± exp(-x)) / 2``: TVM's converters emit ``tirx.cosh``/``tirx.sinh``, which LLVM
-    code generation does not know ("unknown intrinsic")."""
+    """``(exp(x) ± exp(-x)) / 2``: TVM's converters emit ``tirx.cosh``/``tirx.sinh``, which have
+    no LLVM lowering once qiao's CPU schedule vectorises the kernel ("unknown intrinsic
+    tirx.cosh"); ``exp`` has one."""
 
     combine = staticmethod(relax.op.add)
 
@@ -1462,4 +1464,27 @@ class Expand(tvm_onnx.OnnxOpConverter):
         return relax.op.broadcast_to(data, _runtime_shape(bb, out, out_rank, "expand_dim"))
 
 
+def _fold_qiao_converters() -> None:
+    """Give every converter of this module the import-time folding ``_SymbolicTolerant`` applies
+    to TVM's (qiao's converters delegate constant cases to TVM's, whose results would otherwise
+    stay unfolded and send shape arithmetic down the dynamic-shape paths)."""
+    for op_type, cls in list(_CONVERTERS.items()):
+        if cls.__module__ != __name__ or issubclass(cls, _SymbolicTolerant):
+            continue
+
+        @classmethod
+        def get_converter(folded, opset, _inner=cls.get_converter):
+            convert = _inner(opset)
+
+            def folding(bb, inputs, attr, params):
+                return fold_small_constant(inputs, convert(bb, inputs, attr, params))
+
+            return folding
+
+        _CONVERTERS[op_type] = type(
+            cls.__name__, (cls,), {"get_converter": get_converter, "__doc__": cls.__doc__}
+        )
+
+
+_fold_qiao_converters()
 _wrap_tvm_converters()  # last: every converter registered above takes precedence

@@ -22,12 +22,13 @@ from dataclasses import asdict
 
 import numpy as np
 import tvm
+from tvm import relax
+from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
+
 from qiao.compiler.errors import CompileError
 from qiao.compiler.frontend import register_converter
 from qiao.compiler.kernels.moe_common import MoEConfig
 from qiao.compiler.passes.lower_moe import MOE_EXTERN
-from tvm import relax
-from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
 
 
 def _attr_str(value, default: str) -> str:
@@ -119,7 +120,7 @@ def moe_config_from_node(inputs, attr) -> MoEConfig:
     )
 
 
-@register_converter("MoE")
+@register_converter("MoE", domain="com.microsoft")
 class MoE(tvm_onnx.OnnxOpConverter):
     """``com.microsoft::MoE`` → the ``qiao.moe`` placeholder (lowered by ``LowerMoE``)."""
 

@@ -3,9 +3,9 @@
 TVM's ``SplitLayoutRewritePreproc`` splits every packing stage marked
 ``meta_schedule.layout_rewrite_preproc`` into its own function, and ``LiftTransformParams`` moves
 those weight-only calls into ``main_transform_params``, which the runner calls once at load. TVM's
-split builds a block scope for every PrimFunc and fails on kernels written without blocks (qiao's
-pre-scheduled MoE kernels, marked ``tirx.is_scheduled``); such modules keep their packing inside
-the kernels (correct, only repeated per call), everything else gets it lifted.
+split builds a block scope for every PrimFunc and fails on kernels without compute blocks (qiao's
+pre-scheduled MoE kernels, marked ``tirx.is_scheduled``; TOPI's scan and scatter kernels); such
+modules keep their packing inside the kernels (correct, only repeated per call).
 """
 
 from __future__ import annotations
@@ -31,5 +31,8 @@ class LiftWeightPacking:
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         if not _has_prescheduled_kernels(mod):
-            mod = relax.transform.SplitLayoutRewritePreproc()(mod)
+            try:
+                mod = relax.transform.SplitLayoutRewritePreproc()(mod)
+            except tvm.error.InternalError:
+                pass  # a kernel without compute blocks (scan, scatter): keep packing in place
         return relax.transform.LiftTransformParams()(mod)

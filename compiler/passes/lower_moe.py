@@ -19,9 +19,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import tvm
-from qiao.compiler.errors import CompileError
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from qiao.compiler.errors import CompileError
 
 MOE_EXTERN = "qiao.moe"
 GPU_KINDS = ("cuda", "rocm", "vulkan", "metal", "opencl", "webgpu")

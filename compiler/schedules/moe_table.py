@@ -204,6 +204,7 @@ def _dispatch_kernels(
     num_experts: int, top_k: int, normalize: bool, block_m: int, target_json: str
 ):
     import tvm
+
     from qiao.compiler.kernels.moe_align import moe_align
     from qiao.compiler.kernels.moe_gating import moe_gating
 
@@ -231,6 +232,7 @@ def time_stage_kernels(
     """
     import numpy as np
     import tvm
+
     from qiao.compiler.kernels.group_gemm import group_gemm_down, group_gemm_up
     from qiao.compiler.kernels.moe_common import num_blocks
 
