@@ -47,6 +47,24 @@ def with_functions(mod, updates):
     return tvm.IRModule(functions, attrs=mod.attrs, global_infos=mod.global_infos)
 
 
+def primfunc_rewrite_pass(name: str, rewrite):
+    """A module pass named ``name`` that replaces every PrimFunc ``f`` with ``rewrite(f)``
+    (functions that ``rewrite`` returns unchanged are kept as they are)."""
+    import tvm
+    from tvm import tirx
+
+    def transform(mod, _ctx):
+        updates = {}
+        for gvar, func in mod.functions_items():
+            if isinstance(func, tirx.PrimFunc):
+                new = rewrite(func)
+                if not new.same_as(func):
+                    updates[gvar] = new
+        return with_functions(mod, updates)
+
+    return tvm.ir.transform.module_pass(transform, opt_level=0, name=name)
+
+
 def _make_pass():
     import tvm
     from tvm import tirx

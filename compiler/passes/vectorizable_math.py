@@ -197,29 +197,6 @@ def rewrite_math(func):
     )
 
 
-def _make_pass():
-    import tvm
-    from tvm import tirx
-
-    from qiao.compiler.passes.apply_schedule_rules import with_functions
-
-    @tvm.ir.transform.module_pass(opt_level=0, name="VectorizableMath")
-    class _VectorizableMath:
-        def transform_module(self, mod, _ctx):
-            updates = {}
-            for gvar, func in mod.functions_items():
-                if isinstance(func, tirx.PrimFunc):
-                    new = rewrite_math(func)
-                    if not new.same_as(func):
-                        updates[gvar] = new
-            return with_functions(mod, updates)
-
-    return _VectorizableMath
-
-
-_PASS = None
-
-
 def VectorizableMath() -> Any:  # noqa: N802 - a pass constructor, named like TVM's
     """Module pass applying ``rewrite_math`` to every PrimFunc.
 
@@ -227,7 +204,6 @@ def VectorizableMath() -> Any:  # noqa: N802 - a pass constructor, named like TV
     -------
     tvm.transform.Pass
     """
-    global _PASS
-    if _PASS is None:
-        _PASS = _make_pass()
-    return _PASS()
+    from qiao.compiler.passes.apply_schedule_rules import primfunc_rewrite_pass
+
+    return primfunc_rewrite_pass("VectorizableMath", rewrite_math)

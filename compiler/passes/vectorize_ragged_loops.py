@@ -140,29 +140,6 @@ def split_ragged_vector_loops(func):
     return tirx.transform.ConvertSSA()(tvm.IRModule({"main": out}))["main"]
 
 
-def _make_pass():
-    import tvm
-    from tvm import tirx
-
-    from qiao.compiler.passes.apply_schedule_rules import with_functions
-
-    @tvm.ir.transform.module_pass(opt_level=0, name="VectorizeRaggedLoops")
-    class _VectorizeRaggedLoops:
-        def transform_module(self, mod, _ctx):
-            updates = {}
-            for gvar, func in mod.functions_items():
-                if isinstance(func, tirx.PrimFunc):
-                    new = split_ragged_vector_loops(func)
-                    if not new.same_as(func):
-                        updates[gvar] = new
-            return with_functions(mod, updates)
-
-    return _VectorizeRaggedLoops
-
-
-_PASS = None
-
-
 def VectorizeRaggedLoops() -> Any:  # noqa: N802 - a pass constructor, named like TVM's
     """Module pass applying ``split_ragged_vector_loops`` to every PrimFunc.
 
@@ -170,7 +147,6 @@ def VectorizeRaggedLoops() -> Any:  # noqa: N802 - a pass constructor, named lik
     -------
     tvm.transform.Pass
     """
-    global _PASS
-    if _PASS is None:
-        _PASS = _make_pass()
-    return _PASS()
+    from qiao.compiler.passes.apply_schedule_rules import primfunc_rewrite_pass
+
+    return primfunc_rewrite_pass("VectorizeRaggedLoops", split_ragged_vector_loops)
