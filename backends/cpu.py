@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
-
 from qiao.backends.base import Availability, DevicePreset
 from qiao.backends.tvm_backend import TVMBackend
 from qiao.compiler.errors import UnknownTarget
+from qiao.compiler.schedules.cpu_info import cpu_device, usable_cores
 
 
 def host_cpu() -> str:
@@ -63,7 +62,7 @@ class CPUBackend(TVMBackend):
                     f"fix: pass --arch with one of {', '.join(self.presets())} "
                     "or an LLVM CPU such as skylake-avx512, znver3"
                 )
-        return tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": os.cpu_count() or 1})
+        return tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": usable_cores()})
 
     def schedule_passes(self, target, options=None) -> list:
         """qiao's CPU schedules (GEMM, convolution, attention, then parallel/vectorised defaults),
@@ -74,6 +73,4 @@ class CPUBackend(TVMBackend):
         return schedule_passes(target, options)
 
     def device(self):
-        import tvm
-
-        return tvm.cpu(0)
+        return cpu_device()

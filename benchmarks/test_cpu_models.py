@@ -9,8 +9,9 @@ Cases are the issue's speed floors:
 
 One artifact per model serves its sizes (symbolic batch / sequence). Each case first checks qiao's
 outputs against ONNX Runtime's, then alternates rounds of qiao and ORT calls so both see the same
-machine load; the figure is the median of the per-round ORT/qiao latency ratios (``speedup`` in the
-extra info: above 1 qiao is faster; the floor is 1/1.5 or 1/2).
+machine load, each timed block after an idle pause (``qiao.compiler.bench.interleaved``); the
+figure is the median of the per-round ORT/qiao latency ratios (``speedup`` in the extra info: above
+1 qiao is faster; the floor is 1/1.5 or 1/2).
 
     pytest benchmarks/test_cpu_models.py --benchmark-only -s     # full; prints every ratio
     QIAO_BENCH_SMOKE=1 pytest benchmarks/test_cpu_models.py -q   # CI: smallest cases, one round
@@ -121,12 +122,7 @@ def artifact_root(tmp_path_factory):
 
 @pytest.mark.parametrize("model, dims, floor", CASES)
 def test_model_vs_onnxruntime(benchmark, smoke, artifact_root, model, dims, floor):
-    from qiao.compiler.bench import (
-        OnnxRuntimeEngine,
-        QiaoEngine,
-        choose_number,
-        time_callable,
-    )
+    from qiao.compiler.bench import OnnxRuntimeEngine, QiaoEngine, interleaved
     from qiao.compiler.validate import compare, tolerances
 
     artifact = _artifact(model, artifact_root)
@@ -140,19 +136,12 @@ def test_model_vs_onnxruntime(benchmark, smoke, artifact_root, model, dims, floo
         assert check.ok, f"{model} {dims}: {name} differs from onnxruntime: {check}"
 
     run_qiao, run_ort = qiao.prepare(inputs), ort.prepare(inputs)
-    rounds, min_time = (1, 0.0) if smoke else (11, 0.1)
-    for _ in range(0 if smoke else 3):  # warm caches, thread pools and allocators
-        run_qiao()
-        run_ort()
-    n_qiao = choose_number(min(time_callable(run_qiao, 3, 1)), 1, min_time)
-    n_ort = choose_number(min(time_callable(run_ort, 3, 1)), 1, min_time)
-    ratios, t_qiao, t_ort = [], [], []
-    for _ in range(rounds):
-        a = min(time_callable(run_qiao, 1, n_qiao))
-        b = min(time_callable(run_ort, 1, n_ort))
-        t_qiao.append(a)
-        t_ort.append(b)
-        ratios.append(b / a)
+    times = interleaved(
+        {"qiao": run_qiao, "onnxruntime": run_ort},
+        *((1, 0.0, 0, 0.0) if smoke else (11, 0.1)),
+    )
+    t_qiao, t_ort = times["qiao"], times["onnxruntime"]
+    ratios = [b / a for a, b in zip(t_qiao, t_ort)]
     speedup = statistics.median(ratios)
     benchmark.group = f"{model} {' '.join(f'{k}={v}' for k, v in dims.items())}"
     benchmark.extra_info.update(
@@ -161,7 +150,7 @@ def test_model_vs_onnxruntime(benchmark, smoke, artifact_root, model, dims, floo
         onnxruntime_median_s=statistics.median(t_ort),
         floor=floor,
     )
-    benchmark.pedantic(run_qiao, rounds=1 if smoke else 5, iterations=1 if smoke else n_qiao)
+    benchmark.pedantic(run_qiao, rounds=1 if smoke else 5, iterations=1)
     print(
         f"\n  {benchmark.group}: qiao {statistics.median(t_qiao) * 1e3:.3f} ms, onnxruntime "
         f"{statistics.median(t_ort) * 1e3:.3f} ms, ORT/qiao {speedup:.2f} (floor {floor:.2f})"

@@ -74,14 +74,15 @@ def _kernel(batch, k, n):
 def test_gemm_vs_numpy(benchmark, smoke, batch, m, k, n):
     import tvm
 
-    from qiao.compiler.bench import choose_number, time_callable
+    from qiao.compiler.bench import interleaved
+    from qiao.compiler.schedules.cpu_info import cpu_device
 
     fn = _kernel(batch, k, n)
     rng = np.random.default_rng(0)
     lead = (batch,) if batch else ()
     a = rng.standard_normal(lead + (m, k)).astype("float32")
     b = rng.standard_normal(lead + (k, n)).astype("float32")
-    dev = tvm.cpu()
+    dev = cpu_device()
     ta, tb = tvm.runtime.tensor(a, dev), tvm.runtime.tensor(b, dev)
     tc = tvm.runtime.tensor(np.zeros(lead + (m, n), "float32"), dev)
     fn(ta, tb, tc)
@@ -94,16 +95,12 @@ def test_gemm_vs_numpy(benchmark, smoke, batch, m, k, n):
         np.matmul(a, b)
 
     flops = 2.0 * (batch or 1) * m * n * k
-    rounds, min_time = (1, 0.0) if smoke else (15, 0.05)
-    n_ours = choose_number(min(time_callable(ours, 3, 1)), 1, min_time)
-    n_ref = choose_number(min(time_callable(numpy_sgemm, 3, 1)), 1, min_time)
-    ratios, ours_s, ref_s = [], [], []
-    for _ in range(rounds):  # interleaved: both see the same machine load
-        t_ours = min(time_callable(ours, 1, n_ours))
-        t_ref = min(time_callable(numpy_sgemm, 1, n_ref))
-        ours_s.append(t_ours)
-        ref_s.append(t_ref)
-        ratios.append(t_ref / t_ours)
+    times = interleaved(
+        {"qiao": ours, "numpy": numpy_sgemm},
+        *((1, 0.0, 0, 0.0) if smoke else (15, 0.05)),
+    )
+    ours_s, ref_s = times["qiao"], times["numpy"]
+    ratios = [r / o for o, r in zip(ours_s, ref_s)]
     ratio = statistics.median(ratios)
     benchmark.group = f"gemm {'x'.join(map(str, [batch or 1, m, k, n]))}"
     benchmark.extra_info.update(
@@ -112,7 +109,7 @@ def test_gemm_vs_numpy(benchmark, smoke, batch, m, k, n):
         numpy_gflops=flops / statistics.median(ref_s) / 1e9,
         floor=FLOOR,
     )
-    benchmark.pedantic(ours, rounds=1 if smoke else 5, iterations=1 if smoke else n_ours)
+    benchmark.pedantic(ours, rounds=1 if smoke else 5, iterations=1)
     print(
         f"\n  gemm {benchmark.group}: qiao {benchmark.extra_info['qiao_gflops']:.1f} GFLOP/s, "
         f"numpy {benchmark.extra_info['numpy_gflops']:.1f} GFLOP/s, ratio {ratio:.2f}"

@@ -128,6 +128,47 @@ def time_callable(fn: Callable[[], Any], repeat: int, number: int) -> list[float
     return samples
 
 
+# Idle time before an engine's timed block: longer than the worker threads of ONNX Runtime, OpenBLAS
+# and TVM spin-wait after a call (measured here: ONNX Runtime's still slow a TVM call 10 ms later,
+# not 100 ms later). Without it the engine timed second shares the cores with the first's spinners.
+SETTLE_S = 0.2
+
+
+def settle(seconds: float = SETTLE_S) -> None:
+    """Leave the machine idle so that the previous engine's worker threads go to sleep."""
+    if seconds > 0:
+        time.sleep(seconds)
+
+
+def interleaved(
+    fns: Mapping[str, Callable[[], Any]],
+    rounds: int,
+    min_time: float,
+    warmup: int = 3,
+    pause: float = SETTLE_S,
+) -> dict[str, list[float]]:
+    """Per-call seconds of several engines doing the same work, ``rounds`` samples each.
+
+    Rounds alternate the engines so that all see the same machine load over the run; each timed
+    block (calls enough to last ``min_time``) follows ``pause`` seconds of idle time and one untimed
+    call, so each engine is measured as if it ran alone. ``rounds=1, min_time=0, warmup=0, pause=0``
+    is the smoke mode: every engine runs once."""
+    number = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):  # caches, thread pools, allocators
+            fn()
+        settle(pause)
+        number[name] = choose_number(min(time_callable(fn, 3, 1)), 1, min_time)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            settle(pause)
+            if pause > 0:
+                fn()
+            samples[name].append(min(time_callable(fn, 1, number[name])))
+    return samples
+
+
 # --------------------------------------------------------------------------------------------------
 # sizes: which symbolic dimension --tokens / --batch binds
 def parse_sizes(text: str | Sequence[int] | None, flag: str) -> list[int] | None:
@@ -462,7 +503,7 @@ class QiaoEngine(Engine):
         self.runner = runner if runner is not None else artifact.runner
         self.info = {
             "runner": type(self.runner).__name__,
-            "threads": os.environ.get("TVM_NUM_THREADS", "TVM default (one per core)"),
+            "threads": os.environ.get("TVM_NUM_THREADS", "TVM default"),
         }
 
     def _ordered(self, inputs):
@@ -999,6 +1040,7 @@ def _measure(result: dict, run: _Run, entry: dict, artifact, remote) -> None:
         for engine in engines:
             where = f"{target} {plan.mode}={size}" if plan.dim else target
             say(f"[{index + 1}/{len(plan.sizes)}] {where}: {engine.name}")
+            settle()
             with PeakRSS() as mem:
                 samples, number = engine.measure(inputs, run.warmup, run.repeat, run.min_time)
             memory = mem.delta_mib if (remote is None or engine is not qiao_engine) else None

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from importlib import metadata
 from typing import Any
 
+from qiao.compiler.schedules.cpu_info import usable_cores
+
 # Distribution names whose versions are recorded (``None`` when not installed).
 SOFTWARE = (
     "qiao",
@@ -93,7 +95,7 @@ def cpu_info() -> dict[str, Any]:
         physical = psutil.cpu_count(logical=False)
     except ImportError:
         pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    usable = usable_cores()
     llvm_cpu = None
     try:
         import tvm

@@ -35,7 +35,7 @@ def assert_close(actual, expected, rtol: float = 1e-5, atol: float = 1e-5, name:
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, err_msg=name, equal_nan=True)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def has_command(name: str) -> bool:
     """Whether an executable is on ``PATH`` (cached)."""
     return shutil.which(name) is not None

@@ -59,7 +59,7 @@ def _cpu_info(target_json: str) -> CPUInfo:
 
     target = tvm.target.Target(target_json)
     cores = target.attrs.get("num-cores")
-    num_cores = int(cores) if cores else (os.cpu_count() or 1)
+    num_cores = int(cores) if cores else usable_cores()
     triple = str(target.attrs.get("mtriple", "") or "")
     try:
         host_triple = str(tvm.target.codegen.llvm_get_system_triple())
@@ -79,3 +79,28 @@ def _cpu_info(target_json: str) -> CPUInfo:
             return CPUInfo(bits, regs, num_cores, has_fma=arm or has("fma"))
     # Plain x86-64 without SSE2 reporting, or an unknown architecture: scalar-safe 128-bit.
     return CPUInfo(128, 16, num_cores, has_fma=False)
+
+
+THREADS_ENV = "TVM_NUM_THREADS"
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on (its affinity mask; ``os.cpu_count()`` where there is none)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def cpu_device():
+    """``tvm.cpu(0)`` with TVM's thread pool sized to this process's cores.
+
+    TVM sizes its pool once, at its first parallel kernel, from ``TVM_NUM_THREADS`` or else half the
+    hardware threads (it assumes two per core): one thread on a 2-vCPU machine, so parallel kernels
+    used half of it. Unless the user has chosen (``TVM_NUM_THREADS`` set), qiao sets one thread per
+    usable core before anything runs. Kernels too small to pay for waking the pool stay serial (the
+    ``serial_small_kernels`` pass)."""
+    import tvm
+
+    os.environ.setdefault(THREADS_ENV, str(usable_cores()))
+    return tvm.cpu(0)

@@ -243,7 +243,9 @@ def time_stage_kernels(
             rng.standard_normal((E, cfg.fc1_rows, H), dtype=np.float32),
             rng.standard_normal((E, H, INTER), dtype=np.float32),
         )
-    dev = tvm.cpu(0)
+    from qiao.compiler.schedules.cpu_info import cpu_device
+
+    dev = cpu_device()
 
     def nd(a):
         return tvm.runtime.tensor(np.ascontiguousarray(a), dev)

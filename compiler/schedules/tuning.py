@@ -353,7 +353,9 @@ def _measure_main() -> int:
 
     spec = json.loads(sys.stdin.read())
     rng = np.random.default_rng(0)
-    dev = tvm.cpu(0)
+    from qiao.compiler.schedules.cpu_info import cpu_device
+
+    dev = cpu_device()
     host_args = []
     for a in spec["args"]:
         if "scalar" in a:
