@@ -93,3 +93,16 @@ def test_torch_module_and_onnx_file_paths(tmp_path):
         got = artifact.run({artifact.inputs[0]["name"]: x.numpy()})
         expected = session.run(None, {"x": x.numpy()})[0]
         assert_close(list(got.values())[0], expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "transformer"])
+def test_weight_packing_runs_at_load_not_per_call(name, compiled_builtin):
+    """The CPU GEMM schedules pack weights into panels; the pipeline lifts that packing into
+    ``main_transform_params`` (run once by the runner), so ``main`` never repacks a weight."""
+    artifact = compiled_builtin(name)
+    runner = artifact.runner
+    packed = [p for p in runner.params if len(p.shape) == 5]  # (S, JO, J/nr, K, nr) panels
+    assert packed, f"{name}: no weight arrives packed from main_transform_params"
+    text = runner.executable.as_text()
+    main = text[text.index("@main:") : text.index("\n\n", text.index("@main:"))]
+    assert "_prepacked" in main, f"{name}: main calls no kernel taking pre-packed weights"

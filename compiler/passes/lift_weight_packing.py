@@ -4,35 +4,58 @@ TVM's ``SplitLayoutRewritePreproc`` splits every packing stage marked
 ``meta_schedule.layout_rewrite_preproc`` into its own function, and ``LiftTransformParams`` moves
 those weight-only calls into ``main_transform_params``, which the runner calls once at load. TVM's
 split builds a block scope for every PrimFunc and fails on kernels without compute blocks (qiao's
-pre-scheduled MoE kernels, marked ``tirx.is_scheduled``; TOPI's scan and scatter kernels); such
-modules keep their packing inside the kernels (correct, only repeated per call).
+MoE kernels, TOPI's scan and scatter kernels); in such modules it runs on the kernels that have
+marked stages only, and the others are put back unchanged.
 """
 
 from __future__ import annotations
 
 import tvm
-from tvm import relax, tirx
+import tvm_ffi
+from tvm import relax, s_tir, tirx
 
-_SCHEDULED = ("tirx.is_scheduled", "tir.is_scheduled")
+PACKING_ATTR = "meta_schedule.layout_rewrite_preproc"
 
 
-def _has_prescheduled_kernels(mod: tvm.IRModule) -> bool:
-    for func in mod.functions.values():
-        if isinstance(func, tirx.PrimFunc) and func.attrs is not None:
-            if any(key in func.attrs and bool(func.attrs[key]) for key in _SCHEDULED):
-                return True
-    return False
+def has_packing_stage(func) -> bool:
+    """Whether a PrimFunc has a block marked as weight packing by a CPU schedule."""
+    found = []
+
+    def on_block(block):
+        if PACKING_ATTR in block.annotations:
+            found.append(block)
+
+    tvm_ffi.structural_walk(func.body, [(s_tir.SBlock, on_block)])
+    return bool(found)
+
+
+def split_packing(mod: tvm.IRModule) -> tvm.IRModule:
+    """``SplitLayoutRewritePreproc`` over the kernels with packing stages; the rest untouched."""
+    try:
+        return relax.transform.SplitLayoutRewritePreproc()(mod)
+    except tvm.error.InternalError:
+        pass
+    others = {
+        gvar: func
+        for gvar, func in mod.functions_items()
+        if isinstance(func, tirx.PrimFunc) and not has_packing_stage(func)
+    }
+    if len(others) == sum(isinstance(f, tirx.PrimFunc) for _, f in mod.functions_items()):
+        return mod
+    part = tvm.IRModule(
+        {gvar: func for gvar, func in mod.functions_items() if gvar not in others},
+        attrs=mod.attrs,
+    )
+    part = relax.transform.SplitLayoutRewritePreproc()(part)
+    for gvar, func in others.items():
+        part[gvar] = func
+    return part
 
 
 @tvm.transform.module_pass(opt_level=0, name="LiftWeightPacking")
 class LiftWeightPacking:
-    """Split marked weight-packing stages and lift weight-only work into
-    ``main_transform_params`` (see the module docstring for when the split is skipped)."""
+    """Split marked weight-packing stages into their own kernels and lift the weight-only calls
+    into ``main_transform_params``."""
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        if not _has_prescheduled_kernels(mod):
-            try:
-                mod = relax.transform.SplitLayoutRewritePreproc()(mod)
-            except tvm.error.InternalError:
-                pass  # a kernel without compute blocks (scan, scatter): keep packing in place
-        return relax.transform.LiftTransformParams()(mod)
+        return relax.transform.LiftTransformParams()(split_packing(mod))
