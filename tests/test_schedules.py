@@ -214,6 +214,25 @@ def test_gemm_matches_unscheduled_and_numpy(m, k, n, dyn, batch, transb, epilogu
     assert_close(got, ref.astype("float32"), rtol=1e-4, atol=1e-4, name="scheduled vs numpy")
 
 
+def test_symbolic_rows_take_a_one_row_schedule_below_a_register_tile():
+    """A kernel with symbolic rows carries two schedules sharing one weight-packing stage: one row
+    per micro-tile below ``mr`` rows (no padding of a single token to ``mr``), the register-blocked
+    one from ``mr`` rows on. Both sides of the branch are run and checked against NumPy."""
+    target = _target()
+    func = _kernel(_matmul_module(8, 96, 80, dyn=True, epilogue="relu"), "fused_matmul")
+    scheduled, _ = _schedule(func, target)
+    text = _script(scheduled)
+    assert text.count("meta_schedule.layout_rewrite_preproc") == 1, "weights packed twice"
+    assert "if m < T.int64(" in text, "no run-time choice between the row schedules"
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((96, 80)).astype("float32")
+    for m in (1, 2, 5, 7, 8, 9, 31):
+        x = rng.standard_normal((m, 96)).astype("float32")
+        got = _run(scheduled, target, [x, w, np.zeros((m, 80), "float32")])[-1]
+        ref = np.maximum(x.astype("float64") @ w.astype("float64"), 0).astype("float32")
+        assert_close(got, ref, rtol=1e-4, atol=1e-4, name=f"m={m}")
+
+
 def test_gemm_schedule_has_register_tiles_parallel_and_target_width():
     """The structure the issue asks for, read off the IR: packed B panels, a register tile in
     local scope, a parallel task loop, and vectors of the *target's* width (8 lanes for AVX2)."""

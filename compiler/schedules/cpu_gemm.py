@@ -257,8 +257,9 @@ def gemm_orientation(stmt) -> int | None:
     whole vectors along, so ``B`` is preferably the operand that carries the output's innermost
     (contiguous) axis: the weight of ``x @ w``, but the input of an NCHW convolution (whose output
     is contiguous along the image), with the weights as ``A``. Unless that ``J`` is short and
-    static (a 2×2 feature map) while the other orientation's is not: padding ``J`` to whole
-    vectors would then waste most of the work.
+    static (a 2×2 feature map) while the other orientation's is static and long: padding ``J`` to
+    whole vectors would then waste most of the work. A symbolic alternative (the tokens of a
+    10-class head) is not taken: at one row it would pad that row to a whole vector instead.
     """
     from tvm.tirx.analysis import undefined_vars
 
@@ -279,7 +280,7 @@ def gemm_orientation(stmt) -> int | None:
     others = [a for a in valid if a != preferred]
     if others and _j_extent(stmt, preferred) is not None:
         short, alternative = _j_extent(stmt, preferred), _j_extent(stmt, others[0])
-        if short < 16 and (alternative is None or alternative >= 4 * short):
+        if short < 16 and alternative is not None and alternative >= 4 * short:
             return others[0]
     return preferred
 
@@ -825,5 +826,132 @@ class CPUMatmul:
         block = find_gemm_block(sch)
         if block is None:
             return None
-        schedule_gemm(sch, block, target, self.tile)
+        tile = schedule_gemm(sch, block, target, self.tile)
+        return with_few_rows_variant(func, sch, tile, target)
+
+
+# -- few rows -------------------------------------------------------------------------------------
+#
+# A symbolic row count is padded to whole ``mr``-row register tiles: one token through a dense layer
+# (decode, batch-1 inference) computes ``mr`` rows for one. Kernels with symbolic rows therefore
+# carry a second schedule, one row per micro-tile and no padding, taken at run time when the rows
+# are fewer than ``mr``. Both read the same packed weights: the weight-packing stage is shared.
+
+
+def _root_parts(func):
+    """``(root block, leading weight-packing statements, the other statements)``."""
+    from tvm import s_tir, tirx
+
+    root = func.body.block
+    stmts = list(root.body.seq) if isinstance(root.body, tirx.SeqStmt) else [root.body]
+    lead = 0
+    while lead < len(stmts):
+        stmt = stmts[lead]
+        block = stmt.block if isinstance(stmt, s_tir.SBlockRealize) else None
+        if block is None:
+            found = []
+            import tvm_ffi
+
+            tvm_ffi.structural_walk(stmt, [(s_tir.SBlock, found.append)])
+            block = found[0] if found else None
+        if block is None or PACKING_MARK not in (block.annotations or {}):
+            break
+        lead += 1
+    return root, stmts[:lead], stmts[lead:]
+
+
+PACKING_MARK = "meta_schedule.layout_rewrite_preproc"
+
+
+def _written(stmts) -> list:
+    import tvm_ffi
+    from tvm import s_tir
+
+    out = []
+
+    def on_block(block):
+        out.extend(w.source for w in block.writes)
+
+    for stmt in stmts:
+        tvm_ffi.structural_walk(stmt, [(s_tir.SBlock, on_block)])
+    return out
+
+
+def merge_row_variants(func_many, func_few, use_few):
+    """One PrimFunc running ``func_few``'s schedule when ``use_few`` holds, else ``func_many``'s.
+
+    Both must be schedules of the same function whose leading weight-packing stages write buffers
+    of the same shapes; the few-rows body is rewired to the many-rows packed buffers, so packing
+    happens (and is lifted to load time) once."""
+    import tvm
+    import tvm_ffi
+    from tvm import s_tir, tirx
+    from tvm.ir.expr import Var
+
+    root_a, lead_a, rest_a = _root_parts(func_many)
+    root_b, lead_b, rest_b = _root_parts(func_few)
+    packed_a, packed_b = _written(lead_a), _written(lead_b)
+    if len(packed_a) != len(packed_b) or not all(
+        tvm_ffi.structural_equal(a.ty, b.ty) for a, b in zip(packed_a, packed_b)
+    ):
+        return None
+    pairs = list(zip(packed_b, packed_a))
+
+    def on_var(var, _mutator):
+        for old, new in pairs:
+            if var.same_as(old):
+                return new
+        return var
+
+    few = tvm_ffi.structural_mutate(
+        tirx.SeqStmt(rest_b) if len(rest_b) > 1 else rest_b[0], [(Var, on_var)]
+    )
+    many = tirx.SeqStmt(rest_a) if len(rest_a) > 1 else rest_a[0]
+    body = tirx.SeqStmt([*lead_a, tirx.IfThenElse(use_few, few, many)])
+    allocs = list(root_a.alloc_buffers) + [
+        b for b in root_b.alloc_buffers if not any(b.same_as(old) for old, _ in pairs)
+    ]
+    root = s_tir.SBlock(
+        root_a.iter_vars,
+        root_a.reads,
+        root_a.writes,
+        root_a.name_hint,
+        body,
+        root_a.init,
+        allocs,
+        root_a.match_buffers,
+        root_a.annotations,
+    )
+    realize = func_many.body
+    merged = func_many.with_body(s_tir.SBlockRealize(realize.iter_values, realize.predicate, root))
+    # The two schedules define the same loop and block variables.
+    return tirx.transform.ConvertSSA()(tvm.IRModule({"main": merged}))["main"]
+
+
+def with_few_rows_variant(func, sch, tile: GemmTile, target: Any):
+    """``sch`` (a GEMM scheduled with ``tile``), plus a one-row-per-tile schedule for when the
+    symbolic row count is below ``tile.mr`` (see the section comment); ``sch`` itself when the rows
+    are static, the tile is one row already, or the variants cannot share their packing."""
+    from tvm import s_tir, tirx
+
+    few_sch = s_tir.Schedule(func)
+    block = find_gemm_block(few_sch)
+    normalize_gemm(few_sch, block)
+    shape = gemm_shape(few_sch, block)
+    if shape.m is not None or tile.mr == 1:
         return sch
+    rows = few_sch.get(block).iter_vars[3].dom.extent
+    lanes = cpu_info(target).lanes(shape.dtype)
+    nc_tiles = 0
+    if shape.n is not None:
+        n_tiles = _ceil_div(shape.n, tile.nr(lanes))
+        wanted = 4 * cpu_info(target).num_cores
+        nc_tiles = min(_divisors_up_to(n_tiles, n_tiles), key=lambda d: (n_tiles // d < wanted, -d))
+        nc_tiles = 0 if nc_tiles == n_tiles else nc_tiles
+    few_tile = GemmTile(1, tile.nr_vectors, 1, nc_tiles, tile.k_unroll)
+    few_sch = s_tir.Schedule(func)
+    schedule_gemm(few_sch, find_gemm_block(few_sch), target, few_tile)
+    merged = merge_row_variants(
+        sch.mod["main"], few_sch.mod["main"], rows < tirx.const(tile.mr, rows.ty.dtype)
+    )
+    return sch if merged is None else s_tir.Schedule(merged)
