@@ -319,6 +319,12 @@ def test_conv2d_goes_through_the_gemm_and_matches_numpy():
             ref[:, :, oy, ox] = np.einsum("ncij,fcij->nf", patch, w)
     assert_close(got, np.maximum(ref, 0).astype("float32"), rtol=1e-4, atol=1e-4)
     assert_close(got, _run(func, target, [x, w, out])[-1], rtol=1e-5, atol=1e-4)
+    # The padded input is made once per task, not bounds-tested in every im2col read, and the
+    # weight packing stays first (liftable to load time).
+    text = _script(scheduled)
+    assert 'T.sblock("pad_temp")' in text, "padding inlined into the im2col packing"
+    first = text.index("T.sblock(", text.index('T.sblock("root")') + 1)
+    assert "layout_rewrite_preproc" in text[first : text.index("T.sblock(", first + 1)]
 
 
 # -- reductions, windows, elementwise ----------------------------------------------------------

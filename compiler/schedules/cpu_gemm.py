@@ -468,10 +468,31 @@ def _try(fn, *args) -> bool:
         return False
 
 
-def inline_producers(sch, block) -> None:
-    """Inline every elementwise producer chain of ``block`` (transposes, broadcasts, casts)."""
-    while any(_try(sch.compute_inline, p) for p in _all_producers(sch, block)):
+def inline_producers(sch, block, keep_padding: bool = False) -> list:
+    """Inline every elementwise producer chain of ``block`` (transposes, broadcasts, casts).
+
+    With ``keep_padding``, zero-padding copies (a convolution's padded input) stay separate: an
+    im2col packing reads every input element up to ``ry × rx`` times, and inlined, each read would
+    carry the bounds test (and a gather where the window strides). Returns the kept blocks."""
+    while any(
+        _try(sch.compute_inline, p)
+        for p in _all_producers(sch, block)
+        if not (keep_padding and _is_padding(sch.get(p)))
+    ):
         pass
+    return [p for p in _all_producers(sch, block) if keep_padding and _is_padding(sch.get(p))]
+
+
+def _is_padding(stmt) -> bool:
+    """A block storing ``if_then_else(in_bounds, X[...], pad value)``: a padding copy."""
+    from tvm import tirx
+
+    value = getattr(stmt.body, "value", None)
+    if value is None:
+        return False
+    if isinstance(value, tirx.Select):
+        return True
+    return getattr(getattr(value, "op", None), "name", "").endswith("if_then_else")
 
 
 def _all_producers(sch, block) -> list:
@@ -705,7 +726,7 @@ def schedule_gemm(sch, block, target: Any, tile: GemmTile | None = None) -> Gemm
     k_pad = tile.k_unroll if shape.k is None or shape.k % tile.k_unroll else 1
     a_stage, b_stage = _pad_and_find_stages(sch, block, ra, rb, a_index, tile.mr, nr, k_pad)
     inline_producers(sch, a_stage)
-    inline_producers(sch, b_stage)
+    padding = inline_producers(sch, b_stage, keep_padding=True)
 
     s, io, jo, i, j, k = sch.get_loops(block)
     single_i_task = shape.m is not None and _ceil_div(shape.m, tile.mr) == tile.mc_tiles
@@ -734,6 +755,15 @@ def schedule_gemm(sch, block, target: Any, tile: GemmTile | None = None) -> Gemm
     _schedule_a_pack(sch, a_stage, None if a_weight else task, tile.mr, preproc=a_weight)
     b_at = task if not b_weight and single_i_task else None
     _schedule_b_pack(sch, b_stage, b_at, nr, lanes, preproc=b_weight)
+    for pad in padding:
+        # The padded input rows a task's packing reads, made by that task (after the weight
+        # packing, which must stay the first statement to be lifted).
+        if b_at is None or not _try(sch.compute_at, pad, task, True):
+            _parallel_vectorize(sch, pad, lanes)
+            continue
+        inner = sch.get_loops(pad)[-1]
+        _, vec = sch.split(inner, [None, lanes])
+        sch.vectorize(vec)
     _drop_late_preproc_marks(sch)
     leftover = inline_epilogue(sch, write_back)
     for consumer in leftover:
