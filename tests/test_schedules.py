@@ -421,6 +421,38 @@ def test_elementwise_chain_is_parallel_vectorised_and_correct():
     assert_close(got, (np.tanh(x.astype("float64") + 1) * 3).astype("float32"), atol=2e-6)
 
 
+def test_vectors_never_wrap_an_index_period():
+    """rotate-half over 8-wide heads of a flat 32-wide row: the fused kernel indexes ``v % 8`` and
+    ``v // 8``. TVM's vectoriser assumes ``ramp % c`` does not wrap, so 16 lanes (AVX-512) read
+    the wrong elements; the rule vectorises at most 8 wide here and stays correct."""
+
+    def build(bb):
+        n = 5  # static: the reshapes fuse into the kernel (with a symbolic n they stay views)
+        x = relax.Var("x", relax.TensorType((n, 32), "float32"))
+        with bb.function("main", [x]):
+            with bb.dataflow():
+                h = bb.emit(relax.op.reshape(x, (n, 4, 8)))
+                hi = relax.op.strided_slice(h, axes=[2], begin=[4], end=[8])
+                lo = relax.op.strided_slice(h, axes=[2], begin=[0], end=[4])
+                r = bb.emit(relax.op.concat([relax.op.negative(hi), lo], axis=2))
+                out = bb.emit_output(relax.op.reshape(r, (n, 32)))
+            bb.emit_func_output(out)
+
+    func = _kernel(_fused_module(build), "fused_")
+    target = _target(ZNVER4)
+    scheduled, rule = _schedule(func, target)
+    assert rule == "CPUInjective"
+    text = _script(scheduled)
+    assert "T.vectorized(T.int64(16))" not in text and "T.vectorized(" in text
+    if not _can_run(target):
+        pytest.skip("the host lacks AVX-512: schedule checked, not run")
+    x = np.arange(5 * 32, dtype="float32").reshape(5, 32)
+    got = _run(scheduled, target, [x, np.zeros_like(x)])[-1]
+    h = x.reshape(5, 4, 8)
+    ref = np.concatenate([-h[..., 4:], h[..., :4]], axis=2).reshape(5, 32)
+    assert_close(got, ref, rtol=0, atol=0)
+
+
 # -- passes ------------------------------------------------------------------------------------
 
 

@@ -14,7 +14,7 @@ import logging
 from typing import Any
 
 from qiao.compiler.schedules.cpu_info import cpu_info
-from qiao.compiler.schedules.tir_util import static_int
+from qiao.compiler.schedules.tir_util import static_int, wrap_free_lanes
 
 log = logging.getLogger("qiao.schedules")
 
@@ -42,9 +42,16 @@ def cpu_rules(target: Any) -> list:
     ]
 
 
-def vector_split(sch, loop, lanes: int) -> None:
+def vector_split(sch, loop, lanes: int, block=None) -> None:
     """Vectorise ``loop``: all of it when its static extent fits the SIMD width, else split by the
-    largest power of two ≤ ``lanes`` dividing the extent. Symbolic extents are left to LLVM."""
+    largest power of two ≤ ``lanes`` dividing the extent. Symbolic extents are left to LLVM.
+    With ``block`` (whose innermost iterator ``loop`` runs), the width is also kept within the
+    period of any ``// c`` / ``% c`` of that iterator (``wrap_free_lanes``)."""
+    if block is not None:
+        stmt = sch.get(block)
+        lanes = wrap_free_lanes(stmt, stmt.iter_vars[-1].var, lanes)
+        if lanes < 2:
+            return
     extent = static_int(sch.get(loop).extent)
     if extent is None or extent < 2:
         return
@@ -108,7 +115,7 @@ class CPUInjective:
                 continue
             dtype = str(sch.get(block).writes[0].source.dtype) if sch.get(block).writes else "f32"
             lanes = cpu.lanes(dtype if dtype != "bool" else "int8")
-            vector_split(sch, loops[-1], lanes)
+            vector_split(sch, loops[-1], lanes, block)
             loops = sch.get_loops(block)
             # Parallelise every serial loop above the innermost one (vectorised, or left serial
             # for LLVM when its extent is symbolic).

@@ -28,3 +28,31 @@ def uses_var(expr, var) -> bool:
     hits = []
     tvm_ffi.structural_walk(expr, [(Var, lambda v: (hits.append(v.same_as(var)), None)[1])])
     return any(hits)
+
+
+def wrap_free_lanes(block, var, lanes: int) -> int:
+    """The widest vector (a power of two, at most ``lanes``) over ``var`` that no ``// c`` or
+    ``% c`` of ``block`` wraps inside: every such ``c`` must be a multiple of the width.
+
+    TVM's vectoriser simplifies ``ramp(b, 1, n) % c`` as if the ramp never wrapped, so an index
+    such as ``v % 8`` (a rotary embedding's half-head) vectorised 16 wide reads the wrong
+    elements. Returns 1 when no width of two or more is safe."""
+    import math
+
+    import tvm_ffi
+    from tvm import tirx
+
+    divisors: list[int] = []
+
+    def on_div(node):
+        if isinstance(node.b, tirx.IntImm) and uses_var(node.a, var):
+            divisors.append(abs(int(node.b.value)))
+
+    kinds = (tirx.FloorMod, tirx.FloorDiv, tirx.Mod, tirx.Div)
+    tvm_ffi.structural_walk(block.body, [(k, on_div) for k in kinds])
+    width = lanes
+    if divisors:
+        period = math.gcd(*divisors)
+        while width > 1 and period % width:
+            width //= 2
+    return width

@@ -195,13 +195,6 @@ EXCLUSIONS: tuple[Exclusion, ...] = (
             r"test_attention_4d_causal_nonpad_negative_offset_structural_empty_expanded",
         ),
     ),
-    Exclusion(
-        "xfail",
-        "miscompiled by the CPU schedule phase (ApplyScheduleRules vectorises 16 lanes over an "
-        "index computed with // 8 and % 8, giving wrong values for odd heads); correct with an "
-        "empty schedule phase",
-        (r"test_rotary_embedding_3d_input",),
-    ),
     # --- TVM converter or lowering bugs not yet fixed in qiao -------------------------------------
     Exclusion(
         "xfail",
