@@ -554,31 +554,3 @@ def test_importing_the_schedules_package_loads_no_tvm():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
-
-
-def test_depthwise_conv_window_rule_matches_numpy():
-    def build(bb):
-        n = tvm.tirx.Var("n", "int64")
-        x = relax.Var("x", relax.TensorType((n, 6, 9, 9), "float32"))
-        w = relax.Var("w", relax.TensorType((6, 1, 3, 3), "float32"))
-        with bb.function("main", [x, w]):
-            with bb.dataflow():
-                y = bb.emit(relax.op.nn.conv2d(x, w, padding=1, groups=6))
-                out = bb.emit_output(relax.op.nn.relu(y))
-            bb.emit_func_output(out)
-
-    func = _kernel(_fused_module(build), "fused_conv2d")
-    target = _target()
-    scheduled, rule = _schedule(func, target)
-    assert rule == "CPUWindowReduction"
-    assert "T.parallel(" in _script(scheduled)
-    rng = np.random.default_rng(6)
-    x = rng.standard_normal((2, 6, 9, 9)).astype("float32")
-    w = rng.standard_normal((6, 1, 3, 3)).astype("float32")
-    got = _run(scheduled, target, [x, w, np.zeros((2, 6, 9, 9), "float32")])[-1]
-    xp = np.pad(x.astype("float64"), ((0, 0), (0, 0), (1, 1), (1, 1)))
-    ref = np.zeros((2, 6, 9, 9))
-    for dy in range(3):
-        for dx in range(3):
-            ref += xp[:, :, dy : dy + 9, dx : dx + 9] * w[None, :, 0, dy, dx, None, None]
-    assert_close(got, np.maximum(ref, 0).astype("float32"), rtol=1e-5, atol=1e-5)

@@ -9,19 +9,39 @@ runs the same register-blocked micro-kernel as dense layers.
 
 What is left are reductions over a small window with no second operand: max/average pooling and
 depthwise convolutions (``groups == channels``: the channel is in every operand, so there is no
-GEMM column axis). ``CPUWindowReduction`` runs them in parallel over the outer output axes, fusing
-their epilogues per task.
+GEMM column axis). ``CPUWindowReduction`` schedules them per task of whole (n, c) planes — several
+small planes per task, rows of a plane when the padded plane would not fit in L1:
+
+* the zero-padded input of the task is built inside the task (``compute_at``; a fill pass and an
+  in-bounds copy, both vectorised: ``decompose_padding``), so it is read from L1;
+* for each output row, the window loops run outside the vectorised output-column loop
+  (``acc[x:x+v] += w[ry, rx] · pad[y·s + ry, x·s + rx : ... : s]``, taps unrolled), the
+  accumulator a few vector registers; the epilogue (bias, ReLU6, residual add) follows per vector;
+* strided windows read a padded input stored as ``s`` deinterleaved column planes
+  (``pad[h, w % s, w // s]``), so that every tap is a contiguous vector load.
+
+Kernels whose static work is small stay serial; ``SerialSmallKernels`` makes the same decision at
+run time for symbolic batches.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from qiao.compiler.schedules.cpu_gemm import is_multiply_accumulate
 from qiao.compiler.schedules.cpu_info import cpu_info
+from qiao.compiler.schedules.tir_util import static_int
+
+log = logging.getLogger("qiao.schedules")
 
 # Largest window (product of static reduction extents) handled as a window reduction.
 MAX_WINDOW = 64
+# Fewer window taps than this (static shapes) stay on one core: waking the pool costs more.
+MIN_PARALLEL_WORK = 1 << 16
+# Largest zero-padded input block one task keeps (about half an L1 data cache).
+PLANE_BYTES = 16 * 1024
+# Small planes are grouped into tasks of about this many padded input bytes.
+CHUNK_BYTES = 4 * 1024
 
 
 class CPUWindowReduction:
@@ -33,8 +53,6 @@ class CPUWindowReduction:
     def apply(self, func, target, tunable: bool):
         from tvm import s_tir, tirx
         from tvm.s_tir.dlight.analysis import normalize_prim_func
-
-        from qiao.compiler.schedules.cpu import parallelize_outer, vector_split
 
         if not self.is_target_available(target):
             return None
@@ -62,37 +80,254 @@ class CPUWindowReduction:
         if not _slides(sch.get(red.block_rv)):
             return None  # a row reduction (mean, sum over an axis): CPURowReduction's
         position = infos.index(red)
-        if position > 0 and not is_multiply_accumulate(sch.get(red.block_rv)):
-            # Padded pooling: measured faster left to CPUFallback (outer loops parallel, the rest
-            # as written) than with the padding pass split out.
+        if any(not i.is_injective() for i in infos[position + 1 :]):
             return None
+        if position > 0:
+            try:
+                strided = _deinterleaved(sch, red.block_rv, infos[position - 1].block_rv)
+            except (s_tir.ScheduleError, RuntimeError) as err:
+                log.debug("window reduction: no deinterleaved layout: %s", err)
+                strided = None
+            if strided is not None:
+                sch = s_tir.Schedule(strided)
+                infos = normalize_prim_func(sch)
+                red = [i for i in infos if not i.is_injective()][0]
+                position = infos.index(red)
         dtype = str(sch.get(red.block_rv).writes[0].source.dtype)
         lanes = cpu_info(target).lanes(dtype if dtype != "bool" else "int8")
-        # Producers (the zero-padded copy of the input) stay separate, vectorised passes: inlined,
-        # their bounds checks would run once per window tap instead of once per element.
-        for info in infos[:position]:
-            p_loops = sch.get_loops(info.block_rv)
-            vector_split(sch, p_loops[-1], lanes)
-            p_loops = sch.get_loops(info.block_rv)
-            parallelize_outer(
-                sch, [lp for lp in p_loops[:-1] if sch.get(lp).kind == tirx.ForKind.SERIAL], lanes
-            )
-
-        # Parallel over the outer output axes; the innermost output axis and the window stay as
-        # written, a short loop nest LLVM vectorises (measured faster than vectorising the output
-        # axis by hand, which turns strided windows into gathers).
-        outer = loops[: spatial - 1]
-        task = sch.fuse(*outer) if len(outer) > 1 else outer[0]
-        parallelize = _static_size(sch, task) is None or _static_size(sch, task) > 1
-        # Epilogues (bias, activation) follow each task's rows while they are in cache.
-        for info in infos[position + 1 :]:
-            sch.reverse_compute_at(info.block_rv, task, preserve_unit_loops=True)
-            e_vec = _vector_inner(sch, sch.get_loops(info.block_rv)[-1], lanes)
-            if e_vec is not None:
-                sch.vectorize(e_vec)
-        if parallelize:
-            sch.parallel(task)
+        try:
+            _schedule_planes(sch, infos, position, spatial, lanes, _work(sch, red.block_rv))
+        except (s_tir.ScheduleError, RuntimeError) as err:
+            log.debug("window reduction: %s", err)
+            return None
         return sch
+
+
+def _schedule_planes(sch, infos, position: int, spatial: int, lanes: int, work: int | None) -> None:
+    """Schedule a window reduction per task of whole planes (rows of planes when large)."""
+    from tvm import tirx
+
+    red = infos[position].block_rv
+    producers = [i.block_rv for i in infos[:position]]
+    consumers = [i.block_rv for i in infos[position + 1 :]]
+    # The epilogue chain (bias, activation, residual add) folds into its last block.
+    for block in consumers[:-1]:
+        sch.compute_inline(block)
+    # Sums accumulate in a task-local buffer (a few vector registers), then go through the
+    # epilogue (or a plain copy) to the output.
+    epilogue = consumers[-1] if consumers else sch.cache_write(red, 0, "global")
+
+    loops = sch.get_loops(red)
+    sp, rd = loops[:spatial], loops[spatial:]
+    width = _row_vector_width(static_int(sch.get(sp[-1]).extent), lanes)
+    xo, xi = sch.split(sp[-1], [None, width])
+    outer = list(sp[:-1])
+    if spatial >= 3:
+        outer = list(sp[:-2])
+        rows = static_int(sch.get(sp[-2]).extent)
+        plane = _plane_bytes(sch, producers, spatial - 2)
+        if plane is not None and rows is not None and plane > PLANE_BYTES:
+            # A large plane: tasks of output rows whose padded input rows fit in L1.
+            per_row = max(plane // rows, 1)
+            ro, _ = sch.split(sp[-2], [None, max(1, min(rows, PLANE_BYTES // per_row))])
+            outer.append(ro)
+        elif plane is not None and spatial >= 4:
+            # Small planes: several per task, so that the padded copy is written well before it
+            # is read (no store-to-load forwarding stalls) and the per-task overhead amortises.
+            planes = _divisor_at_most(static_int(sch.get(sp[-3]).extent), CHUNK_BYTES // plane)
+            if planes > 1:
+                co, _ = sch.split(sp[-3], [None, planes])
+                outer = [*sp[:-3], co]
+    task = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+    sch.reorder(xo, *rd, xi)
+    sch.reverse_compute_at(epilogue, xo)
+    sch.vectorize(sch.get_loops(epilogue)[-1])
+    # Producers (the zero-padded input) per task: the block a task reads stays in L1.
+    for block in reversed(producers):
+        sch.compute_at(block, task)
+    tasks = static_int(sch.get(task).extent)
+    if tasks is None or (tasks > 1 and (work is None or work >= MIN_PARALLEL_WORK)):
+        sch.parallel(task)
+    sch.vectorize(xi)
+    for lp in rd:
+        sch.unroll(lp)
+    init = sch.decompose_reduction(red, rd[0])
+    init_loop = sch.get_loops(init)[-1]
+    if sch.get(init_loop).kind != tirx.ForKind.VECTORIZED:
+        sch.vectorize(init_loop)
+    task_stmt = sch.get(task)
+    depth = 1 + [sch.get(lp).same_as(task_stmt) for lp in sch.get_loops(red)].index(True)
+    for block in producers:
+        first = sch.get_loops(block)[depth]
+        if sch.can_decompose_padding(block, first):
+            _vectorize_rows(sch, sch.decompose_padding(block, first), lanes)
+        _vectorize_rows(sch, block, lanes)
+
+
+def _vectorize_rows(sch, block, lanes: int) -> None:
+    """Vectorise the innermost loop of ``block`` (a ragged last vector is split off later)."""
+    loop = sch.get_loops(block)[-1]
+    extent = static_int(sch.get(loop).extent)
+    if extent is not None and extent < 2:
+        return
+    if extent is not None and extent <= lanes:
+        sch.vectorize(loop)
+        return
+    sch.vectorize(sch.split(loop, [None, lanes])[1])
+
+
+def _row_vector_width(extent: int | None, lanes: int) -> int:
+    """Vector width for an output row of ``extent`` elements: the fewest vector instructions, a
+    width of ``d`` lanes costing one per power of two in ``d``, a ragged tail one per element."""
+    if extent is None:
+        return lanes
+    best, best_cost = 1, extent
+    for d in range(2, min(lanes, extent) + 1):
+        cost = (extent // d) * bin(d).count("1") + extent % d
+        if cost <= best_cost:
+            best, best_cost = d, cost
+    return best
+
+
+def _deinterleaved(sch, red, producer):
+    """The function with the padded input of a strided window (``x·s + rx``) stored as ``s``
+    planes of every ``s``-th column, so that a vector of outputs reads contiguous inputs for every
+    tap; ``None`` when the window is not strided or the layout does not apply."""
+    import tvm
+    import tvm_ffi
+    from tvm import s_tir, tirx
+    from tvm.ir.expr import Call, Var
+    from tvm.tirx.function import IndexMap
+
+    block = sch.get(red)
+    buffer = sch.get(producer).writes[0].source
+    reduce = sum(1 for iv in block.iter_vars if iv.iter_type == tirx.IterVar.CommReduce)
+    out_x = block.iter_vars[len(block.iter_vars) - 1 - reduce].var
+    strides = set()
+    for region in block.reads:
+        if region.source.same_as(buffer):
+            coeffs = tvm.sym.detect_linear_equation(region.region[-1].min, [out_x])
+            strides.add(static_int(coeffs[0]) if len(coeffs) == 2 else None)
+    stride = strides.pop() if len(strides) == 1 else None
+    pad = _padding(sch.get(producer))
+    if stride is None or stride < 2 or pad is None:
+        return None
+
+    def index_map(*idx):
+        return [*idx[:-1], idx[-1] % stride, idx[-1] // stride]
+
+    rank = len(buffer.shape)
+    sch.transform_layout(producer, ("write", 0), index_map, pad_value=pad[2])
+    if len(sch.get(producer).iter_vars) == rank:
+        # No layout padding: the producer still iterates columns in order; make it iterate the
+        # new layout, so that it stores contiguously.
+        sch.transform_block_layout(producer, IndexMap.from_func(index_map, ndim=rank))
+    # The layout's own padding (columns past the end) is out of the input's bounds too: one
+    # padding condition is enough, and is what decompose_padding recognises.
+    name = sch.get(producer).name_hint
+
+    def on_block(node, mutator):
+        node = mutator.default_mutate(node)
+        if node.name_hint != name:
+            return node
+        # if_then_else(layout padding, v, if_then_else(in bounds, x[...], v))
+        value = node.body.value if isinstance(node.body, tirx.BufferStore) else None
+        args = list(value.args) if isinstance(value, Call) else []
+        if len(args) != 3 or getattr(value.op, "name", "") != "prim.if_then_else":
+            return node
+        outer = (args[0], args[2], args[1])
+        inner = _padding_expr(outer[1])
+        if inner is None or not tvm_ffi.structural_equal(outer[2], inner[2]):
+            return node
+        # The layout's condition fixes the split column (``j == last and p == 1``): under it
+        # the input's bounds condition must simplify to false.
+        fixed = {}
+        for eq in _conjuncts(outer[0]):
+            if not isinstance(eq, tirx.EQ) or static_int(eq.b) is None:
+                return node
+            fixed[eq.a] = eq.b
+        bounds = tvm_ffi.structural_mutate(
+            inner[0], [(Var, lambda v, _m: next((c for k, c in fixed.items() if k.same_as(v)), v))]
+        )
+        if static_int(tvm.sym.Analyzer().simplify(bounds)) != 0:
+            return node
+        store = node.body
+        body = tirx.BufferStore(store.buffer, inner[3], store.indices)
+        return s_tir.SBlock(
+            node.iter_vars,
+            node.reads,
+            node.writes,
+            node.name_hint,
+            body,
+            node.init,
+            node.alloc_buffers,
+            node.match_buffers,
+            node.annotations,
+        )
+
+    return tvm_ffi.structural_mutate(sch.mod["main"], [(s_tir.SBlock, on_block)])
+
+
+def _conjuncts(expr) -> list:
+    from tvm import tirx
+
+    if isinstance(expr, tirx.And):
+        return _conjuncts(expr.a) + _conjuncts(expr.b)
+    return [expr]
+
+
+def _padding(block):
+    """``(condition, value, pad value, whole expression)`` of a padding block's
+    ``if_then_else(condition, value, pad value)``, else ``None``."""
+    from tvm import tirx
+
+    body = block.body
+    if not isinstance(body, tirx.BufferStore):
+        return None
+    return _padding_expr(body.value)
+
+
+def _padding_expr(expr):
+    from tvm import tirx
+    from tvm.ir.expr import Call
+
+    if not isinstance(expr, Call) or getattr(expr.op, "name", "") != "prim.if_then_else":
+        return None
+    cond, value, pad = expr.args
+    if not isinstance(pad, (tirx.FloatImm, tirx.IntImm)):
+        return None
+    return cond, value, pad, expr
+
+
+def _plane_bytes(sch, producers, skip: int) -> int | None:
+    """Bytes of one (padded) input plane a task reads, when static: the producer's buffer less
+    its ``skip`` outer (batch, channel) dimensions."""
+    if not producers:
+        return None
+    total = 4
+    for d in sch.get(producers[-1]).writes[0].source.shape[skip:]:
+        if static_int(d) is None:
+            return None
+        total *= static_int(d)
+    return total
+
+
+def _divisor_at_most(extent: int | None, limit: int) -> int:
+    """The largest divisor of ``extent`` that is at most ``limit`` (1 for a symbolic extent)."""
+    if extent is None or limit < 2:
+        return 1
+    return max(d for d in range(1, min(extent, limit) + 1) if extent % d == 0)
+
+
+def _work(sch, block) -> int | None:
+    """Multiply-adds (window taps) of ``block`` when its extents are static."""
+    total = 1
+    for lp in sch.get_loops(block):
+        extent = static_int(sch.get(lp).extent)
+        if extent is None:
+            return None
+        total *= extent
+    return total
 
 
 def _slides(block) -> bool:
@@ -109,32 +344,3 @@ def _slides(block) -> bool:
             if spatial.intersection(names) and reduce.intersection(names):
                 return True
     return False
-
-
-def _static_size(sch, loop) -> int | None:
-    from tvm import tirx
-
-    extent = sch.get(loop).extent
-    return int(extent.value) if isinstance(extent, tirx.IntImm) else None
-
-
-def _vector_inner(sch, loop, lanes: int):
-    """The loop to vectorise for ``loop`` (split by the SIMD width), or ``None``."""
-    from tvm import tirx
-
-    extent = sch.get(loop).extent
-    if not isinstance(extent, tirx.IntImm):
-        _, vec = sch.split(loop, [None, lanes])
-        return vec
-    value = int(extent.value)
-    if value < 2:
-        return None
-    if value <= lanes:
-        return loop
-    width = lanes
-    while width > 1 and value % width:
-        width //= 2
-    if width < 2:
-        return None
-    _, vec = sch.split(loop, [None, width])
-    return vec

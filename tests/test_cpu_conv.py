@@ -1,0 +1,213 @@
+"""CPUWindowReduction (depthwise convolutions, pooling) against PyTorch.
+
+Kernels come from Relax operators legalised and fused as the pipeline does, with a symbolic batch;
+each scheduled kernel runs through the CPU passes that follow the rules and is compared with
+``torch.nn.functional`` in float64. Nothing here times anything: speed lives in benchmarks/.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qiao.compiler.testing import assert_close
+
+tvm = pytest.importorskip("tvm")
+torch = pytest.importorskip("torch")
+from tvm import relax  # noqa: E402
+
+# float32 sums of at most 25 products of N(0, 1) values, against float64.
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+
+
+def _target():
+    from qiao.backends.cpu import CPUBackend
+
+    return CPUBackend().target()
+
+
+def _kernel(build, prefix):
+    """The one PrimFunc whose name contains ``prefix`` that ``build(bb)`` lowers to."""
+    bb = relax.BlockBuilder()
+    build(bb)
+    mod = bb.get()
+    for p in (
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ):
+        mod = p(mod)
+    funcs = [
+        f
+        for gv, f in mod.functions_items()
+        if isinstance(f, tvm.tirx.PrimFunc) and prefix in gv.name_hint
+    ]
+    assert len(funcs) == 1, f"expected one kernel named *{prefix}*"
+    return funcs[0]
+
+
+def _schedule(func, target):
+    """``(scheduled function, rule name)``: the first CPU rule that applies, then the passes that
+    follow the rules in the schedule phase."""
+    from qiao.compiler.passes.serial_small_kernels import serial_when_small
+    from qiao.compiler.passes.vectorizable_math import rewrite_math
+    from qiao.compiler.passes.vectorize_ragged_loops import split_ragged_vector_loops
+    from qiao.compiler.schedules import rules_for
+
+    for rule in rules_for(target):
+        sch = rule.apply(func, target, False)
+        if sch is not None:
+            out = rewrite_math(split_ragged_vector_loops(sch.mod["main"]))
+            return serial_when_small(out), type(rule).__name__
+    raise AssertionError("no rule applied")
+
+
+def _build(func, target):
+    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    return tvm.compile(mod, target=target).jit()["main"]
+
+
+def _call(fn, inputs, out_shape):
+    dev = tvm.cpu()
+    args = [tvm.runtime.tensor(a, dev) for a in inputs]
+    out = tvm.runtime.tensor(np.zeros(out_shape, "float32"), dev)
+    fn(*args, out)
+    return out.numpy()
+
+
+def _depthwise(channels, size, stride, padding, kernel, epilogue):
+    n = tvm.tirx.Var("n", "int64")
+
+    def build(bb):
+        x = relax.Var("x", relax.TensorType((n, channels, size, size), "float32"))
+        w = relax.Var("w", relax.TensorType((channels, 1, kernel, kernel), "float32"))
+        b = relax.Var("b", relax.TensorType((channels,), "float32"))
+        with bb.function("main", [x, w, b]):
+            with bb.dataflow():
+                y = bb.emit(
+                    relax.op.nn.conv2d(x, w, strides=stride, padding=padding, groups=channels)
+                )
+                if "bias" in epilogue:
+                    y = bb.emit(relax.op.add(y, relax.op.reshape(b, (1, channels, 1, 1))))
+                if "relu6" in epilogue:
+                    y = bb.emit(
+                        relax.op.minimum(relax.op.maximum(y, relax.const(0.0)), relax.const(6.0))
+                    )
+                elif "relu" in epilogue:
+                    y = bb.emit(relax.op.nn.relu(y))
+                out = bb.emit_output(y)
+            bb.emit_func_output(out)
+
+    return build
+
+
+def _torch_padding(padding):
+    """ONNX/Relax ``(top, left, bottom, right)`` padding as ``F.pad``'s ``(left, right, top,
+    bottom)``."""
+    if isinstance(padding, int):
+        padding = (padding,) * 4
+    top, left, bottom, right = padding
+    return (left, right, top, bottom)
+
+
+# (channels, plane, stride, padding, kernel, epilogue): channel counts that are not a multiple of
+# the SIMD width, planes of 2x2 (many per task) to 80x80 (tasks of rows), odd padded widths at
+# stride 2 (the deinterleaved layout needs its own padding), no padding at all (no producer).
+DEPTHWISE = [
+    (6, 9, 1, 1, 3, "relu"),
+    (20, 7, 1, 1, 3, "relu6"),
+    (16, 32, 1, 1, 3, ""),
+    (48, 32, 2, (0, 0, 1, 1), 3, "relu6"),
+    (24, 8, 2, 1, 3, "bias relu6"),
+    (36, 4, 1, 1, 3, "bias relu6"),
+    (96, 2, 1, 1, 3, "relu6"),
+    (36, 4, 2, (0, 0, 1, 1), 3, "relu6"),
+    (8, 12, 1, 2, 5, "bias"),
+    (10, 7, 2, 0, 3, ""),
+    (4, 80, 1, 1, 3, "relu6"),
+]
+
+
+@pytest.mark.parametrize("channels,size,stride,padding,kernel,epilogue", DEPTHWISE)
+def test_depthwise_conv_matches_torch(channels, size, stride, padding, kernel, epilogue):
+    import torch.nn.functional as F
+
+    target = _target()
+    func = _kernel(_depthwise(channels, size, stride, padding, kernel, epilogue), "conv2d")
+    scheduled, rule = _schedule(func, target)
+    assert rule == "CPUWindowReduction"
+    assert "T.parallel(" in scheduled.script()
+    fn = _build(scheduled, target)
+    rng = np.random.default_rng(channels * size)
+    w = rng.standard_normal((channels, 1, kernel, kernel)).astype("float32")
+    b = rng.standard_normal(channels).astype("float32")
+    for batch in (1, 3):  # one compiled kernel, symbolic batch
+        x = rng.standard_normal((batch, channels, size, size)).astype("float32")
+        xt = F.pad(torch.from_numpy(x).double(), _torch_padding(padding))
+        ref = F.conv2d(xt, torch.from_numpy(w).double(), stride=stride, groups=channels)
+        if "bias" in epilogue:
+            ref = ref + torch.from_numpy(b).double()[None, :, None, None]
+        if "relu6" in epilogue:
+            ref = ref.clamp(0.0, 6.0)
+        elif "relu" in epilogue:
+            ref = ref.clamp(min=0.0)
+        ref = ref.numpy()
+        inputs = [x, w, b.reshape(1, channels, 1, 1)] if "bias" in epilogue else [x, w]
+        got = _call(fn, inputs, ref.shape)
+        assert_close(got, ref.astype("float32"), name=f"batch {batch}", **TOL)
+
+
+# (kind, channels, plane, kernel, stride, padding): ResNet's stem pool, an unpadded 2x2 pool, an
+# average pool (its divide is the epilogue).
+POOLS = [
+    ("max", 5, 16, 3, 2, 1),
+    ("max", 3, 9, 2, 2, 0),
+    ("avg", 5, 8, 3, 1, 1),
+]
+
+
+@pytest.mark.parametrize("kind,channels,size,kernel,stride,padding", POOLS)
+def test_pooling_matches_torch(kind, channels, size, kernel, stride, padding):
+    import torch.nn.functional as F
+
+    n = tvm.tirx.Var("n", "int64")
+
+    def build(bb):
+        x = relax.Var("x", relax.TensorType((n, channels, size, size), "float32"))
+        op = relax.op.nn.max_pool2d if kind == "max" else relax.op.nn.avg_pool2d
+        with bb.function("main", [x]):
+            with bb.dataflow():
+                out = bb.emit_output(op(x, pool_size=kernel, strides=stride, padding=padding))
+            bb.emit_func_output(out)
+
+    target = _target()
+    func = _kernel(build, f"{kind}_pool2d")
+    scheduled, rule = _schedule(func, target)
+    assert rule == "CPUWindowReduction"
+    fn = _build(scheduled, target)
+    rng = np.random.default_rng(size)
+    x = rng.standard_normal((2, channels, size, size)).astype("float32")
+    xt = torch.from_numpy(x).double()
+    if kind == "max":
+        ref = F.max_pool2d(xt, kernel, stride, padding)
+    else:
+        ref = F.avg_pool2d(xt, kernel, stride, padding, count_include_pad=False)
+    ref = ref.numpy()
+    assert_close(_call(fn, [x], ref.shape), ref.astype("float32"), **TOL)
+
+
+def test_window_rule_declines_row_reductions():
+    from qiao.compiler.schedules.cpu_conv import CPUWindowReduction
+
+    n = tvm.tirx.Var("n", "int64")
+
+    def build(bb):
+        x = relax.Var("x", relax.TensorType((n, 6, 5, 5), "float32"))
+        with bb.function("main", [x]):
+            with bb.dataflow():
+                out = bb.emit_output(relax.op.mean(x, axis=[2, 3], keepdims=True))
+            bb.emit_func_output(out)
+
+    func = _kernel(build, "mean")
+    assert CPUWindowReduction().apply(func, _target(), False) is None
