@@ -327,6 +327,37 @@ def test_conv2d_goes_through_the_gemm_and_matches_numpy():
     assert "layout_rewrite_preproc" in text[first : text.index("T.sblock(", first + 1)]
 
 
+def test_strided_conv_reads_its_input_from_phase_planes():
+    """A stride-2 convolution stores its padded input as even/odd column planes, so the im2col
+    packing loads consecutive output positions as whole vectors; results match NumPy."""
+
+    def build(bb):
+        n = tvm.tirx.Var("n", "int64")
+        x = relax.Var("x", relax.TensorType((n, 3, 12, 12), "float32"))
+        w = relax.Var("w", relax.TensorType((8, 3, 3, 3), "float32"))
+        with bb.function("main", [x, w]):
+            with bb.dataflow():
+                out = bb.emit_output(relax.op.nn.conv2d(x, w, strides=2, padding=1))
+            bb.emit_func_output(out)
+
+    func = _kernel(_fused_module(build), "conv2d")
+    target = _target()
+    scheduled, rule = _schedule(func, target)
+    assert rule == "CPUMatmul"
+    assert "T.int64(14), T.int64(2), T.int64(7)" in _script(scheduled), "no phase planes"
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 3, 12, 12)).astype("float32")
+    w = rng.standard_normal((8, 3, 3, 3)).astype("float32")
+    got = _run(scheduled, target, [x, w, np.zeros((3, 8, 6, 6), "float32")])[-1]
+    xp = np.pad(x.astype("float64"), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    ref = np.zeros((3, 8, 6, 6))
+    for oy in range(6):
+        for ox in range(6):
+            patch = xp[:, :, 2 * oy : 2 * oy + 3, 2 * ox : 2 * ox + 3]
+            ref[:, :, oy, ox] = np.einsum("ncij,fcij->nf", patch, w)
+    assert_close(got, ref.astype("float32"), rtol=1e-4, atol=1e-4)
+
+
 # -- reductions, windows, elementwise ----------------------------------------------------------
 
 

@@ -89,6 +89,34 @@ def _is_layout_preproc(stmt) -> bool:
     return bool(found)
 
 
+def _written_buffers(stmts) -> list:
+    import tvm_ffi
+    from tvm import s_tir
+
+    out = []
+    for stmt in stmts:
+        tvm_ffi.structural_walk(
+            stmt, [(s_tir.SBlock, lambda b: out.extend(w.source for w in b.writes))]
+        )
+    return out
+
+
+def _fresh_buffers(stmt, buffers):
+    """``stmt`` with each of ``buffers`` replaced by a new buffer of the same type; and those."""
+    import tvm_ffi
+    from tvm.ir.expr import Var
+
+    pairs = [(b, Var(b.name + "_serial", b.ty)) for b in buffers]
+
+    def on_var(var, _mutator):
+        for old, new in pairs:
+            if var.same_as(old):
+                return new
+        return var
+
+    return tvm_ffi.structural_mutate(stmt, [(Var, on_var)]), [new for _, new in pairs]
+
+
 def _serial_copy(stmt):
     import tvm_ffi
     from tvm import tirx
@@ -160,6 +188,7 @@ def serial_when_small(func, threshold: int = DEFAULT_THRESHOLD):
     compute = rest[0] if len(rest) == 1 else tirx.SeqStmt(rest)
     if not _has_parallel(compute):
         return func
+    allocs = list(root.alloc_buffers)
     work = _work(compute)
     if work is None or not _free_vars_are_params(work, func):
         return func
@@ -173,9 +202,15 @@ def serial_when_small(func, threshold: int = DEFAULT_THRESHOLD):
         # can only be taken at size 0 makes TVM's simplifier fold divisions by zero in it).
         return func
     else:
-        compute = tirx.IfThenElse(
-            work < tirx.const(threshold, "int64"), _serial_copy(compute), compute
-        )
+        # The serial copy gets buffers of its own: shared by both branches, a task's scratch
+        # buffer would be allocated once for the whole function, at full size (on the heap for
+        # a symbolic size) rather than per task. Buffers the leading packing steps write are
+        # inputs to both branches and stay shared.
+        packed = _written_buffers(stmts[:lead])
+        scratch = [b for b in root.alloc_buffers if not any(b.same_as(p) for p in packed)]
+        serial, fresh = _fresh_buffers(_serial_copy(compute), scratch)
+        allocs = [*allocs, *fresh]
+        compute = tirx.IfThenElse(work < tirx.const(threshold, "int64"), serial, compute)
     body = compute if lead == 0 else tirx.SeqStmt([*stmts[:lead], compute])
     new_root = s_tir.SBlock(
         root.iter_vars,
@@ -184,7 +219,7 @@ def serial_when_small(func, threshold: int = DEFAULT_THRESHOLD):
         root.name_hint,
         body,
         root.init,
-        root.alloc_buffers,
+        allocs,
         root.match_buffers,
         root.annotations,
     )
