@@ -78,6 +78,8 @@ def dataflow_lower_passes(target: Any) -> list:
 def finalize_passes(target: Any) -> list:
     from tvm import relax
 
+    from qiao.compiler.passes.noalias_host_funcs import MarkHostFuncsNoAlias
+
     return [
         relax.transform.StaticPlanBlockMemory(),
         relax.transform.LowerAllocTensor(),
@@ -85,6 +87,8 @@ def finalize_passes(target: Any) -> list:
         relax.transform.LowerRuntimeBuiltin(),
         relax.transform.ComputePrimValue(),
         relax.transform.VMShapeLower(),
+        # after VMShapeLower, which adds the shape functions (see the pass's docstring)
+        MarkHostFuncsNoAlias(),
         relax.transform.AttachGlobalSymbol(),
     ]
 

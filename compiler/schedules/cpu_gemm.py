@@ -430,10 +430,16 @@ def normalize_gemm(sch, block):
     ``gemm_index_maps``, ``gemm_orientation``). Returns the blocks writing the reindexed ``A`` and
     ``B``, and the read index of ``A``."""
     a_index = gemm_orientation(sch.get(block))
-    # Reindex A last so its copy sits after B's: the B packing (lifted out of the function when B is
-    # a weight) must be the first statement.
-    rb = sch.reindex(block, ("read", 1 - a_index))
-    ra = sch.reindex(block, ("read", a_index))
+    # The weight's copy must come first: its packing is lifted out of the function only as a
+    # leading statement. Each reindex puts its copy right before the block, so the weight goes
+    # first: B's (x @ w), or A's when the weights are the rows (an NCHW convolution).
+    reads = sch.get(block).reads
+    if _is_param(sch, reads[a_index].source) and not _is_param(sch, reads[1 - a_index].source):
+        ra = sch.reindex(block, ("read", a_index))
+        rb = sch.reindex(block, ("read", 1 - a_index))
+    else:
+        rb = sch.reindex(block, ("read", 1 - a_index))
+        ra = sch.reindex(block, ("read", a_index))
     rc = sch.reindex(block, ("write", 0))
     block_map, a_map, b_map, c_map = gemm_index_maps(sch.get(block), a_index)
     sch.transform_layout(ra, ("write", 0), a_map)
@@ -714,15 +720,17 @@ def _schedule_a_pack(sch, a_stage, at_loop, mr: int, preproc: bool) -> None:
 def _is_weight(sch, stage) -> bool:
     """Whether a packing block only reads a static-shaped function parameter (maybe a weight:
     the pipeline can then pack it once at load time instead of at every call)."""
+    stmt = sch.get(stage)
+    return len(stmt.reads) == 1 and _is_param(sch, stmt.reads[0].source)
+
+
+def _is_param(sch, buffer) -> bool:
+    """Whether ``buffer`` is a static-shaped parameter of the function (maybe a weight)."""
     from tvm import tirx
 
-    stmt = sch.get(stage)
-    if len(stmt.reads) != 1:
+    if not any(buffer.same_as(p) for p in sch.mod["main"].params):
         return False
-    source = stmt.reads[0].source
-    if not any(source.same_as(p) for p in sch.mod["main"].params):
-        return False
-    return all(isinstance(d, tirx.IntImm) for d in source.ty.shape)
+    return all(isinstance(d, tirx.IntImm) for d in buffer.ty.shape)
 
 
 def _drop_late_preproc_marks(sch) -> None:
@@ -982,7 +990,8 @@ def merge_row_variants(func_many, func_few, use_few):
         tirx.SeqStmt(rest_b) if len(rest_b) > 1 else rest_b[0], [(Var, on_var)]
     )
     many = tirx.SeqStmt(rest_a) if len(rest_a) > 1 else rest_a[0]
-    body = tirx.SeqStmt([*lead_a, tirx.IfThenElse(use_few, few, many)])
+    branch = tirx.IfThenElse(use_few, few, many)
+    body = tirx.SeqStmt([*lead_a, branch]) if lead_a else branch
     allocs = list(root_a.alloc_buffers) + [
         b for b in root_b.alloc_buffers if not any(b.same_as(old) for old, _ in pairs)
     ]
