@@ -78,7 +78,7 @@ def dataflow_lower_passes(target: Any) -> list:
 def finalize_passes(target: Any) -> list:
     from tvm import relax
 
-    from qiao.compiler.passes.noalias_host_funcs import MarkHostFuncsNoAlias
+    from qiao.compiler.passes.mark_host_funcs_no_alias import MarkHostFuncsNoAlias
 
     return [
         relax.transform.StaticPlanBlockMemory(),

@@ -1,7 +1,8 @@
 """Test helpers shared by qiao's test and benchmark suites (and usable by backend authors).
 
 ``assert_close`` is the one numeric comparison every test uses; ``run_cli`` runs ``qiao`` in a
-subprocess; ``has_command`` is a cached, never-raising probe for ``skipif`` gates. They live in the
+subprocess; ``has_command`` is a cached, never-raising probe for ``skipif`` gates; ``fused_module``
+and ``prim_func`` build single kernels for schedule tests. They live in the
 package (like ``tvm.testing``) rather than in a ``conftest.py`` so that ``tests/`` and
 ``benchmarks/`` can both import them without their two conftest modules shadowing each other.
 """
@@ -53,3 +54,26 @@ def run_cli(*args, cwd=None, env=None, timeout=600) -> subprocess.CompletedProce
         timeout=timeout,
         check=False,
     )
+
+
+def fused_module(build):
+    """A Relax module from ``build(bb)`` (which defines ``main`` on the BlockBuilder ``bb``),
+    legalised and fused into TIR kernels by the pipeline's own legalize phase."""
+    import tvm
+    from tvm import relax
+
+    from qiao.compiler.pipeline import legalize_passes
+
+    bb = relax.BlockBuilder()
+    build(bb)
+    return tvm.transform.Sequential(legalize_passes(None))(bb.get())
+
+
+def prim_func(mod, prefix: str):
+    """The one PrimFunc of ``mod`` whose name starts with ``prefix`` (or ``fused_<prefix>``)."""
+    import tvm
+
+    funcs = {g.name_hint: f for g, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    names = [n for n in funcs if n.startswith(prefix) or n.startswith(f"fused_{prefix}")]
+    assert len(names) == 1, f"expected one kernel named {prefix}*, got {sorted(funcs)}"
+    return funcs[names[0]]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qiao.compiler.testing import assert_close
+from qiao.compiler.testing import assert_close, fused_module, prim_func
 
 tvm = pytest.importorskip("tvm")
 torch = pytest.importorskip("torch")
@@ -27,24 +27,8 @@ def _target():
 
 
 def _kernel(build, prefix):
-    """The one PrimFunc whose name contains ``prefix`` that ``build(bb)`` lowers to."""
-    bb = relax.BlockBuilder()
-    build(bb)
-    mod = bb.get()
-    for p in (
-        relax.transform.LegalizeOps(),
-        relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FuseOps(),
-        relax.transform.FuseTIR(),
-    ):
-        mod = p(mod)
-    funcs = [
-        f
-        for gv, f in mod.functions_items()
-        if isinstance(f, tvm.tirx.PrimFunc) and prefix in gv.name_hint
-    ]
-    assert len(funcs) == 1, f"expected one kernel named *{prefix}*"
-    return funcs[0]
+    """The one kernel named ``prefix`` or ``fused_<prefix>…`` that ``build(bb)`` lowers to."""
+    return prim_func(fused_module(build), prefix)
 
 
 def _schedule(func, target):

@@ -130,7 +130,7 @@ def test_kernels_keep_noalias_next_to_the_vm_shape_functions():
     from tvm.script import tirx as T
 
     from qiao.backends.cpu import CPUBackend
-    from qiao.compiler.passes.noalias_host_funcs import MarkHostFuncsNoAlias
+    from qiao.compiler.passes.mark_host_funcs_no_alias import MarkHostFuncsNoAlias
 
     @T.prim_func(s_tir=True)
     def add_one(a: T.Buffer((64,), "float32"), b: T.Buffer((64,), "float32")):

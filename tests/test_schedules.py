@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from qiao.compiler.testing import assert_close
+from qiao.compiler.testing import assert_close, fused_module, prim_func
 
 tvm = pytest.importorskip("tvm")
 import tvm_ffi  # noqa: E402
@@ -42,32 +42,6 @@ def _can_run(target) -> bool:
     )
 
 
-def _fused_module(build):
-    """Relax module from ``build(bb) -> [params]``, legalised and fused like the pipeline does."""
-    bb = relax.BlockBuilder()
-    build(bb)
-    mod = bb.get()
-    for p in (
-        relax.transform.LegalizeOps(),
-        relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FuseOps(),
-        relax.transform.FuseTIR(),
-    ):
-        mod = p(mod)
-    return mod
-
-
-def _prim_funcs(mod):
-    return {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
-
-
-def _kernel(mod, prefix):
-    funcs = _prim_funcs(mod)
-    names = [n for n in funcs if n.startswith(prefix)]
-    assert len(names) == 1, f"expected one kernel named {prefix}*, got {sorted(funcs)}"
-    return funcs[names[0]]
-
-
 def _matmul_module(m, k, n, *, dyn=False, batch=None, transb=False, epilogue=None):
     """``x[batch?, m, k] @ w`` (``w`` ``[k, n]``, or ``[n, k]`` transposed), plus an epilogue."""
 
@@ -89,7 +63,7 @@ def _matmul_module(m, k, n, *, dyn=False, batch=None, transb=False, epilogue=Non
                 out = bb.emit_output(y)
             bb.emit_func_output(out)
 
-    return _fused_module(build)
+    return fused_module(build)
 
 
 def _build(func, target):
@@ -195,7 +169,7 @@ GEMM_CASES = [
 def test_gemm_matches_unscheduled_and_numpy(m, k, n, dyn, batch, transb, epilogue):
     target = _target()
     mod = _matmul_module(m, k, n, dyn=dyn, batch=batch, transb=transb, epilogue=epilogue)
-    func = _kernel(mod, "fused_matmul" if epilogue else "matmul")
+    func = prim_func(mod, "fused_matmul" if epilogue else "matmul")
     scheduled, rule = _schedule(func, target)
     assert rule == "CPUMatmul"
     rng = np.random.default_rng(0)
@@ -219,7 +193,7 @@ def test_symbolic_rows_take_a_one_row_schedule_below_a_register_tile():
     per micro-tile below ``mr`` rows (no padding of a single token to ``mr``), the register-blocked
     one from ``mr`` rows on. Both sides of the branch are run and checked against NumPy."""
     target = _target()
-    func = _kernel(_matmul_module(8, 96, 80, dyn=True, epilogue="relu"), "fused_matmul")
+    func = prim_func(_matmul_module(8, 96, 80, dyn=True, epilogue="relu"), "fused_matmul")
     scheduled, _ = _schedule(func, target)
     text = _script(scheduled)
     assert text.count("meta_schedule.layout_rewrite_preproc") == 1, "weights packed twice"
@@ -237,7 +211,7 @@ def test_gemm_schedule_has_register_tiles_parallel_and_target_width():
     """The structure the issue asks for, read off the IR: packed B panels, a register tile in
     local scope, a parallel task loop, and vectors of the *target's* width (8 lanes for AVX2)."""
     mod = _matmul_module(64, 128, 96, dyn=True)
-    func = _kernel(mod, "matmul")
+    func = prim_func(mod, "matmul")
     from qiao.compiler.schedules.cpu_gemm import CPUMatmul
 
     for spec, lanes in ((ZNVER4, 16), (ZNVER3, 8)):
@@ -255,7 +229,7 @@ def test_avx2_schedule_is_correct_where_it_runs():
     if not _can_run(target):
         pytest.skip("this host lacks the AVX2/FMA features of znver3")
     mod = _matmul_module(19, 64, 48, dyn=True)
-    func = _kernel(mod, "matmul")
+    func = prim_func(mod, "matmul")
     scheduled, _ = _schedule(func, target)
     rng = np.random.default_rng(1)
     x = rng.standard_normal((19, 64)).astype("float32")
@@ -290,19 +264,36 @@ def test_microkernel_is_reusable_on_a_plain_tile_loop_nest():
     assert_close(got, 2 * (x @ y), rtol=1e-4, atol=1e-4)
 
 
-def test_conv2d_goes_through_the_gemm_and_matches_numpy():
+def _conv_kernel(x_shape, w_shape, stride, padding, relu):
+    """The fused kernel of ``conv2d`` (NCHW, symbolic batch) with an optional ReLU."""
+
     def build(bb):
-        n = tvm.tirx.Var("n", "int64")
-        x = relax.Var("x", relax.TensorType((n, 5, 11, 11), "float32"))
-        w = relax.Var("w", relax.TensorType((7, 5, 3, 3), "float32"))
+        x = relax.Var("x", relax.TensorType((tvm.tirx.Var("n", "int64"), *x_shape), "float32"))
+        w = relax.Var("w", relax.TensorType(w_shape, "float32"))
         with bb.function("main", [x, w]):
             with bb.dataflow():
-                y = bb.emit(relax.op.nn.conv2d(x, w, strides=2, padding=1))
-                y = bb.emit(relax.op.nn.relu(y))
-                out = bb.emit_output(y)
+                y = relax.op.nn.conv2d(x, w, strides=stride, padding=padding)
+                out = bb.emit_output(relax.op.nn.relu(y) if relu else y)
             bb.emit_func_output(out)
 
-    func = _kernel(_fused_module(build), "fused_conv2d")
+    return prim_func(fused_module(build), "conv2d")
+
+
+def _conv_reference(x, w, stride, padding):
+    """NCHW convolution in float64 with NumPy."""
+    k = w.shape[-1]
+    xp = np.pad(x.astype("float64"), ((0, 0), (0, 0), (padding,) * 2, (padding,) * 2))
+    size = (xp.shape[-1] - k) // stride + 1
+    out = np.zeros((x.shape[0], w.shape[0], size, size))
+    for oy in range(size):
+        for ox in range(size):
+            patch = xp[:, :, stride * oy : stride * oy + k, stride * ox : stride * ox + k]
+            out[:, :, oy, ox] = np.einsum("ncij,fcij->nf", patch, w)
+    return out
+
+
+def test_conv2d_goes_through_the_gemm_and_matches_numpy():
+    func = _conv_kernel((5, 11, 11), (7, 5, 3, 3), 2, 1, relu=True)
     target = _target()
     scheduled, rule = _schedule(func, target)
     assert rule == "CPUMatmul"
@@ -311,13 +302,8 @@ def test_conv2d_goes_through_the_gemm_and_matches_numpy():
     w = rng.standard_normal((7, 5, 3, 3)).astype("float32")
     out = np.zeros((2, 7, 6, 6), "float32")
     got = _run(scheduled, target, [x, w, out])[-1]
-    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
-    ref = np.zeros_like(out, dtype="float64")
-    for oy in range(6):
-        for ox in range(6):
-            patch = xp[:, :, 2 * oy : 2 * oy + 3, 2 * ox : 2 * ox + 3]
-            ref[:, :, oy, ox] = np.einsum("ncij,fcij->nf", patch, w)
-    assert_close(got, np.maximum(ref, 0).astype("float32"), rtol=1e-4, atol=1e-4)
+    ref = np.maximum(_conv_reference(x, w, 2, 1), 0).astype("float32")
+    assert_close(got, ref, rtol=1e-4, atol=1e-4)
     assert_close(got, _run(func, target, [x, w, out])[-1], rtol=1e-5, atol=1e-4)
     # The padded input is made once per task, not bounds-tested in every im2col read, and the
     # weight packing stays first (liftable to load time).
@@ -330,17 +316,7 @@ def test_conv2d_goes_through_the_gemm_and_matches_numpy():
 def test_strided_conv_reads_its_input_from_phase_planes():
     """A stride-2 convolution stores its padded input as even/odd column planes, so the im2col
     packing loads consecutive output positions as whole vectors; results match NumPy."""
-
-    def build(bb):
-        n = tvm.tirx.Var("n", "int64")
-        x = relax.Var("x", relax.TensorType((n, 3, 12, 12), "float32"))
-        w = relax.Var("w", relax.TensorType((8, 3, 3, 3), "float32"))
-        with bb.function("main", [x, w]):
-            with bb.dataflow():
-                out = bb.emit_output(relax.op.nn.conv2d(x, w, strides=2, padding=1))
-            bb.emit_func_output(out)
-
-    func = _kernel(_fused_module(build), "conv2d")
+    func = _conv_kernel((3, 12, 12), (8, 3, 3, 3), 2, 1, relu=False)
     target = _target()
     scheduled, rule = _schedule(func, target)
     assert rule == "CPUMatmul"
@@ -349,13 +325,7 @@ def test_strided_conv_reads_its_input_from_phase_planes():
     x = rng.standard_normal((3, 3, 12, 12)).astype("float32")
     w = rng.standard_normal((8, 3, 3, 3)).astype("float32")
     got = _run(scheduled, target, [x, w, np.zeros((3, 8, 6, 6), "float32")])[-1]
-    xp = np.pad(x.astype("float64"), ((0, 0), (0, 0), (1, 1), (1, 1)))
-    ref = np.zeros((3, 8, 6, 6))
-    for oy in range(6):
-        for ox in range(6):
-            patch = xp[:, :, 2 * oy : 2 * oy + 3, 2 * ox : 2 * ox + 3]
-            ref[:, :, oy, ox] = np.einsum("ncij,fcij->nf", patch, w)
-    assert_close(got, ref.astype("float32"), rtol=1e-4, atol=1e-4)
+    assert_close(got, _conv_reference(x, w, 2, 1).astype("float32"), rtol=1e-4, atol=1e-4)
 
 
 # -- reductions, windows, elementwise ----------------------------------------------------------
@@ -370,12 +340,12 @@ def _softmax_module():
                 out = bb.emit_output(relax.op.nn.softmax(x, axis=-1))
             bb.emit_func_output(out)
 
-    return _fused_module(build)
+    return fused_module(build)
 
 
 @pytest.mark.parametrize("seq", [37, 48])  # a ragged last vector, and whole vectors only
 def test_softmax_row_reduction_matches_numpy(seq):
-    func = _kernel(_softmax_module(), "softmax")
+    func = prim_func(_softmax_module(), "softmax")
     target = _target()
     scheduled, rule = _schedule(func, target)
     assert rule == "CPURowReduction"
@@ -401,20 +371,20 @@ def test_layer_norm_and_max_pool_match_numpy():
                 out = bb.emit_output(relax.Tuple([y, p]))
             bb.emit_func_output(out)
 
-    mod = _fused_module(build)
+    mod = fused_module(build)
     target = _target()
     rng = np.random.default_rng(5)
     x = rng.standard_normal((5, 96)).astype("float32")
     g = rng.standard_normal(96).astype("float32")
     b = rng.standard_normal(96).astype("float32")
-    ln, ln_rule = _schedule(_kernel(mod, "layer_norm"), target)
+    ln, ln_rule = _schedule(prim_func(mod, "layer_norm"), target)
     assert ln_rule == "CPURowReduction"
     got = _run(ln, target, [x, g, b, np.zeros_like(x)])[-1]
     mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
     assert_close(got, (x - mu) / np.sqrt(var + 1e-5) * g + b, rtol=1e-4, atol=1e-4)
 
     img = rng.standard_normal((2, 4, 10, 10)).astype("float32")
-    pool_func = _kernel(mod, "max_pool2d")
+    pool_func = prim_func(mod, "max_pool2d")
     pool, _ = _schedule(pool_func, target)
     got = _run(pool, target, [img, np.zeros((2, 4, 5, 5), "float32")])[-1]
     padded = np.pad(img, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=-np.inf)
@@ -441,7 +411,7 @@ def test_elementwise_chain_is_parallel_vectorised_and_correct():
                 out = bb.emit_output(relax.op.multiply(y, relax.const(3.0, "float32")))
             bb.emit_func_output(out)
 
-    func = _kernel(_fused_module(build), "fused_add")
+    func = prim_func(fused_module(build), "fused_add")
     target = _target()
     scheduled, rule = _schedule(func, target)
     assert rule == "CPUInjective"
@@ -469,7 +439,7 @@ def test_vectors_never_wrap_an_index_period():
                 out = bb.emit_output(relax.op.reshape(r, (n, 32)))
             bb.emit_func_output(out)
 
-    func = _kernel(_fused_module(build), "fused_")
+    func = prim_func(fused_module(build), "fused_")
     target = _target(ZNVER4)
     scheduled, rule = _schedule(func, target)
     assert rule == "CPUInjective"
@@ -534,7 +504,7 @@ def test_serial_small_kernels_branches_on_work_and_stays_correct():
             bb.emit_func_output(out)
 
     target = _target()
-    func = _kernel(_fused_module(build), "add")
+    func = prim_func(fused_module(build), "add")
     parallel = CPUInjective().apply(func, target, False).mod["main"]
     branched = serial_when_small(parallel, threshold=4096)
     text = _script(branched)

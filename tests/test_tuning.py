@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from qiao.compiler.testing import assert_close
+from qiao.compiler.testing import assert_close, fused_module
 
 tvm = pytest.importorskip("tvm")
 from tvm import relax  # noqa: E402
@@ -33,24 +33,17 @@ def _host_target():
 
 def _dense_module(k=32, n=48):
     """``relu(x[b, k] @ w[k, n])`` with a symbolic batch, legalised and fused."""
-    bb = relax.BlockBuilder()
-    b = tvm.tirx.Var("batch", "int64")
-    x = relax.Var("x", relax.TensorType((b, k), "float32"))
-    w = relax.Var("w", relax.TensorType((k, n), "float32"))
-    with bb.function("main", [x, w]):
-        with bb.dataflow():
-            y = bb.emit(relax.op.nn.relu(relax.op.matmul(x, w)))
-            out = bb.emit_output(y)
-        bb.emit_func_output(out)
-    mod = bb.get()
-    for p in (
-        relax.transform.LegalizeOps(),
-        relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FuseOps(),
-        relax.transform.FuseTIR(),
-    ):
-        mod = p(mod)
-    return mod
+
+    def build(bb):
+        b = tvm.tirx.Var("batch", "int64")
+        x = relax.Var("x", relax.TensorType((b, k), "float32"))
+        w = relax.Var("w", relax.TensorType((k, n), "float32"))
+        with bb.function("main", [x, w]):
+            with bb.dataflow():
+                out = bb.emit_output(relax.op.nn.relu(relax.op.matmul(x, w)))
+            bb.emit_func_output(out)
+
+    return fused_module(build)
 
 
 def _gemm(mod):
