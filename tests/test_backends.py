@@ -145,3 +145,26 @@ def test_imports_relax_false_backend_gets_onnx_only(tmp_path):
     imported = import_onnx(str(tmp_path / "relu.onnx"), to_relax=backend.imports_relax)
     assert imported.mod is None and imported.op_types == ["Relu"]
     assert [s.shape for s in imported.inputs] == [["n"]]
+
+
+@pytest.mark.parametrize("preset", [None, "1"])
+def test_cpu_thread_pool_uses_every_usable_core(preset):
+    """TVM's pool would start with half the hardware threads (one on a 2-vCPU machine); the CPU
+    backend's device sizes it to the process's cores, unless the user chose TVM_NUM_THREADS."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
+    if preset:
+        env["TVM_NUM_THREADS"] = preset
+    code = (
+        "import os, tvm\n"
+        "from qiao.backends.cpu import CPUBackend\n"
+        "CPUBackend().device()\n"
+        "print(tvm.get_global_func('runtime.NumThreads')(), len(os.sched_getaffinity(0)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
+    threads, cores = int(out[-2]), int(out[-1])
+    assert threads == (int(preset) if preset else cores)
