@@ -1,4 +1,4 @@
-"""qiao's ONNX converters (``compiler/frontend/converters.py``), each checked numerically against
+"""qiao's ONNX converters (``compiler/frontend/convert_*.py``), each checked numerically against
 ONNX Runtime through the real compile path (``qiao.compiler.compile`` → ``Artifact.run``).
 
 Every model here is a small hand-built ONNX graph that TVM's own importer rejects or gets wrong;

@@ -226,7 +226,7 @@ def import_onnx(model, shape_dict: dict | None = None, to_relax: bool = True) ->
         raise CompileError(
             f"TVM's ONNX importer failed: {where}: {detail}. "
             "fix: rerun with --debug for the trace; "
-            "a converter in qiao.compiler.frontend.converters can override TVM's for this op"
+            "a converter in a qiao.compiler.frontend.convert_* module can override TVM's for the op"
         ) from err
     return ImportedModel(mod, params, inputs, outputs, opset, proto, op_types)
 

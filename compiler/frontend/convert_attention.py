@@ -1,0 +1,236 @@
+"""Converters for the ai.onnx attention ops of opset 23+: ``Attention`` and ``RotaryEmbedding``."""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax, tirx
+from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
+
+from qiao.compiler.frontend import register_converter
+from qiao.compiler.frontend.convert_common import const, int_tensor
+
+
+@register_converter("Attention")
+class Attention(tvm_onnx.OnnxOpConverter):
+    """ONNX ``Attention`` (opset 23-25): scaled dot-product attention with causal/boolean/additive
+    masks, KV cache, grouped-query heads, softcap, sliding windows and padded KV lengths.
+
+    TVM's "Attention" converter is the ``com.microsoft`` contrib op (packed QKV weights, required
+    ``num_heads``) and fails on the standard op with ``KeyError: 'num_heads'``; that form is still
+    handed to it. This follows the ONNX reference (``onnx/reference/ops/op_attention.py``) step by
+    step, including its fully-masked-row convention (such rows give 0, not NaN).
+
+    Shapes: Q ``(B, Hq, S, D)`` or ``(B, S, Hq*D)``; K ``(B, Hkv, L, D)``; V ``(B, Hkv, L, Dv)``;
+    ``attn_mask`` broadcastable to ``(B, Hq, S, L_total)`` (its last dim may be shorter: padded
+    with -inf); ``past_key``/``past_value`` ``(B, Hkv, P, D|Dv)``; ``nonpad_kv_seqlen`` ``(B,)``.
+    """
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        if "num_heads" in attr:  # com.microsoft::Attention
+            return tvm_onnx.Attention._impl_v1(bb, inputs, attr, params)
+        q, k, v, mask, past_k, past_v, nonpad = (inputs[i] for i in range(7))
+        dtype = str(q.ty.dtype)
+        three_d = q.ty.ndim == 3
+        if three_d:
+            q = cls._split_heads(bb, q, attr["q_num_heads"])
+            k = cls._split_heads(bb, k, attr["kv_num_heads"])
+            v = cls._split_heads(bb, v, attr["kv_num_heads"])
+        head_size = q.ty.shape.values[3]
+        if "scale" in attr:
+            scale = float(attr["scale"])
+        elif isinstance(head_size, tirx.IntImm):
+            scale = 1.0 / np.sqrt(head_size.value)
+        else:
+            raise ValueError("Attention without a scale needs a static head size")
+        # The reference scales Q and K by sqrt(scale) each, rounded to the input dtype.
+        root = const(np.sqrt(np.float32(scale)).astype(dtype), dtype)
+        if past_k is not None:
+            k = bb.normalize(relax.op.concat([past_k, k], axis=2))
+            v = bb.normalize(relax.op.concat([past_v, v], axis=2))
+        present_k, present_v = k, v
+        q_len, kv_len = q.ty.shape.values[2], k.ty.shape.values[2]
+        past_len = past_k.ty.shape.values[2] if past_k is not None else 0
+        bias = cls._bias(bb, attr, dtype, mask, nonpad, q_len, kv_len, past_len)
+
+        q_heads, kv_heads = q.ty.shape.values[1], k.ty.shape.values[1]
+        if not tvm.sym.Analyzer().can_prove_equal(q_heads, kv_heads):
+            reps = tvm.sym.Analyzer().simplify(tirx.floordiv(q_heads, kv_heads))
+            if not isinstance(reps, tirx.IntImm):
+                raise ValueError("grouped-query Attention needs static head counts")
+            k = bb.normalize(relax.op.repeat(k, int(reps.value), axis=1))
+            v = bb.normalize(relax.op.repeat(v, int(reps.value), axis=1))
+        scores = relax.op.matmul(
+            relax.op.multiply(q, root),
+            relax.op.multiply(relax.op.permute_dims(k, [0, 1, 3, 2]), root),
+        )
+        scores = bb.normalize(scores)
+        softcap = attr.get("softcap")
+        if softcap is not None and softcap > 0:
+            cap = const(softcap, dtype)
+            scores = bb.normalize(
+                relax.op.multiply(relax.op.tanh(relax.op.divide(scores, cap)), cap)
+            )
+        qk_out = scores
+        with_bias = bb.normalize(relax.op.add(scores, bias)) if bias is not None else scores
+        mode = attr.get("qk_matmul_output_mode", 0)
+        if mode == 2:
+            qk_out = with_bias
+        precision = attr.get("softmax_precision")
+        logits = with_bias
+        if precision is not None:
+            logits = bb.normalize(relax.op.astype(logits, tvm_onnx.get_type(precision)))
+        probs = cls._safe_softmax(bb, logits)
+        if bias is not None:
+            row_max = relax.op.max(bias, axis=-1, keepdims=True)
+            fully_masked = relax.op.equal(row_max, const(-np.inf, dtype))
+            probs = bb.normalize(relax.op.where(fully_masked, const(0, str(probs.ty.dtype)), probs))
+        if mode == 3:
+            qk_out = probs
+        qk_out = bb.normalize(relax.op.astype(qk_out, dtype))
+        probs = bb.normalize(relax.op.astype(probs, dtype))
+        y = bb.normalize(relax.op.matmul(probs, v))
+        if three_d:
+            y = bb.normalize(relax.op.permute_dims(y, [0, 2, 1, 3]))
+            b, s, h, d = y.ty.shape.values
+            y = bb.normalize(relax.op.reshape(y, relax.ShapeExpr([b, s, h * d])))
+        outputs = [y, present_k, present_v, qk_out]
+        count = attr["tvm_custom"]["num_outputs"]
+        return y if count == 1 else relax.Tuple(outputs[:count])
+
+    @staticmethod
+    def _split_heads(bb, x, heads: int):
+        b, s, hidden = x.ty.shape.values
+        x = relax.op.reshape(x, relax.ShapeExpr([b, s, heads, tirx.floordiv(hidden, heads)]))
+        return bb.normalize(relax.op.permute_dims(x, [0, 2, 1, 3]))
+
+    @staticmethod
+    def _safe_softmax(bb, x):
+        """Softmax over the last axis that gives 0 (not NaN) for a row of -inf."""
+        dtype = str(x.ty.dtype)
+        zero = const(0, dtype)
+        row_max = relax.op.max(x, axis=-1, keepdims=True)
+        row_max = relax.op.where(relax.op.equal(row_max, const(-np.inf, dtype)), zero, row_max)
+        e = bb.normalize(relax.op.exp(relax.op.subtract(x, row_max)))
+        total = relax.op.sum(e, axis=-1, keepdims=True)
+        total = relax.op.where(relax.op.equal(total, zero), const(1, dtype), total)
+        return bb.normalize(relax.op.divide(e, total))
+
+    @classmethod
+    def _bias(cls, bb, attr, dtype, mask, nonpad, q_len, kv_len, past_len):
+        """The additive bias ``(…, S, L)``: mask (padded to L), causal, window, KV padding."""
+        zero, neg_inf = const(0, dtype), const(-np.inf, dtype)
+        if mask is not None:
+            mask_len = mask.ty.shape.values[-1]
+            pad = tvm.sym.Analyzer().simplify(kv_len - mask_len)
+            if not isinstance(pad, tirx.IntImm):
+                raise ValueError("Attention mask length must be static relative to the KV length")
+            if pad.value > 0:
+                pad_widths = [0, 0] * (mask.ty.ndim - 1) + [0, int(pad.value)]
+                fill = False if str(mask.ty.dtype) == "bool" else -np.inf
+                mask = relax.op.nn.pad(
+                    mask, pad_widths, pad_value=float(fill) if fill is not False else 0.0
+                )
+                mask = bb.normalize(mask)
+            if str(mask.ty.dtype) == "bool":
+                mask = bb.normalize(relax.op.where(mask, zero, neg_inf))
+        causal = attr.get("is_causal", 0)
+        left, right = attr.get("left_window_size", -1), attr.get("right_window_size", -1)
+        if not causal and left < 0 and right < 0 and nonpad is None:
+            return mask
+        # Query i (absolute position i + offset) may see key j; offset is the past length, or
+        # per batch nonpad_kv_seqlen - S for an external cache.
+        rows = relax.op.reshape(relax.op.arange(0, q_len, 1, "int64"), relax.ShapeExpr([q_len, 1]))
+        cols = relax.op.reshape(
+            relax.op.arange(0, kv_len, 1, "int64"), relax.ShapeExpr([1, kv_len])
+        )
+        rows, cols = bb.normalize(rows), bb.normalize(cols)
+        if nonpad is not None:
+            nonpad = bb.normalize(relax.op.astype(nonpad, "int64"))
+            nonpad = bb.normalize(relax.op.reshape(nonpad, [-1, 1, 1, 1]))
+        if nonpad is not None and past_len == 0:
+            offset = bb.normalize(relax.op.subtract(nonpad, int_tensor(bb, q_len)))
+        else:
+            offset = int_tensor(bb, past_len)
+        diff = bb.normalize(relax.op.subtract(relax.op.add(rows, offset), cols))  # i + off - j
+        bias = mask if mask is not None else zero
+        if causal:
+            allowed = relax.op.greater_equal(diff, const(0, "int64"))
+            bias = relax.op.add(bias, relax.op.where(allowed, zero, neg_inf))
+        if left >= 0 or right >= 0:
+            allowed = relax.op.ones_like(diff, "bool")
+            if left >= 0:
+                allowed = relax.op.logical_and(
+                    allowed, relax.op.less_equal(diff, const(left, "int64"))
+                )
+            if right >= 0:
+                allowed = relax.op.logical_and(
+                    allowed,
+                    relax.op.less_equal(relax.op.negative(diff), const(right, "int64")),
+                )
+            bias = relax.op.add(bias, relax.op.where(allowed, zero, neg_inf))
+        if nonpad is not None:
+            valid = relax.op.less(cols, nonpad)
+            bias = relax.op.add(bias, relax.op.where(valid, zero, neg_inf))
+        bias = bb.normalize(bias)
+        # Broadcast up to (S, L) at least, as the reference's zeros((S, L)) + bias does.
+        return bb.normalize(
+            relax.op.add(bias, relax.op.zeros(relax.ShapeExpr([q_len, kv_len]), dtype))
+        )
+
+
+@register_converter("RotaryEmbedding")
+class RotaryEmbedding(tvm_onnx.OnnxOpConverter):
+    """ONNX RotaryEmbedding (opset 23); TVM has no converter.
+
+    Input ``(B, H, S, D)`` or ``(B, S, H*D)`` (with ``num_heads``); caches ``(max_pos, R/2)``
+    gathered by ``position_ids`` ``(B, S)``, or ``(B, S, R/2)`` without them; the first ``R``
+    (``rotary_embedding_dim``, default D) channels rotate, as halves or interleaved pairs.
+    """
+
+    @classmethod
+    def _impl_v23(cls, bb, inputs, attr, params):
+        x, cos, sin, positions = inputs[0], inputs[1], inputs[2], inputs[3]
+        four_d = x.ty.ndim == 4
+        if four_d:
+            x = bb.normalize(relax.op.permute_dims(x, [0, 2, 1, 3]))  # (B, S, H, D)
+        else:
+            b, s, hidden = x.ty.shape.values
+            heads = attr["num_heads"]
+            x = bb.normalize(
+                relax.op.reshape(x, relax.ShapeExpr([b, s, heads, tirx.floordiv(hidden, heads)]))
+            )
+        head = x.ty.shape.values[3]
+        rot = attr.get("rotary_embedding_dim", 0) or int(head)
+        half = rot // 2
+        if positions is not None:
+            cos = relax.op.take(cos, positions, axis=0)
+            sin = relax.op.take(sin, positions, axis=0)
+        cos = bb.normalize(relax.op.expand_dims(cos, 2))  # (B, S, 1, R/2)
+        sin = bb.normalize(relax.op.expand_dims(sin, 2))
+        rotate = bb.normalize(relax.op.strided_slice(x, [3], [0], [rot]))
+        if attr.get("interleaved", 0):
+            x1 = relax.op.strided_slice(rotate, [3], [0], [rot], [2])
+            x2 = relax.op.strided_slice(rotate, [3], [1], [rot], [2])
+        else:
+            x1 = relax.op.strided_slice(rotate, [3], [0], [half])
+            x2 = relax.op.strided_slice(rotate, [3], [half], [rot])
+        x1, x2 = bb.normalize(x1), bb.normalize(x2)
+        real = relax.op.subtract(relax.op.multiply(cos, x1), relax.op.multiply(sin, x2))
+        imag = relax.op.add(relax.op.multiply(sin, x1), relax.op.multiply(cos, x2))
+        real, imag = bb.normalize(real), bb.normalize(imag)
+        if attr.get("interleaved", 0):
+            pairs = relax.op.concat(
+                [relax.op.expand_dims(real, 4), relax.op.expand_dims(imag, 4)], axis=4
+            )
+            rotated = relax.op.reshape(bb.normalize(pairs), rotate.ty.shape)
+        else:
+            rotated = relax.op.concat([real, imag], axis=3)
+        rotated = bb.normalize(rotated)
+        if not (isinstance(head, tirx.IntImm) and rot == int(head)):
+            rest = relax.op.strided_slice(x, [3], [rot], [head])
+            rotated = bb.normalize(relax.op.concat([rotated, rest], axis=3))
+        if four_d:
+            return relax.op.permute_dims(rotated, [0, 2, 1, 3])
+        return relax.op.reshape(rotated, inputs[0].ty.shape)

@@ -1,0 +1,167 @@
+"""Converters for elementwise ops TVM lacks or mistypes: Pow, Celu, Elu, Selu, Swish, Cosh,
+Sinh, IsInf, Dropout.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
+
+from qiao.compiler.frontend import register_converter
+from qiao.compiler.frontend.convert_common import const, is_symbolic_value
+
+
+@register_converter("Pow")
+class Pow(tvm_onnx.OnnxOpConverter):
+    """Pow with mixed or integer dtypes.
+
+    ONNX lets the exponent have any numeric type (``x ** 2`` exports as Pow(float, int64)); TVM's
+    converter requires equal dtypes, and TVM's ``power`` refuses integers. The exponent is cast to
+    the base's dtype; integer powers are computed in float64 and rounded back.
+    """
+
+    @classmethod
+    def _impl_v7(cls, bb, inputs, attr, params):
+        base, exponent = inputs[0], inputs[1]
+        if is_symbolic_value(base) or is_symbolic_value(exponent):
+            return tvm_onnx.Pow._impl_v7(bb, inputs, attr, params)
+        dtype = str(base.ty.dtype)
+        if str(exponent.ty.dtype) != dtype:
+            exponent = bb.normalize(relax.op.astype(exponent, dtype))
+        if "float" in dtype:
+            return tvm_onnx.Pow._impl_v7(bb, tvm_onnx.onnx_input([base, exponent]), attr, params)
+        wide = relax.op.power(
+            relax.op.astype(base, "float64"), relax.op.astype(exponent, "float64")
+        )
+        return relax.op.astype(relax.op.round(wide), dtype)
+
+
+@register_converter("Celu")
+class Celu(tvm_onnx.OnnxOpConverter):
+    """``max(0, x) + min(0, alpha * (exp(x / alpha) - 1))``; TVM has no converter."""
+
+    @classmethod
+    def _impl_v12(cls, bb, inputs, attr, params):
+        x = inputs[0]
+        dtype = str(x.ty.dtype)
+        alpha = const(attr.get("alpha", 1.0), dtype)
+        zero = const(0, dtype)
+        negative = relax.op.multiply(
+            alpha, relax.op.subtract(relax.op.exp(relax.op.divide(x, alpha)), const(1, dtype))
+        )
+        return relax.op.add(relax.op.maximum(x, zero), relax.op.minimum(negative, zero))
+
+
+@register_converter("Elu")
+class Elu(tvm_onnx.OnnxOpConverter):
+    """``x`` for x > 0, ``alpha * (exp(x) - 1)`` otherwise, in the input's dtype (TVM's converter
+    mixes float32 constants into float16/float64 graphs and fails type checking)."""
+
+    @classmethod
+    def _impl_v6(cls, bb, inputs, attr, params):
+        x = inputs[0]
+        dtype = str(x.ty.dtype)
+        negative = relax.op.multiply(
+            const(attr.get("alpha", 1.0), dtype),
+            relax.op.subtract(relax.op.exp(x), const(1, dtype)),
+        )
+        return relax.op.where(relax.op.greater(x, const(0, dtype)), x, negative)
+
+
+@register_converter("Selu")
+class Selu(tvm_onnx.OnnxOpConverter):
+    """``gamma * (x if x > 0 else alpha * (exp(x) - 1))`` in the input's dtype (same float32
+    constant problem as TVM's Elu)."""
+
+    @classmethod
+    def _impl_v6(cls, bb, inputs, attr, params):
+        x = inputs[0]
+        dtype = str(x.ty.dtype)
+        alpha = const(attr.get("alpha", 1.67326319217681884765625), dtype)
+        gamma = const(attr.get("gamma", 1.05070102214813232421875), dtype)
+        negative = relax.op.multiply(alpha, relax.op.subtract(relax.op.exp(x), const(1, dtype)))
+        inner = relax.op.where(relax.op.greater(x, const(0, dtype)), x, negative)
+        return relax.op.multiply(gamma, inner)
+
+
+@register_converter("Swish")
+class Swish(tvm_onnx.OnnxOpConverter):
+    """``x * sigmoid(alpha * x)`` (opset 24); TVM has no converter."""
+
+    @classmethod
+    def _impl_v24(cls, bb, inputs, attr, params):
+        x = inputs[0]
+        alpha = const(attr.get("alpha", 1.0), str(x.ty.dtype))
+        return relax.op.multiply(x, relax.op.sigmoid(relax.op.multiply(alpha, x)))
+
+
+class _Hyperbolic(tvm_onnx.OnnxOpConverter):
+    """``(exp(x) ± exp(-x)) / 2``: TVM's converters emit ``tirx.cosh``/``tirx.sinh``, which have
+    no LLVM lowering once qiao's CPU schedule vectorises the kernel ("unknown intrinsic
+    tirx.cosh"); ``exp`` has one."""
+
+    combine = staticmethod(relax.op.add)
+
+    @classmethod
+    def _impl_v9(cls, bb, inputs, attr, params):
+        x = inputs[0]
+        both = cls.combine(relax.op.exp(x), relax.op.exp(relax.op.negative(x)))
+        return relax.op.multiply(both, const(0.5, str(x.ty.dtype)))
+
+
+@register_converter("Cosh")
+class Cosh(_Hyperbolic):
+    __doc__ = _Hyperbolic.__doc__
+    combine = staticmethod(relax.op.add)
+
+
+@register_converter("Sinh")
+class Sinh(_Hyperbolic):
+    __doc__ = _Hyperbolic.__doc__
+    combine = staticmethod(relax.op.subtract)
+
+
+@register_converter("IsInf")
+class IsInf(tvm_onnx.OnnxOpConverter):
+    """IsInf honouring ``detect_positive``/``detect_negative`` (TVM's converter ignores them)."""
+
+    @classmethod
+    def _impl_v10(cls, bb, inputs, attr, params):
+        x = inputs[0]
+        dtype = str(x.ty.dtype)
+        positive = relax.op.equal(x, const(np.inf, dtype))
+        negative = relax.op.equal(x, const(-np.inf, dtype))
+        if attr.get("detect_positive", 1) and attr.get("detect_negative", 1):
+            return relax.op.logical_or(positive, negative)
+        if attr.get("detect_positive", 1):
+            return positive
+        if attr.get("detect_negative", 1):
+            return negative
+        return relax.op.zeros_like(x, "bool")
+
+
+@register_converter("Dropout")
+class Dropout(tvm_onnx.OnnxOpConverter):
+    """Inference Dropout: the input, and an all-true ``bool`` mask when asked for (TVM's mask is
+    float). In training mode the output is random unless the ratio is a constant 0, so other
+    training-mode Dropouts are refused rather than silently compiled as identity."""
+
+    @classmethod
+    def _impl_v7(cls, bb, inputs, attr, params):
+        x = inputs[0]
+        training = tvm_onnx.get_constant(inputs[2], params) if len(inputs) > 2 else None
+        ratio = tvm_onnx.get_constant(inputs[1], params) if len(inputs) > 1 else None
+        is_training = training is not None and (
+            not isinstance(training, tvm.ir.GenericConst) or bool(training.value.numpy())
+        )
+        zero_ratio = isinstance(ratio, tvm.ir.GenericConst) and float(ratio.value.numpy()) == 0.0
+        if is_training and not zero_ratio:
+            raise ValueError(
+                "Dropout in training mode with a non-zero ratio is random; qiao compiles "
+                "inference graphs only"
+            )
+        if attr["tvm_custom"]["num_outputs"] == 1:
+            return x
+        return relax.Tuple([x, bb.normalize(relax.op.ones_like(x, "bool"))])
