@@ -154,3 +154,29 @@ def test_kernels_keep_noalias_next_to_the_vm_shape_functions():
     marked = MarkHostFuncsNoAlias()(mod)
     assert any("noalias" in d for d in kernel_defs(marked))
     assert marked["shape_func"].attrs["tirx.noalias"]
+
+
+@pytest.mark.parametrize("name", ["cnn", "transformer", "qwen3-moe-tiny"])
+def test_every_kernel_declares_noalias_after_the_pipeline(name):
+    """One PrimFunc without ``tirx.noalias`` costs every kernel of the module its ``noalias``
+    pointers (see the test above): after the CPU pipeline, all of them carry it — schedule-rule
+    output, the MoE kernels and the VM's shape functions."""
+    import tvm
+
+    from qiao.backends.cpu import CPUBackend
+    from qiao.compiler.driver import resolve_model
+    from qiao.compiler.frontend import import_onnx
+    from qiao.compiler.pipeline import make_pipeline
+
+    backend = CPUBackend()
+    target = backend.target()
+    mod = import_onnx(resolve_model(name).proto).mod
+    with target:
+        lowered = make_pipeline(backend.phases(target, {}), target)(mod)
+    missing = [
+        gvar.name_hint
+        for gvar, func in lowered.functions_items()
+        if isinstance(func, tvm.tirx.PrimFunc)
+        and not (func.attrs is not None and bool(func.attrs.get("tirx.noalias", False)))
+    ]
+    assert not missing, f"{name}: kernels without tirx.noalias: {missing}"

@@ -30,10 +30,13 @@ ACTIVATIONS = ("swiglu", "silu", "relu", "gelu", "identity")
 GATE_UP_LAYOUTS = ("interleaved", "concat")
 
 # Attributes of every MoE PrimFunc: already scheduled (generic schedule rules skip it, in both the
-# TVM 0.27 spelling and the older one), no aliasing between arguments, opaque to operator fusion.
+# TVM 0.27 spelling and the older one), no aliasing between arguments (both spellings: one kernel
+# without TVM 0.27's makes its LLVM code generation drop noalias for the whole module), opaque to
+# operator fusion.
 KERNEL_ATTRS = {
     "tirx.is_scheduled": True,
     "tir.is_scheduled": True,
+    "tirx.noalias": True,
     "tir.noalias": True,
     "op_pattern": 8,
 }
