@@ -11,22 +11,9 @@ marked stages only, and the others are put back unchanged.
 from __future__ import annotations
 
 import tvm
-import tvm_ffi
-from tvm import relax, s_tir, tirx
+from tvm import relax, tirx
 
-PACKING_ATTR = "meta_schedule.layout_rewrite_preproc"
-
-
-def has_packing_stage(func) -> bool:
-    """Whether a PrimFunc has a block marked as weight packing by a CPU schedule."""
-    found = []
-
-    def on_block(block):
-        if PACKING_ATTR in block.annotations:
-            found.append(block)
-
-    tvm_ffi.structural_walk(func.body, [(s_tir.SBlock, on_block)])
-    return bool(found)
+from qiao.compiler.schedules.tir_util import has_packing_mark
 
 
 def split_packing(mod: tvm.IRModule) -> tvm.IRModule:
@@ -38,7 +25,7 @@ def split_packing(mod: tvm.IRModule) -> tvm.IRModule:
     others = {
         gvar: func
         for gvar, func in mod.functions_items()
-        if isinstance(func, tirx.PrimFunc) and not has_packing_stage(func)
+        if isinstance(func, tirx.PrimFunc) and not has_packing_mark(func.body)
     }
     if len(others) == sum(isinstance(f, tirx.PrimFunc) for _, f in mod.functions_items()):
         return mod

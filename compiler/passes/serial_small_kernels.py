@@ -75,46 +75,14 @@ def _has_parallel(stmt) -> bool:
     return bool(found)
 
 
-def _is_layout_preproc(stmt) -> bool:
-    import tvm_ffi
-    from tvm import s_tir
-
-    found = []
-
-    def on_block(node):
-        if "meta_schedule.layout_rewrite_preproc" in (node.annotations or {}):
-            found.append(node)
-
-    tvm_ffi.structural_walk(stmt, [(s_tir.SBlock, on_block)])
-    return bool(found)
-
-
-def _written_buffers(stmts) -> list:
-    import tvm_ffi
-    from tvm import s_tir
-
-    out = []
-    for stmt in stmts:
-        tvm_ffi.structural_walk(
-            stmt, [(s_tir.SBlock, lambda b: out.extend(w.source for w in b.writes))]
-        )
-    return out
-
-
 def _fresh_buffers(stmt, buffers):
     """``stmt`` with each of ``buffers`` replaced by a new buffer of the same type; and those."""
-    import tvm_ffi
     from tvm.ir.expr import Var
 
+    from qiao.compiler.schedules.tir_util import replace_vars
+
     pairs = [(b, Var(b.name + "_serial", b.ty)) for b in buffers]
-
-    def on_var(var, _mutator):
-        for old, new in pairs:
-            if var.same_as(old):
-                return new
-        return var
-
-    return tvm_ffi.structural_mutate(stmt, [(Var, on_var)]), [new for _, new in pairs]
+    return replace_vars(stmt, pairs), [new for _, new in pairs]
 
 
 def _serial_copy(stmt):
@@ -172,20 +140,22 @@ def serial_when_small(func, threshold: int = DEFAULT_THRESHOLD):
     import tvm
     from tvm import s_tir, tirx
 
+    from qiao.compiler.schedules.tir_util import (
+        root_statements,
+        seq,
+        with_root_body,
+        written_buffers,
+    )
+
     realize = func.body
     if not isinstance(realize, s_tir.SBlockRealize) or not _has_parallel(realize.block.body):
         return func
-    root = realize.block
     # Weight-packing steps stay first and untouched: the pipeline lifts them out of the function
     # (SplitLayoutRewritePreproc needs them as leading statements of the root block).
-    stmts = list(root.body.seq) if isinstance(root.body, tirx.SeqStmt) else [root.body]
-    lead = 0
-    while lead < len(stmts) and _is_layout_preproc(stmts[lead]):
-        lead += 1
-    rest = stmts[lead:]
+    root, lead, rest = root_statements(func)
     if not rest:
         return func
-    compute = rest[0] if len(rest) == 1 else tirx.SeqStmt(rest)
+    compute = seq(rest)
     if not _has_parallel(compute):
         return func
     allocs = list(root.alloc_buffers)
@@ -206,27 +176,13 @@ def serial_when_small(func, threshold: int = DEFAULT_THRESHOLD):
         # buffer would be allocated once for the whole function, at full size (on the heap for
         # a symbolic size) rather than per task. Buffers the leading packing steps write are
         # inputs to both branches and stay shared.
-        packed = _written_buffers(stmts[:lead])
+        packed = written_buffers(lead)
         scratch = [b for b in root.alloc_buffers if not any(b.same_as(p) for p in packed)]
         serial, fresh = _fresh_buffers(_serial_copy(compute), scratch)
         allocs = [*allocs, *fresh]
         compute = tirx.IfThenElse(work < tirx.const(threshold, "int64"), serial, compute)
-    body = compute if lead == 0 else tirx.SeqStmt([*stmts[:lead], compute])
-    new_root = s_tir.SBlock(
-        root.iter_vars,
-        root.reads,
-        root.writes,
-        root.name_hint,
-        body,
-        root.init,
-        allocs,
-        root.match_buffers,
-        root.annotations,
-    )
-    new_func = func.with_body(s_tir.SBlockRealize(realize.iter_values, realize.predicate, new_root))
     # The serial copy re-defines the loop and block variables of the parallel one.
-    mod = tirx.transform.ConvertSSA()(tvm.IRModule({"main": new_func}))
-    return mod["main"]
+    return with_root_body(func, seq([*lead, compute]), allocs)
 
 
 def _make_pass():

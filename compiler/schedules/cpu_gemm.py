@@ -31,7 +31,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from qiao.compiler.schedules.cpu_info import CPUInfo, cpu_info
-from qiao.compiler.schedules.tir_util import static_int
+from qiao.compiler.schedules.tir_util import (
+    PACKING_MARK,
+    replace_vars,
+    root_statements,
+    seq,
+    static_int,
+    with_root_body,
+    written_buffers,
+)
 
 # Float dtypes the micro-kernel handles; integer GEMMs go to the generic rules.
 GEMM_DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -698,7 +706,7 @@ def _schedule_b_pack(sch, b_stage, at_loop, nr: int, lanes: int, preproc: bool) 
     _, jl = sch.split(ji, [None, lanes])
     sch.vectorize(jl)
     if preproc:
-        sch.annotate(b_stage, "meta_schedule.layout_rewrite_preproc", True)
+        sch.annotate(b_stage, PACKING_MARK, True)
 
 
 def _schedule_a_pack(sch, a_stage, at_loop, mr: int, preproc: bool) -> None:
@@ -714,7 +722,7 @@ def _schedule_a_pack(sch, a_stage, at_loop, mr: int, preproc: bool) -> None:
     if at_loop is None:
         sch.parallel(sch.fuse(s, io, i_panel))
     if preproc:
-        sch.annotate(a_stage, "meta_schedule.layout_rewrite_preproc", True)
+        sch.annotate(a_stage, PACKING_MARK, True)
 
 
 def _is_weight(sch, stage) -> bool:
@@ -740,9 +748,9 @@ def _drop_late_preproc_marks(sch) -> None:
 
     seen_other = False
     for child in sch.get_child_blocks(get_root_block(sch)):
-        marked = "meta_schedule.layout_rewrite_preproc" in (sch.get(child).annotations or {})
+        marked = PACKING_MARK in (sch.get(child).annotations or {})
         if marked and seen_other:
-            sch.unannotate(child, "meta_schedule.layout_rewrite_preproc")
+            sch.unannotate(child, PACKING_MARK)
         seen_other = seen_other or not marked
 
 
@@ -921,95 +929,29 @@ class CPUMatmul:
 # are fewer than ``mr``. Both read the same packed weights: the weight-packing stage is shared.
 
 
-def _root_parts(func):
-    """``(root block, leading weight-packing statements, the other statements)``."""
-    from tvm import s_tir, tirx
-
-    root = func.body.block
-    stmts = list(root.body.seq) if isinstance(root.body, tirx.SeqStmt) else [root.body]
-    lead = 0
-    while lead < len(stmts):
-        stmt = stmts[lead]
-        block = stmt.block if isinstance(stmt, s_tir.SBlockRealize) else None
-        if block is None:
-            found = []
-            import tvm_ffi
-
-            tvm_ffi.structural_walk(stmt, [(s_tir.SBlock, found.append)])
-            block = found[0] if found else None
-        if block is None or PACKING_MARK not in (block.annotations or {}):
-            break
-        lead += 1
-    return root, stmts[:lead], stmts[lead:]
-
-
-PACKING_MARK = "meta_schedule.layout_rewrite_preproc"
-
-
-def _written(stmts) -> list:
-    import tvm_ffi
-    from tvm import s_tir
-
-    out = []
-
-    def on_block(block):
-        out.extend(w.source for w in block.writes)
-
-    for stmt in stmts:
-        tvm_ffi.structural_walk(stmt, [(s_tir.SBlock, on_block)])
-    return out
-
-
 def merge_row_variants(func_many, func_few, use_few):
     """One PrimFunc running ``func_few``'s schedule when ``use_few`` holds, else ``func_many``'s.
 
     Both must be schedules of the same function whose leading weight-packing stages write buffers
     of the same shapes; the few-rows body is rewired to the many-rows packed buffers, so packing
     happens (and is lifted to load time) once."""
-    import tvm
     import tvm_ffi
-    from tvm import s_tir, tirx
-    from tvm.ir.expr import Var
+    from tvm import tirx
 
-    root_a, lead_a, rest_a = _root_parts(func_many)
-    root_b, lead_b, rest_b = _root_parts(func_few)
-    packed_a, packed_b = _written(lead_a), _written(lead_b)
+    root_a, lead_a, rest_a = root_statements(func_many)
+    root_b, lead_b, rest_b = root_statements(func_few)
+    packed_a, packed_b = written_buffers(lead_a), written_buffers(lead_b)
     if len(packed_a) != len(packed_b) or not all(
         tvm_ffi.structural_equal(a.ty, b.ty) for a, b in zip(packed_a, packed_b)
     ):
         return None
     pairs = list(zip(packed_b, packed_a))
-
-    def on_var(var, _mutator):
-        for old, new in pairs:
-            if var.same_as(old):
-                return new
-        return var
-
-    few = tvm_ffi.structural_mutate(
-        tirx.SeqStmt(rest_b) if len(rest_b) > 1 else rest_b[0], [(Var, on_var)]
-    )
-    many = tirx.SeqStmt(rest_a) if len(rest_a) > 1 else rest_a[0]
-    branch = tirx.IfThenElse(use_few, few, many)
-    body = tirx.SeqStmt([*lead_a, branch]) if lead_a else branch
+    few = replace_vars(seq(rest_b), pairs)
+    body = seq([*lead_a, tirx.IfThenElse(use_few, few, seq(rest_a))])
     allocs = list(root_a.alloc_buffers) + [
         b for b in root_b.alloc_buffers if not any(b.same_as(old) for old, _ in pairs)
     ]
-    root = s_tir.SBlock(
-        root_a.iter_vars,
-        root_a.reads,
-        root_a.writes,
-        root_a.name_hint,
-        body,
-        root_a.init,
-        allocs,
-        root_a.match_buffers,
-        root_a.annotations,
-    )
-    realize = func_many.body
-    merged = func_many.with_body(s_tir.SBlockRealize(realize.iter_values, realize.predicate, root))
-    # The two schedules define the same loop and block variables.
-    return tirx.transform.ConvertSSA()(tvm.IRModule({"main": merged}))["main"]
+    return with_root_body(func_many, body, allocs)
 
 
 def with_few_rows_variant(func, sch, tile: GemmTile, target: Any):

@@ -1,6 +1,10 @@
-"""Small TIR expression helpers shared by the CPU rules and passes."""
+"""Small TIR helpers shared by the CPU rules and passes."""
 
 from __future__ import annotations
+
+# Block annotation of a weight-packing stage: the pipeline lifts such leading stages to load time
+# (TVM's SplitLayoutRewritePreproc, then LiftTransformParams).
+PACKING_MARK = "meta_schedule.layout_rewrite_preproc"
 
 
 def static_int(expr) -> int | None:
@@ -56,3 +60,87 @@ def wrap_free_lanes(block, var, lanes: int) -> int:
         while width > 1 and period % width:
             width //= 2
     return width
+
+
+def has_packing_mark(stmt) -> bool:
+    """Whether a block under ``stmt`` is marked as a weight-packing stage."""
+    import tvm_ffi
+    from tvm import s_tir
+
+    found = []
+
+    def on_block(block):
+        if PACKING_MARK in (block.annotations or {}):
+            found.append(block)
+
+    tvm_ffi.structural_walk(stmt, [(s_tir.SBlock, on_block)])
+    return bool(found)
+
+
+def root_statements(func):
+    """``(root block, leading weight-packing statements, the other statements)`` of a PrimFunc."""
+    from tvm import tirx
+
+    root = func.body.block
+    stmts = list(root.body.seq) if isinstance(root.body, tirx.SeqStmt) else [root.body]
+    lead = 0
+    while lead < len(stmts) and has_packing_mark(stmts[lead]):
+        lead += 1
+    return root, stmts[:lead], stmts[lead:]
+
+
+def written_buffers(stmts) -> list:
+    """The buffers the blocks under ``stmts`` write."""
+    import tvm_ffi
+    from tvm import s_tir
+
+    out = []
+    for stmt in stmts:
+        tvm_ffi.structural_walk(
+            stmt, [(s_tir.SBlock, lambda b: out.extend(w.source for w in b.writes))]
+        )
+    return out
+
+
+def replace_vars(stmt, pairs):
+    """``stmt`` with each ``old`` variable of ``pairs`` (``(old, new)``; buffers are variables in
+    TVM 0.27) replaced by ``new``."""
+    import tvm_ffi
+    from tvm.ir.expr import Var
+
+    def on_var(var, _mutator):
+        for old, new in pairs:
+            if var.same_as(old):
+                return new
+        return var
+
+    return tvm_ffi.structural_mutate(stmt, [(Var, on_var)])
+
+
+def seq(stmts):
+    """One statement for ``stmts`` (TVM refuses a one-element SeqStmt)."""
+    from tvm import tirx
+
+    return stmts[0] if len(stmts) == 1 else tirx.SeqStmt(list(stmts))
+
+
+def with_root_body(func, body, alloc_buffers):
+    """``func`` with its root block's body and allocations replaced, variables made SSA again
+    (for bodies that hold two copies of the same loops, one per branch)."""
+    import tvm
+    from tvm import s_tir, tirx
+
+    realize, root = func.body, func.body.block
+    new_root = s_tir.SBlock(
+        root.iter_vars,
+        root.reads,
+        root.writes,
+        root.name_hint,
+        body,
+        root.init,
+        list(alloc_buffers),
+        root.match_buffers,
+        root.annotations,
+    )
+    new_func = func.with_body(s_tir.SBlockRealize(realize.iter_values, realize.predicate, new_root))
+    return tirx.transform.ConvertSSA()(tvm.IRModule({"main": new_func}))["main"]
