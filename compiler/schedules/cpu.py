@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from qiao.compiler.schedules.cpu_info import cpu_info
+from qiao.compiler.schedules.cpu_info import CPURule, cpu_info
 from qiao.compiler.schedules.tir_util import static_int, wrap_free_lanes
 
 log = logging.getLogger("qiao.schedules")
@@ -88,12 +88,9 @@ def parallelize_outer(sch, loops: list, lanes: int) -> None:
     sch.parallel(fused)
 
 
-class CPUInjective:
+class CPUInjective(CPURule):
     """Elementwise / injective functions (all blocks spatial): inline the chain into its last
     block(s), parallelise the outer loops, vectorise the innermost."""
-
-    def is_target_available(self, target: Any) -> bool:
-        return target.kind.name == "llvm"
 
     def apply(self, func, target, tunable: bool):
         from tvm import s_tir
@@ -130,12 +127,9 @@ def _serial_kind():
     return tirx.ForKind.SERIAL
 
 
-class CPUFallback:
+class CPUFallback(CPURule):
     """Anything else (reductions TVM's rules skip: pooling, reductions over several axes, argmax):
     inline what inlines, then per remaining block parallelise its leading spatial loops."""
-
-    def is_target_available(self, target: Any) -> bool:
-        return target.kind.name == "llvm"
 
     def apply(self, func, target, tunable: bool):
         from tvm import s_tir

@@ -27,9 +27,8 @@ run time for symbolic batches.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
-from qiao.compiler.schedules.cpu_info import cpu_info
+from qiao.compiler.schedules.cpu_info import CPURule, cpu_info
 from qiao.compiler.schedules.tir_util import static_int
 
 log = logging.getLogger("qiao.schedules")
@@ -44,11 +43,8 @@ PLANE_BYTES = 16 * 1024
 CHUNK_BYTES = 4 * 1024
 
 
-class CPUWindowReduction:
+class CPUWindowReduction(CPURule):
     """Schedule rule for pooling and depthwise convolution (see the module docstring)."""
-
-    def is_target_available(self, target: Any) -> bool:
-        return target.kind.name == "llvm"
 
     def apply(self, func, target, tunable: bool):
         from tvm import s_tir, tirx

@@ -27,10 +27,10 @@ kernels that tile their own outer loops (the MoE grouped GEMM).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from qiao.compiler.schedules.cpu_info import CPUInfo, cpu_info
+from qiao.compiler.schedules.cpu_info import CPUInfo, CPURule, cpu_info
 from qiao.compiler.schedules.tir_util import (
     PACKING_MARK,
     replace_vars,
@@ -86,13 +86,15 @@ class GemmTile:
 
 @dataclass
 class GemmShape:
-    """Extents of a normalised GEMM; ``None`` for a symbolic extent."""
+    """Extents of a normalised GEMM; ``None`` for a symbolic extent (``rows``: the row extent as
+    an expression, symbolic or not; read by the few-rows variant)."""
 
     s: int | None
     m: int | None
     n: int | None
     k: int | None
     dtype: str
+    rows: Any = field(default=None, compare=False, repr=False)
 
 
 # -- tile selection -------------------------------------------------------------------------------
@@ -246,7 +248,8 @@ def gemm_shape(sch, block) -> GemmShape:
     iters = sch.get(block).iter_vars
     s, io, jo, m, n, k = (static_int(iv.dom.extent) for iv in iters)
     batch = None if None in (s, io, jo) else s * io * jo
-    return GemmShape(batch, m, n, k, str(sch.get(block).writes[0].source.dtype))
+    dtype = str(sch.get(block).writes[0].source.dtype)
+    return GemmShape(batch, m, n, k, dtype, rows=iters[3].dom.extent)
 
 
 # -- schedule -------------------------------------------------------------------------------------
@@ -754,7 +757,9 @@ def _drop_late_preproc_marks(sch) -> None:
         seen_other = seen_other or not marked
 
 
-def schedule_gemm(sch, block, target: Any, tile: GemmTile | None = None) -> GemmTile:
+def schedule_gemm(
+    sch, block, target: Any, tile: GemmTile | None = None
+) -> tuple[GemmTile, GemmShape]:
     """Schedule the GEMM-like ``block`` of ``sch`` for a CPU target (see the module docstring).
 
     Parameters
@@ -771,8 +776,8 @@ def schedule_gemm(sch, block, target: Any, tile: GemmTile | None = None) -> Gemm
 
     Returns
     -------
-    GemmTile
-        The tile used.
+    tuple
+        ``(tile, shape)``: the tile used and the extents of the normalised GEMM.
     """
     cpu = cpu_info(target)
     strides = _window_strides(sch.get(block))
@@ -829,7 +834,7 @@ def schedule_gemm(sch, block, target: Any, tile: GemmTile | None = None) -> Gemm
     leftover = inline_epilogue(sch, write_back)
     for consumer in leftover:
         _parallel_vectorize(sch, consumer, lanes)
-    return tile
+    return tile, shape
 
 
 def _parallel_vectorize(sch, block, lanes: int) -> None:
@@ -894,7 +899,7 @@ def candidate_tiles(cpu: CPUInfo, shape: GemmShape) -> list[GemmTile]:
     return unique
 
 
-class CPUMatmul:
+class CPUMatmul(CPURule):
     """Schedule rule: GEMM-like PrimFuncs (see the module docstring) on LLVM CPU targets.
 
     Follows TVM's dlight ``ScheduleRule`` protocol (``apply(func, target, tunable)`` returns a
@@ -905,9 +910,6 @@ class CPUMatmul:
     def __init__(self, tile: GemmTile | None = None):
         self.tile = tile
 
-    def is_target_available(self, target: Any) -> bool:
-        return target.kind.name == "llvm"
-
     def apply(self, func, target, tunable: bool):
         from tvm import s_tir
 
@@ -917,8 +919,8 @@ class CPUMatmul:
         block = find_gemm_block(sch)
         if block is None:
             return None
-        tile = schedule_gemm(sch, block, target, self.tile)
-        return with_few_rows_variant(func, sch, tile, target)
+        tile, shape = schedule_gemm(sch, block, target, self.tile)
+        return with_few_rows_variant(func, sch, tile, shape, target)
 
 
 # -- few rows -------------------------------------------------------------------------------------
@@ -954,19 +956,15 @@ def merge_row_variants(func_many, func_few, use_few):
     return with_root_body(func_many, body, allocs)
 
 
-def with_few_rows_variant(func, sch, tile: GemmTile, target: Any):
-    """``sch`` (a GEMM scheduled with ``tile``), plus a one-row-per-tile schedule for when the
-    symbolic row count is below ``tile.mr`` (see the section comment); ``sch`` itself when the rows
-    are static, the tile is one row already, or the variants cannot share their packing."""
+def with_few_rows_variant(func, sch, tile: GemmTile, shape: GemmShape, target: Any):
+    """``sch`` (``func``'s GEMM scheduled with ``tile``; ``shape`` from ``schedule_gemm``), plus a
+    one-row-per-tile schedule for when the symbolic row count is below ``tile.mr`` (see the
+    section comment); ``sch`` itself when the rows are static, the tile is one row already, or the
+    variants cannot share their packing."""
     from tvm import s_tir, tirx
 
-    few_sch = s_tir.Schedule(func)
-    block = find_gemm_block(few_sch)
-    normalize_gemm(few_sch, block)
-    shape = gemm_shape(few_sch, block)
     if shape.m is not None or tile.mr == 1:
         return sch
-    rows = few_sch.get(block).iter_vars[3].dom.extent
     lanes = cpu_info(target).lanes(shape.dtype)
     nc_tiles = 0
     if shape.n is not None:
@@ -977,6 +975,7 @@ def with_few_rows_variant(func, sch, tile: GemmTile, target: Any):
     few_tile = GemmTile(1, tile.nr_vectors, 1, nc_tiles, tile.k_unroll)
     few_sch = s_tir.Schedule(func)
     schedule_gemm(few_sch, find_gemm_block(few_sch), target, few_tile)
+    rows = shape.rows
     merged = merge_row_variants(
         sch.mod["main"], few_sch.mod["main"], rows < tirx.const(tile.mr, rows.ty.dtype)
     )

@@ -81,6 +81,14 @@ def _cpu_info(target_json: str) -> CPUInfo:
     return CPUInfo(128, 16, num_cores, has_fma=False)
 
 
+class CPURule:
+    """Base of qiao's CPU schedule rules (TVM dlight's ``ScheduleRule`` protocol: ``apply(func,
+    target, tunable)`` returns a schedule or ``None``): they apply to LLVM targets only."""
+
+    def is_target_available(self, target: Any) -> bool:
+        return target.kind.name == "llvm"
+
+
 THREADS_ENV = "TVM_NUM_THREADS"
 
 

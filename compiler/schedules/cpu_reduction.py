@@ -20,9 +20,8 @@ blocks.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
-from qiao.compiler.schedules.cpu_info import cpu_info
+from qiao.compiler.schedules.cpu_info import CPURule, cpu_info
 
 log = logging.getLogger("qiao.schedules")
 
@@ -31,11 +30,8 @@ def _leading_spatial(kinds: str) -> int:
     return len(kinds) - len(kinds.lstrip("S"))
 
 
-class CPURowReduction:
+class CPURowReduction(CPURule):
     """Schedule rule for row-wise reduction chains (see the module docstring)."""
-
-    def is_target_available(self, target: Any) -> bool:
-        return target.kind.name == "llvm"
 
     def apply(self, func, target, tunable: bool):
         from tvm import s_tir, tirx
