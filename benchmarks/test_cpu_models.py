@@ -122,7 +122,7 @@ def artifact_root(tmp_path_factory):
 
 @pytest.mark.parametrize("model, dims, floor", CASES)
 def test_model_vs_onnxruntime(benchmark, smoke, artifact_root, model, dims, floor):
-    from qiao.compiler.bench import OnnxRuntimeEngine, QiaoEngine, interleaved
+    from qiao.compiler.bench import OnnxRuntimeEngine, QiaoEngine, interleaved, round_ratios
     from qiao.compiler.validate import compare, tolerances
 
     artifact = _artifact(model, artifact_root)
@@ -136,13 +136,9 @@ def test_model_vs_onnxruntime(benchmark, smoke, artifact_root, model, dims, floo
         assert check.ok, f"{model} {dims}: {name} differs from onnxruntime: {check}"
 
     run_qiao, run_ort = qiao.prepare(inputs), ort.prepare(inputs)
-    times = interleaved(
-        {"qiao": run_qiao, "onnxruntime": run_ort},
-        *((1, 0.0, 0, 0.0) if smoke else (11, 0.1)),
-    )
+    times = interleaved({"qiao": run_qiao, "onnxruntime": run_ort}, 11, 0.1, smoke=smoke)
     t_qiao, t_ort = times["qiao"], times["onnxruntime"]
-    ratios = [b / a for a, b in zip(t_qiao, t_ort)]
-    speedup = statistics.median(ratios)
+    speedup = statistics.median(round_ratios(times, "onnxruntime"))
     benchmark.group = f"{model} {' '.join(f'{k}={v}' for k, v in dims.items())}"
     benchmark.extra_info.update(
         speedup=speedup,

@@ -74,7 +74,7 @@ def _kernel(batch, k, n):
 def test_gemm_vs_numpy(benchmark, smoke, batch, m, k, n):
     import tvm
 
-    from qiao.compiler.bench import interleaved
+    from qiao.compiler.bench import interleaved, round_ratios
     from qiao.compiler.schedules.cpu_info import cpu_device
 
     fn = _kernel(batch, k, n)
@@ -95,13 +95,9 @@ def test_gemm_vs_numpy(benchmark, smoke, batch, m, k, n):
         np.matmul(a, b)
 
     flops = 2.0 * (batch or 1) * m * n * k
-    times = interleaved(
-        {"qiao": ours, "numpy": numpy_sgemm},
-        *((1, 0.0, 0, 0.0) if smoke else (15, 0.05)),
-    )
+    times = interleaved({"qiao": ours, "numpy": numpy_sgemm}, 15, 0.05, smoke=smoke)
     ours_s, ref_s = times["qiao"], times["numpy"]
-    ratios = [r / o for o, r in zip(ours_s, ref_s)]
-    ratio = statistics.median(ratios)
+    ratio = statistics.median(round_ratios(times, "numpy"))
     benchmark.group = f"gemm {'x'.join(map(str, [batch or 1, m, k, n]))}"
     benchmark.extra_info.update(
         ratio=ratio,

@@ -140,25 +140,32 @@ def settle(seconds: float = SETTLE_S) -> None:
         time.sleep(seconds)
 
 
+def calibrate(fn: Callable[[], Any], warmup: int, repeat: int, min_time: float, pause: float = 0.0):
+    """Warm ``fn`` up (caches, thread pools, allocators), leave the machine idle for ``pause``
+    seconds, and return the calls per sample that make ``repeat`` samples last ``min_time``."""
+    for _ in range(warmup):
+        fn()
+    settle(pause)
+    return choose_number(min(time_callable(fn, 3, 1)), repeat, min_time)
+
+
 def interleaved(
     fns: Mapping[str, Callable[[], Any]],
     rounds: int,
     min_time: float,
     warmup: int = 3,
     pause: float = SETTLE_S,
+    smoke: bool = False,
 ) -> dict[str, list[float]]:
     """Per-call seconds of several engines doing the same work, ``rounds`` samples each.
 
     Rounds alternate the engines so that all see the same machine load over the run; each timed
     block (calls enough to last ``min_time``) follows ``pause`` seconds of idle time and one untimed
-    call, so each engine is measured as if it ran alone. ``rounds=1, min_time=0, warmup=0, pause=0``
-    is the smoke mode: every engine runs once."""
-    number = {}
-    for name, fn in fns.items():
-        for _ in range(warmup):  # caches, thread pools, allocators
-            fn()
-        settle(pause)
-        number[name] = choose_number(min(time_callable(fn, 3, 1)), 1, min_time)
+    call, so each engine is measured as if it ran alone. ``smoke``: every engine runs once, no
+    warm-up, no pause (one sample each)."""
+    if smoke:
+        rounds, min_time, warmup, pause = 1, 0.0, 0, 0.0
+    number = {name: calibrate(fn, warmup, 1, min_time, pause) for name, fn in fns.items()}
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
@@ -167,6 +174,12 @@ def interleaved(
                 fn()
             samples[name].append(min(time_callable(fn, 1, number[name])))
     return samples
+
+
+def round_ratios(samples: Mapping[str, list[float]], baseline: str, engine: str = "qiao"):
+    """Per round of ``interleaved`` samples: the baseline's time over ``engine``'s (above 1
+    ``engine`` is faster)."""
+    return [b / a for a, b in zip(samples[engine], samples[baseline])]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -487,10 +500,7 @@ class Engine:
     ) -> tuple[list[float], int]:
         """Warm up, choose ``number`` for ``min_time``, and return (samples, number)."""
         fn = self.prepare(inputs)
-        for _ in range(warmup):
-            fn()
-        single = min(time_callable(fn, 3, 1))
-        number = choose_number(single, repeat, min_time)
+        number = calibrate(fn, warmup, repeat, min_time)
         return time_callable(fn, repeat, number), number
 
 
