@@ -80,7 +80,7 @@ class CPUWindowReduction(CPURule):
             return None
         if position > 0:
             try:
-                strided = _deinterleaved(sch, red.block_rv, infos[position - 1].block_rv)
+                strided = deinterleaved(sch, red.block_rv, infos[position - 1].block_rv)
             except (s_tir.ScheduleError, RuntimeError) as err:
                 log.debug("window reduction: no deinterleaved layout: %s", err)
                 strided = None
@@ -185,7 +185,7 @@ def _row_vector_width(extent: int | None, lanes: int) -> int:
     return best
 
 
-def _deinterleaved(sch, red, producer):
+def deinterleaved(sch, red, producer):
     """The function with the padded input of a strided window (``x·s + rx``) stored as ``s``
     planes of every ``s``-th column, so that a vector of outputs reads contiguous inputs for every
     tap; ``None`` when the window is not strided or the layout does not apply."""

@@ -30,6 +30,7 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from qiao.compiler.schedules.cpu_conv import deinterleaved
 from qiao.compiler.schedules.cpu_info import CPUInfo, CPURule, cpu_info
 from qiao.compiler.schedules.tir_util import (
     PACKING_MARK,
@@ -501,47 +502,6 @@ def inline_producers(sch, block, keep_padding: bool = False) -> list:
     return [p for p in _all_producers(sch, block) if keep_padding and _is_padding(sch.get(p))]
 
 
-def _window_strides(stmt) -> dict:
-    """``{buffer: s}`` for operands a GEMM-like block reads with stride ``s > 1`` along their
-    last axis (``X[.., x·s + rx]``: a strided convolution's input)."""
-    import tvm
-    from tvm import tirx
-
-    out = {}
-    for region in stmt.reads:
-        index = region.region[-1].min
-        for iv in stmt.iter_vars:
-            if iv.iter_type != tirx.IterVar.DataPar:
-                continue
-            coef = tvm.sym.detect_linear_equation(index, [iv.var])
-            if len(coef) == 2 and isinstance(coef[0], tirx.IntImm) and int(coef[0].value) > 1:
-                out[region.source] = int(coef[0].value)
-    return out
-
-
-def _split_phases(sch, pad, strides: dict) -> None:
-    """Store a padded input read with stride ``s`` along its last axis as ``s`` phase planes
-    (``w → (w % s, w // s)``): the im2col packing then reads whole vectors of consecutive
-    output positions (``X[.., x·s + rx]`` becomes ``Xp[.., rx % s, x + rx // s]``) instead of
-    gathering every ``s``-th element."""
-    buffer = sch.get(pad).writes[0].source
-    stride = next((v for k, v in strides.items() if k.same_as(buffer)), None)
-    width = static_int(buffer.ty.shape[-1])
-    if stride is None or width is None or width % stride:
-        return
-    rank = len(buffer.ty.shape)
-
-    def phases(*idx):
-        return (*idx[:-1], idx[-1] % stride, idx[-1] // stride)
-
-    from tvm import tirx
-
-    names = [tirx.Var(f"i{n}", "int64") for n in range(rank)]
-    index_map = tirx.IndexMap(names, list(phases(*names)), None)
-    if _try(sch.transform_layout, pad, ("write", 0), index_map):
-        canonicalize_stage(sch, pad)
-
-
 def _is_padding(stmt) -> bool:
     """A block storing ``if_then_else(in_bounds, X[...], pad value)``: a padding copy."""
     from tvm import tirx
@@ -780,7 +740,6 @@ def schedule_gemm(
         ``(tile, shape)``: the tile used and the extents of the normalised GEMM.
     """
     cpu = cpu_info(target)
-    strides = _window_strides(sch.get(block))
     ra, rb, a_index = normalize_gemm(sch, block)
     shape = gemm_shape(sch, block)
     tile = tile or choose_tile(cpu, shape)
@@ -791,8 +750,6 @@ def schedule_gemm(
     a_stage, b_stage = _pad_and_find_stages(sch, block, ra, rb, a_index, tile.mr, nr, k_pad)
     inline_producers(sch, a_stage)
     padding = inline_producers(sch, b_stage, keep_padding=True)
-    for pad in padding:
-        _split_phases(sch, pad, strides)
 
     s, io, jo, i, j, k = sch.get_loops(block)
     single_i_task = shape.m is not None and _ceil_div(shape.m, tile.mr) == tile.mc_tiles
@@ -919,6 +876,18 @@ class CPUMatmul(CPURule):
         block = find_gemm_block(sch)
         if block is None:
             return None
+        # A strided convolution's padded input is stored as stride phase planes, so the im2col
+        # packing reads consecutive output positions as whole vectors (the window rules' layout).
+        pad = next((p for p in sch.get_producers(block) if _is_padding(sch.get(p))), None)
+        if pad is not None:
+            try:
+                strided = deinterleaved(sch, block, pad)
+            except (s_tir.ScheduleError, RuntimeError):
+                strided = None
+            if strided is not None:
+                func = strided
+                sch = s_tir.Schedule(func)
+                block = find_gemm_block(sch)
         tile, shape = schedule_gemm(sch, block, target, self.tile)
         return with_few_rows_variant(func, sch, tile, shape, target)
 
