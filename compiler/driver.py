@@ -124,7 +124,9 @@ def compile(
     model_options : dict, optional
         Overrides for a built-in model's builder (e.g. ``{"batch": 8}``).
     **options
-        Backend options, e.g. ``dump_ir="dir"``.
+        Backend options, e.g. ``dump_ir="dir"``; and ``initializer_inputs="constants"|"inputs"``:
+        how initializers that the graph also lists as inputs (ONNX IR < 4) are taken — as
+        constants (default; the manifest names them) or as run-time inputs the caller feeds.
 
     Returns
     -------
@@ -142,7 +144,10 @@ def compile(
             f"backend {target!r} cannot compile on this machine: {'; '.join(availability.missing)}"
         )
     resolved = resolve_model(model, example_args, model_options)
-    imported = import_onnx(resolved.proto, to_relax=backend.imports_relax)
+    init_mode = options.pop("initializer_inputs", "constants")
+    imported = import_onnx(
+        resolved.proto, to_relax=backend.imports_relax, initializer_inputs=init_mode
+    )
     out = os.fspath(output_dir) if output_dir else default_output_dir(resolved.name, target, arch)
     serialized = (
         resolved.proto.SerializeToString() if resolved.proto.ByteSize() < (1 << 31) else b""
@@ -156,7 +161,9 @@ def compile(
     import tvm
 
     with art.staging_dir(out) as tmp:
-        save_proto(resolved.proto, os.path.join(tmp, art.SOURCE_MODEL))
+        # The model as compiled (initializer inputs resolved): the ONNX Runtime reference must
+        # take the same inputs as the artifact.
+        save_proto(imported.proto, os.path.join(tmp, art.SOURCE_MODEL))
         param_names = art.save_params(tmp, imported.params) if imported.params else []
         backend_section = backend.build(imported, arch, tmp, options)
         target_obj = backend.target(arch)
@@ -173,6 +180,10 @@ def compile(
             "inputs": [s.to_json() for s in imported.inputs],
             "outputs": [s.to_json() for s in imported.outputs],
             "params": {"file": art.PARAMS if param_names else None, "names": param_names},
+            "initializer_inputs": {
+                "taken_as": imported.initializer_inputs_as,
+                "names": imported.initializer_inputs,
+            },
             "validation": None,
         }
         manifest = art.write_manifest(tmp, manifest)

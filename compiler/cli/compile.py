@@ -24,6 +24,13 @@ def add_arguments(p):
         "--dump-ir", metavar="DIR", default=None, help="write the IR after each lowering phase"
     )
     p.add_argument(
+        "--initializer-inputs",
+        choices=("constants", "inputs"),
+        default="constants",
+        help="initializers the graph also lists as inputs (ONNX IR < 4, Caffe2-converted files): "
+        "take them as constants (default) or as run-time inputs you feed",
+    )
+    p.add_argument(
         "--tune",
         action="store_true",
         help="measure GEMM-like kernels not yet tuned on this device and record the fastest "
@@ -44,6 +51,8 @@ def main(args) -> int:
     from qiao.compiler import compile
 
     options = {"dump_ir": args.dump_ir} if args.dump_ir else {}
+    if args.initializer_inputs != "constants":
+        options["initializer_inputs"] = args.initializer_inputs
     if args.tune:
         options.update(
             tune=True,
@@ -65,4 +74,10 @@ def main(args) -> int:
         f" → {artifact.directory}"
     )
     print(f"  inputs: {sig}")
+    taken = m.get("initializer_inputs") or {}
+    if taken.get("names"):
+        print(
+            f"  {len(taken['names'])} initializers listed as graph inputs taken as "
+            f"{taken['taken_as']} (--initializer-inputs)"
+        )
     return 0

@@ -79,6 +79,10 @@ class ImportedModel:
     opset: int
     proto: onnx.ModelProto
     op_types: list[str] = field(default_factory=list)
+    # Initializers that the graph also lists as inputs (ONNX IR < 4 style) and how they were taken:
+    # "constants" (weights, folded and packed like any initializer) or "inputs" (fed at run time).
+    initializer_inputs: list[str] = field(default_factory=list)
+    initializer_inputs_as: str = "constants"
 
 
 def load_onnx(model) -> onnx.ModelProto:
@@ -174,7 +178,53 @@ def _value_spec(vi: onnx.ValueInfoProto) -> TensorSpec:
     return TensorSpec(vi.name, dtype, shape)
 
 
-def import_onnx(model, shape_dict: dict | None = None, to_relax: bool = True) -> ImportedModel:
+INITIALIZER_INPUT_MODES = ("constants", "inputs")
+
+
+def split_initializer_inputs(proto: onnx.ModelProto, mode: str) -> tuple[onnx.ModelProto, list]:
+    """Resolve initializers that are also listed in ``graph.input`` (allowed before IR version 4,
+    and what Caffe2-converted zoo files do for every weight).
+
+    ``mode="constants"`` drops them from the inputs (the initializer is the value; the graph's
+    weights then fold and pack like any other), ``"inputs"`` drops the floating-point initializers
+    instead, so the caller feeds those weights at run time; integer ones (shapes, axes, indices)
+    stay constants either way, since a shape fed at run time would make every shape after it
+    data-dependent. Returns the (possibly new) proto and the names taken as ``mode`` says.
+    """
+    if mode not in INITIALIZER_INPUT_MODES:
+        raise QiaoError(
+            f"initializer_inputs={mode!r} is not a mode. fix: use one of "
+            + ", ".join(INITIALIZER_INPUT_MODES)
+        )
+    init = {t.name: t for t in proto.graph.initializer}
+    listed = [vi.name for vi in proto.graph.input if vi.name in init]
+    if not listed:
+        return proto, []
+
+    def is_float(name: str) -> bool:
+        return onnx.helper.tensor_dtype_to_np_dtype(init[name].data_type).kind == "f"
+
+    fed = [n for n in listed if is_float(n)] if mode == "inputs" else []
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    graph = out.graph
+    as_constants = set(listed) - set(fed)
+    kept_inputs = [vi for vi in graph.input if vi.name not in as_constants]
+    del graph.input[:]
+    graph.input.extend(kept_inputs)
+    if fed:
+        kept_init = [t for t in graph.initializer if t.name not in set(fed)]
+        del graph.initializer[:]
+        graph.initializer.extend(kept_init)
+    return out, (fed if mode == "inputs" else listed)
+
+
+def import_onnx(
+    model,
+    shape_dict: dict | None = None,
+    to_relax: bool = True,
+    initializer_inputs: str = "constants",
+) -> ImportedModel:
     """Import an ONNX model (path or ``ModelProto``) into Relax.
 
     Parameters
@@ -184,12 +234,14 @@ def import_onnx(model, shape_dict: dict | None = None, to_relax: bool = True) ->
         ``{input_name: shape}`` overriding the model's input shapes (ints or symbolic names).
     to_relax : bool
         False for hand-off backends that consume ONNX themselves: check and describe the model only.
+    initializer_inputs : {"constants", "inputs"}
+        How initializers also listed as graph inputs are taken (see ``split_initializer_inputs``).
 
     Returns
     -------
     ImportedModel
     """
-    proto = load_onnx(model)
+    proto, init_inputs = split_initializer_inputs(load_onnx(model), initializer_inputs)
     if to_relax:
         bad = find_unsupported_ops(proto)
         if bad:
@@ -208,8 +260,9 @@ def import_onnx(model, shape_dict: dict | None = None, to_relax: bool = True) ->
             ]
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
     op_types = sorted({n.op_type for n in _iter_nodes(proto.graph)})
+    extra = {"initializer_inputs": init_inputs, "initializer_inputs_as": initializer_inputs}
     if not to_relax:
-        return ImportedModel(None, {}, inputs, outputs, opset, proto, op_types)
+        return ImportedModel(None, {}, inputs, outputs, opset, proto, op_types, **extra)
 
     from qiao.compiler.frontend.importer import QiaoImporter
 
@@ -228,7 +281,7 @@ def import_onnx(model, shape_dict: dict | None = None, to_relax: bool = True) ->
             "fix: rerun with --debug for the trace; "
             "a converter in a qiao.compiler.frontend.convert_* module can override TVM's for the op"
         ) from err
-    return ImportedModel(mod, params, inputs, outputs, opset, proto, op_types)
+    return ImportedModel(mod, params, inputs, outputs, opset, proto, op_types, **extra)
 
 
 __all__ = [
@@ -238,4 +291,5 @@ __all__ = [
     "import_onnx",
     "load_onnx",
     "register_converter",
+    "split_initializer_inputs",
 ]

@@ -1,0 +1,122 @@
+"""ONNX files as older exporters wrote them: IR version 3, every initializer also listed in
+``graph.input`` (Caffe2-converted zoo files), names that are not identifiers (``gpu_0/data_0``).
+
+Checked against ONNX Runtime on the same file, through the real compile path.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from qiao.compiler import compile, load
+from qiao.compiler.frontend import import_onnx
+from qiao.compiler.testing import assert_close, run_cli
+
+RNG = np.random.default_rng(3)
+
+
+def caffe2_style_model(opset: int = 8) -> onnx.ModelProto:
+    """Conv → Relu → Gemm at IR version 3, weights listed as inputs, Caffe2-style names."""
+    w1 = RNG.standard_normal((8, 3, 3, 3)).astype(np.float32)
+    b1 = RNG.standard_normal((8,)).astype(np.float32)
+    w2 = RNG.standard_normal((10, 8 * 4 * 4)).astype(np.float32) * 0.1
+    b2 = RNG.standard_normal((10,)).astype(np.float32)
+    shape = numpy_helper.from_array(np.array([1, -1], dtype=np.int64), "flat_shape")
+    nodes = [
+        helper.make_node(
+            "Conv", ["gpu_0/data_0", "conv1_w_0", "conv1_b_0"], ["conv1_1"], pads=[1, 1, 1, 1],
+            kernel_shape=[3, 3], strides=[2, 2],
+        ),
+        helper.make_node("Relu", ["conv1_1"], ["conv1_2"]),
+        helper.make_node("Reshape", ["conv1_2", "flat_shape"], ["flat_1"]),
+        helper.make_node("Gemm", ["flat_1", "fc_w_0", "fc_b_0"], ["fc_1"], transB=1),
+        helper.make_node("Softmax", ["fc_1"], ["gpu_0/softmax_1"]),
+    ]
+    inits = [
+        numpy_helper.from_array(w1, "conv1_w_0"),
+        numpy_helper.from_array(b1, "conv1_b_0"),
+        numpy_helper.from_array(w2, "fc_w_0"),
+        numpy_helper.from_array(b2, "fc_b_0"),
+        shape,
+    ]
+    inputs = [helper.make_tensor_value_info("gpu_0/data_0", TensorProto.FLOAT, [1, 3, 8, 8])]
+    inputs += [
+        helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits
+    ]
+    out = helper.make_tensor_value_info("gpu_0/softmax_1", TensorProto.FLOAT, [1, 10])
+    graph = helper.make_graph(nodes, "caffe2_net", inputs, [out], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 3
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_initializers_listed_as_inputs_are_constants_by_default(tmp_path):
+    model = caffe2_style_model()
+    path = tmp_path / "caffe2.onnx"
+    onnx.save(model, path)
+    imported = import_onnx(str(path))
+    assert [s.name for s in imported.inputs] == ["gpu_0/data_0"]
+    assert imported.initializer_inputs == [
+        "conv1_w_0", "conv1_b_0", "fc_w_0", "fc_b_0", "flat_shape"
+    ]
+    # The weights are parameters (packed once at load), not run-time inputs.
+    assert {"conv1_w_0", "fc_w_0"} <= set(imported.params)
+
+    artifact = compile(str(path), "cpu", tmp_path / "art")
+    taken = artifact.manifest["initializer_inputs"]
+    assert taken == {"taken_as": "constants", "names": imported.initializer_inputs}
+    x = RNG.standard_normal((1, 3, 8, 8)).astype(np.float32)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (expected,) = sess.run(None, {"gpu_0/data_0": x})
+    got = artifact.run({"gpu_0/data_0": x})["gpu_0/softmax_1"]
+    assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert load(artifact.directory).run({"gpu_0/data_0": x})["gpu_0/softmax_1"].shape == (1, 10)
+
+
+def test_initializers_listed_as_inputs_can_be_fed(tmp_path):
+    model = caffe2_style_model()
+    artifact = compile(model, "cpu", tmp_path / "art", initializer_inputs="inputs")
+    names = [s["name"] for s in artifact.inputs]
+    # Float weights become inputs; the integer shape tensor stays a constant.
+    assert names == ["gpu_0/data_0", "conv1_w_0", "conv1_b_0", "fc_w_0", "fc_b_0"]
+    assert artifact.manifest["initializer_inputs"]["taken_as"] == "inputs"
+    feeds = artifact.random_inputs(seed=5)
+    # ONNX Runtime on the model with the initializers removed: the caller's values are the weights.
+    as_inputs = onnx.ModelProto()
+    as_inputs.CopyFrom(model)
+    kept = [t for t in as_inputs.graph.initializer if t.name == "flat_shape"]
+    del as_inputs.graph.initializer[:]
+    as_inputs.graph.initializer.extend(kept)
+    sess = ort.InferenceSession(as_inputs.SerializeToString(), providers=["CPUExecutionProvider"])
+    (expected,) = sess.run(None, feeds)
+    assert_close(artifact.run(feeds)["gpu_0/softmax_1"], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_cli_reports_initializer_inputs_and_validates(tmp_path):
+    path = tmp_path / "caffe2.onnx"
+    onnx.save(caffe2_style_model(opset=9), path)
+    out = tmp_path / "art"
+    res = run_cli("compile", str(path), "--target", "cpu", "-o", str(out))
+    assert res.returncode == 0, res.stderr
+    assert "5 initializers listed as graph inputs taken as constants" in res.stdout
+    res = run_cli("validate", str(out))
+    assert res.returncode == 0, res.stdout + res.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["initializer_inputs"]["taken_as"] == "constants"
+
+
+def test_unknown_initializer_mode_is_an_error(tmp_path):
+    res = run_cli(
+        "compile", "mlp", "--target", "cpu", "-o", str(tmp_path / "a"),
+        "--initializer-inputs", "weights",
+    )
+    assert res.returncode == 2 and "invalid choice" in res.stderr
+    with pytest.raises(Exception, match="not a mode"):
+        import_onnx(caffe2_style_model(), initializer_inputs="weights")
