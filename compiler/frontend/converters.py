@@ -30,6 +30,7 @@ from qiao.compiler.frontend import (
     convert_loss,
     convert_norm,
     convert_reduce,
+    convert_rnn,
     convert_scan,
     convert_shape,
     convert_slice,
@@ -46,6 +47,7 @@ _FAMILIES = (
     convert_elementwise,
     convert_scan,
     convert_loss,
+    convert_rnn,
 )
 
 

@@ -43,11 +43,6 @@ EXCLUSIONS: tuple[Exclusion, ...] = (
     ),
     Exclusion(
         "xfail",
-        "recurrent layers (RNN, GRU, LSTM) have no converter",
-        (r"test_(simple_rnn|rnn|gru|lstm)_.*",),
-    ),
-    Exclusion(
-        "xfail",
         "string tensors do not exist in TVM (string ops, string Equal, ai.onnx.ml label "
         "encoders, TfIdf, regex)",
         (
