@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+
 from qiao.backends.base import Availability, DevicePreset
+from qiao.backends.toolchains import find_lld
 from qiao.backends.tvm_backend import TVMBackend
-from qiao.compiler.errors import UnknownTarget
-from qiao.compiler.schedules.cpu_info import cpu_device, usable_cores
+from qiao.compiler.errors import ArtifactIncompatible, CompileError, ToolchainMissing, UnknownTarget
+from qiao.compiler.schedules.cpu_info import (
+    checked_features,
+    cpu_device,
+    host_target_attrs,
+    missing_on_host,
+    target_arch,
+    usable_cores,
+)
 
-
-def host_cpu() -> str:
-    import tvm
-
-    return str(tvm.target.codegen.llvm_get_system_cpu())
+# LLVM CPU names of other architectures, and the triple qiao cross-compiles them with.
+_CROSS_TRIPLES = {"aarch64": "aarch64-linux-gnu"}
 
 
 class CPUBackend(TVMBackend):
@@ -25,7 +33,9 @@ class CPUBackend(TVMBackend):
     def presets(self):
         return {
             "host": DevicePreset(
-                "host", "this machine's CPU (LLVM -mcpu detected at compile time)", {}
+                "host",
+                "this machine's CPU (LLVM's CPU name, minus the features the OS does not report)",
+                {},
             ),
             "x86-64-v3": DevicePreset(
                 "x86-64-v3", "any AVX2 x86-64 (Haswell+, Zen+)", {"mcpu": "x86-64-v3"}
@@ -51,18 +61,59 @@ class CPUBackend(TVMBackend):
 
         preset = self.preset(arch)
         if preset is not None:
-            mcpu = preset.target.get("mcpu") or host_cpu()
+            attrs = dict(preset.target) if preset.target else host_target_attrs()
         else:
-            mcpu = arch
-            if not tvm.target.codegen.llvm_is_valid_cpu(
-                mcpu, tvm.target.codegen.llvm_get_system_triple()
-            ):
-                raise UnknownTarget(
-                    f"{arch!r} is neither a cpu preset nor an LLVM CPU name. "
-                    f"fix: pass --arch with one of {', '.join(self.presets())} "
-                    "or an LLVM CPU such as skylake-avx512, znver3"
+            attrs = {"mcpu": arch}
+            triple = str(tvm.target.codegen.llvm_get_system_triple())
+            if not tvm.target.codegen.llvm_is_valid_cpu(arch, triple):
+                cross = next(
+                    (
+                        t
+                        for t in _CROSS_TRIPLES.values()
+                        if tvm.target.codegen.llvm_is_valid_cpu(arch, t)
+                    ),
+                    None,
                 )
-        return tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": usable_cores()})
+                if cross is None:
+                    raise UnknownTarget(
+                        f"{arch!r} is neither a cpu preset nor an LLVM CPU name. "
+                        f"fix: pass --arch with one of {', '.join(self.presets())} "
+                        "or an LLVM CPU such as skylake-avx512, znver3, neoverse-v1"
+                    )
+                attrs["mtriple"] = cross
+        return tvm.target.Target({"kind": "llvm", **attrs, "num-cores": usable_cores()})
+
+    def export(self, executable, target, workdir, options):
+        """Write the library; record the architecture and SIMD features its code needs (checked
+        at load: a missing one is a clear error, not an illegal instruction)."""
+        from qiao.backends.tvm_backend import LIBRARY
+
+        arch = target_arch(target)
+        if arch == self.host_arch():
+            executable.export_library(os.path.join(workdir, LIBRARY))
+        else:  # no cross linker needed: LLVM writes the object, ld.lld links it
+            export_cross_library(executable, os.path.join(workdir, LIBRARY), arch)
+        return {"cpu": {"arch": arch, "features": checked_features(target)}}
+
+    @staticmethod
+    def host_arch() -> str:
+        from qiao.compiler.schedules.cpu_info import host_arch
+
+        return host_arch()
+
+    def load(self, artifact_dir, manifest):
+        needs = manifest["backend"].get("cpu")
+        if needs:
+            missing = missing_on_host(needs["arch"], needs["features"])
+            if missing:
+                raise ArtifactIncompatible(
+                    f"{artifact_dir} was compiled for a {needs['arch']} CPU with "
+                    f"{', '.join(needs['features']) or 'no extra features'}; this machine "
+                    f"({self.host_arch()}) lacks {', '.join(missing)}, so running it would crash. "
+                    "fix: recompile it here (--arch host), or for a baseline every machine you "
+                    "deploy to has (--arch x86-64-v3 for any AVX2 x86-64)"
+                )
+        return super().load(artifact_dir, manifest)
 
     def schedule_passes(self, target, options=None) -> list:
         """qiao's CPU schedules (GEMM, convolution, attention, then parallel/vectorised defaults),
@@ -74,3 +125,28 @@ class CPUBackend(TVMBackend):
 
     def device(self):
         return cpu_device()
+
+
+def export_cross_library(executable, path: str, arch: str) -> None:
+    """Export a library for another architecture: LLVM already wrote the object code for it, and
+    ``ld.lld`` (any architecture) links it into a shared library; no cross compiler is needed."""
+    lld = find_lld()
+    if lld is None:
+        raise ToolchainMissing(
+            f"linking a library for {arch} on this {CPUBackend.host_arch()} machine needs "
+            "ld.lld, which is not installed. fix: apt-get install lld-19, or compile on the "
+            f"{arch} machine itself"
+        )
+
+    def link(output, objects, options=None, **_kwargs):
+        proc = subprocess.run(
+            [lld, "-shared", "-o", output, *objects], capture_output=True, text=True
+        )
+        if proc.returncode != 0:
+            raise CompileError(
+                f"ld.lld failed to link the {arch} library: {proc.stderr.strip()[:300]}. "
+                "fix: report this with the model attached"
+            )
+
+    link.output_format = "so"
+    executable.export_library(path, fcompile=link)

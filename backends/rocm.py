@@ -10,14 +10,13 @@ copy sits beside it (``model.gfx942.hsaco``)."""
 
 from __future__ import annotations
 
-import glob
 import os
 import re
-import shutil
 import subprocess
 import tempfile
 
 from qiao.backends.base import Availability, DevicePreset
+from qiao.backends.toolchains import find_lld
 from qiao.backends.tvm_backend import GPUBackend, tvm_global_funcs
 from qiao.compiler.errors import CompileError, ToolchainMissing, UnknownTarget
 
@@ -28,30 +27,6 @@ _BITCODE_DIRS = (
     "/usr/lib/aarch64-linux-gnu/amdgcn/bitcode",
     "/usr/share/amdgcn/bitcode",
 )
-
-
-def find_lld() -> str | None:
-    """An ``ld.lld`` able to link AMDGPU objects: versioned Debian names, plain ``ld.lld``, LLVM or
-    ROCm installs. ``None`` if there is none."""
-    names = []
-    try:
-        import tvm
-
-        major = tvm.target.codegen.llvm_version_major(allow_none=True)
-        if major:
-            names.append(f"ld.lld-{major}")
-    except Exception:
-        pass
-    names += ["ld.lld"] + [f"ld.lld-{v}" for v in range(30, 14, -1)]
-    for name in names:
-        found = shutil.which(name)
-        if found:
-            return found
-    rocm = os.environ.get("ROCM_PATH", "/opt/rocm")
-    candidates = [f"{rocm}/llvm/bin/ld.lld"] + sorted(
-        glob.glob("/usr/lib/llvm-*/bin/ld.lld"), reverse=True
-    )
-    return next((c for c in candidates if os.access(c, os.X_OK)), None)
 
 
 def find_bitcode_dir() -> str | None:

@@ -54,6 +54,10 @@ class ArtifactCorrupt(QiaoError):
     """An artifact directory is incomplete, modified or of an unknown format version."""
 
 
+class ArtifactIncompatible(QiaoError):
+    """An intact artifact built for a machine this one is not (CPU features, architecture)."""
+
+
 class CompileError(QiaoError):
     """Compilation failed inside TVM or a vendor toolchain."""
 

@@ -57,7 +57,12 @@ def test_tune_measures_and_writes_an_entry_the_lowering_uses(tmp_path, monkeypat
 
     table = tmp_path / "table.json"
     table.write_text(open(TABLE_PATH).read())
-    cpu = target({"kind": "llvm", "mcpu": "znver4"})
+    # Tuning measures on this machine: tune for this machine (an AVX2 host must never run AVX-512
+    # code; test_tune_refuses_code_this_machine_cannot_run covers the refusal).
+    from qiao.backends import get_backend
+
+    cpu = get_backend("cpu").target("host")
+    device = f"cpu/{cpu.attrs['mcpu']}"
     lines = []
     key, best, measured = tune_cpu(
         cpu,
@@ -71,7 +76,7 @@ def test_tune_measures_and_writes_an_entry_the_lowering_uses(tmp_path, monkeypat
         tiles_down=(16, 32),
         prefetch_options=(0, 1),
     )
-    assert key == "cpu/znver4" and best.device == "cpu/znver4"
+    assert key == device and best.device == device
     assert (best.micro_m, best.micro_n) in {(2, 4), (3, 2)} and best.tile_down in (16, 32)
     assert best.prefetch in (0, 1) and set(measured["prefetch"]) == {"0", "1"}
     assert all(v > 0 for v in measured["prefill_up"].values()) and len(lines) == 10
@@ -80,10 +85,10 @@ def test_tune_measures_and_writes_an_entry_the_lowering_uses(tmp_path, monkeypat
     )
     monkeypatch.setenv("QIAO_MOE_TABLE", str(table))
     chosen = lookup(cpu)
-    assert (chosen.device, chosen.micro_m, chosen.micro_n) == ("cpu/znver4", 3, 2)
-    assert json.loads(table.read_text())["measurements"]["cpu/znver4"]["tokens_prefill"] == 24
+    assert (chosen.device, chosen.micro_m, chosen.micro_n) == (device, 3, 2)
+    assert json.loads(table.read_text())["measurements"][device]["tokens_prefill"] == 24
     w = make_weights(4, 32, 16, seed=3)
-    art = compile(moe_model(w, 2), "cpu", tmp_path / "art", arch="znver4")
+    art = compile(moe_model(w, 2), "cpu", tmp_path / "art", arch="host")
     x, logits = inputs(11, 32, 4, seed=1)
     assert_close(
         art.run({"x": x, "logits": logits})["y"],
@@ -118,3 +123,19 @@ def test_tune_cli_dry_run(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "best for cpu/" in proc.stdout and not table.exists()
+
+
+def test_tune_refuses_code_this_machine_cannot_run():
+    from qiao.compiler.errors import QiaoError
+    from qiao.compiler.kernels.moe_common import MoEConfig
+    from qiao.compiler.schedules.cpu_info import host_arch
+    from qiao.compiler.schedules.moe_table import tune_cpu
+
+    # Another architecture is foreign on every host; nothing is compiled or run before the refusal.
+    foreign = (
+        {"kind": "llvm", "mcpu": "znver3", "mtriple": "x86_64-linux-gnu"}
+        if host_arch() == "aarch64"
+        else {"kind": "llvm", "mcpu": "neoverse-v1", "mtriple": "aarch64-linux-gnu"}
+    )
+    with pytest.raises(QiaoError, match="cannot tune .* lacks .*fix:"):
+        tune_cpu(target(foreign), MoEConfig(4, 32, 16, 2), repeat=1, log=lambda *_: None)

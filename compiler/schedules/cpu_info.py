@@ -81,6 +81,129 @@ def _cpu_info(target_json: str) -> CPUInfo:
     return CPUInfo(128, 16, num_cores, has_fma=False)
 
 
+# Linux /proc/cpuinfo flag -> LLVM feature name, for the features that change generated code.
+# A CPU name alone does not say what a machine can run: a VM may report a Zen 4 CPU and mask
+# AVX-512, so the host target masks what the OS does not report, and an artifact records these.
+_X86_FLAGS = {
+    "sse4_1": "sse4.1", "sse4_2": "sse4.2", "avx": "avx", "avx2": "avx2", "fma": "fma",
+    "f16c": "f16c", "bmi1": "bmi", "bmi2": "bmi2", "avx512f": "avx512f", "avx512cd": "avx512cd",
+    "avx512bw": "avx512bw", "avx512dq": "avx512dq", "avx512vl": "avx512vl",
+    "avx512ifma": "avx512ifma", "avx512vbmi": "avx512vbmi", "avx512_vbmi2": "avx512vbmi2",
+    "avx512_vnni": "avx512vnni", "avx512_bf16": "avx512bf16", "avx512_fp16": "avx512fp16",
+    "avx512_bitalg": "avx512bitalg", "avx512_vpopcntdq": "avx512vpopcntdq",
+    "avx_vnni": "avxvnni", "gfni": "gfni", "vaes": "vaes", "vpclmulqdq": "vpclmulqdq",
+    "amx_tile": "amx-tile", "amx_bf16": "amx-bf16", "amx_int8": "amx-int8",
+}  # fmt: skip
+_ARM_FLAGS = {
+    "asimd": "neon", "asimddp": "dotprod", "fphp": "fullfp16", "sve": "sve", "sve2": "sve2",
+    "i8mm": "i8mm", "bf16": "bf16",
+}  # fmt: skip
+
+
+def _arch_of(triple: str) -> str:
+    triple = triple.lower()
+    if triple.startswith(("aarch64", "arm64")):
+        return "aarch64"
+    if triple.startswith(("x86_64", "amd64")):
+        return "x86_64"
+    return triple.split("-", 1)[0]
+
+
+@functools.lru_cache(maxsize=1)
+def host_arch() -> str:
+    """``x86_64``, ``aarch64``... of this machine, as LLVM names its triple."""
+    import tvm
+
+    return _arch_of(str(tvm.target.codegen.llvm_get_system_triple()))
+
+
+@functools.lru_cache(maxsize=1)
+def host_cpu_features() -> frozenset[str] | None:
+    """LLVM names of the checked SIMD features this machine's OS reports (``None``: unknown)."""
+    table = _ARM_FLAGS if host_arch() == "aarch64" else _X86_FLAGS
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return None
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    if not flags:
+        return None
+    return frozenset(llvm for flag, llvm in table.items() if flag in flags)
+
+
+def checked_features(target: Any) -> list[str]:
+    """The SIMD features ``target``'s code may use that a host can be checked for, sorted."""
+    from tvm.target.codegen import llvm_get_cpu_features
+
+    triple = str(target.attrs.get("mtriple", "") or "") or _system_triple()
+    table = _ARM_FLAGS if _arch_of(triple) == "aarch64" else _X86_FLAGS
+    have = {str(f) for f in llvm_get_cpu_features(target)}
+    return sorted(set(table.values()) & have)
+
+
+def _system_triple() -> str:
+    import tvm
+
+    return str(tvm.target.codegen.llvm_get_system_triple())
+
+
+def host_target_attrs() -> dict[str, Any]:
+    """``mcpu`` and ``mattr`` describing this machine: LLVM's CPU name, with every checked feature
+    that name implies but the OS does not report switched off (``-avx512f`` on a VM that calls
+    itself Zen 4 and masks AVX-512)."""
+    import tvm
+
+    mcpu = str(tvm.target.codegen.llvm_get_system_cpu())
+    host = host_cpu_features()
+    attrs: dict[str, Any] = {"mcpu": mcpu}
+    if host is not None:
+        implied = checked_features(tvm.target.Target({"kind": "llvm", "mcpu": mcpu}))
+        masked = [f"-{f}" for f in implied if f not in host]
+        if masked:
+            attrs["mattr"] = masked
+    return attrs
+
+
+def missing_on_host(arch: str, features: Any) -> list[str]:
+    """What this machine lacks to run code for ``arch`` using ``features`` (LLVM names); an
+    architecture mismatch is reported as the architecture."""
+    if arch != host_arch():
+        return [arch]
+    host = host_cpu_features()
+    if host is None:  # nothing to check against (no /proc/cpuinfo): trust the caller
+        return []
+    return sorted(set(features) - host)
+
+
+def target_arch(target: Any) -> str:
+    """The architecture ``target`` generates code for."""
+    return _arch_of(str(target.attrs.get("mtriple", "") or "") or _system_triple())
+
+
+def missing_here(target: Any) -> list[str]:
+    """What this machine lacks to run code compiled for ``target`` (empty: it can run it)."""
+    return missing_on_host(target_arch(target), checked_features(target))
+
+
+def require_runnable_here(target: Any, doing: str) -> None:
+    """Raise ``QiaoError`` unless this machine can run code compiled for ``target``: ``doing`` says
+    what needed to run it (``"tune"``, ``"measure"``)."""
+    from qiao.compiler.errors import QiaoError
+
+    missing = missing_here(target)
+    if missing:
+        raise QiaoError(
+            f"cannot {doing} for mcpu={target.attrs.get('mcpu')!r} here: this machine "
+            f"({host_arch()}) lacks {', '.join(missing)}, so that code would crash it. fix: "
+            f"{doing} on a machine with those features, or use --arch host"
+        )
+
+
 class CPURule:
     """Base of qiao's CPU schedule rules (TVM dlight's ``ScheduleRule`` protocol: ``apply(func,
     target, tunable)`` returns a schedule or ``None``): they apply to LLVM targets only."""

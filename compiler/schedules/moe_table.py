@@ -334,8 +334,9 @@ def tune_cpu(
     ``tiles_*`` and ``prefetch_options`` narrow the search.
     Returns ``(table key, schedule, measurements)``.
     """
-    from qiao.compiler.schedules.cpu_info import cpu_info
+    from qiao.compiler.schedules.cpu_info import cpu_info, require_runnable_here
 
+    require_runnable_here(target, "tune")  # it measures here: foreign code would crash us
     info = cpu_info(target)
     lanes = info.lanes("float32")
     regs = 32 if info.vector_registers >= 32 else 16
