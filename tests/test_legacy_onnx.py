@@ -120,3 +120,43 @@ def test_unknown_initializer_mode_is_an_error(tmp_path):
     assert res.returncode == 2 and "invalid choice" in res.stderr
     with pytest.raises(Exception, match="not a mode"):
         import_onnx(caffe2_style_model(), initializer_inputs="weights")
+
+
+def oddly_named_model() -> onnx.ModelProto:
+    """Every name a C compiler would choke on: slashes, colons, a leading digit, non-ASCII."""
+    w = numpy_helper.from_array(RNG.standard_normal((16, 8)).astype(np.float32), "0:fc/w.权重")
+    nodes = [
+        helper.make_node("MatMul", ["gpu_0/data_0", "0:fc/w.权重"], ["fc:out"]),
+        helper.make_node("Relu", ["fc:out"], ["输出/y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "names",
+        [helper.make_tensor_value_info("gpu_0/data_0", TensorProto.FLOAT, ["n", 16])],
+        [helper.make_tensor_value_info("输出/y", TensorProto.FLOAT, ["n", 8])],
+        [w],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_arbitrary_names_compile_and_keep_their_onnx_names(tmp_path):
+    model = oddly_named_model()
+    artifact = compile(model, "cpu", tmp_path / "cpu")
+    assert [s["name"] for s in artifact.inputs] == ["gpu_0/data_0"]
+    x = RNG.standard_normal((5, 16)).astype(np.float32)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (expected,) = sess.run(None, {"gpu_0/data_0": x})
+    assert_close(artifact.run({"gpu_0/data_0": x})["输出/y"], expected)
+
+
+@pytest.mark.parametrize("target,arch", [("cuda", "sm_80"), ("rocm", "gfx942")])
+def test_arbitrary_names_make_valid_gpu_code(tmp_path, target, arch):
+    from qiao.backends import get_backend
+
+    avail = get_backend(target).availability()
+    if not avail.can_compile:
+        pytest.skip(f"{target} code generation unavailable here: {avail.status}")
+    artifact = compile(caffe2_style_model(), target, tmp_path / target, arch=arch)
+    assert artifact.manifest["backend"]["kernels"], "device kernels listed"
+    artifact = compile(oddly_named_model(), target, tmp_path / "odd", arch=arch)
+    assert artifact.manifest["backend"]["kernels"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
@@ -59,6 +60,12 @@ class QiaoImporter(onnx_frontend.ONNXGraphImporter):
                 self._params[var_name] = (init_var, array)
             else:
                 self._nodes[init_tensor.name] = relax.const(array)
+
+    def _sanitize_name(self, name: str) -> str:
+        # Names reach generated source as identifiers (CUDA kernel parameters are named after the
+        # graph inputs): TVM's own sanitiser only replaces "."; Caffe2/TensorFlow names such as
+        # "gpu_0/data_0", and any non-ASCII name, must become C identifiers on every backend.
+        return super()._sanitize_name(re.sub(r"[^0-9A-Za-z_]", "_", name) if name else name)
 
     def _check_for_unsupported_ops(self, graph):
         # qiao.compiler.frontend.find_unsupported_ops already scanned the whole graph.
