@@ -82,13 +82,35 @@ def _export_to_proto(module, args, **kwargs) -> onnx.ModelProto:
         return onnx.load(path)  # loads external data too
 
 
+def model_files_sha256(path: str) -> str:
+    """sha256 of an ONNX file and the external data files it names, read by path in chunks (a
+    model over 2 GB is never serialised to hash it)."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    from qiao.compiler.frontend import iter_tensors
+
+    graph = onnx.load(path, load_external_data=False).graph
+    base = os.path.dirname(os.path.abspath(path))
+    locations = sorted(
+        {ExternalDataInfo(t).location for t in iter_tensors(graph) if uses_external_data(t)}
+    )
+    digest = hashlib.sha256()
+    for file in [path] + [os.path.join(base, loc) for loc in locations]:
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def default_output_dir(model_name: str, target: str, arch: str | None) -> str:
     parts = [model_name, target] + ([arch] if arch else [])
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(parts))
 
 
 def save_proto(proto: onnx.ModelProto, path: str) -> None:
-    if proto.ByteSize() > (1 << 31) - (64 << 20):
+    from qiao.compiler.frontend import proto_size
+
+    if proto_size(proto) > (1 << 31) - (64 << 20):
         onnx.save(
             proto, path, save_as_external_data=True, location=os.path.basename(path) + ".data"
         )
@@ -133,7 +155,7 @@ def compile(
     Artifact
     """
     from qiao.backends import get_backend
-    from qiao.compiler.frontend import import_onnx
+    from qiao.compiler.frontend import fits_protobuf, import_onnx
 
     backend = get_backend(target)
     if arch is not None:
@@ -149,14 +171,11 @@ def compile(
         resolved.proto, to_relax=backend.imports_relax, initializer_inputs=init_mode
     )
     out = os.fspath(output_dir) if output_dir else default_output_dir(resolved.name, target, arch)
-    serialized = (
-        resolved.proto.SerializeToString() if resolved.proto.ByteSize() < (1 << 31) else b""
-    )
-    source = dict(
-        resolved.source, sha256=hashlib.sha256(serialized).hexdigest() if serialized else None
-    )
+    source = dict(resolved.source, sha256=None)
     if "path" in source and os.path.isfile(source["path"]):
-        source["sha256"] = art.sha256_file(source["path"])
+        source["sha256"] = model_files_sha256(source["path"])
+    elif fits_protobuf(resolved.proto):
+        source["sha256"] = hashlib.sha256(resolved.proto.SerializeToString()).hexdigest()
 
     import tvm
 
@@ -241,8 +260,12 @@ class Artifact:
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run once. ``inputs`` maps every input name to an array of the manifest's dtype/shape."""
+        from qiao.compiler.frontend import lowprec
+
         ordered = self.check_inputs(inputs)
-        outputs = self.runner.run(ordered)
+        # float8/float4/int4/int2 tensors run as their storage type (see ``lowprec``).
+        outputs = self.runner.run(lowprec.inputs_to_storage(self.inputs, ordered))
+        outputs = lowprec.outputs_from_storage(self.outputs, outputs)
         return dict(zip([o["name"] for o in self.outputs], outputs))
 
     def random_inputs(

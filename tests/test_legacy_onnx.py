@@ -160,3 +160,76 @@ def test_arbitrary_names_make_valid_gpu_code(tmp_path, target, arch):
     assert artifact.manifest["backend"]["kernels"], "device kernels listed"
     artifact = compile(oddly_named_model(), target, tmp_path / "odd", arch=arch)
     assert artifact.manifest["backend"]["kernels"]
+
+
+def external_data_model(tmp_path, rows: int = 64):
+    """Two Gather tables kept in an external data file beside the model."""
+    tables = [np.full((rows, 32), i + 1, np.float32) for i in range(2)]
+    nodes = [helper.make_node("Gather", [f"w{i}", "idx"], [f"g{i}"], axis=0) for i in range(2)]
+    nodes.append(helper.make_node("Add", ["g0", "g1"], ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        "tables",
+        [helper.make_tensor_value_info("idx", TensorProto.INT64, ["k"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["k", 32])],
+        [numpy_helper.from_array(t, f"w{i}") for i, t in enumerate(tables)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "tables.onnx"
+    onnx.save(model, path, save_as_external_data=True, location="tables.data", size_threshold=0)
+    return path
+
+
+def test_sizes_past_protobufs_limit_are_counted_without_serialising():
+    from qiao.compiler.frontend import fits_protobuf, proto_size
+
+    class Huge:  # a ModelProto past 2 GB, as protobuf treats it: ByteSize raises
+        def __init__(self, tensor_bytes: int):
+            self.graph = onnx.GraphProto()
+            if tensor_bytes:
+                self.graph.initializer.add().raw_data = b"\0" * tensor_bytes
+
+        def ByteSize(self):
+            from google.protobuf.message import EncodeError
+
+            raise EncodeError("Failed to serialize proto")
+
+    huge = Huge(1024)
+    assert proto_size(huge) == 1024 and fits_protobuf(huge)
+    assert not fits_protobuf(Huge(0))  # no tensors to count: assume too large, never serialise
+
+
+def test_external_data_is_checked_small_then_loaded_and_hashed_by_path(tmp_path, monkeypatch):
+    from qiao.compiler import driver
+    from qiao.compiler import frontend as fe
+
+    path = external_data_model(tmp_path)
+    # The checker reads the file by path (external data beside it): serialising a loaded model
+    # over 2 GB is what failed ("Failed to serialize proto").
+    checked = []
+    real_check = onnx.checker.check_model
+    monkeypatch.setattr(
+        onnx.checker, "check_model", lambda m, *a, **k: (checked.append(m), real_check(m))[1]
+    )
+    proto = fe.load_onnx(str(path))
+    assert checked == [str(path)]
+    assert numpy_helper.to_array(proto.graph.initializer[1])[0, 0] == 2.0  # data loaded
+    monkeypatch.setattr(onnx.checker, "check_model", real_check)
+
+    artifact = compile(str(path), "cpu", tmp_path / "art")
+    import hashlib
+
+    whole = hashlib.sha256(path.read_bytes() + (tmp_path / "tables.data").read_bytes())
+    assert artifact.manifest["source"]["sha256"] == whole.hexdigest()
+    assert driver.model_files_sha256(str(path)) == whole.hexdigest()
+    idx = np.array([3, 0, 63], dtype=np.int64)
+    assert_close(artifact.run({"idx": idx})["y"], np.full((3, 32), 3.0, np.float32), 0, 0)
+
+
+def test_missing_external_data_is_a_clear_error(tmp_path):
+    path = external_data_model(tmp_path)
+    (tmp_path / "tables.data").unlink()
+    res = run_cli("compile", str(path), "--target", "cpu", "-o", str(tmp_path / "art"))
+    assert res.returncode == 2 and "fix:" in res.stderr and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not (tmp_path / "art").exists()

@@ -31,10 +31,14 @@ _CONVERTERS: dict[str, Any] = {}
 _DOMAINS: dict[str, str] = {}  # op type -> the domain its qiao converter is for
 _PROTOBUF_LIMIT = (1 << 31) - 1
 # Modules whose import registers converters (kept lazy: importing them pulls in TVM).
-_CONVERTER_MODULES = ("qiao.compiler.frontend.converters", "qiao.compiler.frontend.moe")
+_CONVERTER_MODULES = (
+    "qiao.compiler.frontend.converters",
+    "qiao.compiler.frontend.moe",
+    "qiao.compiler.frontend.convert_lowprec",
+)
 
 # Operators whose domain is not the default ONNX one but which qiao understands.
-KNOWN_DOMAINS = {"", "ai.onnx", "com.microsoft"}
+KNOWN_DOMAINS = {"", "ai.onnx", "com.microsoft", "ai.onnx.preview"}
 
 
 def register_converter(op_type: str, domain: str = ""):
@@ -85,6 +89,20 @@ class ImportedModel:
     initializer_inputs_as: str = "constants"
 
 
+def proto_size(proto: onnx.ModelProto) -> int:
+    """Serialised size of ``proto`` in bytes; over 2 GB protobuf cannot even count it (its
+    ``ByteSize`` raises), so the size is then the sum of the tensors' bytes, which exceeds it."""
+    try:
+        return proto.ByteSize()
+    except Exception:  # google.protobuf.message.EncodeError: "Failed to serialize proto"
+        return sum(len(t.raw_data) for t in iter_tensors(proto.graph)) or _PROTOBUF_LIMIT + 1
+
+
+def fits_protobuf(proto: onnx.ModelProto) -> bool:
+    """Whether ``proto`` can be serialised as one message (under protobuf's 2 GB limit)."""
+    return proto_size(proto) < _PROTOBUF_LIMIT
+
+
 def load_onnx(model) -> onnx.ModelProto:
     """Read an ONNX model from a path (or take a ``ModelProto``) and check it is well formed."""
     if isinstance(model, onnx.ModelProto):
@@ -98,7 +116,9 @@ def load_onnx(model) -> onnx.ModelProto:
                 f"{path}: no such file. fix: pass the path to an existing .onnx file"
             )
         try:
-            proto = onnx.load(path)
+            # The graph first, without external data: a model with external data over 2 GB
+            # cannot be serialised (not even sized) by protobuf once its tensors are loaded.
+            proto = onnx.load(path, load_external_data=False)
         except Exception as err:  # protobuf raises DecodeError, RuntimeError, ...
             raise InvalidModel(
                 f"{path} is not a readable ONNX model ({type(err).__name__}: {err}). "
@@ -110,10 +130,12 @@ def load_onnx(model) -> onnx.ModelProto:
             "with torch.onnx.export or another ONNX exporter"
         )
     try:
-        if proto.ByteSize() < _PROTOBUF_LIMIT:
+        if not isinstance(model, onnx.ModelProto):
+            # By path: the checker reads the file and finds external data beside it; nothing
+            # over 2 GB is ever serialised.
+            onnx.checker.check_model(os.fspath(model))
+        elif fits_protobuf(proto):
             onnx.checker.check_model(proto)
-        elif not isinstance(model, onnx.ModelProto):
-            onnx.checker.check_model(os.fspath(model))  # over 2 GB: the checker reads the file
         # An in-memory model over 2 GB cannot be serialised for the checker; it came from qiao's
         # own exporter (or the caller), and the importer still rejects anything malformed.
     except Exception as err:
@@ -121,7 +143,40 @@ def load_onnx(model) -> onnx.ModelProto:
             f"{where} fails the ONNX checker: {str(err).strip().splitlines()[0]}. "
             "fix: re-export the model; a truncated or hand-edited file fails this way"
         ) from err
+    if not isinstance(model, onnx.ModelProto):
+        _load_external_data(proto, os.fspath(model))
     return proto
+
+
+def _load_external_data(proto: onnx.ModelProto, path: str) -> None:
+    """Read the tensors a model keeps in external files (beside ``path``) into ``proto``."""
+    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+
+    tensors = [t for t in iter_tensors(proto.graph) if uses_external_data(t)]
+    if not tensors:
+        return
+    try:
+        load_external_data_for_model(proto, os.path.dirname(os.path.abspath(path)))
+    except Exception as err:  # missing/short data file, a location outside the folder, ...
+        raise InvalidModel(
+            f"{path}: cannot read its external data ({type(err).__name__}: "
+            f"{str(err).strip().splitlines()[0] if str(err).strip() else 'no detail'}). "
+            "fix: keep the data files the model names beside it, complete and unrenamed"
+        ) from err
+
+
+def iter_tensors(graph: onnx.GraphProto):
+    """Every tensor of a graph: initializers and tensor attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from iter_tensors(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from iter_tensors(g)
 
 
 def _convert_map():
@@ -152,7 +207,7 @@ def find_unsupported_ops(proto: onnx.ModelProto) -> dict[str, list[str]]:
         domain = node.domain or ""
         key = node.op_type if domain in ("", "ai.onnx") else f"{domain}::{node.op_type}"
         ok = domain in KNOWN_DOMAINS and (node.op_type in convert_map or node.op_type in handled)
-        if domain == "com.microsoft" and _DOMAINS.get(node.op_type) != "com.microsoft":
+        if domain in ("com.microsoft", "ai.onnx.preview") and _DOMAINS.get(node.op_type) != domain:
             ok = False
         if not ok:
             bad.setdefault(key, []).append(node.name or f"<unnamed node #{i}>")
@@ -265,12 +320,15 @@ def import_onnx(
         return ImportedModel(None, {}, inputs, outputs, opset, proto, op_types, **extra)
 
     from qiao.compiler.frontend.importer import QiaoImporter
+    from qiao.compiler.frontend.lowprec import lower_low_precision
 
     importer = QiaoImporter(_convert_map(), {s.name: s.shape for s in inputs}, PARAM_MIN_ELEMENTS)
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log):  # TVM prints "Error converting operator ..." itself
-            mod, params = importer.run(proto, opset)
+            # float8/float4/int4/int2 tensors in a storage type TVM has (the specs above keep the
+            # ONNX dtypes; the runner converts at the boundary).
+            mod, params = importer.run(lower_low_precision(proto), opset)
     except QiaoError:
         raise
     except Exception as err:
@@ -288,8 +346,11 @@ __all__ = [
     "ImportedModel",
     "TensorSpec",
     "find_unsupported_ops",
+    "fits_protobuf",
     "import_onnx",
+    "iter_tensors",
     "load_onnx",
+    "proto_size",
     "register_converter",
     "split_initializer_inputs",
 ]
