@@ -152,7 +152,7 @@ def _in_memory_runner(executable, params, device):
 
 def _prepare_in_memory(model: onnx.ModelProto) -> QiaoBackendRep:
     from qiao.backends import get_backend
-    from qiao.compiler.frontend import import_onnx
+    from qiao.compiler.frontend import import_onnx, lowprec
 
     imported = import_onnx(model)
     backend = get_backend("cpu")
@@ -161,12 +161,14 @@ def _prepare_in_memory(model: onnx.ModelProto) -> QiaoBackendRep:
     input_names, output_names = _graph_io(model)
 
     def run_ordered(inputs: list) -> list:
+        # float8/int4/... arrays in as their storage, and back (as ``Artifact.run`` does).
+        inputs = lowprec.inputs_to_storage(imported.inputs, inputs)
         result = runner.vm["main"](*runner._args(inputs))
         # One graph output comes back bare (a tensor, or a tuple for an ONNX sequence), several
         # as a tuple.
         if len(output_names) == 1:
-            return [_to_numpy(result)]
-        return [_to_numpy(r) for r in result]
+            return lowprec.outputs_from_storage(imported.outputs, [_to_numpy(result)])
+        return lowprec.outputs_from_storage(imported.outputs, [_to_numpy(r) for r in result])
 
     return QiaoBackendRep(run_ordered, input_names, output_names)
 
