@@ -96,30 +96,6 @@ EXCLUSIONS: tuple[Exclusion, ...] = (
     # --- data types TVM does not support ----------------------------------------------------------
     Exclusion(
         "xfail",
-        "sub-byte integers (int4/uint4/int2/uint2) and float4e2m1: TVM's runtime cannot copy "
-        "packed tensors in or out, and its LLVM codegen has no casts for them",
-        (
-            r"test_cast(like)?_.*(INT4|INT2|FLOAT4E2M1).*",
-            r"test_(de)?quantizelinear_(u?int4|u?int2|float4e2m1)",
-        ),
-    ),
-    Exclusion(
-        "xfail",
-        "float8 / e8m0: TVM's vectorised float8 casts fail to compile (if_then_else on vector "
-        "lanes) and float8 inputs decode differently from onnx's saturation rules",
-        (
-            r"test_cast(like)?_(no_saturate_)?(?!e8m0).*FLOAT8.*",
-            r"test_cast_e8m0_FLOAT(16)?_to_FLOAT8E8M0",
-            r"test_(de)?quantizelinear_(e4m3fn|e5m2).*",
-        ),
-    ),
-    Exclusion(
-        "xfail",
-        "blocked (per-block scale) quantisation is not implemented by TVM's converters",
-        (r"test_(de)?quantizelinear_blocked.*",),
-    ),
-    Exclusion(
-        "xfail",
         "ONNX optional and sequence values as graph inputs/outputs: TVM's VM signature takes "
         "tensors only, and the importer has no representation for an empty optional",
         (
