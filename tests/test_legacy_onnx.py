@@ -30,8 +30,12 @@ def caffe2_style_model(opset: int = 8) -> onnx.ModelProto:
     shape = numpy_helper.from_array(np.array([1, -1], dtype=np.int64), "flat_shape")
     nodes = [
         helper.make_node(
-            "Conv", ["gpu_0/data_0", "conv1_w_0", "conv1_b_0"], ["conv1_1"], pads=[1, 1, 1, 1],
-            kernel_shape=[3, 3], strides=[2, 2],
+            "Conv",
+            ["gpu_0/data_0", "conv1_w_0", "conv1_b_0"],
+            ["conv1_1"],
+            pads=[1, 1, 1, 1],
+            kernel_shape=[3, 3],
+            strides=[2, 2],
         ),
         helper.make_node("Relu", ["conv1_1"], ["conv1_2"]),
         helper.make_node("Reshape", ["conv1_2", "flat_shape"], ["flat_1"]),
@@ -46,9 +50,7 @@ def caffe2_style_model(opset: int = 8) -> onnx.ModelProto:
         shape,
     ]
     inputs = [helper.make_tensor_value_info("gpu_0/data_0", TensorProto.FLOAT, [1, 3, 8, 8])]
-    inputs += [
-        helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits
-    ]
+    inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits]
     out = helper.make_tensor_value_info("gpu_0/softmax_1", TensorProto.FLOAT, [1, 10])
     graph = helper.make_graph(nodes, "caffe2_net", inputs, [out], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
@@ -64,7 +66,11 @@ def test_initializers_listed_as_inputs_are_constants_by_default(tmp_path):
     imported = import_onnx(str(path))
     assert [s.name for s in imported.inputs] == ["gpu_0/data_0"]
     assert imported.initializer_inputs == [
-        "conv1_w_0", "conv1_b_0", "fc_w_0", "fc_b_0", "flat_shape"
+        "conv1_w_0",
+        "conv1_b_0",
+        "fc_w_0",
+        "fc_b_0",
+        "flat_shape",
     ]
     # The weights are parameters (packed once at load), not run-time inputs.
     assert {"conv1_w_0", "fc_w_0"} <= set(imported.params)
@@ -114,8 +120,14 @@ def test_cli_reports_initializer_inputs_and_validates(tmp_path):
 
 def test_unknown_initializer_mode_is_an_error(tmp_path):
     res = run_cli(
-        "compile", "mlp", "--target", "cpu", "-o", str(tmp_path / "a"),
-        "--initializer-inputs", "weights",
+        "compile",
+        "mlp",
+        "--target",
+        "cpu",
+        "-o",
+        str(tmp_path / "a"),
+        "--initializer-inputs",
+        "weights",
     )
     assert res.returncode == 2 and "invalid choice" in res.stderr
     with pytest.raises(Exception, match="not a mode"):
@@ -233,3 +245,111 @@ def test_missing_external_data_is_a_clear_error(tmp_path):
     assert res.returncode == 2 and "fix:" in res.stderr and "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert not (tmp_path / "art").exists()
+
+
+def _single_op_model(opset, node, inputs, inits=(), ir_version=4):
+    """One node at ``opset``; output types from onnx's shape inference (old IR needs them)."""
+    graph = helper.make_graph(
+        [node],
+        "old",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
+        [helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, None)],
+        list(inits),
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = ir_version
+    inferred = onnx.shape_inference.infer_shapes(model)
+    for out, typed in zip(model.graph.output, inferred.graph.output):
+        out.CopyFrom(typed)
+        if not out.type.tensor_type.HasField("shape"):  # experimental ops: no inference
+            out.CopyFrom(helper.make_tensor_value_info(out.name, TensorProto.FLOAT, inputs[0][1]))
+    onnx.checker.check_model(model)
+    return model
+
+
+X4 = ("x", [2, 3, 6, 6])
+SCALES = numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")
+# Downscales keep in * scale integral: TVM's Resize maps coordinates by the size ratio, not by the
+# given scale, which differs when the output size was rounded (e.g. 6 * 0.75) at any opset.
+OLD_FORMS = {
+    # Operators whose old form TVM's importer lacks (it picks a newer converter): upgraded by
+    # onnx's version converter before the import.
+    "upsample_v7": (7, helper.make_node("Upsample", ["x"], ["y"], scales=[1.0, 1.0, 2.0, 3.0]), ()),
+    "upsample_v9": (9, helper.make_node("Upsample", ["x", "scales"], ["y"]), (SCALES,)),
+    "upsample_v9_bilinear": (
+        9,
+        helper.make_node("Upsample", ["x", "scales"], ["y"], mode="linear"),
+        (SCALES,),
+    ),
+    "resize_v10": (10, helper.make_node("Resize", ["x", "scales"], ["y"]), (SCALES,)),
+    "resize_v10_linear_down": (
+        10,
+        helper.make_node("Resize", ["x", "down"], ["y"], mode="linear"),
+        (numpy_helper.from_array(np.array([1, 1, 0.5, 0.5], np.float32), "down"),),
+    ),
+    "resize_v10_nearest_down": (
+        10,
+        helper.make_node("Resize", ["x", "down"], ["y"]),
+        (numpy_helper.from_array(np.array([1, 1, 0.5, 0.5], np.float32), "down"),),
+    ),
+    "upsample_v9_fractional": (
+        9,
+        helper.make_node("Upsample", ["x", "frac"], ["y"]),
+        (numpy_helper.from_array(np.array([1, 1, 1.5, 2.5], np.float32), "frac"),),
+    ),
+    "slice_v9": (
+        9,
+        helper.make_node("Slice", ["x"], ["y"], starts=[1, -4], ends=[3, 100], axes=[2, 3]),
+        (),
+    ),
+    "pad_v9": (9, helper.make_node("Pad", ["x"], ["y"], pads=[0, 0, 1, 2, 0, 0, 2, 1]), ()),
+    "topk_v9": (9, helper.make_node("TopK", ["x"], ["y", "i"], k=2), ()),
+    "softmax_v8": (8, helper.make_node("Softmax", ["x"], ["y"], axis=2), ()),
+    "clip_v6": (6, helper.make_node("Clip", ["x"], ["y"], min=-0.3, max=0.4), ()),
+    "batchnorm_v7_spatial": (
+        7,
+        helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], spatial=1),
+        tuple(numpy_helper.from_array(RNG.random(3).astype(np.float32) + 0.5, n) for n in "sbmv"),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OLD_FORMS))
+def test_old_opset_semantics_match_onnxruntime(case, tmp_path):
+    opset, node, inits = OLD_FORMS[case]
+    model = _single_op_model(opset, node, [X4], inits)
+    x = RNG.standard_normal(X4[1]).astype(np.float32)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    expected = sess.run(None, {"x": x})
+    artifact = compile(model, "cpu", tmp_path / case)
+    got = artifact.run({"x": x})
+    for out, ref in zip(model.graph.output, expected):
+        assert_close(got[out.name], ref, rtol=1e-5, atol=1e-6, name=out.name)
+
+
+def _softplus(z):
+    return np.maximum(z, 0) + np.log1p(np.exp(-np.abs(z)))
+
+
+EXPERIMENTAL = {
+    # Opset 1-9 experimental operators (Caffe2-converted models), against NumPy.
+    "ImageScaler": (
+        {"scale": 0.5, "bias": [1.0, -2.0, 3.0]},
+        lambda x: 0.5 * x + np.array([1.0, -2.0, 3.0], np.float32).reshape(1, 3, 1, 1),
+    ),
+    "ScaledTanh": ({"alpha": 2.0, "beta": 0.5}, lambda x: 2.0 * np.tanh(0.5 * x)),
+    "Affine": ({"alpha": 3.0, "beta": -1.0}, lambda x: 3.0 * x - 1.0),
+    "ParametricSoftplus": (
+        {"alpha": 1.5, "beta": 20.0},
+        lambda x: 1.5 * _softplus(20.0 * x.astype(np.float64)),
+    ),
+}
+
+
+@pytest.mark.parametrize("op", sorted(EXPERIMENTAL))
+def test_experimental_operators_of_old_opsets(op, tmp_path):
+    attrs, reference = EXPERIMENTAL[op]
+    model = _single_op_model(8, helper.make_node(op, ["x"], ["y"], **attrs), [X4])
+    x = RNG.standard_normal(X4[1]).astype(np.float32) * 4  # beta*x up to ~±300: no overflow
+    got = compile(model, "cpu", tmp_path / op).run({"x": x})["y"]
+    assert_close(got, reference(x).astype(np.float32), rtol=1e-5, atol=1e-5)

@@ -87,6 +87,9 @@ class ImportedModel:
     # "constants" (weights, folded and packed like any initializer) or "inputs" (fed at run time).
     initializer_inputs: list[str] = field(default_factory=list)
     initializer_inputs_as: str = "constants"
+    # The default-domain opset the Relax import used (``opset`` upgraded by onnx's version
+    # converter when the model's is older than TVM's converters understand; see upgrade_opset).
+    imported_opset: int | None = None
 
 
 def proto_size(proto: onnx.ModelProto) -> int:
@@ -274,6 +277,58 @@ def split_initializer_inputs(proto: onnx.ModelProto, mode: str) -> tuple[onnx.Mo
     return out, (fed if mode == "inputs" else listed)
 
 
+# Opsets below this have operators whose old form TVM's importer lacks (it then silently picks a
+# newer converter): Slice 1-9 (attributes), Upsample, Resize 10, Pad 2-10, TopK 1-9.
+UPGRADE_BELOW_OPSET = 11
+
+
+def upgrade_opset(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """The model at opset ``UPGRADE_BELOW_OPSET`` if it is older, through onnx's version converter
+    (which knows every operator's semantic changes), and the opset the result has.
+
+    Models the converter cannot take (experimental operators without a schema, such as
+    ImageScaler; protos over 2 GB) stay as they are: qiao's converters then see the old opset.
+    """
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
+    if opset >= UPGRADE_BELOW_OPSET or not fits_protobuf(proto):
+        return proto, opset
+    from onnx import version_converter
+
+    try:
+        upgraded = version_converter.convert_version(proto, UPGRADE_BELOW_OPSET)
+    except Exception:  # noqa: BLE001 - an op without an adapter: import at the original opset
+        return proto, opset
+    # Upsample (any opset) and Resize-10 sample at asymmetric coordinates (x_in = x_out / scale;
+    # nearest rounds down, or up when shrinking, as ONNX Runtime does); the converter's Resize-11
+    # keeps the new default, half_pixel, which differs for linear modes and non-integer scales.
+    constants = {t.name: t for t in proto.graph.initializer}
+    rounding = {}
+    for n in _iter_nodes(proto.graph):
+        if n.op_type in ("Upsample", "Resize"):
+            scales = constants.get(n.input[1]) if len(n.input) > 1 else None
+            shrink = scales is not None and bool(
+                (onnx.numpy_helper.to_array(scales) < 1).any()
+                and (onnx.numpy_helper.to_array(scales) <= 1).all()
+            )
+            rounding[n.output[0]] = "ceil" if shrink else "floor"
+    for node in _iter_nodes(upgraded.graph):
+        if node.op_type == "Resize" and node.output[0] in rounding:
+            kept = [
+                a
+                for a in node.attribute
+                if a.name not in ("coordinate_transformation_mode", "nearest_mode")
+            ]
+            del node.attribute[:]
+            node.attribute.extend(kept)
+            node.attribute.extend(
+                [
+                    onnx.helper.make_attribute("coordinate_transformation_mode", "asymmetric"),
+                    onnx.helper.make_attribute("nearest_mode", rounding[node.output[0]]),
+                ]
+            )
+    return upgraded, UPGRADE_BELOW_OPSET
+
+
 def import_onnx(
     model,
     shape_dict: dict | None = None,
@@ -328,7 +383,8 @@ def import_onnx(
         with contextlib.redirect_stdout(log):  # TVM prints "Error converting operator ..." itself
             # float8/float4/int4/int2 tensors in a storage type TVM has (the specs above keep the
             # ONNX dtypes; the runner converts at the boundary).
-            mod, params = importer.run(lower_low_precision(proto), opset)
+            relax_proto, imported_opset = upgrade_opset(lower_low_precision(proto))
+            mod, params = importer.run(relax_proto, imported_opset)
     except QiaoError:
         raise
     except Exception as err:
@@ -339,7 +395,9 @@ def import_onnx(
             "fix: rerun with --debug for the trace; "
             "a converter in a qiao.compiler.frontend.convert_* module can override TVM's for the op"
         ) from err
-    return ImportedModel(mod, params, inputs, outputs, opset, proto, op_types, **extra)
+    return ImportedModel(
+        mod, params, inputs, outputs, opset, proto, op_types, **extra, imported_opset=imported_opset
+    )
 
 
 __all__ = [
@@ -353,4 +411,5 @@ __all__ = [
     "proto_size",
     "register_converter",
     "split_initializer_inputs",
+    "upgrade_opset",
 ]
