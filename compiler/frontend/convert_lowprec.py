@@ -121,8 +121,9 @@ def encode(x: te.Tensor, t: LowPrecType, saturate: bool, round_mode: int) -> te.
         if not t.is_float:
             return encode_int(v, t).astype(t.storage)
         if str(v.ty) != "float32":
-            # float16/bfloat16 widen exactly; float64 and wide integers round twice (first to
-            # float32), which can differ from a direct rounding in the last place.
+            # float16/bfloat16 widen exactly. float64 (and wide integers) round to float32 first,
+            # as onnx's reference (ml_dtypes) and ONNX Runtime do: a value just off a tie can
+            # become the tie, so this double rounding is what their outputs hold.
             v = v.astype("float32")
         bits = (
             encode_e8m0(v, saturate, round_mode)
