@@ -281,6 +281,8 @@ class Artifact:
 def random_inputs(
     specs, seed: int = 0, dims: Mapping[str, int] | None = None
 ) -> dict[str, np.ndarray]:
+    from qiao.compiler.frontend import lowprec
+
     rng = np.random.default_rng(seed)
     dims = dict(dims or {})
     out = {}
@@ -293,6 +295,8 @@ def random_inputs(
             out[spec["name"]] = rng.integers(0, 8, shape).astype(dtype)
         elif dtype.kind == "b":
             out[spec["name"]] = rng.integers(0, 2, shape).astype(bool)
+        elif (low := lowprec.random_array(rng, shape, spec["dtype"])) is not None:
+            out[spec["name"]] = low  # float8/float4/int4/int2 (ml_dtypes, NumPy kind "V")
         else:
             raise QiaoError(
                 f"cannot make random inputs of dtype {dtype} for {spec['name']!r}; pass --inputs"

@@ -61,6 +61,19 @@ def test_storage_round_trip(t):
         np.testing.assert_array_equal(stored, values.astype(np.int64))
 
 
+def test_random_inputs_cover_low_precision():
+    from qiao.compiler.driver import random_inputs
+
+    specs = [{"name": t.name, "dtype": t.name, "shape": [200]} for t in FLOATS + INTS]
+    got = random_inputs(specs, seed=0)
+    for t in FLOATS + INTS:
+        values = got[t.name]
+        assert values.dtype == lowprec.ml_dtype(t.name)
+        wide = values.astype(np.float32)
+        assert np.isfinite(wide).all(), t.name
+        assert len(np.unique(wide)) > 2, t.name
+
+
 # --- encoding: compiled Cast against onnx's reference functions -----------------------------------
 def _probe_values(t) -> np.ndarray:
     """Inputs (float64) that exercise every rounding decision of float format ``t``: each code's

@@ -164,6 +164,19 @@ def from_storage(value: Any, dtype: str) -> np.ndarray:
     return array.astype(ml_dtype(dtype))
 
 
+def random_array(rng: np.random.Generator, shape: tuple, dtype: str) -> np.ndarray | None:
+    """Seeded random values of the low-precision dtype ``dtype`` (standard normal rounded to a
+    float format, or the whole range of an integer type); ``None`` for other dtypes."""
+    t = _BY_NAME.get(dtype)
+    if t is None:
+        return None
+    if t.is_float:
+        values = rng.standard_normal(shape).astype(np.float32)
+        return (values if t.signed else np.abs(values)).astype(ml_dtype(dtype))  # e8m0: no sign
+    lo, hi = (-(1 << (t.bits - 1)), 1 << (t.bits - 1)) if t.signed else (0, 1 << t.bits)
+    return rng.integers(lo, hi, shape).astype(ml_dtype(dtype))
+
+
 def inputs_to_storage(specs: Sequence[Any], inputs: Sequence[Any]) -> list:
     """Inputs ordered as ``specs`` (manifest dicts or ``TensorSpec``), each as its storage."""
     return [to_storage(x, _spec_dtype(s)) for s, x in zip(specs, inputs)]
@@ -491,6 +504,7 @@ __all__ = [
     "inputs_to_storage",
     "lower_low_precision",
     "outputs_from_storage",
+    "random_array",
     "to_storage",
     "uses_low_precision",
 ]
