@@ -277,3 +277,45 @@ def test_models_without_low_precision_are_untouched():
     graph = helper.make_graph([helper.make_node("Cast", ["x"], ["y"], to=10)], "g", [x], [y])
     model = helper.make_model(graph, opset_imports=OPSET)
     assert lowprec.lower_low_precision(model) is model
+
+
+def test_quantised_weights_through_data_movement(compile_model):
+    """The weight-only pattern: int4 and float8 initializers (int4 packed two to a byte in the
+    file), moved by Transpose/Reshape on their storage, dequantised per axis, then MatMul."""
+    from onnx.reference import ReferenceEvaluator
+
+    rng = np.random.default_rng(2)
+    w4 = rng.integers(-8, 8, (16, 6)).astype(lowprec.ml_dtype("int4"))  # stored as (N, K)
+    zp4 = rng.integers(-2, 3, (16,)).astype(lowprec.ml_dtype("int4"))
+    w8 = (rng.standard_normal((6, 16)) * 3).astype(lowprec.ml_dtype("float8_e4m3fn"))
+    s4 = rng.uniform(0.1, 1.0, (16,)).astype(np.float32)
+    s8 = np.float32(0.25)
+    nodes = [
+        helper.make_node("Transpose", ["w4"], ["w4t"], perm=[1, 0]),
+        helper.make_node("DequantizeLinear", ["w4t", "s4", "zp4"], ["d4"], axis=1),
+        helper.make_node("Reshape", ["w8", "shape"], ["w8r"]),
+        helper.make_node("DequantizeLinear", ["w8r", "s8"], ["d8"]),
+        helper.make_node("MatMul", ["x", "d4"], ["h"]),
+        helper.make_node("MatMul", ["x", "d8"], ["g"]),
+        helper.make_node("Add", ["h", "g"], ["y"]),
+    ]
+    inits = [
+        numpy_helper.from_array(w4, "w4"),
+        numpy_helper.from_array(zp4, "zp4"),
+        numpy_helper.from_array(w8, "w8"),
+        numpy_helper.from_array(s4, "s4"),
+        numpy_helper.from_array(s8, "s8"),
+        numpy_helper.from_array(np.array([6, 16], np.int64), "shape"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "weights",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 16])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=OPSET)
+    x = rng.standard_normal((3, 6)).astype(np.float32)
+    (want,) = ReferenceEvaluator(model).run(None, {"x": x})
+    _, got = compile_model(model, {"x": x})
+    assert_close(got["y"], want, rtol=1e-5, atol=1e-5, name="y")
