@@ -186,7 +186,8 @@ def test_encode_floats_bit_exact(compile_model, source):
 
 
 def test_decode_compiled_all_codes(compile_model):
-    """Cast every code of every float format (graph inputs of that type) to float32/float16."""
+    """Cast every code of every float format (graph inputs of that type) to float32/float16;
+    IsNaN and IsInf of every code."""
     inputs, nodes, in_vi, out_vi, want = {}, [], [], [], {}
     for t in FLOATS:
         codes = _codes(t).view(lowprec.ml_dtype(t.name))
@@ -198,12 +199,21 @@ def test_decode_compiled_all_codes(compile_model):
             out_vi.append(helper.make_tensor_value_info(out, to, codes.shape))
             with np.errstate(over="ignore"):
                 want[out] = codes.astype(np.float32).astype(np_to)
+        if t.bits != 8 or t.special == "e8m0":  # IsNaN/IsInf take the four float8 formats
+            continue
+        for op in ("IsNaN", "IsInf"):  # decoded values, so each format's own NaN/inf codes
+            nodes.append(helper.make_node(op, [t.name], [f"{t.name}_{op}"]))
+            out_vi.append(helper.make_tensor_value_info(f"{t.name}_{op}", TensorProto.BOOL, [256]))
+            want[f"{t.name}_{op}"] = (np.isnan if op == "IsNaN" else np.isinf)(
+                codes.astype(np.float32)
+            )
     model = helper.make_model(helper.make_graph(nodes, "d", in_vi, out_vi), opset_imports=OPSET)
     artifact, got = compile_model(model, inputs)
     assert [i["dtype"] for i in artifact.inputs] == [t.name for t in FLOATS]
     for name, ref in want.items():
         assert_close(got[name], ref, rtol=0, atol=0, name=name)
-        np.testing.assert_array_equal(np.signbit(got[name]), np.signbit(ref), err_msg=name)
+        if ref.dtype != bool:
+            np.testing.assert_array_equal(np.signbit(got[name]), np.signbit(ref), err_msg=name)
 
 
 def test_integers_compiled(compile_model):

@@ -395,6 +395,20 @@ class _Lowering:
             self.encode(wide, dst, out, attrs.get("saturate", 1), attrs.get("round_mode", "up"))
         return True
 
+    def lower_IsNaN(self, node: onnx.NodeProto) -> bool:  # noqa: N802
+        """IsNaN/IsInf of a float8/float4 tensor: the same op on its decoded float32 values."""
+        t = self.low(node.input[0])
+        if t is None or not t.is_float:
+            return False
+        new = onnx.NodeProto()
+        new.CopyFrom(node)
+        new.input[0] = self.decode(node.input[0], t)
+        self.nodes.append(new)
+        self.types[node.output[0]] = TensorProto.BOOL
+        return True
+
+    lower_IsInf = lower_IsNaN  # noqa: N815
+
     # -- QuantizeLinear / DequantizeLinear --
     def broadcast_param(self, p: str, x: str, axis: int, block: int, what: str) -> str:
         """Scale or zero point ``p`` shaped to broadcast against ``x``, as onnx's reference
