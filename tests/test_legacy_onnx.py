@@ -353,3 +353,22 @@ def test_experimental_operators_of_old_opsets(op, tmp_path):
     x = RNG.standard_normal(X4[1]).astype(np.float32) * 4  # beta*x up to ~±300: no overflow
     got = compile(model, "cpu", tmp_path / op).run({"x": x})["y"]
     assert_close(got, reference(x).astype(np.float32), rtol=1e-5, atol=1e-5)
+
+
+def test_wrong_value_info_and_output_shapes_do_not_mislead(tmp_path):
+    w = numpy_helper.from_array(RNG.standard_normal((8, 4)).astype(np.float32), "W")
+    unused = numpy_helper.from_array(np.zeros(100, np.float32), "never_used")
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["t"]), helper.make_node("Relu", ["t"], ["y"])]
+    graph = helper.make_graph(
+        nodes,
+        "stale",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 5])],  # wrong
+        [w, unused],
+        value_info=[helper.make_tensor_value_info("t", TensorProto.FLOAT, [7])],  # wrong rank
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    artifact = compile(model, "cpu", tmp_path / "art")
+    assert artifact.outputs[0]["shape"] == ["n", 4]  # what the model computes, not [5, 5]
+    x = RNG.standard_normal((3, 8)).astype(np.float32)
+    assert_close(artifact.run({"x": x})["y"], np.maximum(x @ numpy_helper.to_array(w), 0), 1e-5)

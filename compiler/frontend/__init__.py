@@ -292,6 +292,10 @@ def upgrade_opset(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
     if opset >= UPGRADE_BELOW_OPSET or not fits_protobuf(proto):
         return proto, opset
+    if opset < 9 and any(n.op_type == "Scan" for n in _iter_nodes(proto.graph)):
+        # onnx's Scan 8 -> 9 adapter drops the batch axis' meaning (the scan then runs over the
+        # batch); qiao's Scan converter implements the batched opset-8 form itself.
+        return proto, opset
     from onnx import version_converter
 
     try:
@@ -395,9 +399,38 @@ def import_onnx(
             "fix: rerun with --debug for the trace; "
             "a converter in a qiao.compiler.frontend.convert_* module can override TVM's for the op"
         ) from err
+    _correct_output_shapes(outputs, mod)
     return ImportedModel(
         mod, params, inputs, outputs, opset, proto, op_types, **extra, imported_opset=imported_opset
     )
+
+
+def _correct_output_shapes(outputs: list[TensorSpec], mod) -> None:
+    """Give each output spec the shape the import derived where the model's declaration is wrong
+    (a different rank or static size: hand-edited files, stale value_info) or unknown, so the
+    manifest tells the truth. Symbolic names of the declaration are kept where they fit."""
+    from tvm import relax, tirx
+
+    ty = mod["main"].ret_ty
+    types = list(ty.fields) if isinstance(ty, relax.TupleType) else [ty]
+    if len(types) != len(outputs):
+        return
+    for spec, out_ty in zip(outputs, types):
+        shape = getattr(out_ty, "shape", None)
+        if not isinstance(out_ty, relax.TensorType) or not isinstance(shape, relax.ShapeExpr):
+            continue
+        derived = [int(d) if isinstance(d, tirx.IntImm) else str(d) for d in shape.values]
+        declared = spec.shape
+        wrong = len(declared) != len(derived) or any(
+            isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(declared, derived)
+        )
+        if wrong:
+            spec.shape = derived
+        else:
+            spec.shape = [
+                b if a is None or (isinstance(b, int) and not isinstance(a, int)) else a
+                for a, b in zip(declared, derived)
+            ]
 
 
 __all__ = [
