@@ -165,3 +165,44 @@ class Dropout(tvm_onnx.OnnxOpConverter):
         if attr["tvm_custom"]["num_outputs"] == 1:
             return x
         return relax.Tuple([x, bb.normalize(relax.op.ones_like(x, "bool"))])
+
+
+@register_converter("Mod")
+class Mod(tvm_onnx.OnnxOpConverter):
+    """Mod; for floats with ``fmod=0`` NumPy's ``np.mod`` semantics (the ONNX reference).
+
+    TVM's converter uses ``floor_mod``, computed as ``x - floor(x / y) * y``, which gives NaN for
+    a finite ``x`` mod an infinite ``y`` and loses the sign of zero results. ``np.mod`` is
+    ``r = fmod(x, y)``, then ``r + y`` when ``r`` is non-zero with a sign unlike ``y``'s, and a
+    zero result takes ``y``'s sign. Integer inputs and ``fmod=1`` go to TVM's converter.
+    """
+
+    @classmethod
+    def _impl_v10(cls, bb, inputs, attr, params):
+        x, y = inputs[0], inputs[1]
+        dtype = str(getattr(getattr(x, "ty", None), "dtype", ""))
+        if attr.get("fmod", 0) != 0 or "float" not in dtype:
+            return tvm_onnx.Mod._impl_v10(bb, inputs, attr, params)
+        from tvm import te, tirx
+
+        wide = "float32" if dtype in ("float16", "bfloat16") else dtype
+
+        def numpy_mod(a, b):
+            def at(*i):
+                av = a(*i) if len(a.shape) else a()
+                bv = b(*i) if len(b.shape) else b()
+                av, bv = tirx.Cast(wide, av), tirx.Cast(wide, bv)
+                r = tirx.truncmod(av, bv)  # LLVM's frem: C fmod
+                zero = tirx.const(0, wide)
+                unlike = tirx.Or(tirx.And(r < zero, bv > zero), tirx.And(r > zero, bv < zero))
+                r = tirx.Select(unlike, r + bv, r)
+                r = tirx.Select(r == zero, tirx.copysign(zero, bv), r)
+                return tirx.Cast(dtype, r)
+
+            return te.compute(a.shape, at, name="np_mod")
+
+        shape = relax.op.broadcast_to  # broadcast both sides first: the TE body indexes elementwise
+        out_shape = bb.normalize(relax.op.add(x, y)).ty.shape
+        x = bb.normalize(shape(x, out_shape))
+        y = bb.normalize(shape(y, out_shape))
+        return bb.emit_te(numpy_mod, x, y)

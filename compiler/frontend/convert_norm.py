@@ -104,3 +104,39 @@ class LpNormalization(tvm_onnx.OnnxOpConverter):
         is_zero = relax.op.equal(norm, zero)
         safe = relax.op.where(is_zero, const(1, str(x.ty.dtype)), norm)
         return relax.op.where(is_zero, zero, relax.op.divide(x, safe))
+
+
+@register_converter("BatchNormalization")
+class BatchNormalization(tvm_onnx.OnnxOpConverter):
+    """BatchNormalization; in training mode (opset 14+) with batch statistics and the running
+    mean/variance outputs ``running * momentum + batch * (1 - momentum)`` (batch variance
+    unbiased=False, as the ONNX reference). TVM's converter computes inference mode regardless.
+    Inference mode goes to TVM's converter."""
+
+    @classmethod
+    def _impl_v15(cls, bb, inputs, attr, params):
+        if not attr.get("training_mode", 0):
+            return tvm_onnx.BatchNormalization._impl_v15(bb, inputs, attr, params)
+        x, scale, bias, mean, var = inputs[:5]
+        eps = float(attr.get("epsilon", 1e-5))
+        momentum = float(attr.get("momentum", 0.9))
+        dtype = str(x.ty.dtype)
+        axes = [a for a in range(x.ty.ndim) if a != 1]
+        channel = [-1] + [1] * (x.ty.ndim - 2)
+        batch_mean = bb.normalize(relax.op.mean(x, axes))
+        batch_var = bb.normalize(relax.op.variance(x, axes))
+        inv_std = bb.normalize(relax.op.rsqrt(relax.op.add(batch_var, const(eps, dtype))))
+        centered = relax.op.subtract(x, relax.op.reshape(batch_mean, channel))
+        factor = bb.normalize(relax.op.multiply(inv_std, scale))
+        y = relax.op.multiply(centered, relax.op.reshape(factor, channel))
+        y = relax.op.add(y, relax.op.reshape(bias, channel))
+
+        def running(old, batch):
+            return relax.op.add(
+                relax.op.multiply(old, const(momentum, dtype)),
+                relax.op.multiply(batch, const(1 - momentum, dtype)),
+            )
+
+        count = attr["tvm_custom"]["num_outputs"]
+        outs = [y, running(mean, batch_mean), running(var, batch_var)]
+        return relax.Tuple([bb.normalize(o) for o in outs[:count]]) if count > 1 else y

@@ -293,3 +293,37 @@ class Expand(tvm_onnx.OnnxOpConverter):
         one = const(1, "int64")
         out = bb.normalize(relax.op.where(relax.op.equal(target, one), data_dims, target))
         return relax.op.broadcast_to(data, runtime_shape(bb, out, out_rank, "expand_dim"))
+
+
+@register_converter("EyeLike")
+class EyeLike(tvm_onnx.OnnxOpConverter):
+    """An identity-like matrix with ones on diagonal ``k``, of the ``dtype`` attribute's type.
+
+    TVM's converter rejects a ``dtype`` different from the input's, which is the attribute's
+    purpose (the input only gives the shape); and ``eye_like``'s legalisation ignores its dtype,
+    so this builds ``eye`` from the input's dims.
+    """
+
+    @classmethod
+    def _impl_v9(cls, bb, inputs, attr, params):
+        x = inputs[0]
+        dtype = tvm_onnx.get_type(attr["dtype"]) if "dtype" in attr else str(x.ty.dtype)
+        rows, cols = x.ty.shape.values
+        return relax.op.eye(rows, cols, int(attr.get("k", 0)), dtype)
+
+
+@register_converter("SpaceToDepth")
+class SpaceToDepth(tvm_onnx.OnnxOpConverter):
+    """SpaceToDepth in ``DCR`` (default) and ``CRD`` (opset 28) channel orders; TVM's converter
+    ignores ``mode`` and always uses DCR."""
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        block = int(attr["blocksize"])
+        mode = attr.get("mode", b"DCR")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        b, c, h, w = inputs[0].ty.shape.values
+        x = relax.op.reshape(inputs[0], (b, c, h // block, block, w // block, block))
+        order = [0, 3, 5, 1, 2, 4] if mode == "DCR" else [0, 1, 3, 5, 2, 4]
+        x = relax.op.permute_dims(x, order)
+        return relax.op.reshape(x, (b, c * block * block, h // block, w // block))

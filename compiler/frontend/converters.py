@@ -30,10 +30,12 @@ from qiao.compiler.frontend import (
     convert_legacy,
     convert_loss,
     convert_norm,
+    convert_recent,
     convert_reduce,
     convert_rnn,
     convert_scan,
     convert_shape,
+    convert_signal,
     convert_slice,
 )
 from qiao.compiler.frontend.convert_common import is_symbolic_value, materialize, static_dims
@@ -50,6 +52,8 @@ _FAMILIES = (
     convert_scan,
     convert_loss,
     convert_rnn,
+    convert_recent,
+    convert_signal,
 )
 
 

@@ -38,7 +38,7 @@ EXCLUSIONS: tuple[Exclusion, ...] = (
             r"test_scan.*",
             r"test_sequence_map_.*",
             r"test_range_.*_expanded",
-            r"test_linear_attention_.*",
+            r"test_linear_attention_.*_expanded",
         ),
     ),
     Exclusion(
@@ -62,36 +62,22 @@ EXCLUSIONS: tuple[Exclusion, ...] = (
     ),
     Exclusion(
         "xfail",
-        "signal and image operators without a converter (DFT, STFT, window functions, "
-        "MelWeightMatrix, ImageDecoder, Col2Im, DeformConv, CenterCropPad, Det)",
-        (
-            r"test_dft.*",
-            r"test_stft.*",
-            r"test_(blackman|hamming|hann)window(_symmetric)?" + _EXP,
-            r"test_melweightmatrix",
-            r"test_image_decoder_.*",
-            r"test_col2im.*",
-            r"test_(basic_)?deform_conv_.*",
-            r"test_center_crop_pad_[a-z_]+(?<!_expanded)",
-            r"test_det_.*",
-        ),
+        "ImageDecoder: decoding JPEG/PNG/BMP/TIFF/WebP/PNM bytes needs an image codec library, "
+        "which neither TVM nor qiao has",
+        (r"test_image_decoder_.*",),
     ),
     Exclusion(
         "xfail",
-        "quantised integer kernels without a converter (QLinearMatMul, QLinearConv, ConvInteger)",
-        (r"test_qlinear(matmul|conv).*", r"test_convinteger_.*"),
+        "inverse complex DFT: onnx's expected outputs carry float32 FFT rounding noise (1.9e-7 "
+        "where the exact value, and qiao's float64 result, is 0), above the case's atol 1e-7",
+        (r"test_dft_inverse(_opset19)?",),
     ),
     Exclusion(
         "xfail",
-        "recent opset 24-26 operators without a converter (FlexAttention, LinearAttention, "
-        "CausalConvWithState, TensorScatter, BitCast, SwiGLU)",
-        (
-            r"test_flexattention(?!.*_expanded).*",
-            r"test_causal_conv_with_state_(?!.*_expanded$).*",
-            r"test_tensorscatter.*",
-            r"test_bitcast_.*",
-            r"test_swiglu(_alpha|_float16)?",
-        ),
+        "function-expanded window functions: the Range over a run-time length leaves a symbolic "
+        "dim TVM's VM codegen never computes (\"PrimExpr 4 * range_len has not been computed\"); "
+        "the plain window ops pass through qiao's converters",
+        (r"test_(blackman|hamming|hann)window(_symmetric)?_expanded",),
     ),
     # --- data types TVM does not support ----------------------------------------------------------
     Exclusion(
@@ -152,8 +138,9 @@ EXCLUSIONS: tuple[Exclusion, ...] = (
     ),
     Exclusion(
         "xfail",
-        "float16 CausalConvWithState (expanded) with SiLU: the same float16 rounding difference",
-        (r"test_causal_conv_with_state_silu_fp16_expanded",),
+        "float16 CausalConvWithState with SiLU (plain and expanded): the same float16 rounding "
+        "difference (1-3 float16 ulps after the SiLU)",
+        (r"test_causal_conv_with_state_silu_fp16" + _EXP,),
     ),
     Exclusion(
         "xfail",
@@ -171,25 +158,6 @@ EXCLUSIONS: tuple[Exclusion, ...] = (
         "xfail",
         "NonMaxSuppression: TVM's lowering fails to compile (buffer used before definition)",
         (r"test_nonmaxsuppression_.*",),
-    ),
-    Exclusion(
-        "xfail",
-        "BatchNormalization in training mode (running statistics outputs) is not converted",
-        (r"test_batchnorm_.*_training_mode",),
-    ),
-    Exclusion(
-        "xfail",
-        "single TVM converter bugs: EyeLike dtype attribute, MaxPool indices output, "
-        "ConvTranspose output_shape, RoiAlign max mode, SpaceToDepth CRD mode, float fmod edge "
-        "cases",
-        (
-            r"test_eyelike_(with_dtype|populate_off_main_diagonal)",
-            r"test_maxpool_with_argmax_2d_precomputed_(pads|strides)",
-            r"test_convtranspose_output_shape",
-            r"test_roialign_mode_max",
-            r"test_spacetodepth_crd_mode_example",
-            r"test_mod_float_edge_cases_fmod_0_float(16|32|64)",
-        ),
     ),
 )
 
