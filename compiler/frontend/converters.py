@@ -26,6 +26,8 @@ from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
 from qiao.compiler.frontend import (
     _CONVERTERS,
     convert_attention,
+    convert_control,
+    convert_dynamic,
     convert_elementwise,
     convert_legacy,
     convert_loss,
@@ -52,6 +54,8 @@ _FAMILIES = (
     convert_scan,
     convert_loss,
     convert_rnn,
+    convert_dynamic,
+    convert_control,
     convert_recent,
     convert_signal,
 )
