@@ -222,3 +222,22 @@ def test_roi_align_max(tmp_path):
         "idx": np.array([0, 1, 1], np.int64),
     }
     check(model, [feeds], tmp_path, rtol=1e-5, atol=1e-5, reference="onnx")
+
+
+def test_integer_mod_of_symbolic_dim(tmp_path):
+    """``Shape -> Gather -> Mod`` (shape arithmetic) still converts through TVM's converter."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Gather", ["s", "one"], ["n"], axis=0),
+        helper.make_node("Mod", ["n", "three"], ["r"]),
+        helper.make_node("Add", ["x", "r"], ["y"]),
+    ]
+    scalars = [
+        helper.make_tensor("one", TP.INT64, [], [1]),
+        helper.make_tensor("three", TP.INT64, [], [3]),
+    ]
+    model = make_model(
+        nodes, [("x", TP.INT64, ["b", "t"])], [("y", TP.INT64, 2)], opset=13, initializers=scalars
+    )
+    feeds = [{"x": np.zeros((2, 5), np.int64)}, {"x": np.ones((1, 7), np.int64)}]
+    check(model, feeds, tmp_path, rtol=0, atol=0)

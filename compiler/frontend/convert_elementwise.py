@@ -174,7 +174,8 @@ class Mod(tvm_onnx.OnnxOpConverter):
     TVM's converter uses ``floor_mod``, computed as ``x - floor(x / y) * y``, which gives NaN for
     a finite ``x`` mod an infinite ``y`` and loses the sign of zero results. ``np.mod`` is
     ``r = fmod(x, y)``, then ``r + y`` when ``r`` is non-zero with a sign unlike ``y``'s, and a
-    zero result takes ``y``'s sign. Integer inputs and ``fmod=1`` go to TVM's converter.
+    zero result takes ``y``'s sign. Integer inputs and ``fmod=1`` go to TVM's converter (retried
+    on int64 tensors when a symbolic shape value trips it, as for every wrapped TVM converter).
     """
 
     @classmethod
@@ -182,7 +183,15 @@ class Mod(tvm_onnx.OnnxOpConverter):
         x, y = inputs[0], inputs[1]
         dtype = str(getattr(getattr(x, "ty", None), "dtype", ""))
         if attr.get("fmod", 0) != 0 or "float" not in dtype:
-            return tvm_onnx.Mod._impl_v10(bb, inputs, attr, params)
+            try:
+                return bb.normalize(tvm_onnx.Mod._impl_v10(bb, inputs, dict(attr), params))
+            except Exception:  # noqa: BLE001 - a PrimExpr/ShapeExpr operand: retry as tensors
+                if not any(is_symbolic_value(v) for v in inputs):
+                    raise
+                from qiao.compiler.frontend.convert_common import materialize
+
+                tensors = tvm_onnx.onnx_input(materialize(bb, v) for v in inputs)
+                return tvm_onnx.Mod._impl_v10(bb, tensors, attr, params)
         from tvm import te, tirx
 
         wide = "float32" if dtype in ("float16", "bfloat16") else dtype
