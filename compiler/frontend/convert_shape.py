@@ -163,6 +163,12 @@ class ConstantOfShape(tvm_onnx.OnnxOpConverter):
     @classmethod
     def _impl_v9(cls, bb, inputs, attr, params):
         shape = inputs[0]
+        if isinstance(shape, tvm.ir.GenericConst) and shape.value.numpy().size == 0:
+            # An empty shape means a scalar (the TorchScript exporter writes this for a 0-d
+            # constant); TVM's converter broadcasts the 1-element value to rank 0 and fails.
+            value = attr.get("value")
+            array = onnx.numpy_helper.to_array(value) if value is not None else np.zeros(1, "f4")
+            return relax.const(array.reshape(()), str(array.dtype))
         if isinstance(getattr(shape, "ty", None), relax.ShapeType) and not isinstance(
             shape, relax.ShapeExpr
         ):

@@ -115,6 +115,8 @@ def _make_pass():
                 if isinstance(sch, list):
                     sch = sch[0]
                 return sch.mod["main"]
+            # Nothing applied: the kernel is compiled as TVM's serial scalar loop nest.
+            log.warning("no schedule rule applies to %s: it stays an unscheduled loop nest", name)
             return None
 
     return _ApplyScheduleRules

@@ -1,0 +1,156 @@
+"""The model zoo (``tests/zoo``): architectures from ``transformers`` and the classic CNNs, made by
+three exporters (TorchScript at opsets 8-13, dynamo at 18+, Caffe2-style rewrites), compiled by
+qiao for the CPU and matched to ONNX Runtime on the same file at two input sizes; every CPU kernel
+gets its schedule rule (no fallback to an unscheduled loop nest); a subset also compiles for CUDA
+(sm_80) and ROCm (gfx942), code generation only.
+
+The default run takes the representative ``ci=True`` subset (one model per exporter);
+``QIAO_ZOO=full`` takes the whole zoo (its pass count is in the README).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from qiao.compiler.testing import assert_close
+from tests.zoo import CAFFE2, DYNAMO, ENTRIES, EXPORTERS, TORCHSCRIPT
+from tests.zoo.harness import compile_entry, run_size
+
+pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.slow
+
+FULL = os.environ.get("QIAO_ZOO", "").lower() == "full"
+SELECTED = [e for e in ENTRIES if FULL or e.ci]
+
+
+def _params(entries, reason_of=lambda e: e.xfail):
+    return [
+        pytest.param(
+            e,
+            id=e.name,
+            marks=[pytest.mark.xfail(strict=True, reason=reason_of(e))] if reason_of(e) else [],
+        )
+        for e in entries
+    ]
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """``compiled(entry)`` → the entry's CPU artifacts, compiled once for the module."""
+    cache = {}
+    root = tmp_path_factory.mktemp("zoo")
+
+    def get(entry):
+        if entry.name not in cache:
+            cache[entry.name] = compile_entry(entry, str(root))
+        return cache[entry.name]
+
+    return get
+
+
+def test_zoo_spans_thirty_architectures_and_three_exporters():
+    """What the zoo promises, checked on the registry itself (and the CI subset's spread)."""
+    assert len({e.arch for e in ENTRIES}) >= 30
+    assert {e.exporter for e in ENTRIES} == set(EXPORTERS)
+    assert len({e.name for e in ENTRIES}) == len(ENTRIES)
+    for e in ENTRIES:
+        assert e.sizes[0] != e.sizes[1], e.name
+        if e.exporter == TORCHSCRIPT:
+            assert 9 <= e.opset <= 13, e.name
+        elif e.exporter == DYNAMO:
+            assert e.opset >= 18, e.name
+        else:
+            assert 8 <= e.opset <= 9, e.name
+    ci = [e for e in ENTRIES if e.ci]
+    assert {e.exporter for e in ci} == set(EXPORTERS)
+    assert any(e.gpu for e in ci)
+
+
+@pytest.mark.parametrize("entry", _params(SELECTED))
+def test_zoo_model_matches_onnxruntime(entry, compiled):
+    c = compiled(entry)
+    if c.built.dynamic:  # one artifact serves both sizes: its dims really are symbolic
+        assert c.artifacts[0] is c.artifacts[1]
+        assert any(isinstance(d, str) for s in c.artifacts[0].inputs for d in s["shape"])
+    for i, size in enumerate(entry.sizes):
+        got, expected = run_size(c, i)
+        assert float(np.std(expected)) > 1e-3, f"degenerate reference output at {size}"
+        assert_close(got, expected, rtol=entry.rtol, atol=entry.atol, name=f"output at {size}")
+
+
+@pytest.mark.parametrize("entry", _params(SELECTED, lambda e: e.xfail_compile))
+def test_zoo_model_kernels_all_get_their_schedule(entry, compiled):
+    """A failing rule, or no rule at all, leaves a kernel slower than it should be with only a
+    log warning (``qiao.schedules``): none may occur in a zoo model."""
+    assert not compiled(entry).fallbacks
+
+
+GPU_TARGETS = [("cuda", "sm_80"), ("rocm", "gfx942")]
+
+
+def _toolchain_missing(target):
+    from qiao.backends import cuda, rocm
+
+    if target == "cuda" and cuda.find_nvcc() is None:
+        return "nvcc (CUDA toolkit) not installed"
+    if target == "rocm" and rocm.find_lld() is None:
+        return "ld.lld not installed (lld-19)"
+    return None
+
+
+def _gpu_entries():
+    """The GPU subset; in CI its first entry that is also in the CI subset (one small CNN)."""
+    gpu = [e for e in SELECTED if e.gpu]
+    return gpu if FULL else gpu[:1]
+
+
+@pytest.mark.parametrize("target,arch", GPU_TARGETS)
+@pytest.mark.parametrize("entry", _params(_gpu_entries(), lambda e: e.xfail_compile))
+def test_zoo_model_compiles_for_gpu(entry, target, arch, tmp_path):
+    """Code generation only: the device code object is for ``arch`` and holds every kernel the
+    manifest lists (checked by reading the ELF images, as tests/test_cuda.py and test_rocm.py)."""
+    from qiao.backends import cuda
+    from qiao.backends.tvm_backend import EM_AMDGPU, EM_CUDA, read_elf
+
+    reason = _toolchain_missing(target)
+    if reason:
+        pytest.skip(reason)
+    c = compile_entry(entry, str(tmp_path), target, first_only=True, arch=arch)
+    section = c.artifacts[0].manifest["backend"]
+    assert section["arch"] == arch
+    with open(os.path.join(c.artifacts[0].directory, section["device_code"]), "rb") as f:
+        code = f.read()
+    if target == "cuda":
+        (image,) = [e for e in cuda.fatbin_entries(code) if e.kind == "elf"]
+        info = read_elf(image.payload)
+        assert info.machine == EM_CUDA
+        assert cuda.cubin_arch(info.flags, info.abi_version) == int(arch[3:])
+    else:
+        info = read_elf(code)
+        assert info.machine == EM_AMDGPU
+        assert arch.encode() in code
+    kernels = set(section["kernels"])
+    assert kernels and kernels <= set(info.functions), kernels - set(info.functions)
+    assert not c.fallbacks
+
+
+def test_caffe2_entries_really_look_like_caffe2_files(tmp_path):
+    """The third exporter is what it claims: IR version 3, every initializer also a graph input,
+    Caffe2-style names."""
+    import onnx
+
+    from tests.zoo.common import export
+    from tests.zoo.harness import build
+
+    entry = next(e for e in ENTRIES if e.exporter == CAFFE2 and e.ci)
+    path = export(entry, build(entry), entry.sizes[0], str(tmp_path / "m.onnx"))
+    model = onnx.load(path)
+    assert model.ir_version == 3 and model.opset_import[0].version == entry.opset
+    inputs = [v.name for v in model.graph.input]
+    assert inputs[0] == "gpu_0/data_0"
+    assert {t.name for t in model.graph.initializer} <= set(inputs)
+    assert "conv1_w_0" in inputs and "conv1_b_0" in inputs
