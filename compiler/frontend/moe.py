@@ -12,7 +12,8 @@ with
 ``activation_alpha``/``activation_beta``/``swiglu_limit``), silu, relu, gelu, identity; optional
 fc1/fc2
 biases; 2-D or 3-D input. Not supported (clear error): ``use_sparse_mixer``, separate fc3 weights
-(``swiglu_fusion=0``), non-float32 tensors.
+(``swiglu_fusion=0``), ``swiglu_limit_after_activation=1``, the CUDA-only ``relu2`` / ``geglu``
+activations, non-float32 tensors.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
 
 from qiao.compiler.errors import CompileError
 from qiao.compiler.frontend import register_converter
-from qiao.compiler.kernels.moe_common import MoEConfig
+from qiao.compiler.kernels.moe_common import ACTIVATIONS, MoEConfig
 from qiao.compiler.passes.lower_moe import MOE_EXTERN
 
 
@@ -88,6 +89,18 @@ def moe_config_from_node(inputs, attr) -> MoEConfig:
     e2, hidden2, inter = (_int(d, "fc2 dims") for d in _static_shape(fc2, "fc2_experts_weights", 3))
     activation = _attr_str(attr.get("activation_type"), "relu")
     fusion = int(attr.get("swiglu_fusion", 0))
+    if activation not in ACTIVATIONS:
+        # relu2 and geglu are CUDA-only in ONNX Runtime, and not in qiao's MoE kernels
+        raise CompileError(
+            f"com.microsoft::MoE activation_type={activation!r} is not supported. fix: export the "
+            f"experts with one of {ACTIVATIONS}, or decompose the MoE into ordinary ops"
+        )
+    if int(attr.get("swiglu_limit_after_activation", 0)):
+        raise CompileError(
+            "com.microsoft::MoE with swiglu_limit_after_activation=1 (clamp of the activated gate) "
+            "is not supported. fix: export with swiglu_limit_after_activation=0 (clamp of the gate "
+            "input, GPT-OSS's SwiGLU)"
+        )
     if activation == "swiglu":
         if fusion not in (1, 2):
             raise CompileError(
