@@ -32,12 +32,11 @@ EXCLUSIONS: tuple[Exclusion, ...] = (
     Exclusion(
         "xfail",
         "control flow with loop-carried state (Loop, Scan, SequenceMap) has no Relax lowering in "
-        "TVM's importer; function-expanded Range and LinearAttention use Loop/Scan",
+        "TVM's importer; function-expanded Range uses Loop",
         (
             r"test_loop.*",
             r"test_sequence_map_.*",
             r"test_range_.*_expanded",
-            r"test_linear_attention_.*_expanded",
         ),
     ),
     Exclusion(
