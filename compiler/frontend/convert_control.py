@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import tvm
 import tvm_ffi
-from tvm import relax
+from tvm import relax, tirx
 from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
 
 from qiao.compiler.errors import CompileError
@@ -335,14 +335,20 @@ class Loop(_Versioned):
         for x in carried:
             _tensor_ty(x)
 
-        def params_for(carried_tys, scan_tys):
+        scan_dims: list = []
+
+        def params_for(carried_tys, scan_tys, sized=True):
             ps = [
                 relax.Var("iter", relax.TensorType((), "int64")),
                 relax.Var("trip", relax.TensorType((), "int64")),
                 relax.Var("cond", relax.TensorType((), "bool")),
             ]
-            ps += [relax.Var(f"v{k}", ty) for k, ty in enumerate(carried_tys)]
-            ps += [relax.Var(f"scan{k}", ty) for k, ty in enumerate(scan_tys)]
+            size = _sized if sized else (lambda ty, _: ty)
+            ps += [relax.Var(f"v{k}", size(ty, f"v{k}")) for k, ty in enumerate(carried_tys)]
+            ps += [
+                relax.Var(f"scan{k}", _sized(ty, f"s{k}", scan_dims[k]) if sized else ty)
+                for k, ty in enumerate(scan_tys)
+            ]
             ps += [relax.Var(f"free{k}", v.ty) for k, v in enumerate(free_values)]
             return ps
 
@@ -350,7 +356,7 @@ class Loop(_Versioned):
             bound = {names[0]: ps[0], names[1]: ps[2]}
             bound.update(zip(names[2:], ps[3 : 3 + n_v]))
             scope = dict(consts)
-            scope.update(zip(free_names, ps[3 + n_v + n_scan :]))
+            scope.update(zip(free_names, ps[len(ps) - len(free_values) :]))
             return run_body(builder, body, bound, scope, opset)
 
         # A first conversion of the body, thrown away, gives the types of its outputs: the scan
@@ -369,10 +375,22 @@ class Loop(_Versioned):
             carried_tys = [relax.TensorType(ndim=t.ndim, dtype=t.dtype) for t in carried_tys]
         scan_elem = [_tensor_ty_of(t) for t in out_tys[1 + n_v :]]
         scan_tys = [relax.TensorType(ndim=t.ndim + 1, dtype=t.dtype) for t in scan_elem]
+        # Accumulators keep the static dims of the scan outputs, so that concatenating one more
+        # step has a known shape (LegalizeOps skips ops whose result shape is unknown).
+        scan_dims = [
+            [None]
+            + [
+                int(d) if isinstance(d, tirx.IntImm) else None
+                for d in (t.shape.values if t.shape is not None else [None] * t.ndim)
+            ]
+            for t in scan_elem
+        ]
         ret_ty = relax.TupleType(carried_tys + scan_tys)
 
         name = f"qiao_loop{next(_UNIQUE)}"
-        ps = params_for(carried_tys, scan_tys)
+        # The stub's result type must stay rank-only: a shaped one would let each call site
+        # specialise the result to its arguments' shapes (an empty accumulator: length 0).
+        ps = params_for(carried_tys, scan_tys, sized=False)
         stub = relax.Function(ps, relax.Tuple(ps[3 : 3 + n_v + n_scan]), ret_ty)
         gv = bb.add_func(stub, name)
 
@@ -406,12 +424,32 @@ class Loop(_Versioned):
         # Placeholders of the right rank; never read (the first iteration replaces them), and
         # the result when the loop runs zero times.
         empty = [
-            relax.const(np.zeros([0] * (t.ndim + 1), str(t.dtype)), str(t.dtype)) for t in scan_elem
+            relax.const(np.zeros([d or 0 for d in dims], str(t.dtype)), str(t.dtype))
+            for t, dims in zip(scan_elem, scan_dims)
         ]
         call = bb.emit(
             relax.Call(gv, [const(0, "int64"), trip, cond, *carried, *empty, *free_values])
         )
-        return relax.Tuple([bb.emit(relax.TupleGetItem(call, k)) for k in range(n_v + n_scan)])
+        # Fresh symbolic dims for the results, so later ops see shapes (LegalizeOps skips ops on
+        # tensors of unknown shape).
+        results = []
+        for k, ty in enumerate(carried_tys + scan_tys):
+            item = bb.emit(relax.TupleGetItem(call, k))
+            results.append(
+                item if ty.shape is not None else bb.match_cast(item, _sized(ty, "loop"))
+            )
+        return relax.Tuple(results)
+
+
+def _sized(ty, prefix: str, dims=None):
+    """``ty`` with fresh symbolic dims when it has a rank but no shape (``dims``: ints to keep,
+    ``None`` for a fresh dim)."""
+    if ty.shape is not None or ty.ndim < 0:
+        return ty
+    name = f"{prefix}_{next(_UNIQUE)}"
+    dims = dims or [None] * ty.ndim
+    shape = [tirx.Var(f"{name}_{i}", "int64") if d is None else d for i, d in enumerate(dims)]
+    return relax.TensorType(shape, ty.dtype)
 
 
 def _tensor_ty_of(ty):
