@@ -241,3 +241,14 @@ def test_integer_mod_of_symbolic_dim(tmp_path):
     )
     feeds = [{"x": np.zeros((2, 5), np.int64)}, {"x": np.ones((1, 7), np.int64)}]
     check(model, feeds, tmp_path, rtol=0, atol=0)
+
+
+def test_roi_align_max_adaptive_grid_is_refused_with_a_fix():
+    from qiao.compiler.errors import CompileError
+    from qiao.compiler.frontend import import_onnx
+
+    node = helper.make_node("RoiAlign", ["x", "rois", "idx"], ["y"], mode="max")
+    infos = [("x", TP.FLOAT, [1, 1, 4, 4]), ("rois", TP.FLOAT, [1, 4]), ("idx", TP.INT64, [1])]
+    model = make_model([node], infos, [("y", TP.FLOAT, 4)], opset=16)
+    with pytest.raises(CompileError, match="fix: set sampling_ratio"):
+        import_onnx(model)

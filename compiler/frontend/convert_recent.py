@@ -15,6 +15,7 @@ import onnx
 from tvm import relax, te, tirx, topi
 from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
 
+from qiao.compiler.errors import CompileError
 from qiao.compiler.frontend import register_converter
 from qiao.compiler.frontend.convert_common import const, static_dims
 
@@ -126,7 +127,10 @@ class CausalConvWithState(tvm_onnx.OnnxOpConverter):
         past = inputs[3] if len(inputs) > 3 else None
         activation = _attr_str(attr, "activation", "none")
         if activation not in ("none", "silu", "swish"):
-            raise ValueError(f"CausalConvWithState: unsupported activation {activation!r}")
+            raise CompileError(
+                f"CausalConvWithState: activation {activation!r} is not one of none, silu, swish. "
+                "fix: re-export the model with a supported activation"
+            )
         batch, channels, _ = x.ty.shape.values
         k = static_dims(weight)[2]
         if past is None:
@@ -169,7 +173,10 @@ class LinearAttention(tvm_onnx.OnnxOpConverter):
         q_heads, kv_heads = int(attr["q_num_heads"]), int(attr["kv_num_heads"])
         dims = static_dims(query)
         if dims is None or static_dims(value) is None:
-            raise ValueError("LinearAttention needs static query/key/value shapes (it is unrolled)")
+            raise CompileError(
+                "LinearAttention is unrolled over the sequence and needs static query/key/value "
+                "shapes. fix: compile with static input shapes (shape_dict)"
+            )
         b, t, _ = dims
         d_k = dims[2] // q_heads
         d_v = static_dims(value)[2] // kv_heads
@@ -324,7 +331,10 @@ def _conv_attrs(attr: dict, rank: int) -> dict:
     spatial = rank - 2
     pads = list(attr.get("pads", [0] * 2 * spatial))
     if _attr_str(attr, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-        raise ValueError("integer convolutions support auto_pad NOTSET/VALID only")
+        raise CompileError(
+            "ConvInteger/QLinearConv: auto_pad SAME_* is not supported. fix: re-export with "
+            "explicit pads"
+        )
     return {
         "strides": list(attr.get("strides", [1] * spatial)),
         "padding": pads,

@@ -17,6 +17,7 @@ import tvm
 from tvm import relax, te, tirx
 from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
 
+from qiao.compiler.errors import CompileError
 from qiao.compiler.frontend import register_converter
 from qiao.compiler.frontend.convert_common import const, runtime_shape, scalar, static_dims
 
@@ -32,7 +33,9 @@ def _runtime_ints(bb, x, prefix: str) -> list:
         return [int(v) for v in np.asarray(x.data.numpy()).reshape(-1)]
     dims = static_dims(x)
     if dims is None:
-        raise ValueError(f"{prefix}: needs a tensor of static length")
+        raise CompileError(
+            f"{prefix}: a size tensor of unknown length. fix: give the size input a static shape"
+        )
     count = int(np.prod(dims))
     flat = bb.normalize(relax.op.reshape(relax.op.astype(x, "int64"), (count,)))
     return list(runtime_shape(bb, flat, count, prefix).values)
@@ -235,7 +238,9 @@ class DFT(tvm_onnx.OnnxOpConverter):
         if length is not None:
             value = scalar(length)
             if not isinstance(value, (int, np.integer)):
-                raise ValueError("DFT: dft_length must be a constant")
+                raise CompileError(
+                    "DFT: dft_length must be a constant. fix: make it an initializer or constant"
+                )
             length = int(value)
         if isinstance(axis, relax.Expr):
             value = scalar(axis)
@@ -285,7 +290,7 @@ class STFT(tvm_onnx.OnnxOpConverter):
         elif window is not None:
             frame_length = static_dims(window)[0]
         else:
-            raise ValueError("STFT needs a window or a frame_length")
+            raise CompileError("STFT needs a window or a frame_length. fix: give either input")
         dtype = _dtype(signal)
         if window is None:
             window = relax.op.ones(relax.ShapeExpr([_i64(frame_length)]), dtype)
@@ -395,7 +400,9 @@ class CenterCropPad(tvm_onnx.OnnxOpConverter):
         rank = x.ty.ndim
         axes = [a % rank for a in attr.get("axes", range(rank))]
         if len(axes) != len(target):
-            raise ValueError("CenterCropPad: shape must have one value per axis")
+            raise CompileError(
+                "CenterCropPad: shape must have one value per axis. fix: match shape to axes"
+            )
         wanted = dict(zip(axes, target))
 
         def crop_pad(x):
@@ -433,7 +440,10 @@ class DeformConv(tvm_onnx.OnnxOpConverter):
         bias = inputs[3] if len(inputs) > 3 else None
         mask = inputs[4] if len(inputs) > 4 else None
         if x.ty.ndim != 4:
-            raise ValueError("DeformConv: only 2-D inputs (N, C, H, W) are supported")
+            raise CompileError(
+                "DeformConv: only 2-D inputs (N, C, H, W) are supported. fix: use a 2-D "
+                "deformable convolution"
+            )
         _, channels, _, _ = static_dims(x)
         out_channels, group_channels, kh, kw = static_dims(w)
         _, _, oh, ow = static_dims(offset)
@@ -507,7 +517,10 @@ class Det(tvm_onnx.OnnxOpConverter):
         x = inputs[0]
         dims = static_dims(x)
         if dims is None or dims[-1] != dims[-2]:
-            raise ValueError("Det needs static square trailing dims")
+            raise CompileError(
+                "Det is unrolled over the matrix size and needs static square trailing dims. "
+                "fix: compile with static input shapes (shape_dict)"
+            )
         n = dims[-1]
         dtype = _dtype(x)
         a = bb.normalize(relax.op.astype(x, "float64"))
@@ -577,13 +590,19 @@ class MaxPool(tvm_onnx.OnnxOpConverter):
     @classmethod
     def _indices(cls, bb, x, values, attr):
         if x.ty.ndim != 4:
-            raise ValueError("MaxPool with indices: only 2-D pooling is supported")
+            raise CompileError(
+                "MaxPool with an Indices output: only 2-D pooling is supported. fix: drop the "
+                "Indices output or pool in 2-D"
+            )
         kh, kw = attr["kernel_shape"]
         sh, sw = attr.get("strides", (1, 1))
         dh, dw = attr.get("dilations", (1, 1))
         pads = attr.get("pads", (0, 0, 0, 0))
         if _attr_bytes(attr, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-            raise ValueError("MaxPool with indices: auto_pad SAME_* is not supported")
+            raise CompileError(
+                "MaxPool with an Indices output: auto_pad SAME_* is not supported. fix: re-export "
+                "with explicit pads"
+            )
         column_major = int(attr.get("storage_order", 0)) == 1
         out_h, out_w = static_dims(values)[2:]
 
@@ -700,7 +719,10 @@ class RoiAlign(tvm_onnx.OnnxOpConverter):
         pooled_w = int(attr.get("output_width", 1))
         ratio = int(attr.get("sampling_ratio", 0))
         if ratio <= 0:
-            raise ValueError("RoiAlign max mode: sampling_ratio must be positive")
+            raise CompileError(
+                "RoiAlign max mode needs a positive sampling_ratio (the sample grid is unrolled). "
+                "fix: set sampling_ratio, e.g. 2"
+            )
         spatial_scale = float(attr.get("spatial_scale", 1.0))
         half_pixel = transform == "half_pixel"
         dtype = _dtype(data)
