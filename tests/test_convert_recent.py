@@ -70,6 +70,15 @@ def test_causal_conv_with_state(tmp_path, with_state):
     check(model, [feeds], tmp_path, reference="onnx")
 
 
+def test_causal_conv_with_state_float16_silu(tmp_path):
+    """float16: the convolution accumulates in float32 and rounds once, as NumPy does."""
+    node = helper.make_node("CausalConvWithState", ["x", "w"], ["y", "present"], activation="silu")
+    infos = [("x", TP.FLOAT16, [2, 8, 33]), ("w", TP.FLOAT16, [8, 1, 4])]
+    model = make_model([node], infos, [("y", TP.FLOAT16, 3), ("present", TP.FLOAT16, 3)], opset=27)
+    feeds = {"x": randn(2, 8, 33, dtype=np.float16), "w": randn(8, 1, 4, dtype=np.float16)}
+    check(model, [feeds], tmp_path, rtol=1e-3, atol=1e-3, reference="onnx")
+
+
 @pytest.mark.parametrize(
     "rule, extra",
     [("linear", []), ("gated", ["decay"]), ("delta", ["beta"]), ("gated_delta", ["decay", "beta"])],

@@ -136,10 +136,14 @@ class CausalConvWithState(tvm_onnx.OnnxOpConverter):
         if past is None:
             past = relax.op.zeros(relax.ShapeExpr([batch, channels, k - 1]), _dtype(x))
         padded = bb.normalize(relax.op.concat([past, x], axis=2))
-        out = relax.op.nn.conv1d(padded, weight, groups=int(channels))
+        dtype = _dtype(x)
+        # NumPy's float16 dot products accumulate in float32 and round once; so does this.
+        acc = "float32" if dtype == "float16" else dtype
+        out = relax.op.nn.conv1d(padded, weight, groups=int(channels), out_dtype=acc)
         if bias is not None:
+            bias = bb.normalize(relax.op.astype(bias, acc)) if acc != dtype else bias
             out = relax.op.add(out, relax.op.reshape(bias, (1, -1, 1)))
-        out = bb.normalize(out)
+        out = bb.normalize(relax.op.astype(out, dtype) if acc != dtype else out)
         if activation != "none":
             out = bb.normalize(_silu_via_float32(bb, out))
         total = padded.ty.shape.values[2]
