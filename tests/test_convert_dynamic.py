@@ -100,3 +100,18 @@ def test_resize_tf_crop_and_resize_with_run_time_roi(tmp_path):
         },
     ]
     check(model, feeds, tmp_path, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("align_corners", [0, 1])
+def test_affine_grid_with_run_time_size(align_corners, tmp_path):
+    node = helper.make_node("AffineGrid", ["theta", "size"], ["grid"], align_corners=align_corners)
+    model = make_model(
+        [node],
+        [("theta", TP.FLOAT, [2, 2, 3]), ("size", TP.INT64, [4])],
+        [("grid", TP.FLOAT, 4)],
+        opset=20,
+    )
+    theta = randn(2, 2, 3)
+    # Not a length-1 axis with align_corners: onnx's reference, ORT and PyTorch disagree there.
+    feeds = [{"theta": theta, "size": np.array(s, np.int64)} for s in ([2, 3, 4, 5], [2, 1, 2, 7])]
+    check(model, feeds, tmp_path, rtol=1e-5, atol=1e-6)

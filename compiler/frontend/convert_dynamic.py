@@ -364,3 +364,65 @@ class Upsample(tvm_onnx.OnnxOpConverter):
         if _constant(inputs[1], params) is not None:
             return tvm_onnx.Upsample._impl_v9(bb, inputs, attr, params)
         return Resize._impl_v10(bb, inputs, attr, params)
+
+
+# --- AffineGrid -----------------------------------------------------------------------------------
+@register_converter("AffineGrid")
+class AffineGrid(tvm_onnx.OnnxOpConverter):
+    """AffineGrid with the output ``size`` given at run time: the normalised sampling coordinates
+    of every spatial axis (a symbolic length each) combined with ``theta`` by broadcasting, as in
+    onnx's reference (float64 coordinates, result in theta's type)."""
+
+    @classmethod
+    def _impl_v20(cls, bb, inputs, attr, params):
+        theta, size = inputs[0], inputs[1]
+        if _constant(size, params) is not None:
+            return tvm_onnx.AffineGrid._impl_v20(bb, inputs, attr, params)
+        op = relax.op
+        f = relax.const
+        n_size = static_dims(size)
+        if n_size is None or n_size[0] not in (4, 5):
+            raise CompileError(
+                "AffineGrid: size must be an int64 tensor of length 4 or 5. fix: check the model"
+            )
+        spatial = n_size[0] - 2
+        dims = runtime_shape(bb, bb.normalize(op.astype(size, "int64")), n_size[0], "grid")
+        lengths = list(dims.values)[2:]
+        align = int(attr.get("align_corners", 0))
+        theta64 = _f64(bb, theta)  # [N, spatial, spatial + 1]
+        out = None
+        # Homogeneous coordinates are ordered (x, y[, z], 1): x runs along the last axis.
+        for k in range(spatial + 1):
+            coef = bb.normalize(op.strided_slice(theta64, [2], [k], [k + 1]))  # [N, spatial, 1]
+            coef = bb.normalize(
+                op.reshape(coef, [-1] + [1] * spatial + [spatial])
+            )  # [N, 1.., spatial]
+            if k == spatial:
+                term = coef
+            else:
+                axis = spatial - 1 - k  # position among the spatial axes
+                n = lengths[axis]
+                i = bb.normalize(op.astype(op.arange(0, n, 1, "int64"), "float64"))
+                n_vec = bb.normalize(op.astype(op.shape_to_tensor(relax.ShapeExpr([n])), "float64"))
+                n_t = _item(bb, n_vec, 0)
+                if align:
+                    step = op.divide(
+                        f(2.0, "float64"),
+                        op.maximum(op.subtract(n_t, f(1.0, "float64")), f(1.0, "float64")),
+                    )
+                    coord = op.subtract(op.multiply(i, step), f(1.0, "float64"))
+                    # One sample sits at the centre, 0, as in PyTorch and ONNX Runtime (onnx's
+                    # reference puts it at -1).
+                    coord = op.where(op.equal(n_t, f(1.0, "float64")), f(0.0, "float64"), coord)
+                else:
+                    coord = op.subtract(
+                        op.divide(
+                            op.add(op.multiply(i, f(2.0, "float64")), f(1.0, "float64")), n_t
+                        ),
+                        f(1.0, "float64"),
+                    )
+                shape = [1] * (spatial + 2)
+                shape[1 + axis] = n
+                term = op.multiply(coef, op.reshape(bb.normalize(coord), shape))
+            out = bb.normalize(term if out is None else op.add(out, term))
+        return bb.normalize(op.astype(out, str(theta.ty.dtype)))
