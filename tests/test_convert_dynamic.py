@@ -115,3 +115,21 @@ def test_affine_grid_with_run_time_size(align_corners, tmp_path):
     # Not a length-1 axis with align_corners: onnx's reference, ORT and PyTorch disagree there.
     feeds = [{"theta": theta, "size": np.array(s, np.int64)} for s in ([2, 3, 4, 5], [2, 1, 2, 7])]
     check(model, feeds, tmp_path, rtol=1e-5, atol=1e-6)
+
+
+def test_max_unpool_with_run_time_output_shape(tmp_path):
+    pool = helper.make_node("MaxPool", ["x"], ["p", "i"], kernel_shape=[2, 2], strides=[2, 2])
+    unpool = helper.make_node(
+        "MaxUnpool", ["p", "i", "shape"], ["y"], kernel_shape=[2, 2], strides=[2, 2]
+    )
+    model = make_model(
+        [pool, unpool],
+        [("x", TP.FLOAT, [1, 2, 4, 6]), ("shape", TP.INT64, [4])],
+        [("y", TP.FLOAT, 4)],
+        opset=11,
+    )
+    x = randn(1, 2, 4, 6)
+    feeds = [{"x": x, "shape": np.array(s, np.int64)} for s in ([1, 2, 4, 6], [1, 2, 5, 7])]
+    # ORT writes each value at its flat index of the requested shape; onnx's reference (and the
+    # node cases) keep its (n, c, h, w) position, as qiao does.
+    check(model, feeds, tmp_path, reference="onnx")

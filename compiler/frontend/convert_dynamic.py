@@ -426,3 +426,52 @@ class AffineGrid(tvm_onnx.OnnxOpConverter):
                 term = op.multiply(coef, op.reshape(bb.normalize(coord), shape))
             out = bb.normalize(term if out is None else op.add(out, term))
         return bb.normalize(op.astype(out, str(theta.ty.dtype)))
+
+
+# --- MaxUnpool ------------------------------------------------------------------------------------
+@register_converter("MaxUnpool")
+class MaxUnpool(tvm_onnx.OnnxOpConverter):
+    """MaxUnpool with ``output_shape`` given at run time. The indices address the default
+    unpooled shape (what MaxPool's input was, from kernel, strides and pads); each value goes to
+    the same (n, c, spatial...) position of the requested, possibly larger, output."""
+
+    @classmethod
+    def _impl_v11(cls, bb, inputs, attr, params):
+        data, indices = inputs[0], inputs[1]
+        out_shape = inputs[2] if len(inputs) > 2 else None
+        if out_shape is None or _constant(out_shape, params) is not None:
+            return tvm_onnx.MaxUnpool._impl_v9(bb, inputs, attr, params)
+        op = relax.op
+        dims = static_dims(data)
+        if dims is None:
+            raise CompileError(
+                "MaxUnpool with a run-time output_shape needs the input's shape static. fix: give "
+                "the model's inputs static shapes"
+            )
+        rank = len(dims)
+        spatial = rank - 2
+        kernel = list(attr["kernel_shape"])
+        strides = list(attr.get("strides", [1] * spatial))
+        pads = list(attr.get("pads", [0] * (2 * spatial)))
+        default = dims[:2] + [
+            (dims[2 + i] - 1) * strides[i] + kernel[i] - pads[i] - pads[spatial + i]
+            for i in range(spatial)
+        ]
+        out_shape = bb.normalize(op.astype(out_shape, "int64"))
+        sym = runtime_shape(bb, out_shape, rank, "unpool")
+        flat = bb.normalize(op.reshape(bb.normalize(op.astype(indices, "int64")), [-1]))
+        # Unravel over the default shape, ravel over the requested one.
+        target = relax.const(0, "int64")
+        rest = flat
+        coords = []
+        for d in reversed(default):
+            coords.append(bb.normalize(op.floor_mod(rest, relax.const(d, "int64"))))
+            rest = bb.normalize(op.floor_divide(rest, relax.const(d, "int64")))
+        coords.reverse()
+        for k in range(rank):
+            target = bb.normalize(op.add(op.multiply(target, _item(bb, out_shape, k)), coords[k]))
+        target = bb.normalize(target)
+        zeros = bb.normalize(op.reshape(bb.normalize(op.zeros(sym, str(data.ty.dtype))), [-1]))
+        values = bb.normalize(op.reshape(data, [-1]))
+        out = bb.normalize(op.scatter_elements(zeros, target, values, axis=0))
+        return op.reshape(out, sym)
