@@ -534,7 +534,7 @@ def _build(block: nn.Module, normalize: bool) -> HFMoEBlock:
     if "shared_expert" in mods:  # Qwen2-MoE, Qwen3-Next, Qwen3.5-MoE
         new.shared = mods["shared_expert"]
         new.shared_gate = mods.get("shared_expert_gate")
-    elif "shared_experts" in mods:  # Aria
+    elif "shared_experts" in mods:  # Aria, DeepSeek-V2 (greedy routing)
         new.shared = mods["shared_experts"]
     output_bias = getattr(block, "bias", None)
     if isinstance(output_bias, Tensor) and output_bias.shape == (hidden,):  # JetMoe
@@ -546,7 +546,8 @@ def _build(block: nn.Module, normalize: bool) -> HFMoEBlock:
 def _probe(block: nn.Module, new: HFMoEBlock) -> float:
     """Relative max error of ``new`` against ``block`` on seeded random tokens (eval mode)."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, PROBE_TOKENS, new.hidden, generator=gen).to(new.fc1.dtype)
+    x = torch.randn(1, PROBE_TOKENS, new.hidden, generator=gen)
+    x = x.to(device=new.fc1.device, dtype=new.fc1.dtype)
     modes = [(m, m.training) for m in block.modules()]
     try:
         block.eval()
@@ -575,12 +576,15 @@ def convert_block(block: nn.Module) -> HFMoEBlock:
     NotExpressible
         With the reason, when no single ``com.microsoft::MoE`` node computes what ``block`` does.
     """
-    _, router, _, _ = _router(block)
-    first = getattr(router, "norm_topk_prob", True)
+    found = _router(block)
+    if found is None:
+        raise NotExpressible("no router linear (a `gate` or `router` child with an (E, H) weight)")
+    first = getattr(found[1], "norm_topk_prob", True)
     errors = []
     rtol = PROBE_RTOL.get(_dtype(block), PROBE_RTOL_LOW)
+    new = _build(block, bool(first))
     for normalize in (bool(first), not first):
-        new = _build(block, normalize)
+        new.normalize = normalize
         err = _probe(block, new)
         if err <= rtol:
             return new.train(block.training)

@@ -340,6 +340,7 @@ class LogitsOnly(torch.nn.Module):
         return self.model(input_ids=input_ids, use_cache=False).logits
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe", "granitemoe"])
 def test_causal_lm_exports_compiles_and_matches(tmp_path, family):
     from qiao.compiler import compile, export
