@@ -368,11 +368,13 @@ class Loop(_Versioned):
             outs = body_outputs(probe, ps)
             out_tys = [o.ty for o in outs]
             probe.emit_func_output(relax.Tuple([const(0, "int64")]))
-        keep = all(
-            tvm_ffi.structural_equal(t, o) for t, o in zip(carried_tys, out_tys[1 : 1 + n_v])
-        )
-        if not keep:  # the shapes change between iterations: carry rank and dtype only
-            carried_tys = [relax.TensorType(ndim=t.ndim, dtype=t.dtype) for t in carried_tys]
+        # A carried value keeps its static shape when the body's result could have it (each dim
+        # equal, or symbolic: e.g. a slice at a run-time offset); the recursion then checks it at
+        # run time (match_cast). Otherwise only rank and dtype are carried.
+        carried_tys = [
+            t if _compatible(t, o) else relax.TensorType(ndim=t.ndim, dtype=t.dtype)
+            for t, o in zip(carried_tys, out_tys[1 : 1 + n_v])
+        ]
         scan_elem = [_tensor_ty_of(t) for t in out_tys[1 + n_v :]]
         scan_tys = [relax.TensorType(ndim=t.ndim + 1, dtype=t.dtype) for t in scan_elem]
         # Accumulators keep the static dims of the scan outputs, so that concatenating one more
@@ -406,13 +408,22 @@ class Loop(_Versioned):
             first = fb.emit(relax.op.equal(ps[0], const(0, "int64")))
             grown = []
             for acc, item in zip(ps[3 + n_v : 3 + n_v + n_scan], outs[1 + n_v :]):
-                item = fb.normalize(relax.op.expand_dims(item, 0))
-                appended = relax.op.concat([acc, item], axis=0)
-                grown.append(
-                    fb.emit(relax.If(first, relax.SeqExpr([], item), relax.SeqExpr([], appended)))
+                start = fb.normalize(relax.op.expand_dims(item, 0))
+                # Appending: every step's element has the shape of the first (ONNX requires it);
+                # the match_cast says so, so that the concatenation has a known shape.
+                elem_ty = relax.TensorType(list(acc.ty.shape.values)[1:], acc.ty.dtype)
+                elem = relax.Var("elem", elem_ty)
+                appended = relax.SeqExpr(
+                    [relax.BindingBlock([relax.MatchCast(elem, item, elem_ty)])],
+                    relax.op.concat([acc, relax.op.expand_dims(elem, 0)], axis=0),
                 )
+                grown.append(fb.emit(relax.If(first, relax.SeqExpr([], start), appended)))
             nxt = fb.normalize(relax.op.add(ps[0], const(1, "int64")))
-            args = [nxt, ps[1], step_cond, *outs[1 : 1 + n_v], *grown, *ps[3 + n_v + n_scan :]]
+            carried_next = [
+                v if tvm_ffi.structural_equal(v.ty, p.ty) else fb.match_cast(v, p.ty)
+                for v, p in zip(outs[1 : 1 + n_v], ps[3 : 3 + n_v])
+            ]
+            args = [nxt, ps[1], step_cond, *carried_next, *grown, *ps[3 + n_v + n_scan :]]
             rec = fb.emit(relax.Call(gv, args))
             then_seq = relax.SeqExpr([fb._end_block()], rec)
             else_seq = relax.SeqExpr([], relax.Tuple(ps[3 : 3 + n_v + n_scan]))
@@ -450,6 +461,18 @@ def _sized(ty, prefix: str, dims=None):
     dims = dims or [None] * ty.ndim
     shape = [tirx.Var(f"{name}_{i}", "int64") if d is None else d for i, d in enumerate(dims)]
     return relax.TensorType(shape, ty.dtype)
+
+
+def _compatible(carried, out) -> bool:
+    """Whether the body's result type ``out`` may hold values of the carried type ``carried``."""
+    if not isinstance(out, relax.TensorType) or out.dtype != carried.dtype:
+        return False
+    if carried.shape is None or out.shape is None or out.ndim != carried.ndim:
+        return tvm_ffi.structural_equal(carried, out)
+    return all(
+        not isinstance(o, tirx.IntImm) or (isinstance(c, tirx.IntImm) and c.value == o.value)
+        for c, o in zip(carried.shape.values, out.shape.values)
+    )
 
 
 def _tensor_ty_of(ty):
