@@ -225,3 +225,18 @@ def test_conv_integer_per_channel_zero_point(tmp_path):
         "w_zp": np.array([3, 200], np.uint8),
     }
     check(model, [feeds], tmp_path, rtol=0, atol=0, reference="onnx")
+
+
+def test_attention_float16_accumulates_like_numpy(tmp_path):
+    """qiao's Attention converter: float16 matmuls and the softmax sum accumulate in float32 and
+    round once, as the NumPy reference does (TVM's float16 kernels accumulate in float16)."""
+    node = helper.make_node("Attention", ["q", "k", "v"], ["y"], is_causal=1)
+    shapes = {"q": [2, 4, 16, 64], "k": [2, 4, 24, 64], "v": [2, 4, 24, 64]}
+    model = make_model(
+        [node],
+        [(n, TP.FLOAT16, s) for n, s in shapes.items()],
+        [("y", TP.FLOAT16, 4)],
+        opset=23,
+    )
+    feeds = {n: randn(*s, dtype=np.float16) for n, s in shapes.items()}
+    check(model, [feeds], tmp_path, rtol=1e-3, atol=1e-4, reference="onnx")

@@ -61,11 +61,11 @@ class Attention(tvm_onnx.OnnxOpConverter):
                 raise ValueError("grouped-query Attention needs static head counts")
             k = bb.normalize(relax.op.repeat(k, int(reps.value), axis=1))
             v = bb.normalize(relax.op.repeat(v, int(reps.value), axis=1))
-        scores = relax.op.matmul(
+        scores = cls._matmul(
+            bb,
             relax.op.multiply(q, root),
             relax.op.multiply(relax.op.permute_dims(k, [0, 1, 3, 2]), root),
         )
-        scores = bb.normalize(scores)
         softcap = attr.get("softcap")
         if softcap is not None and softcap > 0:
             cap = const(softcap, dtype)
@@ -90,7 +90,7 @@ class Attention(tvm_onnx.OnnxOpConverter):
             qk_out = probs
         qk_out = bb.normalize(relax.op.astype(qk_out, dtype))
         probs = bb.normalize(relax.op.astype(probs, dtype))
-        y = bb.normalize(relax.op.matmul(probs, v))
+        y = cls._matmul(bb, probs, v)
         if three_d:
             y = bb.normalize(relax.op.permute_dims(y, [0, 2, 1, 3]))
             b, s, h, d = y.ty.shape.values
@@ -106,6 +106,16 @@ class Attention(tvm_onnx.OnnxOpConverter):
         return bb.normalize(relax.op.permute_dims(x, [0, 2, 1, 3]))
 
     @staticmethod
+    def _matmul(bb, a, b):
+        """``a @ b``; float16 products accumulate in float32 and round once, as NumPy's float16
+        matmul (the reference) does; TVM's float16 matmul accumulates in float16."""
+        a, b = bb.normalize(a), bb.normalize(b)
+        if str(a.ty.dtype) != "float16":
+            return bb.normalize(relax.op.matmul(a, b))
+        wide = bb.normalize(relax.op.matmul(a, b, out_dtype="float32"))
+        return bb.normalize(relax.op.astype(wide, "float16"))
+
+    @staticmethod
     def _safe_softmax(bb, x):
         """Softmax over the last axis that gives 0 (not NaN) for a row of -inf."""
         dtype = str(x.ty.dtype)
@@ -113,7 +123,11 @@ class Attention(tvm_onnx.OnnxOpConverter):
         row_max = relax.op.max(x, axis=-1, keepdims=True)
         row_max = relax.op.where(relax.op.equal(row_max, const(-np.inf, dtype)), zero, row_max)
         e = bb.normalize(relax.op.exp(relax.op.subtract(x, row_max)))
-        total = relax.op.sum(e, axis=-1, keepdims=True)
+        if dtype == "float16":  # NumPy sums float16 in float32 and rounds once
+            wide = relax.op.sum(relax.op.astype(e, "float32"), axis=-1, keepdims=True)
+            total = relax.op.astype(wide, dtype)
+        else:
+            total = relax.op.sum(e, axis=-1, keepdims=True)
         total = relax.op.where(relax.op.equal(total, zero), const(1, dtype), total)
         return bb.normalize(relax.op.divide(e, total))
 

@@ -127,9 +127,11 @@ EXCLUSIONS: tuple[Exclusion, ...] = (
     # --- numerics ---------------------------------------------------------------------------------
     Exclusion(
         "xfail",
-        "float16 attention: onnx's reference rounds every step to float16 (NumPy); TVM keeps "
-        "more precision inside fused kernels, and 2-ulp differences exceed rtol 1e-3",
-        (r"test_attention_4d_.*fp16" + _EXP,),
+        "float16 attention (function-expanded): onnx's reference accumulates float16 matmuls and "
+        "sums in float32 and rounds once (NumPy); TVM's float16 MatMul/ReduceSum accumulate in "
+        "float16, and 1-2 ulp differences exceed rtol 1e-3 (the plain Attention op, through "
+        "qiao's converter, accumulates as NumPy does and passes)",
+        (r"test_attention_4d_.*fp16_expanded",),
     ),
     Exclusion(
         "xfail",
