@@ -35,6 +35,16 @@ def is_scheduled(func) -> bool:
     return False
 
 
+def _has_parallel_loop(func) -> bool:
+    """Whether ``func`` already runs a loop in parallel (a kernel written scheduled)."""
+    import tvm_ffi
+    from tvm import tirx
+
+    kinds = []
+    tvm_ffi.structural_walk(func.body, [(tirx.For, lambda f: (kinds.append(f.kind), None)[1])])
+    return tirx.ForKind.PARALLEL in kinds
+
+
 def with_functions(mod, updates):
     """A new module: ``mod`` with the functions in ``updates`` replaced (the input module may be
     shared with the caller, so passes do not mutate it)."""
@@ -115,8 +125,14 @@ def _make_pass():
                 if isinstance(sch, list):
                     sch = sch[0]
                 return sch.mod["main"]
-            # Nothing applied: the kernel is compiled as TVM's serial scalar loop nest.
-            log.warning("no schedule rule applies to %s: it stays an unscheduled loop nest", name)
+            if _has_parallel_loop(func):
+                # Written scheduled (TVM's IRBuilder scan/sort kernels): nothing for a rule to do.
+                log.debug("no schedule rule applies to %s: kept as written (parallel)", name)
+            else:
+                # The kernel is compiled as TVM's serial scalar loop nest.
+                log.warning(
+                    "no schedule rule applies to %s: it stays an unscheduled loop nest", name
+                )
             return None
 
     return _ApplyScheduleRules

@@ -50,14 +50,22 @@ def wav2vec2():
     return hf(model, ["input_values"], _waveform, {"input_values": {0: "batch", 1: "samples"}})
 
 
-def hubert():
+def hubert(dynamic=None):
     model = tf.HubertModel(_wav_config(tf.HubertConfig))
-    return hf(model, ["input_values"], _waveform, {"input_values": {0: "batch", 1: "samples"}})
+    return hf(model, ["input_values"], _waveform, dynamic or {"input_values": {0: "batch"}})
+
+
+def hubert_samples():
+    return hubert({"input_values": {0: "batch", 1: "samples"}})
 
 
 def whisper_encoder():
     config = tf.WhisperConfig(
         vocab_size=100,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=3,
         num_mel_bins=16,
         d_model=32,
         encoder_layers=2,

@@ -56,7 +56,8 @@ class Entry:
     ci: bool = False  # in the default (CI) subset
     gpu: bool = False  # in the CUDA / ROCm code-generation subset
     xfail: str | None = None  # why the ONNX Runtime match fails (a strict xfail)
-    xfail_compile: str | None = None  # why a kernel falls back / GPU code generation fails
+    xfail_compile: str | None = None  # why the compile itself fails (every test of the entry)
+    xfail_fallback: str | None = None  # why a CPU kernel gets no schedule rule
 
 
 class HFModel(torch.nn.Module):

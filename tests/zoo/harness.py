@@ -70,6 +70,8 @@ def compile_entry(
     handler = _Collect()
     logger = logging.getLogger("qiao.schedules")
     logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # whatever the root logger's level, the warnings get here
     start = time.perf_counter()
     files, artifacts = [], []
     try:
@@ -81,10 +83,38 @@ def compile_entry(
             )
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(level)
     if len(files) == 1:
         files, artifacts = files * 2, artifacts * 2
     fallbacks = [m for m in handler.messages if FALLBACK.search(m)]
     return Compiled(entry, built, files, artifacts, fallbacks, time.perf_counter() - start)
+
+
+def schedule_fallbacks(entry: Entry, root: str) -> list[str]:
+    """The schedule-rule warnings of the CPU pipeline up to its schedule phase for the entry at
+    its first size (no code generation: a quick survey of the whole zoo)."""
+    from qiao.backends.cpu import CPUBackend
+    from qiao.compiler.frontend import import_onnx
+    from qiao.compiler.pipeline import make_pipeline
+
+    built = build(entry)
+    path = export(entry, built, entry.sizes[0], os.path.join(root, f"{entry.name}.onnx"))
+    backend = CPUBackend()
+    target = backend.target()
+    phases = backend.phases(target, {})
+    phases = phases[: [p.name for p in phases].index("schedule") + 1]
+    handler = _Collect()
+    logger = logging.getLogger("qiao.schedules")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        with target:
+            make_pipeline(phases, target)(import_onnx(onnx.load(path)).mod)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return [m for m in handler.messages if FALLBACK.search(m)]
 
 
 def reference(path: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -121,10 +151,23 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-k", default="", help="regex on entry names")
+    parser.add_argument(
+        "--fallbacks", action="store_true", help="only list schedule fallbacks (no code generation)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     entries = [e for e in ENTRIES if re.search(args.k, e.name)]
-    passed = 0
+    if args.fallbacks:
+        for entry in entries:
+            with tempfile.TemporaryDirectory() as root:
+                try:
+                    found = schedule_fallbacks(entry, root)
+                    line = f"{len(found)} " + "; ".join(sorted(set(found)))[:200]
+                except Exception as err:  # noqa: BLE001 - the survey goes on
+                    line = f"FAIL {type(err).__name__}: {str(err).strip()[:120]}"
+            print(f"{entry.name:24} {line}", flush=True)
+        return 0
+    passed = expected_failures = 0
     print(f"{'entry':24} {'exporter':11} {'opset':5} {'size 1':>8} {'size 2':>8} fallbacks  s")
     for entry in entries:
         with tempfile.TemporaryDirectory() as root:
@@ -144,9 +187,15 @@ def main(argv=None) -> int:
             except Exception as err:  # the table goes on; the message says what broke
                 msg = str(err).strip().splitlines()
                 line = f"FAIL {type(err).__name__}: {msg[0][:160] if msg else ''}"
+        if entry.xfail or entry.xfail_compile or entry.xfail_fallback:
+            line += "  (expected to fail: strict xfail)"
+            expected_failures += 1
         print(f"{entry.name:24} {entry.exporter:11} {entry.opset:5} {line}", flush=True)
-    print(f"{passed}/{len(entries)} entries pass at both sizes without a schedule fallback")
-    return 0 if passed == len(entries) else 1
+    print(
+        f"{passed}/{len(entries)} entries pass at both sizes without a schedule fallback "
+        f"({expected_failures} marked as known failures)"
+    )
+    return 0 if passed + expected_failures == len(entries) else 1
 
 
 if __name__ == "__main__":
