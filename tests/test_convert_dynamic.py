@@ -133,3 +133,20 @@ def test_max_unpool_with_run_time_output_shape(tmp_path):
     # ORT writes each value at its flat index of the requested shape; onnx's reference (and the
     # node cases) keep its (n, c, h, w) position, as qiao does.
     check(model, feeds, tmp_path, reference="onnx")
+
+
+def test_resize_to_the_symbolic_shape_of_another_input(tmp_path):
+    """Sizes from ``Shape`` of a tensor with symbolic dims: a ShapeExpr, which TVM's converter
+    takes (output dims tied to the other input's)."""
+    nodes = [
+        helper.make_node("Shape", ["like"], ["sizes"]),
+        helper.make_node("Resize", ["x", "", "", "sizes"], ["y"], mode="nearest"),
+    ]
+    model = make_model(
+        nodes,
+        [("x", TP.FLOAT, [1, 2, 4, 5]), ("like", TP.FLOAT, [1, 2, "h", "w"])],
+        [("y", TP.FLOAT, [1, 2, "h", "w"])],
+        opset=19,
+    )
+    x = randn(1, 2, 4, 5)
+    check(model, [{"x": x, "like": randn(1, 2, h, w)} for h, w in ((8, 10), (3, 7))], tmp_path)

@@ -16,7 +16,12 @@ from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
 
 from qiao.compiler.errors import CompileError
 from qiao.compiler.frontend import register_converter
-from qiao.compiler.frontend.convert_common import runtime_shape, static_dims
+from qiao.compiler.frontend.convert_common import (
+    is_symbolic_value,
+    materialize,
+    runtime_shape,
+    static_dims,
+)
 
 
 def _constant(x, params):
@@ -316,21 +321,39 @@ class Resize(tvm_onnx.OnnxOpConverter):
     @classmethod
     def _run_time(cls, inputs, params) -> bool:
         return any(
-            x is not None and _constant(x, params) is None and not isinstance(x, relax.ShapeExpr)
+            x is not None and not is_symbolic_value(x) and _constant(x, params) is None
             for x in inputs[1:]
         )
 
     @classmethod
+    def _tvm_first(cls, bb, inputs, attr, params, tvm_impl):
+        """TVM's converter for constants and symbolic sizes (a ``ShapeExpr`` keeps the output
+        dims tied to the input's); ``None`` when the run-time path must take over, with symbolic
+        values then as tensors."""
+        if cls._run_time(inputs, params):
+            return None
+        try:
+            return tvm_impl(bb, inputs, attr, params)
+        except Exception:  # noqa: BLE001 - TVM refuses some symbolic sizes; ours takes them
+            if not any(isinstance(x, relax.ShapeExpr) for x in inputs[1:]):
+                raise
+            return None
+
+    @classmethod
     def _impl_v10(cls, bb, inputs, attr, params):
-        if not cls._run_time(inputs, params):
-            return tvm_onnx.Resize._impl_v10(bb, inputs, attr, params)
+        out = cls._tvm_first(bb, inputs, attr, params, tvm_onnx.Resize._impl_v10)
+        if out is not None:
+            return out
+        inputs = tvm_onnx.onnx_input(materialize(bb, x) for x in inputs)
         opts = cls._options(attr, ctm="asymmetric", nearest_mode="simple")
         return resize_runtime(bb, inputs[0], None, inputs[1], None, opts)
 
     @classmethod
     def _impl_v11(cls, bb, inputs, attr, params):
-        if not cls._run_time(inputs, params):
-            return tvm_onnx.Resize._impl_v18(bb, inputs, attr, params)
+        out = cls._tvm_first(bb, inputs, attr, params, tvm_onnx.Resize._impl_v18)
+        if out is not None:
+            return out
+        inputs = tvm_onnx.onnx_input(materialize(bb, x) for x in inputs)
         roi = _nonempty(inputs[1] if len(inputs) > 1 else None, params)
         scales = _nonempty(inputs[2] if len(inputs) > 2 else None, params)
         sizes = _nonempty(inputs[3] if len(inputs) > 3 else None, params)
