@@ -187,3 +187,47 @@ def test_a_kernel_no_rule_schedules_is_reported_unless_written_parallel(caplog):
                 ApplyScheduleRules([])(tvm.IRModule({"main": func}))
         found = [r.getMessage() for r in caplog.records if FALLBACK.search(r.getMessage())]
         assert bool(found) == warned, found
+
+
+def test_old_opset_pad_and_scalar_constant_of_shape(tmp_path):
+    """What the zoo's old-opset files need, on a hand-written one: Pad-2 (pads as an attribute,
+    opsets 2-10) on an input with a symbolic batch, which TVM's Pad-2 converter rejects as
+    'dynamic pads' (qiao upgrades files below opset 11 first), and ConstantOfShape of an empty
+    shape (a scalar: TorchScript writes it for 0-d constants), which TVM's converter broadcast to
+    rank 0 and failed on."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from qiao.compiler import compile
+
+    nodes = [
+        helper.make_node("Pad", ["x"], ["padded"], pads=[0, 0, 1, 2, 0, 0, 3, 0], value=0.5),
+        helper.make_node(
+            "Constant", [], ["empty"], value=helper.make_tensor("e", TensorProto.INT64, [0], [])
+        ),
+        helper.make_node(
+            "ConstantOfShape",
+            ["empty"],
+            ["scale"],
+            value=helper.make_tensor("v", TensorProto.FLOAT, [1], [3.0]),
+        ),
+        helper.make_node("Mul", ["padded", "scale"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "pad2",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2, 4, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2, 8, 7])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 10)])
+    model.ir_version = 5
+    onnx.checker.check_model(model)
+    path = tmp_path / "pad2.onnx"
+    onnx.save(model, path)
+    artifact = compile(path, "cpu", tmp_path / "art")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (1, 3):
+        x = np.random.default_rng(batch).standard_normal((batch, 2, 4, 5)).astype(np.float32)
+        expected = session.run(None, {"x": x})[0]
+        assert_close(artifact.run({"x": x})["y"], expected, rtol=1e-6, atol=1e-6)

@@ -195,17 +195,6 @@ class Pad(tvm_onnx.OnnxOpConverter):
     """
 
     @classmethod
-    def _impl_v2(cls, bb, inputs, attr, params):
-        # Pads and value as attributes (opsets 2-10). TVM's Pad-2 types the pads constant by the
-        # input's first dim, which fails ("Dynamic pads are not supported yet") when that dim is
-        # symbolic; as Pad-11 inputs they are plain constants.
-        dtype = str(inputs[0].ty.dtype)
-        pads = const(np.array(attr.get("pads"), "int64"), "int64")
-        value = const(np.array(attr.get("value", 0.0), dtype), dtype)
-        rest = {k: v for k, v in attr.items() if k not in ("pads", "value")}
-        return cls._impl_v11(bb, [inputs[0], pads, value], rest, params)
-
-    @classmethod
     def _impl_v11(cls, bb, inputs, attr, params):
         pads = tvm_onnx.get_constant(inputs[1], params)
         value = tvm_onnx.get_constant(inputs[2], params) if len(inputs) > 2 else None
