@@ -138,8 +138,9 @@ ENTRIES: list[Entry] = [
         IMG_B,
         **_broken(
             "a Resize whose sizes input is a shape with the symbolic batch (R.shape([batch, 32, "
-            "2, 2])): TVM's Resize converter reads every dim as a constant ('Var' object has no "
-            "attribute 'value')"
+            "2, 2])): TVM's converter refuses the symbolic size and qiao's run-time path needs "
+            "the data's shape static ('Resize with run-time scales or sizes needs the data's "
+            "shape static')"
         ),
     ),
     _e(
