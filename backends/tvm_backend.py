@@ -117,7 +117,9 @@ class TVMBackend(Backend):
         target = self.target(arch)
         preset = self.preset(arch)
         if preset is not None and preset.moe_schedule and "moe_schedule" not in options:
-            options = {**options, "moe_schedule": dict(preset.moe_schedule)}
+            from qiao.compiler.options import CompileOptions
+
+            options = CompileOptions.from_kwargs(options, moe_schedule=dict(preset.moe_schedule))
         executable = self.compile_module(model.mod, target, options)
         section = self.export(executable, target, workdir, options)
         return {"library": LIBRARY, **(section or {})}

@@ -146,9 +146,10 @@ def compile(
     model_options : dict, optional
         Overrides for a built-in model's builder (e.g. ``{"batch": 8}``).
     **options
-        Backend options, e.g. ``dump_ir="dir"``; and ``initializer_inputs="constants"|"inputs"``:
-        how initializers that the graph also lists as inputs (ONNX IR < 4) are taken — as
-        constants (default; the manifest names them) or as run-time inputs the caller feeds.
+        Compile options (``qiao.compiler.options.CompileOptions``: ``dump_ir``,
+        ``initializer_inputs``, ``tune``, ``trials``, ``tune_dims``, ``tuning_db``,
+        ``use_tuning_db``, ``moe_schedule``, ``static_dims``, ``dim_ranges``); an unknown name or a
+        value of the wrong kind raises ``QiaoError`` listing the valid ones.
 
     Returns
     -------
@@ -156,7 +157,9 @@ def compile(
     """
     from qiao.backends import get_backend
     from qiao.compiler.frontend import fits_protobuf, import_onnx
+    from qiao.compiler.options import CompileOptions
 
+    options = CompileOptions.from_kwargs(options)  # a misspelt option fails before any work
     backend = get_backend(target)
     if arch is not None:
         backend.target(arch)  # reject an unknown arch before any slow work
@@ -166,9 +169,10 @@ def compile(
             f"backend {target!r} cannot compile on this machine: {'; '.join(availability.missing)}"
         )
     resolved = resolve_model(model, example_args, model_options)
-    init_mode = options.pop("initializer_inputs", "constants")
     imported = import_onnx(
-        resolved.proto, to_relax=backend.imports_relax, initializer_inputs=init_mode
+        resolved.proto,
+        to_relax=backend.imports_relax,
+        initializer_inputs=options.initializer_inputs,
     )
     out = os.fspath(output_dir) if output_dir else default_output_dir(resolved.name, target, arch)
     source = dict(resolved.source, sha256=None)

@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 
 from qiao.compiler.errors import CompileError, InvalidModel, QiaoError, UnsupportedOps
+from qiao.compiler.options import INITIALIZER_INPUT_MODES
 
 # Initializers with at least this many elements and a float dtype become run-time parameters;
 # smaller ones (shapes, axes, scalars, tiny biases) stay constants so TVM can fold and shape-infer.
@@ -236,7 +237,6 @@ def _value_spec(vi: onnx.ValueInfoProto) -> TensorSpec:
     return TensorSpec(vi.name, dtype, shape)
 
 
-INITIALIZER_INPUT_MODES = ("constants", "inputs")
 
 
 def split_initializer_inputs(proto: onnx.ModelProto, mode: str) -> tuple[onnx.ModelProto, list]:
