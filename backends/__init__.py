@@ -4,9 +4,10 @@ Backends are discovered lazily through the ``qiao.backends`` entry-point group (
 """
 
 from qiao.backends.base import Availability, Backend, DevicePreset, Phase, Runner
-from qiao.backends.registry import discover, get_backend, list_backends
+from qiao.backends.registry import backend_for_kind, discover, get_backend, list_backends
 
 __all__ = [
+    "backend_for_kind",
     "Availability",
     "Backend",
     "DevicePreset",

@@ -119,6 +119,20 @@ class Backend(abc.ABC):
     default_preset: ClassVar[str | None] = None
     imports_relax: ClassVar[bool] = True
 
+    # -- what the target is: the one place that says it (compiler/ asks, never switches on kinds)
+    #: TVM target kinds this backend compiles for (``("llvm",)``, ``("cuda",)``); empty for a
+    #: hand-off backend whose vendor compiler reads ONNX.
+    target_kinds: ClassVar[tuple[str, ...]] = ()
+    #: TVM runtime device name the artifact runs on (``tvm.device(device_type)``), or ``None``.
+    device_type: ClassVar[str | None] = None
+    #: Thread-bound GPU kernels (MoE lowering, dlight rules) rather than CPU loop nests.
+    is_gpu: ClassVar[bool] = False
+    #: Where the baselines (ONNX Runtime, PyTorch) run for comparison: ``"cpu"``, ``"cuda"``,
+    #: ``"rocm"``, or ``None`` when neither has this device.
+    reference_device: ClassVar[str | None] = None
+    #: ONNX Runtime execution providers for ``reference_device``, most preferred first.
+    ort_providers: ClassVar[tuple[str, ...]] = ()
+
     # -- what the backend is -------------------------------------------------------------------
     @abc.abstractmethod
     def presets(self) -> Mapping[str, DevicePreset]:

@@ -29,6 +29,10 @@ class CPUBackend(TVMBackend):
     vendor = "generic (LLVM)"
     default_preset = "host"
     lift_weight_packing = True  # the CPU GEMM rules pack weights; do it once, at load
+    target_kinds = ("llvm", "c")
+    device_type = "cpu"
+    reference_device = "cpu"
+    ort_providers = ("CPUExecutionProvider",)
 
     def presets(self):
         return {

@@ -59,6 +59,11 @@ class CUDABackend(GPUBackend):
     vendor = "NVIDIA"
     default_preset = "sm_80"
     device_module = "cuda"
+    target_kinds = ("cuda",)
+    device_type = "cuda"
+    is_gpu = True
+    reference_device = "cuda"
+    ort_providers = ("CUDAExecutionProvider",)
 
     def presets(self):
         # moe_schedule: per-device MoE kernel parameters, filled in by the MoE lowering's tuning.

@@ -147,3 +147,17 @@ def list_backends() -> list[tuple[BackendEntry, Backend | None, str | None]]:
         except BrokenBackend as err:
             rows.append((entry, None, str(err)))
     return rows
+
+
+def backend_for_kind(kind: str) -> Backend | None:
+    """The backend whose ``target_kinds`` include TVM target kind ``kind`` (qiao's own first, then
+    plugins in discovery order); ``None`` when no loadable backend claims it. Broken plugins are
+    skipped here: ``qiao targets`` reports them."""
+    for entry in discover().values():
+        try:
+            backend = load_entry(entry)
+        except BrokenBackend:
+            continue
+        if kind in backend.target_kinds:
+            return backend
+    return None

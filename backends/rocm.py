@@ -57,6 +57,11 @@ class ROCmBackend(GPUBackend):
     vendor = "AMD"
     default_preset = "gfx942"
     device_module = "hip"
+    target_kinds = ("rocm",)
+    device_type = "rocm"
+    is_gpu = True
+    reference_device = "rocm"
+    ort_providers = ("ROCMExecutionProvider", "MIGraphXExecutionProvider")
 
     def presets(self):
         # moe_schedule: per-device MoE kernel parameters, filled in by the MoE lowering's tuning.
