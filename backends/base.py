@@ -12,10 +12,11 @@ from __future__ import annotations
 import abc
 import dataclasses
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from qiao.compiler.errors import UnknownTarget
+from qiao.compiler.pipeline import Phase  # the lowering library defines phases; backends fill them
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -36,15 +37,13 @@ class DevicePreset:
     target : dict
         The TVM target as a dict (``{"kind": "cuda", "arch": "sm_90"}``), or the vendor's target
         description for hand-off backends (``{"soc_version": "Ascend910B"}``).
-    moe_schedule : Mapping
-        Per-device MoE schedule parameters (block sizes...), read by the MoE lowering. Change with
-        ``dataclasses.replace``; presets are frozen.
+
+    Presets are frozen: change one with ``replace``.
     """
 
     name: str
     description: str
     target: Mapping[str, Any]
-    moe_schedule: Mapping[str, Any] = field(default_factory=dict)
 
     def replace(self, **changes) -> DevicePreset:
         return dataclasses.replace(self, **changes)
@@ -72,14 +71,6 @@ class Availability:
                 f": {'; '.join(self.missing)}" if self.missing else ""
             )
         return "toolchain missing: " + "; ".join(self.missing or ("unknown",))
-
-
-@dataclass(frozen=True)
-class Phase:
-    """One named step of a lowering pipeline: a list of Relax/TIR module passes."""
-
-    name: str
-    passes: Sequence[Any]
 
 
 class Runner(abc.ABC):
@@ -177,15 +168,6 @@ class Backend(abc.ABC):
         from qiao.compiler.pipeline import default_phases
 
         return default_phases(target)
-
-    def moe_schedule(self, arch: str | None) -> Mapping[str, Any]:
-        """MoE schedule parameters for ``arch``: the per-device table entry for its target (which
-        ``qiao tune`` regenerates), with the preset's own ``moe_schedule`` applied on top."""
-        from qiao.compiler.schedules.moe_table import lookup
-
-        preset = self.preset(arch)
-        overrides = dict(preset.moe_schedule) if preset else None
-        return lookup(self.target(arch), overrides).to_json()
 
     def preset(self, arch: str | None) -> DevicePreset | None:
         """The preset named ``arch`` (default preset for ``None``); ``None`` for a raw chip name."""

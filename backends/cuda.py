@@ -66,7 +66,6 @@ class CUDABackend(GPUBackend):
     ort_providers = ("CUDAExecutionProvider",)
 
     def presets(self):
-        # moe_schedule: per-device MoE kernel parameters, filled in by the MoE lowering's tuning.
         return {
             "sm_80": DevicePreset(
                 "sm_80", "NVIDIA A100 (Ampere)", {"kind": "cuda", "arch": "sm_80"}

@@ -64,7 +64,6 @@ class ROCmBackend(GPUBackend):
     ort_providers = ("ROCMExecutionProvider", "MIGraphXExecutionProvider")
 
     def presets(self):
-        # moe_schedule: per-device MoE kernel parameters, filled in by the MoE lowering's tuning.
         return {
             "gfx90a": DevicePreset(
                 "gfx90a",

@@ -115,11 +115,6 @@ class TVMBackend(Backend):
 
     def build(self, model, arch, workdir, options):
         target = self.target(arch)
-        preset = self.preset(arch)
-        if preset is not None and preset.moe_schedule and "moe_schedule" not in options:
-            from qiao.compiler.options import CompileOptions
-
-            options = CompileOptions.from_kwargs(options, moe_schedule=dict(preset.moe_schedule))
         executable = self.compile_module(model.mod, target, options)
         section = self.export(executable, target, workdir, options)
         return {"library": LIBRARY, **(section or {})}

@@ -19,9 +19,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from qiao.backends.base import Phase
+
+@dataclass(frozen=True)
+class Phase:
+    """One named step of a lowering pipeline: a list of Relax/TIR module passes."""
+
+    name: str
+    passes: Sequence[Any]
 
 
 def prepare_passes(target: Any, moe_schedule: Mapping[str, Any] | None = None) -> list:
@@ -100,7 +107,7 @@ def default_phases(
     lift_params: bool = False,
 ) -> list[Phase]:
     """The phases every TVM-based backend shares; ``schedule`` fills the schedule phase,
-    ``moe_schedule`` (a device preset's MoE parameters) tunes the MoE lowering, and
+    ``moe_schedule`` (the compile option's MoE parameters) tunes the MoE lowering, and
     ``lift_params`` moves weight packing to load time (the artifact then has
     ``main_transform_params``, which ``TVMRunner`` calls once)."""
     return [
@@ -112,25 +119,6 @@ def default_phases(
         Phase("dataflow_lower", dataflow_lower_passes(target)),
         Phase("finalize", finalize_passes(target)),
     ]
-
-
-def replace_phase(phases: list[Phase], name: str, passes: Sequence) -> list[Phase]:
-    """Return ``phases`` with the passes of phase ``name`` replaced."""
-    if name not in {p.name for p in phases}:
-        raise ValueError(f"no phase named {name!r} in {[p.name for p in phases]}")
-    return [Phase(p.name, list(passes)) if p.name == name else p for p in phases]
-
-
-def insert_passes(
-    phases: list[Phase], name: str, passes: Sequence, *, first: bool = True
-) -> list[Phase]:
-    """Return ``phases`` with ``passes`` added at the start (or end) of phase ``name``."""
-    out = []
-    for p in phases:
-        if p.name == name:
-            p = Phase(p.name, [*passes, *p.passes] if first else [*p.passes, *passes])
-        out.append(p)
-    return out
 
 
 def make_pipeline(phases: Sequence[Phase], target: Any, dump_dir: str | None = None):
