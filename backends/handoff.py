@@ -26,8 +26,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qiao.backends.base import Backend
-from qiao.compiler.driver import save_proto  # large models: weights as external data
 from qiao.compiler.errors import CompileError, QiaoError, ToolchainMissing
+from qiao.compiler.frontend import save_proto  # large models: weights as external data
 
 PACKAGE_DIR = "handoff"
 PACKAGE_MODEL = "model.onnx"

@@ -107,17 +107,6 @@ def default_output_dir(model_name: str, target: str, arch: str | None) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(parts))
 
 
-def save_proto(proto: onnx.ModelProto, path: str) -> None:
-    from qiao.compiler.frontend import proto_size
-
-    if proto_size(proto) > (1 << 31) - (64 << 20):
-        onnx.save(
-            proto, path, save_as_external_data=True, location=os.path.basename(path) + ".data"
-        )
-    else:
-        onnx.save(proto, path)
-
-
 def compile(
     model,
     target: str = "cpu",
@@ -156,7 +145,7 @@ def compile(
     Artifact
     """
     from qiao.backends import get_backend
-    from qiao.compiler.frontend import fits_protobuf, import_onnx
+    from qiao.compiler.frontend import fits_protobuf, import_onnx, save_proto
     from qiao.compiler.options import CompileOptions
 
     options = CompileOptions.from_kwargs(options)  # a misspelt option fails before any work

@@ -107,6 +107,17 @@ def fits_protobuf(proto: onnx.ModelProto) -> bool:
     return proto_size(proto) < _PROTOBUF_LIMIT
 
 
+def save_proto(proto: onnx.ModelProto, path: str) -> None:
+    """Save ``proto`` to ``path``; a model near protobuf's 2 GB limit keeps its weights as external
+    data in ``<file name>.data`` beside it."""
+    if proto_size(proto) > (1 << 31) - (64 << 20):
+        onnx.save(
+            proto, path, save_as_external_data=True, location=os.path.basename(path) + ".data"
+        )
+    else:
+        onnx.save(proto, path)
+
+
 def load_onnx(model) -> onnx.ModelProto:
     """Read an ONNX model from a path (or take a ``ModelProto``) and check it is well formed."""
     if isinstance(model, onnx.ModelProto):
