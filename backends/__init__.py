@@ -5,6 +5,7 @@ Backends are discovered lazily through the ``qiao.backends`` entry-point group (
 
 from qiao.backends.base import Availability, Backend, DevicePreset, Phase, Runner
 from qiao.backends.registry import backend_for_kind, discover, get_backend, list_backends
+from qiao.backends.tvm_backend import TVMRunner
 
 __all__ = [
     "backend_for_kind",
@@ -13,6 +14,7 @@ __all__ = [
     "DevicePreset",
     "Phase",
     "Runner",
+    "TVMRunner",
     "discover",
     "get_backend",
     "list_backends",

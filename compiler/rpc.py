@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from qiao.backends.tvm_backend import TVMRunner
+from qiao.backends import TVMRunner
 from qiao.compiler.errors import QiaoError, ToolchainMissing
 
 # TVM target kind → device name for ``RPCSession.device``.
