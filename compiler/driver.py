@@ -53,11 +53,9 @@ def resolve_model(model, example_args=None, model_options: Mapping | None = None
         )
         source = {"kind": "builtin", "name": spec.name, "options": dict(model_options or {})}
         return ResolvedModel(proto, spec.name, source, spec)
-    try:
-        import torch
-    except ImportError:  # pragma: no cover
-        torch = None
-    if torch is not None and isinstance(model, torch.nn.Module):
+    import torch  # a dependency of qiao; imported here only to keep `import qiao` fast
+
+    if isinstance(model, torch.nn.Module):
         if example_args is None:
             raise QiaoError(
                 "compiling a torch.nn.Module needs example inputs. "

@@ -27,23 +27,15 @@ class ExportError(QiaoError):
 
 def _translation_table() -> dict:
     """Custom op translations (MoE blocks...) registered by qiao's modules."""
-    try:
-        from qiao.compiler.export_moe import translation_table
-    except ModuleNotFoundError as err:
-        if err.name != "qiao.compiler.export_moe":
-            raise
-        return {}
+    from qiao.compiler.export_moe import translation_table
+
     return translation_table()
 
 
 def _prepare_module(module):
     """Swap recognised sub-blocks (e.g. Hugging Face MoE blocks) for export-friendly equivalents."""
-    try:
-        from qiao.compiler.export_moe import prepare_for_export
-    except ModuleNotFoundError as err:
-        if err.name != "qiao.compiler.export_moe":
-            raise
-        return module
+    from qiao.compiler.export_moe import prepare_for_export
+
     return prepare_for_export(module)
 
 

@@ -74,11 +74,7 @@ def _load_all() -> None:
     if _loaded:
         return
     for mod in _MODEL_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as err:
-            if err.name != mod:  # a real import error inside the module
-                raise
+        importlib.import_module(mod)
     _loaded = True
 
 

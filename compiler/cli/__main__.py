@@ -59,12 +59,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         if chosen is not None and name != chosen:
             sub.add_parser(name, help=help_text)
             continue
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name != module_name:
-                raise
-            continue  # command not built in this version
+        module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip())
         p.add_argument(
             "--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks"
