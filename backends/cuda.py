@@ -16,10 +16,10 @@ import struct
 import subprocess
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from qiao.backends.base import Availability, DevicePreset
+from qiao.backends.binfmt import FATBIN_MAGIC
 from qiao.backends.tvm_backend import GPUBackend, tvm_global_funcs
 from qiao.compiler.errors import CompileError, ToolchainMissing, UnknownTarget
 
@@ -217,51 +217,3 @@ def compile_fatbin(source: str, arch: str, options: Mapping[str, Any] | None = N
             )
         with open(out, "rb") as f:
             return f.read()
-
-
-# -- looking inside a fatbin without cuobjdump -----------------------------------------------------
-FATBIN_MAGIC = 0xBA55ED50
-
-
-@dataclass(frozen=True)
-class FatbinEntry:
-    """One image in a fatbin: ``kind`` is ``"elf"`` (SASS cubin) or ``"ptx"``; ``arch`` e.g. 90."""
-
-    kind: str
-    arch: int
-    compressed: bool
-    payload: bytes
-
-
-def fatbin_entries(data: bytes) -> list[FatbinEntry]:
-    """Split a fatbin into its images.
-
-    Container layout as nvcc writes it: a 16-byte header (magic, version, header size, payload
-    size), then per image a header with kind, header size, payload size, arch at +28, flags at +40,
-    and the size before compression at +56 when compressed, followed by the image.
-    """
-    magic, _, header_size, fat_size = struct.unpack_from("<IHHQ", data, 0)
-    if magic != FATBIN_MAGIC:
-        raise ValueError("not a fatbin")
-    entries, pos, end = [], header_size, header_size + fat_size
-    while pos < end:
-        kind, _, entry_header, payload_size = struct.unpack_from("<HHIQ", data, pos)
-        (arch,) = struct.unpack_from("<I", data, pos + 28)
-        (flags,) = struct.unpack_from("<Q", data, pos + 40)
-        (uncompressed,) = struct.unpack_from("<Q", data, pos + 56) if entry_header >= 64 else (0,)
-        payload = data[pos + entry_header : pos + entry_header + payload_size]
-        entries.append(
-            FatbinEntry(
-                {1: "ptx", 2: "elf"}.get(kind, str(kind)),
-                arch,
-                bool(uncompressed) or bool(flags & 0xA000),
-                payload,
-            )
-        )
-        pos += entry_header + payload_size
-    return entries
-
-
-def cubin_arch(e_flags: int, abi_version: int) -> int:
-    """The SM number a cubin is for, from its ELF header (CUDA 12.8+ ABI moved it to bits 8-15)."""
-    return (e_flags >> 8) & 0xFF if abi_version >= 8 else e_flags & 0xFF

@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 
 from qiao.backends import cuda
-from qiao.backends.tvm_backend import (
+from qiao.backends.binfmt import (
     EM_CUDA,
     DeviceModule,
     PackedImports,
+    cubin_arch,
     elf_symbol_offset,
+    fatbin_entries,
     read_elf,
     read_library_imports,
 )
@@ -42,7 +44,7 @@ def mlp_sm90(tmp_path_factory):
 
 
 def elf_images(fatbin: bytes):
-    return [e for e in cuda.fatbin_entries(fatbin) if e.kind == "elf"]
+    return [e for e in fatbin_entries(fatbin) if e.kind == "elf"]
 
 
 @needs_nvcc
@@ -52,13 +54,13 @@ def test_fatbin_is_for_requested_arch_with_every_kernel(mlp_sm90):
     assert section["device_format"] == "fatbin" and section["arch"] == "sm_90"
     with open(os.path.join(directory, section["device_code"]), "rb") as f:
         fatbin = f.read()
-    entries = cuda.fatbin_entries(fatbin)
+    entries = fatbin_entries(fatbin)
     assert {(e.kind, e.arch) for e in entries} == {("elf", 90), ("ptx", 90)}
     (image,) = elf_images(fatbin)
     assert not image.compressed
     info = read_elf(image.payload)
     assert info.machine == EM_CUDA
-    assert cuda.cubin_arch(info.flags, info.abi_version) == 90
+    assert cubin_arch(info.flags, info.abi_version) == 90
     kernels = set(section["kernels"])
     assert kernels and kernels <= set(info.functions), kernels - set(info.functions)
     # The MLP has three Linear layers: three fused matmul kernels, the first with the ReLU and the
@@ -93,7 +95,7 @@ def test_other_arch_through_the_library_api(tmp_path):
     with open(os.path.join(art.directory, art.manifest["backend"]["device_code"]), "rb") as f:
         (image,) = elf_images(f.read())
     info = read_elf(image.payload)
-    assert cuda.cubin_arch(info.flags, info.abi_version) == 80
+    assert cubin_arch(info.flags, info.abi_version) == 80
     assert set(art.manifest["backend"]["kernels"]) <= set(info.functions)
     assert art.manifest["target"]["arch"] == "sm_80"
 

@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 from qiao.backends import rocm
-from qiao.backends.tvm_backend import EM_AMDGPU, DeviceModule, read_elf, read_library_imports
+from qiao.backends.binfmt import EM_AMDGPU, DeviceModule, read_elf, read_library_imports
 from qiao.compiler import compile, load
 from qiao.compiler.errors import ToolchainMissing
 from tests.test_backends import write_tiny_onnx

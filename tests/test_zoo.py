@@ -118,8 +118,7 @@ def _gpu_entries():
 def test_zoo_model_compiles_for_gpu(entry, target, arch, tmp_path):
     """Code generation only: the device code object is for ``arch`` and holds every kernel the
     manifest lists (checked by reading the ELF images, as tests/test_cuda.py and test_rocm.py)."""
-    from qiao.backends import cuda
-    from qiao.backends.tvm_backend import EM_AMDGPU, EM_CUDA, read_elf
+    from qiao.backends.binfmt import EM_AMDGPU, EM_CUDA, cubin_arch, fatbin_entries, read_elf
 
     reason = _toolchain_missing(target)
     if reason:
@@ -130,10 +129,10 @@ def test_zoo_model_compiles_for_gpu(entry, target, arch, tmp_path):
     with open(os.path.join(c.artifacts[0].directory, section["device_code"]), "rb") as f:
         code = f.read()
     if target == "cuda":
-        (image,) = [e for e in cuda.fatbin_entries(code) if e.kind == "elf"]
+        (image,) = [e for e in fatbin_entries(code) if e.kind == "elf"]
         info = read_elf(image.payload)
         assert info.machine == EM_CUDA
-        assert cuda.cubin_arch(info.flags, info.abi_version) == int(arch[3:])
+        assert cubin_arch(info.flags, info.abi_version) == int(arch[3:])
     else:
         info = read_elf(code)
         assert info.machine == EM_AMDGPU
