@@ -29,7 +29,7 @@ from qiao.compiler.options import INITIALIZER_INPUT_MODES
 PARAM_MIN_ELEMENTS = 64
 
 _CONVERTERS: dict[str, Any] = {}
-_DOMAINS: dict[str, str] = {}  # op type -> the domain its qiao converter is for
+_DOMAINS: dict[str, tuple[str, ...]] = {}  # op type -> the domains its qiao converter is for
 _PROTOBUF_LIMIT = (1 << 31) - 1
 # Modules whose import registers converters (kept lazy: importing them pulls in TVM).
 _CONVERTER_MODULES = (
@@ -42,7 +42,7 @@ _CONVERTER_MODULES = (
 KNOWN_DOMAINS = {"", "ai.onnx", "com.microsoft", "ai.onnx.preview"}
 
 
-def register_converter(op_type: str, domain: str = ""):
+def register_converter(op_type: str, domain: str | tuple[str, ...] = ""):
     """Class decorator: use this ``OnnxOpConverter`` subclass for ``op_type`` instead of TVM's.
 
     TVM's importer keys converters by op type alone; ``domain`` records which domain qiao supports
@@ -51,7 +51,7 @@ def register_converter(op_type: str, domain: str = ""):
 
     def wrap(cls):
         _CONVERTERS[op_type] = cls
-        _DOMAINS[op_type] = domain
+        _DOMAINS[op_type] = (domain,) if isinstance(domain, str) else tuple(domain)
         return cls
 
     return wrap
@@ -120,6 +120,9 @@ def save_proto(proto: onnx.ModelProto, path: str) -> None:
 
 def load_onnx(model) -> onnx.ModelProto:
     """Read an ONNX model from a path (or take a ``ModelProto``) and check it is well formed."""
+    from qiao.compiler.frontend.contrib_schemas import register_ort_default_domain_schemas
+
+    register_ort_default_domain_schemas()  # before the checker sees ORT GenAI's decoders
     if isinstance(model, onnx.ModelProto):
         proto = model
         where = "the given ModelProto"
@@ -222,7 +225,9 @@ def find_unsupported_ops(proto: onnx.ModelProto) -> dict[str, list[str]]:
         domain = node.domain or ""
         key = node.op_type if domain in ("", "ai.onnx") else f"{domain}::{node.op_type}"
         ok = domain in KNOWN_DOMAINS and (node.op_type in convert_map or node.op_type in handled)
-        if domain in ("com.microsoft", "ai.onnx.preview") and _DOMAINS.get(node.op_type) != domain:
+        if domain in ("com.microsoft", "ai.onnx.preview") and domain not in _DOMAINS.get(
+            node.op_type, ()
+        ):
             ok = False
         if not ok:
             bad.setdefault(key, []).append(node.name or f"<unnamed node #{i}>")

@@ -29,6 +29,7 @@ from qiao.compiler.frontend import (
     convert_control,
     convert_dynamic,
     convert_elementwise,
+    convert_genai,
     convert_legacy,
     convert_loss,
     convert_norm,
@@ -58,6 +59,7 @@ _FAMILIES = (
     convert_control,
     convert_recent,
     convert_signal,
+    convert_genai,  # after convert_attention: its RotaryEmbedding serves both domains
 )
 
 
