@@ -119,12 +119,6 @@ def _epilogue_up(cfg: MoEConfig, red, m, p, B1, e, unit):
 # ------------------------------------------------------------------------------------------------
 # CPU: one register-blocked dot-product grouped GEMM, specialised by row mapping and epilogue
 # ------------------------------------------------------------------------------------------------
-def _halves(n: int) -> tuple[int, int]:
-    # Accumulators are split in two buffers: each stays under TVM's 1 KB stack-array limit (larger
-    # scratch goes to a heap workspace, which LLVM cannot keep in registers).
-    return (n + 1) // 2, n // 2
-
-
 def _cpu_grouped_gemm(
     *,
     red_len: int,
@@ -142,26 +136,32 @@ def _cpu_grouped_gemm(
     """Generic CPU body over (active expert, output tile of ``TILE`` rows) tasks.
 
     ``a_row(PAIRS, K, slot)`` gives the row of A for a slot; ``w_row(r)`` the expert-weight row of
-    tile
-    row ``r``; ``epilogue(OUT, E1, E2, PAIRS, red, m, slot, e, r0, n)`` stores ``n`` results of
-    ``red[m, :]``
-    for tile rows ``r0 ..``. With ``prefetch``, each k step also prefetches the same k position of
-    the next row group, so the next rows stream from memory while these are multiplied.
+    tile row ``r``; ``epilogue(OUT, E1, E2, PAIRS, red, m, slot, e, r0, n)`` stores ``n`` results
+    of ``red[m, :]`` for tile rows ``r0 ..``. The register blocks (``MR x NR`` for token blocks,
+    ``1 x NG`` for a lone token) are the CPU GEMM's weight-in-place micro-kernel,
+    ``qiao.compiler.schedules.cpu_gemm.dot_microkernel``; ``prefetch`` streams the next row group
+    in while one is multiplied.
     """
     from tvm.script import tirx as T
 
+    from qiao.compiler.schedules.cpu_gemm import dot_accumulators, dot_microkernel
+
     KO = red_len // VL
-    NA, NB = _halves(NR)
-    GA, GB = _halves(NG)
+    micro = dot_microkernel(
+        rows=MR, cols=NR, lanes=VL, k_vectors=KO, w_row=w_row, prefetch=prefetch
+    )
+    gemv = dot_microkernel(rows=1, cols=NG, lanes=VL, k_vectors=KO, w_row=w_row, prefetch=prefetch)
+    ACC0, ACC1 = dot_accumulators(MR, NR, VL)
+    GACC0, GACC1 = dot_accumulators(1, NG, VL)
 
     @T.macro
     def body(A, W, PAIRS, OFF, CNT, ACTIVE, NACT, OUT, E1, E2):
         for task in T.parallel(NACT[0] * NT):
             # "global" scope: constant-size scratch under 1 KB becomes a stack array (registers)
-            acc0 = T.alloc_buffer((MR, NA, VL), "float32")
-            acc1 = T.alloc_buffer((MR, max(NB, 1), VL), "float32")
-            gacc0 = T.alloc_buffer((GA, VL), "float32")
-            gacc1 = T.alloc_buffer((max(GB, 1), VL), "float32")
+            acc0 = T.alloc_buffer(ACC0, "float32")
+            acc1 = T.alloc_buffer(ACC1, "float32")
+            gacc0 = T.alloc_buffer(GACC0, "float32")
+            gacc1 = T.alloc_buffer(GACC1, "float32")
             red = T.alloc_buffer((MR, max(NR, NG)), "float32")
             arow = T.alloc_buffer((MR,), "int64")
             e: T.let[T.int64] = T.Cast("int64", ACTIVE[task // NT])
@@ -170,57 +170,14 @@ def _cpu_grouped_gemm(
             off: T.let[T.int32] = OFF[e]
             for mb in range((cnt + MR - 1) // MR):
                 if cnt - mb * MR >= T.min(2, MR):
-                    # micro-kernel: MR rows of A x NR weight rows, one vector accumulator each; a
-                    # partial block repeats its last row (weights are still read once)
+                    # micro-kernel: MR rows of A x NR weight rows; a partial block repeats its last
+                    # row (weights are still read once)
                     for m in T.unroll(MR):
                         arow[m] = a_row(PAIRS, off + mb * MR + T.min(m, cnt - mb * MR - 1))
                     for g in range(TILE // NR):
-                        for m in T.unroll(MR):
-                            for r in T.unroll(NA):
-                                for lane in T.vectorized(VL):
-                                    acc0[m, r, lane] = T.float32(0)
-                            for r in T.unroll(NB):
-                                for lane in T.vectorized(VL):
-                                    acc1[m, r, lane] = T.float32(0)
-                        for ko in range(KO):
-                            if prefetch:
-                                for r in T.unroll(NR):
-                                    T.evaluate(
-                                        T.call_llvm_intrin(
-                                            "void",
-                                            "llvm.prefetch.p0",
-                                            T.address_of(
-                                                W[e, w_row(r_tile + (g + 1) * NR + r), ko * VL]
-                                            ),
-                                            0,
-                                            3,
-                                            1,
-                                        )
-                                    )
-                            for m in T.unroll(MR):
-                                for r in T.unroll(NA):
-                                    for lane in T.vectorized(VL):
-                                        acc0[m, r, lane] = (
-                                            acc0[m, r, lane]
-                                            + A[arow[m], ko * VL + lane]
-                                            * W[e, w_row(r_tile + g * NR + r), ko * VL + lane]
-                                        )
-                                for r in T.unroll(NB):
-                                    for lane in T.vectorized(VL):
-                                        acc1[m, r, lane] = (
-                                            acc1[m, r, lane]
-                                            + A[arow[m], ko * VL + lane]
-                                            * W[e, w_row(r_tile + g * NR + NA + r), ko * VL + lane]
-                                        )
-                        for m in T.unroll(MR):
-                            for r in T.unroll(NA):
-                                red[m, r] = T.float32(0)
-                                for lane in T.unroll(VL):
-                                    red[m, r] = red[m, r] + acc0[m, r, lane]
-                            for r in T.unroll(NB):
-                                red[m, NA + r] = T.float32(0)
-                                for lane in T.unroll(VL):
-                                    red[m, NA + r] = red[m, NA + r] + acc1[m, r, lane]
+                        micro(
+                            A, W, arow, e, r_tile + g * NR, r_tile + (g + 1) * NR, acc0, acc1, red
+                        )
                         for m in T.unroll(MR):
                             if mb * MR + m < cnt:
                                 epilogue(
@@ -240,49 +197,17 @@ def _cpu_grouped_gemm(
                     for m in range(cnt - mb * MR):
                         arow[0] = a_row(PAIRS, off + mb * MR + m)
                         for g in range(TILE // NG):
-                            for r in T.unroll(GA):
-                                for lane in T.vectorized(VL):
-                                    gacc0[r, lane] = T.float32(0)
-                            for r in T.unroll(GB):
-                                for lane in T.vectorized(VL):
-                                    gacc1[r, lane] = T.float32(0)
-                            for ko in range(KO):
-                                if prefetch:
-                                    for r in T.unroll(NG):
-                                        T.evaluate(
-                                            T.call_llvm_intrin(
-                                                "void",
-                                                "llvm.prefetch.p0",
-                                                T.address_of(
-                                                    W[e, w_row(r_tile + (g + 1) * NG + r), ko * VL]
-                                                ),
-                                                0,
-                                                3,
-                                                1,
-                                            )
-                                        )
-                                for r in T.unroll(GA):
-                                    for lane in T.vectorized(VL):
-                                        gacc0[r, lane] = (
-                                            gacc0[r, lane]
-                                            + A[arow[0], ko * VL + lane]
-                                            * W[e, w_row(r_tile + g * NG + r), ko * VL + lane]
-                                        )
-                                for r in T.unroll(GB):
-                                    for lane in T.vectorized(VL):
-                                        gacc1[r, lane] = (
-                                            gacc1[r, lane]
-                                            + A[arow[0], ko * VL + lane]
-                                            * W[e, w_row(r_tile + g * NG + GA + r), ko * VL + lane]
-                                        )
-                            for r in T.unroll(GA):
-                                red[0, r] = T.float32(0)
-                                for lane in T.unroll(VL):
-                                    red[0, r] = red[0, r] + gacc0[r, lane]
-                            for r in T.unroll(GB):
-                                red[0, GA + r] = T.float32(0)
-                                for lane in T.unroll(VL):
-                                    red[0, GA + r] = red[0, GA + r] + gacc1[r, lane]
+                            gemv(
+                                A,
+                                W,
+                                arow,
+                                e,
+                                r_tile + g * NG,
+                                r_tile + (g + 1) * NG,
+                                gacc0,
+                                gacc1,
+                                red,
+                            )
                             epilogue(
                                 OUT,
                                 E1,

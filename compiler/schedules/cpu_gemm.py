@@ -21,7 +21,9 @@ after BLIS:
 
 Tile sizes come from ``choose_tile`` (register budget, padding waste, core count) or from a tuning
 record (``qiao.compiler.schedules.tuning``). ``schedule_microkernel`` is the reusable core for
-kernels that tile their own outer loops (the MoE grouped GEMM).
+kernels that tile their own outer loops. Kernels that read a weight in place, unpacked
+(``W[rows, K]``, ``K`` contiguous: the MoE grouped GEMM), take ``dot_microkernel`` instead, which
+vectorises the reduction; ``register_tiles`` decides the register blocks of both.
 """
 
 from __future__ import annotations
@@ -105,19 +107,43 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def register_tiles(cpu: CPUInfo) -> list[tuple[int, int]]:
-    """Register-block shapes ``(mr, nr_vectors)`` that fit the target's SIMD registers.
+def register_tiles(cpu: CPUInfo, order: str = "outer") -> list[tuple[int, int]]:
+    """Register-block shapes that fit the target's SIMD registers, for either accumulation order.
 
-    The ``mr * nr_vectors`` accumulators, ``nr_vectors`` loaded ``B`` vectors and one broadcast
-    ``A`` element must fit the register file; the largest ``mr`` per ``nr_vectors`` is listed,
-    capped at 16 rows (beyond that the broadcast stream dominates).
+    The one register budget of qiao's CPU GEMM micro-kernels: accumulators plus the operand
+    registers one step needs must fit ``cpu.vector_registers``.
+
+    - ``order="outer"`` (``schedule_microkernel``: ``B`` packed, vectors along the output
+      columns): ``(mr, nr_vectors)`` with ``mr * nr_vectors`` accumulators, ``nr_vectors`` loaded
+      ``B`` vectors and one broadcast ``A`` element; the largest ``mr`` per ``nr_vectors`` is
+      listed, capped at 16 rows (beyond that the broadcast stream dominates).
+    - ``order="dot"`` (``dot_microkernel``: a weight ``W[rows, K]`` read in place, vectors along the
+      reduction): ``(rows of A, rows of W)`` with one accumulator per pair, one register per ``A``
+      row and one for the weight stream; tiles using at least half the registers as accumulators,
+      with 1-8 rows of ``A`` and 2-16 rows of ``W`` (the candidates ``qiao tune moe`` measures).
     """
+    regs = cpu.vector_registers
+    if order == "dot":
+        return [
+            (m, n)
+            for m in (1, 2, 3, 4, 6, 8)
+            for n in (2, 4, 6, 8, 12, 16)
+            if m * n + m + 1 <= regs and m * n >= regs // 2
+        ]
+    if order != "outer":
+        raise ValueError(f"order must be 'outer' or 'dot', not {order!r}")
     tiles = []
     for nv in (1, 2, 3, 4):
-        mr = min((cpu.vector_registers - nv - 1) // nv, 16)
+        mr = min((regs - nv - 1) // nv, 16)
         if mr >= 2:
             tiles.append((mr, nv))
     return tiles
+
+
+def fits_registers(cpu: CPUInfo, rows: int, cols: int, order: str = "dot") -> bool:
+    """Whether a ``rows x cols`` register block of ``order`` (see ``register_tiles``) fits."""
+    operands = rows + 1 if order == "dot" else cols + 1
+    return rows * cols + operands <= cpu.vector_registers
 
 
 def _divisors_up_to(n: int, cap: int) -> list[int]:
@@ -639,6 +665,105 @@ def _vectorize_write_back(sch, block, lanes: int) -> None:
     _, vec = sch.split(inner, [None, lanes])
     sch.vectorize(vec)
     sch.unroll(outer_rows)
+
+
+def dot_accumulators(rows: int, cols: int, lanes: int) -> tuple[tuple, tuple]:
+    """Shapes of the two accumulator buffers ``dot_microkernel`` takes for a ``rows x cols`` block.
+
+    The ``cols`` accumulators of a row are split in two buffers so each stays under TVM's 1 KB
+    stack-array limit (larger scratch goes to a heap workspace, which LLVM cannot keep in
+    registers); allocate them with ``T.alloc_buffer(shape, "float32")``.
+    """
+    first, second = (cols + 1) // 2, cols // 2
+    return (rows, first, lanes), (rows, max(second, 1), lanes)
+
+
+def dot_microkernel(*, rows: int, cols: int, lanes: int, k_vectors: int, w_row, prefetch: bool):
+    """The register-blocked micro-kernel of a GEMM that reads its weight in place (TIR macro).
+
+    ``schedule_microkernel`` needs ``B`` packed into column panels; a weight read in place in
+    ONNX's linear layout ``W[e, rows, K]`` (``K`` contiguous: the MoE grouped GEMM, whose experts
+    are too big to copy) vectorises the reduction instead. For ``m < rows`` and ``r < cols``::
+
+        red[m, r] = sum_k A[arow[m], k] * W[e, w_row(r0 + r), k]
+
+    with ``rows * cols`` SIMD accumulators (one per pair, ``lanes`` wide along ``k``), ``k`` walked
+    in ``k_vectors`` vector steps, and the lanes summed at the end. With ``prefetch`` each step also
+    prefetches the same ``k`` of the weight rows ``w_row(r_next + r)`` (the next group), so they
+    stream from memory while these are multiplied. ``register_tiles(cpu, "dot")`` lists the blocks
+    that fit; a GEMV (decode) is the ``rows=1`` block.
+
+    Parameters
+    ----------
+    rows, cols : int
+        Rows of ``A`` (tokens) and of ``W`` (weight rows) in the register block.
+    lanes : int
+        SIMD lanes of the reduction (``cpu_info(target).lanes(dtype)`` or a divisor of ``K``).
+    k_vectors : int
+        ``K // lanes``.
+    w_row : callable
+        Tile row (a TIR expression) → row index of ``W``.
+    prefetch : bool
+        Software-prefetch the next weight rows.
+
+    Returns
+    -------
+    tvm.script macro
+        ``tile(A, W, arow, e, r0, r_next, acc0, acc1, red)``: ``arow`` holds the ``rows`` row
+        indices of ``A``; ``acc0``/``acc1`` have the ``dot_accumulators`` shapes; ``red`` (at
+        least ``rows x cols``) receives the sums.
+    """
+    from tvm.script import tirx as T
+
+    MR, VL, KO = rows, lanes, k_vectors
+    NA, NB = (cols + 1) // 2, cols // 2
+
+    @T.macro
+    def tile(A, W, arow, e, r0, r_next, acc0, acc1, red):
+        for m in T.unroll(MR):
+            for r in T.unroll(NA):
+                for lane in T.vectorized(VL):
+                    acc0[m, r, lane] = T.float32(0)
+            for r in T.unroll(NB):
+                for lane in T.vectorized(VL):
+                    acc1[m, r, lane] = T.float32(0)
+        for ko in range(KO):
+            if prefetch:
+                for r in T.unroll(NA + NB):
+                    T.evaluate(
+                        T.call_llvm_intrin(
+                            "void",
+                            "llvm.prefetch.p0",
+                            T.address_of(W[e, w_row(r_next + r), ko * VL]),
+                            0,
+                            3,
+                            1,
+                        )
+                    )
+            for m in T.unroll(MR):
+                for r in T.unroll(NA):
+                    for lane in T.vectorized(VL):
+                        acc0[m, r, lane] = (
+                            acc0[m, r, lane]
+                            + A[arow[m], ko * VL + lane] * W[e, w_row(r0 + r), ko * VL + lane]
+                        )
+                for r in T.unroll(NB):
+                    for lane in T.vectorized(VL):
+                        acc1[m, r, lane] = (
+                            acc1[m, r, lane]
+                            + A[arow[m], ko * VL + lane] * W[e, w_row(r0 + NA + r), ko * VL + lane]
+                        )
+        for m in T.unroll(MR):
+            for r in T.unroll(NA):
+                red[m, r] = T.float32(0)
+                for lane in T.unroll(VL):
+                    red[m, r] = red[m, r] + acc0[m, r, lane]
+            for r in T.unroll(NB):
+                red[m, NA + r] = T.float32(0)
+                for lane in T.unroll(VL):
+                    red[m, NA + r] = red[m, NA + r] + acc1[m, r, lane]
+
+    return tile
 
 
 def canonicalize_stage(sch, block) -> None:

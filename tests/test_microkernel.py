@@ -1,0 +1,94 @@
+"""The CPU GEMM micro-kernels' shared register budget and the weight-in-place (dot-product)
+micro-kernel the MoE grouped GEMM is built from, checked against NumPy on its own."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qiao.compiler.testing import assert_close
+
+tvm = pytest.importorskip("tvm")
+
+
+def test_dot_register_tiles_fit_and_cover_the_former_moe_candidates():
+    from qiao.compiler.schedules.cpu_gemm import fits_registers, register_tiles
+    from qiao.compiler.schedules.cpu_info import CPUInfo
+
+    # The blocks `qiao tune moe` measured when its candidates were a hand-written list.
+    former = {
+        16: {(1, 8), (2, 4), (2, 6), (3, 4), (4, 2)},
+        32: {(1, 16), (2, 8), (2, 12), (3, 8), (4, 4), (4, 6), (6, 4), (8, 2)},
+    }
+    for regs, old in former.items():
+        cpu = CPUInfo(256, regs, 2)
+        tiles = register_tiles(cpu, "dot")
+        assert old <= set(tiles)
+        # accumulators + one register per token row + one for the weight stream
+        assert all(m * n + m + 1 <= regs for m, n in tiles)
+        assert all(fits_registers(cpu, m, n) for m, n in tiles)
+        assert fits_registers(cpu, 1, regs - 2) and not fits_registers(cpu, 1, regs - 1)
+        for mr, nv in register_tiles(cpu):  # the packed (outer-product) order's budget
+            assert fits_registers(cpu, mr, nv, "outer")
+    with pytest.raises(ValueError, match="order"):
+        register_tiles(CPUInfo(256, 16, 2), "inner")
+
+
+def _dot_gemm(rows, cols, lanes, k, n_groups, prefetch):
+    """``C[m, g * cols + r] = A[m] . W[0, g * cols + r]`` through one ``dot_microkernel`` block per
+    weight-row group, the rows of A taken in reverse (the gather the MoE kernel does)."""
+    from tvm.script import tirx as T
+
+    from qiao.compiler.schedules.cpu_gemm import dot_accumulators, dot_microkernel
+
+    N = cols * n_groups
+    tile = dot_microkernel(
+        rows=rows,
+        cols=cols,
+        lanes=lanes,
+        k_vectors=k // lanes,
+        w_row=lambda r: r,
+        prefetch=prefetch,
+    )
+    ACC0, ACC1 = dot_accumulators(rows, cols, lanes)
+
+    @T.prim_func(s_tir=True)
+    def main(a: T.handle, w: T.handle, c: T.handle):
+        A = T.match_buffer(a, (rows, k), "float32")
+        # one spare group: the last block's prefetch reads the next (unused) rows
+        W = T.match_buffer(w, (T.int64(1), N + cols, k), "float32")
+        C = T.match_buffer(c, (rows, N), "float32")
+        with T.sblock("root"):
+            acc0 = T.alloc_buffer(ACC0, "float32")
+            acc1 = T.alloc_buffer(ACC1, "float32")
+            red = T.alloc_buffer((rows, cols), "float32")
+            arow = T.alloc_buffer((rows,), "int64")
+            for m in range(rows):
+                arow[m] = T.int64(rows - 1 - m)
+            for g in range(n_groups):
+                tile(A, W, arow, T.int64(0), g * cols, (g + 1) * cols, acc0, acc1, red)
+                for m in range(rows):
+                    for r in range(cols):
+                        C[rows - 1 - m, g * cols + r] = red[m, r]
+
+    return main, N
+
+
+@pytest.mark.parametrize(
+    "rows, cols, prefetch", [(2, 4, False), (3, 5, True), (1, 8, True), (1, 3, False)]
+)
+def test_dot_microkernel_matches_numpy(rows, cols, prefetch):
+    from qiao.compiler.schedules.cpu_info import cpu_device
+
+    lanes, k, groups = 8, 40, 3
+    func, n = _dot_gemm(rows, cols, lanes, k, groups, prefetch)
+    # this machine's CPU: the kernel runs here
+    target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
+    rng = np.random.default_rng(rows * 10 + cols)
+    a = rng.standard_normal((rows, k), dtype=np.float32)
+    w = rng.standard_normal((1, n + cols, k), dtype=np.float32)
+    dev = cpu_device()
+    out = tvm.runtime.tensor(np.zeros((rows, n), np.float32), dev)
+    lib["main"](tvm.runtime.tensor(a, dev), tvm.runtime.tensor(w, dev), out)
+    assert_close(out.numpy(), a @ w[0, :n].T, rtol=1e-5, atol=1e-5)
