@@ -116,7 +116,7 @@ class Backend(abc.ABC):
     target_kinds: ClassVar[tuple[str, ...]] = ()
     #: TVM runtime device name the artifact runs on (``tvm.device(device_type)``), or ``None``.
     device_type: ClassVar[str | None] = None
-    #: Thread-bound GPU kernels (MoE lowering, dlight rules) rather than CPU loop nests.
+    #: Thread-bound GPU kernels (the MoE lowering's) rather than CPU loop nests.
     is_gpu: ClassVar[bool] = False
     #: Where the baselines (ONNX Runtime, PyTorch) run for comparison: ``"cpu"``, ``"cuda"``,
     #: ``"rocm"``, or ``None`` when neither has this device.
@@ -167,7 +167,17 @@ class Backend(abc.ABC):
         """The lowering phases, in order (see ``qiao.compiler.pipeline``)."""
         from qiao.compiler.pipeline import default_phases
 
-        return default_phases(target)
+        return default_phases(target, gpu=self.is_gpu, moe_keys=self.tuning_keys(target))
+
+    def tuning_keys(self, target: Any) -> list[str]:
+        """This device's keys in qiao's per-device stores (the MoE schedule table), most specific
+        first: the MoE lowering looks its schedule up under them, ``qiao tune`` writes under the
+        first. The default derives them from the TVM target
+        (``qiao.compiler.schedules.moe_table.device_keys``: ``cpu/<mcpu>`` then the SIMD family,
+        ``cuda/sm_90`` then ``cuda``); override to key a device otherwise."""
+        from qiao.compiler.schedules.moe_table import device_keys
+
+        return device_keys(target)
 
     def preset(self, arch: str | None) -> DevicePreset | None:
         """The preset named ``arch`` (default preset for ``None``); ``None`` for a raw chip name."""

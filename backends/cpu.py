@@ -119,13 +119,19 @@ class CPUBackend(TVMBackend):
                 )
         return super().load(artifact_dir, manifest)
 
-    def schedule_passes(self, target, options=None) -> list:
-        """qiao's CPU schedules (GEMM, convolution, attention, then parallel/vectorised defaults),
-        with this device's tuning records; ``options`` may ask to tune first (``tune``, ``trials``).
-        """
-        from qiao.compiler.schedules import schedule_passes
+    def schedule_rules(self, target) -> list:
+        """qiao's CPU rules: GEMM, convolution, reductions, then parallel/vectorised defaults."""
+        from qiao.compiler.schedules.cpu import cpu_rules
 
-        return schedule_passes(target, options)
+        return cpu_rules(target)
+
+    def schedule_passes(self, target, options=None) -> list:
+        """The CPU rules with this device's tuning records (``options`` may ask to tune first:
+        ``tune``, ``trials``; see ``qiao.compiler.schedules.tuning_database``), then the CPU loop
+        rewrites (ragged vectors, vectorisable math, serial small kernels)."""
+        from qiao.compiler.schedules import cpu_schedule_passes
+
+        return cpu_schedule_passes(target, options, rules=self.schedule_rules(target))
 
     def device(self):
         return cpu_device()

@@ -72,10 +72,19 @@ class TVMBackend(Backend):
     # Whether the schedules pack weights that the lift_params phase moves to load time.
     lift_weight_packing: bool = False
 
+    def schedule_rules(self, target: Any) -> list:
+        """The ordered schedule rules for ``target`` (the first that applies to a kernel wins);
+        overridden per backend. The default has none."""
+        return []
+
     def schedule_passes(self, target: Any, options: Mapping[str, Any] | None = None) -> list:
         """The passes of the ``schedule`` phase for this target; overridden per backend.
-        ``options`` are the compile options (tuning switches...)."""
-        return []
+        ``options`` are the compile options (tuning switches...). The default applies
+        ``schedule_rules`` (nothing when there are none)."""
+        from qiao.compiler.schedules import rule_pass
+
+        rules = self.schedule_rules(target)
+        return [rule_pass(rules)] if rules else []
 
     def phases(self, target: Any, options: Mapping[str, Any] | None = None):
         from qiao.compiler.pipeline import default_phases
@@ -86,6 +95,8 @@ class TVMBackend(Backend):
             schedule=self.schedule_passes(target, options),
             moe_schedule=options.get("moe_schedule"),
             lift_params=self.lift_weight_packing,
+            gpu=self.is_gpu,
+            moe_keys=self.tuning_keys(target),
         )
 
     def compile_context(self, target: Any) -> contextlib.AbstractContextManager:
@@ -148,13 +159,20 @@ class GPUBackend(TVMBackend):
     """
 
     device_module: ClassVar[str]
+    is_gpu = True
+
+    def schedule_rules(self, target):
+        """TVM's dlight GPU rules, most specific first."""
+        from qiao.compiler.schedules.gpu import gpu_rules
+
+        return gpu_rules(target)
 
     def schedule_passes(self, target, options=None):
-        # qiao's rule set for the target kind: TVM's dlight GPU rules, skipping kernels that come
-        # scheduled already (the MoE lowering's).
-        from qiao.compiler.schedules import schedule_passes
+        # The rules alone: ApplyScheduleRules skips kernels that come scheduled already (the MoE
+        # lowering's); no tuning database, no CPU loop rewrites.
+        from qiao.compiler.schedules import gpu_schedule_passes
 
-        return schedule_passes(target, options)
+        return gpu_schedule_passes(target, options, rules=self.schedule_rules(target))
 
     def arch_name(self, target: Any) -> str:
         """The chip name used in file names and the manifest (``sm_90``, ``gfx942``)."""

@@ -2,8 +2,9 @@
 
 Every backend returns its phases from ``Backend.phases(target)``; ``default_phases`` is the shape
 they share (after TVM's ``relax/backend/<target>/pipeline.py``). A backend replaces single phases
-(usually ``schedule``) rather than writing a pipeline of its own, and nothing here switches on the
-target kind.
+(usually ``schedule``) rather than writing a pipeline of its own, and passes what depends on its
+target (its schedule passes, ``gpu``, its MoE table keys); nothing here switches on the target
+kind.
 
 Phases:
   prepare           inference simplifications, qiao's graph rewrites (MoE lowering)
@@ -31,8 +32,15 @@ class Phase:
     passes: Sequence[Any]
 
 
-def prepare_passes(target: Any, moe_schedule: Mapping[str, Any] | None = None) -> list:
-    """``moe_schedule`` overrides the MoE block sizes the per-device table gives for ``target``."""
+def prepare_passes(
+    target: Any,
+    moe_schedule: Mapping[str, Any] | None = None,
+    gpu: bool | None = None,
+    moe_keys: Sequence[str] | None = None,
+) -> list:
+    """``moe_schedule`` overrides the MoE block sizes the per-device table gives for ``target``
+    under ``moe_keys`` (the backend's ``tuning_keys``); ``gpu`` (the backend's ``is_gpu``) picks
+    thread-bound MoE kernels. ``None``: derived from the TVM target (see ``LowerMoE``)."""
     from tvm import relax
 
     from qiao.compiler.passes import LowerMoE
@@ -41,7 +49,12 @@ def prepare_passes(target: Any, moe_schedule: Mapping[str, Any] | None = None) -
         relax.transform.DecomposeOpsForInference(),
         relax.transform.FoldConstant(),
         # com.microsoft::MoE -> qiao's gating / align / grouped-GEMM / combine kernels
-        LowerMoE(target, overrides=moe_schedule),
+        LowerMoE(
+            target,
+            overrides=moe_schedule,
+            gpu=gpu,
+            keys=list(moe_keys) if moe_keys is not None else None,
+        ),
     ]
 
 
@@ -105,13 +118,17 @@ def default_phases(
     schedule: Sequence = (),
     moe_schedule: Mapping[str, Any] | None = None,
     lift_params: bool = False,
+    gpu: bool | None = None,
+    moe_keys: Sequence[str] | None = None,
 ) -> list[Phase]:
     """The phases every TVM-based backend shares; ``schedule`` fills the schedule phase,
-    ``moe_schedule`` (the compile option's MoE parameters) tunes the MoE lowering, and
-    ``lift_params`` moves weight packing to load time (the artifact then has
+    ``moe_schedule`` (the compile option's MoE parameters) tunes the MoE lowering (its
+    table entry looked up under ``moe_keys``, the backend's ``tuning_keys``), ``gpu`` (the
+    backend's ``is_gpu``) makes its kernels thread-bound (``None`` for either: derived from the
+    TVM target), and ``lift_params`` moves weight packing to load time (the artifact then has
     ``main_transform_params``, which ``TVMRunner`` calls once)."""
     return [
-        Phase("prepare", prepare_passes(target, moe_schedule)),
+        Phase("prepare", prepare_passes(target, moe_schedule, gpu, moe_keys)),
         Phase("library_dispatch", library_dispatch_passes(target)),
         Phase("legalize", legalize_passes(target)),
         Phase("schedule", list(schedule)),

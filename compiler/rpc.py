@@ -22,16 +22,6 @@ import numpy as np
 from qiao.backends import TVMRunner
 from qiao.compiler.errors import QiaoError, ToolchainMissing
 
-# TVM target kind → device name for ``RPCSession.device``.
-DEVICE_OF_KIND = {
-    "llvm": "cpu",
-    "c": "cpu",
-    "cuda": "cuda",
-    "rocm": "rocm",
-    "vulkan": "vulkan",
-    "opencl": "opencl",
-    "metal": "metal",
-}
 _TRACKER_HINT = (
     "start one with `python -m tvm.exec.rpc_tracker --host 0.0.0.0 --port 9190` and the device's "
     "server with `python -m tvm.exec.rpc_server --tracker HOST:9190 --key KEY`"
@@ -40,6 +30,29 @@ _TRACKER_HINT = (
 
 class RPCError(QiaoError):
     """The RPC tracker or server cannot be reached or has no device for the key."""
+
+
+def artifact_backend(manifest: Mapping[str, Any]) -> Any:
+    """The backend that says where an artifact runs: the one that built it, or, when that one
+    declares no ``device_type`` (a backend reusing another's target), the backend claiming the
+    artifact's target kind. ``RPCError`` when neither names a device."""
+    from qiao.backends.registry import backend_for_kind, get_backend
+
+    name = manifest.get("backend", {}).get("name")
+    kind = manifest.get("target", {}).get("kind")
+    try:
+        backend = get_backend(name) if name else None
+    except QiaoError:  # built by a backend not installed here: its target kind still tells
+        backend = None
+    if backend is None or backend.device_type is None:
+        backend = backend_for_kind(kind) if kind else None
+    if backend is None or backend.device_type is None:
+        raise RPCError(
+            f"no installed backend says which TVM device runs an artifact of backend {name!r} "
+            f"(target kind {kind!r}). fix: install the backend that built it, or copy the "
+            "artifact to the device and run `qiao bench` there"
+        )
+    return backend
 
 
 def parse_tracker_address(address: str) -> tuple[str, int]:
@@ -232,38 +245,38 @@ class RPCRunner(TVMRunner):
                 "cannot run through TVM RPC. fix: copy the artifact to the device and run `qiao "
                 "bench` there"
             )
-        kind = manifest.get("target", {}).get("kind")
-        if kind not in DEVICE_OF_KIND:
-            raise RPCError(
-                f"cannot run target kind {kind!r} through TVM RPC. fix: use a target of kind "
-                f"{', '.join(DEVICE_OF_KIND)}"
-            )
+        backend = artifact_backend(manifest)
+        device_type = backend.device_type
         self.remote = remote
         session = remote.session
         digest = manifest.get("files", {}).get(library, "")[:12] or "x"
         remote_name = f"qiao-{digest}-{os.path.basename(library)}"
         session.upload(os.path.join(artifact_dir, library), remote_name)
-        self.device = session.device(DEVICE_OF_KIND[kind], 0)
+        self.device = session.device(device_type, 0)
         if not self.device.exist:
             raise ToolchainMissing(
-                f"the RPC server for key {remote.key!r} has no {DEVICE_OF_KIND[kind]} device. fix: "
+                f"the RPC server for key {remote.key!r} has no {device_type} device. fix: "
                 "pass the key of a server on a machine with that device"
             )
         self.info = remote_info(remote, self.device)
         mcpu = manifest.get("target", {}).get("mcpu")
-        if kind == "llvm" and mcpu and self.info.get("llvm_cpu") not in (None, mcpu):
+        if not backend.is_gpu and mcpu and self.info.get("llvm_cpu") not in (None, mcpu):
             self.info["note"] = (
                 f"compiled for mcpu={mcpu}, the remote CPU is {self.info['llvm_cpu']}; pass --arch "
                 f"{self.info['llvm_cpu']} to compile for it"
             )
         self.executable = session.load_module(remote_name)
         self.vm = relax.VirtualMachine(self.executable, self.device)
-        self.params = self._remote_params(artifact_dir, manifest, library)
+        self.params = self._remote_params(
+            artifact_dir, manifest, library, getattr(backend, "lift_weight_packing", False)
+        )
 
-    def _remote_params(self, artifact_dir: str, manifest: Mapping[str, Any], library: str) -> list:
+    def _remote_params(
+        self, artifact_dir: str, manifest: Mapping[str, Any], library: str, lifted: bool
+    ) -> list:
         """Weights on the remote device. TVM's RPC cannot pass the tuple that
         ``main_transform_params`` takes, so the lifted weight packing runs here, on this host's CPU
-        (CPU artifacts only have it), and its results are uploaded."""
+        (only backends that lift it, ``lifted``: the CPU's), and its results are uploaded."""
         import tvm
         from tvm import relax
 
@@ -274,7 +287,7 @@ class RPCRunner(TVMRunner):
             relax.VirtualMachine(
                 tvm.runtime.load_module(os.path.join(artifact_dir, library)), tvm.cpu()
             )
-            if manifest.get("target", {}).get("kind") == "llvm"
+            if lifted
             else None
         )
         try:

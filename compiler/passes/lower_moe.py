@@ -9,7 +9,9 @@ with qiao's four MoE stages, scheduled for the target:
 
 The token count T stays symbolic: one artifact serves every T. Schedule parameters (block sizes,
 micro-kernel shape) come from ``qiao.compiler.schedules.moe_table.lookup(target)``, with a backend's
-overrides on top; the kernels are the same for every target family, only their schedule differs.
+overrides on top; the kernels are the same for every target family, only their schedule differs:
+thread-bound for a GPU backend (``Backend.is_gpu``, passed in by the backend's phases), CPU loop
+nests otherwise.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from qiao.compiler.errors import CompileError
 
 MOE_EXTERN = "qiao.moe"
-GPU_KINDS = ("cuda", "rocm", "vulkan", "metal", "opencl", "webgpu")
 
 
 def is_moe_placeholder(call: relax.Call) -> bool:
@@ -48,11 +49,11 @@ def _config(call: relax.Call):
 
 @mutator
 class _MoELowerer(PyExprMutator):
-    def __init__(self, mod, target, schedule):
+    def __init__(self, mod, target, schedule, gpu: bool):
         super().__init__(mod)
         self.target = target
         self.schedule = schedule
-        self.gpu = target.kind.name in GPU_KINDS
+        self.gpu = gpu
         self.lowered = 0
 
     def visit_call_(self, call):  # noqa: D102 - PyExprMutator hook
@@ -91,13 +92,17 @@ def emit_moe(bb: relax.BlockBuilder, cfg, schedule, x, logits, fc1, b1, fc2, b2,
     def tt(shape, dtype):
         return relax.TensorType(shape, dtype)
 
-    gating = bb.add_func(moe_gating(E, K, cfg.normalize, gpu=gpu), "moe_gating")
-    align = bb.add_func(moe_align(E, K, BM, gpu=gpu), "moe_align")
-    up = bb.add_func(group_gemm_up(cfg, schedule, gpu=gpu), "group_gemm_up")
-    down = bb.add_func(group_gemm_down(cfg, schedule, gpu=gpu), "group_gemm_down")
-    combine = bb.add_func(
-        moe_combine(H, K, gpu=gpu, vector_lanes=schedule.vector_lanes), "moe_combine"
-    )
+    def add(func, name):
+        # The kernels carry their name as global_symbol: MoE nodes of different configs would
+        # clash. Without it the builder names each kernel uniquely (an identical one is shared)
+        # and the build's AttachGlobalSymbol gives it that name.
+        return bb.add_func(func.without_attr("global_symbol"), name)
+
+    gating = add(moe_gating(E, K, cfg.normalize, gpu=gpu), "moe_gating")
+    align = add(moe_align(E, K, BM, gpu=gpu), "moe_align")
+    up = add(group_gemm_up(cfg, schedule, gpu=gpu), "group_gemm_up")
+    down = add(group_gemm_down(cfg, schedule, gpu=gpu), "group_gemm_down")
+    combine = add(moe_combine(H, K, gpu=gpu, vector_lanes=schedule.vector_lanes), "moe_combine")
 
     routed = bb.emit(relax.call_tir(gating, [logits], [tt((n, K), i32), tt((n, K), f32)]))
     ids, weights = bb.emit(relax.TupleGetItem(routed, 0)), bb.emit(relax.TupleGetItem(routed, 1))
@@ -173,11 +178,25 @@ class LowerMoE:
         Default: the current target (the pipeline runs under ``with target``).
     overrides : Mapping, optional
         Schedule fields replacing the table's (e.g. a backend preset's ``moe_schedule``).
+    gpu : bool, optional
+        Thread-bound GPU kernels instead of CPU loop nests: the backend's ``is_gpu``. Default:
+        whether TVM's target keys say ``gpu`` (every GPU kind declares it).
+    keys : list of str, optional
+        MoE table keys, most specific first: the backend's ``tuning_keys``. Default:
+        ``moe_table.device_keys(target)``.
     """
 
-    def __init__(self, target: Any = None, overrides: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        target: Any = None,
+        overrides: Mapping[str, Any] | None = None,
+        gpu: bool | None = None,
+        keys: list[str] | None = None,
+    ):
         self.target = target
         self.overrides = dict(overrides or {})
+        self.gpu = gpu
+        self.keys = list(keys) if keys is not None else None
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         if not _has_placeholder(mod):
@@ -190,7 +209,9 @@ class LowerMoE:
                 "LowerMoE needs a target to pick the MoE schedule. fix: pass LowerMoE(target) or "
                 "run the pipeline under `with target:`"
             )
-        lowerer = _MoELowerer(mod, target, lookup(target, self.overrides))
+        gpu = self.gpu if self.gpu is not None else "gpu" in target.keys
+        schedule = lookup(target, self.overrides, keys=self.keys)
+        lowerer = _MoELowerer(mod, target, schedule, gpu)
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 lowerer.builder_.update_func(gv, lowerer.visit_expr(func))

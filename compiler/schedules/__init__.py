@@ -1,56 +1,76 @@
-"""Schedule rules per target family, selected by the target's kind, and the tuning database.
+"""Building blocks of a backend's ``schedule`` phase: rule sets, the tuning database, the passes
+that follow the rules.
 
-``schedule_passes(target)`` is what a backend's ``schedule`` phase runs: one ``ApplyScheduleRules``
-pass with the rule set registered for ``target.kind.name`` (qiao's CPU rules for ``llvm``, TVM's
-dlight GPU rules for ``cuda``/``rocm``/...), consulting the per-device tuning database first. A new
-target family registers its rule set with ``register_rule_set``; nothing here switches on the kind.
+A backend decides what its ``schedule`` phase runs (``CPUBackend.schedule_passes``:
+``cpu_schedule_passes``; ``GPUBackend.schedule_passes``: ``gpu_schedule_passes``; a new kind picks
+or composes blocks in its own file). Nothing here switches on the target kind; ``rules_for`` and
+``schedule_passes``, for callers that hold only a target (tests, benchmarks), go by the device
+family TVM declares for every kind (its target keys ``cpu`` / ``gpu``, as dlight's rules do).
 
-Importing this package is cheap: TVM and the rule modules load when a rule set is first asked for.
+Importing this package is cheap: TVM and the rule modules load when a block is first used.
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable, Mapping
-from types import MappingProxyType
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-# target kind → "module:function" returning the ordered rule list for a target.
-_RULE_SETS: dict[str, str | Callable[[Any], list]] = {
-    "llvm": "qiao.compiler.schedules.cpu:cpu_rules",
-    "cuda": "qiao.compiler.schedules.gpu:gpu_rules",
-    "rocm": "qiao.compiler.schedules.gpu:gpu_rules",
-    "vulkan": "qiao.compiler.schedules.gpu:gpu_rules",
-    "metal": "qiao.compiler.schedules.gpu:gpu_rules",
-    "opencl": "qiao.compiler.schedules.gpu:gpu_rules",
-}
-RULE_SETS: Mapping[str, str | Callable[[Any], list]] = MappingProxyType(_RULE_SETS)
 
-
-def register_rule_set(kind: str, factory: str | Callable[[Any], list]) -> None:
-    """Use ``factory(target) -> [rules]`` (or a ``"module:function"`` path) for targets of ``kind``.
-
-    Raises ``ValueError`` when ``kind`` already has a rule set: replacing another family's rules
-    silently would change every backend of that kind.
-    """
-    if kind in _RULE_SETS:
-        raise ValueError(f"target kind {kind!r} already has a rule set ({_RULE_SETS[kind]!r})")
-    _RULE_SETS[kind] = factory
+def _family(target: Any) -> str | None:
+    keys = {str(k) for k in target.keys}
+    return "cpu" if "cpu" in keys else "gpu" if "gpu" in keys else None
 
 
 def rules_for(target: Any) -> list:
-    """The ordered schedule rules for ``target`` (empty for a kind without a rule set)."""
-    factory = _RULE_SETS.get(target.kind.name)
-    if factory is None:
-        return []
-    if isinstance(factory, str):
-        module, _, name = factory.partition(":")
-        factory = getattr(importlib.import_module(module), name)
-    return list(factory(target))
+    """qiao's CPU rules for a CPU target, TVM's dlight GPU rules for a GPU target (by TVM's target
+    keys), none otherwise. Backends choose their own (``schedule_rules``)."""
+    family = _family(target)
+    if family == "cpu":
+        from qiao.compiler.schedules.cpu import cpu_rules
+
+        return cpu_rules(target)
+    if family == "gpu":
+        from qiao.compiler.schedules.gpu import gpu_rules
+
+        return gpu_rules(target)
+    return []
 
 
 def schedule_passes(target: Any, options: Mapping[str, Any] | None = None) -> list:
-    """The passes of the ``schedule`` phase for ``target``.
+    """``cpu_schedule_passes`` or ``gpu_schedule_passes`` by TVM's target keys (none for other
+    devices): what the CPU / GPU backends run, for callers that hold only a target."""
+    family = _family(target)
+    if family == "cpu":
+        return cpu_schedule_passes(target, options)
+    if family == "gpu":
+        return gpu_schedule_passes(target, options)
+    return []
+
+
+def cpu_schedule_passes(
+    target: Any, options: Mapping[str, Any] | None = None, rules: Sequence[Any] | None = None
+) -> list:
+    """qiao's CPU schedule phase: ``rules`` (default: qiao's CPU rules) with this device's tuning
+    database (``options`` as for ``tuning_database``), then ``cpu_loop_passes``."""
+    from qiao.compiler.schedules.cpu import cpu_rules
+
+    database, trials = tuning_database(target, options)
+    rules = cpu_rules(target) if rules is None else rules
+    return [rule_pass(rules, database, trials), *cpu_loop_passes()]
+
+
+def gpu_schedule_passes(
+    target: Any, options: Mapping[str, Any] | None = None, rules: Sequence[Any] | None = None
+) -> list:
+    """The GPU schedule phase: ``rules`` (default: TVM's dlight GPU rules), skipping kernels that
+    come scheduled already (the MoE lowering's). No tuning database, no CPU rewrites."""
+    from qiao.compiler.schedules.gpu import gpu_rules
+
+    return [rule_pass(gpu_rules(target) if rules is None else rules)]
+
+
+def tuning_database(target: Any, options: Mapping[str, Any] | None = None) -> tuple[Any, int]:
+    """``(database, trials)`` of ``target`` for ``rule_pass``.
 
     Parameters
     ----------
@@ -64,34 +84,52 @@ def schedule_passes(target: Any, options: Mapping[str, Any] | None = None) -> li
 
     Returns
     -------
-    list of tvm.transform.Pass
+    tuple
+        ``(TuningDatabase or None, trials)``; ``(None, 0)`` when the database is switched off.
     """
+    from qiao.compiler.schedules import tuning
+
+    options = options or {}
+    if not options.get("use_tuning_db", True):
+        return None, 0
+    database = tuning.TuningDatabase.for_target(
+        target, options.get("tuning_db"), options.get("tune_dims")
+    )
+    trials = int(options.get("trials") or tuning.DEFAULT_TRIALS) if options.get("tune") else 0
+    return database, trials
+
+
+def rule_pass(rules: Sequence[Any], database: Any = None, trials: int = 0) -> Any:
+    """One ``ApplyScheduleRules`` pass: the first of ``rules`` that applies schedules each kernel,
+    after ``database``'s records (tuning ``trials`` trials first when positive)."""
     from qiao.compiler.passes.apply_schedule_rules import ApplyScheduleRules
 
-    options = dict(options or {})
-    rules = rules_for(target)
-    if not rules:
-        return []
-    database = None
-    trials = 0
-    if options.get("use_tuning_db", True) and target.kind.name == "llvm":
-        from qiao.compiler.schedules import tuning
+    return ApplyScheduleRules(list(rules), database=database, tune_trials=trials)
 
-        database = tuning.TuningDatabase.for_target(
-            target, options.get("tuning_db"), options.get("tune_dims")
-        )
-        if options.get("tune"):
-            trials = int(options.get("trials") or tuning.DEFAULT_TRIALS)
-    passes = [ApplyScheduleRules(rules, database=database, tune_trials=trials)]
-    if target.kind.name == "llvm":
-        from qiao.compiler.passes.serial_small_kernels import SerialSmallKernels
-        from qiao.compiler.passes.vectorizable_math import VectorizableMath
-        from qiao.compiler.passes.vectorize_ragged_loops import VectorizeRaggedLoops
 
+def cpu_loop_passes() -> list:
+    """The CPU rewrites that follow the rules: ragged vector loops, vectorisable math, serial
+    small kernels."""
+    from qiao.compiler.passes.serial_small_kernels import SerialSmallKernels
+    from qiao.compiler.passes.vectorizable_math import VectorizableMath
+    from qiao.compiler.passes.vectorize_ragged_loops import VectorizeRaggedLoops
+
+    return [
         # A symbolic extent's ragged last vector must not scalarise every vector.
-        passes.append(VectorizeRaggedLoops())
+        VectorizeRaggedLoops(),
         # libm exp/erf/tanh calls do not vectorise; their polynomial forms do.
-        passes.append(VectorizableMath())
+        VectorizableMath(),
         # Small (often symbolic-shaped) kernels skip the thread pool at run time.
-        passes.append(SerialSmallKernels())
-    return passes
+        SerialSmallKernels(),
+    ]
+
+
+__all__ = [
+    "cpu_loop_passes",
+    "cpu_schedule_passes",
+    "gpu_schedule_passes",
+    "rule_pass",
+    "rules_for",
+    "schedule_passes",
+    "tuning_database",
+]

@@ -206,10 +206,11 @@ def require_runnable_here(target: Any, doing: str) -> None:
 
 class CPURule:
     """Base of qiao's CPU schedule rules (TVM dlight's ``ScheduleRule`` protocol: ``apply(func,
-    target, tunable)`` returns a schedule or ``None``): they apply to LLVM targets only."""
+    target, tunable)`` returns a schedule or ``None``): they apply to CPU targets only (TVM's
+    ``cpu`` target key, as dlight's GPU rules check ``gpu``), whichever backend chose them."""
 
     def is_target_available(self, target: Any) -> bool:
-        return target.kind.name == "llvm"
+        return "cpu" in target.keys
 
 
 THREADS_ENV = "TVM_NUM_THREADS"

@@ -1,7 +1,8 @@
 """The GPU rule set: TVM's dlight GPU rules, most specific first.
 
-CUDA, ROCm and the other GPU kinds share it (``qiao.compiler.schedules`` selects it by target
-kind); ``Fallback`` binds whatever no other rule took, so every kernel gets a thread mapping.
+CUDA, ROCm and the other GPU kinds share it (``GPUBackend.schedule_rules`` returns it; a backend
+may choose another); ``Fallback`` binds whatever no other rule took, so every kernel gets a thread
+mapping.
 Kernels qiao writes already scheduled (the MoE lowering) carry ``tirx.is_scheduled`` and are skipped
 by ``ApplyScheduleRules``.
 """
