@@ -94,31 +94,22 @@ def compare(name: str, reference: str, actual, expected, rtol: float, atol: floa
 def onnxruntime_reference(
     model_path: str, inputs: Mapping[str, np.ndarray]
 ) -> dict[str, np.ndarray]:
-    import onnxruntime as ort
+    """ONNX Runtime's outputs on the CPU (``qiao.compiler.bench.OnnxRuntimeEngine``)."""
+    from qiao.compiler.bench.engines import HOST, OnnxRuntimeEngine
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(model_path, opts, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, dict(inputs))))
+    return OnnxRuntimeEngine(model_path, HOST).outputs(inputs)
 
 
 def torch_reference(
     source: Mapping, inputs: Mapping[str, np.ndarray]
 ) -> dict[str, np.ndarray] | None:
-    """Eager PyTorch outputs for a built-in model (rebuilt from its seed), else ``None``."""
+    """Eager PyTorch outputs for a built-in model (rebuilt from its seed), else ``None``
+    (``qiao.compiler.bench.TorchEngine`` on the CPU)."""
     if source.get("kind") != "builtin":
         return None
-    import torch
+    from qiao.compiler.bench.engines import HOST, TorchEngine
 
-    from qiao.models import get_model
-
-    spec = get_model(source["name"], **source.get("options", {}))
-    args = [torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in spec.input_names]
-    with torch.no_grad():
-        out = spec.module(*args)
-    outs = out if isinstance(out, (tuple, list)) else (out,)
-    return {n: o.detach().numpy() for n, o in zip(spec.output_names, outs)}
+    return TorchEngine(source, HOST).outputs(inputs)
 
 
 def example_inputs(artifact) -> dict[str, np.ndarray]:
@@ -207,7 +198,9 @@ def validate(
             f"{artifact.directory}; copy it to a machine with the device and run "
             f"`qiao validate {artifact.directory}` there"
         )
-    actual = artifact.run(inputs)
+    from qiao.compiler.bench.engines import QiaoEngine
+
+    actual = QiaoEngine(artifact).outputs(inputs)
     report = ValidationReport(artifact.directory, backend_name)
 
     ordered_inputs = dict(zip([s["name"] for s in artifact.inputs], artifact.check_inputs(inputs)))

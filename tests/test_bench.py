@@ -392,3 +392,141 @@ def test_cli_bench_errors_exit_2(tmp_path):
     assert proc.returncode == 2 and "bad --batch" in proc.stderr
     proc = run_cli("bench", "mlp", "--rpc-tracker", "nohost", "--rpc-key", "k")
     assert proc.returncode == 2 and "bad --rpc-tracker address" in proc.stderr
+
+
+# -- engines: one interface for qiao validate, qiao bench and benchmarks/ --------------------------
+def _tiny_onnx(path):
+    """y = relu(x @ W + b) with a symbolic batch, W and b seeded."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((5, 3)).astype(np.float32)
+    b = rng.standard_normal(3).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "W"], ["xw"]),
+            helper.make_node("Add", ["xw", "b"], ["z"]),
+            helper.make_node("Relu", ["z"], ["y"]),
+        ],
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with open(path, "wb") as f:
+        f.write(model.SerializeToString())
+    return model, w, b
+
+
+def test_time_until_counts_calls():
+    from qiao.compiler.bench import time_until
+
+    calls = []
+    samples = time_until(lambda: calls.append(1), repeat=4, warmup=2, min_time=0.0)
+    assert len(samples) == 4 and all(s >= 0 for s in samples)
+    assert len(calls) == 2 + 4  # min_time 0: one call per sample
+
+
+def test_ort_providers_come_from_the_backends():
+    from qiao.backends import get_backend
+    from qiao.compiler.bench import ort_providers
+
+    cpu = get_backend("cpu")
+    assert ort_providers(cpu.reference_device) == tuple(cpu.ort_providers)
+    with pytest.raises(QiaoError, match="no backend runs its ONNX Runtime reference"):
+        ort_providers("no-such-device")
+
+
+def test_onnxruntime_engine_and_validate_reference_vs_numpy(tmp_path):
+    from qiao.compiler.bench import OnnxRuntimeEngine
+    from qiao.compiler.validate import onnxruntime_reference
+
+    path = tmp_path / "tiny.onnx"
+    model, w, b = _tiny_onnx(path)
+    x = np.random.default_rng(4).standard_normal((6, 5)).astype(np.float32)
+    expected = np.maximum(x @ w + b, 0)
+    engine = OnnxRuntimeEngine(path)
+    assert engine.name == "onnxruntime-cpu" and engine.provider == "CPUExecutionProvider"
+    assert_close(engine.outputs({"x": x})["y"], expected, rtol=1e-5, atol=1e-6)
+    from_bytes = OnnxRuntimeEngine(model.SerializeToString(), threads=1)
+    assert_close(from_bytes.outputs({"x": x})["y"], expected, rtol=1e-5, atol=1e-6)
+    assert_close(onnxruntime_reference(str(path), {"x": x})["y"], expected, rtol=1e-5, atol=1e-6)
+    calls = engine.prepare({"x": x})
+    calls()  # the prepared callable runs (its result is not returned: timing only)
+    samples, number = engine.measure({"x": x}, warmup=1, repeat=2, min_time=0)
+    assert len(samples) == 2 and number == 1
+
+
+class _CountingRunner:
+    """A runner with only the public ``Runner`` interface (``run``; ``prepare`` and ``benchmark``
+    from the base class): what ``QiaoEngine`` must be content with."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    def run(self, inputs):
+        self.calls += 1
+        return self.inner.run(inputs)
+
+
+def test_qiao_engine_uses_only_the_public_runner_interface(compiled_builtin):
+    from qiao.backends.base import Runner
+    from qiao.compiler.bench import OnnxRuntimeEngine, QiaoEngine
+
+    artifact = compiled_builtin("mlp")
+    runner = type("PublicOnly", (_CountingRunner, Runner), {})(artifact.runner)
+    engine = QiaoEngine(artifact, runner)
+    inputs = artifact.random_inputs(0, {"batch": 3})
+    expected = OnnxRuntimeEngine(f"{artifact.directory}/model.onnx").outputs(inputs)
+    for name, value in engine.outputs(inputs).items():
+        assert_close(value, expected[name], rtol=1e-4, atol=1e-4, name=name)
+    before = runner.calls
+    engine.prepare(inputs)()
+    samples, number = engine.measure(inputs, warmup=1, repeat=2, min_time=0)
+    assert len(samples) == 2 and number == 1
+    # one prepared call, one warm-up, three calibration calls, two timed samples of one call
+    assert runner.calls - before == 1 + 1 + 3 + 2
+    # the TVM runner's own prepare: device-resident arguments, same answer as run
+    prepared = artifact.runner.prepare(artifact.check_inputs(inputs))
+    prepared()
+
+
+def test_baseline_devices_come_from_the_backend(compiled_builtin):
+    """Where the baselines run is the backend's ``reference_device`` / ``ort_providers``; a backend
+    without one gets a note, not a guess from its target kind."""
+    from types import SimpleNamespace
+
+    from qiao.compiler.bench import baseline_engines
+
+    artifact = compiled_builtin("mlp")
+
+    def fake(reference_device, providers):
+        backend = SimpleNamespace(reference_device=reference_device, ort_providers=providers)
+        return SimpleNamespace(
+            backend=backend, manifest=artifact.manifest, directory=artifact.directory
+        )
+
+    notes: list[str] = []
+    assert baseline_engines(fake(None, ()), ["onnxruntime", "torch"], notes) == []
+    assert len(notes) == 2 and all("no baseline device" in n for n in notes)
+    notes = []
+    (engine,) = baseline_engines(fake("toy", ("CPUExecutionProvider",)), ["onnxruntime"], notes)
+    assert engine.name == "onnxruntime-toy" and engine.provider == "CPUExecutionProvider"
+    assert notes == []
+    notes = []
+    missing = fake("toy", ("NoSuchExecutionProvider",))
+    (engine,) = baseline_engines(missing, ["onnxruntime"], notes)  # falls back to the CPU
+    assert engine.name == "onnxruntime-cpu" and "timed on the CPU instead" in notes[0]
+
+
+def test_bench_and_validate_use_only_public_runner_fields():
+    """Engines reach runners through ``run`` / ``prepare`` / ``benchmark`` only (the target-kind
+    switches are checked for all of compiler/ by tests/test_no_target_switch.py)."""
+    import glob
+    import re
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "compiler")
+    paths = glob.glob(os.path.join(root, "bench", "*.py")) + [os.path.join(root, "validate.py")]
+    assert len(paths) > 2
+    for path in paths:
+        with open(path) as f:
+            assert not re.search(r"runner\)?\._[a-z]", f.read()), path
