@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -79,6 +79,12 @@ class Runner(abc.ABC):
     @abc.abstractmethod
     def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Run once on already-checked inputs; returns the outputs in manifest order."""
+
+    def prepare(self, inputs: Sequence[np.ndarray]) -> Callable[[], Any]:
+        """A callable running the model once on already-checked ``inputs``, for timing loops:
+        work that need not repeat (copies to the device...) is done here. The default calls
+        ``run``."""
+        return lambda: self.run(inputs)
 
     def benchmark(self, inputs: Sequence[np.ndarray], repeat: int, number: int) -> list[float]:
         """Seconds per call for ``repeat`` measurements of ``number`` calls each
