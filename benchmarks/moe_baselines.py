@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import os
 import statistics
-import time
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
+
+from qiao.compiler.bench import OnnxRuntimeEngine, RunnerEngine, time_until
 
 QWEN3_30B_A3B_BLOCK = dict(num_experts=128, hidden=2048, inter=768, top_k=8)
 SMOKE_BLOCK = dict(num_experts=8, hidden=64, inter=32, top_k=2)
@@ -102,89 +104,64 @@ def moe_onnx(w: MoEWeights):
     )
 
 
-def timed(fn, repeat: int, warmup: int = 1, min_time: float = 0.0) -> list[float]:
-    """Seconds per call, ``repeat`` samples (each sample runs until ``min_time`` has passed)."""
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeat):
-        n, start = 0, time.perf_counter()
-        while True:
-            fn()
-            n += 1
-            elapsed = time.perf_counter() - start
-            if elapsed >= min_time:
-                break
-        out.append(elapsed / n)
-    return out
+# Seconds per call, ``repeat`` samples, each sample lasting ``min_time``: the shared timing loop.
+timed = time_until
 
 
-class QiaoMoE:
-    """The node compiled by qiao's CPU backend; ``run`` returns y, ``time`` uses TVM's evaluator."""
-
-    name = "qiao"
+class QiaoMoE(RunnerEngine):
+    """The node compiled by qiao's CPU backend, loaded by its ``TVMRunner`` with the expert weights
+    on the device as its parameters; ``run`` returns y, ``time`` uses TVM's evaluator."""
 
     def __init__(self, w: MoEWeights, target: str = "cpu", arch: str | None = None):
         import tvm
 
-        from qiao.backends import get_backend
+        from qiao.backends import TVMRunner, get_backend
         from qiao.compiler.frontend import import_onnx
+
+        class WeightsRunner(TVMRunner):
+            # main(x, logits, fc1, fc2) takes the weights as its last inputs, which is where the
+            # runner appends its parameters; they are copied as they are (no lifted packing).
+            def prepare_params(self, params):
+                return [tvm.runtime.tensor(p, self.device) for p in params]
 
         backend = get_backend(target)
         self.tvm_target = backend.target(arch)
         imported = import_onnx(moe_onnx(w))
-        self.executable = backend.compile_module(imported.mod, self.tvm_target, {})
-        self.device = backend.device()
-        self.vm = tvm.relax.VirtualMachine(self.executable, self.device)
-        self.weights = [tvm.runtime.tensor(a, self.device) for a in (w.fc1, w.fc2)]
-
-    def _args(self, x, logits):
-        import tvm
-
-        return [
-            tvm.runtime.tensor(x, self.device),
-            tvm.runtime.tensor(logits, self.device),
-            *self.weights,
-        ]
+        executable = backend.compile_module(imported.mod, self.tvm_target, {})
+        with tempfile.TemporaryDirectory(prefix="qiao-moe-") as tmp:
+            library = os.path.join(tmp, "moe.so")
+            executable.export_library(library)
+            runner = WeightsRunner(library, [w.fc1, w.fc2], backend.device())
+        super().__init__(runner, ["x", "logits"], ["y"], name="qiao")
 
     def run(self, x, logits) -> np.ndarray:
-        return self.vm["main"](*self._args(x, logits)).numpy()
+        return self.outputs({"x": x, "logits": logits})["y"]
 
     def time(self, x, logits, repeat: int, warmup: bool = True) -> list[float]:
-        args = self._args(x, logits)
+        feeds = {"x": x, "logits": logits}
         number = 1 if x.shape[0] >= 16 else 5
-        timer = self.vm.time_evaluator(
-            "main", self.device, number=number, repeat=repeat, min_repeat_ms=0
-        )
         if warmup:
-            timer(*args)  # first touch of the weights, thread pool start
-        return list(timer(*args).results)
+            self.benchmark(feeds, repeat, number)  # first touch of the weights, thread pool start
+        return self.benchmark(feeds, repeat, number)
 
 
-class OrtMoE:
+class OrtMoE(OnnxRuntimeEngine):
     """ONNX Runtime's ``com.microsoft::MoE`` CPU kernel."""
 
-    name = "onnxruntime"
-
     def __init__(self, w: MoEWeights, threads: int | None = None):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(
-            moe_onnx(w).SerializeToString(), opts, providers=["CPUExecutionProvider"]
-        )
+        super().__init__(moe_onnx(w).SerializeToString(), threads=threads)
+        self.name = "onnxruntime"
         self.fc1, self.fc2 = w.fc1, w.fc2
 
+    def _feeds(self, x, logits) -> dict[str, np.ndarray]:
+        return {"x": x, "logits": logits, "fc1": self.fc1, "fc2": self.fc2}
+
     def run(self, x, logits) -> np.ndarray:
-        return self.session.run(None, {"x": x, "logits": logits, "fc1": self.fc1, "fc2": self.fc2})[
-            0
-        ]
+        return self.outputs(self._feeds(x, logits))["y"]
 
     def time(self, x, logits, repeat: int, warmup: bool = True) -> list[float]:
-        return timed(lambda: self.run(x, logits), repeat, warmup=int(warmup), min_time=0.05)
+        call = self.prepare(self._feeds(x, logits))
+        return time_until(call, repeat, warmup=int(warmup), min_time=0.05)
 
 
 class TorchEagerMoE:
@@ -213,7 +190,7 @@ class TorchEagerMoE:
             ).numpy()
 
     def time(self, x, logits, repeat: int, warmup: bool = True) -> list[float]:
-        return timed(lambda: self.run(x, logits), repeat, warmup=int(warmup), min_time=0.05)
+        return time_until(lambda: self.run(x, logits), repeat, warmup=int(warmup), min_time=0.05)
 
 
 @dataclass
@@ -228,10 +205,10 @@ def measure_rates(w: MoEWeights, repeat: int = 5) -> MachineRates:
 
     a = torch.randn(512, w.hidden)
     b = torch.randn(w.hidden, 2 * w.inter)
-    gemm = statistics.median(timed(lambda: a @ b, repeat, min_time=0.05))
+    gemm = statistics.median(time_until(lambda: a @ b, repeat, min_time=0.05))
     weights = torch.from_numpy(w.fc1)
     nbytes = weights.numel() * 4
-    read = statistics.median(timed(lambda: weights.sum(), max(3, repeat // 2)))
+    read = statistics.median(time_until(lambda: weights.sum(), max(3, repeat // 2)))
     return MachineRates(2.0 * 512 * w.hidden * 2 * w.inter / gemm, nbytes / read)
 
 
