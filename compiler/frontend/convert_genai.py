@@ -207,6 +207,12 @@ class GroupQueryAttention(tvm_onnx.OnnxOpConverter):
         else:
             head = width // q_heads
             q, k, v = query, key, value
+        if past_k is not None:
+            # The builder declares the cache's head dim symbolic ("kv_cache_dim") and its batch
+            # under the same name as the query's: bind both to the query's (checked at run time).
+            past_shape = [batch, kv_heads, past_k.ty.shape.values[2], head]
+            past_k = bb.match_cast(past_k, relax.TensorType(past_shape, str(past_k.ty.dtype)))
+            past_v = bb.match_cast(past_v, relax.TensorType(past_shape, str(past_v.ty.dtype)))
         q = _split_heads(bb, q, q_heads, head)  # (B, S, Hq, D)
         k = _split_heads(bb, k, kv_heads, head)
         v = _split_heads(bb, v, kv_heads, head)
