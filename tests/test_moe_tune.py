@@ -1,6 +1,7 @@
-"""The per-device MoE schedule table and ``qiao tune``, which regenerates its CPU entry by
-measurement. (No timing is asserted: only that tuning measures, writes a valid entry, and the
-lowering uses it.)"""
+"""The per-device MoE schedule table and ``qiao tune``, which measures a CPU entry into the user's
+tuning store (the shipped defaults are read-only). (No timing is asserted: only that tuning
+measures, writes a valid entry, and the lowering uses it.) Every test points ``QIAO_CACHE_DIR`` at
+a temporary directory, so a user's own tuned entries never change what a test sees."""
 
 from __future__ import annotations
 
@@ -9,6 +10,13 @@ import json
 import pytest
 
 from qiao.compiler.testing import assert_close, run_cli
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("QIAO_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("QIAO_MOE_TABLE", raising=False)
+    return tmp_path / "cache"
 
 
 def target(d):
@@ -139,3 +147,127 @@ def test_tune_refuses_code_this_machine_cannot_run():
     )
     with pytest.raises(QiaoError, match="cannot tune .* lacks .*fix:"):
         tune_cpu(target(foreign), MoEConfig(4, 32, 16, 2), repeat=1, log=lambda *_: None)
+
+
+def _digest(path) -> tuple[str, int]:
+    import hashlib
+    import os
+
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest(), os.stat(path).st_mtime_ns
+
+
+def test_user_store_is_read_before_the_shipped_defaults(cache_dir, tmp_path):
+    from qiao.compiler.schedules.moe_table import (
+        TABLE_PATH,
+        load_table,
+        lookup,
+        user_table_path,
+        write_entry,
+    )
+
+    shipped = _digest(TABLE_PATH)
+    haswell = target({"kind": "llvm", "mcpu": "haswell"})  # keys: cpu/haswell, then cpu/avx2
+    assert lookup(haswell).device == "cpu/avx2"
+    default_gemv = lookup(haswell).gemv_n
+    # A user entry for a shipped key replaces it; one for the exact CPU wins over both.
+    path = write_entry("cpu/avx2", {"gemv_n": default_gemv + 4, "micro_m": 3})
+    assert path == user_table_path() and path.startswith(str(cache_dir))
+    got = lookup(haswell)
+    assert (got.device, got.gemv_n, got.micro_m) == ("cpu/avx2", default_gemv + 4, 3)
+    write_entry("cpu/haswell", {"micro_m": 5}, {"note": "measured"})
+    assert (lookup(haswell).device, lookup(haswell).micro_m) == ("cpu/haswell", 5)
+    data = json.loads(open(path).read())
+    assert set(data["entries"]) == {"cpu/avx2", "cpu/haswell"}  # only what was tuned
+    assert data["measurements"]["cpu/haswell"] == {"note": "measured"}
+    assert set(load_table()) >= {"cpu/avx512", "cuda", "cpu/haswell"}
+    # Another store (`--tuning-db` / the `tuning_db` option) has its own table.
+    other = tmp_path / "other-store"
+    write_entry("cpu/haswell", {"micro_m": 6}, root=other)
+    assert lookup(haswell, root=other).micro_m == 6 and lookup(haswell).micro_m == 5
+    assert (other / "moe_table.json").exists()
+    assert _digest(TABLE_PATH) == shipped
+
+
+def test_the_shipped_table_is_never_written(tmp_path):
+    from qiao.compiler.errors import QiaoError
+    from qiao.compiler.schedules.moe_table import TABLE_PATH, write_entry
+
+    shipped = _digest(TABLE_PATH)
+    with pytest.raises(QiaoError, match="never written.*fix:"):
+        write_entry("cpu/avx2", {"micro_m": 3}, path=TABLE_PATH)
+    assert _digest(TABLE_PATH) == shipped
+
+
+def test_an_interrupted_write_leaves_the_previous_table(cache_dir, monkeypatch):
+    """Killed between writing the new table and renaming it over the old one: the old one stays
+    whole and readable (the rename is atomic) and the temporary file is gone."""
+    import os
+
+    from qiao.compiler.schedules import moe_table
+
+    haswell = target({"kind": "llvm", "mcpu": "haswell"})
+    path = moe_table.write_entry("cpu/haswell", {"micro_m": 5})
+
+    def killed(src, dst):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(moe_table.os, "replace", killed)
+        moe_table.write_entry("cpu/haswell", {"micro_m": 7})
+    assert moe_table.lookup(haswell).micro_m == 5
+    assert os.listdir(os.path.dirname(path)) == ["moe_table.json"]
+    # A table someone truncated is an error naming the fix, not silently replaced or ignored.
+    with open(path, "w") as f:
+        f.write('{"version": 1, "entr')
+    with pytest.raises(moe_table.QiaoError, match="cannot read .*fix: delete"):
+        moe_table.lookup(haswell)
+    with pytest.raises(moe_table.QiaoError, match="cannot read"):
+        moe_table.write_entry("cpu/haswell", {"micro_m": 7})
+
+
+def test_tune_cli_writes_only_the_user_store(cache_dir, monkeypatch, capsys):
+    """`qiao tune` (the write path, in this process) with the package's table read-only and every
+    write to it refused: the entry lands in the user's store, the package file is untouched."""
+    import builtins
+    import os
+
+    from qiao.compiler.cli.__main__ import main
+    from qiao.compiler.schedules.moe_table import TABLE_PATH, lookup
+
+    shipped = _digest(TABLE_PATH)
+    real_open, real_replace = builtins.open, os.replace
+
+    def guarded_open(file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+") and os.path.realpath(file) == TABLE_PATH:
+            raise AssertionError(f"{TABLE_PATH} opened for writing")
+        return real_open(file, mode, *args, **kwargs)
+
+    def guarded_replace(src, dst, *args, **kwargs):
+        if os.path.realpath(dst) == TABLE_PATH:
+            raise AssertionError(f"{TABLE_PATH} replaced")
+        return real_replace(src, dst, *args, **kwargs)
+
+    mode = os.stat(TABLE_PATH).st_mode
+    os.chmod(TABLE_PATH, 0o444)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(builtins, "open", guarded_open)
+            patch.setattr(os, "replace", guarded_replace)
+            args = ["tune", "--experts", "2", "--hidden", "16", "--inter", "8", "--top-k", "1"]
+            assert main([*args, "--tokens", "4", "--repeat", "1", "--quick"]) == 0
+            out = capsys.readouterr().out
+            assert main(["tune", "show"]) == 0
+            shown = capsys.readouterr().out
+    finally:
+        os.chmod(TABLE_PATH, mode)
+    store = cache_dir / "tuning" / "moe_table.json"
+    assert f"written to {store}" in out
+    from qiao.backends import get_backend
+
+    host = get_backend("cpu").target("host")
+    key = f"cpu/{host.attrs['mcpu']}"
+    assert list(json.loads(store.read_text())["entries"]) == [key]
+    assert lookup(host).device == key
+    assert str(store) in shown and f"  {key}: " in shown
+    assert _digest(TABLE_PATH) == shipped

@@ -226,3 +226,28 @@ def test_model_compile_tunes_its_gemms_once(monkeypatch):
     got = vm["main"](*args).numpy()
     session = ort.InferenceSession(resolved.proto.SerializeToString())
     assert_close(got, session.run(None, inputs)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_tune_model_cli_shares_the_store_with_compile_tune(cache_dir, tmp_path):
+    """`qiao compile --tune` and `qiao tune model` fill one store: what the first measured, the
+    second finds recorded and does not measure again; `qiao tune show` lists the device."""
+    from qiao.compiler.testing import run_cli
+
+    env = {"QIAO_CACHE_DIR": str(cache_dir)}
+    tune = ["--trials", "2", "--tune-dim", "batch=8"]
+    proc = run_cli("compile", "mlp", "-o", str(tmp_path / "art"), "--tune", *tune, env=env)
+    assert proc.returncode == 0, proc.stderr
+    from qiao.compiler.schedules import tuning
+
+    records = tuning.TuningDatabase.for_target(_host_target()).records()
+    assert len(records) == 3 and all(r["trials"] == 2 for r in records.values())
+    proc = run_cli("tune", "model", "mlp", *tune, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "0 kernel(s) measured, 3 recorded" in proc.stdout
+    assert tuning.TuningDatabase.for_target(_host_target()).records() == records
+    shown = run_cli("tune", "show", env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert str(cache_dir / "tuning") in shown.stdout
+    assert f"{tuning.device_key(_host_target())}: 3" in shown.stdout
+    gpu = run_cli("tune", "model", "mlp", "--target", "cuda", env=env)
+    assert gpu.returncode != 0 and "fix: use --target cpu" in gpu.stderr

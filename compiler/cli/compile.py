@@ -33,8 +33,8 @@ def add_arguments(p):
     p.add_argument(
         "--tune",
         action="store_true",
-        help="measure GEMM-like kernels not yet tuned on this device and record the fastest "
-        "(slow; later compiles reuse the records)",
+        help="measure GEMM-like kernels not yet tuned on this device and record the fastest in "
+        "the tuning store, as `qiao tune model` does (slow; later compiles reuse the records)",
     )
     p.add_argument(
         "--trials", type=int, default=None, metavar="N", help="candidates per kernel with --tune"

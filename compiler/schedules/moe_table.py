@@ -1,7 +1,14 @@
 """Per-device schedule parameters of qiao's MoE kernels (block sizes, micro-kernel shapes).
 
-The values live in ``moe_table.json`` beside this file, one entry per device key; ``qiao tune``
-regenerates the CPU entries by measurement. ``lookup(target)`` picks the entry for a TVM target:
+Two layers, read in this order:
+
+- the user's table, ``moe_table.json`` in the tuning store (``tuning.tuning_root()``:
+  ``$QIAO_CACHE_DIR/tuning``, or the ``root`` given; ``QIAO_MOE_TABLE`` names another file), which
+  ``qiao tune moe`` writes (atomically: a killed tune leaves the previous table);
+- the shipped defaults, ``moe_table.json`` beside this file: read-only, no command writes them.
+
+A user entry replaces the shipped entry of the same key. ``lookup(target)`` picks the entry for a
+TVM target:
 
 - LLVM (CPU) targets: ``cpu/<mcpu>`` when tuned for that CPU, else ``cpu/avx512``, ``cpu/avx2`` or
   ``cpu/simd128`` from the target's SIMD width (read from the target, never from this machine);
@@ -12,18 +19,22 @@ with ``MoESchedule.replace``. Entries only name the fields they change from the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import os
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from qiao.compiler.errors import QiaoError
 
+# The shipped defaults: read-only (an installed package may not even be writable).
 TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "moe_table.json")
 TABLE_VERSION = 1
+USER_TABLE = "moe_table.json"  # file name of the user's table inside the tuning store
 
 
 @dataclass(frozen=True)
@@ -103,66 +114,108 @@ def _check_entry(key: str, entry: Mapping[str, Any]) -> dict[str, Any]:
     if bad:
         raise QiaoError(
             f"MoE schedule table entry {key!r}: {bad} must be positive integers. fix: rerun "
-            "`qiao tune` or correct the entry"
+            "`qiao tune moe` or correct the entry"
         )
     return dict(entry)
 
 
-@functools.lru_cache(maxsize=4)
-def _load(path: str, mtime: float) -> dict[str, dict[str, Any]]:
+@functools.lru_cache(maxsize=8)
+def _load(path: str, stamp: tuple[int, int]) -> dict[str, dict[str, Any]]:
+    # ``stamp`` (mtime in ns, size) makes a rewritten table a cache miss.
+    fix = (
+        "fix: reinstall qiao (the shipped defaults are read-only)"
+        if os.path.abspath(path) == TABLE_PATH
+        else f"fix: delete {path} (the shipped defaults then apply) or rerun `qiao tune moe`"
+    )
     try:
         with open(path) as f:
             data = json.load(f)
     except (OSError, ValueError) as err:
-        raise QiaoError(
-            f"cannot read the MoE schedule table {path}: {err}. "
-            "fix: restore it from the repository "
-            "or regenerate it with `qiao tune`"
-        ) from err
-    if data.get("version") != TABLE_VERSION or not isinstance(data.get("entries"), dict):
-        raise QiaoError(
-            f"{path} is not a version-{TABLE_VERSION} MoE schedule table. fix: regenerate it with "
-            "`qiao tune`"
-        )
+        raise QiaoError(f"cannot read the MoE schedule table {path}: {err}. {fix}") from err
+    if (
+        not isinstance(data, dict)
+        or data.get("version") != TABLE_VERSION
+        or not isinstance(data.get("entries"), dict)
+    ):
+        raise QiaoError(f"{path} is not a version-{TABLE_VERSION} MoE schedule table. {fix}")
     return {k: _check_entry(k, v) for k, v in data["entries"].items()}
 
 
-def load_table(path: str | None = None) -> dict[str, dict[str, Any]]:
-    """The table's entries, ``{device key: {field: value}}``."""
-    path = path or os.environ.get("QIAO_MOE_TABLE") or TABLE_PATH
-    return _load(path, os.path.getmtime(path) if os.path.exists(path) else 0.0)
+def read_table(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """Entries of the one table file at ``path`` (checked); a missing file has none."""
+    path = os.path.abspath(os.fspath(path))
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return {}
+    return dict(_load(path, (st.st_mtime_ns, st.st_size)))
+
+
+def user_table_path(root: str | os.PathLike | None = None) -> str:
+    """The user's MoE table: ``<root>/moe_table.json`` when ``root`` is given, else
+    ``$QIAO_MOE_TABLE``, else ``moe_table.json`` in the default tuning store."""
+    from qiao.compiler.schedules.tuning import tuning_root
+
+    if root is None and os.environ.get("QIAO_MOE_TABLE"):
+        return os.environ["QIAO_MOE_TABLE"]
+    return os.path.join(tuning_root(root), USER_TABLE)
+
+
+def load_table(
+    path: str | os.PathLike | None = None, root: str | os.PathLike | None = None
+) -> dict[str, dict[str, Any]]:
+    """The entries lookups see, ``{device key: {field: value}}``: the shipped defaults with the
+    user's table (``path``, default ``user_table_path(root)``) over them."""
+    if not os.path.exists(TABLE_PATH):
+        raise QiaoError(
+            f"the shipped MoE schedule table {TABLE_PATH} is missing. fix: reinstall qiao"
+        )
+    user = os.path.abspath(os.fspath(path) if path else user_table_path(root))
+    entries = read_table(TABLE_PATH)
+    if user != TABLE_PATH:
+        entries.update(read_table(user))
+    return entries
 
 
 def device_keys(target: Any) -> list[str]:
-    """Table keys for ``target``, most specific first, read from the target (the default of
-    ``Backend.tuning_keys``; a backend passes its own to ``lookup``).
-
-    By TVM's device family of the target (its first target key; every kind declares it): a CPU
-    (key ``cpu``) is ``cpu/<mcpu>`` then its SIMD family (``cpu/avx512``, ``cpu/avx2``,
-    ``cpu/simd128``, read from the target, never from this machine); another device is
-    ``<family>/<chip>`` (``arch`` or ``mcpu``) then ``<family>``: ``cuda/sm_90``, ``cuda``."""
+    """Table keys for ``target``, most specific first."""
+    kind = target.kind.name
     attrs = target.attrs
-    if "cpu" in target.keys:
+    if kind == "llvm":
         from qiao.compiler.schedules.cpu_info import cpu_info
 
         mcpu = str(attrs.get("mcpu", "") or "")
         width = cpu_info(target).simd_bits
         family = {512: "cpu/avx512", 256: "cpu/avx2"}.get(width, "cpu/simd128")
         return ([f"cpu/{mcpu}"] if mcpu else []) + [family]
-    family = str(target.keys[0])
-    chip = str(attrs.get("arch", "") or attrs.get("mcpu", "") or "")
-    return ([f"{family}/{chip}"] if chip else []) + [family]
+    if kind in ("cuda", "rocm"):
+        arch = str(attrs.get("arch", "") or attrs.get("mcpu", "") or "")
+        return ([f"{kind}/{arch}"] if arch else []) + [kind]
+    return [kind]
 
 
 def lookup(
     target: Any,
     overrides: Mapping[str, Any] | None = None,
-    keys: list[str] | None = None,
+    root: str | os.PathLike | None = None,
 ) -> MoESchedule:
-    """The MoE schedule for a TVM target, with a backend's ``overrides`` applied last; ``keys``
-    (the compiling backend's ``tuning_keys``) replace ``device_keys(target)``."""
-    table = load_table()
-    for key in device_keys(target) if keys is None else keys:
+    """The MoE schedule for a TVM target, with a backend's ``overrides`` applied last.
+
+    Parameters
+    ----------
+    target : tvm.target.Target
+    overrides : mapping, optional
+        Fields replacing the table's (a backend preset's ``moe_schedule``).
+    root : str, optional
+        Tuning store whose user table is read (default ``tuning.tuning_root()``).
+
+    Returns
+    -------
+    MoESchedule
+        The most specific entry of the user's table or the shipped defaults.
+    """
+    table = load_table(root=root)
+    for key in device_keys(target):
         if key in table:
             schedule = MoESchedule(**{**table[key], "device": key})
             break
@@ -177,23 +230,61 @@ def write_entry(
     key: str,
     values: Mapping[str, Any],
     measured: Mapping[str, Any] | None = None,
-    path: str | None = None,
+    path: str | os.PathLike | None = None,
+    root: str | os.PathLike | None = None,
 ) -> str:
-    """Store ``values`` as the entry ``key`` (atomically); returns the table path."""
-    path = path or os.environ.get("QIAO_MOE_TABLE") or TABLE_PATH
-    data = {"version": TABLE_VERSION, "entries": {}, "measurements": {}}
+    """Store ``values`` as the entry ``key`` of the user's table and return its path.
+
+    Parameters
+    ----------
+    key : str
+        Device key (``cpu/znver3``).
+    values : mapping
+        Schedule fields (``device`` is ignored).
+    measured : mapping, optional
+        Measurements to keep beside the entry.
+    path : str, optional
+        The table file (default ``user_table_path(root)``); never the shipped defaults.
+    root : str, optional
+        Tuning store (default ``tuning.tuning_root()``).
+
+    Returns
+    -------
+    str
+        The file written. It is replaced atomically (a temporary file, then ``os.replace``): a
+        killed ``qiao tune`` leaves the previous table, never a half-written one.
+    """
+    path = os.path.abspath(os.fspath(path) if path else user_table_path(root))
+    if os.path.realpath(path) == os.path.realpath(TABLE_PATH):
+        raise QiaoError(
+            f"{TABLE_PATH} holds qiao's shipped MoE defaults and is never written. fix: leave "
+            "--table unset (tuned entries go to the user's store, "
+            f"{user_table_path(root)}) or name another file"
+        )
+    entry = _check_entry(key, {k: v for k, v in values.items() if k != "device"})
+    data: dict[str, Any] = {"version": TABLE_VERSION, "entries": {}, "measurements": {}}
     if os.path.exists(path):
+        read_table(path)  # an unreadable table is an error naming the fix, not silently replaced
         with open(path) as f:
             data = json.load(f)
     data.setdefault("measurements", {})
-    data["entries"][key] = _check_entry(key, {k: v for k, v in values.items() if k != "device"})
+    data["entries"][key] = entry
     if measured is not None:
         data["measurements"][key] = dict(measured)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".moe_table-", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return path
 
 
@@ -313,14 +404,6 @@ def time_stage_kernels(
     return result
 
 
-# Candidate CPU micro-kernels (tokens x weight rows), within 32 vector registers for AVX-512 and 16
-# for narrower SIMD: accumulators + one register per token row + one for the weight stream.
-_CANDIDATES = {
-    32: [(1, 16), (2, 8), (2, 12), (3, 8), (4, 4), (4, 6), (6, 4), (8, 2)],
-    16: [(1, 8), (2, 4), (2, 6), (3, 4), (4, 2)],
-}
-
-
 def tune_cpu(
     target: Any,
     cfg,
@@ -334,23 +417,25 @@ def tune_cpu(
     tiles_up=(8, 16, 32, 64),
     tiles_down=(32, 64, 128, 256),
     prefetch_options=(0, 1),
+    root: str | os.PathLike | None = None,
 ) -> tuple[str, MoESchedule, dict[str, Any]]:
     """Measure candidate CPU schedules for ``cfg`` on this machine and return the best.
 
     The decode kernel (``gemv_n``) is chosen on ``tokens_decode`` tokens, the micro-kernels and
     tiles on ``tokens_prefill`` (default: enough tokens for ~32 per expert, Qwen3-30B-A3B's T=512
     load), then software prefetch on both. ``candidates`` (micro-kernel shapes), ``gemv_rows``,
-    ``tiles_*`` and ``prefetch_options`` narrow the search.
+    ``tiles_*`` and ``prefetch_options`` narrow the search; the search starts from the entry
+    ``lookup(target, root=root)`` gives. Nothing is written (``write_entry`` stores the result).
     Returns ``(table key, schedule, measurements)``.
     """
+    from qiao.compiler.schedules.cpu_gemm import fits_registers, register_tiles
     from qiao.compiler.schedules.cpu_info import cpu_info, require_runnable_here
 
     require_runnable_here(target, "tune")  # it measures here: foreign code would crash us
     info = cpu_info(target)
     lanes = info.lanes("float32")
-    regs = 32 if info.vector_registers >= 32 else 16
     key = device_keys(target)[0]
-    base = lookup(target).replace(device=key, vector_lanes=lanes)
+    base = lookup(target, root=root).replace(device=key, vector_lanes=lanes)
     prefill = tokens_prefill or max(1, 32 * cfg.num_experts // cfg.top_k)
     rng_weights = None
     measurements: dict[str, Any] = {
@@ -377,7 +462,7 @@ def tune_cpu(
     best = base
     scores = {}
     for gemv_n in gemv_rows:
-        if gemv_n > regs - 2:
+        if not fits_registers(info, 1, gemv_n):
             continue
         t = measure(best.replace(gemv_n=gemv_n), tokens_decode)
         scores[gemv_n] = t["up"] + t["down"]
@@ -390,7 +475,8 @@ def tune_cpu(
         ("down", ("down_micro_m", "down_micro_n")),
     ):
         scores = {}
-        for mm, mn in candidates or _CANDIDATES[regs]:
+        # the register blocks of the CPU GEMM's weight-in-place micro-kernel (one budget rule)
+        for mm, mn in candidates or register_tiles(info, "dot"):
             sched = best.replace(**{fields[0]: mm, fields[1]: mn})
             if stage == "up":
                 sched = sched.replace(block_m=mm)
@@ -425,8 +511,10 @@ __all__ = [
     "TABLE_PATH",
     "device_keys",
     "load_table",
+    "read_table",
     "lookup",
     "time_stage_kernels",
     "tune_cpu",
+    "user_table_path",
     "write_entry",
 ]

@@ -12,7 +12,10 @@ a minute, and strips the weight-packing blocks qiao's GEMMs rely on). The search
 same rule the compiler uses without tuning, so a tuned schedule is valid for every shape, and the
 symbolic dimensions only need one value to measure at (``tune_dims``, default 64 each).
 
-Layout: ``$QIAO_CACHE_DIR/tuning/<device>/records.json`` (default cache dir ``~/.cache/qiao``).
+Layout: ``$QIAO_CACHE_DIR/tuning/<device>/records.json`` (default cache dir ``~/.cache/qiao``; the
+``tuning_db`` compile option or ``qiao tune --tuning-db`` replaces the ``tuning`` root). The same
+root holds the user's MoE schedule table (``moe_table.json``, see
+``qiao.compiler.schedules.moe_table``): one tuning store per user, never inside the package.
 ``<device>`` names the CPU and hashes what changes the best schedule: the LLVM ``mcpu``/``mattr``,
 the core count, and the CPU model when compiling for the host. A record holds the tile, its time,
 the default tile's time, the trial count and the dimensions measured at; records of an older
@@ -47,6 +50,15 @@ def cache_dir() -> str:
     return os.environ.get("QIAO_CACHE_DIR") or os.path.join(
         os.path.expanduser("~"), ".cache", "qiao"
     )
+
+
+def tuning_root(root: str | os.PathLike | None = None) -> str:
+    """The user's tuning store: ``root`` when given, else ``cache_dir()/tuning``.
+
+    Everything ``qiao tune`` and ``qiao compile --tune`` measure is written under it (GEMM records
+    per device, the MoE schedule table); nothing is ever written into the installed package.
+    """
+    return os.fspath(root) if root else os.path.join(cache_dir(), "tuning")
 
 
 def _host_cpu_model() -> str:
@@ -118,9 +130,8 @@ class TuningDatabase:
     def for_target(
         cls, target: Any, root: str | None = None, tune_dims: Mapping[str, int] | None = None
     ) -> TuningDatabase:
-        """The database of ``target`` under ``root`` (default ``cache_dir()/tuning``)."""
-        base = root or os.path.join(cache_dir(), "tuning")
-        return cls(os.path.join(base, device_key(target)), target, tune_dims)
+        """The database of ``target`` under ``root`` (default ``tuning_root()``)."""
+        return cls(os.path.join(tuning_root(root), device_key(target)), target, tune_dims)
 
     @property
     def path(self) -> str:
