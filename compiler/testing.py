@@ -1,7 +1,8 @@
 """Test helpers shared by qiao's test and benchmark suites (and usable by backend authors).
 
 ``assert_close`` is the one numeric comparison every test uses; ``run_cli`` runs ``qiao`` in a
-subprocess; ``has_command`` is a cached, never-raising probe for ``skipif`` gates; ``fused_module``
+subprocess; ``has_command`` and the device probes (``has_cuda_gpu``, ``has_rocm_gpu``, ``has_nvcc``,
+``can_compile_for``) are cached, never-raising probes for ``skipif`` gates; ``fused_module``
 and ``prim_func`` build single kernels for schedule tests. They live in the
 package (like ``tvm.testing``) rather than in a ``conftest.py`` so that ``tests/`` and
 ``benchmarks/`` can both import them without their two conftest modules shadowing each other.
@@ -40,6 +41,36 @@ def assert_close(actual, expected, rtol: float = 1e-5, atol: float = 1e-5, name:
 def has_command(name: str) -> bool:
     """Whether an executable is on ``PATH`` (cached)."""
     return shutil.which(name) is not None
+
+
+@functools.cache
+def backend_availability(name: str):
+    """``get_backend(name).availability()``, probed once per process: what every GPU test gates
+    on, so all of them agree (backends' probes never raise)."""
+    from qiao.backends import get_backend
+
+    return get_backend(name).availability()
+
+
+def has_cuda_gpu() -> bool:
+    """Whether TVM sees an NVIDIA GPU with its driver here."""
+    return backend_availability("cuda").can_run
+
+
+def has_rocm_gpu() -> bool:
+    """Whether TVM sees an AMD GPU with the amdgpu driver here."""
+    return backend_availability("rocm").can_run
+
+
+def has_nvcc() -> bool:
+    """Whether ``nvcc`` is where the CUDA backend looks (``PATH``, ``$CUDA_HOME/bin``,
+    ``/usr/local/cuda/bin``): CUDA artifacts need it, CUDA source generation does not."""
+    return backend_availability("cuda").can_compile
+
+
+def can_compile_for(name: str) -> bool:
+    """Whether backend ``name`` has its toolchain here (``nvcc`` for cuda, ``ld.lld`` for rocm)."""
+    return backend_availability(name).can_compile
 
 
 def run_cli(*args, cwd=None, env=None, timeout=600) -> subprocess.CompletedProcess:

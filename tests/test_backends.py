@@ -12,7 +12,7 @@ import pytest
 from qiao.backends import Availability, get_backend
 from qiao.backends.registry import discover
 from qiao.compiler.errors import UnknownTarget
-from qiao.compiler.testing import has_command, run_cli
+from qiao.compiler.testing import has_nvcc, run_cli
 
 # The README section "Writing a backend": its example is installed and run by this test.
 WRITING_A_BACKEND = os.environ.get(
@@ -43,7 +43,7 @@ def test_cpu_ready_gpu_status_names_what_is_missing():
     from qiao.backends.toolchains import find_lld
 
     assert get_backend("cpu").availability().status == "ready"
-    tools = {"cuda": ("nvcc", has_command("nvcc")), "rocm": ("ld.lld", find_lld() is not None)}
+    tools = {"cuda": ("nvcc", has_nvcc()), "rocm": ("ld.lld", find_lld() is not None)}
     for name, (tool, installed) in tools.items():
         avail = get_backend(name).availability()
         if avail.can_run:

@@ -23,19 +23,17 @@ from qiao.backends.binfmt import (
 )
 from qiao.compiler import compile, load
 from qiao.compiler.errors import CompileError, ToolchainMissing
-from qiao.compiler.testing import assert_close, run_cli
+from qiao.compiler.testing import assert_close, has_cuda_gpu, has_nvcc, run_cli
 from tests.test_backends import write_tiny_onnx
 
-needs_nvcc = pytest.mark.skipif(
-    cuda.find_nvcc() is None, reason="nvcc (CUDA toolkit) not installed"
-)
-HAS_GPU = cuda.cuda_device_arch() is not None
+needs_nvcc = pytest.mark.skipif(not has_nvcc(), reason="nvcc (CUDA toolkit) not installed")
+HAS_GPU = has_cuda_gpu()
 
 
 @pytest.fixture(scope="module")
 def mlp_sm90(tmp_path_factory):
     """The built-in MLP compiled through the CLI for H100/H200 (one nvcc run for the module)."""
-    if cuda.find_nvcc() is None:
+    if not has_nvcc():
         pytest.skip("nvcc (CUDA toolkit) not installed")
     out = tmp_path_factory.mktemp("cuda") / "mlp-sm90"
     proc = run_cli("compile", "mlp", "--target", "cuda", "--arch", "sm_90", "-o", str(out))

@@ -14,12 +14,13 @@ from qiao.backends import rocm
 from qiao.backends.binfmt import EM_AMDGPU, DeviceModule, read_elf, read_library_imports
 from qiao.compiler import compile, load
 from qiao.compiler.errors import ToolchainMissing
+from qiao.compiler.testing import can_compile_for, has_rocm_gpu
 from tests.test_backends import write_tiny_onnx
 
 # EF_AMDGPU_MACH values from LLVM's ELF.h (the low byte of e_flags of an AMDGPU code object).
 EF_AMDGPU_MACH = {"gfx90a": 0x3F, "gfx942": 0x4C}
 
-needs_lld = pytest.mark.skipif(rocm.find_lld() is None, reason="ld.lld not installed (lld-19)")
+needs_lld = pytest.mark.skipif(not can_compile_for("rocm"), reason="ld.lld not installed (lld-19)")
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def mlp_onnx(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mlp_artifacts(mlp_onnx, tmp_path_factory):
-    if rocm.find_lld() is None:
+    if not can_compile_for("rocm"):
         pytest.skip("ld.lld not installed (lld-19)")
     root = tmp_path_factory.mktemp("rocm-art")
     return {arch: compile(mlp_onnx, "rocm", root / arch, arch=arch) for arch in EF_AMDGPU_MACH}
@@ -65,7 +66,7 @@ def test_code_object_is_for_requested_gfx_with_every_kernel(mlp_artifacts, arch)
 
 @needs_lld
 def test_running_without_gpu_is_a_clear_error(mlp_artifacts):
-    if rocm.rocm_device_arch() is not None:
+    if has_rocm_gpu():
         pytest.skip("this machine has a ROCm GPU")
     art = load(mlp_artifacts["gfx942"].directory)
     with pytest.raises(ToolchainMissing, match="needs an AMD GPU"):
