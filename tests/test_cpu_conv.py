@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+import tvm
+from tvm import relax
 
 from qiao.compiler.testing import assert_close, fused_module, prim_func
-
-tvm = pytest.importorskip("tvm")
-torch = pytest.importorskip("torch")
-from tvm import relax  # noqa: E402
 
 # float32 sums of at most 25 products of N(0, 1) values, against float64.
 TOL = {"rtol": 1e-5, "atol": 1e-5}

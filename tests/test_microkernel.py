@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tvm
 
 from qiao.compiler.testing import assert_close
-
-tvm = pytest.importorskip("tvm")
 
 
 def test_dot_register_tiles_fit_and_cover_the_former_moe_candidates():

@@ -13,12 +13,11 @@ import sys
 
 import numpy as np
 import pytest
+import tvm
+import tvm_ffi
+from tvm import relax
 
 from qiao.compiler.testing import assert_close, fused_module, prim_func
-
-tvm = pytest.importorskip("tvm")
-import tvm_ffi  # noqa: E402
-from tvm import relax  # noqa: E402
 
 ZNVER4 = {"kind": "llvm", "mcpu": "znver4", "num-cores": 2}  # AVX-512: 16 fp32 lanes
 ZNVER3 = {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}  # AVX2: 8 fp32 lanes

@@ -12,11 +12,10 @@ import sys
 
 import numpy as np
 import pytest
+import tvm
+from tvm import relax
 
 from qiao.compiler.testing import assert_close, fused_module
-
-tvm = pytest.importorskip("tvm")
-from tvm import relax  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
