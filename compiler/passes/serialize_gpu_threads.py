@@ -343,10 +343,10 @@ class SerializeGPUThreads:
                 updates[gv] = serialize_gpu_threads(func, self.warp_size, gv.name_hint)
         if not updates:
             return mod
-        mod = mod.shallow_copy() if hasattr(mod, "shallow_copy") else mod
+        out = mod.clone()  # the caller's module stays as it was
         for gv, func in updates.items():
-            mod[gv] = func
-        return mod
+            out[gv] = func
+        return out
 
 
 __all__ = ["SerializeGPUThreads", "has_thread_bindings", "serialize_gpu_threads"]
