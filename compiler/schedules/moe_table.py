@@ -178,26 +178,31 @@ def load_table(
 
 
 def device_keys(target: Any) -> list[str]:
-    """Table keys for ``target``, most specific first."""
-    kind = target.kind.name
+    """Table keys for ``target``, most specific first, read from the target (the default of
+    ``Backend.tuning_keys``; a backend passes its own to ``lookup``).
+
+    By TVM's device family of the target (its first target key; every kind declares it): a CPU
+    (key ``cpu``) is ``cpu/<mcpu>`` then its SIMD family (``cpu/avx512``, ``cpu/avx2``,
+    ``cpu/simd128``, read from the target, never from this machine); another device is
+    ``<family>/<chip>`` (``arch`` or ``mcpu``) then ``<family>``: ``cuda/sm_90``, ``cuda``."""
     attrs = target.attrs
-    if kind == "llvm":
+    if "cpu" in target.keys:
         from qiao.compiler.schedules.cpu_info import cpu_info
 
         mcpu = str(attrs.get("mcpu", "") or "")
         width = cpu_info(target).simd_bits
         family = {512: "cpu/avx512", 256: "cpu/avx2"}.get(width, "cpu/simd128")
         return ([f"cpu/{mcpu}"] if mcpu else []) + [family]
-    if kind in ("cuda", "rocm"):
-        arch = str(attrs.get("arch", "") or attrs.get("mcpu", "") or "")
-        return ([f"{kind}/{arch}"] if arch else []) + [kind]
-    return [kind]
+    family = str(target.keys[0])
+    chip = str(attrs.get("arch", "") or attrs.get("mcpu", "") or "")
+    return ([f"{family}/{chip}"] if chip else []) + [family]
 
 
 def lookup(
     target: Any,
     overrides: Mapping[str, Any] | None = None,
     root: str | os.PathLike | None = None,
+    keys: list[str] | None = None,
 ) -> MoESchedule:
     """The MoE schedule for a TVM target, with a backend's ``overrides`` applied last.
 
@@ -208,6 +213,9 @@ def lookup(
         Fields replacing the table's (a backend preset's ``moe_schedule``).
     root : str, optional
         Tuning store whose user table is read (default ``tuning.tuning_root()``).
+    keys : list of str, optional
+        Table keys to try, most specific first: the compiling backend's ``tuning_keys``
+        (default ``device_keys(target)``).
 
     Returns
     -------
@@ -215,7 +223,7 @@ def lookup(
         The most specific entry of the user's table or the shipped defaults.
     """
     table = load_table(root=root)
-    for key in device_keys(target):
+    for key in device_keys(target) if keys is None else keys:
         if key in table:
             schedule = MoESchedule(**{**table[key], "device": key})
             break
