@@ -38,7 +38,11 @@ mask, local window, rotary). ``present`` has length ``max(total_sequence_length,
 the past's first ``P_b`` rows, the new rows at ``[P_b, T_b)``, zeros after. Both cache layouts
 are the same formula: a past of exactly the previous length (``present`` grows by ``S``) and
 GenAI's shared buffer of the context length (``present`` keeps that length; the caller may alias
-it to ``past``). This converter is functional: ``present`` is a new tensor, written whole.
+it to ``past``). This converter is functional: ``present`` is a new tensor, written whole (one
+gather of ``[past, new]`` per layer and step: O(cache) copies per decode step; an in-place cache
+update is the decode loop's job). ``present``'s length is a run-time dim (``gqa_present_len``,
+shared by all layers); the manifest keeps the builder's declared name ``total_sequence_length``,
+which is true only for the growing layout.
 """
 
 from __future__ import annotations
