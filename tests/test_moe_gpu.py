@@ -308,3 +308,22 @@ def test_rocm_shuffles_stay_inside_32_lane_segments_of_a_wavefront():
     assert "v_mbcnt_lo_u32_b32" in asm and "v_mbcnt_hi_u32_b32" in asm
     assert re.search(r"v_and_b32_e32 v\d+, 31, v\d+", asm), "no 32-lane segment mask"
     assert asm.count("ds_bpermute_b32") == 5  # log2(32) steps
+
+
+def test_gemv_shuffle_tree_follows_its_lane_count(monkeypatch):
+    """``GEMV_LANES`` is a real parameter: a full 64-lane wavefront on ROCm matches ONNX Runtime
+    (the tree had 5 fixed steps from 16, right for 32 lanes only), and the same kernels are refused
+    for CUDA's 32-lane warps."""
+    import qiao.compiler.kernels.group_gemm as group_gemm
+
+    monkeypatch.setattr(group_gemm, "GEMV_LANES", 64)
+    run, warp = _serial_gpu_moe(moe_model(BASE, 2), "rocm")
+    assert warp == 64
+    for T in (1, 3):
+        x, logits = inputs(T, 64, 8, seed=T)
+        assert_close(run(x, logits), ort_run(moe_model(BASE, 2), x, logits), 1e-4, 1e-5, f"T={T}")
+    from qiao.compiler.errors import CompileError
+
+    # RuntimeError: TVM's pass machinery rethrows what a Python pass raised as its own error
+    with pytest.raises((CompileError, RuntimeError), match="64-lane shuffle does not fit"):
+        _serial_gpu_moe(moe_model(BASE, 2), "cuda")

@@ -35,7 +35,7 @@ from qiao.compiler.kernels.moe_common import (
     pow2_divisor,
 )
 
-GEMV_LANES = 32  # GPU GEMV: threads splitting one dot product
+GEMV_LANES = 32  # GPU GEMV: threads splitting one dot product (a power of two: a shuffle tree)
 
 
 def _cpu_up_params(cfg: MoEConfig, sched):
@@ -334,6 +334,7 @@ def _up_gpu_body(cfg: MoEConfig, sched):
     KT = (H + BK - 1) // BK
     GU = divisor_at_most(INTER, max(1, 128 // GEMV_LANES))  # GEMV: units per block (threadIdx.y)
     LANES = GEMV_LANES
+    STEPS, HALF = LANES.bit_length() - 1, LANES // 2  # shuffle tree: LANES/2, ..., 2, 1
     GEMV_MAX = sched.gpu_gemv_max_tokens
 
     @T.macro
@@ -435,11 +436,11 @@ def _up_gpu_body(cfg: MoEConfig, sched):
                                         ]
                                     )
                             # warp tree: no shared memory, no barriers
-                            for s in T.unroll(5):
+                            for s in T.unroll(STEPS):
                                 red[0, w] = red[0, w] + T.tvm_warp_shuffle_down(
                                     T.tvm_warp_activemask(),
                                     red[0, w],
-                                    T.shift_right(16, s),
+                                    T.shift_right(HALF, s),
                                     LANES,
                                     LANES,
                                 )
@@ -474,6 +475,7 @@ def _down_gpu_body(cfg: MoEConfig, sched):
     KT = (INTER + BK - 1) // BK
     GU = divisor_at_most(H, max(1, 128 // GEMV_LANES))
     LANES = GEMV_LANES
+    STEPS, HALF = LANES.bit_length() - 1, LANES // 2
     GEMV_MAX = sched.gpu_gemv_max_tokens
 
     def bias(B2, e, col):
@@ -573,9 +575,13 @@ def _down_gpu_body(cfg: MoEConfig, sched):
                                         kk * LANES + tx,
                                     ]
                                 )
-                        for s in T.unroll(5):
+                        for s in T.unroll(STEPS):
                             red[0] = red[0] + T.tvm_warp_shuffle_down(
-                                T.tvm_warp_activemask(), red[0], T.shift_right(16, s), LANES, LANES
+                                T.tvm_warp_activemask(),
+                                red[0],
+                                T.shift_right(HALF, s),
+                                LANES,
+                                LANES,
                             )
                         if tx == 0:
                             OUT[bx // K, bx % K, by * GU + ty] = TW[bx // K, bx % K] * (
