@@ -33,6 +33,7 @@ from qiao.compiler.frontend import (
     convert_legacy,
     convert_loss,
     convert_norm,
+    convert_quant,
     convert_recent,
     convert_reduce,
     convert_rnn,
@@ -60,6 +61,7 @@ _FAMILIES = (
     convert_recent,
     convert_signal,
     convert_genai,  # after convert_attention: its RotaryEmbedding serves both domains
+    convert_quant,
 )
 
 

@@ -1,0 +1,243 @@
+"""Converters for ONNX Runtime's weight-only quantized operators: ``com.microsoft`` ``MatMulNBits``
+and ``GatherBlockQuantized``. TVM has neither.
+
+Layouts (ONNX Runtime 1.32's contrib op contract, checked against its CPU kernels in
+``tests/test_quant_ops.py``):
+
+``MatMulNBits`` — ``Y = A @ dequant(B)^T (+ bias)``, attributes ``K``, ``N``, ``bits`` (2/4/8),
+``block_size`` (a power of 2, >= 16), ``accuracy_level``.
+
+- ``B``: uint8 ``[N, n_blocks, blob_size]``, ``n_blocks = ceil(K / block_size)``, ``blob_size =
+  block_size * bits / 8``. Row ``n`` holds column ``n`` of the ``[K, N]`` weight; its codes run
+  along K and are packed low bits first (4-bit: code ``2i`` in the low nibble of byte ``i``,
+  ``2i + 1`` in the high one; 2-bit: four per byte, bits 0-1 first). The last block is padded
+  to ``block_size`` codes; the padding is ignored.
+- ``scales``: ``[N * n_blocks]`` or ``[N, n_blocks]``, the dtype of ``A``.
+- ``zero_points`` (optional): uint8 packed per row like ``B``: ``[N * ceil(n_blocks * bits / 8)]``
+  (each row padded to whole bytes), or ``[N, n_blocks]`` of the dtype of ``A`` (unpacked, may
+  be fractional). Default ``2^(bits - 1)``.
+- ``g_idx`` (optional, int32 ``[K]``): the block of each k (GPTQ act-order); default ``k //
+  block_size``.
+- ``bias`` (optional): ``[N]``.
+- ``W[k, n] = (code[n, k] - zero_point[n, block(k)]) * scale[n, block(k)]``.
+
+``accuracy_level`` only chooses ONNX Runtime's compute type (4: activations quantized to int8
+per block); qiao computes the exact dequantize-then-float32 result at every level.
+
+``GatherBlockQuantized`` — ``Y = dequant(data)[..., indices, ...]`` gathered along
+``gather_axis`` (default 0): ``data`` uint8 (two 4-bit codes per byte, low nibble first, along
+the last axis; ``bits`` 4 default, or 8 with one code per byte) or int4/uint4; ``scales`` has
+``data``'s logical shape with ``quantize_axis`` (default last) divided (rounded up) by
+``block_size`` (default 128); ``zero_points`` packed like ``data`` (uint8) or of ``data``'s type;
+default zero point 8 for uint8-packed 4-bit, 128 for 8-bit, 0 for int4.
+
+First step (this module): constant weights are dequantized at import into a float weight and the
+op becomes a plain ``matmul`` / ``take``. That is exact and runs everywhere, but reads four bytes
+per weight: the speed path (int4/int8 GEMV kernels that read the packed bytes and dequantize in
+registers, issue 13 item 4) is future work, and needs the packed form kept in the graph.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
+
+from qiao.compiler.errors import CompileError
+from qiao.compiler.frontend import register_converter
+
+
+def _known_array(value, params, op: str, what: str) -> np.ndarray:
+    """The NumPy value of a constant input: a ``tvm.ir.GenericConst``, or a float initializer
+    the importer made a run-time parameter (``params[1]``: name -> (var, array))."""
+    if isinstance(value, tvm.ir.GenericConst):
+        return value.value.numpy()
+    for var, array in params[1].values():
+        if var.same_as(value):
+            return array.numpy() if hasattr(array, "numpy") else np.asarray(array)
+    raise CompileError(
+        f"{op}: {what} must be a constant (an initializer); qiao dequantizes quantized weights "
+        "at import. fix: store the quantized weight, scales and zero points as initializers"
+    )
+
+
+def unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Unpack the last axis of uint8 ``packed`` into ``count`` ``bits``-bit codes, low bits first.
+
+    Parameters
+    ----------
+    packed : np.ndarray
+        uint8 bytes, ``8 // bits`` codes each along the last axis.
+    bits : int
+        2, 4 or 8.
+    count : int
+        Codes to keep per row (the rest is padding).
+
+    Returns
+    -------
+    np.ndarray
+        uint8 codes, shape ``packed.shape[:-1] + (count,)``.
+    """
+    per = 8 // bits
+    shifts = (np.arange(per, dtype=np.uint8) * bits).astype(np.uint8)
+    codes = (packed[..., None] >> shifts) & np.uint8((1 << bits) - 1)
+    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per)[..., :count]
+
+
+def dequantize_nbits(
+    b: np.ndarray,
+    scales: np.ndarray,
+    zero_points: np.ndarray | None,
+    g_idx: np.ndarray | None,
+    k: int,
+    n: int,
+    bits: int,
+    block_size: int,
+) -> np.ndarray:
+    """The float weight ``[K, N]`` of a ``MatMulNBits`` node (layout in the module docstring).
+
+    Returns
+    -------
+    np.ndarray
+        float32 ``[K, N]``: ``W[k, n] = (code - zero_point) * scale``.
+    """
+    n_blocks = -(-k // block_size)
+    codes = unpack_codes(b.reshape(n, -1), bits, n_blocks * block_size)[:, :k].astype(np.float32)
+    scale = scales.astype(np.float32).reshape(n, n_blocks)
+    if zero_points is None:
+        zp = np.full((n, n_blocks), float(1 << (bits - 1)), np.float32)
+    elif zero_points.dtype == np.uint8:
+        zp = unpack_codes(zero_points.reshape(n, -1), bits, n_blocks).astype(np.float32)
+    else:
+        zp = zero_points.astype(np.float32).reshape(n, n_blocks)
+    block = np.arange(k) // block_size if g_idx is None else g_idx.astype(np.int64).reshape(k)
+    if block.min() < 0 or block.max() >= n_blocks:
+        raise CompileError(
+            f"MatMulNBits: g_idx holds a block index outside [0, {n_blocks}). "
+            "fix: re-export the model; g_idx[k] is the block of row k"
+        )
+    return np.ascontiguousarray(((codes - zp[:, block]) * scale[:, block]).T)
+
+
+def _check_nbits_shapes(b, scales, zero_points, k, n, bits, block_size):
+    n_blocks = -(-k // block_size)
+    blob = block_size * bits // 8
+    problems = []
+    if b.size != n * n_blocks * blob:
+        problems.append(f"B has {b.shape}, expected [{n}, {n_blocks}, {blob}]")
+    if scales.size != n * n_blocks:
+        problems.append(f"scales has {scales.shape}, expected [{n * n_blocks}]")
+    if zero_points is not None:
+        expected = n * -(-n_blocks * bits // 8) if zero_points.dtype == np.uint8 else n * n_blocks
+        if zero_points.size != expected:
+            problems.append(f"zero_points has {zero_points.shape}, expected {expected} elements")
+    if problems:
+        raise CompileError(
+            f"MatMulNBits (K={k}, N={n}, bits={bits}, block_size={block_size}): "
+            + "; ".join(problems)
+            + ". fix: re-export the model with ONNX Runtime's matmul_nbits_quantizer"
+        )
+
+
+def _input(inputs, i):
+    return inputs[i] if len(inputs) > i and inputs[i] is not None else None
+
+
+@register_converter("MatMulNBits", ("com.microsoft",))
+class MatMulNBits(tvm_onnx.OnnxOpConverter):
+    """``com.microsoft::MatMulNBits`` with constant quantized weights: dequantized at import."""
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        k, n = int(attr["K"]), int(attr["N"])
+        bits = int(attr.get("bits", 4))
+        block_size = int(attr["block_size"])
+        if bits not in (2, 4, 8):
+            raise CompileError(
+                f"MatMulNBits: bits={bits} is not supported by qiao (2, 4 or 8). "
+                "fix: quantize the weights to 2, 4 or 8 bits"
+            )
+        if block_size < 16 or block_size & (block_size - 1):
+            raise CompileError(
+                f"MatMulNBits: block_size={block_size} must be a power of 2, at least 16. "
+                "fix: re-quantize with such a block size"
+            )
+        arrays = {}
+        for i, name in enumerate(("B", "scales", "zero_points", "g_idx")):
+            value = _input(inputs, i + 1)
+            arrays[name] = (
+                None if value is None else _known_array(value, params, "MatMulNBits", name)
+            )
+        _check_nbits_shapes(
+            arrays["B"], arrays["scales"], arrays["zero_points"], k, n, bits, block_size
+        )
+        weight = dequantize_nbits(
+            arrays["B"], arrays["scales"], arrays["zero_points"], arrays["g_idx"],
+            k, n, bits, block_size,
+        )  # fmt: skip
+        a = inputs[0]
+        dtype = a.ty.dtype
+        y = relax.op.matmul(a, relax.const(weight.astype(str(dtype))))
+        bias = _input(inputs, 5)
+        if bias is not None:
+            y = relax.op.add(y, bias)
+        return y
+
+
+@register_converter("GatherBlockQuantized", ("com.microsoft",))
+class GatherBlockQuantized(tvm_onnx.OnnxOpConverter):
+    """``com.microsoft::GatherBlockQuantized`` with a constant table: dequantized at import, then
+    a plain ``take``."""
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        op = "GatherBlockQuantized"
+        data = _known_array(inputs[0], params, op, "data")
+        scales = _known_array(inputs[2], params, op, "scales")
+        zp_in = _input(inputs, 3)
+        zero_points = None if zp_in is None else _known_array(zp_in, params, op, "zero_points")
+        bits = int(attr.get("bits", 4))
+        block_size = int(attr.get("block_size", 128))
+        gather_axis = int(attr.get("gather_axis", 0))
+        quantize_axis = int(attr.get("quantize_axis", -1))
+        packed = data.dtype == np.uint8 and bits == 4
+        if bits not in (4, 8) or (bits == 8 and data.dtype != np.uint8):
+            raise CompileError(
+                f"{op}: bits={bits} with {data.dtype} data is not supported by qiao "
+                "(4-bit uint8-packed or int4/uint4, 8-bit uint8). fix: re-quantize the table"
+            )
+        if packed:
+            codes = unpack_codes(data, 4, data.shape[-1] * 2).astype(np.float32)
+            default_zp = 8.0
+        else:
+            codes = data.astype(np.float32)
+            default_zp = 128.0 if data.dtype == np.uint8 else 0.0
+        rank = codes.ndim
+        q_axis = quantize_axis % rank
+        if zero_points is None:
+            zp = np.full(scales.shape, default_zp, np.float32)
+        elif packed and zero_points.dtype == np.uint8:
+            zp = unpack_codes(zero_points, 4, scales.shape[-1]).astype(np.float32)
+        else:
+            zp = zero_points.astype(np.float32)
+        zp = zp.reshape(scales.shape)
+        # Expand the per-block scale and zero point along the quantized axis.
+        expand = np.arange(codes.shape[q_axis]) // block_size
+        if scales.shape[q_axis] != -(-codes.shape[q_axis] // block_size):
+            raise CompileError(
+                f"{op}: scales {scales.shape} do not match data {codes.shape} with "
+                f"block_size={block_size} on axis {q_axis}. fix: re-quantize the table"
+            )
+        scale = np.take(scales.astype(np.float32), expand, axis=q_axis)
+        zp = np.take(zp, expand, axis=q_axis)
+        table = ((codes - zp) * scale).astype(scales.dtype)
+        indices = inputs[1]
+        size = table.shape[gather_axis % rank]
+        # ONNX Gather semantics: negative indices count from the end.
+        wrapped = relax.op.where(
+            relax.op.less(indices, relax.const(0, indices.ty.dtype)),
+            relax.op.add(indices, relax.const(size, indices.ty.dtype)),
+            indices,
+        )
+        return relax.op.take(relax.const(table), wrapped, axis=gather_axis % rank)
