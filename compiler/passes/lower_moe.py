@@ -177,7 +177,7 @@ class LowerMoE:
     target : tvm.target.Target, optional
         Default: the current target (the pipeline runs under ``with target``).
     overrides : Mapping, optional
-        Schedule fields replacing the table's (e.g. a backend preset's ``moe_schedule``).
+        Schedule fields replacing the table's (the ``moe_schedule`` compile option).
     gpu : bool, optional
         Thread-bound GPU kernels instead of CPU loop nests: the backend's ``is_gpu``. Default:
         whether TVM's target keys say ``gpu`` (every GPU kind declares it).

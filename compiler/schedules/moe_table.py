@@ -14,7 +14,7 @@ TVM target:
   ``cpu/simd128`` from the target's SIMD width (read from the target, never from this machine);
 - CUDA: ``cuda/<arch>`` then ``cuda``; ROCm: ``rocm/<mcpu>`` then ``rocm``.
 
-A backend's ``moe_schedule(arch)`` may return overrides (a mapping of field names); they are applied
+The ``moe_schedule`` compile option may give overrides (a mapping of field names); they are applied
 with ``MoESchedule.replace``. Entries only name the fields they change from the defaults below."""
 
 from __future__ import annotations
@@ -210,7 +210,7 @@ def lookup(
     ----------
     target : tvm.target.Target
     overrides : mapping, optional
-        Fields replacing the table's (a backend preset's ``moe_schedule``).
+        Fields replacing the table's (the ``moe_schedule`` compile option).
     root : str, optional
         Tuning store whose user table is read (default ``tuning.tuning_root()``).
     keys : list of str, optional
