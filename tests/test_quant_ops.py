@@ -258,23 +258,29 @@ def test_matmul_nbits_g_idx(tmp_path, with_zp):
 
 # --- GatherBlockQuantized -------------------------------------------------------------------------
 VOCAB, DIM = 50, 64
-# name -> (block_size, zero points)
-GBQ_CASES = {"bs16_zp": (16, True), "bs32_sym": (32, False), "bs64_zp": (64, True)}
+# name -> (bits, block_size, zero points)
+GBQ_CASES = {
+    "b4_bs16_zp": (4, 16, True),
+    "b4_bs32_sym": (4, 32, False),
+    "b4_bs64_zp": (4, 64, True),
+    "b8_bs32_zp": (8, 32, True),
+    "b8_bs16_sym": (8, 16, False),
+}
 
 
 def test_gather_block_quantized(tmp_path):
     nodes, inits, outputs, refs = [], [], [], {}
-    for name, (block, with_zp) in GBQ_CASES.items():
+    for name, (bits, block, with_zp) in GBQ_CASES.items():
         table = RNG.standard_normal((VOCAB, DIM)).astype(np.float32)
         # _quantize works along the first axis: quantize the transposed table (blocks of DIM).
-        codes, scale, zp, deq = _quantize(table.T, 4, block, "packed" if with_zp else "none")
+        codes, scale, zp, deq = _quantize(table.T, bits, block, "packed" if with_zp else "none")
         ins = [f"{name}.data", "ids", f"{name}.scales"]
         inits += [
-            numpy_helper.from_array(_pack(codes, 4), f"{name}.data"),
+            numpy_helper.from_array(_pack(codes, bits), f"{name}.data"),
             numpy_helper.from_array(scale, f"{name}.scales"),
         ]
         if with_zp:
-            inits.append(numpy_helper.from_array(_pack(zp.astype(np.uint8), 4), f"{name}.zp"))
+            inits.append(numpy_helper.from_array(_pack(zp.astype(np.uint8), bits), f"{name}.zp"))
             ins.append(f"{name}.zp")
         nodes.append(
             helper.make_node(
@@ -283,7 +289,7 @@ def test_gather_block_quantized(tmp_path):
                 [name],
                 domain="com.microsoft",
                 block_size=block,
-                bits=4,
+                bits=bits,
                 gather_axis=0,
                 quantize_axis=1,
             )  # fmt: skip

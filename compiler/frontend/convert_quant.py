@@ -25,16 +25,20 @@ Layouts (ONNX Runtime 1.32's contrib op contract, checked against its CPU kernel
 per block); qiao computes the exact dequantize-then-float32 result at every level.
 
 ``GatherBlockQuantized`` — ``Y = dequant(data)[..., indices, ...]`` gathered along
-``gather_axis`` (default 0): ``data`` uint8 (two 4-bit codes per byte, low nibble first, along
-the last axis; ``bits`` 4 default, or 8 with one code per byte) or int4/uint4; ``scales`` has
-``data``'s logical shape with ``quantize_axis`` (default last) divided (rounded up) by
-``block_size`` (default 128); ``zero_points`` packed like ``data`` (uint8) or of ``data``'s type;
-default zero point 8 for uint8-packed 4-bit, 128 for 8-bit, 0 for int4.
+``gather_axis`` (default 0; negative indices count from the end): ``data`` uint8, two 4-bit codes
+per byte (low nibble first, along the last axis; ``bits`` 4, the default) or one 8-bit code;
+``scales`` has ``data``'s logical shape with ``quantize_axis`` (default last) divided (rounded
+up) by ``block_size`` (default 128); ``zero_points`` packed like ``data``. Default zero point 8
+(4-bit) or 128 (8-bit). ``data`` of type int4/uint4 (also allowed by ONNX Runtime) is refused
+earlier, by ``lowprec``'s rewrite, with a CompileError.
 
 First step (this module): constant weights are dequantized at import into a float weight and the
 op becomes a plain ``matmul`` / ``take``. That is exact and runs everywhere, but reads four bytes
 per weight: the speed path (int4/int8 GEMV kernels that read the packed bytes and dequantize in
 registers, issue 13 item 4) is future work, and needs the packed form kept in the graph.
+Float scales of 64 or more elements arrive as run-time parameters of ``main`` (see
+``importer``): their values are read from the importer's parameter table and the parameter
+stays, unused, in ``main``'s signature.
 """
 
 from __future__ import annotations
@@ -201,25 +205,21 @@ class GatherBlockQuantized(tvm_onnx.OnnxOpConverter):
         block_size = int(attr.get("block_size", 128))
         gather_axis = int(attr.get("gather_axis", 0))
         quantize_axis = int(attr.get("quantize_axis", -1))
-        packed = data.dtype == np.uint8 and bits == 4
-        if bits not in (4, 8) or (bits == 8 and data.dtype != np.uint8):
+        if bits not in (4, 8) or data.dtype != np.uint8:
             raise CompileError(
-                f"{op}: bits={bits} with {data.dtype} data is not supported by qiao "
-                "(4-bit uint8-packed or int4/uint4, 8-bit uint8). fix: re-quantize the table"
+                f"{op}: bits={bits} with {data.dtype} data is not supported by qiao (uint8 "
+                "data, 4-bit packed or 8-bit). fix: re-quantize the table to that layout"
             )
-        if packed:
-            codes = unpack_codes(data, 4, data.shape[-1] * 2).astype(np.float32)
-            default_zp = 8.0
-        else:
-            codes = data.astype(np.float32)
-            default_zp = 128.0 if data.dtype == np.uint8 else 0.0
+        packed = bits == 4
+        codes = unpack_codes(data, bits, data.shape[-1] * (8 // bits)).astype(np.float32)
+        default_zp = float(1 << (bits - 1))
         rank = codes.ndim
         q_axis = quantize_axis % rank
         if zero_points is None:
             zp = np.full(scales.shape, default_zp, np.float32)
         elif packed and zero_points.dtype == np.uint8:
             zp = unpack_codes(zero_points, 4, scales.shape[-1]).astype(np.float32)
-        else:
+        else:  # 8-bit: one zero point per byte; a float zero point is used as it is
             zp = zero_points.astype(np.float32)
         zp = zp.reshape(scales.shape)
         # Expand the per-block scale and zero point along the quantized axis.
