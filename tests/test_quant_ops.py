@@ -79,6 +79,7 @@ CASES = {
     "b4_bs16_zp_oddk": ("a80", 80, 4, 16, "packed", False, 0),
     "b4_bs32_zp_oddk": ("a80", 80, 4, 32, "packed", True, 0),
     "b4_bs128_zp": ("a", 256, 4, 128, "packed", True, 0),
+    "b4_bs256_zp": ("a", 256, 4, 256, "packed", False, 0),
     "b4_bs32_floatzp": ("a", 256, 4, 32, "float", False, 0),
     "b8_bs32_sym": ("a", 256, 8, 32, "none", True, 0),
     "b8_bs128_zp": ("a", 256, 8, 128, "packed", False, 0),
