@@ -3,7 +3,22 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
+import os
+import shutil
+import tempfile
+
 import pytest
+
+
+def pytest_configure(config):
+    """Tests never read or write the developer's tuning store: a tuned entry there would change
+    which schedule a test compiles (and a test's writes would land in it). Each pytest process
+    (each xdist worker too) gets its own empty cache; CLI subprocesses inherit it."""
+    cache = tempfile.mkdtemp(prefix="qiao-test-cache-")
+    os.environ["QIAO_CACHE_DIR"] = cache
+    atexit.register(functools.partial(shutil.rmtree, cache, ignore_errors=True))
 
 
 @pytest.fixture(scope="session")
