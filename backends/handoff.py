@@ -4,7 +4,8 @@ Ascend's ATC and Cambricon's MagicMind read ONNX themselves, so these backends d
 Relax (``imports_relax = False``). ``build`` writes a *hand-off package* into the artifact
 (``handoff/``): the model converted to what the vendor parser accepts (standard ``ai.onnx`` ops in
 the opset range it reads; qiao's ``com.microsoft::MoE`` nodes decomposed into standard ops, see
-``moe_to_onnx``), input shapes fixed or ranged, the exact build command as a script, and a README.
+``qiao.compiler.moe_op.to_standard_ops``), input shapes fixed or ranged, the exact build command as
+a script, and a README.
 When the vendor toolchain is installed qiao runs that same script and the artifact holds its output
 (``model.om`` / ``model.mm``, manifest ``status: compiled``). When it is not, the artifact is still
 written, complete, with ``status: handoff-only``, and ``after_write`` raises ``ToolchainMissing``
@@ -14,7 +15,6 @@ the package can be copied to a machine with the toolchain and built there with o
 from __future__ import annotations
 
 import abc
-import math
 import os
 import shlex
 import subprocess
@@ -23,9 +23,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
 
 from qiao.backends.base import Backend
+from qiao.compiler import moe_op
 from qiao.compiler.errors import CompileError, QiaoError, ToolchainMissing
 from qiao.compiler.frontend import save_proto  # large models: weights as external data
 
@@ -87,7 +87,7 @@ class HandoffBackend(Backend):
             "command": command,
             "opset": _default_opset(proto),
             "input_shapes": {s.name: s.dims for s in shapes},
-            "moe_decomposed": _count_moe(model.proto),
+            "moe_decomposed": moe_op.count_nodes(model.proto),
         }
         self._write_readme(package, target, command, section)
         if toolchain is None:
@@ -161,10 +161,6 @@ class HandoffBackend(Backend):
             )
 
 
-def _count_moe(proto: onnx.ModelProto) -> int:
-    return sum(1 for n in proto.graph.node if n.domain == "com.microsoft" and n.op_type == "MoE")
-
-
 # -- input shapes ----------------------------------------------------------------------------------
 class InputShape:
     """One input's shape for the vendor compiler: ints, ``"a~b"`` ranges or ``"-1"``.
@@ -219,7 +215,7 @@ def prepare_onnx(
     proto: onnx.ModelProto, opset_range: tuple[int, int], shapes: Sequence[InputShape] = ()
 ) -> onnx.ModelProto:
     """MoE nodes decomposed, opset moved into ``opset_range``, fixed input dims written in."""
-    proto = decompose_moe(proto)
+    proto = moe_op.decompose_model(proto)
     unknown = sorted(
         {f"{n.domain}::{n.op_type}" for n in proto.graph.node if n.domain not in ("", "ai.onnx")}
     )
@@ -280,182 +276,6 @@ def convert_opset(proto: onnx.ModelProto, low: int, high: int) -> onnx.ModelProt
     return converted
 
 
-# -- com.microsoft::MoE → standard ONNX ------------------------------------------------------------
-MOE_ACTIVATIONS = ("swiglu", "relu", "gelu", "silu", "identity")
-
-
-def decompose_moe(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Return a copy of ``proto`` with every top-level ``com.microsoft::MoE`` node replaced by
-    standard ONNX ops (``moe_to_onnx``); the ``com.microsoft`` opset import goes when unused."""
-    if not _count_moe(proto):
-        return proto
-    out = onnx.ModelProto()
-    out.CopyFrom(proto)
-    opset = _default_opset(out)
-    nodes = []
-    for i, node in enumerate(out.graph.node):
-        if node.domain == "com.microsoft" and node.op_type == "MoE":
-            dtype = _elem_type(out, node.input[2])
-            nodes.extend(moe_to_onnx(node, opset, dtype, prefix=f"{node.name or 'moe'}_{i}"))
-        else:
-            nodes.append(node)
-    del out.graph.node[:]
-    out.graph.node.extend(nodes)
-    if not any(n.domain == "com.microsoft" for n in out.graph.node):
-        keep = [o for o in out.opset_import if o.domain != "com.microsoft"]
-        del out.opset_import[:]
-        out.opset_import.extend(keep)
-    return out
-
-
-def _elem_type(proto: onnx.ModelProto, name: str) -> int:
-    for init in proto.graph.initializer:
-        if init.name == name:
-            return init.data_type
-    for vi in [*proto.graph.input, *proto.graph.value_info]:
-        if vi.name == name and vi.type.tensor_type.elem_type:
-            return vi.type.tensor_type.elem_type
-    inferred = onnx.shape_inference.infer_shapes(proto)
-    for vi in [*inferred.graph.input, *inferred.graph.value_info]:
-        if vi.name == name and vi.type.tensor_type.elem_type:
-            return vi.type.tensor_type.elem_type
-    raise CompileError(f"cannot tell the dtype of MoE weights {name!r}. fix: add value_info for it")
-
-
-def moe_to_onnx(node: onnx.NodeProto, opset: int, dtype: int, prefix: str) -> list[onnx.NodeProto]:
-    """Standard-ONNX nodes computing ``com.microsoft::MoE`` exactly as ONNX Runtime does.
-
-    Inputs of the MoE node: ``input`` [..., H] (T tokens in all), ``router_probs`` (logits)
-    [T, E], ``fc1_experts_weights`` [E, F1, H] (F1 = 2I for SwiGLU with gate/up rows interleaved:
-    row 2i is gate_i, row 2i+1 is up_i; else I), ``fc1_experts_bias`` [E, F1] (optional),
-    ``fc2_experts_weights`` [E, H, I], ``fc2_experts_bias`` [E, H] (optional). Output [..., H].
-
-    Semantics: softmax over all E logits, top-k, optionally renormalised to sum 1; each chosen
-    expert computes ``fc2(act(fc1(x)))``, with SwiGLU ``min(g, limit) * sigmoid(alpha * min(g,
-    limit)) * (clip(u, -limit, limit) + beta)`` (alpha 1, beta 0, no limit unless set) and GELU in
-    its tanh form.
-    The graph is dense: every expert runs on every token and is weighted by its routing weight (zero
-    when not chosen), which needs no data-dependent shapes, as static-graph compilers want.
-
-    Parameters
-    ----------
-    node : onnx.NodeProto
-        The ``com.microsoft::MoE`` node.
-    opset : int
-        The model's ``ai.onnx`` opset (ReduceSum/Unsqueeze take axes as inputs from 13 on).
-    dtype : int
-        ONNX element type of the activations (for constants).
-    prefix : str
-        Unique prefix for the new value names.
-    """
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    act = attrs.get("activation_type", b"relu")
-    act = act.decode() if isinstance(act, bytes) else str(act)
-    k = int(attrs.get("k", 1))
-    where = f"MoE node {node.name!r}"
-    if act not in MOE_ACTIVATIONS:
-        raise CompileError(
-            f"{where}: activation_type {act!r} is not supported; known: {MOE_ACTIVATIONS}"
-        )
-    if act == "swiglu" and int(attrs.get("swiglu_fusion", 1)) != 1:
-        raise CompileError(f"{where}: only interleaved SwiGLU (swiglu_fusion=1) is supported")
-    if int(attrs.get("use_sparse_mixer", 0)):
-        raise CompileError(f"{where}: use_sparse_mixer=1 is not supported")
-    inputs = list(node.input) + [""] * (8 - len(node.input))
-    x, router, w1, b1, w2, b2, w3 = inputs[:7]
-    if w3:
-        raise CompileError(
-            f"{where}: fc3_experts_weights (separate gate projection) is not supported"
-        )
-    if opset < 11:
-        raise CompileError(f"{where}: the model's opset {opset} is older than 11")
-
-    np_dtype = helper.tensor_dtype_to_np_dtype(dtype)
-    nodes: list[onnx.NodeProto] = []
-    counter = [0]
-
-    def name(tag: str) -> str:
-        counter[0] += 1
-        return f"{prefix}/{tag}_{counter[0]}"
-
-    def op(op_type: str, ins: list[str], tag: str | None = None, n_out: int = 1, **kw) -> Any:
-        outs = [name(tag or op_type.lower()) for _ in range(n_out)]
-        nodes.append(helper.make_node(op_type, ins, outs, name=outs[0], **kw))
-        return outs if n_out > 1 else outs[0]
-
-    def const(value, dt=None) -> str:
-        arr = np.asarray(value, dtype=dt or np_dtype)
-        out = name("const")
-        nodes.append(
-            helper.make_node("Constant", [], [out], name=out, value=numpy_helper.from_array(arr))
-        )
-        return out
-
-    def unsqueeze(v: str, axes: list[int]) -> str:
-        if opset >= 13:
-            return op("Unsqueeze", [v, const(axes, np.int64)])
-        return op("Unsqueeze", [v], axes=axes)
-
-    def reduce_sum(v: str, axes: list[int], keepdims: int) -> str:
-        if opset >= 13:
-            return op("ReduceSum", [v, const(axes, np.int64)], keepdims=keepdims)
-        return op("ReduceSum", [v], axes=axes, keepdims=keepdims)
-
-    # Routing: dense [T, E] weights, the top-k softmax probabilities and zero elsewhere.
-    tokens = op("Flatten", [x], "tokens", axis=-1)  # [T, H]
-    logits = op("Flatten", [router], "logits", axis=-1)  # [T, E]
-    probs = op("Softmax", [logits], "probs", axis=1)
-    top_values, top_index = op("TopK", [probs, const([k], np.int64)], "topk", n_out=2, axis=1)
-    if int(attrs.get("normalize_routing_weights", 0)):
-        top_values = op("Div", [top_values, reduce_sum(top_values, [1], 1)], "normalized")
-    zeros = op("Sub", [probs, probs], "zeros")
-    dense = op("ScatterElements", [zeros, top_index, top_values], "routing", axis=1)
-
-    # Every expert on every token: [T, H] @ [E, H, F1] -> [E, T, F1].
-    hidden = op("MatMul", [tokens, op("Transpose", [w1], perm=[0, 2, 1])], "fc1")
-    if b1:
-        hidden = op("Add", [hidden, unsqueeze(b1, [1])], "fc1_bias")
-    if act == "swiglu":
-        pairs = op("Reshape", [hidden, const([0, 0, -1, 2], np.int64)], "pairs")  # [E, T, I, 2]
-        gate = op("Gather", [pairs, const(0, np.int64)], "gate", axis=3)
-        up = op("Gather", [pairs, const(1, np.int64)], "up", axis=3)
-        limit = attrs.get("swiglu_limit")
-        if limit is not None and math.isfinite(limit):
-            gate = op("Min", [gate, const(limit)], "gate_limit")
-            up = op("Clip", [up, const(-limit), const(limit)], "up_limit")
-        alpha, beta = (
-            float(attrs.get("activation_alpha", 1.0)),
-            float(attrs.get("activation_beta", 0.0)),
-        )
-        scaled = gate if alpha == 1.0 else op("Mul", [gate, const(alpha)])
-        swish = op("Mul", [gate, op("Sigmoid", [scaled])], "swish")
-        if beta != 0.0:
-            up = op("Add", [up, const(beta)])
-        hidden = op("Mul", [swish, up], "swiglu")
-    elif act == "relu":
-        hidden = op("Relu", [hidden])
-    elif act == "silu":
-        hidden = op("Mul", [hidden, op("Sigmoid", [hidden])], "silu")
-    elif act == "gelu":  # 0.5 h (1 + tanh(sqrt(2/pi) (h + 0.044715 h^3)))
-        cube = op("Mul", [op("Mul", [hidden, hidden]), hidden])
-        inner = op("Add", [hidden, op("Mul", [cube, const(0.044715)])])
-        tanh = op("Tanh", [op("Mul", [inner, const(math.sqrt(2.0 / math.pi))])])
-        hidden = op("Mul", [op("Mul", [hidden, const(0.5)]), op("Add", [tanh, const(1.0)])], "gelu")
-
-    # [E, T, I] @ [E, I, H] -> [E, T, H]; weight by routing [E, T, 1]; sum over experts.
-    out = op("MatMul", [hidden, op("Transpose", [w2], perm=[0, 2, 1])], "fc2")
-    if b2:
-        out = op("Add", [out, unsqueeze(b2, [1])], "fc2_bias")
-    weights = unsqueeze(op("Transpose", [dense], perm=[1, 0]), [2])
-    combined = reduce_sum(op("Mul", [out, weights], "weighted"), [0], 0)  # [T, H]
-    nodes.append(
-        helper.make_node(
-            "Reshape", [combined, op("Shape", [x])], [node.output[0]], name=f"{prefix}/output"
-        )
-    )
-    return nodes
-
-
 # -- running the vendor's model where its runtime is present ---------------------------------------
 def bound_output_sizes(manifest: Mapping[str, Any], inputs: Sequence[np.ndarray]) -> list[int]:
     """Byte size of each output with symbolic dims bound from the inputs (for runtimes that want
@@ -495,9 +315,7 @@ __all__ = [
     "InputShape",
     "bound_output_sizes",
     "convert_opset",
-    "decompose_moe",
     "input_shapes",
-    "moe_to_onnx",
     "prepare_onnx",
     "require_output",
 ]

@@ -72,36 +72,14 @@ def make_weights(
 
 
 def moe_onnx(w: MoEWeights):
-    """The MoE node with the weights as graph inputs (nothing large serialised)."""
-    from onnx import TensorProto, helper
+    """The MoE node (``qiao.compiler.moe_op``: interleaved SwiGLU, renormalised top-k) with the
+    weights as graph inputs (nothing large serialised)."""
+    from qiao.compiler import moe_op
 
-    node = helper.make_node(
-        "MoE",
-        ["x", "logits", "fc1", "", "fc2"],
-        ["y"],
-        domain="com.microsoft",
-        k=w.top_k,
-        activation_type="swiglu",
-        swiglu_fusion=1,
-        normalize_routing_weights=1,
-        activation_alpha=1.0,
-        activation_beta=0.0,
+    spec = moe_op.MoESpec(
+        k=w.top_k, activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=1
     )
-    f = TensorProto.FLOAT
-    graph = helper.make_graph(
-        [node],
-        "moe_block",
-        [
-            helper.make_tensor_value_info("x", f, ["tokens", w.hidden]),
-            helper.make_tensor_value_info("logits", f, ["tokens", w.num_experts]),
-            helper.make_tensor_value_info("fc1", f, list(w.fc1.shape)),
-            helper.make_tensor_value_info("fc2", f, list(w.fc2.shape)),
-        ],
-        [helper.make_tensor_value_info("y", f, ["tokens", w.hidden])],
-    )
-    return helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
-    )
+    return moe_op.make_model(spec, {"fc1": w.fc1, "fc2": w.fc2}, weights_as_inputs=True)
 
 
 # Seconds per call, ``repeat`` samples, each sample lasting ``min_time``: the shared timing loop.

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qiao.compiler.export_moe import MoEBlock
 from qiao.models import ModelSpec, register_model
 from qiao.models.hf_checkpoint import CheckpointError, load_config, load_tensors, take
 from qiao.models.layers import Attention, RMSNorm, SwiGLU
+from qiao.models.moe import MoEBlock
 
 
 @dataclass(frozen=True)

@@ -19,12 +19,12 @@ from qiao.backends import get_backend
 from qiao.backends.handoff import (
     PACKAGE_DIR,
     convert_opset,
-    decompose_moe,
     input_shapes,
 )
 from qiao.compiler import compile, load
 from qiao.compiler.errors import CompileError, ToolchainMissing
 from qiao.compiler.frontend import TensorSpec
+from qiao.compiler.moe_op import MoESpec, decompose_model, make_node
 from qiao.compiler.testing import assert_close, run_cli
 
 HIDDEN, INTER, EXPERTS, TOP_K = 16, 12, 4, 2
@@ -53,23 +53,18 @@ def moe_model(
         t("fc1", EXPERTS, f1, HIDDEN, s=scale),
         t("fc2", EXPERTS, HIDDEN, INTER),
     ]
-    moe_inputs = ["h", "logits", "fc1", "", "fc2"]
+    moe_inputs = ["h", "logits", "fc1", "b1", "fc2", "b2"]  # the biases only when ``bias``
     if bias:
         inits += [t("b1", EXPERTS, f1), t("b2", EXPERTS, HIDDEN)]
-        moe_inputs = ["h", "logits", "fc1", "b1", "fc2", "b2"]
     attrs = dict(attrs or {})
     nodes = [
         helper.make_node("MatMul", ["x", "w_in"], ["h"]),
         helper.make_node("MatMul", ["h", "w_router"], ["logits"]),
-        helper.make_node(
-            "MoE",
+        make_node(
+            MoESpec(k=TOP_K, activation_type=activation, fc1_bias=bias, fc2_bias=bias, **attrs),
             moe_inputs,
-            ["y"],
+            "y",
             name="moe",
-            domain="com.microsoft",
-            k=TOP_K,
-            activation_type=activation,
-            **attrs,
         ),
     ]
     graph = helper.make_graph(
@@ -116,7 +111,7 @@ def test_moe_decomposition_matches_onnxruntime(case):
     model = moe_model(activation, attrs, bias, opset, scale=3.0)
     x = np.random.default_rng(1).standard_normal((9, HIDDEN)).astype(np.float32)
     (expected,) = ort_run(model, {"x": x})  # ONNX Runtime's fused contrib op: the reference
-    decomposed = decompose_moe(model)
+    decomposed = decompose_model(model)
     onnx.checker.check_model(decomposed, full_check=True)
     assert {n.domain for n in decomposed.graph.node} <= {""}
     assert [o.domain for o in decomposed.opset_import] == [""]
@@ -131,10 +126,21 @@ def test_moe_decomposition_matches_onnxruntime(case):
     assert_close(again, expected, rtol=1e-5, atol=1e-5, name=f"{case} opset 11-15")
 
 
-def test_moe_unsupported_forms_are_named():
-    model = moe_model("swiglu", {"swiglu_fusion": 2})
-    with pytest.raises(CompileError, match="swiglu_fusion=1"):
-        decompose_moe(model)
+@pytest.mark.parametrize(
+    "attrs, message",
+    [
+        ({"swiglu_fusion": 3}, "swiglu_fusion=3"),  # not defined by the op
+        ({"swiglu_fusion": 0}, "swiglu_fusion=0"),  # separate gate/up, but no fc3 input
+        ({"swiglu_fusion": 1, "use_sparse_mixer": 1}, "use_sparse_mixer=1"),
+    ],
+)
+def test_moe_unsupported_forms_are_named(attrs, message):
+    """The hand-off accepts what the op defines (swiglu_fusion 0/1/2, tests/test_moe_op.py) and
+    names the value of what it does not, with the fix."""
+    model = moe_model("swiglu", attrs)
+    with pytest.raises(CompileError, match=message) as err:
+        decompose_model(model)
+    assert "fix:" in str(err.value)
 
 
 def test_opset_conversion_fixes_reduce_ops():

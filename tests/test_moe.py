@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
 
 from qiao.compiler.testing import assert_close
 
@@ -16,8 +16,20 @@ RTOL, ATOL = 1e-4, 1e-5
 
 
 # ------------------------------------------------------------------------------------------------
-# Independent reference (NumPy, float64), ONNX Runtime's semantics
+# The op's reference and builders (qiao.compiler.moe_op), in the call forms these tests use
 # ------------------------------------------------------------------------------------------------
+def _spec(k=1, normalize=1, activation="swiglu", fusion=1, **attrs):
+    from qiao.compiler.moe_op import MoESpec
+
+    return MoESpec(
+        k=k,
+        normalize_routing_weights=int(normalize),
+        activation_type=activation,
+        swiglu_fusion=fusion if activation == "swiglu" else 0,
+        **attrs,
+    )
+
+
 def numpy_moe(
     x,
     logits,
@@ -33,82 +45,35 @@ def numpy_moe(
     beta=0.0,
     limit=None,
 ):
-    """y = sum_j w_j * fc2_e (act(fc1_e x)) over the top-k experts of softmax(logits); ties in the
-    probabilities go to the higher expert index (ONNX Runtime's CPU kernel)."""
-    x, logits = x.astype(np.float64), logits.astype(np.float64)
-    fc1, fc2 = fc1.astype(np.float64), fc2.astype(np.float64)
-    num_experts = logits.shape[1]
-    p = np.exp(logits - logits.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
-    y = np.zeros_like(x)
-    for t in range(x.shape[0]):
-        order = np.lexsort((-np.arange(num_experts), -p[t]))[:k]
-        w = p[t, order] / (p[t, order].sum() if normalize else 1.0)
-        for e, we in zip(order, w):
-            h = fc1[e] @ x[t] + (b1[e] if b1 is not None else 0)
-            if activation == "swiglu":
-                inter = fc2.shape[2]
-                g, u = (h[0::2], h[1::2]) if layout == "interleaved" else (h[:inter], h[inter:])
-                if limit is not None:
-                    g, u = np.minimum(g, limit), np.clip(u, -limit, limit)
-                a = g / (1 + np.exp(-alpha * g)) * (u + beta)
-            elif activation == "silu":
-                a = h / (1 + np.exp(-h))
-            elif activation == "relu":
-                a = np.maximum(h, 0)
-            elif activation == "gelu":  # tanh approximation, as ORT's MoE
-                a = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h**3)))
-            else:
-                a = h
-            y[t] += we * (fc2[e] @ a + (b2[e] if b2 is not None else 0))
-    return y.astype(np.float32)
+    """``qiao.compiler.moe_op.reference`` (NumPy, float64; ties in the probabilities go to the
+    higher expert index, as ONNX Runtime's CPU kernel)."""
+    from qiao.compiler.moe_op import reference
+
+    spec = _spec(
+        k,
+        normalize,
+        activation,
+        {"interleaved": 1, "concat": 2}[layout],
+        activation_alpha=alpha,
+        activation_beta=beta,
+        swiglu_limit=limit,
+    )
+    return reference(spec, x, logits, dict(fc1=fc1, fc2=fc2, b1=b1, b2=b2))
 
 
-# ------------------------------------------------------------------------------------------------
-# Building and compiling MoE graphs
-# ------------------------------------------------------------------------------------------------
 def make_weights(E, H, INTER, activation="swiglu", bias=False, seed=0):
-    rng = np.random.default_rng(seed)
-    rows = 2 * INTER if activation == "swiglu" else INTER
-    w = {
-        "fc1": (rng.standard_normal((E, rows, H)) / np.sqrt(H)).astype(np.float32),
-        "fc2": (rng.standard_normal((E, H, INTER)) / np.sqrt(INTER)).astype(np.float32),
-    }
-    if bias:
-        w["b1"] = (0.1 * rng.standard_normal((E, rows))).astype(np.float32)
-        w["b2"] = (0.1 * rng.standard_normal((E, H))).astype(np.float32)
-    return w
+    """Seeded weights (``moe_op.random_weights``); SwiGLU's fc1 holds gate and up rows."""
+    from qiao.compiler.moe_op import random_weights
+
+    return random_weights(_spec(activation=activation), E, H, INTER, seed=seed, bias=bias)
 
 
 def moe_model(weights, k, normalize=1, activation="swiglu", fusion=1, rank=2, **attrs):
-    """One MoE node; weights are initializers; the token dimension is symbolic."""
-    E, _, H = weights["fc1"].shape
-    names = [
-        "x",
-        "logits",
-        "fc1",
-        "b1" if "b1" in weights else "",
-        "fc2",
-        "b2" if "b2" in weights else "",
-    ]
-    kw = dict(k=k, activation_type=activation, normalize_routing_weights=normalize, **attrs)
-    if activation == "swiglu":
-        kw["swiglu_fusion"] = fusion
-    node = helper.make_node("MoE", names, ["y"], domain="com.microsoft", **kw)
-    tok = ["batch", "seq"] if rank == 3 else ["tokens"]
-    graph = helper.make_graph(
-        [node],
-        "moe",
-        [
-            helper.make_tensor_value_info("x", TensorProto.FLOAT, [*tok, H]),
-            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["tokens", E]),
-        ],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*tok, H])],
-        initializer=[numpy_helper.from_array(v, n) for n, v in weights.items()],
-    )
-    return helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
-    )
+    """One MoE node (``moe_op.make_model``); weights are initializers; the token dimension is
+    symbolic. ``attrs`` are further node attributes (ONNX names)."""
+    from qiao.compiler.moe_op import make_model
+
+    return make_model(_spec(k, normalize, activation, fusion, **attrs), weights, rank=rank)
 
 
 def ort_run(model, x, logits):

@@ -7,13 +7,12 @@ config))`` on 2-D tokens, ``config`` a JSON string of ``MoEConfig``; absent bias
 constants. Keeping the op whole until the pipeline knows the target is what lets every backend lower
 it through the same stages with its own schedule.
 
-Supported: ``activation_type`` swiglu (``swiglu_fusion`` 1 interleaved or 2 concatenated gate/up,
-with
-``activation_alpha``/``activation_beta``/``swiglu_limit``), silu, relu, gelu, identity; optional
-fc1/fc2
-biases; 2-D or 3-D input. Not supported (clear error): ``use_sparse_mixer``, separate fc3 weights
-(``swiglu_fusion=0``), ``swiglu_limit_after_activation=1``, the CUDA-only ``relu2`` / ``geglu``
-activations, non-float32 tensors.
+The node is parsed by ``qiao.compiler.moe_op`` (the op's one definition: ONNX Runtime's defaults
+and what the op refuses). On top of that qiao's kernels support: ``activation_type`` swiglu
+(``swiglu_fusion`` 1 interleaved or 2 concatenated gate/up, with ``activation_alpha`` /
+``activation_beta`` / ``swiglu_limit``), silu, relu, gelu, identity; optional fc1/fc2 biases; 2-D or
+3-D input. Not supported (clear error): separate fc3 weights (``swiglu_fusion=0``),
+``swiglu_limit_after_activation=1``, non-float32 tensors.
 """
 
 from __future__ import annotations
@@ -26,16 +25,11 @@ import tvm
 from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
 
+from qiao.compiler import moe_op
 from qiao.compiler.errors import CompileError
 from qiao.compiler.frontend import register_converter
-from qiao.compiler.kernels.moe_common import ACTIVATIONS, MoEConfig
+from qiao.compiler.kernels.moe_common import MoEConfig
 from qiao.compiler.passes.lower_moe import MOE_EXTERN
-
-
-def _attr_str(value, default: str) -> str:
-    if value is None:
-        return default
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _static_shape(expr, what: str, rank: int) -> list:
@@ -61,75 +55,44 @@ def _int(dim, what: str) -> int:
 
 
 def moe_config_from_node(inputs, attr) -> MoEConfig:
-    """Validate a ``com.microsoft::MoE`` node's inputs and attributes and describe it."""
-    get = lambda i: inputs[i] if len(inputs) > i else None  # noqa: E731
-    x, logits, fc1, fc2 = get(0), get(1), get(2), get(4)
-    if any(v is None for v in (x, logits, fc1, fc2)):
-        raise CompileError(
-            "com.microsoft::MoE needs input, router_probs, fc1_experts_weights and "
-            "fc2_experts_weights. fix: re-export the MoE node with all four"
-        )
-    if get(6) is not None or get(7) is not None:
+    """Validate a ``com.microsoft::MoE`` node's inputs and attributes (``moe_op`` parses them)
+    and describe it for qiao's kernels."""
+    attrs = {k: v for k, v in attr.items() if k != "tvm_custom"}  # TVM's importer adds it
+    spec = moe_op.spec_from_attributes(attrs, [v is not None for v in inputs])
+    if spec.fc3:
         raise CompileError(
             "com.microsoft::MoE with separate fc3 weights (swiglu_fusion=0) is not supported. fix: "
             "fuse gate and up into fc1 (swiglu_fusion=1, rows interleaved) when exporting"
         )
-    if int(attr.get("use_sparse_mixer", 0)):
+    if spec.swiglu_limit_after_activation:
         raise CompileError(
-            "com.microsoft::MoE with use_sparse_mixer=1 is not supported. fix: export with "
-            "use_sparse_mixer=0 (softmax over all experts, then top-k)"
+            "com.microsoft::MoE with swiglu_limit_after_activation=1 (clamp of the activated gate) "
+            "is not supported. fix: export with swiglu_limit_after_activation=0 (clamp of the gate "
+            "input, GPT-OSS's SwiGLU)"
         )
+    x, logits, fc1, fc2 = inputs[0], inputs[1], inputs[2], inputs[4]
     for name, v in (("input", x), ("router_probs", logits), ("fc1", fc1), ("fc2", fc2)):
         if str(v.ty.dtype) != "float32":
             raise CompileError(
                 f"com.microsoft::MoE {name} is {v.ty.dtype}; qiao's MoE kernels take float32. fix: "
                 "export the model in float32"
             )
-    e1, rows, hidden = (_int(d, "fc1 dims") for d in _static_shape(fc1, "fc1_experts_weights", 3))
-    e2, hidden2, inter = (_int(d, "fc2 dims") for d in _static_shape(fc2, "fc2_experts_weights", 3))
-    activation = _attr_str(attr.get("activation_type"), "relu")
-    fusion = int(attr.get("swiglu_fusion", 0))
-    if activation not in ACTIVATIONS:
-        # relu2 and geglu are CUDA-only in ONNX Runtime, and not in qiao's MoE kernels
-        raise CompileError(
-            f"com.microsoft::MoE activation_type={activation!r} is not supported. fix: export the "
-            f"experts with one of {ACTIVATIONS}, or decompose the MoE into ordinary ops"
-        )
-    if int(attr.get("swiglu_limit_after_activation", 0)):
-        raise CompileError(
-            "com.microsoft::MoE with swiglu_limit_after_activation=1 (clamp of the activated gate) "
-            "is not supported. fix: export with swiglu_limit_after_activation=0 (clamp of the gate "
-            "input, GPT-OSS's SwiGLU)"
-        )
-    if activation == "swiglu":
-        if fusion not in (1, 2):
-            raise CompileError(
-                f"com.microsoft::MoE swiglu with swiglu_fusion={fusion} is not supported. fix: use "
-                "swiglu_fusion=1 (interleaved gate/up rows in fc1) or 2 (concatenated)"
-            )
-        expected_rows = 2 * inter
-    else:
-        expected_rows = inter
-    if e1 != e2 or hidden != hidden2 or rows != expected_rows:
-        raise CompileError(
-            f"com.microsoft::MoE weight shapes disagree: fc1 {[e1, rows, hidden]}, fc2 "
-            f"{[e2, hidden2, inter]} (activation {activation}). fix: fc1 must be [E, "
-            f"{'2*' if activation == 'swiglu' else ''}I, H] and fc2 [E, H, I]"
-        )
-    limit = attr.get("swiglu_limit")
+    fc1_shape = [_int(d, "fc1 dims") for d in _static_shape(fc1, "fc1_experts_weights", 3)]
+    fc2_shape = [_int(d, "fc2 dims") for d in _static_shape(fc2, "fc2_experts_weights", 3)]
+    num_experts, hidden, inter = moe_op.expert_dims(spec, fc1_shape, fc2_shape)
     return MoEConfig(
-        num_experts=e1,
+        num_experts=num_experts,
         hidden=hidden,
         inter=inter,
-        top_k=int(attr.get("k", 1)),
-        normalize=bool(int(attr.get("normalize_routing_weights", 0))),
-        activation=activation,
-        gate_up_layout="concat" if fusion == 2 else "interleaved",
-        alpha=float(attr.get("activation_alpha", 1.0)),
-        beta=float(attr.get("activation_beta", 0.0)),
-        limit=None if limit is None else float(limit),
-        fc1_bias=get(3) is not None,
-        fc2_bias=get(5) is not None,
+        top_k=spec.k,
+        normalize=spec.normalize,
+        activation=spec.activation_type,
+        gate_up_layout=spec.layout or "interleaved",
+        alpha=spec.activation_alpha,
+        beta=spec.activation_beta,
+        limit=spec.swiglu_limit,
+        fc1_bias=spec.fc1_bias,
+        fc2_bias=spec.fc2_bias,
     )
 
 
