@@ -61,12 +61,7 @@ ALLOWED = {
 
 # Edges another piece of work is removing, as (importer, imported) -> why it is still here. Each
 # entry must still occur (test_known_pending_entries_still_occur): delete it once its fix lands.
-KNOWN_PENDING: dict[tuple[str, str], str] = {
-    ("qiao.models.qwen3_moe", "qiao.compiler.export_moe"): (
-        "MoEBlock moves into models/ (issue 11, the MoE definition's helper); export then "
-        "recognises it from there"
-    ),
-}
+KNOWN_PENDING: dict[tuple[str, str], str] = {}
 
 
 def _within(module: str, prefix: str) -> bool:
