@@ -7,6 +7,7 @@ import tvm
 from tvm import relax, tirx
 from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
 
+from qiao.compiler.errors import CompileError
 from qiao.compiler.frontend import register_converter
 from qiao.compiler.frontend.convert_common import const, int_tensor
 
@@ -215,36 +216,53 @@ class RotaryEmbedding(tvm_onnx.OnnxOpConverter):
             x = bb.normalize(
                 relax.op.reshape(x, relax.ShapeExpr([b, s, heads, tirx.floordiv(hidden, heads)]))
             )
-        head = x.ty.shape.values[3]
-        rot = attr.get("rotary_embedding_dim", 0) or int(head)
-        half = rot // 2
+        rot = attr.get("rotary_embedding_dim", 0) or int(x.ty.shape.values[3])
         if positions is not None:
             cos = relax.op.take(cos, positions, axis=0)
             sin = relax.op.take(sin, positions, axis=0)
-        cos = bb.normalize(relax.op.expand_dims(cos, 2))  # (B, S, 1, R/2)
-        sin = bb.normalize(relax.op.expand_dims(sin, 2))
-        rotate = bb.normalize(relax.op.strided_slice(x, [3], [0], [rot]))
-        if attr.get("interleaved", 0):
-            x1 = relax.op.strided_slice(rotate, [3], [0], [rot], [2])
-            x2 = relax.op.strided_slice(rotate, [3], [1], [rot], [2])
-        else:
-            x1 = relax.op.strided_slice(rotate, [3], [0], [half])
-            x2 = relax.op.strided_slice(rotate, [3], [half], [rot])
-        x1, x2 = bb.normalize(x1), bb.normalize(x2)
-        real = relax.op.subtract(relax.op.multiply(cos, x1), relax.op.multiply(sin, x2))
-        imag = relax.op.add(relax.op.multiply(sin, x1), relax.op.multiply(cos, x2))
-        real, imag = bb.normalize(real), bb.normalize(imag)
-        if attr.get("interleaved", 0):
-            pairs = relax.op.concat(
-                [relax.op.expand_dims(real, 4), relax.op.expand_dims(imag, 4)], axis=4
-            )
-            rotated = relax.op.reshape(bb.normalize(pairs), rotate.ty.shape)
-        else:
-            rotated = relax.op.concat([real, imag], axis=3)
-        rotated = bb.normalize(rotated)
-        if not (isinstance(head, tirx.IntImm) and rot == int(head)):
-            rest = relax.op.strided_slice(x, [3], [rot], [head])
-            rotated = bb.normalize(relax.op.concat([rotated, rest], axis=3))
+        rotated = apply_rotary(bb, x, cos, sin, bool(attr.get("interleaved", 0)), rot)
         if four_d:
             return relax.op.permute_dims(rotated, [0, 2, 1, 3])
         return relax.op.reshape(rotated, inputs[0].ty.shape)
+
+
+def apply_rotary(bb, x, cos, sin, interleaved: bool, rot: int | None = None):
+    """Rotate the leading channels of ``x`` ``(B, S, H, D)`` by per-token angles: ``cos``/``sin``
+    ``(B, S, R/2)`` (already gathered by position); channels ``R..D`` pass through unchanged.
+
+    Halves (``x[:R/2]`` with ``x[R/2:R]``) or interleaved pairs (``x[2i]`` with ``x[2i+1]``), as
+    ONNX Runtime's and ONNX's RotaryEmbedding define them. ``rot`` (``R``) defaults to twice the
+    cache width, which must then be static."""
+    head = x.ty.shape.values[3]
+    if rot is None:
+        width = cos.ty.shape.values[-1]
+        if not isinstance(width, tirx.IntImm):
+            raise CompileError(
+                "rotary cache width must be static. fix: export the cos/sin caches as constants"
+            )
+        rot = 2 * int(width)
+    half = rot // 2
+    cos = bb.normalize(relax.op.expand_dims(cos, 2))  # (B, S, 1, R/2)
+    sin = bb.normalize(relax.op.expand_dims(sin, 2))
+    rotate = bb.normalize(relax.op.strided_slice(x, [3], [0], [rot]))
+    if interleaved:
+        x1 = relax.op.strided_slice(rotate, [3], [0], [rot], [2])
+        x2 = relax.op.strided_slice(rotate, [3], [1], [rot], [2])
+    else:
+        x1 = relax.op.strided_slice(rotate, [3], [0], [half])
+        x2 = relax.op.strided_slice(rotate, [3], [half], [rot])
+    x1, x2 = bb.normalize(x1), bb.normalize(x2)
+    real = bb.normalize(relax.op.subtract(relax.op.multiply(x1, cos), relax.op.multiply(x2, sin)))
+    imag = bb.normalize(relax.op.add(relax.op.multiply(x2, cos), relax.op.multiply(x1, sin)))
+    if interleaved:
+        pairs = relax.op.concat(
+            [relax.op.expand_dims(real, 4), relax.op.expand_dims(imag, 4)], axis=4
+        )
+        rotated = relax.op.reshape(bb.normalize(pairs), rotate.ty.shape)
+    else:
+        rotated = relax.op.concat([real, imag], axis=3)
+    rotated = bb.normalize(rotated)
+    if not (isinstance(head, tirx.IntImm) and rot == int(head)):
+        rest = relax.op.strided_slice(x, [3], [rot], [head])
+        rotated = bb.normalize(relax.op.concat([rotated, rest], axis=3))
+    return rotated

@@ -112,41 +112,6 @@ def _as_length(bb: relax.BlockBuilder, value, prefix: str):
     return _runtime_dim(bb, (prefix, _dim_key(value)), bind)
 
 
-def apply_rotary(bb, x, cos, sin, interleaved: bool):
-    """Rotate the leading channels of ``x`` ``(B, S, H, D)`` by per-token angles: ``cos``/``sin``
-    ``(B, S, R/2)`` (already gathered by position); channels ``R..D`` pass through unchanged.
-
-    Halves (``x[:R/2]`` with ``x[R/2:R]``) or interleaved pairs (``x[2i]`` with ``x[2i+1]``), as
-    ONNX Runtime's and ONNX's RotaryEmbedding define them."""
-    head = x.ty.shape.values[3]
-    half = _static(cos.ty.shape.values[-1], "rotary cache width")
-    rot = 2 * half
-    cos = bb.normalize(relax.op.expand_dims(cos, 2))  # (B, S, 1, R/2)
-    sin = bb.normalize(relax.op.expand_dims(sin, 2))
-    rotate = bb.normalize(relax.op.strided_slice(x, [3], [0], [rot]))
-    if interleaved:
-        x1 = relax.op.strided_slice(rotate, [3], [0], [rot], [2])
-        x2 = relax.op.strided_slice(rotate, [3], [1], [rot], [2])
-    else:
-        x1 = relax.op.strided_slice(rotate, [3], [0], [half])
-        x2 = relax.op.strided_slice(rotate, [3], [half], [rot])
-    x1, x2 = bb.normalize(x1), bb.normalize(x2)
-    real = bb.normalize(relax.op.subtract(relax.op.multiply(x1, cos), relax.op.multiply(x2, sin)))
-    imag = bb.normalize(relax.op.add(relax.op.multiply(x2, cos), relax.op.multiply(x1, sin)))
-    if interleaved:
-        pairs = relax.op.concat(
-            [relax.op.expand_dims(real, 4), relax.op.expand_dims(imag, 4)], axis=4
-        )
-        rotated = relax.op.reshape(bb.normalize(pairs), rotate.ty.shape)
-    else:
-        rotated = relax.op.concat([real, imag], axis=3)
-    rotated = bb.normalize(rotated)
-    if not (isinstance(head, tirx.IntImm) and rot == int(head)):
-        rest = relax.op.strided_slice(x, [3], [rot], [head])
-        rotated = bb.normalize(relax.op.concat([rotated, rest], axis=3))
-    return rotated
-
-
 def _gather_cache(bb, cache, positions):
     """Rows ``positions`` ``(B, S)`` int64 of a ``(max_pos, R/2)`` cache: ``(B, S, R/2)``. Indices
     are clipped (padding rows may point past the cache; their results are unspecified)."""
@@ -241,8 +206,8 @@ class GroupQueryAttention(tvm_onnx.OnnxOpConverter):
             positions = bb.normalize(relax.op.astype(positions, "int64"))
             cos_g, sin_g = _gather_cache(bb, cos, positions), _gather_cache(bb, sin, positions)
             interleaved = bool(attr.get("rotary_interleaved", 0))
-            q = apply_rotary(bb, q, cos_g, sin_g, interleaved)
-            k = apply_rotary(bb, k, cos_g, sin_g, interleaved)
+            q = convert_attention.apply_rotary(bb, q, cos_g, sin_g, interleaved)
+            k = convert_attention.apply_rotary(bb, k, cos_g, sin_g, interleaved)
         q = bb.normalize(relax.op.permute_dims(q, [0, 2, 1, 3]))  # (B, Hq, S, D)
         k = bb.normalize(relax.op.permute_dims(k, [0, 2, 1, 3]))  # (B, Hkv, S, D)
         v = bb.normalize(relax.op.permute_dims(v, [0, 2, 1, 3]))
@@ -475,7 +440,7 @@ class RotaryEmbedding(tvm_onnx.OnnxOpConverter):
         if rot and rot // 2 != _static(cos.ty.shape.values[1], "cos_cache width"):
             cos_g = bb.normalize(relax.op.strided_slice(cos_g, [2], [0], [rot // 2]))
             sin_g = bb.normalize(relax.op.strided_slice(sin_g, [2], [0], [rot // 2]))
-        out = apply_rotary(bb, x, cos_g, sin_g, bool(attr.get("interleaved", 0)))
+        out = convert_attention.apply_rotary(bb, x, cos_g, sin_g, bool(attr.get("interleaved", 0)))
         if four_d:
             return relax.op.permute_dims(out, [0, 2, 1, 3])
         return relax.op.reshape(out, inputs[0].ty.shape)
