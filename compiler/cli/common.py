@@ -22,6 +22,18 @@ def add_target_arguments(p: argparse.ArgumentParser, required: bool = False) -> 
     )
 
 
+def add_tuning_arguments(p: argparse.ArgumentParser, trials_help: str) -> None:
+    """``--trials`` and ``--tune-dim``: the same flags for ``qiao compile --tune`` and
+    ``qiao tune model``."""
+    p.add_argument("--trials", type=int, default=None, metavar="N", help=trials_help)
+    p.add_argument(
+        "--tune-dim",
+        action="append",
+        metavar="NAME=SIZE",
+        help="symbolic dimension value to tune at (default 64; repeatable)",
+    )
+
+
 def parse_key_values(items: list[str] | None, what: str) -> dict:
     """``["batch=4", "seq=16"]`` → ``{"batch": 4, "seq": 16}`` (ints where they parse)."""
     out = {}

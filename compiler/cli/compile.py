@@ -3,7 +3,7 @@ directory."""
 
 from __future__ import annotations
 
-from qiao.compiler.cli.common import add_target_arguments, parse_key_values
+from qiao.compiler.cli.common import add_target_arguments, add_tuning_arguments, parse_key_values
 
 
 def add_arguments(p):
@@ -36,15 +36,7 @@ def add_arguments(p):
         help="measure GEMM-like kernels not yet tuned on this device and record the fastest in "
         "the tuning store, as `qiao tune model` does (slow; later compiles reuse the records)",
     )
-    p.add_argument(
-        "--trials", type=int, default=None, metavar="N", help="candidates per kernel with --tune"
-    )
-    p.add_argument(
-        "--tune-dim",
-        action="append",
-        metavar="NAME=SIZE",
-        help="symbolic dimension value to tune at (default 64; repeatable)",
-    )
+    add_tuning_arguments(p, "candidates per kernel with --tune")
 
 
 def main(args) -> int:

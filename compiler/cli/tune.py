@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from qiao.compiler.cli.common import add_target_arguments, parse_key_values
+from qiao.compiler.cli.common import add_target_arguments, add_tuning_arguments, parse_key_values
 
 
 def _add_moe_arguments(p: argparse.ArgumentParser) -> None:
@@ -81,15 +81,7 @@ def add_arguments(p):
         "model", help="path to an .onnx file, or a built-in model name (see `qiao models`)"
     )
     add_target_arguments(model)
-    model.add_argument(
-        "--trials", type=int, default=None, metavar="N", help="candidates per kernel (16)"
-    )
-    model.add_argument(
-        "--tune-dim",
-        action="append",
-        metavar="NAME=SIZE",
-        help="symbolic dimension value to tune at (default 64; repeatable)",
-    )
+    add_tuning_arguments(model, "candidates per kernel (16)")
     model.add_argument(
         "--model-option",
         action="append",
