@@ -15,12 +15,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
+
 from qiao.compiler.errors import UnknownTarget
 from qiao.compiler.pipeline import Phase  # the lowering library defines phases; backends fill them
 
 if TYPE_CHECKING:  # pragma: no cover
-    import numpy as np
-
     from qiao.compiler.frontend import ImportedModel
 
 
@@ -85,6 +85,26 @@ class Runner(abc.ABC):
         work that need not repeat (copies to the device...) is done here. The default calls
         ``run``."""
         return lambda: self.run(inputs)
+
+    # Device-resident calls: a caller that keeps state on the device between calls (a decoder's
+    # KV cache) passes the device's own tensors and gets them back, with no host round trip.
+    # The defaults are the host: numpy arrays in and out.
+    def to_device(self, array: np.ndarray) -> Any:
+        """``array`` as this runner's device tensor."""
+        return np.ascontiguousarray(array)
+
+    def empty(self, shape: Sequence[int], dtype: str) -> Any:
+        """A zero-filled device tensor."""
+        return np.zeros(tuple(shape), dtype)
+
+    def to_host(self, tensor: Any) -> np.ndarray:
+        """A device tensor (a ``call`` output) as a numpy array."""
+        return np.asarray(tensor)
+
+    def call(self, inputs: Sequence[Any]) -> list[Any]:
+        """Run once on device tensors (``to_device``/``empty``/earlier outputs) in manifest
+        order; returns the outputs as device tensors, synchronised."""
+        return self.run([self.to_host(x) for x in inputs])
 
     def benchmark(self, inputs: Sequence[np.ndarray], repeat: int, number: int) -> list[float]:
         """Seconds per call for ``repeat`` measurements of ``number`` calls each

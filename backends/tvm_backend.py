@@ -48,11 +48,8 @@ class TVMRunner(Runner):
         return list(transform(tensors))
 
     def _args(self, inputs: Sequence[np.ndarray]) -> list:
-        import tvm
 
-        return [
-            tvm.runtime.tensor(np.asarray(x, order="C"), self.device) for x in inputs
-        ] + self.params
+        return [self.to_device(x) for x in inputs] + self.params
 
     def prepare(self, inputs: Sequence[np.ndarray]) -> Callable[[], Any]:
         """One call of ``main`` with the inputs already on the device (for timing loops),
@@ -66,10 +63,23 @@ class TVMRunner(Runner):
         return call
 
     def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
-        result = self.vm["main"](*self._args(inputs))
-        if hasattr(result, "numpy"):
-            return [result.numpy()]
-        return [r.numpy() for r in result]
+        return [r.numpy() for r in self.call([self.to_device(x) for x in inputs])]
+
+    def to_device(self, array: np.ndarray) -> Any:
+        import tvm
+
+        return tvm.runtime.tensor(np.asarray(array, order="C"), self.device)
+
+    def empty(self, shape: Sequence[int], dtype: str) -> Any:
+        return self.to_device(np.zeros(tuple(shape), dtype))
+
+    def to_host(self, tensor: Any) -> np.ndarray:
+        return tensor.numpy() if hasattr(tensor, "numpy") else np.asarray(tensor)
+
+    def call(self, inputs: Sequence[Any]) -> list[Any]:
+        result = self.vm["main"](*inputs, *self.params)
+        self.device.sync()
+        return [result] if hasattr(result, "numpy") else list(result)
 
     def benchmark(self, inputs: Sequence[np.ndarray], repeat: int, number: int) -> list[float]:
         args = self._args(inputs)

@@ -265,6 +265,15 @@ class Artifact:
         """Seeded random inputs that fit the manifest; symbolic dims take ``dims`` or 2."""
         return random_inputs(self.inputs, seed, dims)
 
+    def generate(self, prompts, max_new_tokens: int = 64, **options):
+        """Generate tokens with a decoder artifact: ``qiao.compiler.generate.Generator``'s
+        ``generate`` (prompts: one list of token ids or a ragged batch of them)."""
+        from qiao.compiler.generate import Generator
+
+        if getattr(self, "_generator", None) is None:
+            self._generator = Generator(self)
+        return self._generator.generate(prompts, max_new_tokens, **options)
+
     def __repr__(self) -> str:
         return f"Artifact({self.directory!r}, backend={self.manifest['backend']['name']!r})"
 
