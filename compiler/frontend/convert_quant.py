@@ -1,5 +1,5 @@
-"""Converters for ONNX Runtime's weight-only quantized operators: ``com.microsoft`` ``MatMulNBits``
-and ``GatherBlockQuantized``. TVM has neither.
+"""Converters for ONNX Runtime's weight-only quantized operators: ``com.microsoft`` ``MatMulNBits``,
+``GatherBlockQuantized`` and ``QMoE``. TVM has none of them.
 
 Layouts (ONNX Runtime 1.32's contrib op contract, checked against its CPU kernels in
 ``tests/test_quant_ops.py``):
@@ -31,6 +31,15 @@ per byte (low nibble first, along the last axis; ``bits`` 4, the default) or one
 up) by ``block_size`` (default 128); ``zero_points`` packed like ``data``. Default zero point 8
 (4-bit) or 128 (8-bit). ``data`` of type int4/uint4 (also allowed by ONNX Runtime) is refused
 earlier, by ``lowprec``'s rewrite, with a CompileError.
+
+``QMoE`` (quant_type ``'int'``) — a ``com.microsoft::MoE`` whose expert weights are stored as
+uint8 ``[E, N, K * bits / 8]`` rows (``MatMulNBits``'s packing, the row-major ``[N, K]`` weight of
+each expert), with ``fc*_scales`` ``[E, N]`` (per output column, no ``block_size``) or ``[E, N, K /
+block_size]``, optional uint8 ``fc*_zero_points`` packed like the weights (per column: ``[E,
+ceil(N * bits / 8)]``, packed along N; block-wise: ``[E, N, ceil(K / block_size * bits / 8)]``),
+``expert_weight_bits`` (default 4) with per-projection ``fc*_expert_weight_bits`` overrides.
+ONNX Runtime 1.32's CPU kernel runs SwiGLU only with ``swiglu_fusion=1``, and computes block-wise
+8-bit experts (and 4-bit ones at ``accuracy_level=4``) with int8 activations.
 
 First step (this module): constant weights are dequantized at import into a float weight and the
 op becomes a plain ``matmul`` / ``take``. That is exact and runs everywhere, but reads four bytes
@@ -241,3 +250,182 @@ class GatherBlockQuantized(tvm_onnx.OnnxOpConverter):
             indices,
         )
         return relax.op.take(relax.const(table), wrapped, axis=gather_axis % rank)
+
+
+# ------------------------------------------------------------------------------------------------
+# QMoE
+# ------------------------------------------------------------------------------------------------
+# QMoE's inputs, in order (ONNX Runtime 1.32's schema); the fp8/fp4 ones after router_weights are
+# never present with quant_type='int', the only type qiao takes.
+QMOE_INPUTS = (
+    "input", "router_probs",
+    "fc1_experts_weights", "fc1_scales", "fc1_experts_bias",
+    "fc2_experts_weights", "fc2_scales", "fc2_experts_bias",
+    "fc3_experts_weights", "fc3_scales", "fc3_experts_bias",
+    "fc1_zero_points", "fc2_zero_points", "fc3_zero_points",
+    "router_weights",
+)  # fmt: skip
+# Attributes of QMoE that are about the weights' storage: what remains is a MoE node's.
+_QMOE_ONLY_ATTRS = (
+    "expert_weight_bits", "fc1_expert_weight_bits", "fc2_expert_weight_bits",
+    "fc3_expert_weight_bits", "block_size", "quant_type", "weights_prepacked", "accuracy_level",
+)  # fmt: skip
+
+
+def dequantize_experts(
+    weights: np.ndarray,
+    scales: np.ndarray,
+    zero_points: np.ndarray | None,
+    bits: int,
+    block_size: int,
+    k: int,
+    what: str = "fc",
+) -> np.ndarray:
+    """The float expert weights ``[E, N, K]`` of one ``QMoE`` projection (quant_type 'int').
+
+    Parameters
+    ----------
+    weights : np.ndarray
+        uint8 ``[E, N, K * bits / 8]``: row ``n`` of expert ``e`` holds its K codes, low bits first
+        (the ``MatMulNBits`` packing, without per-block padding).
+    scales : np.ndarray
+        ``[E, N]`` (per output column: one scale over all of K) or, with ``block_size``,
+        ``[E, N, K / block_size]``.
+    zero_points : np.ndarray or None
+        uint8, packed like the weights: ``[E, ceil(N * bits / 8)]`` (per column: packed along N)
+        or ``[E, N, ceil(K / block_size * bits / 8)]`` (block-wise); None: ``2^(bits - 1)``.
+    bits : int
+        2, 4 or 8.
+    block_size : int
+        0: per-column scales.
+    k : int
+        The input features (hidden size for fc1/fc3, intermediate size for fc2).
+
+    Returns
+    -------
+    np.ndarray
+        float32 ``[E, N, K]``: ``(code - zero_point) * scale``.
+    """
+    where = f"QMoE {what}"
+    if weights.ndim != 3 or weights.dtype != np.uint8 or weights.shape[2] * 8 != k * bits:
+        raise CompileError(
+            f"{where}: weights {weights.dtype}{list(weights.shape)} do not hold {k} {bits}-bit "
+            f"codes per row (expected uint8 [E, N, {k * bits // 8}]). fix: re-quantize the "
+            "experts with ONNX Runtime's quantize_matmul_4bits/8bits layout"
+        )
+    e, n = weights.shape[:2]
+    codes = unpack_codes(weights, bits, k).astype(np.float32)  # [E, N, K]
+    default = float(1 << (bits - 1))
+    if block_size:
+        if k % block_size:
+            raise CompileError(
+                f"{where}: K={k} is not a multiple of block_size={block_size}. fix: QMoE needs "
+                "the hidden and intermediate sizes divisible by the block size"
+            )
+        n_blocks = k // block_size
+        if scales.size != e * n * n_blocks:
+            raise CompileError(
+                f"{where}: scales {list(scales.shape)}, expected [{e}, {n}, {n_blocks}]. fix: "
+                "re-quantize the experts with this block_size"
+            )
+        scale = scales.astype(np.float32).reshape(e, n, n_blocks)
+        if zero_points is None:
+            zp = np.full((e, n, n_blocks), default, np.float32)
+        else:
+            zp = unpack_codes(zero_points.reshape(e, n, -1), bits, n_blocks).astype(np.float32)
+        out = (codes.reshape(e, n, n_blocks, block_size) - zp[..., None]) * scale[..., None]
+        return np.ascontiguousarray(out.reshape(e, n, k), np.float32)
+    if scales.size != e * n:
+        raise CompileError(
+            f"{where}: scales {list(scales.shape)}, expected [{e}, {n}] (no block_size: one scale "
+            "per output column). fix: set block_size or re-quantize per column"
+        )
+    scale = scales.astype(np.float32).reshape(e, n)
+    if zero_points is None:
+        zp = np.full((e, n), default, np.float32)
+    else:
+        zp = unpack_codes(zero_points.reshape(e, -1), bits, n).astype(np.float32)
+    return np.ascontiguousarray((codes - zp[..., None]) * scale[..., None], np.float32)
+
+
+@register_converter("QMoE", ("com.microsoft",))
+class QMoE(tvm_onnx.OnnxOpConverter):
+    """``com.microsoft::QMoE`` with integer experts (2/4/8 bits, per column or block-wise, with or
+    without zero points, every ``swiglu_fusion``): the experts are dequantized at import and the
+    node becomes the ``com.microsoft::MoE`` it quantizes (``frontend.moe``: one ``qiao.moe``
+    placeholder, lowered by ``LowerMoE``). Separate fc3 weights (``swiglu_fusion=0``) are
+    concatenated under fc1 (``swiglu_fusion=2``): the same computation, the layout qiao's kernels
+    take. ``accuracy_level`` is ignored: qiao computes the exact dequantized float32 result."""
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        from qiao.compiler.frontend.moe import MoE
+
+        attr = {k: v for k, v in attr.items() if k != "tvm_custom"}
+        quant_type = attr.get("quant_type", "int")
+        quant_type = quant_type.decode() if isinstance(quant_type, bytes) else str(quant_type)
+        if quant_type != "int":
+            raise CompileError(
+                f"QMoE quant_type={quant_type!r} is not supported by qiao (integer experts only). "
+                "fix: quantize the experts to int4/int8 (quant_type='int')"
+            )
+        prepacked = int(attr.get("weights_prepacked", -1))
+        if prepacked == 1:
+            raise CompileError(
+                "QMoE weights_prepacked=1 (an execution provider's prepacked layout) is not "
+                "supported. fix: export with weights_prepacked=0 (raw [E, N, K*bits/8] rows)"
+            )
+        if _input(inputs, 14) is not None or any(
+            _input(inputs, i) is not None for i in range(15, len(inputs))
+        ):
+            raise CompileError(
+                "QMoE with router_weights (or fp8/fp4 scale inputs) is not supported by qiao. "
+                "fix: export without router_weights (router_probs both selects and weighs)"
+            )
+        bits = int(attr.get("expert_weight_bits", 4))
+        block_size = int(attr.get("block_size", 0) or 0)
+        if block_size and (block_size < 16 or block_size & (block_size - 1)):
+            raise CompileError(
+                f"QMoE block_size={block_size} must be a power of 2, at least 16. fix: "
+                "re-quantize the experts with such a block size"
+            )
+        x = inputs[0]
+        hidden = int(x.ty.shape[-1])
+        deq = {}
+        slots = {"fc1": (2, 3, 11), "fc2": (5, 6, 12), "fc3": (8, 9, 13)}  # weights, scales, zp
+        for fc, (w_i, s_i, zp_i) in slots.items():
+            if _input(inputs, w_i) is None:
+                continue
+            fc_bits = int(attr.get(f"{fc}_expert_weight_bits", bits))
+            if fc_bits not in (2, 4, 8):
+                raise CompileError(
+                    f"QMoE {fc}: {fc_bits}-bit experts are not supported by qiao (2, 4 or 8). "
+                    "fix: quantize the experts to 2, 4 or 8 bits"
+                )
+            if _input(inputs, s_i) is None:
+                raise CompileError(
+                    f"QMoE {fc}_scales is missing; integer experts need scales. fix: add them"
+                )
+            w = _known_array(inputs[w_i], params, "QMoE", f"{fc}_experts_weights")
+            s = _known_array(inputs[s_i], params, "QMoE", f"{fc}_scales")
+            zp_in = _input(inputs, zp_i)
+            zp = None if zp_in is None else _known_array(zp_in, params, "QMoE", f"{fc}_zp")
+            k = hidden if fc != "fc2" else w.shape[2] * 8 // fc_bits
+            deq[fc] = dequantize_experts(w, s, zp, fc_bits, block_size, k, fc)
+        moe_attr = {k: v for k, v in attr.items() if k not in _QMOE_ONLY_ATTRS}
+        b1, b2, b3 = _input(inputs, 4), _input(inputs, 7), _input(inputs, 10)
+        fc1 = deq["fc1"]
+        if "fc3" in deq:
+            # [gate | up] rows: swiglu_fusion 0 computes exactly what 2 does with fc3 under fc1.
+            fc1 = np.concatenate([fc1, deq["fc3"]], axis=1)
+            moe_attr["swiglu_fusion"] = 2
+            if b1 is not None or b3 is not None:
+                rows = deq["fc1"].shape[:2]
+                zero = relax.const(np.zeros(rows, "float32"))
+                b1 = bb.normalize(
+                    relax.op.concat(
+                        [zero if b1 is None else b1, zero if b3 is None else b3], axis=1
+                    )
+                )
+        moe_inputs = [x, inputs[1], relax.const(fc1), b1, relax.const(deq["fc2"]), b2]
+        return MoE._impl_v1(bb, moe_inputs, moe_attr, params)
