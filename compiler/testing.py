@@ -108,3 +108,46 @@ def prim_func(mod, prefix: str):
     names = [n for n in funcs if n.startswith(prefix) or n.startswith(f"fused_{prefix}")]
     assert len(names) == 1, f"expected one kernel named {prefix}*, got {sorted(funcs)}"
     return funcs[names[0]]
+
+
+def hf_qwen3_folder(folder, seed: int = 0, **config) -> str:
+    """A random transformers ``Qwen3ForCausalLM`` saved as a Hugging Face folder (config,
+    safetensors, a character-level tokenizer: ids 3.. are printable ASCII; 0 pad, 1 bos, 2 eos).
+    ``config`` overrides the tiny defaults (2 layers, hidden 64, 4 heads, 2 KV heads, head 16,
+    vocab 300, 64 positions). Returns the folder."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+    values = dict(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    values.update(config)
+    torch.manual_seed(seed)
+    Qwen3ForCausalLM(Qwen3Config(**values)).eval().save_pretrained(folder, safe_serialization=True)
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {chr(c): c - 30 for c in range(33, 127)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    ).save_pretrained(folder)
+    return os.fspath(folder)
+
+
+def genai_builder(hf_folder, out_folder, precision: str = "fp32") -> str:
+    """ONNX Runtime GenAI's model builder on a Hugging Face folder (CPU); returns ``out_folder``."""
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder"]
+    cmd += ["-i", os.fspath(hf_folder), "-o", os.fspath(out_folder), "-p", precision, "-e", "cpu"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=900)
+    return os.fspath(out_folder)

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
-import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -28,7 +27,7 @@ from onnx import TensorProto as TP
 from onnx import helper
 
 from qiao.compiler import compile
-from qiao.compiler.testing import assert_close
+from qiao.compiler.testing import assert_close, genai_builder, hf_qwen3_folder
 
 RNG = np.random.default_rng(12)
 HQ, HKV, D = 4, 2, 16  # ORT's CPU kernel needs a head size that is a multiple of 16 with rotary
@@ -301,37 +300,8 @@ def test_norms_and_rotary(norms_and_rotary, batch, seq):
 # --- the model builder's Qwen3, end to end -------------------------------------------------------
 def _builder_qwen3(folder):
     """A 2-layer random Qwen3 as a Hugging Face folder, then ONNX Runtime GenAI's builder on it."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
-
-    hf, out = folder / "hf", folder / "genai"
-    torch.manual_seed(0)
-    config = Qwen3Config(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=HQ,
-        num_key_value_heads=HKV,
-        head_dim=D,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    Qwen3ForCausalLM(config).eval().save_pretrained(hf, safe_serialization=True)
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {chr(c): c - 30 for c in range(33, 127)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    ).save_pretrained(hf)
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder"]
-    cmd += ["-i", str(hf), "-o", str(out), "-p", "fp32", "-e", "cpu"]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
-    return out
+    hf = hf_qwen3_folder(folder / "hf", num_attention_heads=HQ, num_key_value_heads=HKV, head_dim=D)
+    return Path(genai_builder(hf, folder / "genai"))
 
 
 @pytest.mark.skipif(
