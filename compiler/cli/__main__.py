@@ -29,6 +29,10 @@ COMMANDS = {
         "list backends, their devices and whether they work here",
     ),
     "models": ("qiao.compiler.cli.models", "list the built-in models"),
+    "generate": (
+        "qiao.compiler.cli.generate",
+        "generate text with a decoder (artifact, built-in, GenAI or Hugging Face folder)",
+    ),
     "bench": ("qiao.compiler.cli.bench", "benchmark artifacts against ONNX Runtime and PyTorch"),
     "report": (
         "qiao.compiler.cli.report",
