@@ -264,7 +264,10 @@ class Generator:
         for step in range(max_new_tokens):
             start = time.perf_counter()
             logits = self._step(runner, ids, totals, caches)
-            rows = logits[np.arange(count), last_rows]  # (B, V)
+            if logits.shape[1] == 1:  # the decoder returns each entry's last row only
+                rows = logits[:, 0]
+            else:
+                rows = logits[np.arange(count), last_rows]  # (B, V)
             chosen = _sample(rows, temperature, top_k, top_p, rng)
             elapsed = time.perf_counter() - start
             if step == 0:
