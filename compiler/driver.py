@@ -135,8 +135,8 @@ def compile(
     **options
         Compile options (``qiao.compiler.options.CompileOptions``: ``dump_ir``,
         ``initializer_inputs``, ``tune``, ``trials``, ``tune_dims``, ``tuning_db``,
-        ``use_tuning_db``, ``moe_schedule``, ``static_dims``, ``dim_ranges``); an unknown name or a
-        value of the wrong kind raises ``QiaoError`` listing the valid ones.
+        ``use_tuning_db``, ``moe_schedule``, ``static_dims``, ``dim_ranges``, ``kv_cache``); an
+        unknown name or a value of the wrong kind raises ``QiaoError`` listing the valid ones.
 
     Returns
     -------
@@ -160,6 +160,7 @@ def compile(
         resolved.proto,
         to_relax=backend.imports_relax,
         initializer_inputs=options.initializer_inputs,
+        kv_cache=options.kv_cache,
     )
     out = os.fspath(output_dir) if output_dir else default_output_dir(resolved.name, target, arch)
     source = dict(resolved.source, sha256=None)

@@ -17,6 +17,7 @@ from typing import Any
 from qiao.compiler.errors import QiaoError
 
 INITIALIZER_INPUT_MODES = ("constants", "inputs")
+KV_CACHE_MODES = ("copy", "inplace")  # convert_genai.KV_CACHE_MODES (the frontend imports TVM)
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,11 @@ class CompileOptions(Mapping):
         Hand-off backends: ``{symbolic dim: size}`` fixed in the vendor model.
     dim_ranges : dict, optional
         Hand-off backends: ``{symbolic dim: (min, max)}``.
+    kv_cache : {"copy", "inplace"}, optional
+        ``GroupQueryAttention``'s cache update: ``"copy"`` (``present`` is a new tensor; the
+        default for a plain ONNX file) or ``"inplace"`` (the new rows are written into the past
+        buffers, which ``present`` then is: past buffers must hold every token, GenAI's shared
+        buffer; the default for decoder sources).
     """
 
     dump_ir: str | None = None
@@ -58,6 +64,7 @@ class CompileOptions(Mapping):
     moe_schedule: Mapping[str, Any] | None = None
     static_dims: Mapping[str, int] | None = None
     dim_ranges: Mapping[str, tuple] | None = field(default=None)
+    kv_cache: str | None = None
 
     @classmethod
     def names(cls) -> list[str]:
@@ -122,6 +129,8 @@ class CompileOptions(Mapping):
             bad("dim_ranges", "a mapping of dimension names to (min, max) sizes")
         if self.moe_schedule is not None and not isinstance(self.moe_schedule, Mapping):
             bad("moe_schedule", "a mapping of MoE schedule parameters")
+        if self.kv_cache is not None and self.kv_cache not in KV_CACHE_MODES:
+            bad("kv_cache", " or ".join(map(repr, KV_CACHE_MODES)))
 
     # A read-only mapping of the options that are set (not None): what backends ``.get``.
     def _set(self) -> dict[str, Any]:

@@ -7,7 +7,7 @@ target (its schedule passes, ``gpu``, its MoE table keys); nothing here switches
 kind.
 
 Phases:
-  prepare           inference simplifications, qiao's graph rewrites (MoE lowering)
+  prepare           inference simplifications, qiao's graph rewrites (MoE, attention)
   library_dispatch  sorting/sampling dispatch to TVM's library kernels
   legalize          Relax ops → TIR, operator fusion
   schedule          per-target TIR schedules (CPU GEMM/conv rules, GPU dlight rules)
@@ -43,7 +43,7 @@ def prepare_passes(
     thread-bound MoE kernels. ``None``: derived from the TVM target (see ``LowerMoE``)."""
     from tvm import relax
 
-    from qiao.compiler.passes import LowerMoE
+    from qiao.compiler.passes import LowerAttention, LowerMoE
 
     return [
         relax.transform.DecomposeOpsForInference(),
@@ -55,6 +55,8 @@ def prepare_passes(
             gpu=gpu,
             keys=list(moe_keys) if moe_keys is not None else None,
         ),
+        # com.microsoft::GroupQueryAttention placeholders -> qiao's attention / KV append kernels
+        LowerAttention(gpu=gpu),
     ]
 
 

@@ -354,6 +354,7 @@ def import_onnx(
     shape_dict: dict | None = None,
     to_relax: bool = True,
     initializer_inputs: str = "constants",
+    kv_cache: str | None = None,
 ) -> ImportedModel:
     """Import an ONNX model (path or ``ModelProto``) into Relax.
 
@@ -366,6 +367,8 @@ def import_onnx(
         False for hand-off backends that consume ONNX themselves: check and describe the model only.
     initializer_inputs : {"constants", "inputs"}
         How initializers also listed as graph inputs are taken (see ``split_initializer_inputs``).
+    kv_cache : {"copy", "inplace"}, optional
+        ``GroupQueryAttention``'s cache update (``convert_genai.gqa_lowering``; default copy).
 
     Returns
     -------
@@ -394,6 +397,7 @@ def import_onnx(
     if not to_relax:
         return ImportedModel(None, {}, inputs, outputs, opset, proto, op_types, **extra)
 
+    from qiao.compiler.frontend.convert_genai import gqa_lowering
     from qiao.compiler.frontend.importer import QiaoImporter
     from qiao.compiler.frontend.lowprec import lower_low_precision
 
@@ -404,7 +408,8 @@ def import_onnx(
             # float8/float4/int4/int2 tensors in a storage type TVM has (the specs above keep the
             # ONNX dtypes; the runner converts at the boundary).
             relax_proto, imported_opset = upgrade_opset(lower_low_precision(proto))
-            mod, params = importer.run(relax_proto, imported_opset)
+            with gqa_lowering(kv_cache):
+                mod, params = importer.run(relax_proto, imported_opset)
     except QiaoError:
         raise
     except Exception as err:

@@ -47,6 +47,12 @@ which is true only for the growing layout.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
+import json
+from dataclasses import dataclass
+
 import numpy as np
 import tvm
 from tvm import relax, tirx
@@ -71,6 +77,58 @@ def _static(dim, what: str) -> int:
     if isinstance(dim, tirx.IntImm):
         return int(dim.value)
     raise CompileError(f"{what} must be a static dimension, got {dim}. fix: export it static")
+
+
+@dataclass(frozen=True)
+class GQALowering:
+    """How ``GroupQueryAttention`` is imported (``gqa_lowering`` sets it for one import).
+
+    Parameters
+    ----------
+    kv_cache : {"copy", "inplace"}
+        ``copy``: ``present`` is a new tensor (a gather of past and new rows); ``inplace``: the
+        new rows are written into the past buffers, which are ``present`` (needs past buffers of
+        at least ``T_b`` rows: GenAI's shared buffer; a shorter one is a run-time error).
+    kernel : bool
+        Attention by qiao's TIR kernel (``qiao.compiler.kernels.attention``), which reads only
+        the cache rows each entry uses; ``False``: Relax ops over the first ``total`` rows (what
+        ``attention_bias`` always takes).
+    """
+
+    kv_cache: str = "copy"
+    kernel: bool = True
+
+
+KV_CACHE_MODES = ("copy", "inplace")
+_LOWERING: contextvars.ContextVar[GQALowering | None] = contextvars.ContextVar(
+    "qiao_gqa_lowering", default=None
+)
+
+
+@contextlib.contextmanager
+def gqa_lowering(kv_cache: str | None = None, kernel: bool = True):
+    """Import ``GroupQueryAttention`` nodes with ``kv_cache`` (``None``: ``"copy"``) and the
+    attention kernel (``kernel``) inside the ``with`` block.
+
+    Parameters
+    ----------
+    kv_cache : {"copy", "inplace"}, optional
+    kernel : bool
+    """
+    kv_cache = kv_cache or "copy"
+    if kv_cache not in KV_CACHE_MODES:
+        raise CompileError(
+            f"kv_cache={kv_cache!r} is not a mode. fix: use one of {', '.join(KV_CACHE_MODES)}"
+        )
+    token = _LOWERING.set(GQALowering(kv_cache, bool(kernel)))
+    try:
+        yield
+    finally:
+        _LOWERING.reset(token)
+
+
+def _config_json(cfg) -> str:
+    return json.dumps(dataclasses.asdict(cfg), sort_keys=True)
 
 
 # Symbolic dims bound at run time, per BlockBuilder (one import), so that every layer's
@@ -163,8 +221,6 @@ class GroupQueryAttention(tvm_onnx.OnnxOpConverter):
         q_heads, kv_heads = int(attr["num_heads"]), int(attr["kv_num_heads"])
         if q_heads % kv_heads:
             raise CompileError(f"{op}: num_heads {q_heads} is not a multiple of {kv_heads}")
-        group = q_heads // kv_heads
-        dtype = str(query.ty.dtype)
         batch, seq = query.ty.shape.values[:2]
         width = _static(query.ty.shape.values[2], f"{op} query hidden size")
         if key is None:  # packed QKV
@@ -208,11 +264,69 @@ class GroupQueryAttention(tvm_onnx.OnnxOpConverter):
             interleaved = bool(attr.get("rotary_interleaved", 0))
             q = convert_attention.apply_rotary(bb, q, cos_g, sin_g, interleaved)
             k = convert_attention.apply_rotary(bb, k, cos_g, sin_g, interleaved)
-        q = bb.normalize(relax.op.permute_dims(q, [0, 2, 1, 3]))  # (B, Hq, S, D)
+        total = _as_length(bb, total_len, "gqa_total")
+        scale = float(attr.get("scale", 0.0)) or 1.0 / float(np.sqrt(head))
+        mode = _LOWERING.get() or GQALowering()
+        if mode.kv_cache == "inplace" and past_k is not None:
+            # The new rows go into the past buffers at [P_b, T_b); present.* are those buffers.
+            present_k, present_v = cls._append_inplace(
+                bb, k, v, total_b, past_b, past_k, past_v, q_heads, kv_heads, head, scale
+            )
+        else:
+            present_k, present_v = cls._present_copy(
+                bb, k, v, past_k, past_v, past_b, total_b, total, seq
+            )
+        if mode.kernel and bias is None:
+            out = cls._kernel_attention(
+                bb, attr, q, present_k, present_v, total_b, past_b, sink, kv_heads, scale
+            )
+        else:
+            q = bb.normalize(relax.op.permute_dims(q, [0, 2, 1, 3]))  # (B, Hq, S, D)
+            out = cls._relax_attention(
+                bb,
+                attr,
+                q,
+                present_k,
+                present_v,
+                total,
+                absolute,
+                total_b,
+                bias,
+                sink,
+                kv_heads,
+                scale,
+            )
+        count = attr["tvm_custom"]["num_outputs"]
+        return out if count == 1 else relax.Tuple([out, present_k, present_v][:count])
+
+    @staticmethod
+    def _append_inplace(bb, k, v, total_b, past_b, past_k, past_v, q_heads, kv_heads, head, scale):
+        """The ``qiao.kv_append`` placeholder: the caches with rows ``[P_b, T_b)`` replaced by
+        the new ``k``/``v`` ``(B, S, Hkv, D)``, written in place once lowered."""
+        from qiao.compiler.kernels.attention import AttentionConfig
+        from qiao.compiler.passes.lower_attention import APPEND_EXTERN
+
+        cfg = AttentionConfig(q_heads, kv_heads, head, scale, dtype=str(past_k.ty.dtype))
+        dtype = str(past_k.ty.dtype)
+        k, v = (
+            bb.normalize(relax.op.astype(t, dtype)) if str(t.ty.dtype) != dtype else t
+            for t in (k, v)
+        )
+        both = bb.normalize(
+            relax.call_dps_packed(
+                APPEND_EXTERN,
+                [k, v, total_b, past_b, past_k, past_v, tvm.ir.StringImm(_config_json(cfg))],
+                [past_k.ty, past_v.ty],
+            )
+        )
+        return bb.normalize(relax.TupleGetItem(both, 0)), bb.normalize(relax.TupleGetItem(both, 1))
+
+    @classmethod
+    def _present_copy(cls, bb, k, v, past_k, past_v, past_b, total_b, total, seq):
+        """Functional ``present`` ``(B, Hkv, max(T, past), D)`` from the new ``k``/``v``
+        ``(B, S, Hkv, D)``."""
         k = bb.normalize(relax.op.permute_dims(k, [0, 2, 1, 3]))  # (B, Hkv, S, D)
         v = bb.normalize(relax.op.permute_dims(v, [0, 2, 1, 3]))
-
-        total = _as_length(bb, total_len, "gqa_total")
         past_len = past_k.ty.shape.values[2] if past_k is not None else tirx.IntImm("int64", 0)
         if past_k is None:
             present_len = total
@@ -231,17 +345,78 @@ class GroupQueryAttention(tvm_onnx.OnnxOpConverter):
         positions_all = bb.normalize(relax.op.arange(0, present_len, 1, "int64"))
         present_k = cls._present(bb, past_k, k, positions_all, past_b, total_b, past_len, seq)
         present_v = cls._present(bb, past_v, v, positions_all, past_b, total_b, past_len, seq)
+        return present_k, present_v
 
+    @staticmethod
+    def _kernel_attention(bb, attr, q, keys, vals, total_b, past_b, sink, kv_heads, scale):
+        """The ``qiao.gqa_attention`` placeholder (qiao's TIR kernel once lowered): ``q``
+        ``(B, S, Hq, D)`` against the cache buffers' rows ``[0, T_b)``; ``(B, S, Hq*D)``."""
+        from qiao.compiler.kernels.attention import AttentionConfig
+        from qiao.compiler.passes.lower_attention import ATTENTION_EXTERN
+
+        batch, seq, q_heads, head = q.ty.shape.values
+        q_heads, head = int(q_heads), int(head)
+        dtype = str(keys.ty.dtype)
+        if str(q.ty.dtype) != dtype:
+            q = bb.normalize(relax.op.astype(q, dtype))
+        use_sink = sink is not None or bool(attr.get("smooth_softmax", 0))
+        if sink is not None:
+            sink = bb.normalize(relax.op.astype(sink, "float32"))
+            sink = bb.normalize(relax.op.reshape(sink, relax.ShapeExpr([q_heads])))
+        else:  # smooth_softmax: a sink logit of 0; neither: unused by the kernel
+            sink = relax.const(np.zeros(q_heads, np.float32))
+        cfg = AttentionConfig(
+            q_heads,
+            kv_heads,
+            head,
+            scale,
+            softcap=float(attr.get("softcap", 0.0)),
+            window=int(attr.get("local_window_size", -1)),
+            causal=bool(attr.get("causal", 1)),
+            sink=use_sink,
+            dtype=dtype,
+        )
+        out = bb.normalize(
+            relax.call_dps_packed(
+                ATTENTION_EXTERN,
+                [q, keys, vals, total_b, past_b, sink, tvm.ir.StringImm(_config_json(cfg))],
+                relax.TensorType([batch, seq, q_heads, head], dtype),
+            )
+        )
+        return bb.normalize(relax.op.reshape(out, relax.ShapeExpr([batch, seq, q_heads * head])))
+
+    @classmethod
+    def _relax_attention(
+        cls,
+        bb,
+        attr,
+        q,
+        present_k,
+        present_v,
+        total,
+        absolute,
+        total_b,
+        bias,
+        sink,
+        kv_heads,
+        scale,
+    ):
+        """Attention as Relax ops over the first ``total`` cache rows (``attention_bias``
+        needs it): ``q`` ``(B, Hq, S, D)``; returns ``(B, S, Hq*D)``."""
+        batch, q_heads, seq, head = q.ty.shape.values
+        group = int(q_heads) // kv_heads
+        dtype = str(q.ty.dtype)
         # Attention reads the first T columns of the cache (T bounds every T_b).
         keys = bb.normalize(relax.op.strided_slice(present_k, [2], [0], [total], None, True))
         vals = bb.normalize(relax.op.strided_slice(present_v, [2], [0], [total], None, True))
         work = "float32" if dtype in ("float16", "bfloat16") else dtype
-        if work != dtype:
-            q, keys, vals = (bb.normalize(relax.op.astype(t, work)) for t in (q, keys, vals))
+        q, keys, vals = (
+            bb.normalize(relax.op.astype(t, work)) if str(t.ty.dtype) != work else t
+            for t in (q, keys, vals)
+        )
         q5 = bb.normalize(relax.op.reshape(q, relax.ShapeExpr([batch, kv_heads, group, seq, head])))
         k5 = bb.normalize(relax.op.expand_dims(relax.op.permute_dims(keys, [0, 1, 3, 2]), 2))
         scores = bb.normalize(relax.op.matmul(q5, k5))  # (B, Hkv, G, S, T)
-        scale = float(attr.get("scale", 0.0)) or 1.0 / float(np.sqrt(head))
         scores = bb.normalize(relax.op.multiply(scores, const(scale, work)))
         softcap = float(attr.get("softcap", 0.0))
         if softcap > 0:
@@ -261,8 +436,7 @@ class GroupQueryAttention(tvm_onnx.OnnxOpConverter):
         out = bb.normalize(relax.op.reshape(out, relax.ShapeExpr([batch, seq, q_heads * head])))
         if work != dtype:
             out = bb.normalize(relax.op.astype(out, dtype))
-        count = attr["tvm_custom"]["num_outputs"]
-        return out if count == 1 else relax.Tuple([out, present_k, present_v][:count])
+        return out
 
     @staticmethod
     def _present(bb, past, new, positions, past_b, total_b, past_len, seq):

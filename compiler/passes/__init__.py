@@ -1,5 +1,6 @@
 """qiao.compiler.passes — qiao's Relax/TIR passes, one per module, named after the class."""
 
+from qiao.compiler.passes.lower_attention import LowerAttention
 from qiao.compiler.passes.lower_moe import LowerMoE
 
-__all__ = ["LowerMoE"]
+__all__ = ["LowerAttention", "LowerMoE"]

@@ -1,0 +1,428 @@
+"""Grouped-query attention over a KV cache, and the in-place cache append, as TIR kernels.
+
+``com.microsoft::GroupQueryAttention`` (see ``qiao.compiler.frontend.convert_genai``): per batch
+entry ``b``, ``T_b`` tokens are in the cache after the step and ``P_b`` were cached before it;
+query row ``s`` sits at absolute position ``P_b + s`` and sees keys ``[lo, hi)`` with
+``hi = min(P_b + s + 1, T_b)`` (causal; ``T_b`` otherwise) and ``lo = max(0, P_b + s - W + 1)``
+for a local window ``W`` (0 otherwise).
+
+- ``gqa_attention`` reads the cache buffers ``(B, Hkv, L, D)`` directly and only rows ``[lo, hi)``
+  of entry ``b``: its loop bounds depend on ``T_b``/``P_b`` and never on the buffer length ``L``,
+  so a decode step costs attention's own work whatever the buffer's size. Online softmax (one pass
+  over the keys, a running maximum and sum), in float32; ``softcap``, ``scale``, a per-head sink
+  logit (``head_sink``, or 0 for ``smooth_softmax``) and the GQA grouping (the ``G`` query heads of
+  one KV head share each key/value row read).
+- ``kv_append`` writes the ``Q_b = T_b - P_b`` new rows of entry ``b`` into the cache buffers at
+  ``[P_b, T_b)``, in place (the caller lowers it with ``call_tir_inplace``). A buffer shorter than
+  ``T_b`` fails a run-time assert (CPU) instead of being written out of bounds.
+
+CPU: one parallel task per (entry, KV head, query row), the head dim vectorised; GPU: one thread
+per (entry, query row, query head), a plain form that builds and is correct, not tuned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qiao.compiler.errors import CompileError
+from qiao.compiler.kernels.moe_common import KERNEL_ATTRS, pow2_divisor
+
+_NEG = -3.0e38  # the running maximum's start: below any score, finite (exp(-inf - -inf) is NaN)
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Static description of one GroupQueryAttention node.
+
+    Parameters
+    ----------
+    q_heads, kv_heads, head_size : int
+        ``Hq``, ``Hkv`` (a divisor of ``Hq``) and ``D``.
+    scale : float
+        Multiplies ``q . k`` (ONNX Runtime's default ``1/sqrt(D)`` is resolved by the converter).
+    softcap : float
+        ``> 0``: scores become ``softcap * tanh(score / softcap)`` (after ``scale``).
+    window : int
+        ``local_window_size``: ``> 0`` limits a row to its last ``window`` keys (its own
+        included); ``-1``: no limit.
+    causal : bool
+        Row ``s`` sees keys up to its own position; ``False``: all ``T_b`` keys.
+    sink : bool
+        A per-query-head logit (the ``sink`` buffer: ``head_sink``, or zeros for
+        ``smooth_softmax``) joins the softmax denominator.
+    dtype : str
+        Of the query, the cache and the output; arithmetic is float32.
+    """
+
+    q_heads: int
+    kv_heads: int
+    head_size: int
+    scale: float
+    softcap: float = 0.0
+    window: int = -1
+    causal: bool = True
+    sink: bool = False
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.q_heads <= 0 or self.kv_heads <= 0 or self.q_heads % self.kv_heads:
+            raise CompileError(
+                f"attention: {self.q_heads} query heads are not a multiple of {self.kv_heads} KV "
+                "heads. fix: export num_heads as a multiple of kv_num_heads"
+            )
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise CompileError(
+                f"attention kernel: dtype {self.dtype} is not supported. fix: use float32, "
+                "float16 or bfloat16"
+            )
+
+    @property
+    def group(self) -> int:
+        """Query heads per KV head."""
+        return self.q_heads // self.kv_heads
+
+
+_OVERFLOW = (
+    "GroupQueryAttention: the KV cache buffer is shorter than the tokens in the cache after this "
+    "step (some sum(attention_mask[b]) > the past_key_values length). fix: pass past buffers of "
+    "the context length (GenAI's shared buffer), or compile with kv_cache='copy' for a past that "
+    "grows"
+)
+_BAD_LENGTHS = (
+    "GroupQueryAttention: more new rows than tokens in the cache (query_seqlens > seqlens_k + 1). "
+    "fix: pass seqlens_k = total tokens - 1 per entry"
+)
+
+
+def gqa_attention(
+    cfg: AttentionConfig,
+    *,
+    gpu: bool = False,
+    vector_lanes: int = 8,
+    block_keys: int = 16,
+    threads: int = 64,
+):
+    """Build the attention PrimFunc for ``cfg``.
+
+    Parameters
+    ----------
+    cfg : AttentionConfig
+    gpu : bool
+        One thread per (entry, query row, query head) instead of CPU parallel tasks.
+    vector_lanes : int
+        CPU: float32 lanes of the head-dim vectors.
+    block_keys : int
+        CPU: keys scored per online-softmax update.
+    threads : int
+        GPU: threads per block.
+
+    Returns
+    -------
+    tvm.tirx.PrimFunc
+        ``gqa_attention(q, k_cache, v_cache, total, past, sink, out)``: ``q`` (B, S, Hq, D)
+        (rotary applied), ``k_cache``/``v_cache`` (B, Hkv, L, D) holding the new rows already,
+        ``total`` and ``past`` (B,) int64 (``T_b``, ``P_b``), ``sink`` (Hq,) float32 (read when
+        ``cfg.sink``), ``out`` (B, S, Hq, D). ``B``, ``S`` and ``L`` are symbolic.
+    """
+    from tvm.script import tirx as T
+
+    HQ, HKV, D, G = cfg.q_heads, cfg.kv_heads, cfg.head_size, cfg.group
+    dt, f32 = cfg.dtype, "float32"
+    scale = float(cfg.scale)
+    cap = float(cfg.softcap)
+    window = int(cfg.window) if cfg.causal else -1
+    use_sink = bool(cfg.sink)
+    causal = bool(cfg.causal)
+
+    def bounds(TOT, PAST, b, s):
+        """Keys ``[lo, hi)`` query row ``s`` of entry ``b`` sees (TIR expressions)."""
+        pos = PAST[b] + s
+        hi = T.min(pos + 1, TOT[b]) if causal else TOT[b]
+        lo = T.max(pos - (window - 1), T.int64(0)) if window > 0 else T.int64(0)
+        return lo, hi
+
+    def capped(x):
+        if cap > 0:
+            return T.tanh(x / T.float32(cap)) * T.float32(cap)
+        return x
+
+    if gpu:
+
+        @T.prim_func(s_tir=True)
+        def gqa_attention(
+            q_h: T.handle,
+            k_h: T.handle,
+            v_h: T.handle,
+            tot_h: T.handle,
+            past_h: T.handle,
+            sink_h: T.handle,
+            out_h: T.handle,
+        ):
+            T.func_attr(KERNEL_ATTRS)
+            B, S, L = T.int64(), T.int64(), T.int64()
+            Q = T.match_buffer(q_h, (B, S, HQ, D), dt)
+            K = T.match_buffer(k_h, (B, HKV, L, D), dt)
+            V = T.match_buffer(v_h, (B, HKV, L, D), dt)
+            TOT = T.match_buffer(tot_h, (B,), "int64")
+            PAST = T.match_buffer(past_h, (B,), "int64")
+            SINK = T.match_buffer(sink_h, (HQ,), f32)
+            OUT = T.match_buffer(out_h, (B, S, HQ, D), dt)
+            with T.sblock("root"):
+                for bx in T.thread_binding(
+                    (B * S * HQ + threads - 1) // threads, thread="blockIdx.x"
+                ):
+                    for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                        acc = T.alloc_buffer((D,), f32, scope="local")
+                        st = T.alloc_buffer((4,), f32, scope="local")  # max, sum, score, p
+                        if bx * threads + tx < B * S * HQ:
+                            b = (bx * threads + tx) // (S * HQ)
+                            s = (bx * threads + tx) // HQ % S
+                            hq = (bx * threads + tx) % HQ
+                            h = hq // G
+                            lo, hi = bounds(TOT, PAST, b, s)
+                            st[0] = T.float32(_NEG)
+                            st[1] = T.float32(0)
+                            for d in range(D):
+                                acc[d] = T.float32(0)
+                            # hi <= L checked where the cache is written; clamped here so that
+                            # inconsistent lengths never read out of bounds
+                            for j in range(T.max(T.min(hi, L) - lo, T.int64(0))):
+                                st[2] = T.float32(0)
+                                for d in range(D):
+                                    st[2] = st[2] + T.Cast(f32, Q[b, s, hq, d]) * T.Cast(
+                                        f32, K[b, h, lo + j, d]
+                                    )
+                                st[2] = capped(st[2] * T.float32(scale))
+                                st[3] = T.max(st[0], st[2])
+                                st[1] = st[1] * T.exp(st[0] - st[3]) + T.exp(st[2] - st[3])
+                                for d in range(D):
+                                    acc[d] = acc[d] * T.exp(st[0] - st[3]) + T.exp(
+                                        st[2] - st[3]
+                                    ) * T.Cast(f32, V[b, h, lo + j, d])
+                                st[0] = st[3]
+                            if use_sink:
+                                st[3] = T.max(st[0], SINK[hq])
+                                st[1] = st[1] * T.exp(st[0] - st[3]) + T.exp(SINK[hq] - st[3])
+                                for d in range(D):
+                                    acc[d] = acc[d] * T.exp(st[0] - st[3])
+                            for d in range(D):
+                                OUT[b, s, hq, d] = T.Cast(
+                                    dt,
+                                    T.if_then_else(
+                                        st[1] > T.float32(0), acc[d] / st[1], T.float32(0)
+                                    ),
+                                )
+
+        return gqa_attention
+
+    VL = pow2_divisor(D, vector_lanes)
+    NV = D // VL
+    KB = int(block_keys)
+
+    @T.prim_func(s_tir=True)
+    def gqa_attention(
+        q_h: T.handle,
+        k_h: T.handle,
+        v_h: T.handle,
+        tot_h: T.handle,
+        past_h: T.handle,
+        sink_h: T.handle,
+        out_h: T.handle,
+    ):
+        T.func_attr(KERNEL_ATTRS)
+        B, S, L = T.int64(), T.int64(), T.int64()
+        Q = T.match_buffer(q_h, (B, S, HQ, D), dt)
+        K = T.match_buffer(k_h, (B, HKV, L, D), dt)
+        V = T.match_buffer(v_h, (B, HKV, L, D), dt)
+        TOT = T.match_buffer(tot_h, (B,), "int64")
+        PAST = T.match_buffer(past_h, (B,), "int64")
+        SINK = T.match_buffer(sink_h, (HQ,), f32)
+        OUT = T.match_buffer(out_h, (B, S, HQ, D), dt)
+        with T.sblock("root"):
+            for b in range(B):
+                assert TOT[b] <= L, _OVERFLOW
+            for task in T.parallel(B * HKV * S):
+                # "global" scope: constant-size scratch becomes a stack array of the task
+                qs = T.alloc_buffer((G, D), f32)  # the query rows, scaled
+                acc = T.alloc_buffer((G, D), f32)
+                sc = T.alloc_buffer((G, KB), f32)  # scores, then probabilities
+                part = T.alloc_buffer((VL,), f32)
+                mx = T.alloc_buffer((G,), f32)  # running maximum
+                sm = T.alloc_buffer((G,), f32)  # running sum
+                nm = T.alloc_buffer((1,), f32)  # the new maximum
+                b = task // (HKV * S)
+                h = task // S % HKV
+                s = task % S
+                lo, hi = bounds(TOT, PAST, b, s)
+                for g in range(G):
+                    mx[g] = T.float32(_NEG)
+                    sm[g] = T.float32(0)
+                    for dc in range(NV):
+                        for lane in T.vectorized(VL):
+                            qs[g, dc * VL + lane] = T.Cast(
+                                f32, Q[b, s, h * G + g, dc * VL + lane]
+                            ) * T.float32(scale)
+                            acc[g, dc * VL + lane] = T.float32(0)
+                for blk in range((T.max(hi - lo, T.int64(0)) + KB - 1) // KB):
+                    for g in range(G):
+                        for jj in range(KB):
+                            if lo + blk * KB + jj < hi:
+                                for lane in T.vectorized(VL):
+                                    part[lane] = T.float32(0)
+                                for dc in range(NV):
+                                    for lane in T.vectorized(VL):
+                                        part[lane] = part[lane] + qs[g, dc * VL + lane] * T.Cast(
+                                            f32, K[b, h, lo + blk * KB + jj, dc * VL + lane]
+                                        )
+                                sc[g, jj] = part[0]
+                                for lane in range(1, VL):
+                                    sc[g, jj] = sc[g, jj] + part[lane]
+                                sc[g, jj] = capped(sc[g, jj])
+                        nm[0] = mx[g]
+                        for jj in range(KB):
+                            if lo + blk * KB + jj < hi:
+                                nm[0] = T.max(nm[0], sc[g, jj])
+                        for jj in range(KB):
+                            if lo + blk * KB + jj < hi:
+                                sc[g, jj] = T.exp(sc[g, jj] - nm[0])
+                            else:
+                                sc[g, jj] = T.float32(0)
+                        sm[g] = sm[g] * T.exp(mx[g] - nm[0])
+                        for dc in range(NV):
+                            for lane in T.vectorized(VL):
+                                acc[g, dc * VL + lane] = acc[g, dc * VL + lane] * T.exp(
+                                    mx[g] - nm[0]
+                                )
+                        for jj in range(KB):
+                            sm[g] = sm[g] + sc[g, jj]
+                        mx[g] = nm[0]
+                    for jj in range(KB):
+                        if lo + blk * KB + jj < hi:
+                            for g in range(G):
+                                for dc in range(NV):
+                                    for lane in T.vectorized(VL):
+                                        acc[g, dc * VL + lane] = acc[g, dc * VL + lane] + sc[
+                                            g, jj
+                                        ] * T.Cast(f32, V[b, h, lo + blk * KB + jj, dc * VL + lane])
+                for g in range(G):
+                    if use_sink:
+                        nm[0] = T.max(mx[g], SINK[h * G + g])
+                        sm[g] = sm[g] * T.exp(mx[g] - nm[0]) + T.exp(SINK[h * G + g] - nm[0])
+                        for dc in range(NV):
+                            for lane in T.vectorized(VL):
+                                acc[g, dc * VL + lane] = acc[g, dc * VL + lane] * T.exp(
+                                    mx[g] - nm[0]
+                                )
+                    # an empty key range (a padding row past a window): zeros, not 0/0
+                    nm[0] = T.if_then_else(sm[g] > T.float32(0), T.float32(1) / sm[g], T.float32(0))
+                    for dc in range(NV):
+                        for lane in T.vectorized(VL):
+                            OUT[b, s, h * G + g, dc * VL + lane] = T.Cast(
+                                dt, acc[g, dc * VL + lane] * nm[0]
+                            )
+
+    return gqa_attention
+
+
+def kv_append(
+    cfg: AttentionConfig, *, gpu: bool = False, vector_lanes: int = 8, threads: int = 256
+):
+    """Build the in-place cache append PrimFunc for ``cfg``.
+
+    Parameters
+    ----------
+    cfg : AttentionConfig
+    gpu : bool
+        One thread per written element instead of CPU tasks over (entry, KV head).
+    vector_lanes : int
+        CPU: lanes of the copied head-dim vectors.
+    threads : int
+        GPU: threads per block.
+
+    Returns
+    -------
+    tvm.tirx.PrimFunc
+        ``kv_append(k_new, v_new, total, past, k_cache, v_cache)``: ``k_new``/``v_new``
+        (B, S, Hkv, D), ``total``/``past`` (B,) int64; ``k_cache``/``v_cache`` (B, Hkv, L, D) are
+        written in place: row ``P_b + s`` of entry ``b`` takes new row ``s`` for
+        ``s < min(T_b - P_b, S)``, every other row is left as it was. CPU: asserts
+        ``0 <= P_b <= T_b <= L``; GPU: rows at or past ``L`` are skipped (no in-kernel assert).
+    """
+    from tvm.script import tirx as T
+
+    HKV, D, dt = cfg.kv_heads, cfg.head_size, cfg.dtype
+
+    if gpu:
+
+        @T.prim_func(s_tir=True)
+        def kv_append(
+            kn_h: T.handle,
+            vn_h: T.handle,
+            tot_h: T.handle,
+            past_h: T.handle,
+            kc_h: T.handle,
+            vc_h: T.handle,
+        ):
+            T.func_attr(KERNEL_ATTRS)
+            B, S, L = T.int64(), T.int64(), T.int64()
+            KN = T.match_buffer(kn_h, (B, S, HKV, D), dt)
+            VN = T.match_buffer(vn_h, (B, S, HKV, D), dt)
+            TOT = T.match_buffer(tot_h, (B,), "int64")
+            PAST = T.match_buffer(past_h, (B,), "int64")
+            KC = T.match_buffer(kc_h, (B, HKV, L, D), dt)
+            VC = T.match_buffer(vc_h, (B, HKV, L, D), dt)
+            with T.sblock("root"):
+                for bx in T.thread_binding(
+                    (B * S * HKV * D + threads - 1) // threads, thread="blockIdx.x"
+                ):
+                    for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                        if bx * threads + tx < B * S * HKV * D:
+                            b = (bx * threads + tx) // (S * HKV * D)
+                            s = (bx * threads + tx) // (HKV * D) % S
+                            h = (bx * threads + tx) // D % HKV
+                            d = (bx * threads + tx) % D
+                            if s < TOT[b] - PAST[b] and PAST[b] >= T.int64(0) and PAST[b] + s < L:
+                                KC[b, h, PAST[b] + s, d] = KN[b, s, h, d]
+                                VC[b, h, PAST[b] + s, d] = VN[b, s, h, d]
+
+        return kv_append
+
+    VL = pow2_divisor(D, vector_lanes)
+    NV = D // VL
+
+    @T.prim_func(s_tir=True)
+    def kv_append(
+        kn_h: T.handle,
+        vn_h: T.handle,
+        tot_h: T.handle,
+        past_h: T.handle,
+        kc_h: T.handle,
+        vc_h: T.handle,
+    ):
+        T.func_attr(KERNEL_ATTRS)
+        B, S, L = T.int64(), T.int64(), T.int64()
+        KN = T.match_buffer(kn_h, (B, S, HKV, D), dt)
+        VN = T.match_buffer(vn_h, (B, S, HKV, D), dt)
+        TOT = T.match_buffer(tot_h, (B,), "int64")
+        PAST = T.match_buffer(past_h, (B,), "int64")
+        KC = T.match_buffer(kc_h, (B, HKV, L, D), dt)
+        VC = T.match_buffer(vc_h, (B, HKV, L, D), dt)
+        with T.sblock("root"):
+            for b in range(B):
+                assert TOT[b] <= L, _OVERFLOW
+                assert PAST[b] >= T.int64(0), _BAD_LENGTHS
+            for task in T.parallel(B * HKV):
+                for s in range(T.min(TOT[task // HKV] - PAST[task // HKV], S)):
+                    for dc in range(NV):
+                        for lane in T.vectorized(VL):
+                            KC[task // HKV, task % HKV, PAST[task // HKV] + s, dc * VL + lane] = KN[
+                                task // HKV, s, task % HKV, dc * VL + lane
+                            ]
+                            VC[task // HKV, task % HKV, PAST[task // HKV] + s, dc * VL + lane] = VN[
+                                task // HKV, s, task % HKV, dc * VL + lane
+                            ]
+
+    return kv_append
+
+
+__all__ = ["AttentionConfig", "gqa_attention", "kv_append"]
