@@ -47,6 +47,9 @@ class CompileOptions(Mapping):
         Hand-off backends: ``{symbolic dim: size}`` fixed in the vendor model.
     dim_ranges : dict, optional
         Hand-off backends: ``{symbolic dim: (min, max)}``.
+    quantize : str or dict, optional
+        Weight-only quantization before import: ``"int4"``, ``"int8"`` or ``{"bits": 4|8,
+        "block_size": 32, "symmetric": False}`` (``qiao.compiler.quantize``).
     kv_cache : {"copy", "inplace"}, optional
         ``GroupQueryAttention``'s cache update: ``"copy"`` (``present`` is a new tensor; the
         default for a plain ONNX file) or ``"inplace"`` (the new rows are written into the past
@@ -64,6 +67,7 @@ class CompileOptions(Mapping):
     moe_schedule: Mapping[str, Any] | None = None
     static_dims: Mapping[str, int] | None = None
     dim_ranges: Mapping[str, tuple] | None = field(default=None)
+    quantize: str | Mapping[str, Any] | None = None
     kv_cache: str | None = None
 
     @classmethod
@@ -129,6 +133,10 @@ class CompileOptions(Mapping):
             bad("dim_ranges", "a mapping of dimension names to (min, max) sizes")
         if self.moe_schedule is not None and not isinstance(self.moe_schedule, Mapping):
             bad("moe_schedule", "a mapping of MoE schedule parameters")
+        if self.quantize is not None:
+            from qiao.compiler.quantize import QuantScheme
+
+            QuantScheme.parse(self.quantize)  # QiaoError naming the valid forms
         if self.kv_cache is not None and self.kv_cache not in KV_CACHE_MODES:
             bad("kv_cache", " or ".join(map(repr, KV_CACHE_MODES)))
 
