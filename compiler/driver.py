@@ -156,6 +156,11 @@ def compile(
             f"backend {target!r} cannot compile on this machine: {'; '.join(availability.missing)}"
         )
     resolved = resolve_model(model, example_args, model_options)
+    quantization = None
+    if options.quantize is not None:  # before import: ONNX Runtime validates the same graph
+        from qiao.compiler.quantize import quantize_model
+
+        resolved.proto, quantization = quantize_model(resolved.proto, options.quantize)
     imported = import_onnx(
         resolved.proto,
         to_relax=backend.imports_relax,
@@ -197,6 +202,8 @@ def compile(
             },
             "validation": None,
         }
+        if quantization is not None:
+            manifest["quantization"] = quantization
         manifest = art.write_manifest(tmp, manifest)
     artifact = Artifact(os.path.abspath(out), manifest)
     # Hand-off backends without their vendor toolchain raise here: the package is complete and kept.
