@@ -62,6 +62,36 @@ def add_arguments(p):
     )
     p.add_argument("--rpc-tracker", default=None, metavar="HOST:PORT", help="TVM RPC tracker")
     p.add_argument("--rpc-key", default=None, help="device key of the RPC server to run on")
+    gen = p.add_argument_group(
+        "decoders (--generate)",
+        "MODEL is then a decoder artifact, built-in decoder, ONNX Runtime GenAI folder or Hugging "
+        "Face folder; each engine runs in its own process; --batch gives the batch sizes",
+    )
+    gen.add_argument(
+        "--generate",
+        action="store_true",
+        help="time token generation: time to first token, time per output token, tokens/s, "
+        "peak memory, against the memory-bandwidth roofline",
+    )
+    gen.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default 128)")
+    gen.add_argument("--new-tokens", type=int, default=128, help="new tokens (default 128)")
+    gen.add_argument(
+        "--engines",
+        default="qiao,ort-genai,transformers",
+        help="comma-separated: qiao, ort-genai, transformers (default: all three)",
+    )
+    gen.add_argument(
+        "--past",
+        default=None,
+        metavar="LENGTHS",
+        help="also time decode steps at these past lengths, e.g. 16,2048",
+    )
+    gen.add_argument(
+        "--runs", type=int, default=1, help="timed generations per engine and case (default 1)"
+    )
+    gen.add_argument(
+        "--hf-dir", default=None, help="Hugging Face folder of the weights for transformers"
+    )
 
 
 def _progress(quiet: bool):
@@ -78,6 +108,8 @@ def _progress(quiet: bool):
 def main(args) -> int:
     from qiao.compiler.bench import bench, format_result, mismatches, parse_sizes, write_result
 
+    if args.generate:
+        return _generate(args)
     baselines = [b.strip() for b in args.baseline.split(",") if b.strip() not in ("", "none")]
     show = _progress(args.json)
     try:
@@ -117,6 +149,54 @@ def main(args) -> int:
         print(
             f"qiao bench: outputs differ from a baseline ({'; '.join(bad)}): these timings are of "
             "wrong results. fix: run `qiao validate` on the model and report it",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _generate(args) -> int:
+    from qiao.compiler.bench import mismatches, parse_sizes, write_result
+    from qiao.compiler.bench.generate import bench_generate, format_generate
+
+    if args.tokens:
+        from qiao.compiler.errors import QiaoError
+
+        raise QiaoError("--tokens does not apply to --generate. fix: use --prompt-len")
+    show = _progress(args.json)
+    try:
+        result = bench_generate(
+            args.model,
+            engines=[e.strip() for e in args.engines.split(",") if e.strip()],
+            prompt_len=args.prompt_len,
+            new_tokens=args.new_tokens,
+            batch=parse_sizes(args.batch, "--batch") or [1],
+            past=parse_sizes(args.past, "--past") or [],
+            runs=args.runs,
+            seed=args.seed,
+            target=args.target or "cpu",
+            hf_dir=args.hf_dir,
+            label=args.label,
+            roofs=not args.no_roofs,
+            progress=show,
+        )
+    finally:
+        if show is not None:
+            sys.stderr.write("\r\033[K")
+    if args.output:
+        write_result(result, args.output)
+    if args.json:
+        json.dump(result, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print(format_generate(result))
+        if args.output:
+            print(f"wrote {args.output}")
+    bad = mismatches(result)
+    if bad:
+        print(
+            f"qiao bench: greedy tokens differ from a baseline's ({'; '.join(bad)}). fix: run "
+            "`qiao generate` on both and report it",
             file=sys.stderr,
         )
         return 1
