@@ -27,6 +27,39 @@ class ResolvedModel:
     name: str
     source: dict  # manifest "source" section
     spec: Any = None  # qiao.models.ModelSpec for built-in models
+    decoder: dict | None = None  # the manifest's "decoder" section for a decoder source
+    tokenizer_dir: str | None = None  # folder holding the decoder's tokenizer files
+
+
+def _resolve_genai(folder: str, name: str, source: dict) -> ResolvedModel:
+    """A GenAI folder (genai_config.json + decoder file) as a decoder source."""
+    from qiao.compiler import export_genai
+    from qiao.compiler.frontend import load_onnx
+
+    path, config = export_genai.read_genai_folder(folder)
+    tokenizer = folder if export_genai.has_tokenizer(folder) else None
+    decoder = export_genai.decoder_manifest(config, "tokenizer" if tokenizer else None)
+    source = dict(source, path=os.path.abspath(path), folder=os.path.abspath(folder))
+    return ResolvedModel(load_onnx(path), name, source, decoder=decoder, tokenizer_dir=tokenizer)
+
+
+def _resolve_folder(folder: str) -> ResolvedModel:
+    """A directory: an ONNX Runtime GenAI folder, or a Hugging Face Qwen3 / Qwen3-MoE folder
+    (exported to a cached GenAI folder on the way)."""
+    from qiao.compiler import export_genai
+
+    name = os.path.basename(os.path.abspath(folder))
+    if export_genai.is_genai_folder(folder):
+        return _resolve_genai(folder, name, {"kind": "genai"})
+    if export_genai.is_hf_folder(folder):
+        exported = export_genai.hf_folder(folder)
+        source = {"kind": "huggingface", "hf_folder": os.path.abspath(folder)}
+        return _resolve_genai(exported, name, source)
+    raise export_genai.DecoderSourceError(
+        f"{folder} is a directory without genai_config.json or config.json. fix: pass an .onnx "
+        "file, an ONNX Runtime GenAI folder (genai_config.json + model.onnx) or a Hugging Face "
+        "Qwen3 / Qwen3-MoE folder (config.json + *.safetensors)"
+    )
 
 
 def resolve_model(model, example_args=None, model_options: Mapping | None = None) -> ResolvedModel:
@@ -37,13 +70,22 @@ def resolve_model(model, example_args=None, model_options: Mapping | None = None
         return ResolvedModel(model, model.graph.name or "model", {"kind": "onnx"})
     if isinstance(model, (str, os.PathLike)):
         path = os.fspath(model)
+        if os.path.isdir(path):
+            return _resolve_folder(path)
         if os.path.exists(path) or path.endswith(".onnx"):
             proto = load_onnx(path)
             name = os.path.splitext(os.path.basename(path))[0]
             return ResolvedModel(proto, name, {"kind": "onnx", "path": os.path.abspath(path)})
-        from qiao.models import get_model
+        from qiao.models import DecoderSpec, get_model
 
         spec = get_model(path, **dict(model_options or {}))
+        if isinstance(spec, DecoderSpec):  # exported once to a cached GenAI folder
+            from qiao.compiler import export_genai
+
+            source = {"kind": "builtin", "name": spec.name, "options": dict(model_options or {})}
+            resolved = _resolve_genai(export_genai.builtin_folder(spec), spec.name, source)
+            resolved.spec = spec
+            return resolved
         proto = _export_to_proto(
             spec.module,
             spec.example_inputs,
@@ -146,6 +188,7 @@ def compile(
     from qiao.compiler.frontend import fits_protobuf, import_onnx, save_proto
     from qiao.compiler.options import CompileOptions
 
+    caller_options = set(options)
     options = CompileOptions.from_kwargs(options)  # a misspelt option fails before any work
     backend = get_backend(target)
     if arch is not None:
@@ -161,6 +204,9 @@ def compile(
         from qiao.compiler.quantize import quantize_model
 
         resolved.proto, quantization = quantize_model(resolved.proto, options.quantize)
+    if resolved.decoder is not None and "kv_cache" not in caller_options:
+        # decoder sources run with GenAI's shared buffer: present written in place
+        options = CompileOptions.from_kwargs(options, kv_cache="inplace")
     imported = import_onnx(
         resolved.proto,
         to_relax=backend.imports_relax,
@@ -181,6 +227,10 @@ def compile(
         # take the same inputs as the artifact.
         save_proto(imported.proto, os.path.join(tmp, art.SOURCE_MODEL))
         param_names = art.save_params(tmp, imported.params) if imported.params else []
+        if resolved.tokenizer_dir is not None:
+            from qiao.compiler.export_genai import copy_tokenizer
+
+            copy_tokenizer(resolved.tokenizer_dir, os.path.join(tmp, "tokenizer"))
         backend_section = backend.build(imported, arch, tmp, options)
         target_obj = backend.target(arch)
         manifest = {
@@ -204,6 +254,9 @@ def compile(
         }
         if quantization is not None:
             manifest["quantization"] = quantization
+        if resolved.decoder is not None:
+            kv_cache = options.get("kv_cache") or "copy"
+            manifest["decoder"] = dict(resolved.decoder, kv_cache=kv_cache)
         manifest = art.write_manifest(tmp, manifest)
     artifact = Artifact(os.path.abspath(out), manifest)
     # Hand-off backends without their vendor toolchain raise here: the package is complete and kept.

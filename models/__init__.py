@@ -46,6 +46,42 @@ class ModelSpec:
     description: str = ""
 
 
+@dataclass(frozen=True)
+class DecoderSpec:
+    """A built-in language-model decoder: compiled from an ONNX Runtime GenAI folder (with a KV
+    cache and a tokenizer) that ``qiao.compiler.export_genai`` writes once and caches, not from a
+    torch export of ``module``.
+
+    Parameters
+    ----------
+    name : str
+        Registry name, e.g. ``"qwen3-small"``.
+    config : dict
+        The model's Hugging Face ``config.json`` (``architectures`` names the transformers class).
+    seed : int
+        Seed of the random weights (with ``config``, the export's cache key).
+    build : callable
+        ``build() -> transformers model`` (float32, eval mode, seeded weights).
+    write_tokenizer : callable
+        ``write_tokenizer(directory)`` writes ``tokenizer.json`` and ``tokenizer_config.json``.
+    context_length : int
+        GenAI's ``context_length`` (the shared KV buffer's length).
+    """
+
+    name: str
+    config: dict
+    seed: int
+    build: Callable
+    write_tokenizer: Callable
+    context_length: int
+    description: str = ""
+
+    @property
+    def hf_model(self):
+        """A fresh transformers model with this spec's weights (``build()``)."""
+        return self.build()
+
+
 _REGISTRY: dict[str, tuple[str, str, str]] = {}
 # Modules whose import registers models; imported lazily by list_models()/get_model().
 _MODEL_MODULES = (
@@ -53,12 +89,13 @@ _MODEL_MODULES = (
     "qiao.models.cnn",
     "qiao.models.transformer",
     "qiao.models.qwen3_moe",
+    "qiao.models.qwen3",
 )
 _loaded = False
 
 
 def register_model(name: str, description: str):
-    """Decorator: register ``fn(**overrides) -> ModelSpec`` under ``name``."""
+    """Decorator: register ``fn(**overrides) -> ModelSpec`` (or ``DecoderSpec``) under ``name``."""
 
     def wrap(fn: Callable[..., ModelSpec]):
         if name in _REGISTRY:
@@ -84,7 +121,7 @@ def list_models() -> dict[str, str]:
     return {name: desc for name, (_, _, desc) in sorted(_REGISTRY.items())}
 
 
-def get_model(name: str, **overrides) -> ModelSpec:
+def get_model(name: str, **overrides) -> ModelSpec | DecoderSpec:
     """Build the built-in model ``name`` (seeded, deterministic)."""
     _load_all()
     if name not in _REGISTRY:
@@ -97,4 +134,4 @@ def get_model(name: str, **overrides) -> ModelSpec:
     return getattr(importlib.import_module(module), fn_name)(**overrides)
 
 
-__all__ = ["ModelSpec", "get_model", "list_models", "register_model"]
+__all__ = ["DecoderSpec", "ModelSpec", "get_model", "list_models", "register_model"]

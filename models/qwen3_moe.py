@@ -4,7 +4,8 @@ sparse MoE block) and one MoE block at Qwen3-30B-A3B's real size.
 Built-in models:
 
 - ``qwen3-moe-tiny``: 2 decoder layers, hidden 64, 8 experts, top-2 (tests);
-- ``qwen3-moe-small``: 4 decoder layers, hidden 256, 32 experts, top-4;
+- (``qwen3-moe-small``, the same sizes as ``SMALL``, is now the GenAI-layout decoder of
+  ``qiao.models.qwen3``, built with transformers' own Qwen3-MoE and a KV cache);
 - ``qwen3-moe-30b-a3b-block``: one MoE block, hidden 2048, 128 experts, top-8, expert intermediate
   768 (~2.4 GB of float32 weights).
 
@@ -302,19 +303,6 @@ def build_qwen3_moe_tiny(
 ) -> ModelSpec:
     return _lm_spec(
         "qwen3-moe-tiny", TINY, batch, seq, seed, checkpoint, config, "Qwen3-MoE tiny decoder"
-    )
-
-
-@register_model(
-    "qwen3-moe-small",
-    "Qwen3-MoE decoder, 4 layers, hidden 256, 32 experts top-4, vocab 1024, dynamic batch and "
-    "sequence",
-)
-def build_qwen3_moe_small(
-    batch: int = 1, seq: int = 16, seed: int = 0, checkpoint=None, **config
-) -> ModelSpec:
-    return _lm_spec(
-        "qwen3-moe-small", SMALL, batch, seq, seed, checkpoint, config, "Qwen3-MoE small decoder"
     )
 
 

@@ -95,12 +95,26 @@ def test_qwen3_moe_tiny_one_artifact_every_shape(compiled_builtin):
             assert_close(got, module(ids).numpy(), 1e-3, 1e-4, f"batch={batch} seq={seq}")
 
 
+_SMALL = {  # qwen3_moe.SMALL's sizes, as builder overrides of the torch qwen3-moe-tiny
+    "vocab_size": 1024,
+    "hidden_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 32,
+    "num_experts": 32,
+    "num_experts_per_tok": 4,
+    "moe_intermediate_size": 128,
+}
+
+
 def test_qwen3_moe_small_and_block_builders():
     from qiao.compiler.export_moe import MoEBlock
     from qiao.models import get_model, list_models
 
     assert {"qwen3-moe-tiny", "qwen3-moe-small", "qwen3-moe-30b-a3b-block"} <= set(list_models())
-    small = get_model("qwen3-moe-small").module
+    # qwen3-moe-small is now a GenAI-layout decoder (models/qwen3.py); its sizes as a torch model:
+    small = get_model("qwen3-moe-tiny", **_SMALL).module
     blocks = [m for m in small.modules() if isinstance(m, MoEBlock)]
     assert len(blocks) == 4 and blocks[0].num_experts == 32 and blocks[0].top_k == 4
     # the real-size block, shrunk through the builder's config overrides (2.4 GB otherwise)
@@ -115,7 +129,7 @@ def test_qwen3_moe_small_exports_one_node_per_block(tmp_path):
     from qiao.compiler import export
     from qiao.models import get_model
 
-    spec = get_model("qwen3-moe-small", seq=4)
+    spec = get_model("qwen3-moe-tiny", seq=4, **_SMALL)
     export(
         spec.module,
         spec.example_inputs,
