@@ -37,6 +37,35 @@ def add_arguments(p):
         "the tuning store, as `qiao tune model` does (slow; later compiles reuse the records)",
     )
     add_tuning_arguments(p, "candidates per kernel with --tune")
+    add_quantize_arguments(p)
+
+
+def add_quantize_arguments(p) -> None:
+    """Add ``--quantize int4|int8 [--block-size N] [--symmetric]`` (compile and validate)."""
+    p.add_argument(
+        "--quantize",
+        choices=("int4", "int8"),
+        default=None,
+        help="weight-only round-to-nearest quantization of the MatMul/Gemm/MoE/embedding weights "
+        "(ONNX Runtime's MatMulNBits/QMoE/GatherBlockQuantized); the artifact stores them as "
+        "float32",
+    )
+    p.add_argument(
+        "--block-size", type=int, default=32, help="input features per scale with --quantize"
+    )
+    p.add_argument(
+        "--symmetric",
+        action="store_true",
+        help="with --quantize: no zero points (default: per-block zero points)",
+    )
+
+
+def quantize_option(args) -> dict:
+    """The ``quantize`` compile option of ``add_quantize_arguments``' flags ({} without one)."""
+    if not getattr(args, "quantize", None):
+        return {}
+    bits = {"int4": 4, "int8": 8}[args.quantize]
+    return {"quantize": {"bits": bits, "block_size": args.block_size, "symmetric": args.symmetric}}
 
 
 def main(args) -> int:
@@ -45,6 +74,7 @@ def main(args) -> int:
     options = {"dump_ir": args.dump_ir} if args.dump_ir else {}
     if args.initializer_inputs != "constants":
         options["initializer_inputs"] = args.initializer_inputs
+    options.update(quantize_option(args))
     if args.tune:
         options.update(
             tune=True,
@@ -72,4 +102,11 @@ def main(args) -> int:
             f"  {len(taken['names'])} initializers listed as graph inputs taken as "
             f"{taken['taken_as']} (--initializer-inputs)"
         )
+    if m.get("quantization"):
+        q = m["quantization"]
+        ops = ", ".join(f"{n} {op}" for op, n in q["ops"].items())
+        sym = "symmetric" if q["symmetric"] else "zero points"
+        print(f"  quantized int{q['bits']} block {q['block_size']} ({sym}): {ops}")
+        if q["kept_float"]:
+            print(f"  kept float: {', '.join(q['kept_float'])}")
     return 0

@@ -6,6 +6,7 @@ Exits 1 when any output differs beyond tolerance."""
 from __future__ import annotations
 
 from qiao.compiler.cli.common import add_target_arguments
+from qiao.compiler.cli.compile import add_quantize_arguments, quantize_option
 
 
 def add_arguments(p):
@@ -21,6 +22,7 @@ def add_arguments(p):
     p.add_argument(
         "--atol", type=float, default=None, help="absolute tolerance (default: per model)"
     )
+    add_quantize_arguments(p)
 
 
 def main(args) -> int:
@@ -34,6 +36,7 @@ def main(args) -> int:
         output_dir=args.output,
         rtol=args.rtol,
         atol=args.atol,
+        **quantize_option(args),
     )
     print(report.format())
     return 0 if report.ok else 1
