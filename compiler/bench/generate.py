@@ -158,7 +158,12 @@ class TransformersDecode(DecodeEngine):
 
     name = "transformers"
 
-    def __init__(self, hf_dir: str | None = None, builtin: str | None = None):
+    def __init__(
+        self,
+        hf_dir: str | None = None,
+        builtin: str | None = None,
+        builtin_options: Mapping[str, Any] | None = None,
+    ):
         import torch
         import transformers
 
@@ -170,7 +175,7 @@ class TransformersDecode(DecodeEngine):
                 hf_dir, torch_dtype=torch.float32, attn_implementation="eager"
             )
         else:
-            model = builtin_hf_model(builtin)
+            model = builtin_hf_model(builtin, builtin_options)
         self.model = model.float().eval()
         self.model.config._attn_implementation = "eager"
         self.info = {
@@ -210,7 +215,7 @@ class TransformersDecode(DecodeEngine):
         return DecodeRun(tokens, times[0] - start, steps)
 
 
-def builtin_hf_model(name: str | None):
+def builtin_hf_model(name: str | None, options: Mapping[str, Any] | None = None):
     """The transformers model a built-in decoder was exported from (same seed, same weights)."""
     from qiao.models import get_model
 
@@ -219,8 +224,8 @@ def builtin_hf_model(name: str | None):
             "transformers needs the Hugging Face weights of this decoder. fix: pass --hf-dir "
             "with the folder the model was made from, or bench a built-in or Hugging Face folder"
         )
-    spec = get_model(name)
-    model = getattr(spec, "hf_model", None) or getattr(spec, "module", None)
+    spec = get_model(name, **dict(options or {}))
+    model = getattr(spec, "hf_model", None)  # DecoderSpec: built from its config and seed
     if model is None or not hasattr(model, "generate"):
         raise QiaoError(f"built-in {name!r} has no transformers model to run. fix: pass --hf-dir")
     return model
@@ -234,7 +239,9 @@ def make_engine(spec: Mapping[str, Any]) -> DecodeEngine:
     if name == "ort-genai":
         return OrtGenaiDecode(spec["genai_dir"])
     if name == "transformers":
-        return TransformersDecode(spec.get("hf_dir"), spec.get("builtin"))
+        return TransformersDecode(
+            spec.get("hf_dir"), spec.get("builtin"), spec.get("builtin_options")
+        )
     raise QiaoError(f"unknown engine {name!r}. fix: use any of {', '.join(GENERATE_ENGINES)}")
 
 
@@ -399,12 +406,12 @@ def hf_source_for(artifact, hf_dir: str | None) -> dict[str, str]:
     if hf_dir:
         return {"hf_dir": os.fspath(hf_dir)}
     source = artifact.manifest.get("source") or {}
-    for key in ("hf_dir", "path"):
+    for key in ("hf_folder", "folder", "path"):
         path = source.get(key)
         if path and os.path.isfile(os.path.join(path, "config.json")):
             return {"hf_dir": path}
     if source.get("kind") == "builtin" and source.get("name"):
-        return {"builtin": source["name"]}
+        return {"builtin": source["name"], "builtin_options": source.get("options") or {}}
     return {}
 
 
