@@ -106,21 +106,23 @@ _LOWERING: contextvars.ContextVar[GQALowering | None] = contextvars.ContextVar(
 
 
 @contextlib.contextmanager
-def gqa_lowering(kv_cache: str | None = None, kernel: bool = True):
-    """Import ``GroupQueryAttention`` nodes with ``kv_cache`` (``None``: ``"copy"``) and the
-    attention kernel (``kernel``) inside the ``with`` block.
+def gqa_lowering(kv_cache: str | None = None, kernel: bool | None = None):
+    """Import ``GroupQueryAttention`` nodes with ``kv_cache`` and the attention kernel
+    (``kernel``) inside the ``with`` block; ``None`` keeps the enclosing block's choice (outside
+    any: ``"copy"`` and the kernel). ``kernel=False`` (Relax ops) exists to compare the two.
 
     Parameters
     ----------
     kv_cache : {"copy", "inplace"}, optional
-    kernel : bool
+    kernel : bool, optional
     """
-    kv_cache = kv_cache or "copy"
+    outer = _LOWERING.get() or GQALowering()
+    kv_cache = kv_cache or outer.kv_cache
     if kv_cache not in KV_CACHE_MODES:
         raise CompileError(
             f"kv_cache={kv_cache!r} is not a mode. fix: use one of {', '.join(KV_CACHE_MODES)}"
         )
-    token = _LOWERING.set(GQALowering(kv_cache, bool(kernel)))
+    token = _LOWERING.set(GQALowering(kv_cache, outer.kernel if kernel is None else bool(kernel)))
     try:
         yield
     finally:

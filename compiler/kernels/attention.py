@@ -217,7 +217,8 @@ def gqa_attention(
 
     VL = pow2_divisor(D, vector_lanes)
     NV = D // VL
-    KB = int(block_keys)
+    KR = 4 if G <= 2 else 2  # keys per accumulator block: G * KR vector registers
+    KB = max(int(block_keys) // KR, 1) * KR
 
     @T.prim_func(s_tir=True)
     def gqa_attention(
@@ -246,7 +247,8 @@ def gqa_attention(
                 qs = T.alloc_buffer((G, D), f32)  # the query rows, scaled
                 acc = T.alloc_buffer((G, D), f32)
                 sc = T.alloc_buffer((G, KB), f32)  # scores, then probabilities
-                part = T.alloc_buffer((VL,), f32)
+                part = T.alloc_buffer((G, KR, VL), f32)
+                pv = T.alloc_buffer((2, G, VL), f32)
                 mx = T.alloc_buffer((G,), f32)  # running maximum
                 sm = T.alloc_buffer((G,), f32)  # running sum
                 nm = T.alloc_buffer((1,), f32)  # the new maximum
@@ -264,29 +266,47 @@ def gqa_attention(
                             ) * T.float32(scale)
                             acc[g, dc * VL + lane] = T.float32(0)
                 for blk in range((T.max(hi - lo, T.int64(0)) + KB - 1) // KB):
-                    for g in range(G):
-                        for jj in range(KB):
-                            if lo + blk * KB + jj < hi:
+                    # Scores of KR keys at a time for all G heads: G * KR independent vector
+                    # accumulators (one would serialise on the FMA latency), each key row loaded
+                    # once for the group. Rows past hi are clamped (read, then masked below).
+                    for jr in range(KB // KR):
+                        for g in T.unroll(G):
+                            for j4 in T.unroll(KR):
                                 for lane in T.vectorized(VL):
-                                    part[lane] = T.float32(0)
-                                for dc in range(NV):
+                                    part[g, j4, lane] = T.float32(0)
+                        for dc in range(NV):
+                            for j4 in T.unroll(KR):
+                                for g in T.unroll(G):
                                     for lane in T.vectorized(VL):
-                                        part[lane] = part[lane] + qs[g, dc * VL + lane] * T.Cast(
-                                            f32, K[b, h, lo + blk * KB + jj, dc * VL + lane]
+                                        part[g, j4, lane] = part[g, j4, lane] + qs[
+                                            g, dc * VL + lane
+                                        ] * T.Cast(
+                                            f32,
+                                            K[
+                                                b,
+                                                h,
+                                                T.min(lo + blk * KB + jr * KR + j4, hi - 1),
+                                                dc * VL + lane,
+                                            ],
                                         )
-                                sc[g, jj] = part[0]
-                                for lane in range(1, VL):
-                                    sc[g, jj] = sc[g, jj] + part[lane]
-                                sc[g, jj] = capped(sc[g, jj])
+                        for g in T.unroll(G):
+                            for j4 in T.unroll(KR):
+                                sc[g, jr * KR + j4] = part[g, j4, 0]
+                                for lane in T.unroll(1, VL):
+                                    sc[g, jr * KR + j4] = sc[g, jr * KR + j4] + part[g, j4, lane]
+                                sc[g, jr * KR + j4] = capped(sc[g, jr * KR + j4])
+                    for g in range(G):
                         nm[0] = mx[g]
                         for jj in range(KB):
                             if lo + blk * KB + jj < hi:
                                 nm[0] = T.max(nm[0], sc[g, jj])
-                        for jj in range(KB):
-                            if lo + blk * KB + jj < hi:
-                                sc[g, jj] = T.exp(sc[g, jj] - nm[0])
-                            else:
-                                sc[g, jj] = T.float32(0)
+                        # vectorised: the pipeline's VectorizableMath makes exp a polynomial
+                        for jj in T.vectorized(KB):
+                            sc[g, jj] = T.if_then_else(
+                                lo + blk * KB + jj < hi,
+                                T.exp(sc[g, jj] - nm[0]),
+                                T.float32(0),
+                            )
                         sm[g] = sm[g] * T.exp(mx[g] - nm[0])
                         for dc in range(NV):
                             for lane in T.vectorized(VL):
@@ -296,14 +316,31 @@ def gqa_attention(
                         for jj in range(KB):
                             sm[g] = sm[g] + sc[g, jj]
                         mx[g] = nm[0]
-                    for jj in range(KB):
-                        if lo + blk * KB + jj < hi:
-                            for g in range(G):
-                                for dc in range(NV):
+                    # acc += p @ V, one head-dim vector at a time: 2 * G accumulators in
+                    # registers over the block's keys (masked keys have p = 0; rows clamped)
+                    for dc in range(NV):
+                        for g in T.unroll(G):
+                            for lane in T.vectorized(VL):
+                                pv[0, g, lane] = acc[g, dc * VL + lane]
+                                pv[1, g, lane] = T.float32(0)
+                        for jh in T.unroll(KB // 2):
+                            for par in T.unroll(2):
+                                for g in T.unroll(G):
                                     for lane in T.vectorized(VL):
-                                        acc[g, dc * VL + lane] = acc[g, dc * VL + lane] + sc[
-                                            g, jj
-                                        ] * T.Cast(f32, V[b, h, lo + blk * KB + jj, dc * VL + lane])
+                                        pv[par, g, lane] = pv[par, g, lane] + sc[
+                                            g, jh * 2 + par
+                                        ] * T.Cast(
+                                            f32,
+                                            V[
+                                                b,
+                                                h,
+                                                T.min(lo + blk * KB + jh * 2 + par, hi - 1),
+                                                dc * VL + lane,
+                                            ],
+                                        )
+                        for g in T.unroll(G):
+                            for lane in T.vectorized(VL):
+                                acc[g, dc * VL + lane] = pv[0, g, lane] + pv[1, g, lane]
                 for g in range(G):
                     if use_sink:
                         nm[0] = T.max(mx[g], SINK[h * G + g])
