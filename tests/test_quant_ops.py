@@ -1,6 +1,6 @@
 """ONNX Runtime's weight-only quantized operators (``compiler/frontend/convert_quant.py``):
-``com.microsoft`` MatMulNBits and GatherBlockQuantized against ONNX Runtime's CPU kernels and an
-exact dequantize-then-float32 NumPy reference.
+``com.microsoft`` MatMulNBits, GatherBlockQuantized and QMoE against ONNX Runtime's CPU kernels
+and an exact dequantize-then-float32 NumPy reference (QMoE: its tolerances are above its tests).
 
 The weights are quantized here in NumPy (round to nearest, per block of K, symmetric or with zero
 points) following ONNX Runtime's documented layout; the reference uses the integer codes before
@@ -309,3 +309,159 @@ def test_gather_block_quantized(tmp_path):
             exact = refs[name][ids % VOCAB]
             assert_close(got[name], exact, RTOL, ATOL, f"{name} vs NumPy")
             assert_close(got[name], want[name], RTOL, ATOL, f"{name} vs ONNX Runtime")
+
+
+# ------------------------------------------------------------------------------------------------
+# QMoE
+# ------------------------------------------------------------------------------------------------
+# Tolerances: vs the NumPy reference (moe_op.reference on the weights dequantized from the integer
+# codes before packing) 1e-4 / 1e-4, measured <= 2e-6; vs ONNX Runtime where its CPU kernel
+# computes in float32 (4-bit experts at accuracy_level 0, per-column 8-bit) the same;
+# where it quantizes the activations to int8 (block-wise 8-bit experts at every level, 4-bit at
+# accuracy_level 4) 3 % of the output's largest magnitude (measured up to 1.5 %).
+QMOE_E, QMOE_H, QMOE_I = 4, 64, 32
+QMOE_INT8_ACT_REL = 3e-2
+# name -> (activation, bits, block (0: per column), zero points none|packed, swiglu_fusion, bias,
+#          accuracy_level). ONNX Runtime's CPU kernel runs SwiGLU with swiglu_fusion=1 only; the
+#          other layouts are checked against NumPy alone.
+QMOE_CASES = {
+    "b4_col_sym": ("swiglu", 4, 0, "none", 1, False, 0),
+    "b4_bs32_zp_bias": ("swiglu", 4, 32, "packed", 1, True, 0),
+    "b4_bs16_acc4": ("swiglu", 4, 16, "packed", 1, False, 4),
+    "b8_col_zp_bias": ("swiglu", 8, 0, "packed", 1, True, 0),
+    "b8_bs32_sym": ("swiglu", 8, 32, "none", 1, False, 0),
+    "silu_b4_bs32": ("silu", 4, 32, "packed", 0, True, 0),
+    "b4_concat_bias": ("swiglu", 4, 32, "packed", 2, True, 0),
+    "b8_fc3_bias": ("swiglu", 8, 0, "none", 0, True, 0),
+}
+QMOE_ORT = [n for n, c in QMOE_CASES.items() if c[0] != "swiglu" or c[4] == 1]
+
+
+def _int8_activations(case) -> bool:
+    _, bits, block, _, _, _, level = case
+    return bool(block) and (bits == 8 or level == 4)
+
+
+def _quantize_experts(w: np.ndarray, bits: int, block: int, zero_points: str):
+    """QMoE storage of ``w`` ``[E, N, K]``: packed codes, scales, packed zero points (None when
+    symmetric) and the exact dequantized ``[E, N, K]``, from ``_quantize`` expert by expert."""
+    e, n, k = w.shape
+    packed, scales, zps, deqs = [], [], [], []
+    for i in range(e):
+        codes, scale, zp, deq = _quantize(w[i].T, bits, block or k, zero_points)
+        packed.append(_pack(codes, bits))
+        scales.append(scale if block else scale[:, 0])
+        if zp is not None:  # per column: one zero point per row, packed along N
+            zp8 = zp.astype(np.uint8)
+            zps.append(_pack(zp8, bits) if block else _pack(zp8[:, 0], bits))
+        deqs.append(deq.T)
+    zp_out = np.stack(zps) if zps else None
+    return np.stack(packed), np.stack(scales).astype(np.float32), zp_out, np.stack(deqs)
+
+
+def _qmoe_case(name, case):
+    """A QMoE node reading ``x`` and ``logits``, its initializers, and (spec, dequantized
+    weights) for ``moe_op.reference``."""
+    from qiao.compiler import moe_op
+
+    act, bits, block, zp_kind, fusion, bias, level = case
+    spec = moe_op.MoESpec(
+        k=2, activation_type=act, normalize_routing_weights=1, swiglu_fusion=fusion,
+        swiglu_limit=7.0 if act == "swiglu" else None,
+    )  # fmt: skip
+    weights = moe_op.random_weights(spec, QMOE_E, QMOE_H, QMOE_I, seed=len(name), bias=bias)
+    deq = dict(weights)
+    inits, ins, zp_names = [], ["x", "logits"], []
+    for fc, b in (("fc1", "b1"), ("fc2", "b2"), ("fc3", "b3")):
+        if fc not in weights:
+            ins += ["", "", ""]
+            zp_names.append("")
+            continue
+        q, s, zp, deq[fc] = _quantize_experts(weights[fc], bits, block, zp_kind)
+        for suffix, arr in (("q", q), ("s", s)):
+            inits.append(numpy_helper.from_array(arr, f"{name}.{fc}.{suffix}"))
+        ins += [f"{name}.{fc}.q", f"{name}.{fc}.s", f"{name}.{b}" if b in weights else ""]
+        if b in weights:
+            inits.append(numpy_helper.from_array(weights[b], f"{name}.{b}"))
+        zp_names.append("" if zp is None else f"{name}.{fc}.zp")
+        if zp is not None:
+            inits.append(numpy_helper.from_array(zp, f"{name}.{fc}.zp"))
+    ins += zp_names
+    while not ins[-1]:
+        ins.pop()
+    attrs = dict(spec.attributes(), expert_weight_bits=bits, accuracy_level=level)
+    if block:
+        attrs["block_size"] = block
+    node = helper.make_node("QMoE", ins, [name], domain="com.microsoft", **attrs)
+    out = helper.make_tensor_value_info(name, TP.FLOAT, ["t", QMOE_H])
+    return node, inits, out, (spec, deq)
+
+
+@pytest.fixture(scope="module")
+def qmoe(tmp_path_factory):
+    built = {name: _qmoe_case(name, case) for name, case in QMOE_CASES.items()}
+    inputs = [
+        helper.make_tensor_value_info("x", TP.FLOAT, ["t", QMOE_H]),
+        helper.make_tensor_value_info("logits", TP.FLOAT, ["t", QMOE_E]),
+    ]
+
+    def model(names):
+        nodes, inits, outs = [], [], []
+        for n in names:
+            nodes.append(built[n][0])
+            inits += built[n][1]
+            outs.append(built[n][2])
+        return _model(nodes, inputs, outs, inits)
+
+    artifact = compile(model(list(QMOE_CASES)), "cpu", tmp_path_factory.mktemp("qmoe") / "a")
+    refs = {n: b[3] for n, b in built.items()}
+    return artifact, _ort(model(QMOE_ORT)), refs
+
+
+@pytest.mark.parametrize("tokens", [1, 9])
+def test_qmoe(qmoe, tokens):
+    """Every QMoE case against NumPy; the ones ONNX Runtime's CPU kernel runs against it too."""
+    from qiao.compiler import moe_op
+
+    artifact, sess, refs = qmoe
+    feeds = {
+        "x": RNG.standard_normal((tokens, QMOE_H)).astype(np.float32),
+        "logits": RNG.standard_normal((tokens, QMOE_E)).astype(np.float32),
+    }
+    got = artifact.run(feeds)
+    want = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+    for name, case in QMOE_CASES.items():
+        spec, deq = refs[name]
+        exact = moe_op.reference(spec, feeds["x"], feeds["logits"], deq)
+        assert_close(got[name], exact, RTOL, ATOL, f"{name} vs NumPy")
+        if name not in want:
+            continue
+        if _int8_activations(case):
+            err = np.abs(got[name] - want[name]).max()
+            bound = QMOE_INT8_ACT_REL * np.abs(exact).max()
+            assert err <= bound, f"{name} vs ONNX Runtime (int8 activations): {err} > {bound}"
+        else:
+            assert_close(got[name], want[name], RTOL, ATOL, f"{name} vs ONNX Runtime")
+
+
+def test_qmoe_refusals(tmp_path):
+    """What qiao does not take from QMoE fails at import with the fix."""
+    from qiao.compiler.errors import QiaoError
+
+    node, inits, out, _ = _qmoe_case("y", QMOE_CASES["b4_col_sym"])
+    inputs = [
+        helper.make_tensor_value_info("x", TP.FLOAT, ["t", QMOE_H]),
+        helper.make_tensor_value_info("logits", TP.FLOAT, ["t", QMOE_E]),
+    ]
+    for attr, value, message in (
+        ("quant_type", "fp8", "quant_type"),
+        ("weights_prepacked", 1, "weights_prepacked"),
+        ("block_size", 24, "power of 2"),
+    ):
+        bad = helper.make_node(
+            "QMoE", list(node.input), ["y"], domain="com.microsoft",
+            **{**{a.name: helper.get_attribute_value(a) for a in node.attribute}, attr: value},
+        )  # fmt: skip
+        with pytest.raises(QiaoError, match=message) as info:
+            compile(_model([bad], inputs, [out], inits), "cpu", tmp_path / "a")
+        assert "fix:" in str(info.value)
