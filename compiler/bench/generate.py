@@ -295,6 +295,14 @@ def _worker_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def _run_here(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """``run_worker`` in this process, errors as ``{"error": ...}`` like a worker's."""
+    try:
+        return run_worker(spec)
+    except QiaoError as err:
+        return {"error": str(err)}
+
+
 def run_in_subprocess(spec: Mapping[str, Any], timeout: float | None = None) -> dict[str, Any]:
     """Run ``run_worker(spec)`` in a fresh Python process; its result (or ``{"error": ...}``)."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
@@ -476,6 +484,7 @@ def bench_generate(
     label: str | None = None,
     roofs: bool = True,
     timeout: float | None = 3600.0,
+    isolate: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Time a decoder's generation on each engine; returns a ``qiao bench`` result document.
@@ -508,6 +517,9 @@ def bench_generate(
         Measure the CPU's bandwidth for the roofline.
     timeout : float, optional
         Seconds per engine process.
+    isolate : bool
+        Run each engine in its own process (default). ``False`` runs them in this one: faster to
+        start (for small models and smoke tests), but then peak RSS is not each engine's own.
     progress : callable, optional
         Called with one line of text at each step.
 
@@ -571,6 +583,7 @@ def bench_generate(
             "past": list(past),
             "past_tokens": past_tokens,
             "runs": runs,
+            "isolated": isolate,
             "warmup": 1,
             "repeat": runs,
             "seed": seed,
@@ -655,7 +668,7 @@ def bench_generate(
                 say(f"[{index + 1}/{len(plan)}] {label_size}: {name}")
                 settle()
                 spec = dict(places[name], engine=name, prompts=prompts, new_tokens=count, runs=runs)
-                measured = run_in_subprocess(spec, timeout)
+                measured = run_in_subprocess(spec, timeout) if isolate else _run_here(spec)
                 if "error" in measured:
                     note = f"{name} ({label_size}): {measured['error']}"
                     entry["notes"].append(note)
