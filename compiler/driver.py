@@ -207,6 +207,11 @@ def compile(
     if resolved.decoder is not None and "kv_cache" not in caller_options:
         # decoder sources run with GenAI's shared buffer: present written in place
         options = CompileOptions.from_kwargs(options, kv_cache="inplace")
+    if resolved.decoder is not None:
+        from qiao.compiler.frontend.decoder_graph import last_token_logits
+
+        # generation reads one row per entry: the LM head runs on that row only
+        logits_rows = "last" if last_token_logits(resolved.proto) else "all"
     imported = import_onnx(
         resolved.proto,
         to_relax=backend.imports_relax,
@@ -256,7 +261,7 @@ def compile(
             manifest["quantization"] = quantization
         if resolved.decoder is not None:
             kv_cache = options.get("kv_cache") or "copy"
-            manifest["decoder"] = dict(resolved.decoder, kv_cache=kv_cache)
+            manifest["decoder"] = dict(resolved.decoder, kv_cache=kv_cache, logits=logits_rows)
         manifest = art.write_manifest(tmp, manifest)
     artifact = Artifact(os.path.abspath(out), manifest)
     # Hand-off backends without their vendor toolchain raise here: the package is complete and kept.

@@ -90,6 +90,38 @@ def test_manifest_describes_the_decoder(decoder):
     assert (info["num_layers"], info["kv_heads"], info["head_size"]) == (2, 2, 16)
 
 
+def test_last_token_logits_rewrite_matches_ort(decoder, tmp_path):
+    """The rewrite (``decoder_graph.last_token_logits``) through ONNX Runtime: its ``(B, 1, V)``
+    logits are the original graph's rows ``len_b - 1`` for a ragged prefill and a decode step."""
+    import onnx
+    import onnxruntime as ort
+
+    from qiao.compiler.frontend.decoder_graph import last_token_logits
+
+    _, folder, artifact = decoder
+    assert artifact.manifest["decoder"]["logits"] == "last"
+    proto = onnx.load(f"{folder}/model.onnx")
+    assert last_token_logits(proto)
+    onnx.save(proto, tmp_path / "last.onnx", save_as_external_data=True, location="last.data")
+    original = ort.InferenceSession(f"{folder}/model.onnx", providers=["CPUExecutionProvider"])
+    rewritten = ort.InferenceSession(tmp_path / "last.onnx", providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(5)
+    for seq, totals in ((6, np.array([6, 2, 4])), (1, np.array([9, 3, 7]))):
+        ids = rng.integers(3, 300, (3, seq))
+        mask = (np.arange(totals.max())[None] < totals[:, None]).astype(np.int64)
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        feeds |= {
+            f"past_key_values.{i}.{kv}": rng.standard_normal((3, 2, 12, 16)).astype(np.float32)
+            for i in range(2)
+            for kv in ("key", "value")
+        }
+        want = original.run(["logits"], feeds)[0]
+        got = rewritten.run(["logits"], feeds)[0]
+        assert got.shape == (3, 1, 300)
+        rows = np.minimum(seq, totals) - 1
+        assert_close(got[:, 0], want[np.arange(3), rows], 1e-6, 1e-6, "last-row logits")
+
+
 def test_greedy_64_tokens_match_transformers_and_ort_genai(decoder):
     model, folder, artifact = decoder
     prompt = _prompt(7)

@@ -22,32 +22,29 @@ from onnx import TensorProto, helper, numpy_helper
 _HEADS = ("MatMul", "Gemm", "MatMulNBits")
 
 
-def last_token_logits(proto: onnx.ModelProto) -> onnx.ModelProto | None:
-    """A copy of the decoder ``proto`` whose ``logits`` output is ``(B, 1, vocab)``: the last
-    valid row of each entry (module docstring). ``None`` when the graph does not have the shape
-    this rewrite knows (``logits`` made by a MatMul/Gemm/MatMulNBits head, optionally followed by
-    elementwise nodes with one graph input, from a ``(B, S, hidden)`` activation) — the caller
-    then keeps all rows."""
+def last_token_logits(proto: onnx.ModelProto) -> bool:
+    """Rewrite the decoder ``proto`` in place (a decoder's weights may be gigabytes: no copy) so
+    that its ``logits`` output is ``(B, 1, vocab)``: the last valid row of each entry (module
+    docstring). Returns ``False``, leaving ``proto`` as it was, when the graph does not have the
+    shape this rewrite knows (``logits`` made by a MatMul/Gemm/MatMulNBits head, optionally
+    followed by elementwise nodes with one graph input, from a ``(B, S, hidden)`` activation):
+    all rows are kept then."""
     graph = proto.graph
     inputs = {i.name for i in graph.input}
     outputs = [o.name for o in graph.output]
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     if "logits" not in outputs or "attention_mask" not in inputs or opset < 13:
-        return None  # (ReduceSum takes its axes as an input from opset 13 on)
+        return False  # (ReduceSum takes its axes as an input from opset 13 on)
     producer = {out: node for node in graph.node for out in node.output}
     node = producer.get("logits")
     # Walk back over per-row elementwise nodes (a softcap's Div/Tanh/Mul, a bias Add) to the head.
     while node is not None and node.op_type not in _HEADS:
         if node.op_type not in ("Add", "Mul", "Div", "Tanh", "Cast") or len(node.input) > 2:
-            return None
+            return False
         node = producer.get(node.input[0])
     if node is None:
-        return None
-    hidden = node.input[0]
-    new = onnx.ModelProto()
-    new.CopyFrom(proto)
-    graph = new.graph
-    head = next(n for n in graph.node if list(n.output) == list(node.output))
+        return False
+    hidden, head = node.input[0], node
     names = {n for n in (*(o for n in graph.node for o in n.output), *inputs)}
 
     def fresh(base: str) -> str:
@@ -102,7 +99,7 @@ def last_token_logits(proto: onnx.ModelProto) -> onnx.ModelProto | None:
     kept = [vi for vi in graph.value_info if vi.name not in stale]
     graph.ClearField("value_info")
     graph.value_info.extend(kept)
-    return new
+    return True
 
 
 def _i64(values):
