@@ -1,0 +1,237 @@
+"""``--quantize int4|int8`` (``compiler/quantize.py``): round-to-nearest weight-only quantization
+written as ONNX Runtime's MatMulNBits / QMoE / GatherBlockQuantized.
+
+What is checked, and against what:
+
+- ``quantize_rows``: every weight is within half a step (asymmetric) or one step (symmetric: the
+  one code past the largest magnitude clips) of its value, recomputed here from the codes;
+  ``pack_codes`` is undone by the importer's ``unpack_codes``.
+- The rewritten graph: ONNX Runtime on the quantized graph against ONNX Runtime on the float graph
+  whose weights are replaced by their dequantized values (fake quantization, computed here from
+  ``quantize_rows``' codes; its MoE node decomposed by ``moe_op.decompose_model``, as ONNX
+  Runtime's CPU MoE takes interleaved SwiGLU only): same numbers up to float32 summation order
+  (1e-4 / 1e-4; measured <= 5e-7). That checks the packing, layouts, the SwiGLU row
+  interleaving, Gemm's bias and the router kept float.
+- qiao on the quantized graph against ONNX Runtime on it (1e-4 / 1e-4; measured <= 2e-6); the
+  error against the float model is reported by ``validate`` (not a verdict).
+- Built-in models end to end (slow): ``transformer`` and ``qwen3-moe-tiny`` compile with
+  ``quantize="int4"`` and validate against ONNX Runtime on the quantized graph at the models' own
+  tolerances.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto as TP
+from onnx import helper, numpy_helper
+
+from qiao.compiler import load, moe_op
+from qiao.compiler.errors import QiaoError
+from qiao.compiler.frontend.convert_quant import unpack_codes
+from qiao.compiler.quantize import QuantScheme, pack_codes, quantize_model, quantize_rows
+from qiao.compiler.testing import assert_close, run_cli
+
+RTOL = ATOL = 1e-4
+V, H, E, I_ = 40, 64, 4, 32  # vocabulary, hidden, experts, expert intermediate size
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_round_to_nearest_bound(bits, symmetric):
+    rng = np.random.default_rng(bits + symmetric)
+    w = rng.standard_normal((5, 80)).astype(np.float32)  # 80 = 2.5 blocks of 32: padded
+    w[0, :32] = 0.0  # an all-zero block
+    codes, scales, zp = quantize_rows(w, bits, 32, symmetric)
+    assert codes.shape == (5, 96) and scales.shape == (5, 3) and codes.max() < (1 << bits)
+    assert (zp is None) == symmetric
+    zero = np.full(scales.shape, 1 << (bits - 1)) if symmetric else zp
+    deq = (codes.reshape(5, 3, 32) - zero[..., None].astype(np.float64)) * scales[..., None]
+    deq = deq.reshape(5, 96)[:, :80]
+    step = np.repeat(np.abs(scales), 32, axis=1)[:, :80].astype(np.float64)
+    err = np.abs(deq - w)
+    assert (err <= step * (1.0 if symmetric else 0.5) + 1e-6).all()
+    assert (deq[0, :32] == 0).all()
+    if symmetric:  # the block's largest magnitude is exactly representable
+        blocks = np.pad(w, ((0, 0), (0, 16))).reshape(5, 3, 32)
+        at = np.abs(blocks).argmax(-1)
+        picked = np.take_along_axis(blocks, at[..., None], -1)[..., 0]
+        padded = np.pad(deq, ((0, 0), (0, 16))).reshape(5, 3, 32)
+        got = np.take_along_axis(padded, at[..., None], -1)[..., 0].astype(np.float32)
+        assert_close(got, picked, rtol=1e-6, atol=0, name="extremes")
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_pack_is_undone_by_the_importer(bits):
+    codes = np.random.default_rng(bits).integers(0, 1 << bits, (3, 2, 37)).astype(np.uint8)
+    packed = pack_codes(codes, bits)
+    assert packed.shape == (3, 2, -(-37 * bits // 8))
+    np.testing.assert_array_equal(unpack_codes(packed, bits, 37), codes)
+
+
+def test_scheme_option():
+    from qiao.compiler.options import CompileOptions
+
+    assert QuantScheme.parse("int4") == QuantScheme(4, 32, False)
+    assert QuantScheme.parse({"bits": 8, "block_size": 64, "symmetric": True}).block_size == 64
+    for bad in ("int3", {"bits": 4, "block_size": 24}, {"bits": 5}, {"group": 32}, 4):
+        with pytest.raises(QiaoError, match="fix:"):
+            CompileOptions.from_kwargs(quantize=bad)
+
+
+def _model(layout: str, seed: int = 0) -> onnx.ModelProto:
+    """ids -> embedding Gather -> MatMul -> Gemm (transB, bias) -> MoE (SwiGLU, ``layout``, biases,
+    router a Gemm) -> output. Float32, seeded."""
+    rng = np.random.default_rng(seed)
+    fusion = {"separate": 0, "interleaved": 1, "concat": 2}[layout]
+    spec = moe_op.MoESpec(
+        k=2, activation_type="swiglu", normalize_routing_weights=1, swiglu_fusion=fusion
+    )
+    weights = moe_op.random_weights(spec, E, H, I_, seed=seed, bias=True)
+    inits = {
+        "table": rng.standard_normal((V, H)),
+        "w1": rng.standard_normal((H, H)) / 8,
+        "w2": rng.standard_normal((H, H)) / 8,  # Gemm B, transB=1: [N, K]
+        "c2": rng.standard_normal(H) / 8,
+        "router": rng.standard_normal((E, H)) / 8,
+        **weights,
+    }
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["x0"], axis=0),
+        helper.make_node("MatMul", ["x0", "w1"], ["x1"]),
+        helper.make_node("Gemm", ["x1", "w2", "c2"], ["x2"], transB=1, beta=0.5),
+        helper.make_node("Gemm", ["x2", "router"], ["logits"], transB=1),
+        moe_op.make_node(spec.with_inputs(weights), ("x2", "logits", *moe_op.WEIGHT_KEYS), "y"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "quantize_me",
+        [helper.make_tensor_value_info("ids", TP.INT64, ["t"])],
+        [helper.make_tensor_value_info("y", TP.FLOAT, ["t", H])],
+        initializer=[
+            numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()
+        ],
+    )
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=10)
+
+
+def _fake_quant(w_nk: np.ndarray, bits: int, block: int, symmetric: bool) -> np.ndarray:
+    """``w_nk`` [..., N, K] replaced by its dequantized value (from the codes, here)."""
+    k = w_nk.shape[-1]
+    codes, scales, zp = quantize_rows(w_nk, bits, block, symmetric)
+    zero = (1 << (bits - 1)) if zp is None else zp[..., None].astype(np.float64)
+    blocks = codes.reshape(*scales.shape, -1).astype(np.float64)
+    return ((blocks - zero) * scales[..., None]).reshape(*w_nk.shape[:-1], -1)[..., :k]
+
+
+def _fake_quant_model(model: onnx.ModelProto, scheme: QuantScheme, expert_block: int):
+    s = scheme
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    fq = {
+        "table": _fake_quant(inits["table"], s.bits, s.block_size, s.symmetric),
+        "w1": _fake_quant(inits["w1"].T, s.bits, s.block_size, s.symmetric).T,
+        "w2": _fake_quant(inits["w2"], s.bits, s.block_size, s.symmetric),
+    }
+    for fc in ("fc1", "fc2", "fc3"):  # per-row quantization: the SwiGLU row order is irrelevant
+        if fc in inits:
+            fq[fc] = _fake_quant(inits[fc], s.bits, expert_block, s.symmetric)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for t in out.graph.initializer:
+        if t.name in fq:
+            t.CopyFrom(numpy_helper.from_array(fq[t.name].astype(np.float32), t.name))
+    return out
+
+
+def _ort(model: onnx.ModelProto, feeds) -> np.ndarray:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)[0]
+
+
+FEEDS = {"ids": np.array([0, 7, 39, 3, 12, 7, 25], np.int64)}
+
+
+@pytest.mark.parametrize(
+    "layout,scheme",
+    [
+        ("separate", {"bits": 4, "block_size": 32, "symmetric": False}),
+        ("concat", {"bits": 4, "block_size": 16, "symmetric": True}),
+        ("interleaved", {"bits": 8, "block_size": 32, "symmetric": False}),
+        ("concat", {"bits": 8, "block_size": 64, "symmetric": True}),
+    ],
+)
+def test_quantized_graph_is_the_fake_quantized_model(layout, scheme):
+    model = _model(layout)
+    quantized, summary = quantize_model(model, scheme)
+    ops = {n.op_type for n in quantized.graph.node}
+    assert {"MatMulNBits", "QMoE", "GatherBlockQuantized"} <= ops and "MoE" not in ops
+    assert summary["ops"] == {"GatherBlockQuantized": 1, "MatMulNBits": 2, "QMoE": 1}
+    assert summary["kept_float"] == ["router (MoE router)"]
+    names = {t.name for t in quantized.graph.initializer}
+    assert not names & {"table", "w1", "w2", "fc1", "fc2", "fc3"}  # float copies dropped
+    qmoe = next(n for n in quantized.graph.node if n.op_type == "QMoE")
+    fusion = next(a for a in qmoe.attribute if a.name == "swiglu_fusion")
+    assert helper.get_attribute_value(fusion) == 1  # the layout ONNX Runtime's CPU kernel runs
+    expert_block = summary["experts"]["block_size"] or 0
+    assert expert_block == (scheme["block_size"] if scheme["bits"] == 4 else 0)
+    # ONNX Runtime's CPU MoE runs interleaved SwiGLU only: the float graphs run decomposed.
+    fake = _fake_quant_model(model, QuantScheme.parse(scheme), expert_block)
+    want = _ort(moe_op.decompose_model(fake), FEEDS)
+    got = _ort(quantized, FEEDS)
+    assert_close(got, want, RTOL, ATOL, "quantized graph vs fake-quantized float graph")
+    float_out = _ort(moe_op.decompose_model(model), FEEDS)
+    assert np.abs(got - float_out).max() > 1e-5  # quantization did change the numbers
+
+
+def test_nothing_to_quantize():
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TP.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TP.FLOAT, [2])],
+    )
+    with pytest.raises(QiaoError, match="no weight to quantize.*fix:"):
+        quantize_model(helper.make_model(graph), "int8")
+
+
+def test_cli_validate_quantized(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(_model("interleaved", seed=2), path)
+    result = run_cli(
+        "validate", str(path), "--quantize", "int8", "--symmetric", "-o", str(tmp_path / "a"),
+        "--inputs", str(_save_inputs(tmp_path)),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "PASS" in result.stdout
+    assert "quantized weights vs the float model, float onnxruntime" in result.stdout
+    # The artifact on its own: the scheme in the manifest, qiao vs ONNX Runtime on the quantized
+    # graph it keeps.
+    artifact = load(tmp_path / "a")
+    q = artifact.manifest["quantization"]
+    assert (q["bits"], q["block_size"], q["symmetric"]) == (8, 32, True)
+    assert q["ops"] == {"GatherBlockQuantized": 1, "MatMulNBits": 2, "QMoE": 1}
+    assert q["experts"] == {"bits": 8, "block_size": None}
+    source = onnx.load(str(tmp_path / "a" / "model.onnx"))
+    assert {"QMoE", "MatMulNBits"} <= {n.op_type for n in source.graph.node}
+    got = artifact.run(FEEDS)["y"]
+    assert_close(got, _ort(source, FEEDS), RTOL, ATOL, "qiao vs ONNX Runtime, quantized graph")
+
+
+def _save_inputs(tmp_path):
+    path = tmp_path / "inputs.npz"
+    np.savez(path, **FEEDS)  # token ids in range (random int inputs would be too)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["transformer", "qwen3-moe-tiny"])
+def test_builtin_models_end_to_end(tmp_path, name):
+    from qiao.compiler.validate import validate
+
+    report = validate(name, "cpu", output_dir=str(tmp_path / "a"), quantize="int4")
+    assert report.ok, report.format()
+    assert [c.reference for c in report.comparisons] == ["onnxruntime"]
+    assert report.vs_float and report.vs_float[0].reference == "float torch"
