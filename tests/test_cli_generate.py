@@ -214,3 +214,25 @@ def test_decode_weight_bytes_counts_k_of_e_experts():
     dense = 4 * (hidden * hidden + hidden * experts + vocab * hidden)
     expert = 4 * (2 * inter * hidden + hidden * inter)
     assert got == {"dense": dense, "experts": k * expert, "total": dense + k * expert}
+
+
+def test_bench_generate_cli(small):
+    """`qiao bench --generate` through the CLI: each engine in its own process, a result document
+    `qiao report` reads, ONNX Runtime GenAI's greedy tokens equal to qiao's."""
+    from qiao.compiler.bench import check_result
+
+    proc = run_cli(
+        "bench", small.directory, "--generate", "--engines", "qiao,ort-genai",
+        "--prompt-len", "6", "--new-tokens", "4", "--no-roofs", "--json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    doc = check_result(json.loads(proc.stdout))
+    (case,) = doc["cases"]
+    assert case["size"] == {"prompt_len": 6, "new_tokens": 4, "batch": 1}
+    assert set(case["engines"]) == {"qiao", "ort-genai"}
+    assert case["check"]["ort-genai"] == {
+        "ok": True, "max_abs": None, "matching": [4], "compared": [4],
+    }  # fmt: skip
+    for timed in case["engines"].values():
+        assert timed["ttft_s"] > 0 and timed["latency_s"]["n"] == 3  # 4 tokens: 3 decode steps
+        assert timed["peak_rss_mib"] > 0
