@@ -21,6 +21,7 @@ import json
 
 import torch
 
+from qiao.compiler.errors import UnknownModel
 from qiao.models import DecoderSpec, register_model
 from qiao.models.qwen3_moe import init_random
 
@@ -122,13 +123,15 @@ def build_hf_model(config: dict, seed: int = 0) -> torch.nn.Module:
     """transformers' ``Qwen3ForCausalLM`` / ``Qwen3MoeForCausalLM`` for ``config`` (a
     ``config.json`` dict) with seeded unit-scale random weights, float32, eval mode."""
     from transformers import Qwen3ForCausalLM, Qwen3MoeForCausalLM
+    from transformers.initialization import no_init_weights
 
     cfg = hf_config(config)
     cls = Qwen3MoeForCausalLM if "Qwen3MoeForCausalLM" in cfg.architectures else Qwen3ForCausalLM
-    model = cls(cfg).to(torch.float32).eval()
-    init_random(model, seed)
+    with no_init_weights():  # init_random sets every parameter: transformers' init is wasted time
+        model = cls(cfg).to(torch.float32).eval()
     if cfg.tie_word_embeddings:
-        model.tie_weights()
+        model.tie_weights()  # before init_random, so the shared table is drawn once
+    init_random(model, seed)
     return model
 
 
@@ -197,6 +200,13 @@ def save_tokenizer(directory: str, vocab_size: int = TOKENIZER_VOCAB) -> None:
 
 
 def _spec(name: str, config: dict, seed: int, overrides: dict, description: str) -> DecoderSpec:
+    unknown = sorted(set(overrides) - set(config))
+    if unknown:  # transformers' configs accept any key: a typo would pass silently
+        raise UnknownModel(
+            f"built-in decoder {name!r} has no option {', '.join(map(repr, unknown))}. fix: use "
+            f"seed or config.json keys ({', '.join(sorted(config))}); for real weights pass the "
+            "Hugging Face folder itself as the model"
+        )
     config = dict(config, **overrides)
     return DecoderSpec(
         name=name,

@@ -169,6 +169,8 @@ def test_builtins_are_decoders_and_cached():
         if t.data_location != onnx.TensorProto.EXTERNAL and len(t.raw_data) > 1024
     ]
     assert not big_inline
+    with pytest.raises(QiaoError, match="no option 'checkpoint'.*fix"):
+        get_model("qwen3-moe-small", checkpoint="/some/where")
 
 
 def _hf_folder(path, architectures=("Qwen3MoeForCausalLM",), **overrides) -> str:
