@@ -538,6 +538,11 @@ def export_model(
     context = int(context_length or cfg.max_position_embeddings)
     decoder = write_graph(model, out, context)
     hf = cfg.to_dict()
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and generation.eos_token_id is not None:
+        # generation_config.json's list (Qwen3: <|im_end|> and <|endoftext|>) is what stops
+        # generation; config.json often names only one of them
+        hf["eos_token_id"] = generation.eos_token_id
     with open(os.path.join(out, CONFIG_FILE), "w") as f:
         json.dump(genai_config(decoder, hf, context, int(cfg.vocab_size)), f, indent=4)
     if write_tokenizer is not None:
@@ -726,14 +731,40 @@ def builtin_folder(spec) -> str:
     return _cached(spec.name, key, make)
 
 
+_SOURCE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
+
+
+def _file_sha256(path: str, memo: dict) -> str:
+    """sha256 of a file, memoised by (path, size, mtime): a checkpoint of tens of GB is read once,
+    not at every compile."""
+    st = os.stat(path)
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    if key not in memo:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                digest.update(chunk)
+        memo[key] = digest.hexdigest()
+    return memo[key]
+
+
 def _files_sha256(folder: str) -> str:
+    """One hash over the files of a Hugging Face folder that the export reads."""
+    memo_path = os.path.join(cache_root(), "hf-file-hashes.json")
+    try:
+        with open(memo_path) as f:
+            memo = json.load(f)
+    except (OSError, ValueError):
+        memo = {}
     digest = hashlib.sha256()
     for name in sorted(os.listdir(folder)):
-        if name == "config.json" or name.endswith(".safetensors") or name in TOKENIZER_FILES:
-            digest.update(name.encode())
-            with open(os.path.join(folder, name), "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 24), b""):
-                    digest.update(chunk)
+        if name in _SOURCE_FILES or name.endswith(".safetensors"):
+            digest.update(f"{name}:{_file_sha256(os.path.join(folder, name), memo)}".encode())
+    os.makedirs(cache_root(), exist_ok=True)
+    tmp = f"{memo_path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(memo, f)
+    os.replace(tmp, memo_path)
     return digest.hexdigest()
 
 
