@@ -465,3 +465,38 @@ def test_qmoe_refusals(tmp_path):
         with pytest.raises(QiaoError, match=message) as info:
             compile(_model([bad], inputs, [out], inits), "cpu", tmp_path / "a")
         assert "fix:" in str(info.value)
+
+
+@pytest.mark.parametrize("dtype", [TP.UINT8, TP.INT4])
+def test_blocked_dequantize_linear_matmul(tmp_path, dtype):
+    """The QDQ form of a weight-only quantized MatMul (opset 21 ``DequantizeLinear`` with
+    ``block_size`` along K, as ONNX Runtime's quantizer writes with ``quant_format=QDQ``) vs
+    NumPy and ONNX Runtime without graph optimizations: its default optimizations fuse the pair
+    into a ``MatMulNBits`` that quantizes the activations to int8 (measured 0.5 % of the output
+    magnitude off the exact result). Tolerance: 1e-4 relative, 1e-4 of the largest magnitude.
+    qiao's ``lowprec`` rewrite imports blocked Q/DQ (tests/test_lowprec.py covers its types)."""
+    k, n, block = 96, 8, 32
+    lo, hi = (0, 255) if dtype == TP.UINT8 else (-8, 7)
+    codes = RNG.integers(lo, hi + 1, (k, n))
+    scale = (RNG.random((k // block, n)) * 0.1).astype(np.float32)
+    zp = RNG.integers(lo, hi + 1, (k // block, n))
+    inits = [
+        helper.make_tensor("q", dtype, [k, n], codes.ravel().tolist()),
+        numpy_helper.from_array(scale, "s"),
+        helper.make_tensor("zp", dtype, [k // block, n], zp.ravel().tolist()),
+    ]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["w"], axis=0, block_size=block),
+        helper.make_node("MatMul", ["a", "w"], ["y"]),
+    ]
+    a_vi = helper.make_tensor_value_info("a", TP.FLOAT, ["m", k])
+    model = _model(nodes, [a_vi], [helper.make_tensor_value_info("y", TP.FLOAT, ["m", n])], inits)
+    a = RNG.standard_normal((5, k)).astype(np.float32)
+    w = (codes - np.repeat(zp, block, 0)) * np.repeat(scale.astype(np.float64), block, 0)
+    exact = (a.astype(np.float64) @ w).astype(np.float32)
+    got = compile(model, "cpu", tmp_path / "a").run({"a": a})["y"]
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    assert_close(got, exact, RTOL, ATOL * np.abs(exact).max(), "vs NumPy")
+    assert_close(got, sess.run(None, {"a": a})[0], RTOL, ATOL * np.abs(exact).max(), "vs ORT")
