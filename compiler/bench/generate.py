@@ -421,6 +421,15 @@ def hf_source_for(artifact, hf_dir: str | None) -> dict[str, str]:
             return {"hf_dir": path}
     if source.get("kind") == "builtin" and source.get("name"):
         return {"builtin": source["name"], "builtin_options": source.get("options") or {}}
+    # a GenAI folder that qiao exported from a built-in names it (export_genai's qiao_export.json)
+    folder = source.get("folder") or os.path.dirname(source.get("path") or "")
+    try:
+        with open(os.path.join(folder, "qiao_export.json")) as f:
+            export = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if export.get("builtin"):
+        return {"builtin": export["builtin"], "builtin_options": {"seed": export.get("seed", 0)}}
     return {}
 
 
