@@ -100,6 +100,7 @@ def gqa_attention(
     gpu: bool = False,
     vector_lanes: int = 8,
     block_keys: int = 16,
+    query_rows: int = 4,
     threads: int = 64,
 ):
     """Build the attention PrimFunc for ``cfg``.
@@ -113,6 +114,8 @@ def gqa_attention(
         CPU: float32 lanes of the head-dim vectors.
     block_keys : int
         CPU: keys scored per online-softmax update.
+    query_rows : int
+        CPU: query rows per task when ``S >= query_rows`` (prefill), sharing each K/V row read.
     threads : int
         GPU: threads per block.
 
@@ -134,12 +137,18 @@ def gqa_attention(
     use_sink = bool(cfg.sink)
     causal = bool(cfg.causal)
 
+    def lo_of(TOT, PAST, b, s):
+        """The first key query row ``s`` of entry ``b`` sees (a TIR expression)."""
+        if window > 0:
+            return T.max(PAST[b] + s - (window - 1), T.int64(0))
+        return T.int64(0)
+
+    def hi_of(TOT, PAST, b, s):
+        """One past the last key query row ``s`` of entry ``b`` sees."""
+        return T.min(PAST[b] + s + 1, TOT[b]) if causal else TOT[b]
+
     def bounds(TOT, PAST, b, s):
-        """Keys ``[lo, hi)`` query row ``s`` of entry ``b`` sees (TIR expressions)."""
-        pos = PAST[b] + s
-        hi = T.min(pos + 1, TOT[b]) if causal else TOT[b]
-        lo = T.max(pos - (window - 1), T.int64(0)) if window > 0 else T.int64(0)
-        return lo, hi
+        return lo_of(TOT, PAST, b, s), hi_of(TOT, PAST, b, s)
 
     def capped(x):
         if cap > 0:
@@ -184,13 +193,13 @@ def gqa_attention(
                             st[1] = T.float32(0)
                             for d in range(D):
                                 acc[d] = T.float32(0)
-                            # hi <= L checked where the cache is written; clamped here so that
-                            # inconsistent lengths never read out of bounds
-                            for j in range(T.max(T.min(hi, L) - lo, T.int64(0))):
+                            # rows clamped to the buffer (not the loop: its bounds depend on the
+                            # lengths only) so that inconsistent lengths never read out of bounds
+                            for j in range(T.max(hi - lo, T.int64(0))):
                                 st[2] = T.float32(0)
                                 for d in range(D):
                                     st[2] = st[2] + T.Cast(f32, Q[b, s, hq, d]) * T.Cast(
-                                        f32, K[b, h, lo + j, d]
+                                        f32, K[b, h, T.min(lo + j, L - 1), d]
                                     )
                                 st[2] = capped(st[2] * T.float32(scale))
                                 st[3] = T.max(st[0], st[2])
@@ -198,7 +207,7 @@ def gqa_attention(
                                 for d in range(D):
                                     acc[d] = acc[d] * T.exp(st[0] - st[3]) + T.exp(
                                         st[2] - st[3]
-                                    ) * T.Cast(f32, V[b, h, lo + j, d])
+                                    ) * T.Cast(f32, V[b, h, T.min(lo + j, L - 1), d])
                                 st[0] = st[3]
                             if use_sink:
                                 st[3] = T.max(st[0], SINK[hq])
@@ -217,8 +226,133 @@ def gqa_attention(
 
     VL = pow2_divisor(D, vector_lanes)
     NV = D // VL
-    KR = 4 if G <= 2 else 2  # keys per accumulator block: G * KR vector registers
-    KB = max(int(block_keys) // KR, 1) * KR
+    KB = int(block_keys)
+    QB = int(query_rows)
+
+    def rows_block(qr: int):
+        """A macro computing query rows ``s0 .. s0+qr-1`` (those below S) of entry ``b`` for
+        the G heads of KV head ``h``: ``R = qr * G`` query vectors share every K/V row load."""
+        R = qr * G
+        KR = max(1, 8 // R)  # keys per scoring pass: R * KR vector accumulators
+        KBR = max(KB // KR, 1) * KR
+
+        @T.macro
+        def block(Q, K, V, TOT, PAST, SINK, OUT, b, h, s0, S):
+            qs = T.alloc_buffer((R, D), f32)  # the query vectors, scaled
+            acc = T.alloc_buffer((R, D), f32)
+            sc = T.alloc_buffer((R, KBR), f32)  # scores, then probabilities
+            part = T.alloc_buffer((R, KR, VL), f32)
+            pv = T.alloc_buffer((R, VL), f32)
+            mx = T.alloc_buffer((R,), f32)  # running maximum
+            sm = T.alloc_buffer((R,), f32)  # running sum
+            cr = T.alloc_buffer((R,), f32)  # this block's correction exp(old max - new max)
+            nm = T.alloc_buffer((1,), f32)
+            lims = T.alloc_buffer((qr, 2), "int64")  # [lo, hi) per query row
+            for qi in range(qr):
+                lims[qi, 0] = lo_of(TOT, PAST, b, T.min(s0 + qi, S - 1))
+                lims[qi, 1] = hi_of(TOT, PAST, b, T.min(s0 + qi, S - 1))
+                for g in range(G):
+                    mx[qi * G + g] = T.float32(_NEG)
+                    sm[qi * G + g] = T.float32(0)
+                    for dc in range(NV):
+                        for lane in T.vectorized(VL):
+                            qs[qi * G + g, dc * VL + lane] = T.Cast(
+                                f32, Q[b, T.min(s0 + qi, S - 1), h * G + g, dc * VL + lane]
+                            ) * T.float32(scale)
+                            acc[qi * G + g, dc * VL + lane] = T.float32(0)
+            # lo and hi grow with the row: the block's keys are [lims[0, 0], lims[qr-1, 1])
+            for blk in range((T.max(lims[qr - 1, 1] - lims[0, 0], T.int64(0)) + KBR - 1) // KBR):
+                # R * KR independent vector accumulators (one would serialise on the FMA
+                # latency); rows past the block's keys are clamped (read, then masked)
+                for jr in range(KBR // KR):
+                    for r in T.unroll(R):
+                        for j4 in T.unroll(KR):
+                            for lane in T.vectorized(VL):
+                                part[r, j4, lane] = T.float32(0)
+                    for dc in range(NV):
+                        for j4 in T.unroll(KR):
+                            for r in T.unroll(R):
+                                for lane in T.vectorized(VL):
+                                    part[r, j4, lane] = part[r, j4, lane] + qs[
+                                        r, dc * VL + lane
+                                    ] * T.Cast(
+                                        f32,
+                                        K[
+                                            b,
+                                            h,
+                                            T.min(
+                                                lims[0, 0] + blk * KBR + jr * KR + j4,
+                                                lims[qr - 1, 1] - 1,
+                                            ),
+                                            dc * VL + lane,
+                                        ],
+                                    )
+                    for r in T.unroll(R):
+                        for j4 in T.unroll(KR):
+                            sc[r, jr * KR + j4] = part[r, j4, 0]
+                            for lane in T.unroll(1, VL):
+                                sc[r, jr * KR + j4] = sc[r, jr * KR + j4] + part[r, j4, lane]
+                            sc[r, jr * KR + j4] = capped(sc[r, jr * KR + j4])
+                for r in range(R):
+                    nm[0] = mx[r]
+                    for jj in range(KBR):
+                        if (
+                            lims[r // G, 0] <= lims[0, 0] + blk * KBR + jj
+                            and lims[0, 0] + blk * KBR + jj < lims[r // G, 1]
+                        ):
+                            nm[0] = T.max(nm[0], sc[r, jj])
+                    # vectorised: the pipeline's VectorizableMath makes exp a polynomial
+                    for jj in T.vectorized(KBR):
+                        sc[r, jj] = T.if_then_else(
+                            lims[r // G, 0] <= lims[0, 0] + blk * KBR + jj
+                            and lims[0, 0] + blk * KBR + jj < lims[r // G, 1],
+                            T.exp(sc[r, jj] - nm[0]),
+                            T.float32(0),
+                        )
+                    cr[r] = T.exp(mx[r] - nm[0])
+                    sm[r] = sm[r] * cr[r]
+                    for jj in range(KBR):
+                        sm[r] = sm[r] + sc[r, jj]
+                    mx[r] = nm[0]
+                # acc = acc * correction + p @ V, one head-dim vector at a time, R accumulators
+                for dc in range(NV):
+                    for r in T.unroll(R):
+                        for lane in T.vectorized(VL):
+                            pv[r, lane] = acc[r, dc * VL + lane] * cr[r]
+                    for jj in T.unroll(KBR):
+                        for r in T.unroll(R):
+                            for lane in T.vectorized(VL):
+                                pv[r, lane] = pv[r, lane] + sc[r, jj] * T.Cast(
+                                    f32,
+                                    V[
+                                        b,
+                                        h,
+                                        T.min(lims[0, 0] + blk * KBR + jj, lims[qr - 1, 1] - 1),
+                                        dc * VL + lane,
+                                    ],
+                                )
+                    for r in T.unroll(R):
+                        for lane in T.vectorized(VL):
+                            acc[r, dc * VL + lane] = pv[r, lane]
+            for r in range(R):
+                if s0 + r // G < S:
+                    if use_sink:
+                        nm[0] = T.max(mx[r], SINK[h * G + r % G])
+                        sm[r] = sm[r] * T.exp(mx[r] - nm[0]) + T.exp(SINK[h * G + r % G] - nm[0])
+                        cr[r] = T.exp(mx[r] - nm[0])
+                    else:
+                        cr[r] = T.float32(1)
+                    # an empty key range (a padding row past a window): zeros, not 0/0
+                    nm[0] = T.if_then_else(sm[r] > T.float32(0), cr[r] / sm[r], T.float32(0))
+                    for dc in range(NV):
+                        for lane in T.vectorized(VL):
+                            OUT[b, s0 + r // G, h * G + r % G, dc * VL + lane] = T.Cast(
+                                dt, acc[r, dc * VL + lane] * nm[0]
+                            )
+
+        return block
+
+    one_row, row_block = rows_block(1), rows_block(QB)
 
     @T.prim_func(s_tir=True)
     def gqa_attention(
@@ -242,121 +376,36 @@ def gqa_attention(
         with T.sblock("root"):
             for b in range(B):
                 assert TOT[b] <= L, _OVERFLOW
-            for task in T.parallel(B * HKV * S):
-                # "global" scope: constant-size scratch becomes a stack array of the task
-                qs = T.alloc_buffer((G, D), f32)  # the query rows, scaled
-                acc = T.alloc_buffer((G, D), f32)
-                sc = T.alloc_buffer((G, KB), f32)  # scores, then probabilities
-                part = T.alloc_buffer((G, KR, VL), f32)
-                pv = T.alloc_buffer((2, G, VL), f32)
-                mx = T.alloc_buffer((G,), f32)  # running maximum
-                sm = T.alloc_buffer((G,), f32)  # running sum
-                nm = T.alloc_buffer((1,), f32)  # the new maximum
-                b = task // (HKV * S)
-                h = task // S % HKV
-                s = task % S
-                lo, hi = bounds(TOT, PAST, b, s)
-                for g in range(G):
-                    mx[g] = T.float32(_NEG)
-                    sm[g] = T.float32(0)
-                    for dc in range(NV):
-                        for lane in T.vectorized(VL):
-                            qs[g, dc * VL + lane] = T.Cast(
-                                f32, Q[b, s, h * G + g, dc * VL + lane]
-                            ) * T.float32(scale)
-                            acc[g, dc * VL + lane] = T.float32(0)
-                for blk in range((T.max(hi - lo, T.int64(0)) + KB - 1) // KB):
-                    # Scores of KR keys at a time for all G heads: G * KR independent vector
-                    # accumulators (one would serialise on the FMA latency), each key row loaded
-                    # once for the group. Rows past hi are clamped (read, then masked below).
-                    for jr in range(KB // KR):
-                        for g in T.unroll(G):
-                            for j4 in T.unroll(KR):
-                                for lane in T.vectorized(VL):
-                                    part[g, j4, lane] = T.float32(0)
-                        for dc in range(NV):
-                            for j4 in T.unroll(KR):
-                                for g in T.unroll(G):
-                                    for lane in T.vectorized(VL):
-                                        part[g, j4, lane] = part[g, j4, lane] + qs[
-                                            g, dc * VL + lane
-                                        ] * T.Cast(
-                                            f32,
-                                            K[
-                                                b,
-                                                h,
-                                                T.min(lo + blk * KB + jr * KR + j4, hi - 1),
-                                                dc * VL + lane,
-                                            ],
-                                        )
-                        for g in T.unroll(G):
-                            for j4 in T.unroll(KR):
-                                sc[g, jr * KR + j4] = part[g, j4, 0]
-                                for lane in T.unroll(1, VL):
-                                    sc[g, jr * KR + j4] = sc[g, jr * KR + j4] + part[g, j4, lane]
-                                sc[g, jr * KR + j4] = capped(sc[g, jr * KR + j4])
-                    for g in range(G):
-                        nm[0] = mx[g]
-                        for jj in range(KB):
-                            if lo + blk * KB + jj < hi:
-                                nm[0] = T.max(nm[0], sc[g, jj])
-                        # vectorised: the pipeline's VectorizableMath makes exp a polynomial
-                        for jj in T.vectorized(KB):
-                            sc[g, jj] = T.if_then_else(
-                                lo + blk * KB + jj < hi,
-                                T.exp(sc[g, jj] - nm[0]),
-                                T.float32(0),
-                            )
-                        sm[g] = sm[g] * T.exp(mx[g] - nm[0])
-                        for dc in range(NV):
-                            for lane in T.vectorized(VL):
-                                acc[g, dc * VL + lane] = acc[g, dc * VL + lane] * T.exp(
-                                    mx[g] - nm[0]
-                                )
-                        for jj in range(KB):
-                            sm[g] = sm[g] + sc[g, jj]
-                        mx[g] = nm[0]
-                    # acc += p @ V, one head-dim vector at a time: 2 * G accumulators in
-                    # registers over the block's keys (masked keys have p = 0; rows clamped)
-                    for dc in range(NV):
-                        for g in T.unroll(G):
-                            for lane in T.vectorized(VL):
-                                pv[0, g, lane] = acc[g, dc * VL + lane]
-                                pv[1, g, lane] = T.float32(0)
-                        for jh in T.unroll(KB // 2):
-                            for par in T.unroll(2):
-                                for g in T.unroll(G):
-                                    for lane in T.vectorized(VL):
-                                        pv[par, g, lane] = pv[par, g, lane] + sc[
-                                            g, jh * 2 + par
-                                        ] * T.Cast(
-                                            f32,
-                                            V[
-                                                b,
-                                                h,
-                                                T.min(lo + blk * KB + jh * 2 + par, hi - 1),
-                                                dc * VL + lane,
-                                            ],
-                                        )
-                        for g in T.unroll(G):
-                            for lane in T.vectorized(VL):
-                                acc[g, dc * VL + lane] = pv[0, g, lane] + pv[1, g, lane]
-                for g in range(G):
-                    if use_sink:
-                        nm[0] = T.max(mx[g], SINK[h * G + g])
-                        sm[g] = sm[g] * T.exp(mx[g] - nm[0]) + T.exp(SINK[h * G + g] - nm[0])
-                        for dc in range(NV):
-                            for lane in T.vectorized(VL):
-                                acc[g, dc * VL + lane] = acc[g, dc * VL + lane] * T.exp(
-                                    mx[g] - nm[0]
-                                )
-                    # an empty key range (a padding row past a window): zeros, not 0/0
-                    nm[0] = T.if_then_else(sm[g] > T.float32(0), T.float32(1) / sm[g], T.float32(0))
-                    for dc in range(NV):
-                        for lane in T.vectorized(VL):
-                            OUT[b, s, h * G + g, dc * VL + lane] = T.Cast(
-                                dt, acc[g, dc * VL + lane] * nm[0]
-                            )
+            if S < QB:  # decode: a task per (entry, KV head, row)
+                for task in T.parallel(B * HKV * S):
+                    one_row(
+                        Q,
+                        K,
+                        V,
+                        TOT,
+                        PAST,
+                        SINK,
+                        OUT,
+                        task // (HKV * S),
+                        task // S % HKV,
+                        task % S,
+                        S,
+                    )
+            else:  # prefill: QB rows per task share the K/V rows they read
+                for task in T.parallel(B * HKV * ((S + QB - 1) // QB)):
+                    row_block(
+                        Q,
+                        K,
+                        V,
+                        TOT,
+                        PAST,
+                        SINK,
+                        OUT,
+                        task // (HKV * ((S + QB - 1) // QB)),
+                        task // ((S + QB - 1) // QB) % HKV,
+                        task % ((S + QB - 1) // QB) * QB,
+                        S,
+                    )
 
     return gqa_attention
 
