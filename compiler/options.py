@@ -136,7 +136,10 @@ class CompileOptions(Mapping):
         if self.quantize is not None:
             from qiao.compiler.quantize import QuantScheme
 
-            QuantScheme.parse(self.quantize)  # QiaoError naming the valid forms
+            try:
+                QuantScheme.parse(self.quantize)
+            except QiaoError as err:  # the scheme's own message names the valid forms
+                raise QiaoError(f"compile option quantize={self.quantize!r}: {err}") from None
         if self.kv_cache is not None and self.kv_cache not in KV_CACHE_MODES:
             bad("kv_cache", " or ".join(map(repr, KV_CACHE_MODES)))
 
