@@ -39,6 +39,7 @@ COMMANDS = {
         "merge benchmark results into a Markdown report with plots",
     ),
     "tune": ("qiao.compiler.cli.tune", "measure and store schedule parameters for a device"),
+    "pack": ("qiao.compiler.cli.pack", "bundle an artifact to run with Python and NumPy only"),
 }
 
 
