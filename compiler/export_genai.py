@@ -201,7 +201,6 @@ def write_graph(model, out_dir: str, context_length: int) -> dict:
     vocab, eps = int(cfg.vocab_size), float(cfg.rms_norm_eps)
     rope = getattr(cfg, "rope_parameters", None) or {}
     theta = float(rope.get("rope_theta", _config_value(cfg, "rope_theta", 10000.0)))
-    moe = "Qwen3MoeForCausalLM" in (cfg.architectures or []) or hasattr(cfg, "num_experts")
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
 
     g = _GraphWriter(os.path.join(out_dir, DATA_FILE))
@@ -254,7 +253,7 @@ def write_graph(model, out_dir: str, context_length: int) -> dict:
                 f"{base}/post_attention_layernorm",
                 eps,
             )
-            sparse = moe and _is_sparse(cfg, i)
+            sparse = f"{src}mlp.gate.weight" in sd  # a router: transformers made it sparse
             pending = _moe(g, sd, cfg, i, normed) if sparse else _mlp(g, sd, i, normed)
         w_norm = g.weight("model.norm.weight", sd["model.norm.weight"])
         final = g.op(
@@ -415,13 +414,6 @@ def _mlp(g, sd, i, x) -> str:
     act = g.op("Mul", [gate, sig], f"{base}/act_fn/Mul")
     h = g.op("Mul", [act, up], f"{base}/Mul")
     return g.op("MatMul", [h, proj["down"]], f"{base}/down_proj/MatMul")
-
-
-def _is_sparse(cfg, layer: int) -> bool:
-    """transformers' rule for which Qwen3-MoE layers are sparse."""
-    only = list(getattr(cfg, "mlp_only_layers", None) or [])
-    step = int(getattr(cfg, "decoder_sparse_step", 1) or 1)
-    return layer not in only and int(cfg.num_experts) > 0 and (layer + 1) % step == 0
 
 
 def _moe(g, sd, cfg, i, x) -> str:
@@ -677,6 +669,34 @@ def copy_tokenizer(folder: str | os.PathLike, dest: str | os.PathLike) -> list[s
     return copied
 
 
+def example_feeds(
+    inputs: list[dict], decoder: Mapping[str, Any], seed: int = 0, batch: int = 2, prompt: int = 5
+) -> dict[str, np.ndarray]:
+    """Inputs of one prefill step of a decoder artifact (``inputs``: the manifest's input specs,
+    ``decoder``: its ``decoder`` section): ``batch`` prompts of ``prompt`` seeded tokens (no
+    padding, so every output row is defined) and zero KV buffers long enough for an in-place
+    cache. Seeded random masks and caches (``random_inputs``) would not be a valid step."""
+    rng = np.random.default_rng(seed)
+    buffer = min(int(decoder["context_length"]), max(16, prompt))
+    kv_shape = (batch, int(decoder["kv_heads"]), buffer, int(decoder["head_size"]))
+    feeds: dict[str, np.ndarray] = {}
+    for spec in inputs:
+        name, dtype = spec["name"], np.dtype(spec["dtype"])
+        if name == "input_ids":
+            vocab = int(decoder["vocab_size"])
+            feeds[name] = rng.integers(0, vocab, (batch, prompt)).astype(dtype)
+        elif name == "attention_mask":
+            feeds[name] = np.ones((batch, prompt), dtype)
+        elif name.startswith("past_key_values."):
+            feeds[name] = np.zeros(kv_shape, dtype)
+        else:
+            raise DecoderSourceError(
+                f"decoder input {name!r} is not one of GenAI's (input_ids, attention_mask, "
+                "past_key_values.*). fix: pass the inputs explicitly (--inputs file.npz)"
+            )
+    return feeds
+
+
 # ------------------------------------------------------------------------------------------------
 # Cache
 # ------------------------------------------------------------------------------------------------
@@ -782,6 +802,7 @@ __all__ = [
     "ARCHITECTURES",
     "DecoderSourceError",
     "builtin_folder",
+    "example_feeds",
     "copy_tokenizer",
     "decoder_manifest",
     "export_hf_folder",

@@ -123,6 +123,10 @@ def torch_reference(
 def example_inputs(artifact) -> dict[str, np.ndarray]:
     """The built-in model's own example inputs, or seeded random inputs that fit the manifest."""
     source = artifact.manifest.get("source", {})
+    if artifact.manifest.get("decoder"):  # random masks and caches are no decoder step
+        from qiao.compiler.export_genai import example_feeds
+
+        return example_feeds(artifact.inputs, artifact.manifest["decoder"])
     if source.get("kind") == "builtin":
         from qiao.models import get_model
 
@@ -186,7 +190,9 @@ def validate(
 
     if isinstance(model, Artifact):
         artifact = model
-    elif isinstance(model, (str, os.PathLike)) and os.path.isdir(os.fspath(model)):
+    elif isinstance(model, (str, os.PathLike)) and os.path.isfile(
+        os.path.join(os.fspath(model), art.MANIFEST)
+    ):  # an artifact; other directories are decoder sources (GenAI / Hugging Face folders)
         artifact = load(model)
     else:
         artifact = compile(model, target, output_dir, arch=arch, **compile_options)
@@ -221,7 +227,8 @@ def validate(
         report.skipped.append(
             f"onnxruntime could not run the model: {str(err).splitlines()[0][:200]}"
         )
-    references["torch"] = torch_reference(artifact.manifest.get("source", {}), ordered_inputs)
+    if not artifact.manifest.get("decoder"):  # a decoder's torch model is transformers' (KV cache)
+        references["torch"] = torch_reference(artifact.manifest.get("source", {}), ordered_inputs)
     if artifact.manifest.get("quantization"):
         # The ONNX Runtime reference ran the quantized graph; the float model (PyTorch eager, or
         # the original .onnx in ONNX Runtime) measures the quantization error instead.

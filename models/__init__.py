@@ -75,6 +75,8 @@ class DecoderSpec:
     write_tokenizer: Callable
     context_length: int
     description: str = ""
+    rtol: float = 1e-4  # validation tolerances against ONNX Runtime (float32)
+    atol: float = 1e-4
 
     @property
     def hf_model(self):

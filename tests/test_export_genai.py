@@ -174,9 +174,9 @@ def test_builtins_are_decoders_and_cached():
 
 
 def _hf_folder(path, architectures=("Qwen3MoeForCausalLM",), **overrides) -> str:
-    """A tiny Qwen3-MoE saved as a Hugging Face folder with the built-in tokenizer."""
-    config = dict(
-        qwen3.QWEN3_MOE_SMALL,
+    """A tiny Qwen3-MoE (dense Qwen3 when ``architectures`` says so) saved as a Hugging Face
+    folder with the built-in tokenizer."""
+    tiny = dict(
         num_hidden_layers=2,
         hidden_size=64,
         num_attention_heads=4,
@@ -187,8 +187,10 @@ def _hf_folder(path, architectures=("Qwen3MoeForCausalLM",), **overrides) -> str
         moe_intermediate_size=32,
         max_position_embeddings=128,
         mlp_only_layers=[1],  # one dense layer among the sparse ones
-        **overrides,
     )
+    base = qwen3.QWEN3_MOE_SMALL if "Qwen3MoeForCausalLM" in architectures else qwen3.QWEN3_SMALL
+    tiny = {k: v for k, v in tiny.items() if k in base}
+    config = dict(base, **dict(tiny, **overrides), architectures=list(architectures))
     model = qwen3.build_hf_model(config, seed=5)
     model.config.architectures = list(architectures)
     model.save_pretrained(path, safe_serialization=True)
@@ -273,3 +275,21 @@ def test_folder_errors(tmp_path):
             ),
             tmp_path / "yarn",
         )
+
+
+@pytest.mark.slow  # one decoder compile (~40 s on 2 idle cores)
+def test_validate_compiles_an_hf_folder(tmp_path):
+    """``validate`` on a Hugging Face folder (not an artifact directory): compiled through the
+    driver (manifest ``decoder``, tokenizer copied, in-place KV cache), run on a prefill step and
+    compared with ONNX Runtime on the same graph."""
+    from qiao.compiler.validate import validate
+
+    dense = {"architectures": ("Qwen3ForCausalLM",)}  # MoE kernels add a minute of compile
+    folder = _hf_folder(tmp_path / "hf", num_hidden_layers=1, intermediate_size=128, **dense)
+    report = validate(folder, "cpu", output_dir=str(tmp_path / "artifact"))
+    assert report.ok and report.comparisons
+    assert {c.reference for c in report.comparisons} == {"onnxruntime"}
+    manifest = json.loads((tmp_path / "artifact" / "manifest.json").read_text())
+    assert manifest["decoder"]["kv_cache"] == "inplace"
+    assert manifest["decoder"]["num_layers"] == 1
+    assert (tmp_path / "artifact" / "tokenizer" / "tokenizer.json").is_file()
