@@ -43,16 +43,31 @@ def _resolve_genai(folder: str, name: str, source: dict) -> ResolvedModel:
     return ResolvedModel(load_onnx(path), name, source, decoder=decoder, tokenizer_dir=tokenizer)
 
 
-def _resolve_folder(folder: str) -> ResolvedModel:
+def _resolve_folder(folder: str, model_options: Mapping | None = None) -> ResolvedModel:
     """A directory: an ONNX Runtime GenAI folder, or a Hugging Face Qwen3 / Qwen3-MoE folder
-    (exported to a cached GenAI folder on the way)."""
+    (exported to a cached GenAI folder on the way; ``model_options`` may set its
+    ``context_length``)."""
     from qiao.compiler import export_genai
+
+    options = dict(model_options or {})
+    unknown = sorted(set(options) - {"context_length"})
+    if unknown:
+        raise QiaoError(
+            f"model option(s) {', '.join(map(repr, unknown))} do not apply to the folder "
+            f"{folder}. fix: use only context_length (Hugging Face folders)"
+        )
 
     name = os.path.basename(os.path.abspath(folder))
     if export_genai.is_genai_folder(folder):
+        if options:
+            raise QiaoError(
+                f"{folder} is an ONNX Runtime GenAI folder: its context length is fixed by its "
+                "genai_config.json. fix: drop the model options (or export it again)"
+            )
         return _resolve_genai(folder, name, {"kind": "genai"})
     if export_genai.is_hf_folder(folder):
-        exported = export_genai.hf_folder(folder)
+        context = options.get("context_length")
+        exported = export_genai.hf_folder(folder, int(context) if context else None)
         source = {"kind": "huggingface", "hf_folder": os.path.abspath(folder)}
         return _resolve_genai(exported, name, source)
     raise export_genai.DecoderSourceError(
@@ -71,7 +86,7 @@ def resolve_model(model, example_args=None, model_options: Mapping | None = None
     if isinstance(model, (str, os.PathLike)):
         path = os.fspath(model)
         if os.path.isdir(path):
-            return _resolve_folder(path)
+            return _resolve_folder(path, model_options)
         if os.path.exists(path) or path.endswith(".onnx"):
             proto = load_onnx(path)
             name = os.path.splitext(os.path.basename(path))[0]

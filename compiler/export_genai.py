@@ -788,14 +788,15 @@ def _files_sha256(folder: str) -> str:
     return digest.hexdigest()
 
 
-def hf_folder(folder: str | os.PathLike) -> str:
-    """The cached GenAI export of a local Hugging Face folder (keyed by its files' content)."""
+def hf_folder(folder: str | os.PathLike, context_length: int | None = None) -> str:
+    """The cached GenAI export of a local Hugging Face folder (keyed by its files' content and
+    ``context_length``; default the config's ``max_position_embeddings``, 40960 for Qwen3: pass
+    less to keep the shared KV buffers small)."""
     folder = os.path.abspath(os.fspath(folder))
     read_hf_config(folder)
     name = os.path.basename(folder.rstrip(os.sep)) or "model"
-    return _cached(
-        name, {"hf_sha256": _files_sha256(folder)}, lambda tmp: export_hf_folder(folder, tmp)
-    )
+    key = {"hf_sha256": _files_sha256(folder), "context_length": context_length}
+    return _cached(name, key, lambda tmp: export_hf_folder(folder, tmp, context_length))
 
 
 __all__ = [

@@ -207,6 +207,10 @@ def test_hf_folder_source(tmp_path):
     assert decoder["context_length"] == 128 and decoder["eos_token_id"] == [2]
     assert decoder["bos_token_id"] is None and decoder["tokenizer"] == "tokenizer"
     assert resolve_model(folder).source["path"] == resolved.source["path"]  # exported once
+    short = resolve_model(folder, model_options={"context_length": 32}).decoder
+    assert short["context_length"] == 32
+    with pytest.raises(QiaoError, match="'seed' do not apply to the folder.*fix"):
+        resolve_model(folder, model_options={"seed": 1})
     ops = [n.op_type for n in resolved.proto.graph.node]
     assert ops.count("MoE") == 1  # layer 1 is in mlp_only_layers
     # the export's prefill logits equal the folder's model in transformers
