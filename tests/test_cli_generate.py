@@ -236,3 +236,22 @@ def test_bench_generate_cli(small):
     for timed in case["engines"].values():
         assert timed["ttft_s"] > 0 and timed["latency_s"]["n"] == 3  # 4 tokens: 3 decode steps
         assert timed["peak_rss_mib"] > 0
+
+
+def test_cache_key_follows_content(tmp_path):
+    """The cache key of a folder changes with any file's bytes and not with its modification time
+    alone; a built-in's key is its name's."""
+    from qiao.compiler.decoder_source import cache_key
+
+    folder = tmp_path / "genai"
+    folder.mkdir()
+    (folder / "genai_config.json").write_text("{}")
+    (folder / "model.onnx").write_bytes(b"weights-1")
+    root = str(tmp_path / "cache")
+    first = cache_key(folder, root=root)
+    assert first.startswith("genai-cpu-") and cache_key(folder, root=root) == first
+    os.utime(folder / "model.onnx", ns=(1, 1))  # same bytes, new stamp: hashed again, same key
+    assert cache_key(folder, root=root) == first
+    (folder / "model.onnx").write_bytes(b"weights-2")
+    assert cache_key(folder, root=root) != first
+    assert cache_key(MODEL, root=root) == cache_key(MODEL, root=root) != cache_key("qwen3-0.6b")
