@@ -310,10 +310,12 @@ def _builder_qwen3(folder):
     reason="onnxruntime-genai (its model builder makes the decoder) or transformers is not "
     "installed: pip install -e '.[test]'",
 )
-def test_builder_qwen3_prefill_and_decode(tmp_path):
+@pytest.mark.parametrize("kv_cache", ["copy", "inplace"])
+def test_builder_qwen3_prefill_and_decode(tmp_path, kv_cache):
     """Ragged batch 2 (prompts of 6 and 4 tokens, right-padded), then two decode steps, with the
-    cache as a past of the previous length and as GenAI's shared buffer of the context length:
-    qiao's logits and present KV (its own present fed back) against ONNX Runtime's."""
+    cache as a past of the previous length and as GenAI's shared buffer of the context length
+    (in place: the shared buffer only, a growing past is too short for it): qiao's logits and
+    present KV (its own present fed back) against ONNX Runtime's."""
     folder = _builder_qwen3(tmp_path)
     config = json.loads((folder / "genai_config.json").read_text())["model"]
     assert config["type"] == "qwen3" and config["decoder"]["num_key_value_heads"] == HKV
@@ -321,7 +323,7 @@ def test_builder_qwen3_prefill_and_decode(tmp_path):
     path = folder / "model.onnx"
     ops = {(n.domain, n.op_type) for n in onnx.load(path, load_external_data=False).graph.node}
     assert ("com.microsoft", "GroupQueryAttention") in ops
-    artifact = compile(str(path), "cpu", tmp_path / "artifact")
+    artifact = compile(str(path), "cpu", tmp_path / "artifact", kv_cache=kv_cache)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     layers = config["decoder"]["num_hidden_layers"]
     past_names = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
@@ -330,7 +332,7 @@ def test_builder_qwen3_prefill_and_decode(tmp_path):
     prompt = RNG.integers(3, 300, (2, 6)).astype(np.int64)
     prompt[1, 4:] = 0
     steps = [prompt, RNG.integers(3, 300, (2, 1)), RNG.integers(3, 300, (2, 1))]
-    for buffer in (0, context):  # 0: the past grows; context: shared buffer
+    for buffer in (0, context) if kv_cache == "copy" else (context,):  # 0: the past grows
         past = {n: np.zeros((2, HKV, buffer, D), np.float32) for n in past_names}
         mine = dict(past)
         totals = lengths.copy()
