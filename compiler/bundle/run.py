@@ -102,6 +102,7 @@ def _main(args) -> int:
             "min": 1e3 * times[0],
             "repeat": len(times),
         }
+        result["samples_s"] = times
         print(f"time: median {result['time_ms']['median']:.3f} ms over {len(times)} calls")
     if args.json:
         with open(args.json, "w") as f:

@@ -1,0 +1,112 @@
+"""Build a device-check folder: compile and pack the built-in models for a target, with reference
+inputs and outputs, into one folder that the device machine runs with Python and NumPy only.
+
+``check.sh`` drives this; see its header. The folder::
+
+    DIR/check.json        target, arch, models, sizes
+    DIR/run_bundles.py    the device side (benchmarks/device/run_bundles.py)
+    DIR/runtime/          lib/ and vendor/ of the bundles, stored once (restored into each bundle
+                          on the device; each bundle's sha256 manifest still checks them)
+    DIR/bundles/NAME/     one `qiao pack --with-reference` bundle per model
+    DIR/torch/NAME.pt     the model traced with TorchScript, for the PyTorch eager timing
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+# The built-in models (small ones: the folder must travel under 60 MB), the MoE model and the
+# decoder; 30B-sized models would need their weights generated on the device, which bundles
+# do not do yet.
+DEFAULT_MODELS = ("mlp", "cnn", "transformer", "qwen3-moe-tiny", "qwen3-small")
+SIZE_LIMIT = 60 * 2**20
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def folder_size(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def trace_torch(name: str, path: str) -> str | None:
+    """Save the built-in model traced with TorchScript; returns why not, or ``None``."""
+    try:
+        import torch
+
+        from qiao.models import ModelSpec, get_model
+
+        spec = get_model(name)
+        if not isinstance(spec, ModelSpec):
+            return "a decoder (no single traced module)"
+        with torch.no_grad():
+            traced = torch.jit.trace(spec.module, tuple(spec.example_inputs), check_trace=False)
+        traced.save(path)
+        return None
+    except Exception as err:  # the check still runs qiao; only the baseline is missing
+        return f"not traceable: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
+
+
+def build(target: str, arch: str | None, out: str, models: list[str]) -> dict:
+    """Compile, pack and dedupe; returns the plan written to ``check.json``."""
+    from qiao.compiler import compile
+    from qiao.compiler.pack import pack
+
+    out = os.path.abspath(out)
+    if os.path.exists(out):
+        if not os.path.isfile(os.path.join(out, "check.json")):
+            sys.exit(f"check: {out} exists and is not a device-check folder; choose another -o")
+        shutil.rmtree(out)
+    os.makedirs(os.path.join(out, "bundles"))
+    os.makedirs(os.path.join(out, "torch"))
+    plan: dict = {"target": target, "arch": arch, "models": [], "sizes": {}, "notes": {}}
+    with tempfile.TemporaryDirectory(prefix="qiao-check-") as work:
+        for name in models:
+            start = time.perf_counter()
+            print(f"[check] compiling {name} for {target}{':' + arch if arch else ''}", flush=True)
+            artifact = compile(name, target, os.path.join(work, name), arch=arch)
+            bundle = os.path.join(out, "bundles", name)
+            pack(artifact.directory, bundle, with_reference=True)
+            if not os.path.isdir(os.path.join(out, "runtime")):
+                os.makedirs(os.path.join(out, "runtime"))
+                for part in ("lib", "vendor"):
+                    shutil.copytree(os.path.join(bundle, part), os.path.join(out, "runtime", part))
+            plan["sizes"][name] = folder_size(bundle)
+            for part in ("lib", "vendor"):  # identical in every bundle (same target, same Python)
+                shutil.rmtree(os.path.join(bundle, part))
+            why = trace_torch(name, os.path.join(out, "torch", f"{name}.pt"))
+            if why:
+                plan["notes"][name] = f"pytorch: {why}"
+            plan["models"].append(name)
+            print(f"[check] {name}: {time.perf_counter() - start:.0f} s", flush=True)
+    shutil.copy2(os.path.join(HERE, "run_bundles.py"), out)
+    plan["folder_bytes"] = folder_size(out)
+    with open(os.path.join(out, "check.json"), "w") as f:
+        json.dump(plan, f, indent=1)
+    mb = 2**20
+    for name in plan["models"]:
+        print(f"[check] bundle {name}: {plan['sizes'][name] / mb:.1f} MB alone")
+    print(f"[check] folder {out}: {plan['folder_bytes'] / mb:.1f} MB (limit {SIZE_LIMIT // mb} MB)")
+    if plan["folder_bytes"] > SIZE_LIMIT:
+        sys.exit(f"check: the folder is {plan['folder_bytes'] / mb:.1f} MB, over the 60 MB limit")
+    return plan
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("target", help="cpu, cuda or rocm")
+    p.add_argument("--arch", default=None, help="e.g. sm_90 for cuda (default: the backend's)")
+    p.add_argument("-o", "--output", default=None, help="folder (default: device-check-TARGET)")
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated names")
+    args = p.parse_args(argv)
+    out = args.output or f"device-check-{args.target}{'-' + args.arch if args.arch else ''}"
+    build(args.target, args.arch, out, [m for m in args.models.split(",") if m])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
