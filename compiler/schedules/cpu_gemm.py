@@ -29,7 +29,7 @@ vectorises the reduction; ``register_tiles`` decides the register blocks of both
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from qiao.compiler.schedules.cpu_conv import deinterleaved
@@ -47,6 +47,13 @@ from qiao.compiler.schedules.tir_util import (
 # Float dtypes the micro-kernel handles; integer GEMMs go to the generic rules.
 GEMM_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
+# Rows of the middle variant's micro-tile (see ``with_few_rows_variant``): 4 x 2 vectors keeps
+# the 8 accumulators two FMA pipes of latency 4 need.
+MID_ROWS = 4
+# Widest micro-tile of the few-rows variant, in SIMD vectors (see ``few_rows_tile``): 8 measured
+# best for 1024 x 1024 at one row on AVX2 (4: 25 % slower).
+FEW_ROWS_VECTORS = 8
+
 
 @dataclass(frozen=True)
 class GemmTile:
@@ -59,7 +66,9 @@ class GemmTile:
     nr_vectors : int
         SIMD vectors per micro-kernel row; ``nr = nr_vectors * lanes`` columns of ``C``.
     mc_tiles : int
-        Micro-tiles of ``I`` per parallel task (``mc = mr * mc_tiles`` packed rows of ``A``).
+        Micro-tiles of ``I`` per parallel task (``mc = mr * mc_tiles`` packed rows of ``A``);
+        ``0`` puts all of ``I`` in every task (tasks then split ``J`` only, and each ``B`` panel
+        is reused across every row: the choice for a symbolic ``I`` against a weight).
     nc_tiles : int
         Micro-tiles of ``J`` per parallel task (``nc = nr * nc_tiles`` columns, the ``B`` panel
         reused across the task's rows); ``0`` puts all of ``J`` in every task (the only choice
@@ -209,6 +218,16 @@ def choose_tile(cpu: CPUInfo, shape: GemmShape) -> GemmTile:
                 if m_tiles % cand == 0 and shape.s * (m_tiles // cand) >= tasks_wanted:
                     mc_tiles = cand
                     break
+    elif shape.n is not None and _ceil_div(shape.n, nr) >= 2 * cpu.num_cores:
+        # Symbolic rows (tokens) against enough static columns (a weight): every task sweeps all
+        # the rows over its own block of columns, so each B panel comes from memory once per call
+        # and serves every row tile from cache. Row tasks would each stream all of B (a 12 MB
+        # weight per 6 rows), and a few rows would leave cores idle. The fewest column blocks
+        # that make enough tasks (at least two panels per core to get here).
+        n_tiles = _ceil_div(shape.n, nr)
+        mc_tiles = 0
+        divisors = _divisors_up_to(n_tiles, n_tiles)
+        nc_tiles = max([d for d in divisors if n_tiles // d >= tasks_wanted] or [1])
     return GemmTile(mr, nv, mc_tiles, nc_tiles, k_unroll)
 
 
@@ -219,7 +238,7 @@ def check_tile(tile: GemmTile, shape: GemmShape, lanes: int) -> None:
         raise ValueError(f"mc_tiles={tile.mc_tiles} does not divide the row tiles of {shape}")
     if tile.nc_tiles > 0 and (shape.n is None or _ceil_div(shape.n, nr) % tile.nc_tiles):
         raise ValueError(f"nc_tiles={tile.nc_tiles} does not divide the column tiles of {shape}")
-    if min(tile.mr, tile.nr_vectors, tile.mc_tiles, tile.k_unroll) < 1 or tile.nc_tiles < 0:
+    if min(tile.mr, tile.nr_vectors, tile.k_unroll) < 1 or min(tile.mc_tiles, tile.nc_tiles) < 0:
         raise ValueError(f"tile sizes must be positive: {tile}")
 
 
@@ -843,7 +862,7 @@ def _drop_late_preproc_marks(sch) -> None:
 
 
 def schedule_gemm(
-    sch, block, target: Any, tile: GemmTile | None = None
+    sch, block, target: Any, tile: GemmTile | None = None, panel_vectors: int | None = None
 ) -> tuple[GemmTile, GemmShape]:
     """Schedule the GEMM-like ``block`` of ``sch`` for a CPU target (see the module docstring).
 
@@ -858,6 +877,10 @@ def schedule_gemm(
         LLVM target; SIMD width and core count are read from it.
     tile : GemmTile, optional
         Tile sizes; default ``choose_tile``.
+    panel_vectors : int, optional
+        Width of the packed ``B`` panels in SIMD vectors (default ``tile.nr_vectors``); a divisor
+        of ``tile.nr_vectors``, so a micro-tile spans several panels (the few-rows variant's wider
+        tile reading the many-rows variant's packing).
 
     Returns
     -------
@@ -871,15 +894,20 @@ def schedule_gemm(
     lanes = cpu.lanes(shape.dtype)
     check_tile(tile, shape, lanes)
     nr = tile.nr(lanes)
+    panel = (panel_vectors or tile.nr_vectors) * lanes
+    if nr % panel or (panel != nr and (shape.n is None or _ceil_div(shape.n, panel) * panel % nr)):
+        raise ValueError(f"a {nr}-column tile cannot span {panel}-column panels of {shape}")
     k_pad = tile.k_unroll if shape.k is None or shape.k % tile.k_unroll else 1
-    a_stage, b_stage = _pad_and_find_stages(sch, block, ra, rb, a_index, tile.mr, nr, k_pad)
+    a_stage, b_stage = _pad_and_find_stages(sch, block, ra, rb, a_index, tile.mr, panel, k_pad)
     inline_producers(sch, a_stage)
     padding = inline_producers(sch, b_stage, keep_padding=True)
 
     s, io, jo, i, j, k = sch.get_loops(block)
-    single_i_task = shape.m is not None and _ceil_div(shape.m, tile.mr) == tile.mc_tiles
+    single_i_task = tile.mc_tiles == 0 or (
+        shape.m is not None and _ceil_div(shape.m, tile.mr) == tile.mc_tiles
+    )
     i_task, i_tile = sch.split(i, [1, None] if single_i_task else [None, tile.mr * tile.mc_tiles])
-    single_j_task = tile.nc_tiles == 0 or _ceil_div(shape.n, nr) == tile.nc_tiles
+    single_j_task = tile.nc_tiles == 0 or _ceil_div(shape.n, panel) * panel == nr * tile.nc_tiles
     j_task, j_tile = sch.split(j, [1, None] if single_j_task else [None, nr * tile.nc_tiles])
     sch.reorder(s, io, jo, i_task, j_task, j_tile, i_tile, k)
     task = sch.fuse(s, io, jo, i_task, j_task)
@@ -898,11 +926,14 @@ def schedule_gemm(
     )
     # Weights are packed once, up front (and lifted to load time by the pipeline); activations
     # per task when the task's slice is all that is needed (A: its rows; B: its columns, when one
-    # task holds every row), else once up front for B.
+    # task holds every row), else once up front (A when every task holds every row, in whole
+    # micro-tiles: each task would pack them all again; one row per tile is packed per task,
+    # the few rows of the few-rows variant costing less than another parallel region).
     a_weight, b_weight = _is_weight(sch, a_stage), _is_weight(sch, b_stage)
-    _schedule_a_pack(sch, a_stage, None if a_weight else task, tile.mr, preproc=a_weight)
+    a_up_front = a_weight or (tile.mc_tiles == 0 and tile.mr > 1)
+    _schedule_a_pack(sch, a_stage, None if a_up_front else task, tile.mr, preproc=a_weight)
     b_at = task if not b_weight and single_i_task else None
-    _schedule_b_pack(sch, b_stage, b_at, nr, lanes, preproc=b_weight)
+    _schedule_b_pack(sch, b_stage, b_at, panel, lanes, preproc=b_weight)
     for pad in padding:
         # The padded input rows a task's packing reads, made by that task (after the weight
         # packing, which must stay the first statement to be lifted).
@@ -935,7 +966,8 @@ def candidate_tiles(cpu: CPUInfo, shape: GemmShape) -> list[GemmTile]:
     """Tiles worth measuring for ``shape``, the default first, then by distance from it.
 
     Varies the register block (every ``register_tiles`` shape, and 4/6/8-row variants), the
-    unroll, and — where the extents are static — the task grid; only tiles ``check_tile`` accepts.
+    unroll, and — where the extents are static — the task grid (a symbolic row count against
+    static columns: row tasks or column tasks); only tiles ``check_tile`` accepts.
     """
     base = choose_tile(cpu, shape)
     lanes = cpu.lanes(shape.dtype)
@@ -951,6 +983,8 @@ def candidate_tiles(cpu: CPUInfo, shape: GemmShape) -> list[GemmTile]:
         m_tiles = None if shape.m is None else _ceil_div(shape.m, mr)
         n_tiles = None if shape.n is None else _ceil_div(shape.n, nr)
         mcs = [1] if m_tiles is None else [d for d in (1, 2, 4, 8) if m_tiles % d == 0]
+        if m_tiles is None and n_tiles is not None:
+            mcs = [0, 1]  # every row in every task (column tasks), or row tasks
         ncs = [0] if n_tiles is None else [0] + [d for d in (1, 2, 4, 8) if n_tiles % d == 0]
         for mc in mcs:
             for nc in ncs:
@@ -1021,8 +1055,8 @@ class CPUMatmul(CPURule):
 #
 # A symbolic row count is padded to whole ``mr``-row register tiles: one token through a dense layer
 # (decode, batch-1 inference) computes ``mr`` rows for one. Kernels with symbolic rows therefore
-# carry a second schedule, one row per micro-tile and no padding, taken at run time when the rows
-# are fewer than ``mr``. Both read the same packed weights: the weight-packing stage is shared.
+# carry a second schedule, one row per micro-tile and no padding, taken at run time for the fewest
+# rows (``few_rows_max``). Both read the same packed weights: the weight-packing stage is shared.
 
 
 def merge_row_variants(func_many, func_few, use_few):
@@ -1050,27 +1084,69 @@ def merge_row_variants(func_many, func_few, use_few):
     return with_root_body(func_many, body, allocs)
 
 
+def few_rows_max(tile: GemmTile) -> int:
+    """Most rows the few-rows variant of ``tile`` runs: a one-row micro-tile streams its ``B``
+    panels from L2 and runs at about half the FMA rate of the full ``mr``-row tile, which computes
+    its padding too; the one-row tile wins below about a third of ``mr`` (measured on AVX2, 1024 x
+    1024 and 1024 x 3072: 1-2 rows faster, 3 rows slower than six padded rows)."""
+    return max(1, tile.mr // 3)
+
+
+def few_rows_tile(cpu: CPUInfo, tile: GemmTile, shape: GemmShape) -> GemmTile:
+    """The tile of the few-rows variant of ``tile`` (the many-rows schedule of ``shape``).
+
+    One row per micro-tile, and every row in every task (tasks split the columns), so a task
+    reads its ``B`` panels from memory once and sweeps them for each row from cache. One row
+    leaves the register file mostly free: the micro-tile spans as many of the many-rows packed
+    panels as fit (``FEW_ROWS_VECTORS`` SIMD vectors at most: more independent accumulators hide
+    the FMA latency), as long as the padded columns split into whole micro-tiles.
+    """
+    lanes = cpu.lanes(shape.dtype)
+    nv = tile.nr_vectors
+    if shape.n is not None:
+        padded = _ceil_div(shape.n, nv * lanes) * nv * lanes
+        for wide in range(FEW_ROWS_VECTORS, nv, -1):
+            if wide % nv == 0 and padded % (wide * lanes) == 0 and wide + 2 <= cpu.vector_registers:
+                nv = wide
+                break
+    nc_tiles = 0
+    if shape.n is not None:
+        n_tiles = _ceil_div(shape.n, nv * lanes)
+        wanted = 4 * cpu.num_cores
+        nc_tiles = min(_divisors_up_to(n_tiles, n_tiles), key=lambda d: (n_tiles // d < wanted, -d))
+        nc_tiles = 0 if nc_tiles == n_tiles else nc_tiles
+    return GemmTile(1, nv, 0, nc_tiles, tile.k_unroll)
+
+
 def with_few_rows_variant(func, sch, tile: GemmTile, shape: GemmShape, target: Any):
     """``sch`` (``func``'s GEMM scheduled with ``tile``; ``shape`` from ``schedule_gemm``), plus a
-    one-row-per-tile schedule for when the symbolic row count is below ``tile.mr`` (see the
-    section comment); ``sch`` itself when the rows are static, the tile is one row already, or the
-    variants cannot share their packing."""
+    one-row-per-tile schedule (``few_rows_tile``) for when the symbolic row count is at most
+    ``few_rows_max(tile)`` (see the section comment); ``sch`` itself when the rows are static,
+    the tile is one row already, or the variants cannot share their packing."""
     from tvm import s_tir, tirx
 
     if shape.m is not None or tile.mr == 1:
         return sch
-    lanes = cpu_info(target).lanes(shape.dtype)
-    nc_tiles = 0
-    if shape.n is not None:
-        n_tiles = _ceil_div(shape.n, tile.nr(lanes))
-        wanted = 4 * cpu_info(target).num_cores
-        nc_tiles = min(_divisors_up_to(n_tiles, n_tiles), key=lambda d: (n_tiles // d < wanted, -d))
-        nc_tiles = 0 if nc_tiles == n_tiles else nc_tiles
-    few_tile = GemmTile(1, tile.nr_vectors, 1, nc_tiles, tile.k_unroll)
-    few_sch = s_tir.Schedule(func)
-    schedule_gemm(few_sch, find_gemm_block(few_sch), target, few_tile)
+
+    def scheduled(variant: GemmTile):
+        other = s_tir.Schedule(func)
+        schedule_gemm(other, find_gemm_block(other), target, variant, tile.nr_vectors)
+        return other.mod["main"]
+
     rows = shape.rows
-    merged = merge_row_variants(
-        sch.mod["main"], few_sch.mod["main"], rows < tirx.const(tile.mr, rows.ty.dtype)
-    )
+
+    def const(value: int):
+        return tirx.const(value, rows.ty.dtype)
+
+    low = scheduled(few_rows_tile(cpu_info(target), tile, shape))
+    use_low = rows < const(few_rows_max(tile) + 1)
+    if tile.mr > MID_ROWS:
+        # Rows that a MID_ROWS-row tile pads an eighth less than the full one (3-4, 7-8 of 6):
+        # that tile, a little less efficient per row than the full one.
+        mid = merge_row_variants(scheduled(replace(tile, mr=MID_ROWS)), low, use_low)
+        if mid is not None:
+            padded_mid = (rows + const(MID_ROWS - 1)) // const(MID_ROWS) * const(MID_ROWS)
+            padded = (rows + const(tile.mr - 1)) // const(tile.mr) * const(tile.mr)
+            low, use_low = mid, tirx.Or(use_low, padded_mid * const(8) < padded * const(7))
+    merged = merge_row_variants(sch.mod["main"], low, use_low)
     return sch if merged is None else s_tir.Schedule(merged)

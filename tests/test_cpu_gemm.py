@@ -1,0 +1,116 @@
+"""qiao's CPU GEMM with a symbolic row count against a weight (every linear layer of a decoder):
+column tasks sweeping every row, the few-rows variant's wide one-row tile over the shared packed
+panels, and both run against NumPy at the row counts on either side of each branch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qiao.compiler.testing import assert_close
+from tests.test_schedules import _can_run, _run, _schedule, _script, _target
+
+
+def test_symbolic_rows_against_static_columns_take_column_tasks():
+    """Enough static columns: every task holds every row (``mc_tiles=0``) and a block of columns,
+    four tasks per core where the panels allow; too few columns keep row tasks."""
+    from qiao.compiler.schedules.cpu_gemm import GemmShape, check_tile, choose_tile
+    from qiao.compiler.schedules.cpu_info import CPUInfo
+
+    for cpu, lanes in ((CPUInfo(256, 16, 2), 8), (CPUInfo(512, 32, 16), 16)):
+        for n in (1024, 3072, 151936):
+            shape = GemmShape(None, None, n, 1024, "float32")
+            tile = choose_tile(cpu, shape)
+            check_tile(tile, shape, lanes)
+            n_tiles = -(-n // tile.nr(lanes))
+            assert tile.mc_tiles == 0, (cpu, n, tile)
+            assert n_tiles % tile.nc_tiles == 0
+            assert n_tiles // tile.nc_tiles >= min(4 * cpu.num_cores, n_tiles), (cpu, n, tile)
+        narrow = GemmShape(None, None, 16, 1024, "float32")
+        assert choose_tile(cpu, narrow).mc_tiles == 1
+
+
+def test_few_rows_tile_spans_whole_packed_panels():
+    from qiao.compiler.schedules.cpu_gemm import (
+        FEW_ROWS_VECTORS,
+        GemmShape,
+        choose_tile,
+        few_rows_max,
+        few_rows_tile,
+    )
+    from qiao.compiler.schedules.cpu_info import CPUInfo
+
+    cpu = CPUInfo(256, 16, 2)
+    shape = GemmShape(None, None, 3072, 1024, "float32")
+    wide = few_rows_tile(cpu, choose_tile(cpu, shape), shape)
+    assert (wide.mr, wide.mc_tiles, wide.nr_vectors) == (1, 0, FEW_ROWS_VECTORS)
+    # 688 columns = 43 panels of 16: no wider tile divides them, the tile stays one panel wide.
+    shape = GemmShape(None, None, 688, 256, "float32")
+    base = choose_tile(cpu, shape)
+    assert few_rows_tile(cpu, base, shape).nr_vectors == base.nr_vectors
+    assert 1 <= few_rows_max(base) < base.mr
+
+
+def _columns_kernel(k, n, batch_dims):
+    """``x[B?, m, k] @ w[k, n]`` (symbolic rows, and a symbolic batch with ``batch_dims``)."""
+    import tvm
+    from tvm import relax
+
+    from qiao.compiler.testing import prim_func
+
+    bb = relax.BlockBuilder()
+    m = tvm.tirx.Var("m", "int64")
+    lead = (tvm.tirx.Var("b", "int64"),) if batch_dims else ()
+    x = relax.Var("x", relax.TensorType(lead + (m, k), "float32"))
+    w = relax.Var("w", relax.TensorType((k, n), "float32"))
+    with bb.function("main", [x, w]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.matmul(x, w))
+        bb.emit_func_output(out)
+    mod = relax.transform.LegalizeOps()(bb.get())
+    return prim_func(mod, "matmul")
+
+
+@pytest.mark.parametrize("batch_dims", [False, True], ids=["rows", "batch-rows"])
+def test_column_task_gemm_matches_numpy_on_both_row_variants(batch_dims):
+    """Column tasks (``mc_tiles=0``), A packed up front, and the few-rows variant reading the same
+    packed weight, at 1-2 rows (few-rows side), just above it, a ragged tile and many tiles."""
+    from tvm import s_tir
+
+    from qiao.compiler.schedules.cpu_gemm import (
+        CPUMatmul,
+        choose_tile,
+        few_rows_max,
+        find_gemm_block,
+        gemm_shape,
+        normalize_gemm,
+    )
+    from qiao.compiler.schedules.cpu_info import cpu_info
+
+    target = _target()
+    if not _can_run(target):
+        pytest.skip("this host cannot run code for its own target")
+    cpu = cpu_info(target)
+    # Twice the columns that give every core four tasks of two-vector panels: column tasks.
+    k, n = 96, 2 * 4 * cpu.num_cores * 2 * cpu.lanes("float32")
+    func = _columns_kernel(k, n, batch_dims)
+    scheduled, _ = _schedule(func, target, CPUMatmul())
+    text = _script(scheduled)
+    assert text.count("meta_schedule.layout_rewrite_preproc") == 1, "weights packed twice"
+    assert "if m < T.int64(" in text, "no run-time choice between the row schedules"
+    sch = s_tir.Schedule(func)
+    block = find_gemm_block(sch)
+    normalize_gemm(sch, block)
+    tile = choose_tile(cpu, gemm_shape(sch, block))
+    assert tile.mc_tiles == 0, f"{tile}: not the column-task schedule under test"
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((k, n)).astype("float32")
+    few = few_rows_max(tile)
+    batches = (1, 3) if batch_dims else (None,)
+    for b in batches:
+        for m in (1, few, few + 1, tile.mr + 1, 4 * tile.mr + 3):
+            lead = (b,) if b else ()
+            x = rng.standard_normal(lead + (m, k)).astype("float32")
+            got = _run(scheduled, target, [x, w, np.zeros(lead + (m, n), "float32")])[-1]
+            ref = (x.astype("float64") @ w.astype("float64")).astype("float32")
+            assert_close(got, ref, rtol=1e-4, atol=1e-4, name=f"b={b} m={m}")
