@@ -418,17 +418,32 @@ class _Rewriter:
             elif node.domain == MS_DOMAIN and node.op_type == "MoE":
                 new = self.moe(node)
             nodes.extend([node] if new is None else new)
+        # Copy everything but the nodes and initializers, then only the initializers still read:
+        # the float weights that were quantized are never copied (gigabytes for an LLM).
         out = onnx.ModelProto()
-        out.CopyFrom(self.proto)
-        del out.graph.node[:]
+        _copy_fields(self.proto, out, skip=("graph",))
+        _copy_fields(self.graph, out.graph, skip=("node", "initializer"))
         out.graph.node.extend(nodes)
         used = _used_names(out.graph)
-        keep = [t for t in out.graph.initializer if t.name in used]
-        del out.graph.initializer[:]
-        out.graph.initializer.extend(keep + self.new_inits)
+        out.graph.initializer.extend(
+            [t for t in self.graph.initializer if t.name in used] + self.new_inits
+        )
         if not any(o.domain == MS_DOMAIN for o in out.opset_import):
             out.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
         return out
+
+
+def _copy_fields(src, dst, skip: tuple[str, ...]) -> None:
+    """Copy the set fields of protobuf message ``src`` into ``dst``, except those in ``skip``."""
+    for field, value in src.ListFields():
+        if field.name in skip:
+            continue
+        if hasattr(value, "extend"):  # a repeated field (protobuf's upb has no field.label)
+            getattr(dst, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
 
 
 def _used_names(graph: onnx.GraphProto) -> set[str]:
