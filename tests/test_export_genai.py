@@ -297,3 +297,57 @@ def test_validate_compiles_an_hf_folder(tmp_path):
     assert manifest["decoder"]["kv_cache"] == "inplace"
     assert manifest["decoder"]["num_layers"] == 1
     assert (tmp_path / "artifact" / "tokenizer" / "tokenizer.json").is_file()
+
+
+@pytest.mark.slow  # the builder's subprocess imports torch and transformers (~30 s)
+def test_dense_export_equals_genai_builder(tmp_path):
+    """On a dense Qwen3 the export is ONNX Runtime GenAI's own builder's model: the same
+    genai_config.json and, in ONNX Runtime, the same logits and KV buffers (observed: bit for bit;
+    checked at 1e-6)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("onnxruntime_genai")  # its model builder is the reference here
+    folder = _hf_folder(
+        tmp_path / "hf", architectures=("Qwen3ForCausalLM",), max_position_embeddings=64
+    )
+    builder = tmp_path / "builder"
+    cmd = [
+        sys.executable,
+        "-m",
+        "onnxruntime_genai.models.builder",
+        "-i",
+        folder,
+        "-o",
+        str(builder),
+    ]
+    subprocess.run(cmd + ["-p", "fp32", "-e", "cpu"], check=True, capture_output=True, timeout=600)
+    mine = export_genai.export_hf_folder(folder, tmp_path / "mine")
+    configs = [
+        json.loads(open(os.path.join(d, "genai_config.json")).read()) for d in (builder, mine)
+    ]
+    # the builder writes a bos_token_id of its own when config.json has none (Qwen3); qiao omits it
+    assert configs[1]["model"].get("bos_token_id") is None
+    configs[0]["model"].pop("bos_token_id", None)
+    assert configs[0] == configs[1]
+    rng = np.random.default_rng(1)
+    feeds = {
+        "input_ids": rng.integers(3, 1024, (2, 7)),
+        "attention_mask": np.ones((2, 7), np.int64),
+    }
+    feeds["attention_mask"][1, 5:] = 0  # entry 1: 5 tokens, right-padded
+    feeds |= {
+        f"past_key_values.{i}.{kv}": np.zeros((2, 2, 64, 16), np.float32)
+        for i in range(2)
+        for kv in ("key", "value")
+    }
+    runs = []
+    for d in (builder, mine):
+        sess = _session(str(d))
+        runs.append(dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds))))
+    want, got = runs
+    for b, rows in enumerate((7, 5)):  # rows past an entry's length are unspecified
+        assert_close(got["logits"][b, :rows], want["logits"][b, :rows], 1e-6, 1e-6, "logits")
+        for name in want:
+            if name.startswith("present"):
+                assert_close(got[name][b, :, :rows], want[name][b, :, :rows], 1e-6, 1e-6, name)
