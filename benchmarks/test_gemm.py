@@ -10,6 +10,9 @@ divided by NumPy's (``ratio`` in the extra info); the issue's floor is 0.6.
     pytest benchmarks/test_gemm.py --benchmark-only -s          # full; prints each ratio
     QIAO_BENCH_SMOKE=1 pytest benchmarks/test_gemm.py -q        # CI: small shapes, one round
     QIAO_BENCH_ENFORCE=1 ...                                    # fail a case below the floor
+
+``test_linear_vs_ort`` (below): Qwen3-0.6B's linear layers as ONNX ``MatMul`` with a constant
+weight and symbolic rows, qiao against ONNX Runtime and NumPy at 1-512 rows (decode and prefill).
 """
 
 from __future__ import annotations
@@ -112,3 +115,128 @@ def test_gemm_vs_numpy(benchmark, smoke, batch, m, k, n):
     )
     if os.environ.get("QIAO_BENCH_ENFORCE") == "1" and not smoke:
         assert ratio >= FLOOR, f"{benchmark.group}: {ratio:.2f} of numpy's GFLOP/s < {FLOOR}"
+
+
+# -- linear layers with constant weights, against ONNX Runtime ------------------------------------
+#
+# What a decoder compiled from ONNX (ONNX Runtime GenAI's layout) runs for every linear layer: an
+# ONNX ``MatMul`` x(B, S, K) @ W(K, N), W an initializer (packed once at load time by qiao), the
+# row count M = B * S symbolic: decode is M = 1..8, prefill M = 128..2048. Shapes of Qwen3-0.6B:
+# q/o projections, packed qkv, gate/up, down, and the lm_head (622 MB of weights).
+#
+#     pytest benchmarks/test_gemm.py -k linear --benchmark-only -s   # prints qiao/ORT/numpy ms
+#     python benchmarks/test_gemm.py [K N ...]                      # the same table, as a script
+
+QWEN3_LINEAR = {  # id: (K, N)
+    "q_proj": (1024, 2048),
+    "o_proj": (1024, 1024),
+    "qkv": (1024, 4096),
+    "gate_up": (1024, 3072),
+    "down": (3072, 1024),
+    "lm_head": (1024, 151936),
+}
+LINEAR_ROWS = (1, 2, 4, 8, 16, 64, 128, 512)
+LM_HEAD_ROWS = (1, 2, 4, 8, 16, 64, 128)  # 512 rows of logits would be 311 MB
+
+
+def linear_model(k: int, n: int, seed: int = 0):
+    """ONNX ``MatMul`` x(B, S, k) @ W(k, n), W a seeded random initializer."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(seed).random((k, n), dtype=np.float32) - 0.5
+    w *= np.float32(1 / np.sqrt(k))
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", n])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    return model, w
+
+
+def linear_engines(k: int, n: int, workdir: str):
+    """``(qiao artifact, ORT session, W)`` for one linear layer (compiled for this CPU)."""
+    import onnxruntime as ort
+
+    from qiao.compiler import compile as qiao_compile
+
+    model, w = linear_model(k, n)
+    artifact = qiao_compile(model, "cpu", os.path.join(workdir, f"linear_{k}x{n}"))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return artifact, session, w
+
+
+def measure_linear(engines, m: int, smoke: bool = False, rounds: int = 9, pause: float = 0.05):
+    """Median ms of qiao, ONNX Runtime and NumPy for ``m`` rows (x of shape (1, m, K)), after
+    checking qiao's output against ORT's and NumPy's."""
+    from qiao.compiler.bench import interleaved
+    from qiao.compiler.testing import assert_close
+
+    artifact, session, w = engines
+    x = np.random.default_rng(m).standard_normal((1, m, w.shape[0])).astype(np.float32)
+    call = artifact.runner.prepare([x])
+    ours = artifact.run({"x": x})["y"]
+    theirs = session.run(None, {"x": x})[0]
+    assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    assert_close(ours, x @ w, rtol=1e-4, atol=1e-4)
+    times = interleaved(
+        {
+            "qiao": call,
+            "ort": lambda: session.run(None, {"x": x}),
+            "numpy": lambda: np.matmul(x, w),
+        },
+        rounds,
+        0.02,
+        pause=pause,
+        smoke=smoke,
+    )
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
+SMOKE_LINEAR = (256, 512)
+LINEAR_CASES = [pytest.param("smoke", (1, 3, 8), id="smoke-linear")] + [
+    pytest.param(name, LM_HEAD_ROWS if name == "lm_head" else LINEAR_ROWS, id=name, marks=full)
+    for name in QWEN3_LINEAR
+]
+
+
+@pytest.mark.parametrize("name, rows", LINEAR_CASES)
+def test_linear_vs_ort(benchmark, smoke, tmp_path, name, rows):
+    k, n = SMOKE_LINEAR if name == "smoke" else QWEN3_LINEAR[name]
+    engines = linear_engines(k, n, str(tmp_path))
+    table = {m: measure_linear(engines, m, smoke=smoke) for m in rows}
+    benchmark.group = f"linear {name} {k}x{n}"
+    benchmark.extra_info.update(
+        {f"M={m}": {e: round(t, 4) for e, t in r.items()} for m, r in table.items()}
+    )
+    x = np.ones((1, rows[-1], k), np.float32)
+    benchmark.pedantic(engines[0].runner.prepare([x]), rounds=1 if smoke else 5, iterations=1)
+    for m, r in table.items():
+        print(
+            f"\n  {name} {k}x{n} M={m}: qiao {r['qiao']:.3f} ms, ORT {r['ort']:.3f} ms "
+            f"(ratio {r['ort'] / r['qiao']:.2f}), numpy {r['numpy']:.3f} ms",
+            end="",
+        )
+
+
+if __name__ == "__main__":
+    import sys
+    import tempfile
+
+    names = sys.argv[1:] or list(QWEN3_LINEAR)
+    print("shape          K x N        M   qiao ms    ORT ms   numpy ms  ORT/qiao")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            k, n = QWEN3_LINEAR[name]
+            engines = linear_engines(k, n, tmp)
+            for m in LM_HEAD_ROWS if name == "lm_head" else LINEAR_ROWS:
+                r = measure_linear(engines, m)
+                print(
+                    f"{name:10s} {k:5d}x{n:<7d} {m:4d} {r['qiao']:9.3f} {r['ort']:9.3f} "
+                    f"{r['numpy']:9.3f} {r['ort'] / r['qiao']:8.2f}",
+                    flush=True,
+                )
+            del engines
