@@ -14,9 +14,9 @@ What is checked, and against what:
   interleaving, Gemm's bias and the router kept float.
 - qiao on the quantized graph against ONNX Runtime on it (1e-4 / 1e-4; measured <= 2e-6); the
   error against the float model is reported by ``validate`` (not a verdict).
-- Built-in models end to end (slow): ``transformer`` and ``qwen3-moe-tiny`` compile with
-  ``quantize="int4"`` and validate against ONNX Runtime on the quantized graph at the models' own
-  tolerances.
+- Built-in models end to end (slow): ``transformer``, ``qwen3-moe-tiny`` and the decoder
+  ``qwen3-small`` compile with ``quantize="int4"`` and validate against ONNX Runtime on the
+  quantized graph at the models' own tolerances.
 """
 
 from __future__ import annotations
@@ -227,14 +227,21 @@ def _save_inputs(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["transformer", "qwen3-moe-tiny"])
-def test_builtin_models_end_to_end(tmp_path, name):
+@pytest.mark.parametrize(
+    "name,float_reference",
+    [
+        ("transformer", "float torch"),
+        ("qwen3-moe-tiny", "float torch"),
+        ("qwen3-small", "float onnxruntime"),  # a GenAI-layout decoder (KV cache outputs)
+    ],
+)
+def test_builtin_models_end_to_end(tmp_path, name, float_reference):
     from qiao.compiler.validate import validate
 
     report = validate(name, "cpu", output_dir=str(tmp_path / "a"), quantize="int4")
     assert report.ok, report.format()
-    assert [c.reference for c in report.comparisons] == ["onnxruntime"]
-    assert report.vs_float and report.vs_float[0].reference == "float torch"
+    assert {c.reference for c in report.comparisons} == {"onnxruntime"}
+    assert report.vs_float and {c.reference for c in report.vs_float} == {float_reference}
 
 
 def test_float16_model(tmp_path):
