@@ -21,7 +21,7 @@ import pytest
 
 from qiao.compiler.errors import ArtifactCorrupt, QiaoError
 from qiao.compiler.pack import CPU_SIZE_LIMIT, TEMPLATE_DIR, pack
-from qiao.compiler.testing import assert_close, run_cli
+from qiao.compiler.testing import assert_close, has_cuda_gpu, has_nvcc, run_cli
 from qiao.compiler.validate import onnxruntime_reference
 
 
@@ -224,3 +224,20 @@ def test_device_check_script_cpu(compiled_builtin, tmp_path):
     doc = check_result(json.load(open(out / "results" / "mlp.json")))
     assert doc["cases"][0]["check"]["onnxruntime"]["ok"]
     assert "PASS" in result.stdout and "mlp" in result.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not (has_cuda_gpu() and has_nvcc()),
+    reason="no NVIDIA GPU with nvcc here: CUDA bundles are built by benchmarks/device/check.sh "
+    "cuda and run on the GPU machine",
+)
+def test_cuda_bundle_matches_onnxruntime(numpy_python, tmp_path):
+    from qiao.compiler import compile
+
+    artifact = compile("mlp", "cuda", tmp_path / "art")
+    bundle = str(tmp_path / "bundle")
+    manifest = pack(artifact.directory, bundle, with_reference=True)
+    assert "lib/libtvm_runtime_cuda.so" in manifest["files"]
+    check = run_bundle(numpy_python, bundle, "--check")
+    assert check.returncode == 0 and "vs onnxruntime" in check.stdout, check.stdout + check.stderr

@@ -192,7 +192,13 @@ class Bundle:
             libs.append(DEVICE_LIBRARIES[self.target])
         for lib in libs:
             # RTLD_GLOBAL: model.so resolves the runtime's symbols; the runtime registers the VM.
-            ctypes.CDLL(os.path.join(self.root, "lib", lib), mode=ctypes.RTLD_GLOBAL)
+            try:
+                ctypes.CDLL(os.path.join(self.root, "lib", lib), mode=ctypes.RTLD_GLOBAL)
+            except OSError as err:  # e.g. the CUDA runtime module without libcuda.so.1
+                raise BundleError(
+                    f"cannot load lib/{lib}: {err}. fix: run a {self.target} bundle on a machine "
+                    f"with the {self.target} driver installed and visible to this process"
+                ) from err
         get = tvm_ffi.get_global_func
         self._alloc = get("runtime.TVMTensorAllocWithScope")
         self._copy_from = get("runtime.TVMTensorCopyFromBytes")
@@ -207,13 +213,13 @@ class Bundle:
             if self.target != "cpu":  # the VM runs shape functions on the host
                 init += [DEVICE_TYPES["cpu"], 0, POOLED_ALLOCATOR]
             self.vm["vm_initialization"](*init)
-        except Exception as err:  # a missing driver, an incompatible library
+            self._main = self.vm["main"]
+            self.params = self._load_params()
+        except Exception as err:  # a missing driver or device, an incompatible library
             raise BundleError(
                 f"cannot load {library} on {self.target}: {str(err).strip().splitlines()[-1]}. "
-                "fix: check the device driver is installed and visible to this process"
+                "fix: check the device and its driver are visible to this process"
             ) from err
-        self._main = self.vm["main"]
-        self.params = self._load_params()
 
     def _load_params(self) -> list:
         names = self.manifest.get("params", [])
