@@ -28,6 +28,9 @@ gain). Round to nearest, per block of ``block_size`` input features:
 - asymmetric (uint8 zero points): ``scale = (max(w, 0) - min(w, 0)) / (2^bits - 1)``, ``zero_point
   = round(-min(w, 0) / scale)``.
 
+For MatMul weights this is bit for bit what ONNX Runtime's ``MatMulNBitsQuantizer`` writes (codes,
+scales, zero points, padding; checked in tests/test_quantize.py).
+
 qiao imports the result by dequantizing the weights: the compiled artifact stores them as float32
 (no int4/int8 kernels yet), so the scheme changes the numbers, not the artifact's size or speed.
 """
@@ -134,7 +137,7 @@ def quantize_rows(
     Returns
     -------
     codes : np.ndarray
-        uint8 ``[..., N, n_blocks * block_size]`` (padding included).
+        uint8 ``[..., N, n_blocks * block_size]`` (padding included, as code 0).
     scales : np.ndarray
         float32 ``[..., N, n_blocks]``.
     zero_points : np.ndarray or None
@@ -162,6 +165,7 @@ def quantize_rows(
     safe = np.where(scales == 0, 1.0, scales).astype(np.float32)
     codes = np.clip(np.round(blocks / safe[..., None]) + zp[..., None], 0, top).astype(np.uint8)
     codes = codes.reshape(*w.shape[:-1], n_blocks * block)
+    codes[..., k:] = 0  # padding codes are never read; 0 as ONNX Runtime's quantizer writes them
     return codes, scales, None if symmetric else zp.astype(np.uint8)
 
 
@@ -178,15 +182,13 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     return out
 
 
-def dequantize_rows(
-    codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bits: int, k: int
-) -> np.ndarray:
-    """The float32 ``[..., N, K]`` weights that ``quantize_rows``' output stands for."""
-    n_blocks = scales.shape[-1]
-    blocks = codes.reshape(*codes.shape[:-1], n_blocks, -1).astype(np.float64)
-    zp = np.float64(1 << (bits - 1)) if zero_points is None else zero_points[..., None]
-    out = (blocks - zp) * scales[..., None].astype(np.float64)
-    return out.reshape(*codes.shape[:-1], -1)[..., :k].astype(np.float32)
+def _pack_zero_points(zp: np.ndarray, bits: int) -> np.ndarray:
+    """``MatMulNBits`` zero points ``[N, n_blocks]``, packed per row; a row's padding holds the
+    default zero point ``2^(bits-1)``, as ONNX Runtime's quantizer writes it (never read)."""
+    per = 8 // bits
+    pad = (-zp.shape[-1]) % per
+    padded = np.pad(zp, ((0, 0), (0, pad)), constant_values=1 << (bits - 1))
+    return pack_codes(padded, bits).reshape(-1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -233,7 +235,7 @@ class _Rewriter:
         names = [
             self.add(f"{prefix}_q{s.bits}", packed),
             self.add(f"{prefix}_scales", scales.astype(dtype).reshape(-1)),
-            "" if zp is None else self.add(f"{prefix}_zp", pack_codes(zp, s.bits).reshape(-1)),
+            "" if zp is None else self.add(f"{prefix}_zp", _pack_zero_points(zp, s.bits)),
         ]
         self.made[key] = names
         return names
@@ -505,7 +507,6 @@ def quantize_model(
 
 __all__ = [
     "QuantScheme",
-    "dequantize_rows",
     "pack_codes",
     "quantize_model",
     "quantize_rows",

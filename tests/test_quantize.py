@@ -270,3 +270,41 @@ def test_float16_model(tmp_path):
     got = compile(quantized, "cpu", tmp_path / "a").run(feeds)["y"]
     assert got.dtype == np.float16
     assert_close(got, _ort(quantized, feeds), 1e-2, 1e-2, "float16, qiao vs ONNX Runtime")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_matmul_weights_equal_onnxruntime_quantizer(bits, symmetric):
+    """A MatMul weight quantized here is bit for bit what ONNX Runtime's own MatMulNBitsQuantizer
+    (round to nearest, MLAS) writes: codes, scales and zero points, K padded to whole blocks."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    w = np.random.default_rng(bits).standard_normal((80, 40)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("a", TP.FLOAT, ["m", 80])],
+        [helper.make_tensor_value_info("y", TP.FLOAT, ["m", 40])],
+        initializer=[numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    mine, _ = quantize_model(model, {"bits": bits, "block_size": 32, "symmetric": symmetric})
+    theirs = onnx.ModelProto()
+    theirs.CopyFrom(model)  # the quantizer rewrites the model it is given
+    config = DefaultWeightOnlyQuantConfig(
+        block_size=32, is_symmetric=symmetric, accuracy_level=0, bits=bits
+    )
+    quantizer = MatMulNBitsQuantizer(theirs, algo_config=config)
+    quantizer.process()
+    nodes = [m.graph.node[0] for m in (mine, quantizer.model.model)]
+    assert [n.op_type for n in nodes] == ["MatMulNBits", "MatMulNBits"]
+    arrays = []
+    for m, node in zip((mine, quantizer.model.model), nodes):
+        inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+        arrays.append([inits[name].reshape(-1) for name in node.input[1:] if name])
+    assert len(arrays[0]) == len(arrays[1]) == (3 if not symmetric else 2)
+    for ours, ort_own in zip(*arrays):
+        np.testing.assert_array_equal(ours, ort_own)
