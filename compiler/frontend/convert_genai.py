@@ -38,11 +38,21 @@ mask, local window, rotary). ``present`` has length ``max(total_sequence_length,
 the past's first ``P_b`` rows, the new rows at ``[P_b, T_b)``, zeros after. Both cache layouts
 are the same formula: a past of exactly the previous length (``present`` grows by ``S``) and
 GenAI's shared buffer of the context length (``present`` keeps that length; the caller may alias
-it to ``past``). This converter is functional: ``present`` is a new tensor, written whole (one
-gather of ``[past, new]`` per layer and step: O(cache) copies per decode step; an in-place cache
-update is the decode loop's job). ``present``'s length is a run-time dim (``gqa_present_len``,
-shared by all layers); the manifest keeps the builder's declared name ``total_sequence_length``,
-which is true only for the growing layout.
+it to ``past``). The cache update has two modes (the ``kv_cache`` compile option, set for one
+import by ``gqa_lowering``):
+
+- ``copy`` (default): ``present`` is a new tensor, written whole (one gather of ``[past, new]``
+  per layer and step: O(cache) copies per decode step). Its length is a run-time dim
+  (``gqa_present_len``, shared by all layers); the manifest keeps the builder's declared name
+  ``total_sequence_length``, which is true only for the growing layout.
+- ``inplace``: the new rows are written into the past buffers at ``[P_b, T_b)``
+  (``qiao.kv_append``, lowered to ``call_tir_inplace``) and ``present`` IS the past buffer: the
+  shared buffer only (a buffer shorter than ``T_b`` fails at run time).
+
+Attention itself is qiao's TIR kernel in both modes (``qiao.gqa_attention``, see
+``qiao.compiler.kernels.attention``: it reads only the cache rows each entry uses), lowered by
+``qiao.compiler.passes.LowerAttention``; with ``attention_bias`` it is Relax ops over the first
+``total`` cache rows.
 """
 
 from __future__ import annotations

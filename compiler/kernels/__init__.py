@@ -8,4 +8,8 @@ of the same stages; shared definitions in ``moe_common``):
 - ``group_gemm.group_gemm_up`` / ``group_gemm_down``: grouped GEMMs over routed pairs only (gate/up
   with the activation fused; down with the routing weight fused), GEMV kernels for decode;
 - ``moe_combine.moe_combine``: weighted rows summed back in token order (deterministic).
+
+GroupQueryAttention (``qiao.compiler.passes.LowerAttention``): ``attention.gqa_attention`` (online-
+softmax attention over the cache rows each entry uses) and ``attention.kv_append`` (the in-place
+cache update).
 """
