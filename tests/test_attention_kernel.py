@@ -104,6 +104,24 @@ def test_kernel_matches_numpy(kernels, name, seq):
         assert_close(got[b, : valid[b]], want[b, : valid[b]].astype(np.float32), RTOL, ATOL, f"{b}")
 
 
+@pytest.mark.parametrize("seq", [1, 6])
+def test_kernel_float16(seq):
+    """A float16 cache and query (float32 arithmetic): within float16's rounding of the output."""
+    cfg = AttentionConfig(HQ, HKV, D, 0.25, window=3, sink=True, dtype="float16")
+    func = _build(gqa_attention(cfg))
+    rng = np.random.default_rng(5)
+    total = np.array([seq + 4, seq + 2])
+    past = total - seq
+    q = rng.standard_normal((2, seq, HQ, D)).astype(np.float16)
+    k_cache = rng.standard_normal((2, HKV, 12, D)).astype(np.float16)
+    v_cache = rng.standard_normal((2, HKV, 12, D)).astype(np.float16)
+    sink = rng.standard_normal(HQ).astype(np.float32)
+    tensors = [tvm.runtime.tensor(a) for a in (q, k_cache, v_cache, total, past, sink, q * 0)]
+    func(*tensors)
+    want = _reference(q, k_cache, v_cache, total, past, cfg, sink)
+    assert_close(tensors[-1].numpy(), want.astype(np.float16), 2e-3, 2e-3, "float16")
+
+
 def test_kernel_rejects_a_short_buffer(kernels):
     cfg, func = kernels["plain"]
     q = np.zeros((1, 1, HQ, D), np.float32)
