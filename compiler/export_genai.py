@@ -741,11 +741,21 @@ def builtin_folder(spec) -> str:
             model, tmp, context_length=spec.context_length, write_tokenizer=spec.write_tokenizer
         )
 
+    import torch
+    import transformers
+
+    with tempfile.TemporaryDirectory() as tmp:  # trained in milliseconds: hash what it writes
+        spec.write_tokenizer(tmp)
+        tokenizer = _files_sha256(tmp, memoise=False)
     key = {
         "builtin": spec.name,
         "config": spec.config,
         "seed": spec.seed,
         "context_length": spec.context_length,
+        "tokenizer": tokenizer,
+        # the seeded weights are drawn through transformers' modules, in torch
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
     }
     return _cached(spec.name, key, make)
 
@@ -767,18 +777,22 @@ def _file_sha256(path: str, memo: dict) -> str:
     return memo[key]
 
 
-def _files_sha256(folder: str) -> str:
+def _files_sha256(folder: str, memoise: bool = True) -> str:
     """One hash over the files of a Hugging Face folder that the export reads."""
     memo_path = os.path.join(cache_root(), "hf-file-hashes.json")
-    try:
-        with open(memo_path) as f:
-            memo = json.load(f)
-    except (OSError, ValueError):
-        memo = {}
+    memo: dict = {}
+    if memoise:
+        try:
+            with open(memo_path) as f:
+                memo = json.load(f)
+        except (OSError, ValueError):
+            pass
     digest = hashlib.sha256()
     for name in sorted(os.listdir(folder)):
         if name in _SOURCE_FILES or name.endswith(".safetensors"):
             digest.update(f"{name}:{_file_sha256(os.path.join(folder, name), memo)}".encode())
+    if not memoise:
+        return digest.hexdigest()
     os.makedirs(cache_root(), exist_ok=True)
     tmp = f"{memo_path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
