@@ -241,3 +241,16 @@ def test_cuda_bundle_matches_onnxruntime(numpy_python, tmp_path):
     assert "lib/libtvm_runtime_cuda.so" in manifest["files"]
     check = run_bundle(numpy_python, bundle, "--check")
     assert check.returncode == 0 and "vs onnxruntime" in check.stdout, check.stdout + check.stderr
+
+
+def test_other_python_refused(bundles, numpy_python, tmp_path):
+    """A bundle packed for another Python says which one, instead of failing inside tvm_ffi."""
+    _, bundle = bundles("mlp")
+    bundle = copy_bundle(bundle, tmp_path)
+    path = os.path.join(bundle, "bundle.json")
+    manifest = json.load(open(path))
+    manifest["python"] = "3.99"
+    json.dump(manifest, open(path, "w"))
+    result = run_bundle(numpy_python, bundle, "--check")
+    assert result.returncode == 2 and "packed for Python 3.99" in result.stderr
+    assert "qiao pack --python" in result.stderr

@@ -84,11 +84,17 @@ def build(
     os.makedirs(os.path.join(out, "bundles"))
     os.makedirs(os.path.join(out, "torch"))
     plan: dict = {"target": target, "arch": arch, "models": [], "sizes": {}, "notes": {}}
+    with open(os.path.join(out, "check.json"), "w") as f:  # marks the folder (rebuilt if it fails)
+        json.dump(dict(plan, complete=False), f)
+    artifacts = {k: os.path.abspath(v) for k, v in (artifacts or {}).items()}
+    cwd = os.getcwd()
     with tempfile.TemporaryDirectory(prefix="qiao-check-") as work:
+        # Built-in names resolve as paths first: a folder called "mlp" here must not shadow them.
+        os.chdir(work)
         for name in models:
             start = time.perf_counter()
             print(f"[check] {name} for {target}{':' + arch if arch else ''}", flush=True)
-            if name in (artifacts or {}):
+            if name in artifacts:
                 artifact = load(artifacts[name])
             else:
                 model, options = VARIANTS.get(name, (name, {}))
@@ -108,6 +114,7 @@ def build(
                 plan["notes"][name] = f"pytorch: {why}"
             plan["models"].append(name)
             print(f"[check] {name}: {time.perf_counter() - start:.0f} s", flush=True)
+        os.chdir(cwd)
     shutil.copy2(os.path.join(HERE, "run_bundles.py"), out)
     plan["folder_bytes"] = folder_size(out)
     with open(os.path.join(out, "check.json"), "w") as f:

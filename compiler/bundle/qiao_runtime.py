@@ -175,6 +175,14 @@ class Bundle:
         # hardware threads, which assumes SMT), as `qiao run` does.
         if hasattr(os, "sched_getaffinity"):
             os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+        running = f"{sys.version_info.major}.{sys.version_info.minor}"
+        if self.manifest.get("python") not in (None, running):
+            # tvm_ffi is a compiled extension: it imports only into the Python it was built for.
+            raise BundleError(
+                f"this bundle was packed for Python {self.manifest['python']}; this is Python "
+                f"{running}. fix: run it with python{self.manifest['python']}, or pack it again "
+                f"with `qiao pack --python {running}`"
+            )
         vendor = os.path.join(self.root, "vendor")
         if vendor not in sys.path:
             sys.path.insert(0, vendor)
