@@ -260,6 +260,9 @@ def baseline_engines(artifact, names: Sequence[str], notes: list[str]) -> list[E
         if name == "torch" and source.get("kind") != "builtin":
             notes.append("torch: only built-in models have a PyTorch module to time")
             continue
+        if name == "torch" and artifact.manifest.get("decoder"):
+            notes.append("torch: decoders are timed against transformers: qiao bench --generate")
+            continue
         if device is None:
             notes.append(
                 f"{name}: no baseline device for target kind "
