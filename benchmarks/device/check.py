@@ -70,6 +70,7 @@ def build(
     out: str,
     models: list[str],
     artifacts: dict[str, str] | None = None,
+    python: str | None = None,
 ) -> dict:
     """Compile (unless ``artifacts`` maps the name to an artifact already compiled for the
     target), pack and dedupe; returns the plan written to ``check.json``."""
@@ -83,7 +84,8 @@ def build(
         shutil.rmtree(out)
     os.makedirs(os.path.join(out, "bundles"))
     os.makedirs(os.path.join(out, "torch"))
-    plan: dict = {"target": target, "arch": arch, "models": [], "sizes": {}, "notes": {}}
+    plan: dict = {"target": target, "arch": arch, "python": python}
+    plan.update(models=[], sizes={}, notes={})
     with open(os.path.join(out, "check.json"), "w") as f:  # marks the folder (rebuilt if it fails)
         json.dump(dict(plan, complete=False), f)
     artifacts = {k: os.path.abspath(v) for k, v in (artifacts or {}).items()}
@@ -101,7 +103,7 @@ def build(
                 out_dir = os.path.join(work, name)
                 artifact = compile(model, target, out_dir, arch=arch, model_options=options)
             bundle = os.path.join(out, "bundles", name)
-            pack(artifact.directory, bundle, with_reference=True)
+            pack(artifact.directory, bundle, with_reference=True, python=python)
             if not os.path.isdir(os.path.join(out, "runtime")):
                 os.makedirs(os.path.join(out, "runtime"))
                 for part in ("lib", "vendor"):
@@ -142,10 +144,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME=ARTIFACT",
         help="pack this already compiled artifact as model NAME instead of compiling it",
     )
+    p.add_argument("--python", default=None, metavar="X.Y", help="the device's Python")
     args = p.parse_args(argv)
     artifacts = dict(a.split("=", 1) for a in args.artifacts)
     out = args.output or f"device-check-{args.target}{'-' + args.arch if args.arch else ''}"
-    build(args.target, args.arch, out, [m for m in args.models.split(",") if m], artifacts)
+    models = [m for m in args.models.split(",") if m]
+    build(args.target, args.arch, out, models, artifacts, args.python)
     return 0
 
 

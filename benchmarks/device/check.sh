@@ -3,6 +3,7 @@
 # for TARGET with reference inputs and outputs into one folder (< 60 MB), then run it.
 #
 #   benchmarks/device/check.sh TARGET [--arch ARCH] [-o DIR] [--models a,b,c] [--repeat N]
+#                              [--python X.Y]   (the device's Python; default: this one)
 #                              [--from NAME=ARTIFACT ...]   (pack an artifact instead of compiling)
 #
 # Build (here, where qiao is installed): compiles each model, `qiao pack --with-reference`s it
@@ -33,6 +34,7 @@ while [[ $# -gt 0 ]]; do
         --models) models="$2"; shift 2 ;;
         --repeat) repeat="$2"; shift 2 ;;
         --from) from+=(--from "$2"); shift 2 ;;
+        --python) from+=(--python "$2"); shift 2 ;;
         *) echo "check.sh: unknown option $1" >&2; exit 2 ;;
     esac
 done
