@@ -193,7 +193,8 @@ def compile(
         Compile options (``qiao.compiler.options.CompileOptions``: ``dump_ir``,
         ``initializer_inputs``, ``tune``, ``trials``, ``tune_dims``, ``tuning_db``,
         ``use_tuning_db``, ``moe_schedule``, ``static_dims``, ``dim_ranges``, ``kv_cache``,
-        ``quantize``); an unknown name or a value of the wrong kind raises ``QiaoError`` listing the valid ones.
+        ``quantize``); an unknown name or a value of the wrong kind raises ``QiaoError`` listing
+        the valid ones.
 
     Returns
     -------
