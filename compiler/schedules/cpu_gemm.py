@@ -862,7 +862,12 @@ def _drop_late_preproc_marks(sch) -> None:
 
 
 def schedule_gemm(
-    sch, block, target: Any, tile: GemmTile | None = None, panel_vectors: int | None = None
+    sch,
+    block,
+    target: Any,
+    tile: GemmTile | None = None,
+    panel_vectors: int | None = None,
+    few_rows: bool = False,
 ) -> tuple[GemmTile, GemmShape]:
     """Schedule the GEMM-like ``block`` of ``sch`` for a CPU target (see the module docstring).
 
@@ -881,6 +886,9 @@ def schedule_gemm(
         Width of the packed ``B`` panels in SIMD vectors (default ``tile.nr_vectors``); a divisor
         of ``tile.nr_vectors``, so a micro-tile spans several panels (the few-rows variant's wider
         tile reading the many-rows variant's packing).
+    few_rows : bool
+        Scheduling a variant for a few rows: each task packs the rows of ``A`` it reads itself,
+        all of them if need be (cheaper than one more parallel region).
 
     Returns
     -------
@@ -926,11 +934,11 @@ def schedule_gemm(
     )
     # Weights are packed once, up front (and lifted to load time by the pipeline); activations
     # per task when the task's slice is all that is needed (A: its rows; B: its columns, when one
-    # task holds every row), else once up front (A when every task holds every row, in whole
-    # micro-tiles: each task would pack them all again; one row per tile is packed per task,
-    # the few rows of the few-rows variant costing less than another parallel region).
+    # task holds every row), else once up front (A when every task holds every row: each task
+    # would pack them all again; except for a few rows, which cost less than another parallel
+    # region).
     a_weight, b_weight = _is_weight(sch, a_stage), _is_weight(sch, b_stage)
-    a_up_front = a_weight or (tile.mc_tiles == 0 and tile.mr > 1)
+    a_up_front = a_weight or (tile.mc_tiles == 0 and not few_rows)
     _schedule_a_pack(sch, a_stage, None if a_up_front else task, tile.mr, preproc=a_weight)
     b_at = task if not b_weight and single_i_task else None
     _schedule_b_pack(sch, b_stage, b_at, panel, lanes, preproc=b_weight)
@@ -1130,7 +1138,7 @@ def with_few_rows_variant(func, sch, tile: GemmTile, shape: GemmShape, target: A
 
     def scheduled(variant: GemmTile):
         other = s_tir.Schedule(func)
-        schedule_gemm(other, find_gemm_block(other), target, variant, tile.nr_vectors)
+        schedule_gemm(other, find_gemm_block(other), target, variant, tile.nr_vectors, True)
         return other.mod["main"]
 
     rows = shape.rows
