@@ -47,18 +47,21 @@ def _hash_tree(root: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def staging_dir(final_dir: str) -> Iterator[str]:
+def staging_dir(
+    final_dir: str, marker: str = MANIFEST, what: str = "qiao artifact"
+) -> Iterator[str]:
     """Yield an empty temporary directory beside ``final_dir``; on success it replaces ``final_dir``
-    atomically (an existing artifact there is swapped out, then removed); on error it is removed."""
+    atomically (an existing ``what`` there, a directory holding ``marker``, is swapped out, then
+    removed; any other non-empty path is refused); on error it is removed."""
     final_dir = os.path.abspath(final_dir)
     parent = os.path.dirname(final_dir)
-    os.makedirs(parent, exist_ok=True)
-    if os.path.exists(final_dir) and not os.path.isfile(os.path.join(final_dir, MANIFEST)):
+    if os.path.exists(final_dir) and not os.path.isfile(os.path.join(final_dir, marker)):
         if not os.path.isdir(final_dir) or os.listdir(final_dir):
             raise ArtifactCorrupt(
-                f"{final_dir} exists and is not a qiao artifact; refusing to replace it. "
+                f"{final_dir} exists and is not a {what}; refusing to replace it. "
                 "fix: choose another -o directory or remove it"
             )
+    os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final_dir)}.tmp-", dir=parent)
     umask = os.umask(0)
     os.umask(umask)

@@ -22,7 +22,6 @@ The bundle is written into a staging folder and renamed into place, like an arti
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
@@ -32,7 +31,6 @@ import sys
 import sysconfig
 import tempfile
 import zipfile
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -128,38 +126,6 @@ def vendor_tvm_ffi(dest: str, python: str) -> str:
         raise ToolchainMissing("typing_extensions is not installed. fix: pip install it")
     shutil.copy2(spec.origin, os.path.join(dest, "typing_extensions.py"))
     return version
-
-
-@contextlib.contextmanager
-def _bundle_staging(final_dir: str) -> Iterator[str]:
-    """``artifact.staging_dir`` for bundles: an existing bundle (or empty folder) is replaced
-    atomically, any other folder is refused."""
-    final_dir = os.path.abspath(final_dir)
-    if os.path.exists(final_dir) and not os.path.isfile(os.path.join(final_dir, BUNDLE_MANIFEST)):
-        if not os.path.isdir(final_dir) or os.listdir(final_dir):
-            raise QiaoError(
-                f"{final_dir} exists and is not a qiao bundle; refusing to replace it. "
-                "fix: choose another -o folder or remove it"
-            )
-    parent = os.path.dirname(final_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final_dir)}.tmp-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    try:
-        yield tmp
-        old = None
-        if os.path.exists(final_dir):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(final_dir)}.old-", dir=parent)
-            os.rmdir(old)
-            os.rename(final_dir, old)
-        os.rename(tmp, final_dir)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _check_packable(artifact_dir: str, manifest: dict[str, Any]) -> str:
@@ -268,7 +234,7 @@ def pack(
             f"({', '.join(absent)}). fix: install an apache-tvm build with {target} support"
         )
     backend = manifest["backend"]
-    with _bundle_staging(os.fspath(bundle_dir)) as root:
+    with art.staging_dir(os.fspath(bundle_dir), BUNDLE_MANIFEST, "qiao bundle") as root:
         os.makedirs(os.path.join(root, "artifact"))
         kept = [art.MANIFEST, backend["library"]]
         if manifest.get("params", {}).get("names"):
