@@ -20,6 +20,8 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from qiao.compiler.passes.placeholders import contains_call, rewrite_functions
+
 ATTENTION_EXTERN = "qiao.gqa_attention"
 APPEND_EXTERN = "qiao.kv_append"
 _EXTERNS = (ATTENTION_EXTERN, APPEND_EXTERN)
@@ -82,32 +84,14 @@ class LowerAttention:
         self.gpu = gpu
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        if not _has_placeholder(mod):
+        if not contains_call(mod, lambda e: placeholder_kind(e) is not None):
             return mod
         gpu = self.gpu
         if gpu is None:
             target = tvm.target.Target.current(allow_none=True)
             gpu = target is not None and "gpu" in target.keys
         lowerer = _AttentionLowerer(mod, bool(gpu))
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                lowerer.builder_.update_func(gv, lowerer.visit_expr(func))
-        return lowerer.builder_.get()
-
-
-def _has_placeholder(mod: tvm.IRModule) -> bool:
-    found = []
-
-    def visit(expr):
-        if placeholder_kind(expr) is not None:
-            found.append(expr)
-
-    for _, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            relax.analysis.post_order_visit(func, visit)
-            if found:
-                return True
-    return False
+        return rewrite_functions(mod, lowerer)
 
 
 __all__ = ["APPEND_EXTERN", "ATTENTION_EXTERN", "LowerAttention", "placeholder_kind"]

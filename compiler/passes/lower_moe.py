@@ -25,6 +25,7 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from qiao.compiler.errors import CompileError
+from qiao.compiler.passes.placeholders import contains_call, rewrite_functions
 
 MOE_EXTERN = "qiao.moe"
 
@@ -199,7 +200,7 @@ class LowerMoE:
         self.keys = list(keys) if keys is not None else None
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        if not _has_placeholder(mod):
+        if not contains_call(mod, lambda e: isinstance(e, relax.Call) and is_moe_placeholder(e)):
             return mod
         from qiao.compiler.schedules.moe_table import lookup
 
@@ -212,25 +213,7 @@ class LowerMoE:
         gpu = self.gpu if self.gpu is not None else "gpu" in target.keys
         schedule = lookup(target, self.overrides, keys=self.keys)
         lowerer = _MoELowerer(mod, target, schedule, gpu)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                lowerer.builder_.update_func(gv, lowerer.visit_expr(func))
-        return lowerer.builder_.get()
-
-
-def _has_placeholder(mod: tvm.IRModule) -> bool:
-    found = []
-
-    def visit(expr):
-        if isinstance(expr, relax.Call) and is_moe_placeholder(expr):
-            found.append(expr)
-
-    for _, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            relax.analysis.post_order_visit(func, visit)
-            if found:
-                return True
-    return False
+        return rewrite_functions(mod, lowerer)
 
 
 __all__ = ["LowerMoE", "emit_moe", "is_moe_placeholder"]
