@@ -14,7 +14,10 @@ after BLIS:
   out of the run-time path (``SplitLayoutRewritePreproc`` then ``LiftTransformParams``);
 * the parallel loop runs over ``(S, IO, I / mc, J / nc)``; each task packs its rows of ``A`` into
   ``Ap[mc / mr, K, mr]`` (the zero padding of a symbolic ``I`` happens here) so the micro-kernel
-  broadcasts ``A`` from one contiguous stream;
+  broadcasts ``A`` from one contiguous stream. A symbolic ``I`` (tokens) against a weight puts
+  every row in every task instead (``mc_tiles=0``: column tasks, ``A`` packed once up front), so
+  each ``B`` panel is read from memory once per call, and carries run-time variants for a few
+  rows (one-row and ``MID_ROWS``-row tiles, see ``with_few_rows_variant``);
 * the micro-kernel keeps an ``mr × nr`` tile of ``C`` in SIMD registers (``nr = nr_vectors ×
   lanes``, lanes from the target's SIMD width), unrolls ``mr`` and ``k_unroll``, and writes the tile
   back through the fused epilogue.
