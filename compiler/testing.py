@@ -151,3 +151,24 @@ def genai_builder(hf_folder, out_folder, precision: str = "fp32") -> str:
     cmd += ["-i", os.fspath(hf_folder), "-o", os.fspath(out_folder), "-p", precision, "-e", "cpu"]
     subprocess.run(cmd, check=True, capture_output=True, timeout=900)
     return os.fspath(out_folder)
+
+
+def ort_genai_greedy(folder, prompt, new_tokens: int, ignore_eos: bool = True) -> list[int]:
+    """ONNX Runtime GenAI's greedy tokens after ``prompt`` on a GenAI folder: exactly
+    ``new_tokens`` of them with ``ignore_eos``, else stopping at its end-of-sequence token."""
+    import onnxruntime_genai as og
+
+    model = og.Model(os.fspath(folder))
+    params = og.GeneratorParams(model)
+    total = len(prompt) + new_tokens
+    search = dict(max_length=total, do_sample=False)
+    if ignore_eos:
+        search["min_length"] = total
+    params.set_search_options(**search)
+    generator = og.Generator(model, params)
+    generator.append_tokens(list(prompt))
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    return tokens

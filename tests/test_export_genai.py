@@ -29,7 +29,7 @@ import torch
 from qiao.compiler import export_genai
 from qiao.compiler.driver import resolve_model
 from qiao.compiler.errors import QiaoError
-from qiao.compiler.testing import assert_close
+from qiao.compiler.testing import assert_close, ort_genai_greedy
 from qiao.models import DecoderSpec, get_model, list_models, qwen3
 
 TOL = 1e-4
@@ -116,15 +116,7 @@ def test_genai_greedy_on_moe_export_matches_transformers_generate():
     tok = og.Tokenizer(og.Model(folder))
     prompt = list(tok.encode("Attention computes a weighted sum of values"))
     new_tokens = 64
-    genai = og.Model(folder)
-    params = og.GeneratorParams(genai)
-    params.set_search_options(do_sample=False, max_length=len(prompt) + new_tokens)
-    gen = og.Generator(genai, params)
-    gen.append_tokens(prompt)
-    got = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        got.append(int(gen.get_next_tokens()[0]))
+    got = ort_genai_greedy(folder, prompt, new_tokens, ignore_eos=False)
     with torch.no_grad():
         out = model.generate(
             torch.tensor([prompt]),

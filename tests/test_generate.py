@@ -18,7 +18,12 @@ import pytest
 from qiao.compiler import compile
 from qiao.compiler.errors import InputMismatch, QiaoError
 from qiao.compiler.generate import _sample
-from qiao.compiler.testing import assert_close, genai_builder, hf_qwen3_folder
+from qiao.compiler.testing import (
+    assert_close,
+    genai_builder,
+    hf_qwen3_folder,
+    ort_genai_greedy,
+)
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("onnxruntime_genai") is None
@@ -60,22 +65,6 @@ def _transformers(model, prompt, new_tokens):
         )
     tokens = out.sequences[0, len(prompt) :].tolist()
     return tokens, np.stack([step[0].numpy() for step in out.logits])
-
-
-def _ort_genai(folder, prompt, new_tokens):
-    import onnxruntime_genai as og
-
-    model = og.Model(str(folder))
-    params = og.GeneratorParams(model)
-    total = len(prompt) + new_tokens
-    params.set_search_options(max_length=total, min_length=total, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(prompt)
-    tokens = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        tokens.append(int(generator.get_next_tokens()[0]))
-    return tokens
 
 
 def _prompt(length, seed=0):
@@ -128,7 +117,7 @@ def test_greedy_64_tokens_match_transformers_and_ort_genai(decoder):
     result = artifact.generate(prompt, 64, eos_token_id=[], return_logits=True)
     want, want_logits = _transformers(model, prompt, 64)
     assert result.tokens[0] == want
-    assert result.tokens[0] == _ort_genai(folder, prompt, 64)
+    assert result.tokens[0] == ort_genai_greedy(folder, prompt, 64)
     assert_close(np.stack([step[0] for step in result.logits]), want_logits, TOL, TOL, "logits")
     assert result.ttft_s > 0 and len(result.decode_s) == 63 and result.tokens_per_s > 0
 
@@ -248,4 +237,4 @@ def test_builtin_decoders_match_transformers_and_ort_genai(name, tmp_path):
         assert result.tokens[b] == want, f"entry {b}"
         got = np.stack([step[b] for step in result.logits])
         assert_close(got, want_logits, TOL, TOL, f"logits of entry {b}")
-    assert result.tokens[0] == _ort_genai(builtin_folder(spec), prompts[0], 64)
+    assert result.tokens[0] == ort_genai_greedy(builtin_folder(spec), prompts[0], 64)
