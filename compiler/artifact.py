@@ -88,12 +88,20 @@ def save_params(workdir: str, params: Mapping[str, np.ndarray]) -> list[str]:
     return names
 
 
-def load_params(artifact_dir: str, manifest: Mapping[str, Any]) -> list[np.ndarray]:
+def iter_params(artifact_dir: str, manifest: Mapping[str, Any]) -> Iterator[np.ndarray]:
+    """The weights in manifest order, read one at a time: a caller that copies each to its device
+    and drops it holds one host copy of one weight at a time, not of all of them (a decoder's
+    weights are gigabytes)."""
     names = manifest.get("params", {}).get("names", [])
     if not names:
-        return []
+        return
     with np.load(os.path.join(artifact_dir, PARAMS)) as data:
-        return [data[f"p{i}"] for i in range(len(names))]
+        for i in range(len(names)):
+            yield data[f"p{i}"]
+
+
+def load_params(artifact_dir: str, manifest: Mapping[str, Any]) -> list[np.ndarray]:
+    return list(iter_params(artifact_dir, manifest))
 
 
 def write_manifest(workdir: str, manifest: dict) -> dict:
