@@ -142,6 +142,9 @@ class Backend(abc.ABC):
     target_kinds: ClassVar[tuple[str, ...]] = ()
     #: TVM runtime device name the artifact runs on (``tvm.device(device_type)``), or ``None``.
     device_type: ClassVar[str | None] = None
+    #: TVM runtime libraries (apache-tvm's ``lib/``) that run this backend's artifacts without the
+    #: compiler (``qiao pack``); empty when its artifacts cannot be packed.
+    runtime_libraries: ClassVar[tuple[str, ...]] = ()
     #: Thread-bound GPU kernels (the MoE lowering's) rather than CPU loop nests.
     is_gpu: ClassVar[bool] = False
     #: Where the baselines (ONNX Runtime, PyTorch) run for comparison: ``"cpu"``, ``"cuda"``,

@@ -31,6 +31,7 @@ class CPUBackend(TVMBackend):
     lift_weight_packing = True  # the CPU GEMM rules pack weights; do it once, at load
     target_kinds = ("llvm", "c")
     device_type = "cpu"
+    runtime_libraries = ("libtvm_runtime.so",)
     reference_device = "cpu"
     ort_providers = ("CPUExecutionProvider",)
 

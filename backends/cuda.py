@@ -61,6 +61,7 @@ class CUDABackend(GPUBackend):
     device_module = "cuda"
     target_kinds = ("cuda",)
     device_type = "cuda"
+    runtime_libraries = ("libtvm_runtime.so", "libtvm_runtime_cuda.so")
     is_gpu = True
     reference_device = "cuda"
     ort_providers = ("CUDAExecutionProvider",)

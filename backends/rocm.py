@@ -59,6 +59,7 @@ class ROCmBackend(GPUBackend):
     device_module = "hip"
     target_kinds = ("rocm",)
     device_type = "rocm"
+    runtime_libraries = ("libtvm_runtime.so", "libtvm_runtime_rocm.so")
     is_gpu = True
     reference_device = "rocm"
     ort_providers = ("ROCMExecutionProvider", "MIGraphXExecutionProvider")

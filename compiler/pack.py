@@ -42,12 +42,6 @@ BUNDLE_MANIFEST = "bundle.json"
 BUNDLE_FORMAT = 1
 TEMPLATE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bundle")
 TEMPLATE_FILES = ("run.py", "qiao_runtime.py")
-# The runtime libraries each target's bundle needs from apache-tvm's lib/ folder.
-RUNTIME_LIBRARIES = {
-    "cpu": ("libtvm_runtime.so",),
-    "cuda": ("libtvm_runtime.so", "libtvm_runtime_cuda.so"),
-    "rocm": ("libtvm_runtime.so", "libtvm_runtime_rocm.so"),
-}
 # Parts of the tvm_ffi package a runner never touches: C++ headers and sources, build files, type
 # stubs (its testing library stays: tvm_ffi loads it at import). Dropping them halves its size.
 _FFI_SKIP = {"include", "src", "3rdparty", "cython", "stub", "share", "CMakeLists.txt"}
@@ -129,9 +123,14 @@ def vendor_tvm_ffi(dest: str, python: str) -> str:
 
 
 def _check_packable(artifact_dir: str, manifest: dict[str, Any]) -> str:
-    backend = manifest.get("backend", {})
-    target = backend.get("name")
-    if target not in RUNTIME_LIBRARIES:
+    from qiao.backends import get_backend
+
+    target = manifest.get("backend", {}).get("name")
+    try:
+        packable = bool(get_backend(target).runtime_libraries)
+    except QiaoError:  # a backend not installed here
+        packable = False
+    if not packable:
         raise QiaoError(
             f"{artifact_dir} is a {target!r} artifact; qiao pack bundles TVM artifacts (cpu, "
             "cuda, rocm). fix: hand a vendor artifact to its toolchain as README describes"
@@ -226,7 +225,10 @@ def pack(
     target = _check_packable(artifact_dir, manifest)
     python = _python_tag(python)
     tvm_lib = os.path.join(_package_dir("tvm"), "lib")
-    libraries = [os.path.join(tvm_lib, name) for name in RUNTIME_LIBRARIES[target]]
+    from qiao.backends import get_backend
+
+    runtime = get_backend(target)
+    libraries = [os.path.join(tvm_lib, name) for name in runtime.runtime_libraries]
     absent = [p for p in libraries if not os.path.isfile(p)]
     if absent:
         raise ToolchainMissing(
@@ -252,6 +254,8 @@ def pack(
             "bundle_format": BUNDLE_FORMAT,
             "model": manifest.get("model"),
             "target": target,
+            "device": runtime.device_type,
+            "runtime_libraries": list(runtime.runtime_libraries),
             "arch": backend.get("arch"),
             "library": backend["library"],
             "cpu": backend.get("cpu"),

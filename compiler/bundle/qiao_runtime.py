@@ -24,9 +24,6 @@ import numpy as np
 
 BUNDLE_MANIFEST = "bundle.json"
 BUNDLE_FORMAT = 1
-# DLPack device types of the targets a bundle can hold, and the runtime library each needs.
-DEVICE_TYPES = {"cpu": 1, "cuda": 2, "rocm": 10}
-DEVICE_LIBRARIES = {"cuda": "libtvm_runtime_cuda.so", "rocm": "libtvm_runtime_rocm.so"}
 POOLED_ALLOCATOR = 2  # tvm.runtime.vm.VirtualMachine.POOLED_ALLOCATOR
 
 # /proc/cpuinfo flag -> LLVM feature name, for the features qiao records in a CPU artifact. The
@@ -163,8 +160,12 @@ class Bundle:
         if verify:
             verify_files(self.root, self.manifest)
         self.target = self.manifest["target"]
-        if self.target not in DEVICE_TYPES:
-            raise BundleError(f"bundle target {self.target!r} is not one this runner knows")
+        self.device_name = self.manifest.get("device")
+        if not self.device_name or not self.manifest.get("runtime_libraries"):
+            raise BundleError(
+                f"bundle.json names no device or runtime libraries for target {self.target!r}. "
+                "fix: pack the artifact again with this qiao"
+            )
         check_cpu(self.root, self.manifest.get("cpu"))
         self.inputs = self.manifest["inputs"]
         self.outputs = self.manifest["outputs"]
@@ -195,10 +196,7 @@ class Bundle:
                 "--python for this one"
             ) from err
         self.ffi = tvm_ffi
-        libs = ["libtvm_runtime.so"]
-        if self.target in DEVICE_LIBRARIES:
-            libs.append(DEVICE_LIBRARIES[self.target])
-        for lib in libs:
+        for lib in self.manifest["runtime_libraries"]:
             # RTLD_GLOBAL: model.so resolves the runtime's symbols; the runtime registers the VM.
             try:
                 ctypes.CDLL(os.path.join(self.root, "lib", lib), mode=ctypes.RTLD_GLOBAL)
@@ -212,14 +210,14 @@ class Bundle:
         self._copy_from = get("runtime.TVMTensorCopyFromBytes")
         self._copy_to = get("runtime.TVMTensorCopyToBytes")
         self._sync = get("runtime.Device_StreamSync")
-        self.device = tvm_ffi.device(self.target, 0)
+        self.device = tvm_ffi.device(self.device_name, 0)
         self.cpu = tvm_ffi.device("cpu", 0)
         library = os.path.join(self.root, "artifact", self.manifest["library"])
         try:
             self.vm = tvm_ffi.load_module(library)["vm_load_executable"]()
-            init = [DEVICE_TYPES[self.target], 0, POOLED_ALLOCATOR]
-            if self.target != "cpu":  # the VM runs shape functions on the host
-                init += [DEVICE_TYPES["cpu"], 0, POOLED_ALLOCATOR]
+            init = [self.device.dlpack_device_type(), 0, POOLED_ALLOCATOR]
+            if self.device_name != "cpu":  # the VM runs shape functions on the host
+                init += [self.cpu.dlpack_device_type(), 0, POOLED_ALLOCATOR]
             self.vm["vm_initialization"](*init)
             self._main = self.vm["main"]
             self.params = self._load_params()
