@@ -196,6 +196,41 @@ def _elf_symbols(data: bytes, sections: list[tuple]) -> Iterator[tuple[str, int,
             yield name, st_info, st_shndx, st_value, st_size
 
 
+def check_elf_extents(path: str) -> None:
+    """Refuse a 64-bit little-endian ELF file whose headers, segments or sections reach past its
+    end (a truncated library): the dynamic loader maps such a file and dies of SIGBUS touching the
+    missing pages, so it must never reach ``dlopen``. Raises ``ArtifactCorrupt``."""
+    with open(path, "rb") as f:
+        size = f.seek(0, 2)
+        f.seek(0)
+        header = f.read(64)
+
+        def table(offset: int, count: int, entsize: int, fmt: str) -> list[tuple]:
+            if count and (entsize < struct.calcsize(fmt) or offset + count * entsize > size):
+                raise ValueError("header table past the end of the file")
+            f.seek(offset)
+            raw = f.read(count * entsize)
+            return [struct.unpack_from(fmt, raw, i * entsize) for i in range(count)]
+
+        try:
+            if len(header) < 64 or header[:4] != b"\x7fELF" or header[4:6] != b"\x02\x01":
+                raise ValueError("not a 64-bit little-endian ELF file")
+            phoff, shoff = struct.unpack_from("<QQ", header, 0x20)
+            phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", header, 0x36)
+            # (type, flags, offset, vaddr, paddr, filesz, memsz, align)
+            for ph in table(phoff, phnum, phentsize, "<IIQQQQQQ"):
+                if ph[2] + ph[5] > size:
+                    raise ValueError(f"a segment ends at byte {ph[2] + ph[5]}")
+            for sh in table(shoff, shnum, shentsize, "<IIQQQQIIQQ"):
+                if sh[1] != 8 and sh[4] + sh[5] > size:  # SHT_NOBITS occupies no file bytes
+                    raise ValueError(f"a section ends at byte {sh[4] + sh[5]}")
+        except (ValueError, struct.error) as err:
+            raise ArtifactCorrupt(
+                f"{path} is not a complete shared library ({err}; the file has {size} bytes); "
+                "refused before loading it. fix: recompile the model"
+            ) from err
+
+
 def read_elf(data: bytes) -> ElfInfo:
     """Machine, OS ABI, flags and defined function names (``STT_FUNC``) of an ELF file."""
     sections = _elf_sections(data)

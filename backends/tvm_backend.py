@@ -179,12 +179,13 @@ class TVMBackend(Backend):
         raise NotImplementedError
 
     def load(self, artifact_dir, manifest):
+        from qiao.backends.binfmt import check_elf_extents
         from qiao.compiler.artifact import iter_params
 
+        library = os.path.join(artifact_dir, manifest["backend"]["library"])
+        check_elf_extents(library)  # a truncated library kills dlopen with SIGBUS
         params = iter_params(artifact_dir, manifest)  # streamed: one host copy at a time
-        return TVMRunner(
-            os.path.join(artifact_dir, manifest["backend"]["library"]), params, self.device()
-        )
+        return TVMRunner(library, params, self.device())
 
 
 class GPUBackend(TVMBackend):

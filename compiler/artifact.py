@@ -41,6 +41,11 @@ def _hash_tree(root: str) -> dict[str, str]:
         for name in files:
             full = os.path.join(dirpath, name)
             rel = os.path.relpath(full, root)
+            if os.path.islink(full) and not inside(root, rel):
+                raise ArtifactCorrupt(
+                    f"artifact {root}: {rel} is a link to {os.path.realpath(full)}, outside the "
+                    "artifact; refused. fix: recompile the model; an artifact holds its own files"
+                )
             if rel != MANIFEST:
                 out[rel] = sha256_file(full)
     return dict(sorted(out.items()))
@@ -132,18 +137,19 @@ def read_manifest(artifact_dir: str, verify: bool = True) -> dict:
     try:
         with open(path) as f:
             manifest = json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError, RecursionError) as err:  # JSON, UTF-8, nesting
         raise ArtifactCorrupt(
-            f"{path} is unreadable ({err}). fix: compile the model again"
+            f"{path} is unreadable ({type(err).__name__}: {err}). fix: compile the model again"
         ) from err
-    version = manifest.get("format_version")
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if version != FORMAT_VERSION:
         raise ArtifactCorrupt(
             f"{artifact_dir} has artifact format version {version!r}; this qiao reads version "
             f"{FORMAT_VERSION}. fix: recompile the model with this qiao version"
         )
+    check_manifest(artifact_dir, manifest)
     if verify:
-        expected = manifest.get("files", {})
+        expected = manifest["files"]
         actual = _hash_tree(artifact_dir)
         missing = sorted(set(expected) - set(actual))
         changed = sorted(n for n in expected if n in actual and actual[n] != expected[n])
@@ -161,6 +167,74 @@ def read_manifest(artifact_dir: str, verify: bool = True) -> dict:
                 "fix: recompile the model; do not edit artifact files by hand"
             )
     return manifest
+
+
+# A dimension larger than this in a manifest is damage (no device holds 2^48 elements of anything).
+_MAX_DIM = 1 << 48
+
+
+def _corrupt(artifact_dir: str, problem: str) -> ArtifactCorrupt:
+    return ArtifactCorrupt(
+        f"artifact {artifact_dir}: its {MANIFEST} is damaged ({problem}). fix: recompile the "
+        "model; do not edit artifact files by hand"
+    )
+
+
+def inside(artifact_dir: str, rel: object) -> bool:
+    """Whether ``rel`` is a relative path naming something inside ``artifact_dir`` (no ``..``, not
+    absolute, no symlink leading out)."""
+    if not isinstance(rel, str) or not rel or "\0" in rel or os.path.isabs(rel):
+        return False
+    root = os.path.realpath(artifact_dir)
+    full = os.path.realpath(os.path.join(root, rel))
+    return full != root and os.path.commonpath([root, full]) == root
+
+
+def check_manifest(artifact_dir: str, manifest: Any) -> None:
+    """The manifest's structure: every field ``load`` and ``run`` read has the type they expect,
+    and every file it names lies inside ``artifact_dir`` (an artifact that names files elsewhere
+    is refused, not followed). Raises ``ArtifactCorrupt``."""
+    from qiao.compiler.frontend.lowprec import ml_dtype
+
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise _corrupt(artifact_dir, "'files' is not a table of file hashes")
+    outside = sorted(str(k) for k in files if not inside(artifact_dir, k))
+    if outside:
+        raise _corrupt(artifact_dir, f"it names files outside the artifact: {', '.join(outside)}")
+    for key in ("inputs", "outputs"):
+        specs = manifest.get(key)
+        if not isinstance(specs, list) or (key == "outputs" and not specs):
+            raise _corrupt(artifact_dir, f"{key!r} is not a list of tensors")
+        for spec in specs:
+            if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+                raise _corrupt(artifact_dir, f"an entry of {key!r} has no name")
+            try:
+                dtype = ml_dtype(spec["dtype"]) if isinstance(spec.get("dtype"), str) else None
+            except TypeError:
+                dtype = None
+            if dtype is None or dtype.kind == "O":
+                raise _corrupt(artifact_dir, f"{spec['name']!r} has dtype {spec.get('dtype')!r}")
+            shape = spec.get("shape")
+            ok = isinstance(shape, list) and all(
+                (isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= _MAX_DIM)
+                or (isinstance(d, str) and d)
+                for d in shape
+            )
+            if not ok:
+                raise _corrupt(artifact_dir, f"{spec['name']!r} has shape {shape!r}")
+    backend, params = manifest.get("backend"), manifest.get("params")
+    if not isinstance(backend, dict) or not isinstance(backend.get("name"), str):
+        raise _corrupt(artifact_dir, "'backend' names no backend")
+    if not isinstance(params, dict) or not isinstance(params.get("names", []), list):
+        raise _corrupt(artifact_dir, "'params' is not a table of weights")
+    named = {"backend library": backend.get("library"), "params file": params.get("file")}
+    named["backend output"] = backend.get("output")
+    for what, rel in named.items():
+        if rel is not None and rel not in files:
+            raise _corrupt(artifact_dir, f"the {what} {rel!r} is not one of the artifact's files")
+    if params.get("names") and params.get("file") is None:
+        raise _corrupt(artifact_dir, "'params' names weights but no file")
 
 
 def record_validation(artifact_dir: str, result: dict) -> None:

@@ -325,7 +325,7 @@ class Artifact:
     @property
     def runner(self):
         if self._runner is None:
-            self._runner = self.backend.load(self.directory, self.manifest)
+            self._runner = _load_runner(self.backend, self.directory, self.manifest)
         return self._runner
 
     def check_inputs(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
@@ -358,6 +358,21 @@ class Artifact:
 
     def __repr__(self) -> str:
         return f"Artifact({self.directory!r}, backend={self.manifest['backend']['name']!r})"
+
+
+def _load_runner(backend, directory: str, manifest: dict):
+    """``backend.load``; a library or weights file that will not load (damaged in a way its hash
+    did not catch: rewritten along with the manifest) is ``ArtifactCorrupt``, not a crash."""
+    try:
+        return backend.load(directory, manifest)
+    except QiaoError:
+        raise
+    except Exception as err:  # TVM's loader, numpy's npz reader: a damaged file
+        detail = str(err).strip().splitlines()[-1] if str(err).strip() else "no detail"
+        raise art.ArtifactCorrupt(
+            f"artifact {directory} does not load ({type(err).__name__}: {detail[:300]}). "
+            "fix: recompile the model"
+        ) from err
 
 
 def random_inputs(

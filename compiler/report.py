@@ -49,9 +49,10 @@ def load_results(paths: Iterable[str | os.PathLike]) -> list[dict[str, Any]]:
                 doc = json.load(f)
         except FileNotFoundError as err:
             raise QiaoError(f"{path}: no such file. fix: check the path") from err
-        except (OSError, json.JSONDecodeError) as err:
+        except (OSError, ValueError, RecursionError) as err:  # JSON, UTF-8, nesting
             raise QiaoError(
-                f"{path} is not readable JSON ({err}). fix: pass files written by `qiao bench -o`"
+                f"{path} is not readable JSON ({type(err).__name__}: {err}). fix: pass files "
+                "written by `qiao bench -o`"
             ) from err
         out.append(dict(check_result(doc, path), _path=path))
     return out

@@ -152,13 +152,47 @@ def tolerances(artifact, rtol: float | None, atol: float | None) -> tuple[float,
 
 
 def load_inputs(path: str) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` file by name. A damaged file (truncated, bad CRC, an array header
+    declaring more bytes than the file holds, pickled objects) is a ``QiaoError`` raised before
+    anything it declares is allocated."""
+    import zipfile
+    import zlib
+
     try:
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except (OSError, ValueError) as err:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError("it holds one array (an .npy file), not named arrays")
+        with data:
+            out = {}
+            for key in data.files:
+                _check_npz_member(data.zip, key)
+                out[key] = data[key]
+            return out
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as err:
         raise QiaoError(
-            f"cannot read inputs from {path}: {err}. fix: pass an .npz written by numpy.savez"
+            f"cannot read inputs from {path}: {type(err).__name__}: {err}. fix: pass an .npz "
+            "written by numpy.savez"
         ) from err
+
+
+def _check_npz_member(archive, key: str) -> None:
+    """Refuse an array whose ``.npy`` header declares more bytes than its zip member holds."""
+    name = key if key in archive.namelist() else f"{key}.npy"
+    size = archive.getinfo(name).file_size
+    with archive.open(name) as f:
+        version = np.lib.format.read_magic(f)
+        read_header = (
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0
+        )
+        shape, _, dtype = read_header(f)
+    declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if declared > size:
+        raise ValueError(
+            f"array {key!r} declares shape {shape} of {dtype} ({declared} bytes) but holds "
+            f"{size} bytes"
+        )
 
 
 def validate(

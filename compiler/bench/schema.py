@@ -4,6 +4,7 @@ file is one this qiao reads, and writing it."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -64,10 +65,14 @@ def check_result(doc: Any, source: str = "result") -> dict[str, Any]:
             "that wrote it"
         )
     missing = [k for k in REQUIRED["top"] if k not in doc]
-    for i, case in enumerate(doc.get("cases") or []):
+    for i, case in enumerate(doc.get("cases") if isinstance(doc.get("cases"), list) else []):
+        if not isinstance(case, dict):
+            continue  # _wrong_types names it
         missing += [f"cases[{i}].{k}" for k in REQUIRED["case"] if k not in case]
-        for name, engine in (case.get("engines") or {}).items():
-            stats = engine.get("latency_s", {})
+        engines = case.get("engines")
+        for name, engine in (engines if isinstance(engines, dict) else {}).items():
+            stats = engine.get("latency_s", {}) if isinstance(engine, dict) else {}
+            stats = stats if isinstance(stats, dict) else {}
             missing += [
                 f"cases[{i}].engines.{name}.latency_s.{k}"
                 for k in REQUIRED["latency"]
@@ -78,7 +83,69 @@ def check_result(doc: Any, source: str = "result") -> dict[str, Any]:
             f"{source} is missing {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}. "
             "fix: rerun `qiao bench`; do not edit result files by hand"
         )
+    wrong = _wrong_types(doc)
+    if wrong:
+        raise QiaoError(
+            f"{source} has fields of the wrong type or value: {', '.join(wrong[:6])}"
+            f"{' ...' if len(wrong) > 6 else ''}. fix: rerun `qiao bench`; do not edit result "
+            "files by hand"
+        )
     return doc
+
+
+def _is_number(value: Any, positive: bool = False) -> bool:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return ok and (value > 0 if positive else value >= 0)
+
+
+def _wrong_types(doc: Mapping[str, Any]) -> list[str]:
+    """The fields ``qiao report`` reads whose type or value it cannot use (a damaged file)."""
+    wrong = [
+        k for k in ("machine", "software", "settings", "model") if not isinstance(doc[k], dict)
+    ]
+    targets, cases = doc["targets"], doc["cases"]
+    if not isinstance(targets, list) or not all(
+        isinstance(t, dict) and isinstance(t.get("target"), str) for t in targets
+    ):
+        wrong.append("targets")
+    if not isinstance(cases, list):
+        return wrong + ["cases"]
+    for i, case in enumerate(cases):
+        where = f"cases[{i}]"
+        if not isinstance(case, dict):
+            wrong.append(where)
+            continue
+        for key in ("size", "engines", "speedup", "check"):
+            if not isinstance(case.get(key), dict):
+                wrong.append(f"{where}.{key}")
+        if not isinstance(case.get("target"), str):
+            wrong.append(f"{where}.target")
+        for key in ("flops", "bytes"):
+            if case.get(key) is not None and not _is_number(case[key]):
+                wrong.append(f"{where}.{key}")
+        for name, value in (
+            (case.get("speedup") or {}).items() if isinstance(case.get("speedup"), dict) else ()
+        ):
+            if not _is_number(value, positive=True):
+                wrong.append(f"{where}.speedup.{name}")
+        if isinstance(case.get("check"), dict) and not all(
+            isinstance(c, dict) for c in case["check"].values()
+        ):
+            wrong.append(f"{where}.check")
+        engines = case.get("engines") if isinstance(case.get("engines"), dict) else {}
+        if engines and "qiao" not in engines:
+            wrong.append(f"{where}.engines.qiao")
+        for name, engine in engines.items():
+            stats = engine.get("latency_s") if isinstance(engine, dict) else None
+            if not isinstance(stats, dict) or not isinstance(engine.get("throughput", {}), dict):
+                wrong.append(f"{where}.engines.{name}")
+                continue
+            wrong += [
+                f"{where}.engines.{name}.latency_s.{k}"
+                for k in REQUIRED["latency"]
+                if not _is_number(stats.get(k), positive=k in ("median", "mean"))
+            ]
+    return wrong
 
 
 def write_result(result: Mapping[str, Any], path: str) -> None:

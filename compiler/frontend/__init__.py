@@ -161,7 +161,11 @@ def load_onnx(model) -> onnx.ModelProto:
             f"{where} fails the ONNX checker: {str(err).strip().splitlines()[0]}. "
             "fix: re-export the model; a truncated or hand-edited file fails this way"
         ) from err
+    from qiao.compiler.frontend.guards import check_external_data, check_graph
+
+    check_graph(proto, where)
     if not isinstance(model, onnx.ModelProto):
+        check_external_data(proto, os.fspath(model))
         _load_external_data(proto, os.fspath(model))
     return proto
 
@@ -413,6 +417,7 @@ def import_onnx(
     except QiaoError:
         raise
     except Exception as err:
+        _close_blocks(importer.bb)
         where = " ".join(log.getvalue().split())[:300] or "while importing"
         detail = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         raise CompileError(
@@ -421,9 +426,44 @@ def import_onnx(
             "a converter in a qiao.compiler.frontend.convert_* module can override TVM's for the op"
         ) from err
     _correct_output_shapes(outputs, mod)
+    _check_output_kinds(outputs, mod)
     return ImportedModel(
         mod, params, inputs, outputs, opset, proto, op_types, **extra, imported_opset=imported_opset
     )
+
+
+def _check_output_kinds(outputs: list[TensorSpec], mod) -> None:
+    """Refuse a model whose declared output type is of another kind (float vs integer or bool)
+    than what the graph computes: the manifest would lie about what ``run`` returns."""
+    from tvm import relax
+
+    ty = mod["main"].ret_ty
+    types = list(ty.fields) if isinstance(ty, relax.TupleType) else [ty]
+    if len(types) != len(outputs):
+        return
+    for spec, out_ty in zip(outputs, types):
+        derived = getattr(out_ty, "dtype", "")
+        if not isinstance(out_ty, relax.TensorType) or not derived:
+            continue
+        try:
+            kinds = np.dtype(spec.dtype).kind, np.dtype(str(derived)).kind
+        except TypeError:  # float8/int4...: stored as another type, converted by the runner
+            continue
+        if {kinds[0], kinds[1]} <= set("fiub") and (kinds[0] == "f") != (kinds[1] == "f"):
+            raise InvalidModel(
+                f"output {spec.name!r} is declared {spec.dtype} but the graph computes {derived}. "
+                "fix: correct the output's type in the model (re-export it)"
+            )
+
+
+def _close_blocks(bb) -> None:
+    """End the binding blocks a failed import left open: TVM otherwise prints "BlockBuilder
+    destroyed with remaining blocks!" on stderr when the builder is collected."""
+    for _ in range(16):
+        try:
+            bb._end_block()
+        except Exception:  # noqa: BLE001 - none left open
+            return
 
 
 def _correct_output_shapes(outputs: list[TensorSpec], mod) -> None:
