@@ -382,6 +382,7 @@ def random_inputs(
 
     rng = np.random.default_rng(seed)
     dims = dict(dims or {})
+    _check_random_sizes(specs, dims)
     out = {}
     for spec in specs:
         shape = tuple(d if isinstance(d, int) else int(dims.get(d, 2)) for d in spec["shape"])
@@ -399,3 +400,24 @@ def random_inputs(
                 f"cannot make random inputs of dtype {dtype} for {spec['name']!r}; pass --inputs"
             )
     return out
+
+
+def _check_random_sizes(specs, dims: Mapping[str, int]) -> None:
+    """Refuse random inputs that would not fit in this machine's memory (or a negative or
+    non-integer dim) before allocating any, naming the size."""
+    from qiao.compiler.frontend.guards import format_bytes, host_memory_bytes
+    from qiao.compiler.frontend.lowprec import ml_dtype
+
+    bad = {k: v for k, v in dims.items() if not isinstance(v, int) or v < 0}
+    if bad:
+        raise QiaoError(f"dimension sizes must be whole numbers >= 0, got {bad}. fix: --dim NAME=4")
+    total = 0
+    for spec in specs:
+        shape = [d if isinstance(d, int) else int(dims.get(d, 2)) for d in spec["shape"]]
+        total += int(np.prod(shape, dtype=object)) * ml_dtype(spec["dtype"]).itemsize
+    if total > host_memory_bytes():
+        raise QiaoError(
+            f"random inputs of these sizes take {format_bytes(total)}, more than this machine's "
+            f"{format_bytes(host_memory_bytes())}; refused before allocating them. fix: smaller "
+            "--dim values"
+        )

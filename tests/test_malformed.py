@@ -643,6 +643,8 @@ def test_damaged_inputs_through_run_and_validate(tmp_path, tiny_artifact):
     for name, path in _write_cases(str(tmp_path), named, ".npz"):
         cases.append(Case(f"run {name}", ["run", tiny_artifact, "--inputs", path]))
         cases.append(Case(f"validate {name}", ["validate", tiny_artifact, "--inputs", path]))
+    for dim in ("batch=1000000000000", "batch=-2", "batch=x"):  # random inputs of hostile sizes
+        cases.append(Case(f"run --dim {dim}", ["run", tiny_artifact, "--dim", dim]))
     run_cases(cases, str(tmp_path))
     for c in cases:  # a byte mutation of an .npz that still holds x: float32[2, 8] may run
         c.may_succeed = c.name.split(" ", 1)[1].startswith(("bit", "bytes", "garbage"))
@@ -686,3 +688,121 @@ def test_cli_subprocess_spot_check(tmp_path):
 
 if __name__ == "__main__":
     _worker(sys.argv[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Hostile inputs: files that point outside their folder, sizes that would exhaust memory.
+
+
+def _external_model(folder, location: str, data_file=None):
+    """The tiny model with weight ``w`` as external data at ``location`` (relative to
+    ``folder``); ``data_file``, when given, is where the bytes are written."""
+    import onnx
+    from onnx.external_data_helper import set_external_data
+
+    model = tiny_model()
+    w = model.graph.initializer[0]
+    raw = bytes(w.raw_data)
+    target = data_file or os.path.join(folder, location)
+    with open(target, "wb") as f:
+        f.write(raw)
+    set_external_data(w, location=location, offset=0, length=len(raw))
+    w.ClearField("raw_data")
+    w.data_location = onnx.TensorProto.EXTERNAL
+    path = os.path.join(folder, "model.onnx")
+    with open(path, "wb") as f:
+        f.write(model.SerializeToString())
+    return path
+
+
+def test_external_data_inside_the_folder_loads(tmp_path):
+    from qiao.compiler.frontend import load_onnx
+
+    path = _external_model(str(tmp_path), "w.bin")
+    proto = load_onnx(path)
+    assert len(proto.graph.initializer[0].raw_data) == 8 * 16 * 4
+
+
+@pytest.mark.parametrize("how", ["parent", "absolute", "symlink", "symlinked folder"])
+def test_external_data_outside_the_folder_refused(tmp_path, how):
+    from qiao.compiler import InvalidModel
+    from qiao.compiler.frontend import load_onnx
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    secret = tmp_path / "secret.bin"
+    if how == "parent":
+        path = _external_model(str(folder), "../secret.bin")
+    elif how == "absolute":
+        path = _external_model(str(folder), str(secret))
+    elif how == "symlink":
+        path = _external_model(str(folder), "w.bin", data_file=str(secret))
+        os.symlink(secret, folder / "w.bin")
+    else:
+        (tmp_path / "elsewhere").mkdir()
+        os.symlink(tmp_path / "elsewhere", folder / "sub")
+        path = _external_model(str(folder), "sub/w.bin")
+    assert secret.exists() or how == "symlinked folder"
+    with pytest.raises(InvalidModel, match="outside the model's folder"):
+        load_onnx(path)
+
+
+def test_external_data_shorter_than_declared_refused(tmp_path):
+    from qiao.compiler import InvalidModel
+    from qiao.compiler.frontend import load_onnx
+
+    path = _external_model(str(tmp_path), "w.bin")
+    with open(tmp_path / "w.bin", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(InvalidModel, match=r"reads bytes 0\.\.512 of 'w.bin', which holds 100"):
+        load_onnx(path)
+
+
+def test_sizes_that_would_exhaust_memory_refused_with_the_size(tmp_path):
+    from qiao.compiler import InvalidModel
+    from qiao.compiler.frontend import load_onnx
+
+    huge = tiny_model()
+    w = huge.graph.initializer[0]
+    del w.dims[:]
+    w.dims.extend([1 << 20, 1 << 20])  # 4 TiB of float32 declared over 512 bytes
+    with pytest.raises(InvalidModel, match=r"(4\.0 TiB|4398046511104 bytes)"):
+        load_onnx(huge)  # the ONNX checker or qiao's guard: either names the size
+    wide = tiny_model()
+    dims = wide.graph.input[0].type.tensor_type.shape.dim
+    dims[0].Clear()
+    dims[0].dim_value = 1 << 50
+    with pytest.raises(InvalidModel, match=r"input 'x' declares 32\.0 PiB"):
+        load_onnx(wide)
+    bad_type = tiny_model()
+    bad_type.graph.output[0].type.tensor_type.elem_type = 99
+    with pytest.raises(InvalidModel, match="element type 99"):
+        load_onnx(bad_type)
+
+
+def test_external_data_beyond_memory_refused_before_reading(tmp_path, monkeypatch):
+    from qiao.compiler import InvalidModel
+    from qiao.compiler.frontend import guards, load_onnx
+
+    path = _external_model(str(tmp_path), "w.bin")
+    monkeypatch.setattr(guards, "host_memory_bytes", lambda: 256)
+    with pytest.raises(InvalidModel, match=r"totals 512 B, more than this machine's 256 B"):
+        load_onnx(path)
+
+
+def test_manifest_naming_files_outside_refused(tmp_path, tiny_artifact):
+    from qiao.compiler import ArtifactCorrupt, load
+
+    for field, value, message in [
+        (("backend", "library"), "../model.so", "not one of the artifact's files"),
+        (("backend", "library"), "/usr/lib/x86_64-linux-gnu/libc.so.6", "not one of"),
+        (("files", "../x.so"), "0" * 64, "outside the artifact: ../x.so"),
+        (("params", "file"), "/etc/passwd", "not one of the artifact's files"),
+    ]:
+        copy = tmp_path / f"a-{len(os.listdir(tmp_path))}"
+        shutil.copytree(tiny_artifact, copy)
+        m = _manifest(str(copy))
+        m[field[0]][field[1]] = value
+        _write_manifest(str(copy), m)
+        with pytest.raises(ArtifactCorrupt, match=message):
+            load(copy)

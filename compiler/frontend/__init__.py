@@ -147,6 +147,10 @@ def load_onnx(model) -> onnx.ModelProto:
             f"{where} holds no ONNX graph (empty or not an ONNX file). fix: pass a model exported "
             "with torch.onnx.export or another ONNX exporter"
         )
+    from qiao.compiler.frontend.guards import check_external_data, check_graph
+
+    if not isinstance(model, onnx.ModelProto):
+        check_external_data(proto, os.fspath(model))  # before the checker opens any of them
     try:
         if not isinstance(model, onnx.ModelProto):
             # By path: the checker reads the file and finds external data beside it; nothing
@@ -161,11 +165,8 @@ def load_onnx(model) -> onnx.ModelProto:
             f"{where} fails the ONNX checker: {str(err).strip().splitlines()[0]}. "
             "fix: re-export the model; a truncated or hand-edited file fails this way"
         ) from err
-    from qiao.compiler.frontend.guards import check_external_data, check_graph
-
     check_graph(proto, where)
     if not isinstance(model, onnx.ModelProto):
-        check_external_data(proto, os.fspath(model))
         _load_external_data(proto, os.fspath(model))
     return proto
 

@@ -129,7 +129,13 @@ def check_external_data(proto: onnx.ModelProto, model_path: str) -> None:
     for tensor in _tensors(proto.graph):
         if not uses_external_data(tensor):
             continue
-        info = ExternalDataInfo(tensor)
+        try:
+            info = ExternalDataInfo(tensor)
+        except (ValueError, TypeError) as err:  # offset/length that are not numbers
+            raise InvalidModel(
+                f"{model_path}: tensor {tensor.name!r} has unreadable external-data fields "
+                f"({err}). fix: re-save the model with its data"
+            ) from err
         location = info.location or ""
         resolved = os.path.realpath(os.path.join(base, location))
         inside = os.path.commonpath([base, resolved]) == base and resolved != base
