@@ -14,7 +14,7 @@ import logging
 from typing import Any
 
 from qiao.compiler.schedules.cpu_info import CPURule, cpu_info
-from qiao.compiler.schedules.tir_util import static_int, wrap_free_lanes
+from qiao.compiler.schedules.tir_util import static_int, try_inline, wrap_free_lanes
 
 log = logging.getLogger("qiao.schedules")
 
@@ -95,7 +95,6 @@ class CPUInjective(CPURule):
     def apply(self, func, target, tunable: bool):
         from tvm import s_tir
         from tvm.s_tir.dlight.analysis import normalize_prim_func
-        from tvm.s_tir.dlight.base import try_inline
 
         if not self.is_target_available(target):
             return None
@@ -134,7 +133,6 @@ class CPUFallback(CPURule):
     def apply(self, func, target, tunable: bool):
         from tvm import s_tir
         from tvm.s_tir.dlight.analysis import normalize_prim_func
-        from tvm.s_tir.dlight.base import try_inline
 
         if not self.is_target_available(target):
             return None
