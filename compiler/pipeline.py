@@ -7,7 +7,8 @@ target (its schedule passes, ``gpu``, its MoE table keys); nothing here switches
 kind.
 
 Phases:
-  prepare           inference simplifications, qiao's graph rewrites (MoE, attention)
+  prepare           inference simplifications, qiao's graph rewrites (quantized GEMMs, MoE,
+                    attention)
   library_dispatch  sorting/sampling dispatch to TVM's library kernels
   legalize          Relax ops → TIR, operator fusion
   schedule          per-target TIR schedules (CPU GEMM/conv rules, GPU dlight rules)
@@ -43,11 +44,16 @@ def prepare_passes(
     thread-bound MoE kernels. ``None``: derived from the TVM target (see ``LowerMoE``)."""
     from tvm import relax
 
-    from qiao.compiler.passes import LowerAttention, LowerMoE
+    from qiao.compiler.passes import LowerAttention, LowerMoE, LowerQuant
+    from qiao.compiler.passes.fold_weight_casts import FoldWeightCasts
 
     return [
         relax.transform.DecomposeOpsForInference(),
         relax.transform.FoldConstant(),
+        # astype(float16/bfloat16 weight) folded into the GEMMs / MoE experts reading it
+        FoldWeightCasts(gpu=gpu),
+        # com.microsoft::MatMulNBits placeholders -> packed int4/int8 CPU kernels (or dequantized)
+        LowerQuant(gpu=gpu),
         # com.microsoft::MoE -> qiao's gating / align / grouped-GEMM / combine kernels
         LowerMoE(
             target,

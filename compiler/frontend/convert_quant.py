@@ -41,10 +41,14 @@ ceil(N * bits / 8)]``, packed along N; block-wise: ``[E, N, ceil(K / block_size 
 ONNX Runtime 1.32's CPU kernel runs SwiGLU only with ``swiglu_fusion=1``, and computes block-wise
 8-bit experts (and 4-bit ones at ``accuracy_level=4``) with int8 activations.
 
-First step (this module): constant weights are dequantized at import into a float weight and the
-op becomes a plain ``matmul`` / ``take``. That is exact and runs everywhere, but reads four bytes
-per weight: the speed path (int4/int8 GEMV kernels that read the packed bytes and dequantize in
-registers, issue 13 item 4) is future work, and needs the packed form kept in the graph.
+``MatMulNBits`` with 4- or 8-bit codes in block order (no ``g_idx``) and float32 activations
+keeps its weights packed: the converter emits a ``qiao.matmul_nbits`` placeholder holding the
+packed bytes, scales and zero points as constants, which ``qiao.compiler.passes.lower_quant``
+turns into qiao's int4/int8 CPU kernel (``qiao.compiler.kernels.quant_gemm``: a GEMV reading each
+weight byte once, dequantizing in registers) or, on GPU targets, into the dequantized fallback.
+Everything else (2-bit codes, act-order ``g_idx``, float16 activations, ``GatherBlockQuantized``,
+``QMoE``) is dequantized here, at import, into a float weight and becomes a plain ``matmul`` /
+``take`` / MoE: exact and runs everywhere, but reads four bytes per weight.
 Float scales of 64 or more elements arrive as run-time parameters of ``main`` (see
 ``importer``): their values are read from the importer's parameter table and the parameter
 stays, unused, in ``main``'s signature.
@@ -185,17 +189,69 @@ class MatMulNBits(tvm_onnx.OnnxOpConverter):
         _check_nbits_shapes(
             arrays["B"], arrays["scales"], arrays["zero_points"], k, n, bits, block_size
         )
+        a = inputs[0]
+        bias = _input(inputs, 5)
+        if packed_kernel_covers(a, bits, arrays["g_idx"]):
+            return emit_matmul_nbits(
+                bb, a, arrays["B"], arrays["scales"], arrays["zero_points"], bias,
+                k, n, bits, block_size,
+            )  # fmt: skip
         weight = dequantize_nbits(
             arrays["B"], arrays["scales"], arrays["zero_points"], arrays["g_idx"],
             k, n, bits, block_size,
         )  # fmt: skip
-        a = inputs[0]
-        dtype = a.ty.dtype
-        y = relax.op.matmul(a, relax.const(weight.astype(str(dtype))))
-        bias = _input(inputs, 5)
+        y = relax.op.matmul(a, relax.const(weight.astype(str(a.ty.dtype))))
         if bias is not None:
             y = relax.op.add(y, bias)
         return y
+
+
+def packed_kernel_covers(a, bits: int, g_idx) -> bool:
+    """Whether a ``MatMulNBits`` node goes through the ``qiao.matmul_nbits`` placeholder (packed
+    weights, lowered by ``LowerQuant``): 4- and 8-bit codes in block order (no ``g_idx``) against
+    float32 activations. Other nodes are dequantized here (2-bit, act-order, float16)."""
+    return bits in (4, 8) and g_idx is None and str(a.ty.dtype) == "float32"
+
+
+def emit_matmul_nbits(bb, a, b, scales, zero_points, bias, k, n, bits, block_size):
+    """The ``qiao.matmul_nbits`` placeholder for ``Y = A @ dequant(B)^T (+ bias)``: ``A`` as a
+    ``[M, K]`` matrix, the weight, scales and zero points as constants in ONNX Runtime's layout,
+    the shapes in a JSON config (``qiao.compiler.passes.lower_quant`` describes the call)."""
+    import json
+
+    from qiao.compiler.passes.lower_quant import MATMUL_NBITS_EXTERN
+
+    shape = list(a.ty.shape)
+    if int(shape[-1]) != k:
+        raise CompileError(
+            f"MatMulNBits: A has {shape[-1]} features, the node's K is {k}. fix: re-export the "
+            "model so that K matches the input"
+        )
+    rows = 1
+    for d in shape[:-1]:
+        rows = rows * d
+    a2 = a if len(shape) == 2 else bb.normalize(relax.op.reshape(a, relax.ShapeExpr([rows, k])))
+    zp_kind = "default"
+    if zero_points is not None:
+        zp_kind = "uint8" if zero_points.dtype == np.uint8 else "float32"
+    placeholder = relax.const(np.zeros((1,), "float32"))
+    config = {"k": k, "n": n, "bits": bits, "block_size": block_size, "zero_points": zp_kind}
+    args = [
+        a2,
+        relax.const(np.ascontiguousarray(b, np.uint8).reshape(n, -1)),
+        relax.const(scales.astype(np.float32).reshape(n, -1)),
+        placeholder if zero_points is None else relax.const(zero_points.reshape(n, -1)),
+        placeholder if bias is None else bias,
+        tvm.ir.StringImm(json.dumps({**config, "bias": bias is not None}, sort_keys=True)),
+    ]
+    y = bb.emit(
+        relax.call_dps_packed(
+            MATMUL_NBITS_EXTERN, args, relax.TensorType((a2.ty.shape[0], n), "float32")
+        )
+    )
+    if len(shape) != 2:
+        y = relax.op.reshape(y, relax.ShapeExpr([*shape[:-1], n]))
+    return y
 
 
 @register_converter("GatherBlockQuantized", ("com.microsoft",))

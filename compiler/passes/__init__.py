@@ -2,5 +2,6 @@
 
 from qiao.compiler.passes.lower_attention import LowerAttention
 from qiao.compiler.passes.lower_moe import LowerMoE
+from qiao.compiler.passes.lower_quant import LowerQuant
 
-__all__ = ["LowerAttention", "LowerMoE"]
+__all__ = ["LowerAttention", "LowerMoE", "LowerQuant"]

@@ -9,6 +9,19 @@ import tvm
 from tvm import relax
 
 
+def extern_symbol(expr: relax.Expr) -> str | None:
+    """The extern's name when ``expr`` is a placeholder call (``call_dps_packed`` of an
+    ``ExternFunc``), else ``None``."""
+    if (
+        isinstance(expr, relax.Call)
+        and isinstance(expr.op, tvm.ir.Op)
+        and expr.op.name == "relax.call_dps_packed"
+        and isinstance(expr.args[0], relax.ExternFunc)
+    ):
+        return str(expr.args[0].global_symbol)
+    return None
+
+
 def contains_call(mod: tvm.IRModule, is_placeholder: Callable[[relax.Expr], bool]) -> bool:
     """Whether any Relax function of ``mod`` holds an expression ``is_placeholder`` accepts."""
     found = []

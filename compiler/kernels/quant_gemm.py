@@ -1,0 +1,417 @@
+"""Weight-only quantized GEMM/GEMV on the CPU: ``Y = A @ dequant(B)^T (+ bias)`` for
+``com.microsoft::MatMulNBits`` (4- and 8-bit codes, any block size, with or without zero points),
+reading the packed weight bytes and dequantizing in registers.
+
+Weight layout (made once at compile time by ``pack_nbits``, from ONNX Runtime's
+``[N, n_blocks, blob]``): the output columns are cut into tiles of ``TN = nv * lanes`` columns
+(``lanes``: the target's float32 SIMD width, ``nv`` vectors). For each tile the codes are stored
+k-major, ``TN`` contiguous bytes per step:
+
+- 4-bit: ``Bq[tile, K / 2, TN]``, byte ``j`` of row ``p`` holds column ``tile * TN + j``'s codes at
+  ``k = 2p`` (low nibble) and ``2p + 1`` (high nibble) — still half a byte per weight;
+- 8-bit: ``Bq[tile, K, TN]``, one code per byte.
+
+Scales and zero points follow as ``[tile, n_blocks, TN]`` (zero points as uint8 codes, or float32
+when the model's are fractional; absent: the default ``2^(bits - 1)`` is a constant of the kernel).
+``N`` is padded to whole tiles (scale 0) and ``K`` to whole blocks (code 0 against zero
+activations): the lowering pads ``A`` and slices ``Y`` only when the shapes need it.
+
+With ``asum[m, b]`` the sum of ``A``'s row ``m`` over block ``b``::
+
+    Y[m, n] = sum_b scale[n, b] * (sum_{k in b} A[m, k] * code[n, k] - zero[n, b] * asum[m, b])
+
+which is exactly ``A @ ((code - zero) * scale)`` in real arithmetic; in float32 it differs from the
+dequantize-then-GEMM reference by rounding only (the tests bound it at 1e-5 of the output scale).
+
+Kernels (one ``PrimFunc``, the row count ``M`` symbolic, a run-time switch on ``M``):
+
+- GEMV (``M <= gemv_rows``, decode): one parallel task per column tile; the tile's bytes stream
+  once per pass, each ``TN``-byte row of ``Bq`` giving ``nv`` vectors of low codes and ``nv`` of
+  high codes, converted to float32 in registers and multiplied by the broadcast activations, the
+  block sums scaled per block. One row: two independent accumulator sets (low / high); 2 to
+  ``gemv_rows`` rows: ``gemv_group`` rows per pass share each conversion. Bytes read per pass: the
+  packed codes once, plus the scales (and zero points).
+- Tiled (prefill): per task and per chunk of ``KC`` reduction steps the tile is dequantized into a
+  float32 ``[KC, TN]`` scratch panel (L1-sized), then an ``mr x TN`` register tile of ``Y``
+  (``mr`` rows x ``nv`` vectors) accumulates ``A[rows, k] * panel[k, :]`` — the CPU GEMM's outer
+  product micro-kernel with the dequantized panel as its packed ``B``. ``Y`` itself holds the
+  partial sums between chunks.
+
+Code generation follows the target only (``cpu_info``: SIMD width and register count), so an AVX2
+target gets 8-lane kernels and an AVX-512 one 16-lane kernels; no ISA is named here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from qiao.compiler.kernels.moe_common import KERNEL_ATTRS
+
+
+@dataclass(frozen=True)
+class NBitsLayout:
+    """Shapes of one packed ``MatMulNBits`` weight.
+
+    Parameters
+    ----------
+    k, n : int
+        Reduction and output sizes of the layer.
+    bits : int
+        4 or 8.
+    block_size : int
+        Codes per scale along K (a power of 2, >= 16).
+    tile : int
+        Output columns per tile (``nv * lanes``).
+    zero_points : {"default", "uint8", "float32"}
+        How the zero points are stored (``"default"``: none in the model, ``2^(bits - 1)``).
+    bias : bool
+        Whether the layer adds a bias.
+    """
+
+    k: int
+    n: int
+    bits: int
+    block_size: int
+    tile: int
+    zero_points: str = "default"
+    bias: bool = False
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.k // self.block_size)
+
+    @property
+    def k_pad(self) -> int:
+        return self.n_blocks * self.block_size
+
+    @property
+    def n_tiles(self) -> int:
+        return -(-self.n // self.tile)
+
+    @property
+    def n_pad(self) -> int:
+        return self.n_tiles * self.tile
+
+    @property
+    def code_rows(self) -> int:
+        """Rows of ``Bq`` per tile: ``K / 2`` (4-bit) or ``K`` (8-bit), padded."""
+        return self.k_pad * self.bits // 8
+
+
+def _unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    from qiao.compiler.frontend.convert_quant import unpack_codes
+
+    return unpack_codes(packed, bits, count)
+
+
+def pack_nbits(
+    b: np.ndarray,
+    scales: np.ndarray,
+    zero_points: np.ndarray | None,
+    layout: NBitsLayout,
+) -> dict[str, np.ndarray]:
+    """Repack ONNX Runtime's ``MatMulNBits`` weight into the kernel's tiled layout.
+
+    Parameters
+    ----------
+    b : np.ndarray
+        uint8 ``[N, n_blocks, blob]`` (any shape with that many bytes).
+    scales : np.ndarray
+        ``[N * n_blocks]`` or ``[N, n_blocks]``.
+    zero_points : np.ndarray or None
+        uint8 packed ``[N, ceil(n_blocks * bits / 8)]`` or float ``[N, n_blocks]``.
+    layout : NBitsLayout
+
+    Returns
+    -------
+    dict
+        ``codes`` (uint8 ``[tiles, code_rows, tile]``), ``scales`` (float32 ``[tiles, n_blocks,
+        tile]``) and, unless ``layout.zero_points == "default"``, ``zero_points`` (uint8 or
+        float32, like ``scales``).
+    """
+    L = layout
+    nb, tn, nt = L.n_blocks, L.tile, L.n_tiles
+    codes = _unpack(b.reshape(L.n, -1), L.bits, nb * L.block_size)  # [N, k_pad] uint8
+    codes = np.pad(codes, ((0, L.n_pad - L.n), (0, 0)))
+    if L.bits == 4:
+        packed = codes[:, 0::2] | (codes[:, 1::2] << np.uint8(4))  # [n_pad, k_pad / 2]
+    else:
+        packed = codes
+    out = {
+        "codes": np.ascontiguousarray(packed.reshape(nt, tn, L.code_rows).transpose(0, 2, 1)),
+    }
+
+    def tiled(per_column: np.ndarray, dtype) -> np.ndarray:
+        full = np.zeros((L.n_pad, nb), dtype)
+        full[: L.n] = per_column
+        return np.ascontiguousarray(full.reshape(nt, tn, nb).transpose(0, 2, 1))
+
+    out["scales"] = tiled(scales.astype(np.float32).reshape(L.n, nb), np.float32)
+    if L.zero_points == "uint8":
+        out["zero_points"] = tiled(_unpack(zero_points.reshape(L.n, -1), L.bits, nb), np.uint8)
+    elif L.zero_points == "float32":
+        out["zero_points"] = tiled(zero_points.astype(np.float32).reshape(L.n, nb), np.float32)
+    return out
+
+
+@dataclass(frozen=True)
+class QuantGemmSchedule:
+    """Register blocking of the quantized kernels for one CPU target.
+
+    Parameters
+    ----------
+    lanes : int
+        float32 SIMD lanes.
+    nv : int
+        SIMD vectors per column tile (``tile = nv * lanes``).
+    mr : int
+        Rows of the tiled kernel's register tile.
+    gemv_rows : int
+        Largest row count taking the GEMV kernel.
+    kc : int
+        Reduction steps per dequantized panel of the tiled kernel (a multiple of the block size).
+    gemv_unroll : int
+        Byte rows per unrolled GEMV step (4: measured best on AVX-512, 0.33 ms for 4096 x 4096
+        against 0.41 fully unrolled, which spills registers).
+    gemv_group : int
+        Rows per pass of the few-rows GEMV (2 to ``gemv_rows`` rows): the codes are converted once
+        per group (measured on AVX-512, 4096 x 4096, loaded host: 2 rows 0.37 ms, as fast as one;
+        groups of 3 and 4 spill).
+    """
+
+    lanes: int
+    nv: int
+    mr: int
+    gemv_rows: int
+    kc: int
+    gemv_unroll: int = 4
+    gemv_group: int = 2
+
+    @property
+    def tile(self) -> int:
+        return self.nv * self.lanes
+
+
+def cpu_schedule(target, block_size: int) -> QuantGemmSchedule:
+    """The schedule for ``target`` (an LLVM target): ``nv`` vectors per tile and an ``mr x nv``
+    register tile that fits the target's SIMD registers with the ``nv`` panel vectors and one
+    broadcast (and, for TVM to keep it in registers, at most 1 KB of accumulators); the panel
+    covers about 32 KB (L1) of float32."""
+    from qiao.compiler.schedules.cpu_info import cpu_info
+
+    cpu = cpu_info(target)
+    lanes = cpu.lanes("float32")
+    nv = 4 if cpu.vector_registers >= 32 else 2
+    mr = max(1, min((cpu.vector_registers - nv - 1) // nv, 1024 // (4 * nv * lanes), 8))
+    kc = max(block_size, (32768 // (4 * nv * lanes)) // block_size * block_size)
+    return QuantGemmSchedule(lanes=lanes, nv=nv, mr=mr, gemv_rows=8, kc=kc)
+
+
+def quant_matmul(layout: NBitsLayout, sched: QuantGemmSchedule):
+    """Build the CPU kernel for ``layout``.
+
+    Returns
+    -------
+    tvm.tirx.PrimFunc
+        ``quant_matmul(a, asum, codes, scales, zero_points, bias, y)`` with ``a`` float32 ``[M,
+        k_pad]``, ``asum`` float32 ``[M, n_blocks]`` (row sums per block), the ``pack_nbits``
+        arrays (``zero_points``, ``bias`` a ``(1,)`` placeholder when absent; ``bias``
+        ``[n_pad]``), ``y`` float32 ``[M, n_pad]``.
+    """
+    from tvm.script import tirx as T
+
+    L, S = layout, sched
+    if L.bits not in (4, 8):
+        raise ValueError(f"quant_matmul: bits={L.bits} (4 or 8)")
+    if L.tile != S.tile:
+        raise ValueError(f"quant_matmul: layout tile {L.tile} != schedule tile {S.tile}")
+    VL, NV, TN, MR, NT = S.lanes, S.nv, S.tile, S.mr, L.n_tiles
+    BS, NB, KP, NP, CR = L.block_size, L.n_blocks, L.k_pad, L.n_pad, L.code_rows
+    KC = min(S.kc, KP)
+    CB = KC // BS  # blocks per chunk
+    NCH = -(-NB // CB)
+    HALF = BS // 2  # GEMV: two reduction steps per iteration (low/high nibble or two rows)
+    GEMV_ROWS = S.gemv_rows
+    UNROLL = min(S.gemv_unroll, HALF)
+    RG = S.gemv_group
+    ZSHAPE = (NT, NB, TN) if L.zero_points != "default" else (1,)
+    ZDTYPE = "float32" if L.zero_points == "float32" else "uint8"
+    BSHAPE = (NP,) if L.bias else (1,)
+    DEFAULT_ZP = float(1 << (L.bits - 1))
+    f32 = "float32"
+
+    def code_lo(Bq, t, k2, j):
+        """float32 code at reduction step ``2 * k2`` of column ``j``."""
+        if L.bits == 4:
+            return T.Cast(f32, T.bitwise_and(T.Cast("int32", Bq[t, k2, j]), 15))
+        return T.Cast(f32, Bq[t, 2 * k2, j])
+
+    def code_hi(Bq, t, k2, j):
+        """float32 code at reduction step ``2 * k2 + 1`` of column ``j``."""
+        if L.bits == 4:
+            return T.Cast(f32, T.shift_right(T.Cast("int32", Bq[t, k2, j]), 4))
+        return T.Cast(f32, Bq[t, 2 * k2 + 1, j])
+
+    def zero(Z, t, b, j):
+        if L.zero_points == "default":
+            return T.float32(DEFAULT_ZP)
+        return T.Cast(f32, Z[t, b, j])
+
+    def bias(BIAS, col):
+        return BIAS[col] if L.bias else T.float32(0)
+
+    @T.macro
+    def gemv(A, ASUM, Bq, SC, Z, BIAS, Y, t, m):
+        acc = T.alloc_buffer((NV, VL), f32)
+        lo = T.alloc_buffer((NV, VL), f32)
+        hi = T.alloc_buffer((NV, VL), f32)
+        for r in range(m):
+            for v in T.unroll(NV):
+                for ln in T.vectorized(VL):
+                    acc[v, ln] = bias(BIAS, t * TN + v * VL + ln)
+            for b in range(NB):
+                for v in T.unroll(NV):
+                    for ln in T.vectorized(VL):
+                        lo[v, ln] = T.float32(0)
+                        hi[v, ln] = T.float32(0)
+                for po in range(HALF // UNROLL):
+                    for pi in T.unroll(UNROLL):
+                        for v in T.unroll(NV):
+                            for ln in T.vectorized(VL):
+                                lo[v, ln] = (
+                                    lo[v, ln]
+                                    + code_lo(Bq, t, b * HALF + po * UNROLL + pi, v * VL + ln)
+                                    * A[r, b * BS + 2 * (po * UNROLL + pi)]
+                                )
+                                hi[v, ln] = (
+                                    hi[v, ln]
+                                    + code_hi(Bq, t, b * HALF + po * UNROLL + pi, v * VL + ln)
+                                    * A[r, b * BS + 2 * (po * UNROLL + pi) + 1]
+                                )
+                for v in T.unroll(NV):
+                    for ln in T.vectorized(VL):
+                        acc[v, ln] = acc[v, ln] + SC[t, b, v * VL + ln] * (
+                            lo[v, ln] + hi[v, ln] - zero(Z, t, b, v * VL + ln) * ASUM[r, b]
+                        )
+            for v in T.unroll(NV):
+                for ln in T.vectorized(VL):
+                    Y[r, t * TN + v * VL + ln] = acc[v, ln]
+
+    @T.macro
+    def gemv_group(A, ASUM, Bq, SC, Z, BIAS, Y, t, m):
+        # RG rows per pass over the tile: the codes are converted once for all of them
+        acc = T.alloc_buffer((RG, NV, VL), f32)
+        part = T.alloc_buffer((RG, NV, VL), f32)
+        rows = T.alloc_buffer((RG,), "int64")
+        for g in range((m + RG - 1) // RG):
+            for i in T.unroll(RG):
+                rows[i] = T.min(g * RG + i, m - 1)  # a partial group repeats its last row
+                for v in T.unroll(NV):
+                    for ln in T.vectorized(VL):
+                        acc[i, v, ln] = bias(BIAS, t * TN + v * VL + ln)
+            for b in range(NB):
+                for i in T.unroll(RG):
+                    for v in T.unroll(NV):
+                        for ln in T.vectorized(VL):
+                            part[i, v, ln] = T.float32(0)
+                for po in range(HALF // UNROLL):
+                    for pi in T.unroll(UNROLL):
+                        for i in T.unroll(RG):
+                            for v in T.unroll(NV):
+                                for ln in T.vectorized(VL):
+                                    part[i, v, ln] = (
+                                        part[i, v, ln]
+                                        + code_lo(Bq, t, b * HALF + po * UNROLL + pi, v * VL + ln)
+                                        * A[rows[i], b * BS + 2 * (po * UNROLL + pi)]
+                                        + code_hi(Bq, t, b * HALF + po * UNROLL + pi, v * VL + ln)
+                                        * A[rows[i], b * BS + 2 * (po * UNROLL + pi) + 1]
+                                    )
+                for i in T.unroll(RG):
+                    for v in T.unroll(NV):
+                        for ln in T.vectorized(VL):
+                            acc[i, v, ln] = acc[i, v, ln] + SC[t, b, v * VL + ln] * (
+                                part[i, v, ln] - zero(Z, t, b, v * VL + ln) * ASUM[rows[i], b]
+                            )
+            for i in T.unroll(RG):
+                if g * RG + i < m:
+                    for v in T.unroll(NV):
+                        for ln in T.vectorized(VL):
+                            Y[rows[i], t * TN + v * VL + ln] = acc[i, v, ln]
+
+    @T.macro
+    def tiled(A, Bq, SC, Z, BIAS, Y, t, m):
+        panel = T.alloc_buffer((KC, TN), f32)
+        acc = T.alloc_buffer((MR, NV, VL), f32)
+        rows = T.alloc_buffer((MR,), "int64")
+        for c in range(NCH):
+            # dequantize the chunk's blocks of the tile (zero point and scale folded in)
+            for bb in range(T.min(CB, NB - c * CB)):
+                for p in range(HALF):
+                    for v in T.unroll(NV):
+                        for ln in T.vectorized(VL):
+                            panel[bb * BS + 2 * p, v * VL + ln] = (
+                                code_lo(Bq, t, (c * CB + bb) * HALF + p, v * VL + ln)
+                                - zero(Z, t, c * CB + bb, v * VL + ln)
+                            ) * SC[t, c * CB + bb, v * VL + ln]
+                            panel[bb * BS + 2 * p + 1, v * VL + ln] = (
+                                code_hi(Bq, t, (c * CB + bb) * HALF + p, v * VL + ln)
+                                - zero(Z, t, c * CB + bb, v * VL + ln)
+                            ) * SC[t, c * CB + bb, v * VL + ln]
+            for mb in range((m + MR - 1) // MR):
+                for i in T.unroll(MR):
+                    rows[i] = T.min(mb * MR + i, m - 1)  # a partial block repeats its last row
+                for i in T.unroll(MR):
+                    for v in T.unroll(NV):
+                        for ln in T.vectorized(VL):
+                            acc[i, v, ln] = T.if_then_else(
+                                c == 0,
+                                bias(BIAS, t * TN + v * VL + ln),
+                                Y[rows[i], t * TN + v * VL + ln],
+                            )
+                for k in range(T.min(KC, KP - c * KC)):
+                    for i in T.unroll(MR):
+                        for v in T.unroll(NV):
+                            for ln in T.vectorized(VL):
+                                acc[i, v, ln] = (
+                                    acc[i, v, ln] + A[rows[i], c * KC + k] * panel[k, v * VL + ln]
+                                )
+                for i in T.unroll(MR):
+                    if mb * MR + i < m:
+                        for v in T.unroll(NV):
+                            for ln in T.vectorized(VL):
+                                Y[rows[i], t * TN + v * VL + ln] = acc[i, v, ln]
+
+    @T.prim_func(s_tir=True)
+    def quant_matmul(
+        a_h: T.handle,
+        asum_h: T.handle,
+        b_h: T.handle,
+        s_h: T.handle,
+        z_h: T.handle,
+        bias_h: T.handle,
+        y_h: T.handle,
+    ):
+        T.func_attr(KERNEL_ATTRS)
+        m = T.int64()
+        A = T.match_buffer(a_h, (m, KP), f32)
+        ASUM = T.match_buffer(asum_h, (m, NB), f32)
+        Bq = T.match_buffer(b_h, (NT, CR, TN), "uint8")
+        SC = T.match_buffer(s_h, (NT, NB, TN), f32)
+        Z = T.match_buffer(z_h, ZSHAPE, ZDTYPE)
+        BIAS = T.match_buffer(bias_h, BSHAPE, f32)
+        Y = T.match_buffer(y_h, (m, NP), f32)
+        with T.sblock("root"):
+            for t in T.parallel(NT):
+                if m == 1:
+                    gemv(A, ASUM, Bq, SC, Z, BIAS, Y, t, m)
+                elif m <= GEMV_ROWS:
+                    gemv_group(A, ASUM, Bq, SC, Z, BIAS, Y, t, m)
+                else:
+                    tiled(A, Bq, SC, Z, BIAS, Y, t, m)
+
+    return quant_matmul
+
+
+__all__ = ["NBitsLayout", "QuantGemmSchedule", "cpu_schedule", "pack_nbits", "quant_matmul"]
