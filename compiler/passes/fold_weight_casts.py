@@ -1,0 +1,167 @@
+"""FoldWeightCasts: GEMMs read float16/bfloat16 weights as they are stored, widening in registers.
+
+A model with half-precision weights (``--dtype bfloat16|float16``, whose rewrite
+``qiao.compiler.frontend.cast_dtype`` inserts ``Cast(weight) -> float32``, or an ONNX model
+that casts its fp16 initializers itself) reaches Relax as ``matmul(x, astype(w, "float32"))``.
+Left so, ``astype`` is its own kernel (Relax's FuseOps does not fuse a producer into a GEMM): the
+widened fp32 copy of the weight is what the GEMM reads, so the narrow storage saves nothing at run
+time. This pass folds the cast into its consumer instead:
+
+- ``matmul(x, astype(w))`` (``w`` float16/bfloat16, ``x`` float32, the cast possibly under a
+  ``permute_dims``) becomes ``matmul(x, w, out_dtype="float32")``: the legalized block reads ``w``
+  and computes ``x * float32(w)`` with float32 accumulation, so the CPU GEMM schedule packs ``w``
+  in its own dtype (``qiao.compiler.schedules.cpu_gemm``) and converts in the micro-kernel;
+- ``take(astype(table), ids)`` (an embedding lookup) becomes ``astype(take(table, ids))``: only
+  the rows looked up are widened, not the whole table at every call;
+- the ``qiao.moe`` placeholder's expert weights ``astype(fc1)``, ``astype(fc2)`` are replaced by
+  ``fc1``, ``fc2`` and the MoE config's ``weight_dtype`` set, so the grouped GEMM reads the narrow
+  experts in place (CPU kernels only: the GPU kernels take float32 and keep the cast).
+
+Everything else (norms, softmax, reductions, activations) stays float32. Casts left without users
+are dropped.
+"""
+
+from __future__ import annotations
+
+import json
+
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from qiao.compiler.passes.placeholders import rewrite_functions
+
+NARROW_FLOATS = ("float16", "bfloat16")
+
+
+def _dtype(expr) -> str | None:
+    ty = getattr(expr, "ty", None)
+    return str(ty.dtype) if ty is not None and hasattr(ty, "dtype") else None
+
+
+def _is_op(expr, name: str) -> bool:
+    return (
+        isinstance(expr, relax.Call)
+        and isinstance(expr.op, tvm.ir.Op)
+        and expr.op.name == f"relax.{name}"
+    )
+
+
+@mutator
+class _CastFolder(PyExprMutator):
+    def __init__(self, mod, gpu: bool):
+        super().__init__(mod)
+        self.gpu = gpu
+
+    def _binding(self, expr):
+        if isinstance(expr, relax.Var):
+            bound = self.lookup_binding(expr)
+            if bound is not None:
+                return bound
+        return expr
+
+    def narrow_source(self, expr):
+        """``w`` when ``expr`` is ``astype(w, "float32")`` of a float16/bfloat16 ``w``."""
+        value = self._binding(expr)
+        if _is_op(value, "astype") and _dtype(value) == "float32":
+            inner = value.args[0]
+            if _dtype(inner) in NARROW_FLOATS:
+                return inner
+        return None
+
+    def narrow_operand(self, expr):
+        """``expr`` read as its narrow source: ``astype(w)`` → ``w``, ``permute_dims(astype(w))``
+        → ``permute_dims(w)``; ``None`` when ``expr`` is not a widened narrow tensor."""
+        source = self.narrow_source(expr)
+        if source is not None:
+            return source
+        value = self._binding(expr)
+        if _is_op(value, "permute_dims"):
+            source = self.narrow_source(value.args[0])
+            if source is not None:
+                return self.builder_.emit(relax.op.permute_dims(source, value.attrs.axes))
+        return None
+
+    def visit_call_(self, call):  # noqa: D102 - PyExprMutator hook
+        call = super().visit_call_(call)
+        if _is_op(call, "matmul") and _dtype(call) == "float32":
+            a, b = call.args
+            narrow_b = self.narrow_operand(b) if _dtype(a) == "float32" else None
+            narrow_a = self.narrow_operand(a) if _dtype(b) == "float32" else None
+            if narrow_b is not None:
+                return relax.op.matmul(a, narrow_b, out_dtype="float32")
+            if narrow_a is not None:
+                return relax.op.matmul(narrow_a, b, out_dtype="float32")
+            return call
+        if _is_op(call, "take"):
+            # an embedding lookup: gather the narrow rows, widen only those
+            table = self.narrow_source(call.args[0])
+            if table is not None:
+                rows = self.builder_.emit(
+                    relax.op.take(table, call.args[1], call.attrs.axis, call.attrs.mode)
+                )
+                return relax.op.astype(rows, "float32")
+            return call
+        if not self.gpu:
+            from qiao.compiler.passes.lower_moe import is_moe_placeholder
+
+            if is_moe_placeholder(call):
+                return self.fold_moe(call)
+        return call
+
+    def fold_moe(self, call):
+        fields = list(call.args[1].fields)
+        fc1, fc2 = self.narrow_source(fields[2]), self.narrow_source(fields[4])
+        if fc1 is None or fc2 is None or _dtype(fc1) != _dtype(fc2):
+            return call
+        config = json.loads(fields[-1].value)
+        config["weight_dtype"] = _dtype(fc1)
+        fields[2], fields[4] = fc1, fc2
+        fields[-1] = tvm.ir.StringImm(json.dumps(config, sort_keys=True))
+        return relax.Call(
+            call.op, [call.args[0], relax.Tuple(fields)], call.attrs, call.ty_args, call.span
+        )
+
+
+@tvm.transform.module_pass(opt_level=0, name="FoldWeightCasts")
+class FoldWeightCasts:
+    """Fold ``astype(float16/bfloat16 weight) -> float32`` into the GEMMs and MoE experts that
+    read it (see the module docstring).
+
+    Parameters
+    ----------
+    gpu : bool, optional
+        The backend's ``is_gpu``: MoE experts keep their cast there. Default: whether the current
+        target's keys say ``gpu``.
+    """
+
+    def __init__(self, gpu: bool | None = None):
+        self.gpu = gpu
+
+    def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
+        if not any(_has_narrow_cast(func) for _, func in mod.functions_items() if _is_relax(func)):
+            return mod
+        gpu = self.gpu
+        if gpu is None:
+            target = tvm.target.Target.current(allow_none=True)
+            gpu = target is not None and "gpu" in target.keys
+        mod = rewrite_functions(mod, _CastFolder(mod, gpu))
+        return relax.transform.DeadCodeElimination()(mod)
+
+
+def _is_relax(func) -> bool:
+    return isinstance(func, relax.Function)
+
+
+def _has_narrow_cast(func) -> bool:
+    found = []
+
+    def visit(expr):
+        if not found and _is_op(expr, "astype") and _dtype(expr.args[0]) in NARROW_FLOATS:
+            found.append(expr)
+
+    relax.analysis.post_order_visit(func, visit)
+    return bool(found)
+
+
+__all__ = ["FoldWeightCasts"]
