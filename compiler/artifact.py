@@ -8,6 +8,7 @@ format version or whose files changed since they were written.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -57,7 +58,13 @@ def staging_dir(
 ) -> Iterator[str]:
     """Yield an empty temporary directory beside ``final_dir``; on success it replaces ``final_dir``
     atomically (an existing ``what`` there, a directory holding ``marker``, is swapped out, then
-    removed; any other non-empty path is refused); on error it is removed."""
+    removed; any other non-empty path is refused); on error it is removed.
+
+    Kill-safe: at every instant ``final_dir`` is the old directory or the complete new one (Linux:
+    one ``renameat2(RENAME_EXCHANGE)``; elsewhere two renames, with a moment without it). What a
+    killed process leaves (``.<name>.tmp-<pid>-*`` beside it) is removed by the next call once that
+    process is gone. Concurrent calls for the same directory each swap in a complete one, one at a
+    time (a lock on the parent directory): the last to finish stays."""
     final_dir = os.path.abspath(final_dir)
     parent = os.path.dirname(final_dir)
     if os.path.exists(final_dir) and not os.path.isfile(os.path.join(final_dir, marker)):
@@ -67,23 +74,88 @@ def staging_dir(
                 "fix: choose another -o directory or remove it"
             )
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final_dir)}.tmp-", dir=parent)
+    prefix = f".{os.path.basename(final_dir)}.tmp-"
+    _remove_stale(parent, prefix)
+    tmp = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; artifacts are shared like any directory
     try:
         yield tmp
-        old = None
-        if os.path.exists(final_dir):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(final_dir)}.old-", dir=parent)
-            os.rmdir(old)
-            os.rename(final_dir, old)
-        os.rename(tmp, final_dir)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+        with _locked(parent):
+            if not os.path.exists(final_dir):
+                os.rename(tmp, final_dir)
+                return
+            if not _exchange(tmp, final_dir):
+                old = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-old-", dir=parent)
+                os.rmdir(old)
+                os.rename(final_dir, old)
+                os.rename(tmp, final_dir)
+                tmp = old
+        shutil.rmtree(tmp, ignore_errors=True)  # the old directory, swapped out
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _remove_stale(parent: str, prefix: str) -> None:
+    """Remove ``prefix<pid>-*`` directories whose process no longer runs (killed mid-write)."""
+    for name in os.listdir(parent):
+        if not name.startswith(prefix):
+            continue
+        pid = name[len(prefix) :].split("-", 1)[0]
+        if pid.isdigit() and (int(pid) == os.getpid() or _alive(int(pid))):
+            continue
+        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _locked(directory: str) -> Iterator[None]:
+    """An exclusive ``flock`` on ``directory`` (advisory; a no-op where flock is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # an unreadable directory: no lock, the swap itself is still atomic
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), b)
 
 
 def save_params(workdir: str, params: Mapping[str, np.ndarray]) -> list[str]:
