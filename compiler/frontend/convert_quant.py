@@ -21,8 +21,10 @@ Layouts (ONNX Runtime 1.32's contrib op contract, checked against its CPU kernel
 - ``bias`` (optional): ``[N]``.
 - ``W[k, n] = (code[n, k] - zero_point[n, block(k)]) * scale[n, block(k)]``.
 
-``accuracy_level`` only chooses ONNX Runtime's compute type (4: activations quantized to int8
-per block); qiao computes the exact dequantize-then-float32 result at every level.
+``accuracy_level`` chooses the compute type (ONNX Runtime: 4 quantizes the activations to int8
+per block). qiao computes the exact dequantize-then-float32 result at levels 0-3; at level 4 its
+packed CPU kernel does what ONNX Runtime does (int8 activations per block, integer dot products)
+where the target has them (AVX2, AVX-512BW, VNNI), and the exact result elsewhere.
 
 ``GatherBlockQuantized`` — ``Y = dequant(data)[..., indices, ...]`` gathered along
 ``gather_axis`` (default 0; negative indices count from the end): ``data`` uint8, two 4-bit codes
@@ -194,7 +196,7 @@ class MatMulNBits(tvm_onnx.OnnxOpConverter):
         if packed_kernel_covers(a, bits, arrays["g_idx"]):
             return emit_matmul_nbits(
                 bb, a, arrays["B"], arrays["scales"], arrays["zero_points"], bias,
-                k, n, bits, block_size,
+                k, n, bits, block_size, int(attr.get("accuracy_level", 0)),
             )  # fmt: skip
         weight = dequantize_nbits(
             arrays["B"], arrays["scales"], arrays["zero_points"], arrays["g_idx"],
@@ -213,7 +215,7 @@ def packed_kernel_covers(a, bits: int, g_idx) -> bool:
     return bits in (4, 8) and g_idx is None and str(a.ty.dtype) == "float32"
 
 
-def emit_matmul_nbits(bb, a, b, scales, zero_points, bias, k, n, bits, block_size):
+def emit_matmul_nbits(bb, a, b, scales, zero_points, bias, k, n, bits, block_size, level=0):
     """The ``qiao.matmul_nbits`` placeholder for ``Y = A @ dequant(B)^T (+ bias)``: ``A`` as a
     ``[M, K]`` matrix, the weight, scales and zero points as constants in ONNX Runtime's layout,
     the shapes in a JSON config (``qiao.compiler.passes.lower_quant`` describes the call)."""
@@ -235,7 +237,14 @@ def emit_matmul_nbits(bb, a, b, scales, zero_points, bias, k, n, bits, block_siz
     if zero_points is not None:
         zp_kind = "uint8" if zero_points.dtype == np.uint8 else "float32"
     placeholder = relax.const(np.zeros((1,), "float32"))
-    config = {"k": k, "n": n, "bits": bits, "block_size": block_size, "zero_points": zp_kind}
+    config = {
+        "k": k,
+        "n": n,
+        "bits": bits,
+        "block_size": block_size,
+        "zero_points": zp_kind,
+        "accuracy_level": level,
+    }
     args = [
         a2,
         relax.const(np.ascontiguousarray(b, np.uint8).reshape(n, -1)),

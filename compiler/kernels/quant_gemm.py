@@ -204,7 +204,7 @@ def cpu_schedule(target, block_size: int) -> QuantGemmSchedule:
     cpu = cpu_info(target)
     lanes = cpu.lanes("float32")
     nv = 4 if cpu.vector_registers >= 32 else 2
-    mr = max(1, min((cpu.vector_registers - nv - 1) // nv, 1024 // (4 * nv * lanes), 8))
+    mr = max(1, min((cpu.vector_registers - nv - 1) // nv, 1023 // (4 * nv * lanes), 8))
     kc = max(block_size, (32768 // (4 * nv * lanes)) // block_size * block_size)
     return QuantGemmSchedule(lanes=lanes, nv=nv, mr=mr, gemv_rows=8, kc=kc)
 
@@ -414,4 +414,322 @@ def quant_matmul(layout: NBitsLayout, sched: QuantGemmSchedule):
     return quant_matmul
 
 
-__all__ = ["NBitsLayout", "QuantGemmSchedule", "cpu_schedule", "pack_nbits", "quant_matmul"]
+# ------------------------------------------------------------------------------------------------
+# accuracy_level 4: int8 activations, integer dot products
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Int8Dot:
+    """How a target multiplies uint8 codes by int8 activations, 4 pairs per 32-bit lane.
+
+    Parameters
+    ----------
+    lanes : int
+        32-bit lanes per vector.
+    intrinsics : tuple of str
+        ``(vpdpbusd,)`` (one fused instruction: VNNI) or ``(pmaddubsw, pmaddwd)`` (two, then an
+        add: what AVX2 and AVX-512BW without VNNI have), as LLVM intrinsic names.
+    """
+
+    lanes: int
+    intrinsics: tuple[str, ...]
+
+
+def int8_dot(target, bits: int = 4) -> Int8Dot | None:
+    """The integer dot product ``target``'s features allow for ``bits``-bit codes (``None``:
+    none; the float32 kernels then serve ``accuracy_level`` 4 too). Read from the target, never
+    from this machine. Without VNNI only 4-bit codes qualify: ``pmaddubsw`` saturates its int16
+    pair sums, which 4-bit codes (at most ``2 * 15 * 127``) never reach and 8-bit ones do."""
+    from tvm.target.codegen import llvm_cpu_has_features
+
+    def has(feature: str) -> bool:
+        try:
+            return bool(llvm_cpu_has_features(feature, target))
+        except Exception:  # an unknown feature name for this triple (not x86)
+            return False
+
+    if has("avx512bw") and has("avx512vnni"):
+        return Int8Dot(16, ("llvm.x86.avx512.vpdpbusd.512",))
+    if bits != 4:
+        return None
+    if has("avx512bw"):
+        return Int8Dot(16, ("llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512"))
+    if has("avx2"):
+        return Int8Dot(8, ("llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd"))
+    return None
+
+
+def pack_nbits_int8(
+    b: np.ndarray,
+    scales: np.ndarray,
+    zero_points: np.ndarray | None,
+    layout: NBitsLayout,
+) -> dict[str, np.ndarray]:
+    """``pack_nbits`` for the integer kernel: the codes as int32 words ``[tiles, K / 8, tile]``
+    (4-bit: byte ``i`` of word ``w`` of a column holds its codes at ``k = 8w + i`` (low nibble)
+    and ``8w + 4 + i`` (high nibble)) or ``[tiles, K / 4, tile]`` (8-bit: byte ``i`` holds ``k =
+    4w + i``); scales and zero points as ``pack_nbits``."""
+    L = layout
+    out = pack_nbits(b, scales, zero_points, L)
+    codes = _unpack(b.reshape(L.n, -1), L.bits, L.k_pad)
+    codes = np.pad(codes, ((0, L.n_pad - L.n), (0, 0)))  # [n_pad, k_pad]
+    if L.bits == 4:
+        groups = codes.reshape(L.n_pad, L.k_pad // 8, 2, 4)
+        words = groups[:, :, 0, :] | (groups[:, :, 1, :] << np.uint8(4))  # [n_pad, K/8, 4]
+    else:
+        words = codes.reshape(L.n_pad, L.k_pad // 4, 4)
+    words = np.ascontiguousarray(words).view(np.int32)[..., 0]  # [n_pad, K/8 or K/4]
+    rows = words.shape[1]
+    out["codes"] = np.ascontiguousarray(words.reshape(L.n_tiles, L.tile, rows).transpose(0, 2, 1))
+    return out
+
+
+def quantize_rows(k_pad: int, block_size: int):
+    """Quantize activations per block of K to int8, as ONNX Runtime's ``accuracy_level`` 4 does.
+
+    Returns
+    -------
+    tvm.tirx.PrimFunc
+        ``quantize_rows(a, qa, a_scale, qa_sum)``: ``a`` float32 ``[M, k_pad]`` → ``qa`` the int8
+        codes ``round(a / a_scale)`` (``a_scale = max|a| / 127`` per block, ties to even), four
+        per int32 word (``k = 4w`` in the low byte): int32 ``[M, k_pad / 4]``; ``a_scale``
+        float32 ``[M, n_blocks]``; ``qa_sum`` float32 ``[M, n_blocks]`` (the sum of the block's
+        codes, for the zero point).
+    """
+    from tvm.script import tirx as T
+
+    BS, KP = block_size, k_pad
+    NB = KP // BS
+    f32 = "float32"
+
+    def code(A, r, k, amax):
+        return T.Cast(
+            "int32",
+            T.if_then_else(
+                amax > T.float32(0),
+                T.nearbyint(A[r, k] * (T.float32(127) / amax)),
+                T.float32(0),
+            ),
+        )
+
+    @T.prim_func(s_tir=True)
+    def quantize_rows(a_h: T.handle, q_h: T.handle, s_h: T.handle, sum_h: T.handle):
+        T.func_attr(KERNEL_ATTRS)
+        m = T.int64()
+        A = T.match_buffer(a_h, (m, KP), f32)
+        QA = T.match_buffer(q_h, (m, KP // 4), "int32")
+        SA = T.match_buffer(s_h, (m, NB), f32)
+        QSUM = T.match_buffer(sum_h, (m, NB), f32)
+        with T.sblock("root"):
+            for r in T.parallel(m):
+                amax = T.alloc_buffer((1,), f32)
+                total = T.alloc_buffer((1,), "int32")
+                word = T.alloc_buffer((1,), "int32")
+                for b in range(NB):
+                    amax[0] = T.float32(0)
+                    for k in range(BS):
+                        amax[0] = T.max(amax[0], T.fabs(A[r, b * BS + k]))
+                    SA[r, b] = amax[0] / T.float32(127)
+                    total[0] = 0
+                    for w in range(BS // 4):
+                        word[0] = 0
+                        for i in T.unroll(4):
+                            word[0] = T.bitwise_or(
+                                word[0],
+                                T.shift_left(
+                                    T.bitwise_and(code(A, r, b * BS + 4 * w + i, amax[0]), 255),
+                                    8 * i,
+                                ),
+                            )
+                            total[0] = total[0] + code(A, r, b * BS + 4 * w + i, amax[0])
+                        QA[r, b * (BS // 4) + w] = word[0]
+                    QSUM[r, b] = T.Cast(f32, total[0])
+
+    return quantize_rows
+
+
+def quant_matmul_int8(layout: NBitsLayout, dot: Int8Dot, rows_per_pass: int = 2):
+    """The ``accuracy_level`` 4 kernel: int8 activations (``quantize_rows``) times the codes in
+    integer dot products, one int32 sum per block, then ``scale * a_scale * (sum - zero *
+    qa_sum)`` accumulated in float32. Per task (a column tile) ``rows_per_pass`` rows share each
+    load and unpack of the codes (one row: two accumulator sets, low and high nibbles).
+
+    Returns
+    -------
+    tvm.tirx.PrimFunc
+        ``quant_matmul_int8(qa, a_scale, qa_sum, codes, scales, zero_points, bias, y)``: ``qa``
+        the int8 activations as int32 words ``[M, k_pad / 4]``, the ``pack_nbits_int8`` arrays,
+        ``y`` float32 ``[M, n_pad]``.
+    """
+    from tvm.script import tirx as T
+
+    L = layout
+    VL = dot.lanes
+    if L.tile % VL:
+        raise ValueError(f"quant_matmul_int8: tile {L.tile} is not a multiple of {VL} lanes")
+    NV, TN, NT, RG = L.tile // VL, L.tile, L.n_tiles, rows_per_pass
+    BS, NB, KP, NP = L.block_size, L.n_blocks, L.k_pad, L.n_pad
+    WPB = BS // 8 if L.bits == 4 else BS // 4  # code words per block and column
+    CR = NB * WPB
+    ZSHAPE = (NT, NB, TN) if L.zero_points != "default" else (1,)
+    ZDTYPE = "float32" if L.zero_points == "float32" else "uint8"
+    BSHAPE = (NP,) if L.bias else (1,)
+    DEFAULT_ZP = float(1 << (L.bits - 1))
+    f32, i32v = "float32", f"int32x{VL}"
+
+    def dot4(acc, codes, act):
+        """``acc + sum over 4 byte pairs`` of uint8 ``codes`` x int8 ``act`` (int32 lanes)."""
+        if len(dot.intrinsics) == 1:
+            return T.call_llvm_pure_intrin(
+                i32v,
+                T.llvm_lookup_intrinsic_id(dot.intrinsics[0]),
+                acc,
+                T.reinterpret(codes, dtype=f"int8x{4 * VL}"),
+                T.reinterpret(act, dtype=f"int8x{4 * VL}"),
+            )
+        pairs = T.call_llvm_pure_intrin(
+            f"int16x{2 * VL}",
+            T.llvm_lookup_intrinsic_id(dot.intrinsics[0]),
+            T.reinterpret(codes, dtype=f"uint8x{4 * VL}"),
+            T.reinterpret(act, dtype=f"int8x{4 * VL}"),
+        )
+        return acc + T.call_llvm_pure_intrin(
+            i32v,
+            T.llvm_lookup_intrinsic_id(dot.intrinsics[1]),
+            pairs,
+            T.broadcast(T.int16(1), 2 * VL),
+        )
+
+    def word(Bq, t, w, v):
+        return Bq[t, w, T.ramp(v * VL, 1, VL)]
+
+    def low(x):
+        if L.bits == 8:
+            return x
+        return T.bitwise_and(x, T.broadcast(T.int32(0x0F0F0F0F), VL))
+
+    def high(x):
+        return T.bitwise_and(
+            T.shift_right(x, T.broadcast(T.int32(4), VL)), T.broadcast(T.int32(0x0F0F0F0F), VL)
+        )
+
+    def act(QA, r, w):
+        return T.broadcast(QA[r, w], VL)
+
+    def zero(Z, t, b, j):
+        if L.zero_points == "default":
+            return T.float32(DEFAULT_ZP)
+        return T.Cast(f32, Z[t, b, j])
+
+    def bias(BIAS, col):
+        return BIAS[col] if L.bias else T.float32(0)
+
+    def block_sum(acc, i, j, G):
+        return acc[i, 0, j] + acc[i, 1, j] if G == 1 else acc[i, 0, j]
+
+    if L.bits == 4:
+
+        @T.macro
+        def block_step(Bq, QA, t, b, w, v, r, acc, i, part, part_hi):
+            # 8 codes per word: low nibbles k .. k+3, high nibbles k+4 .. k+7
+            acc[i, part, T.ramp(v * VL, 1, VL)] = dot4(
+                acc[i, part, T.ramp(v * VL, 1, VL)],
+                low(word(Bq, t, b * WPB + w, v)),
+                act(QA, r, 2 * (b * WPB + w)),
+            )
+            acc[i, part_hi, T.ramp(v * VL, 1, VL)] = dot4(
+                acc[i, part_hi, T.ramp(v * VL, 1, VL)],
+                high(word(Bq, t, b * WPB + w, v)),
+                act(QA, r, 2 * (b * WPB + w) + 1),
+            )
+
+    else:
+
+        @T.macro
+        def block_step(Bq, QA, t, b, w, v, r, acc, i, part, part_hi):
+            acc[i, part, T.ramp(v * VL, 1, VL)] = dot4(
+                acc[i, part, T.ramp(v * VL, 1, VL)],
+                word(Bq, t, b * WPB + w, v),
+                act(QA, r, b * WPB + w),
+            )
+
+    if RG < 2:
+        raise ValueError(f"quant_matmul_int8: rows_per_pass={RG} (2 or more)")
+    # accumulator sets (low, high nibbles) of a pass of G rows: two for one row, one shared above
+    SPLIT = {1: (0, 1 if L.bits == 4 else 0), RG: (0, 0)}
+
+    @T.macro
+    def rows_pass(QA, SA, QSUM, Bq, SC, Z, BIAS, Y, t, m, G):
+        # G rows per pass (G == 1: two accumulator sets, alternating per word)
+        acc = T.alloc_buffer((G, 2 if G == 1 else 1, TN), "int32")
+        out = T.alloc_buffer((G, TN), f32)
+        rows = T.alloc_buffer((G,), "int64")
+        for g in range((m + G - 1) // G):
+            for i in T.unroll(G):
+                rows[i] = T.min(g * G + i, m - 1)  # a partial group repeats its last row
+                for j in T.vectorized(TN):
+                    out[i, j] = bias(BIAS, t * TN + j)
+            for b in range(NB):
+                for i in T.unroll(G):
+                    for h in T.unroll(2 if G == 1 else 1):
+                        for j in T.vectorized(TN):
+                            acc[i, h, j] = 0
+                for w in T.unroll(WPB):
+                    for v in T.unroll(NV):
+                        for i in T.unroll(G):
+                            block_step(
+                                Bq, QA, t, b, w, v, rows[i], acc, i, SPLIT[G][0], SPLIT[G][1]
+                            )
+                for i in T.unroll(G):
+                    for j in T.vectorized(TN):
+                        out[i, j] = out[i, j] + SC[t, b, j] * SA[rows[i], b] * (
+                            T.Cast(f32, block_sum(acc, i, j, G))
+                            - zero(Z, t, b, j) * QSUM[rows[i], b]
+                        )
+            for i in T.unroll(G):
+                if g * G + i < m:
+                    for j in T.vectorized(TN):
+                        Y[rows[i], t * TN + j] = out[i, j]
+
+    @T.prim_func(s_tir=True)
+    def quant_matmul_int8(
+        q_h: T.handle,
+        sa_h: T.handle,
+        qs_h: T.handle,
+        b_h: T.handle,
+        s_h: T.handle,
+        z_h: T.handle,
+        bias_h: T.handle,
+        y_h: T.handle,
+    ):
+        T.func_attr(KERNEL_ATTRS)
+        m = T.int64()
+        QA = T.match_buffer(q_h, (m, KP // 4), "int32")
+        SA = T.match_buffer(sa_h, (m, NB), f32)
+        QSUM = T.match_buffer(qs_h, (m, NB), f32)
+        Bq = T.match_buffer(b_h, (NT, CR, TN), "int32")
+        SC = T.match_buffer(s_h, (NT, NB, TN), f32)
+        Z = T.match_buffer(z_h, ZSHAPE, ZDTYPE)
+        BIAS = T.match_buffer(bias_h, BSHAPE, f32)
+        Y = T.match_buffer(y_h, (m, NP), f32)
+        with T.sblock("root"):
+            for t in T.parallel(NT):
+                if m == 1:
+                    rows_pass(QA, SA, QSUM, Bq, SC, Z, BIAS, Y, t, m, 1)
+                else:
+                    rows_pass(QA, SA, QSUM, Bq, SC, Z, BIAS, Y, t, m, RG)
+
+    return quant_matmul_int8
+
+
+__all__ = [
+    "Int8Dot",
+    "NBitsLayout",
+    "QuantGemmSchedule",
+    "cpu_schedule",
+    "int8_dot",
+    "pack_nbits",
+    "pack_nbits_int8",
+    "quant_matmul",
+    "quant_matmul_int8",
+    "quantize_rows",
+]

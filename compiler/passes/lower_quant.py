@@ -5,7 +5,7 @@ The placeholder is ``R.call_dps_packed("qiao.matmul_nbits", (a, B, scales, zero_
 config))``: ``a`` float32 ``[M, K]`` (``M`` may be symbolic), ``B`` uint8 ``[N, n_blocks * blob]``,
 ``scales`` float32 ``[N, n_blocks]`` and ``zero_points`` (uint8 packed or float ``[N, ...]``)
 constants in ONNX Runtime's layout, ``bias`` ``[N]`` (or a ``(1,)`` placeholder), ``config`` the
-JSON of ``k, n, bits, block_size, zero_points, bias``; it returns ``[M, N]``.
+JSON of ``k, n, bits, block_size, zero_points, bias, accuracy_level``; it returns ``[M, N]``.
 
 CPU (an LLVM target that is not a GPU backend's host): the weights are repacked at compile time
 into the kernel's column-tiled layout (``qiao.compiler.kernels.quant_gemm.pack_nbits``; still half
@@ -15,6 +15,10 @@ a byte per 4-bit weight, they stay constants of that size) and the call becomes
     asum  = sum(reshape(a_pad, [M, n_blocks, block_size]), axis=2)
     y_pad = call_tir(quant_matmul, a_pad, asum, codes, scales, zero_points, bias)   [M, n_pad]
     y     = y_pad[:, :N]                        only when N is not a multiple of the tile
+
+At ``accuracy_level`` 4, on a target with integer dot products (``quant_gemm.int8_dot``), the
+activations are quantized to int8 per block first, as ONNX Runtime does, and the integer kernel
+runs instead (``quantize_rows`` then ``quant_matmul_int8``, codes packed by ``pack_nbits_int8``).
 
 Everything else (GPU targets; the kernels are CPU loop nests) takes the fallback: the weight is
 dequantized here, at compile time, into a float32 constant and the call becomes ``matmul`` (+
@@ -76,8 +80,12 @@ class _QuantLowerer(PyExprMutator):
         from qiao.compiler.kernels.quant_gemm import (
             NBitsLayout,
             cpu_schedule,
+            int8_dot,
             pack_nbits,
+            pack_nbits_int8,
             quant_matmul,
+            quant_matmul_int8,
+            quantize_rows,
         )
 
         k, n, bs = cfg["k"], cfg["n"], cfg["block_size"]
@@ -86,35 +94,48 @@ class _QuantLowerer(PyExprMutator):
         layout = NBitsLayout(
             k, n, cfg["bits"], bs, sched.tile, cfg["zero_points"], bias=bool(const_bias)
         )
-        arrays = pack_nbits(b, scales, zero_points, layout)
+        level = cfg.get("accuracy_level", 0)
+        dot = int8_dot(self.target, cfg["bits"]) if level == 4 else None
+        if dot is not None and sched.tile % dot.lanes:
+            dot = None
+        pack = pack_nbits_int8 if dot is not None else pack_nbits
+        arrays = pack(b, scales, zero_points, layout)
         bb = self.builder_
         rows = a.ty.shape[0]
         if layout.k_pad != k:
             a = bb.emit(relax.op.nn.pad(a, [0, 0, 0, layout.k_pad - k]))
-        blocks = relax.ShapeExpr([rows, layout.n_blocks, bs])
-        asum = bb.emit(relax.op.sum(relax.op.reshape(a, blocks), axis=[2]))
-        placeholder = relax.const(np.zeros((1,), "float32"))
         if const_bias:
             padded = np.zeros(layout.n_pad, np.float32)
             padded[:n] = _value(bias)
             bias_arg = relax.const(padded)
         else:
-            bias_arg = placeholder
-        zp_arg = (
-            relax.const(arrays["zero_points"])
-            if "zero_points" in arrays
-            else relax.const(np.zeros((1,), "uint8"))
-        )
-        func = quant_matmul(layout, sched).without_attr("global_symbol")
-        gv = bb.add_func(func, "quant_matmul")
-        y = bb.emit(
-            relax.call_tir(
-                gv,
-                [a, asum, relax.const(arrays["codes"]), relax.const(arrays["scales"]), zp_arg,
-                 bias_arg],
-                relax.TensorType((rows, layout.n_pad), "float32"),
+            bias_arg = relax.const(np.zeros((1,), "float32"))
+        zp = arrays.get("zero_points", np.zeros((1,), "uint8"))
+        weights = [relax.const(arrays["codes"]), relax.const(arrays["scales"]), relax.const(zp)]
+        out = relax.TensorType((rows, layout.n_pad), "float32")
+        if dot is None:
+            blocks = relax.ShapeExpr([rows, layout.n_blocks, bs])
+            asum = bb.emit(relax.op.sum(relax.op.reshape(a, blocks), axis=[2]))
+            gv = bb.add_func(
+                quant_matmul(layout, sched).without_attr("global_symbol"), "quant_matmul"
             )
-        )  # fmt: skip
+            y = bb.emit(relax.call_tir(gv, [a, asum, *weights, bias_arg], out))
+        else:
+            per_block = relax.TensorType((rows, layout.n_blocks), "float32")
+            quantize = bb.add_func(
+                quantize_rows(layout.k_pad, bs).without_attr("global_symbol"), "quantize_rows"
+            )
+            qa = bb.emit(
+                relax.call_tir(
+                    quantize,
+                    [a],
+                    [relax.TensorType((rows, layout.k_pad // 4), "int32"), per_block, per_block],
+                )
+            )
+            parts = [bb.emit(relax.TupleGetItem(qa, i)) for i in range(3)]
+            kernel = quant_matmul_int8(layout, dot).without_attr("global_symbol")
+            gv = bb.add_func(kernel, "quant_matmul_int8")
+            y = bb.emit(relax.call_tir(gv, [*parts, *weights, bias_arg], out))
         if layout.n_pad != n:
             y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[n]))
         if cfg["bias"] and not const_bias:
