@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import time
+import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -159,10 +160,32 @@ def _exchange(a: str, b: str) -> bool:
 
 
 def save_params(workdir: str, params: Mapping[str, np.ndarray]) -> list[str]:
-    """Write weights to ``params.npz`` (uncompressed: a plain read); returns their order."""
+    """Write weights to ``params.npz`` (uncompressed: a plain read, ``np.savez``'s layout) one at
+    a time; returns their order. A weight mapped from a file (``np.memmap``: the compiler maps
+    external data) leaves this process' memory once written: the pages read to write it are
+    handed back, so writing gigabytes of weights does not grow the resident set by as much."""
     names = list(params)
-    np.savez(os.path.join(workdir, PARAMS), **{f"p{i}": params[n] for i, n in enumerate(names)})
+    with zipfile.ZipFile(os.path.join(workdir, PARAMS), "w", zipfile.ZIP_STORED) as archive:
+        for i, name in enumerate(names):
+            array = np.asanyarray(params[name])
+            with archive.open(f"p{i}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, array, allow_pickle=False)
+            _drop_mapped_pages(array)
     return names
+
+
+def _drop_mapped_pages(array: np.ndarray) -> None:
+    """Hand back the pages of a read-only file map (they stay in the page cache, and are read
+    again if touched); arrays that are not maps, or that may have been written, are left alone."""
+    import mmap
+
+    mapping = getattr(array, "_mmap", None)  # np.memmap's mmap.mmap
+    if mapping is None or array.flags.writeable or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    try:
+        mapping.madvise(mmap.MADV_DONTNEED)
+    except (OSError, ValueError):  # closed, or not supported here
+        pass
 
 
 def iter_params(artifact_dir: str, manifest: Mapping[str, Any]) -> Iterator[np.ndarray]:

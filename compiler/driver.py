@@ -6,7 +6,6 @@ import hashlib
 import os
 import re
 import tempfile
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -30,9 +29,13 @@ class ResolvedModel:
     spec: Any = None  # qiao.models.ModelSpec for built-in models
     decoder: dict | None = None  # the manifest's "decoder" section for a decoder source
     tokenizer_dir: str | None = None  # folder holding the decoder's tokenizer files
+    # Where ``proto``'s weights still are, as external data (``load_onnx``'s ``keep_external``).
+    external_dir: str | None = None
 
 
-def _resolve_genai(folder: str, name: str, source: dict) -> ResolvedModel:
+def _resolve_genai(
+    folder: str, name: str, source: dict, keep_external: bool = False
+) -> ResolvedModel:
     """A GenAI folder (genai_config.json + decoder file) as a decoder source."""
     from qiao.compiler import export_genai
     from qiao.compiler.frontend import load_onnx
@@ -41,10 +44,16 @@ def _resolve_genai(folder: str, name: str, source: dict) -> ResolvedModel:
     tokenizer = folder if export_genai.has_tokenizer(folder) else None
     decoder = export_genai.decoder_manifest(config, "tokenizer" if tokenizer else None)
     source = dict(source, path=os.path.abspath(path), folder=os.path.abspath(folder))
-    return ResolvedModel(load_onnx(path), name, source, decoder=decoder, tokenizer_dir=tokenizer)
+    proto = load_onnx(path, keep_external)
+    external = os.path.dirname(os.path.abspath(path)) if keep_external else None
+    return ResolvedModel(
+        proto, name, source, decoder=decoder, tokenizer_dir=tokenizer, external_dir=external
+    )
 
 
-def _resolve_folder(folder: str, model_options: Mapping | None = None) -> ResolvedModel:
+def _resolve_folder(
+    folder: str, model_options: Mapping | None = None, keep_external: bool = False
+) -> ResolvedModel:
     """A directory: an ONNX Runtime GenAI folder, or a Hugging Face Qwen3 / Qwen3-MoE folder
     (exported to a cached GenAI folder on the way; ``model_options`` may set its
     ``context_length``)."""
@@ -65,12 +74,12 @@ def _resolve_folder(folder: str, model_options: Mapping | None = None) -> Resolv
                 f"{folder} is an ONNX Runtime GenAI folder: its context length is fixed by its "
                 "genai_config.json. fix: drop the model options (or export it again)"
             )
-        return _resolve_genai(folder, name, {"kind": "genai"})
+        return _resolve_genai(folder, name, {"kind": "genai"}, keep_external)
     if export_genai.is_hf_folder(folder):
         context = options.get("context_length")
         exported = export_genai.hf_folder(folder, int(context) if context else None)
         source = {"kind": "huggingface", "hf_folder": os.path.abspath(folder)}
-        return _resolve_genai(exported, name, source)
+        return _resolve_genai(exported, name, source, keep_external)
     raise export_genai.DecoderSourceError(
         f"{folder} is a directory without genai_config.json or config.json. fix: pass an .onnx "
         "file, an ONNX Runtime GenAI folder (genai_config.json + model.onnx) or a Hugging Face "
@@ -78,8 +87,13 @@ def _resolve_folder(folder: str, model_options: Mapping | None = None) -> Resolv
     )
 
 
-def resolve_model(model, example_args=None, model_options: Mapping | None = None) -> ResolvedModel:
-    """Turn a path, built-in name, ``ModelProto`` or ``torch.nn.Module`` into ONNX."""
+def resolve_model(
+    model, example_args=None, model_options: Mapping | None = None, keep_external: bool = False
+) -> ResolvedModel:
+    """Turn a path, built-in name, ``ModelProto`` or ``torch.nn.Module`` into ONNX.
+
+    ``keep_external``: weights an ONNX file keeps as external data stay there (``load_onnx``);
+    ``external_dir`` then says where."""
     from qiao.compiler.frontend import load_onnx
 
     if isinstance(model, onnx.ModelProto):
@@ -87,11 +101,13 @@ def resolve_model(model, example_args=None, model_options: Mapping | None = None
     if isinstance(model, (str, os.PathLike)):
         path = os.fspath(model)
         if os.path.isdir(path):
-            return _resolve_folder(path, model_options)
+            return _resolve_folder(path, model_options, keep_external)
         if os.path.exists(path) or path.endswith(".onnx"):
-            proto = load_onnx(path)
+            proto = load_onnx(path, keep_external)
             name = os.path.splitext(os.path.basename(path))[0]
-            return ResolvedModel(proto, name, {"kind": "onnx", "path": os.path.abspath(path)})
+            external = os.path.dirname(os.path.abspath(path)) if keep_external else None
+            source = {"kind": "onnx", "path": os.path.abspath(path)}
+            return ResolvedModel(proto, name, source, external_dir=external)
         from qiao.models import DecoderSpec, get_model
 
         spec = get_model(path, **dict(model_options or {}))
@@ -99,7 +115,8 @@ def resolve_model(model, example_args=None, model_options: Mapping | None = None
             from qiao.compiler import export_genai
 
             source = {"kind": "builtin", "name": spec.name, "options": dict(model_options or {})}
-            resolved = _resolve_genai(export_genai.builtin_folder(spec), spec.name, source)
+            folder = export_genai.builtin_folder(spec)
+            resolved = _resolve_genai(folder, spec.name, source, keep_external)
             resolved.spec = spec
             return resolved
         proto = _export_to_proto(
@@ -215,7 +232,10 @@ def compile(
         raise ToolchainMissing(
             f"backend {target!r} cannot compile on this machine: {'; '.join(availability.missing)}"
         )
-    resolved = resolve_model(model, example_args, model_options)
+    # Weights stay in their external data files (mapped, never copied) unless quantization or a
+    # hand-off backend reads them from the proto.
+    keep_external = backend.imports_relax and options.quantize is None
+    resolved = resolve_model(model, example_args, model_options, keep_external)
     quantization = None
     if options.quantize is not None:  # before import: ONNX Runtime validates the same graph
         from qiao.compiler.quantize import quantize_model
@@ -234,6 +254,7 @@ def compile(
         to_relax=backend.imports_relax,
         initializer_inputs=options.initializer_inputs,
         kv_cache=options.kv_cache,
+        external_dir=resolved.external_dir,
     )
     out = os.fspath(output_dir) if output_dir else default_output_dir(resolved.name, target, arch)
     source = dict(resolved.source, sha256=None)
@@ -247,7 +268,7 @@ def compile(
     with art.staging_dir(out) as tmp:
         # The model as compiled (initializer inputs resolved): the ONNX Runtime reference must
         # take the same inputs as the artifact.
-        save_proto(imported.proto, os.path.join(tmp, art.SOURCE_MODEL))
+        save_proto(imported.proto, os.path.join(tmp, art.SOURCE_MODEL), imported.external_dir)
         param_names = art.save_params(tmp, imported.params) if imported.params else []
         if resolved.tokenizer_dir is not None:
             from qiao.compiler.export_genai import copy_tokenizer
@@ -302,18 +323,12 @@ def load(directory: str | os.PathLike) -> Artifact:
 
 
 class Artifact:
-    """A compiled model on disk. ``run`` executes it on the backend's device.
-
-    Thread safety: ``run`` may be called from any number of threads at once; the calls take turns
-    (a lock per artifact: TVM's Relax VM keeps its registers in the VM object, so two calls at
-    once on one VM corrupt each other). For parallel calls, load the artifact once per thread.
-    ``runner`` and ``generate`` take no lock: one thread at a time."""
+    """A compiled model on disk. ``run`` executes it on the backend's device."""
 
     def __init__(self, directory: str, manifest: dict):
         self.directory = directory
         self.manifest = manifest
         self._runner = None
-        self._lock = threading.Lock()
 
     @property
     def inputs(self) -> list[dict]:
@@ -344,8 +359,7 @@ class Artifact:
 
         ordered = self.check_inputs(inputs)
         # float8/float4/int4/int2 tensors run as their storage type (see ``lowprec``).
-        with self._lock:  # one call at a time on this artifact's VM (see the class docstring)
-            outputs = self.runner.run(lowprec.inputs_to_storage(self.inputs, ordered))
+        outputs = self.runner.run(lowprec.inputs_to_storage(self.inputs, ordered))
         outputs = lowprec.outputs_from_storage(self.outputs, outputs)
         return dict(zip([o["name"] for o in self.outputs], outputs))
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import itertools
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,6 +93,9 @@ class ImportedModel:
     # The default-domain opset the Relax import used (``opset`` upgraded by onnx's version
     # converter when the model's is older than TVM's converters understand; see upgrade_opset).
     imported_opset: int | None = None
+    # The folder ``proto``'s weights still live in as external data (``load_onnx(...,
+    # keep_external=True)``): ``params`` map those files, ``save_proto`` copies them.
+    external_dir: str | None = None
 
 
 def proto_size(proto: onnx.ModelProto) -> int:
@@ -107,9 +112,38 @@ def fits_protobuf(proto: onnx.ModelProto) -> bool:
     return proto_size(proto) < _PROTOBUF_LIMIT
 
 
-def save_proto(proto: onnx.ModelProto, path: str) -> None:
+def save_proto(proto: onnx.ModelProto, path: str, external_dir: str | None = None) -> None:
     """Save ``proto`` to ``path``; a model near protobuf's 2 GB limit keeps its weights as external
-    data in ``<file name>.data`` beside it."""
+    data in ``<file name>.data`` beside it.
+
+    Weights ``proto`` still keeps as external data (read from ``external_dir``, see ``load_onnx``'s
+    ``keep_external``) are not read into memory: their files are copied by the kernel beside
+    ``path`` as ``<file name>.data`` (``.data1``, ``.data2``... for a model with several). Not
+    hard-linked: ONNX's checker refuses a data file with several links."""
+    import shutil
+
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    locations = sorted(
+        {ExternalDataInfo(t).location for t in iter_tensors(proto.graph) if uses_external_data(t)}
+    )
+    if locations:
+        if external_dir is None:
+            raise ValueError("save_proto: the model keeps external data; pass external_dir")
+        name = os.path.basename(path) + ".data"
+        renamed = {loc: name + (str(i) if i else "") for i, loc in enumerate(locations)}
+        out = onnx.ModelProto()
+        out.CopyFrom(proto)  # only the graph: the weights are not in it
+        for tensor in iter_tensors(out.graph):
+            for entry in tensor.external_data if uses_external_data(tensor) else ():
+                if entry.key == "location":
+                    entry.value = renamed[entry.value]
+        for loc, new in renamed.items():  # sendfile: no pass through this process' memory
+            shutil.copyfile(
+                os.path.join(external_dir, loc), os.path.join(os.path.dirname(path), new)
+            )
+        onnx.save(out, path)
+        return
     if proto_size(proto) > (1 << 31) - (64 << 20):
         onnx.save(
             proto, path, save_as_external_data=True, location=os.path.basename(path) + ".data"
@@ -118,8 +152,14 @@ def save_proto(proto: onnx.ModelProto, path: str) -> None:
         onnx.save(proto, path)
 
 
-def load_onnx(model) -> onnx.ModelProto:
-    """Read an ONNX model from a path (or take a ``ModelProto``) and check it is well formed."""
+def load_onnx(model, keep_external: bool = False) -> onnx.ModelProto:
+    """Read an ONNX model from a path (or take a ``ModelProto``) and check it is well formed.
+
+    ``keep_external``: weights a file keeps as external data (float initializers that become
+    parameters, see ``keeps_external``) stay there: the proto holds their locations only, and
+    the importer maps them from the files beside ``model`` (``import_onnx``'s ``external_dir``)
+    instead of holding one more copy of every weight. Everything else is read as usual.
+    """
     from qiao.compiler.frontend.contrib_schemas import register_ort_default_domain_schemas
 
     register_ort_default_domain_schemas()  # before the checker sees ORT GenAI's decoders
@@ -167,19 +207,36 @@ def load_onnx(model) -> onnx.ModelProto:
         ) from err
     check_graph(proto, where)
     if not isinstance(model, onnx.ModelProto):
-        _load_external_data(proto, os.fspath(model))
+        _load_external_data(proto, os.fspath(model), keep_external)
     return proto
 
 
-def _load_external_data(proto: onnx.ModelProto, path: str) -> None:
-    """Read the tensors a model keeps in external files (beside ``path``) into ``proto``."""
-    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
-
-    tensors = [t for t in iter_tensors(proto.graph) if uses_external_data(t)]
-    if not tensors:
-        return
+def keeps_external(tensor: onnx.TensorProto, min_elements: int = PARAM_MIN_ELEMENTS) -> bool:
+    """Whether a graph initializer is a weight (a float16/32/64 tensor of ``min_elements`` or
+    more: a parameter of ``main``) that ``load_onnx(keep_external=True)`` leaves in its file."""
     try:
-        load_external_data_for_model(proto, os.path.dirname(os.path.abspath(path)))
+        kind = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).kind
+    except (KeyError, ValueError, TypeError):  # not a tensor type: read it, the checks judge it
+        return False
+    return kind == "f" and math.prod(tensor.dims) >= min_elements
+
+
+def _load_external_data(proto: onnx.ModelProto, path: str, keep_weights: bool = False) -> None:
+    """Read the tensors a model keeps in external files (beside ``path``) into ``proto``; with
+    ``keep_weights``, all but the graph's weights (``keeps_external``)."""
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    graph = proto.graph
+    initializers = [t for t in graph.initializer if not (keep_weights and keeps_external(t))]
+    # iter_tensors yields the graph's initializers first, then node attributes and subgraphs
+    nested = itertools.islice(iter_tensors(graph), len(graph.initializer), None)
+    tensors = [t for t in (*initializers, *nested) if uses_external_data(t)]
+    base = os.path.dirname(os.path.abspath(path))
+    try:
+        for tensor in tensors:  # what onnx's load_external_data_for_model does, per tensor
+            load_external_data_for_tensor(tensor, base)
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
     except Exception as err:  # missing/short data file, a location outside the folder, ...
         raise InvalidModel(
             f"{path}: cannot read its external data ({type(err).__name__}: "
@@ -256,8 +313,6 @@ def _value_spec(vi: onnx.ValueInfoProto) -> TensorSpec:
                 shape.append(None)
     dtype = _elem_dtype(tt.elem_type) if tt.elem_type else "float32"
     return TensorSpec(vi.name, dtype, shape)
-
-
 
 
 def split_initializer_inputs(proto: onnx.ModelProto, mode: str) -> tuple[onnx.ModelProto, list]:
@@ -360,6 +415,7 @@ def import_onnx(
     to_relax: bool = True,
     initializer_inputs: str = "constants",
     kv_cache: str | None = None,
+    external_dir: str | None = None,
 ) -> ImportedModel:
     """Import an ONNX model (path or ``ModelProto``) into Relax.
 
@@ -374,12 +430,25 @@ def import_onnx(
         How initializers also listed as graph inputs are taken (see ``split_initializer_inputs``).
     kv_cache : {"copy", "inplace"}, optional
         ``GroupQueryAttention``'s cache update (``convert_genai.gqa_lowering``; default copy).
+    external_dir : str, optional
+        For a ``ModelProto`` read with ``load_onnx(path, keep_external=True)``: the folder of
+        ``path``, where its weights are mapped from. A path ``model`` is read that way itself
+        (``to_relax``): ``params`` are then read-only maps of its external data files, not copies.
 
     Returns
     -------
     ImportedModel
     """
-    proto, init_inputs = split_initializer_inputs(load_onnx(model), initializer_inputs)
+    if isinstance(model, onnx.ModelProto) and external_dir is not None:
+        proto = model  # checked by load_onnx when it was read from its file
+        if not to_relax:  # hand-off backends read the weights from the proto itself
+            _load_external_data(proto, os.path.join(external_dir, "model.onnx"))
+            external_dir = None
+    else:
+        proto = load_onnx(model, keep_external=to_relax)
+        lazy = to_relax and not isinstance(model, onnx.ModelProto)
+        external_dir = os.path.dirname(os.path.abspath(os.fspath(model))) if lazy else None
+    proto, init_inputs = split_initializer_inputs(proto, initializer_inputs)
     if to_relax:
         bad = find_unsupported_ops(proto)
         if bad:
@@ -406,7 +475,9 @@ def import_onnx(
     from qiao.compiler.frontend.importer import QiaoImporter
     from qiao.compiler.frontend.lowprec import lower_low_precision
 
-    importer = QiaoImporter(_convert_map(), {s.name: s.shape for s in inputs}, PARAM_MIN_ELEMENTS)
+    importer = QiaoImporter(
+        _convert_map(), {s.name: s.shape for s in inputs}, PARAM_MIN_ELEMENTS, external_dir
+    )
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log):  # TVM prints "Error converting operator ..." itself
@@ -429,7 +500,16 @@ def import_onnx(
     _correct_output_shapes(outputs, mod)
     _check_output_kinds(outputs, mod)
     return ImportedModel(
-        mod, params, inputs, outputs, opset, proto, op_types, **extra, imported_opset=imported_opset
+        mod,
+        params,
+        inputs,
+        outputs,
+        opset,
+        proto,
+        op_types,
+        **extra,
+        imported_opset=imported_opset,
+        external_dir=external_dir,
     )
 
 
