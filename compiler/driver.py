@@ -6,6 +6,7 @@ import hashlib
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -323,12 +324,18 @@ def load(directory: str | os.PathLike) -> Artifact:
 
 
 class Artifact:
-    """A compiled model on disk. ``run`` executes it on the backend's device."""
+    """A compiled model on disk. ``run`` executes it on the backend's device.
+
+    Thread safety: ``run`` may be called from any number of threads at once; the calls take turns
+    (a lock per artifact: TVM's Relax VM keeps its registers in the VM object, so two calls at
+    once on one VM corrupt each other). For parallel calls, load the artifact once per thread.
+    ``runner`` and ``generate`` take no lock: one thread at a time."""
 
     def __init__(self, directory: str, manifest: dict):
         self.directory = directory
         self.manifest = manifest
         self._runner = None
+        self._lock = threading.Lock()
 
     @property
     def inputs(self) -> list[dict]:
@@ -359,7 +366,8 @@ class Artifact:
 
         ordered = self.check_inputs(inputs)
         # float8/float4/int4/int2 tensors run as their storage type (see ``lowprec``).
-        outputs = self.runner.run(lowprec.inputs_to_storage(self.inputs, ordered))
+        with self._lock:  # one call at a time on this artifact's VM (see the class docstring)
+            outputs = self.runner.run(lowprec.inputs_to_storage(self.inputs, ordered))
         outputs = lowprec.outputs_from_storage(self.outputs, outputs)
         return dict(zip([o["name"] for o in self.outputs], outputs))
 
