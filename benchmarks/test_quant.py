@@ -1,19 +1,31 @@
 """One int4 linear layer (K = N = 4096, block 32, zero points; issue 13's first speed case) on the
-CPU: qiao vs ONNX Runtime's ``MatMulNBits`` at ``accuracy_level`` 0 (float32 compute) and 4 (int8
-activations, its fastest CPU path) vs ONNX Runtime's float32 ``MatMul``, at 1 and 128 rows.
+CPU, at 1 row (decode) and 128 rows (prefill), measured interleaved in one run:
 
-    pytest benchmarks/test_quant.py --benchmark-only              # full (4096 x 4096)
+- ``qiao``: qiao's packed int4 kernels on the model at ``accuracy_level`` 4 (int8 activations per
+  block, integer dot products: what ONNX Runtime does at that level);
+- ``qiao-exact``: the same model at ``accuracy_level`` 0 (qiao's float32 kernels: codes
+  dequantized in registers, the exact dequantize-then-float32 result);
+- ``qiao-fp32``: qiao on the float32 model (4 bytes per weight);
+- ``onnxruntime-int4-acc4`` (the baseline of the floors), ``onnxruntime-int4-acc0``,
+  ``onnxruntime-fp32``.
+
+Floors (issue 13): ``qiao`` >= 1.0x ``onnxruntime-int4-acc4`` at 1 row and >= 0.8x at 128 rows,
+on the median of per-round ratios; asserted in full mode with ``QIAO_BENCH_ENFORCE=1`` only (a
+machine shared with other jobs is not ours: the printed medians and ratios are the result, read
+with the machine's load).
+
+    pytest benchmarks/test_quant.py --benchmark-only -s           # full (4096 x 4096)
     QIAO_BENCH_SMOKE=1 pytest -q benchmarks/test_quant.py         # 256 x 256, one round (CI)
 
-Where qiao stands: it imports ``MatMulNBits`` by dequantizing the weights (``--quantize`` and
-quantized models alike), so its artifact runs a float32 GEMM/GEMV reading 4 bytes per weight where
-ONNX Runtime reads half a byte; the issue's floors (>= ONNX Runtime at 1 row, >= 0.8x at 128)
-need the int4 kernels of issue 13 item 4, not built yet, and are not checked here. Every engine's
-output is checked first: qiao and ONNX Runtime at level 0 against each other (1e-4 relative to the
-output's magnitude), level 4 within 2 % (int8 activations).
+Every engine's output is checked first against ONNX Runtime at ``accuracy_level`` 0: qiao-exact
+within 1e-4 of the output's magnitude, the int8-activation engines within 2 %, the float32 models
+within the quantization error (10 %).
 """
 
 from __future__ import annotations
+
+import os
+import statistics
 
 import numpy as np
 import onnx
@@ -23,7 +35,16 @@ from onnx import helper, numpy_helper
 
 from qiao.compiler.quantize import quantize_model
 
-ENGINES = ("qiao", "onnxruntime-int4-acc0", "onnxruntime-int4-acc4", "onnxruntime-fp32")
+BASELINE = "onnxruntime-int4-acc4"
+FLOORS = {1: 1.0, 128: 0.8}  # qiao speed / ONNX Runtime accuracy_level 4 speed, per row count
+# engine -> largest difference from ONNX Runtime at accuracy_level 0, relative to its magnitude
+TOLERANCE = {
+    "qiao": 2e-2,
+    "qiao-exact": 1e-4,
+    "qiao-fp32": 1e-1,
+    "onnxruntime-int4-acc4": 2e-2,
+    "onnxruntime-fp32": 1e-1,
+}
 
 
 def _float_layer(k: int, n: int) -> onnx.ModelProto:
@@ -42,9 +63,10 @@ def _with_accuracy_level(model: onnx.ModelProto, level: int) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     for node in out.graph.node:
-        for attr in node.attribute:
-            if attr.name == "accuracy_level":
-                attr.i = level
+        if node.op_type == "MatMulNBits":
+            attrs = [a for a in node.attribute if a.name != "accuracy_level"]
+            del node.attribute[:]
+            node.attribute.extend([*attrs, helper.make_attribute("accuracy_level", level)])
     return out
 
 
@@ -56,31 +78,53 @@ def layer(smoke, tmp_path_factory):
     size = 256 if smoke else 4096
     fp32 = _float_layer(size, size)
     int4, _ = quantize_model(fp32, {"bits": 4, "block_size": 32, "symmetric": False})
-    artifact = compile(int4, "cpu", tmp_path_factory.mktemp("quant") / "linear-int4")
+    acc0, acc4 = _with_accuracy_level(int4, 0), _with_accuracy_level(int4, 4)
+    root = tmp_path_factory.mktemp("quant")
     engines = {
-        "qiao": QiaoEngine(artifact),
-        "onnxruntime-int4-acc0": OnnxRuntimeEngine(int4.SerializeToString(), HOST),
-        "onnxruntime-int4-acc4": OnnxRuntimeEngine(
-            _with_accuracy_level(int4, 4).SerializeToString(), HOST
-        ),
+        "qiao": QiaoEngine(compile(acc4, "cpu", root / "int4-acc4")),
+        "qiao-exact": QiaoEngine(compile(acc0, "cpu", root / "int4-acc0")),
+        "qiao-fp32": QiaoEngine(compile(fp32, "cpu", root / "fp32")),
+        "onnxruntime-int4-acc0": OnnxRuntimeEngine(acc0.SerializeToString(), HOST),
+        BASELINE: OnnxRuntimeEngine(acc4.SerializeToString(), HOST),
         "onnxruntime-fp32": OnnxRuntimeEngine(fp32.SerializeToString(), HOST),
     }
     return size, engines
 
 
-@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("rows", [1, pytest.param(128, marks=pytest.mark.full_only)])
-def test_linear_int4(benchmark, bench_run, layer, rows, engine):
+def test_linear_int4(benchmark, smoke, layer, rows):
+    from qiao.compiler.bench import interleaved, round_ratios
+
     size, engines = layer
     a = np.random.default_rng(rows).standard_normal((rows, size)).astype(np.float32)
     feeds = {"a": a}
     reference = engines["onnxruntime-int4-acc0"].outputs(feeds)["y"]
-    got = engines[engine].outputs(feeds)["y"]
     scale = float(np.abs(reference).max())
-    if engine == "onnxruntime-int4-acc4":
-        assert np.abs(got - reference).max() <= 2e-2 * scale
-    elif engine != "onnxruntime-fp32":  # the float model differs by the quantization error
-        assert np.abs(got - reference).max() <= 1e-4 * scale, f"{engine} differs from ORT"
-    run = engines[engine].prepare(feeds)
+    for name, tol in TOLERANCE.items():
+        err = float(np.abs(engines[name].outputs(feeds)["y"] - reference).max())
+        assert err <= tol * scale, f"{name} differs from ONNX Runtime (acc 0) by {err}"
+
+    calls = {name: engine.prepare(feeds) for name, engine in engines.items()}
+    times = interleaved(calls, 11, 0.1, pause=0.05, smoke=smoke)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    ratios = {
+        name: statistics.median(round_ratios(times, name)) for name in engines if name != "qiao"
+    }
     group = f"linear {size}x{size} int4 bs32, {rows} rows"
-    bench_run(benchmark, run, group=group, engine=engine, rows=rows, size=size)
+    benchmark.group = group
+    benchmark.extra_info.update(
+        {f"{name}_ms": round(t * 1e3, 4) for name, t in medians.items()},
+        **{f"speedup_vs_{name}": round(r, 3) for name, r in ratios.items()},
+        floor=FLOORS[rows],
+        note="machine shared with other jobs: medians of interleaved rounds",
+    )
+    benchmark.pedantic(calls["qiao"], rounds=1, iterations=1)
+    print(f"\n  {group} (medians; qiao speed-up = baseline median ratio per round):")
+    for name, t in medians.items():
+        extra = "" if name == "qiao" else f"   qiao x{ratios[name]:.2f}"
+        print(f"    {name:<24} {t * 1e3:9.3f} ms{extra}")
+    if not smoke and os.environ.get("QIAO_BENCH_ENFORCE") == "1":
+        assert ratios[BASELINE] >= FLOORS[rows], (
+            f"{group}: qiao is {ratios[BASELINE]:.2f}x ONNX Runtime at accuracy_level 4 "
+            f"< floor {FLOORS[rows]}"
+        )
