@@ -1,5 +1,5 @@
 """Converters for elementwise ops TVM lacks or mistypes: Pow, Celu, Elu, Selu, Swish, Cosh,
-Sinh, IsInf, Dropout.
+Sinh, Sign, IsInf, Dropout.
 """
 
 from __future__ import annotations
@@ -121,6 +121,19 @@ class Cosh(_Hyperbolic):
 class Sinh(_Hyperbolic):
     __doc__ = _Hyperbolic.__doc__
     combine = staticmethod(relax.op.subtract)
+
+
+@register_converter("Sign")
+class Sign(tvm_onnx.OnnxOpConverter):
+    """``sign(x)``, NaN for NaN: TOPI's ``sign`` is ``x < 0 ? -1 : (x > 0 ? 1 : 0)``, which makes
+    NaN 0 (ONNX Runtime, PyTorch and NumPy give NaN; found by ``qiao.compiler.fuzzing``)."""
+
+    @classmethod
+    def _impl_v9(cls, bb, inputs, attr, params):
+        x = inputs[0]
+        if "float" not in str(x.ty.dtype):
+            return relax.op.sign(x)
+        return relax.op.where(relax.op.isnan(x), x, relax.op.sign(x))
 
 
 @register_converter("IsInf")

@@ -6,7 +6,7 @@ loop becomes one scalar ``expf`` call per lane, and that dominates small transfo
 replacements are the classic single-precision approximations (Cephes ``expf`` with Cody-Waite range
 reduction, Eigen's rational ``erf``), accurate to a few ulp over the whole float range; ``exp``
 saturates below ``-88.38`` (about ``1e-38`` instead of ``0``, which no softmax can tell apart) and
-above ``88.38``.
+above ``88.38``; NaN stays NaN (the clamps alone would turn it into a bound).
 """
 
 from __future__ import annotations
@@ -77,8 +77,8 @@ def fast_exp(x):
     """``exp(x)`` for a float32 TIR expression, as vectorisable arithmetic."""
     from tvm import tirx
 
-    def body(v):
-        v = tirx.Min(tirx.Max(v, _c(_EXP_LO)), _c(_EXP_HI))
+    def body(x_in):
+        v = tirx.Min(tirx.Max(x_in, _c(_EXP_LO)), _c(_EXP_HI))
 
         def reduced(clamped):
             n = tirx.floor(clamped * _c(_LOG2E) + _c(0.5))
@@ -98,7 +98,8 @@ def fast_exp(x):
 
             return _let(n, with_n, "exp_n")
 
-        return _let(v, reduced, "exp_x")
+        # the clamp turns NaN into a bound: NaN in, NaN out (as libm's expf)
+        return tirx.Select(tirx.isnan(x_in), x_in, _let(v, reduced, "exp_x"))
 
     return _let(x, body, "exp_in")
 
@@ -129,8 +130,8 @@ def fast_erf(x):
     """Eigen's rational ``erf`` approximation, clamped to [-4, 4] (where erf is ±1 in float32)."""
     from tvm import tirx
 
-    def body(v):
-        v = tirx.Min(tirx.Max(v, _c(-4.0)), _c(4.0))
+    def body(x_in):
+        v = tirx.Min(tirx.Max(x_in, _c(-4.0)), _c(4.0))
 
         def with_clamped(c):
             def with_sq(x2):
@@ -138,7 +139,7 @@ def fast_erf(x):
 
             return _let(c * c, with_sq, "erf_x2")
 
-        return _let(v, with_clamped, "erf_x")
+        return tirx.Select(tirx.isnan(x_in), x_in, _let(v, with_clamped, "erf_x"))
 
     return _let(x, body, "erf_in")
 

@@ -108,8 +108,9 @@ def rule_pass(rules: Sequence[Any], database: Any = None, trials: int = 0) -> An
 
 
 def cpu_loop_passes() -> list:
-    """The CPU rewrites that follow the rules: ragged vector loops, vectorisable math, serial
-    small kernels."""
+    """The CPU rewrites that follow the rules: ragged vector loops, NaN-propagating min/max,
+    vectorisable math, serial small kernels."""
+    from qiao.compiler.passes.propagate_nan import PropagateNaN
     from qiao.compiler.passes.serial_small_kernels import SerialSmallKernels
     from qiao.compiler.passes.vectorizable_math import VectorizableMath
     from qiao.compiler.passes.vectorize_ragged_loops import VectorizeRaggedLoops
@@ -117,6 +118,8 @@ def cpu_loop_passes() -> list:
     return [
         # A symbolic extent's ragged last vector must not scalarise every vector.
         VectorizeRaggedLoops(),
+        # float min/max (Relu, Clip, ReduceMax, pools) keep NaN, as ONNX Runtime and PyTorch do.
+        PropagateNaN(),
         # libm exp/erf/tanh calls do not vectorise; their polynomial forms do.
         VectorizableMath(),
         # Small (often symbolic-shaped) kernels skip the thread pool at run time.
