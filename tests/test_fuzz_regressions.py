@@ -1,0 +1,149 @@
+"""Graphs the differential fuzzer (``qiao.compiler.fuzzing``, ``tests/test_fuzz.py``) found
+wrong, shrunk by hand, each compiled for the CPU and compared with ONNX Runtime.
+
+Each test names the fix it keeps: where qiao was wrong, or where TVM is and qiao works around it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from qiao.compiler import compile
+from qiao.compiler.fuzzing import onnxruntime_outputs
+from qiao.compiler.testing import assert_close
+
+
+def _check(tmp_path, nodes, inputs, outputs, feeds, inits=(), opset=18, rtol=1e-5, atol=1e-6):
+    """Compile the graph for the CPU, run it on ``feeds`` and compare every output with ONNX
+    Runtime (NaN where ORT has NaN, the same infinities)."""
+    graph = helper.make_graph(nodes, "regression", inputs, outputs, initializer=list(inits))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    onnx.checker.check_model(model, full_check=True)
+    expected = onnxruntime_outputs(model, feeds)
+    actual = compile(model, "cpu", tmp_path / "a").run(feeds)
+    assert_close(actual, expected, rtol=rtol, atol=atol)
+
+
+def _info(name, shape, dtype=TensorProto.FLOAT):
+    return helper.make_tensor_value_info(name, dtype, shape)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_depthwise_conv_with_unit_kernel_adds_its_bias_once(tmp_path, dtype):
+    """TVM 0.27: ``reverse_compute_inline`` of the bias add into a convolution whose reduction
+    loops all have extent 1 (the block still has a ``T.init``) put the bias in the init *and*
+    the update: every output had the bias twice. qiao's ``tir_util.try_inline`` no longer
+    inlines a consumer into a producer with an init."""
+    rng = np.random.default_rng(0)
+    onnx_dtype = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    w = numpy_helper.from_array(rng.standard_normal((5, 1, 1)).astype(dtype), "w")
+    b = numpy_helper.from_array(rng.standard_normal(5).astype(dtype), "b")
+    conv = helper.make_node("Conv", ["x", "w", "b"], ["y"], group=5, kernel_shape=[1], strides=[2])
+    _check(
+        tmp_path,
+        [conv],
+        [_info("x", [3, 5, 2], onnx_dtype)],
+        [_info("y", [3, 5, 1], onnx_dtype)],
+        {"x": rng.standard_normal((3, 5, 2)).astype(dtype)},
+        inits=[w, b],
+        rtol=1e-2 if dtype == "float16" else 1e-5,
+        atol=1e-2 if dtype == "float16" else 1e-5,
+    )
+
+
+def test_global_average_pool_of_one_element_then_subtract(tmp_path):
+    """The same TVM bug through a pooling over a 1-wide plane (a reduction of extent 1) whose
+    consumer subtracts it from its input: ``x - mean(x)`` must be 0, was ``-x``."""
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["x"], ["m"]),
+        helper.make_node("Sub", ["x", "m"], ["y"]),
+    ]
+    x = np.random.default_rng(1).standard_normal((3, 2, 1)).astype(np.float32)
+    _check(
+        tmp_path,
+        nodes,
+        [_info("x", ["N", 2, 1])],
+        [_info("y", ["N", 2, 1]), _info("m", ["N", 2, 1])],
+        {"x": x},
+    )
+
+
+# A NaN, infinities, signed zeros, values past exp's overflow, a denormal, ordinary values.
+_SPECIALS = np.array(
+    [np.nan, np.inf, -np.inf, 0.0, -0.0, 1e30, -1e30, 100.0, -100.0, 1e-40, 0.5, -2.5],
+    np.float32,
+)
+
+_NAN_UNARY = [
+    ("Relu", {}),
+    ("Sigmoid", {}),
+    ("Tanh", {}),
+    ("Exp", {}),
+    ("Erf", {}),
+    ("Softplus", {}),
+    ("Elu", {"alpha": 1.0}),
+    ("Selu", {}),
+    ("HardSigmoid", {"alpha": 0.2, "beta": 0.5}),
+    ("LeakyRelu", {"alpha": 0.1}),
+    ("Sign", {}),
+    ("Abs", {}),
+]
+
+
+def test_nan_and_inf_propagate_like_onnxruntime(tmp_path):
+    """NaN in, NaN out, and the same infinities: TVM emits float min/max as ``a > b ? a : b``,
+    which drops a NaN ``a`` (Relu, Max, Min, ReduceMax, Clip, HardSigmoid), qiao's polynomial
+    ``exp``/``erf`` clamp NaN to a bound (Sigmoid, Tanh, Exp, Erf, Softplus), and TOPI's ``sign``
+    maps NaN to 0. Fixed by ``passes.propagate_nan``, ``vectorizable_math`` and qiao's Sign
+    converter; the fuzzer found them as ``Log(x < 0) → Tanh``."""
+    n = len(_SPECIALS)
+    nodes, outputs = [], []
+    for op, attrs in _NAN_UNARY:
+        nodes.append(helper.make_node(op, ["x"], [op], **attrs))
+        outputs.append(_info(op, [n]))
+    for op in ("Max", "Min"):
+        nodes.append(helper.make_node(op, ["x", "x2"], [op]))
+        outputs.append(_info(op, [n]))
+    for op in ("ReduceMax", "ReduceMin"):
+        nodes.append(helper.make_node(op, ["x"], [op], keepdims=0))
+        outputs.append(_info(op, []))
+    nodes.append(helper.make_node("Clip", ["x", "lo", "hi"], ["Clip"]))
+    outputs.append(_info("Clip", [n]))
+    inits = [
+        numpy_helper.from_array(np.array(-1.0, np.float32), "lo"),
+        numpy_helper.from_array(np.array(1.0, np.float32), "hi"),
+    ]
+    feeds = {"x": _SPECIALS, "x2": np.roll(_SPECIALS, 3)}
+    _check(
+        tmp_path,
+        nodes,
+        [_info("x", [n]), _info("x2", [n])],
+        outputs,
+        feeds,
+        inits=inits,
+        opset=20,
+        rtol=1e-5,
+        atol=1e-30,  # exp(-100) is a denormal in ONNX Runtime, 0 or ~1e-38 in qiao
+    )
+
+
+def test_nan_in_a_reduction_row_is_the_rows_max(tmp_path):
+    """A row reduction over a vectorised accumulator: one NaN anywhere in a row makes the row's
+    max NaN, as NumPy and PyTorch have it. (ONNX Runtime is no reference here: its ReduceMax keeps
+    a NaN only in a row's first element, like its MaxPool, which skips NaN altogether.)"""
+    x = np.random.default_rng(2).standard_normal((4, 37)).astype(np.float32)
+    x[1, 5] = np.nan
+    x[3, 36] = np.nan
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMax", ["x", "axes"], ["mx"], keepdims=1)],
+        "regression",
+        [_info("x", [4, 37])],
+        [_info("mx", [4, 1])],
+        initializer=[numpy_helper.from_array(np.array([1], np.int64), "axes")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    actual = compile(model, "cpu", tmp_path / "a").run({"x": x})
+    assert_close(actual["mx"], np.max(x, axis=1, keepdims=True), rtol=0, atol=0)
