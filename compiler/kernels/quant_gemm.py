@@ -209,6 +209,31 @@ def cpu_schedule(target, block_size: int) -> QuantGemmSchedule:
     return QuantGemmSchedule(lanes=lanes, nv=nv, mr=mr, gemv_rows=8, kc=kc)
 
 
+class _Epilogue:
+    """What both kernels read per output column besides the codes: the zero points (``zero``:
+    a stored one, or the default ``2^(bits - 1)``) and the bias, with their buffer shapes
+    (``(1,)`` placeholders when absent)."""
+
+    def __init__(self, layout: NBitsLayout):
+        L = layout
+        self.layout = L
+        self.zshape = (L.n_tiles, L.n_blocks, L.tile) if L.zero_points != "default" else (1,)
+        self.zdtype = "float32" if L.zero_points == "float32" else "uint8"
+        self.bshape = (L.n_pad,) if L.bias else (1,)
+
+    def zero(self, Z, t, b, j):
+        from tvm.script import tirx as T
+
+        if self.layout.zero_points == "default":
+            return T.float32(1 << (self.layout.bits - 1))
+        return T.Cast("float32", Z[t, b, j])
+
+    def bias(self, BIAS, col):
+        from tvm.script import tirx as T
+
+        return BIAS[col] if self.layout.bias else T.float32(0)
+
+
 def quant_matmul(layout: NBitsLayout, sched: QuantGemmSchedule):
     """Build the CPU kernel for ``layout``.
 
@@ -236,10 +261,9 @@ def quant_matmul(layout: NBitsLayout, sched: QuantGemmSchedule):
     GEMV_ROWS = S.gemv_rows
     UNROLL = min(S.gemv_unroll, HALF)
     RG = S.gemv_group
-    ZSHAPE = (NT, NB, TN) if L.zero_points != "default" else (1,)
-    ZDTYPE = "float32" if L.zero_points == "float32" else "uint8"
-    BSHAPE = (NP,) if L.bias else (1,)
-    DEFAULT_ZP = float(1 << (L.bits - 1))
+    EPI = _Epilogue(L)
+    ZSHAPE, ZDTYPE, BSHAPE = EPI.zshape, EPI.zdtype, EPI.bshape
+    zero, bias = EPI.zero, EPI.bias
     f32 = "float32"
 
     def code_lo(Bq, t, k2, j):
@@ -253,14 +277,6 @@ def quant_matmul(layout: NBitsLayout, sched: QuantGemmSchedule):
         if L.bits == 4:
             return T.Cast(f32, T.shift_right(T.Cast("int32", Bq[t, k2, j]), 4))
         return T.Cast(f32, Bq[t, 2 * k2 + 1, j])
-
-    def zero(Z, t, b, j):
-        if L.zero_points == "default":
-            return T.float32(DEFAULT_ZP)
-        return T.Cast(f32, Z[t, b, j])
-
-    def bias(BIAS, col):
-        return BIAS[col] if L.bias else T.float32(0)
 
     @T.macro
     def gemv(A, ASUM, Bq, SC, Z, BIAS, Y, t, m):
@@ -570,10 +586,9 @@ def quant_matmul_int8(layout: NBitsLayout, dot: Int8Dot, rows_per_pass: int = 2)
     BS, NB, KP, NP = L.block_size, L.n_blocks, L.k_pad, L.n_pad
     WPB = BS // 8 if L.bits == 4 else BS // 4  # code words per block and column
     CR = NB * WPB
-    ZSHAPE = (NT, NB, TN) if L.zero_points != "default" else (1,)
-    ZDTYPE = "float32" if L.zero_points == "float32" else "uint8"
-    BSHAPE = (NP,) if L.bias else (1,)
-    DEFAULT_ZP = float(1 << (L.bits - 1))
+    EPI = _Epilogue(L)
+    ZSHAPE, ZDTYPE, BSHAPE = EPI.zshape, EPI.zdtype, EPI.bshape
+    zero, bias = EPI.zero, EPI.bias
     f32, i32v = "float32", f"int32x{VL}"
 
     def dot4(acc, codes, act):
@@ -614,14 +629,6 @@ def quant_matmul_int8(layout: NBitsLayout, dot: Int8Dot, rows_per_pass: int = 2)
 
     def act(QA, r, w):
         return T.broadcast(QA[r, w], VL)
-
-    def zero(Z, t, b, j):
-        if L.zero_points == "default":
-            return T.float32(DEFAULT_ZP)
-        return T.Cast(f32, Z[t, b, j])
-
-    def bias(BIAS, col):
-        return BIAS[col] if L.bias else T.float32(0)
 
     def block_sum(acc, i, j, G):
         return acc[i, 0, j] + acc[i, 1, j] if G == 1 else acc[i, 0, j]
