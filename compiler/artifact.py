@@ -197,7 +197,14 @@ def iter_params(artifact_dir: str, manifest: Mapping[str, Any]) -> Iterator[np.n
         return
     with np.load(os.path.join(artifact_dir, PARAMS)) as data:
         for i in range(len(names)):
-            yield data[f"p{i}"]
+            array = data[f"p{i}"]
+            # ``.npy`` has no bfloat16: an ml_dtypes bfloat16 weight reads back as raw 2-byte
+            # void, the one such type qiao writes (``--dtype bfloat16``)
+            if array.dtype == np.dtype("V2"):
+                import ml_dtypes
+
+                array = array.view(ml_dtypes.bfloat16)
+            yield array
 
 
 def load_params(artifact_dir: str, manifest: Mapping[str, Any]) -> list[np.ndarray]:

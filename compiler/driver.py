@@ -212,8 +212,8 @@ def compile(
         Compile options (``qiao.compiler.options.CompileOptions``: ``dump_ir``,
         ``initializer_inputs``, ``tune``, ``trials``, ``tune_dims``, ``tuning_db``,
         ``use_tuning_db``, ``moe_schedule``, ``static_dims``, ``dim_ranges``, ``kv_cache``,
-        ``quantize``); an unknown name or a value of the wrong kind raises ``QiaoError`` listing
-        the valid ones.
+        ``quantize``, ``dtype``); an unknown name or a value of the wrong kind raises
+        ``QiaoError`` listing the valid ones.
 
     Returns
     -------
@@ -235,13 +235,18 @@ def compile(
         )
     # Weights stay in their external data files (mapped, never copied) unless quantization or a
     # hand-off backend reads them from the proto.
-    keep_external = backend.imports_relax and options.quantize is None
+    keep_external = backend.imports_relax and options.quantize is None and options.dtype is None
     resolved = resolve_model(model, example_args, model_options, keep_external)
     quantization = None
     if options.quantize is not None:  # before import: ONNX Runtime validates the same graph
         from qiao.compiler.quantize import quantize_model
 
         resolved.proto, quantization = quantize_model(resolved.proto, options.quantize)
+    weights_dtype = None
+    if options.dtype is not None:  # before import, like quantize: ONNX Runtime runs the same graph
+        from qiao.compiler.frontend.cast_dtype import cast_weights
+
+        resolved.proto, weights_dtype = cast_weights(resolved.proto, options.dtype)
     if resolved.decoder is not None and "kv_cache" not in caller_options:
         # decoder sources run with GenAI's shared buffer: present written in place
         options = CompileOptions.from_kwargs(options, kv_cache="inplace")
@@ -298,6 +303,8 @@ def compile(
         }
         if quantization is not None:
             manifest["quantization"] = quantization
+        if weights_dtype is not None:
+            manifest["dtype"] = weights_dtype
         if resolved.decoder is not None:
             kv_cache = options.get("kv_cache") or "copy"
             manifest["decoder"] = dict(resolved.decoder, kv_cache=kv_cache, logits=logits_rows)

@@ -17,6 +17,7 @@ from typing import Any
 from qiao.compiler.errors import QiaoError
 
 INITIALIZER_INPUT_MODES = ("constants", "inputs")
+WEIGHT_DTYPES = ("bfloat16", "float16")  # cast_dtype.DTYPES (importing it would pull in onnx)
 KV_CACHE_MODES = ("copy", "inplace")  # convert_genai.KV_CACHE_MODES (the frontend imports TVM)
 
 
@@ -50,6 +51,10 @@ class CompileOptions(Mapping):
     quantize : str or dict, optional
         Weight-only quantization before import: ``"int4"``, ``"int8"`` or ``{"bits": 4|8,
         "block_size": 32, "symmetric": False}`` (``qiao.compiler.quantize``).
+    dtype : {"bfloat16", "float16"}, optional
+        Store the MatMul/Gemm, MoE expert and embedding weights in this dtype (half the bytes in
+        the artifact and read per call); compute stays float32 with float32 accumulation
+        (``qiao.compiler.frontend.cast_dtype``). Default: the weights' own dtypes.
     kv_cache : {"copy", "inplace"}, optional
         ``GroupQueryAttention``'s cache update: ``"copy"`` (``present`` is a new tensor; the
         default for a plain ONNX file) or ``"inplace"`` (the new rows are written into the past
@@ -68,6 +73,7 @@ class CompileOptions(Mapping):
     static_dims: Mapping[str, int] | None = None
     dim_ranges: Mapping[str, tuple] | None = field(default=None)
     quantize: str | Mapping[str, Any] | None = None
+    dtype: str | None = None
     kv_cache: str | None = None
 
     @classmethod
@@ -140,6 +146,8 @@ class CompileOptions(Mapping):
                 QuantScheme.parse(self.quantize)
             except QiaoError as err:  # the scheme's own message names the valid forms
                 raise QiaoError(f"compile option quantize={self.quantize!r}: {err}") from None
+        if self.dtype is not None and self.dtype not in WEIGHT_DTYPES:
+            bad("dtype", " or ".join(map(repr, WEIGHT_DTYPES)))
         if self.kv_cache is not None and self.kv_cache not in KV_CACHE_MODES:
             bad("kv_cache", " or ".join(map(repr, KV_CACHE_MODES)))
 

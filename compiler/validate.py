@@ -268,9 +268,10 @@ def validate(
         )
     if not artifact.manifest.get("decoder"):  # a decoder's torch model is transformers' (KV cache)
         references["torch"] = torch_reference(artifact.manifest.get("source", {}), ordered_inputs)
-    if artifact.manifest.get("quantization"):
-        # The ONNX Runtime reference ran the quantized graph; the float model (PyTorch eager, or
-        # the original .onnx in ONNX Runtime) measures the quantization error instead.
+    if artifact.manifest.get("quantization") or artifact.manifest.get("dtype"):
+        # The ONNX Runtime reference ran the quantized (or half-precision weight) graph; the
+        # float model (PyTorch eager, or the original .onnx in ONNX Runtime) measures the
+        # quantization (rounding) error instead.
         float_refs = {"torch": references.pop("torch")}
         source = artifact.manifest.get("source", {})
         if float_refs["torch"] is None and os.path.isfile(source.get("path") or ""):

@@ -38,6 +38,13 @@ def add_arguments(p):
     )
     add_tuning_arguments(p, "candidates per kernel with --tune")
     add_quantize_arguments(p)
+    p.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float16"),
+        default=None,
+        help="store the MatMul/Gemm, MoE expert and embedding weights in this dtype (half the "
+        "bytes); compute stays float32 with float32 accumulation",
+    )
 
 
 def add_quantize_arguments(p) -> None:
@@ -75,6 +82,8 @@ def main(args) -> int:
     if args.initializer_inputs != "constants":
         options["initializer_inputs"] = args.initializer_inputs
     options.update(quantize_option(args))
+    if args.dtype:
+        options["dtype"] = args.dtype
     if args.tune:
         options.update(
             tune=True,
@@ -109,4 +118,8 @@ def main(args) -> int:
         print(f"  quantized int{q['bits']} block {q['block_size']} ({sym}): {ops}")
         if q["kept_float"]:
             print(f"  kept float: {', '.join(q['kept_float'])}")
+    if m.get("dtype"):
+        d = m["dtype"]
+        ops = ", ".join(f"{n} {op}" for op, n in d["ops"].items()) or "no weights"
+        print(f"  {d['note']}: {ops}")
     return 0

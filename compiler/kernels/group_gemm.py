@@ -73,7 +73,8 @@ def group_gemm_up(cfg: MoEConfig, sched, *, gpu: bool = False):
         block_expert, num_used_blocks, pair_slot, act)`` with
 
         - ``x``: (T, H) float32 tokens;
-        - ``fc1``: (E, R, H) float32, R = 2I (gate/up rows in ``cfg.gate_up_layout``) or I;
+        - ``fc1``: (E, R, H) ``cfg.weight_dtype`` (float32; float16/bfloat16 on the CPU),
+          R = 2I (gate/up rows in ``cfg.gate_up_layout``) or I;
         - ``fc1_bias``: (E, R) float32 when ``cfg.fc1_bias``, else a (1,) placeholder (unread);
         - ``topk_ids``: (T, k) int32 and the ``moe_align`` outputs (see there);
         - ``act``: (S, I) float32 output, one row per slot (padding rows untouched).
@@ -93,7 +94,8 @@ def group_gemm_down(cfg: MoEConfig, sched, *, gpu: bool = False):
         active, num_active, block_expert, num_used_blocks, pair_slot, out)`` with
 
         - ``act``: (S, I) float32 from ``group_gemm_up``;
-        - ``fc2``: (E, H, I) float32; ``fc2_bias``: (E, H) when ``cfg.fc2_bias``, else (1,) unread;
+        - ``fc2``: (E, H, I) ``cfg.weight_dtype``; ``fc2_bias``: (E, H) when ``cfg.fc2_bias``,
+          else (1,) unread;
         - ``topk_weights``: (T, k) float32 routing weights;
         - ``out``: (T, k, H) float32 output, ``out[t, j] = w[t, j] * expert_j(x[t])``.
     """
@@ -132,6 +134,7 @@ def _cpu_grouped_gemm(
     w_row,
     epilogue,
     prefetch: bool,
+    widen: bool = False,
 ):
     """Generic CPU body over (active expert, output tile of ``TILE`` rows) tasks.
 
@@ -140,17 +143,17 @@ def _cpu_grouped_gemm(
     of ``red[m, :]`` for tile rows ``r0 ..``. The register blocks (``MR x NR`` for token blocks,
     ``1 x NG`` for a lone token) are the CPU GEMM's weight-in-place micro-kernel,
     ``qiao.compiler.schedules.cpu_gemm.dot_microkernel``; ``prefetch`` streams the next row group
-    in while one is multiplied.
+    in while one is multiplied; ``widen``: the weights are float16/bfloat16, widened to float32 in
+    registers.
     """
     from tvm.script import tirx as T
 
     from qiao.compiler.schedules.cpu_gemm import dot_accumulators, dot_microkernel
 
     KO = red_len // VL
-    micro = dot_microkernel(
-        rows=MR, cols=NR, lanes=VL, k_vectors=KO, w_row=w_row, prefetch=prefetch
-    )
-    gemv = dot_microkernel(rows=1, cols=NG, lanes=VL, k_vectors=KO, w_row=w_row, prefetch=prefetch)
+    common = dict(lanes=VL, k_vectors=KO, w_row=w_row, prefetch=prefetch, widen=widen)
+    micro = dot_microkernel(rows=MR, cols=NR, **common)
+    gemv = dot_microkernel(rows=1, cols=NG, **common)
     ACC0, ACC1 = dot_accumulators(MR, NR, VL)
     GACC0, GACC1 = dot_accumulators(1, NG, VL)
 
@@ -254,6 +257,7 @@ def _up_cpu_body(cfg: MoEConfig, sched):
         w_row=w_row,
         epilogue=epilogue,
         prefetch=bool(sched.prefetch),
+        widen=cfg.weight_dtype != "float32",
     )
 
     @T.macro
@@ -298,6 +302,7 @@ def _down_cpu_body(cfg: MoEConfig, sched):
         w_row=w_row,
         epilogue=epilogue,
         prefetch=bool(sched.prefetch),
+        widen=cfg.weight_dtype != "float32",
     )
 
     @T.macro
@@ -634,7 +639,7 @@ def _up_func(cfg: MoEConfig, sched, body):
         T.func_attr(KERNEL_ATTRS)
         n = T.int64()
         X = T.match_buffer(x_h, (n, H), "float32")
-        W1 = T.match_buffer(w_h, (T.int64(E), T.int64(R), T.int64(H)), "float32")
+        W1 = T.match_buffer(w_h, (T.int64(E), T.int64(R), T.int64(H)), cfg.weight_dtype)
         B1 = T.match_buffer(b_h, BSHAPE, "float32")
         IDS = T.match_buffer(ids_h, (n, K), "int32")
         PAIRS = T.match_buffer(pairs_h, (num_blocks(n, K, E, BM) * BM,), "int32")
@@ -678,7 +683,7 @@ def _down_func(cfg: MoEConfig, sched, body):
         T.func_attr(KERNEL_ATTRS)
         n = T.int64()
         A = T.match_buffer(a_h, (num_blocks(n, K, E, BM) * BM, INTER), "float32")
-        W2 = T.match_buffer(w_h, (T.int64(E), T.int64(H), T.int64(INTER)), "float32")
+        W2 = T.match_buffer(w_h, (T.int64(E), T.int64(H), T.int64(INTER)), cfg.weight_dtype)
         B2 = T.match_buffer(b_h, BSHAPE, "float32")
         IDS = T.match_buffer(ids_h, (n, K), "int32")
         TW = T.match_buffer(tw_h, (n, K), "float32")
@@ -706,11 +711,23 @@ def _down_cpu(cfg, sched):
 
 
 def _up_gpu(cfg, sched):
+    _float32_weights(cfg)
     return _up_func(cfg, sched, _up_gpu_body(cfg, sched))
 
 
 def _down_gpu(cfg, sched):
+    _float32_weights(cfg)
     return _down_func(cfg, sched, _down_gpu_body(cfg, sched))
+
+
+def _float32_weights(cfg: MoEConfig) -> None:
+    if cfg.weight_dtype != "float32":
+        from qiao.compiler.errors import CompileError
+
+        raise CompileError(
+            f"the GPU MoE kernels read float32 expert weights, not {cfg.weight_dtype}. fix: keep "
+            "the experts' cast to float32 (FoldWeightCasts does for GPU targets)"
+        )
 
 
 __all__ = ["GEMV_LANES", "group_gemm_down", "group_gemm_up"]

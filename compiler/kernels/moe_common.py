@@ -42,6 +42,9 @@ KERNEL_ATTRS = {
 }
 
 
+WEIGHT_DTYPES = ("float32", "float16", "bfloat16")
+
+
 @dataclass(frozen=True)
 class MoEConfig:
     """Static description of one MoE op.
@@ -63,6 +66,9 @@ class MoEConfig:
         ``L = clamp(u, -limit, limit)`` when ``limit`` is set.
     fc1_bias, fc2_bias : bool
         Whether the expert layers carry biases (``[E, fc1_rows]``, ``[E, H]``).
+    weight_dtype : str
+        Dtype of ``fc1``/``fc2`` as the kernels read them (``WEIGHT_DTYPES``): float16/bfloat16
+        experts are widened to float32 in registers (CPU kernels; ``--dtype``).
     """
 
     num_experts: int
@@ -78,6 +84,7 @@ class MoEConfig:
     fc1_bias: bool = False
     fc2_bias: bool = False
     dtype: str = "float32"
+    weight_dtype: str = "float32"
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
@@ -100,6 +107,11 @@ class MoEConfig:
             )
         if self.dtype != "float32":
             raise QiaoError(f"MoE kernels support float32 only, got {self.dtype}")
+        if self.weight_dtype not in WEIGHT_DTYPES:
+            raise QiaoError(
+                f"MoE expert weights of dtype {self.weight_dtype} are not supported. fix: use "
+                f"one of {WEIGHT_DTYPES}"
+            )
 
     @property
     def gated(self) -> bool:

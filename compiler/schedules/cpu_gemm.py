@@ -22,6 +22,12 @@ after BLIS:
   lanes``, lanes from the target's SIMD width), unrolls ``mr`` and ``k_unroll``, and writes the tile
   back through the fused epilogue.
 
+Half-precision weights (``--dtype``; ``FoldWeightCasts`` makes the block ``C += A * float32(B)``
+with ``B`` float16/bfloat16) are packed in their own dtype — the panels, lifted to load time, stay
+half the bytes — and widened to float32 in the micro-kernel as each vector is loaded (bf16: a
+16-bit shift; fp16: F16C ``vcvtph2ps``), float32 accumulation; ``dot_microkernel(widen=True)``
+does the same for weights read in place.
+
 Tile sizes come from ``choose_tile`` (register budget, padding waste, core count) or from a tuning
 record (``qiao.compiler.schedules.tuning``). ``schedule_microkernel`` is the reusable core for
 kernels that tile their own outer loops. Kernels that read a weight in place, unpacked
@@ -700,7 +706,9 @@ def dot_accumulators(rows: int, cols: int, lanes: int) -> tuple[tuple, tuple]:
     return (rows, first, lanes), (rows, max(second, 1), lanes)
 
 
-def dot_microkernel(*, rows: int, cols: int, lanes: int, k_vectors: int, w_row, prefetch: bool):
+def dot_microkernel(
+    *, rows: int, cols: int, lanes: int, k_vectors: int, w_row, prefetch: bool, widen: bool = False
+):
     """The register-blocked micro-kernel of a GEMM that reads its weight in place (TIR macro).
 
     ``schedule_microkernel`` needs ``B`` packed into column panels; a weight read in place in
@@ -727,6 +735,10 @@ def dot_microkernel(*, rows: int, cols: int, lanes: int, k_vectors: int, w_row, 
         Tile row (a TIR expression) → row index of ``W``.
     prefetch : bool
         Software-prefetch the next weight rows.
+    widen : bool
+        ``W`` is float16/bfloat16 (``A`` float32): each loaded weight vector is widened to float32
+        in registers (bfloat16: a 16-bit shift; float16: ``vcvtph2ps`` on F16C hosts), so the
+        stream read from memory is half the bytes.
 
     Returns
     -------
@@ -739,6 +751,9 @@ def dot_microkernel(*, rows: int, cols: int, lanes: int, k_vectors: int, w_row, 
 
     MR, VL, KO = rows, lanes, k_vectors
     NA, NB = (cols + 1) // 2, cols // 2
+
+    def w_value(x):
+        return T.Cast("float32", x) if widen else x
 
     @T.macro
     def tile(A, W, arow, e, r0, r_next, acc0, acc1, red):
@@ -765,15 +780,13 @@ def dot_microkernel(*, rows: int, cols: int, lanes: int, k_vectors: int, w_row, 
             for m in T.unroll(MR):
                 for r in T.unroll(NA):
                     for lane in T.vectorized(VL):
-                        acc0[m, r, lane] = (
-                            acc0[m, r, lane]
-                            + A[arow[m], ko * VL + lane] * W[e, w_row(r0 + r), ko * VL + lane]
+                        acc0[m, r, lane] = acc0[m, r, lane] + A[arow[m], ko * VL + lane] * w_value(
+                            W[e, w_row(r0 + r), ko * VL + lane]
                         )
                 for r in T.unroll(NB):
                     for lane in T.vectorized(VL):
-                        acc1[m, r, lane] = (
-                            acc1[m, r, lane]
-                            + A[arow[m], ko * VL + lane] * W[e, w_row(r0 + NA + r), ko * VL + lane]
+                        acc1[m, r, lane] = acc1[m, r, lane] + A[arow[m], ko * VL + lane] * w_value(
+                            W[e, w_row(r0 + NA + r), ko * VL + lane]
                         )
         for m in T.unroll(MR):
             for r in T.unroll(NA):
