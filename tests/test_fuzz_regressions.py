@@ -147,3 +147,24 @@ def test_nan_in_a_reduction_row_is_the_rows_max(tmp_path):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     actual = compile(model, "cpu", tmp_path / "a").run({"x": x})
     assert_close(actual["mx"], np.max(x, axis=1, keepdims=True), rtol=0, atol=0)
+
+
+def test_exp_in_a_scalarised_broadcast_compiles(tmp_path):
+    """Selu of a 1-element tensor broadcast to 3: the fused kernel's 3-wide vectorised loop is
+    scalarised by TVM's vectorizer, which then failed on the Lets of qiao's polynomial ``exp``
+    once it tested ``tirx.isnan`` ("Let cannot bind the same var to two different values");
+    ``vectorizable_math`` tests NaN on the float's bits instead."""
+    nodes = [
+        helper.make_node("Selu", ["x"], ["s"]),
+        helper.make_node("Expand", ["s", "shape"], ["y"]),
+    ]
+    _check(
+        tmp_path,
+        nodes,
+        [_info("x", [1])],
+        [_info("y", [3])],
+        {"x": np.array([-0.7], np.float32)},
+        inits=[numpy_helper.from_array(np.array([3], np.int64), "shape")],
+        rtol=1e-5,
+        atol=1e-6,
+    )

@@ -73,6 +73,16 @@ def _let(value, body_fn, name: str):
     return tirx.Let(var, value, body_fn(var))
 
 
+def _is_nan(v):
+    """``isnan(v)`` for float32 as integer arithmetic on its bits. Not ``tirx.isnan``: TVM's
+    vectorizer scalarises a loop over it and then fails on the Lets around it ("Let cannot bind
+    the same var to two different values"); not ``v != v``: the simplifier folds it to false."""
+    from tvm import tirx
+
+    bits = tirx.reinterpret("int32", v) & tirx.const(0x7FFFFFFF, "int32")
+    return bits > tirx.const(0x7F800000, "int32")
+
+
 def fast_exp(x):
     """``exp(x)`` for a float32 TIR expression, as vectorisable arithmetic."""
     from tvm import tirx
@@ -92,14 +102,14 @@ def fast_exp(x):
                     scale = tirx.reinterpret(
                         "float32", tirx.shift_left(exponent, tirx.const(23, "int32"))
                     )
-                    return y * scale
+                    # the clamp turns NaN into a bound: NaN in, NaN out (as libm's expf)
+                    return tirx.Select(_is_nan(x_in), x_in, y * scale)
 
                 return _let(r, poly, "exp_r")
 
             return _let(n, with_n, "exp_n")
 
-        # the clamp turns NaN into a bound: NaN in, NaN out (as libm's expf)
-        return tirx.Select(tirx.isnan(x_in), x_in, _let(v, reduced, "exp_x"))
+        return _let(v, reduced, "exp_x")
 
     return _let(x, body, "exp_in")
 
@@ -135,11 +145,12 @@ def fast_erf(x):
 
         def with_clamped(c):
             def with_sq(x2):
-                return c * _horner(x2, _ERF_P) / _horner(x2, _ERF_Q)
+                erf = c * _horner(x2, _ERF_P) / _horner(x2, _ERF_Q)
+                return tirx.Select(_is_nan(x_in), x_in, erf)  # as in fast_exp
 
             return _let(c * c, with_sq, "erf_x2")
 
-        return tirx.Select(tirx.isnan(x_in), x_in, _let(v, with_clamped, "erf_x"))
+        return _let(v, with_clamped, "erf_x")
 
     return _let(x, body, "erf_in")
 
