@@ -161,31 +161,50 @@ def _exchange(a: str, b: str) -> bool:
 
 def save_params(workdir: str, params: Mapping[str, np.ndarray]) -> list[str]:
     """Write weights to ``params.npz`` (uncompressed: a plain read, ``np.savez``'s layout) one at
-    a time; returns their order. A weight mapped from a file (``np.memmap``: the compiler maps
-    external data) leaves this process' memory once written: the pages read to write it are
-    handed back, so writing gigabytes of weights does not grow the resident set by as much."""
+    a time; returns their order. A weight mapped from a file (a read-only ``np.memmap``: the
+    compiler maps external data) is written in chunks whose pages are handed back as soon as
+    they are written, so writing gigabytes of weights keeps only a chunk of them resident."""
     names = list(params)
     with zipfile.ZipFile(os.path.join(workdir, PARAMS), "w", zipfile.ZIP_STORED) as archive:
         for i, name in enumerate(names):
             array = np.asanyarray(params[name])
             with archive.open(f"p{i}.npy", "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, array, allow_pickle=False)
-            _drop_mapped_pages(array)
+                if _mapped(array) is None or not array.flags.c_contiguous:
+                    np.lib.format.write_array(f, array, allow_pickle=False)
+                else:
+                    _write_mapped(f, array)
     return names
 
 
-def _drop_mapped_pages(array: np.ndarray) -> None:
-    """Hand back the pages of a read-only file map (they stay in the page cache, and are read
-    again if touched); arrays that are not maps, or that may have been written, are left alone."""
+_CHUNK = 64 << 20
+
+
+def _mapped(array: np.ndarray):
+    """The ``mmap`` behind a read-only ``np.memmap`` (one nobody can have written), else None."""
     import mmap
 
-    mapping = getattr(array, "_mmap", None)  # np.memmap's mmap.mmap
+    mapping = getattr(array, "_mmap", None)
     if mapping is None or array.flags.writeable or not hasattr(mmap, "MADV_DONTNEED"):
-        return
-    try:
-        mapping.madvise(mmap.MADV_DONTNEED)
-    except (OSError, ValueError):  # closed, or not supported here
-        pass
+        return None
+    return mapping
+
+
+def _write_mapped(f, array: np.ndarray) -> None:
+    """``np.lib.format.write_array`` for a C-contiguous read-only map, dropping each chunk's pages
+    from this process once written (they stay in the page cache; a later read maps them again)."""
+    import mmap
+
+    mapping = _mapped(array)
+    np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(array))
+    data = array.reshape(-1).view(np.uint8)
+    start = data.ctypes.data - np.frombuffer(mapping, np.uint8).ctypes.data  # in the mapping
+    for pos in range(0, data.size, _CHUNK):
+        f.write(data[pos : pos + _CHUNK])
+        end = (start + min(pos + _CHUNK, data.size)) // mmap.PAGESIZE * mmap.PAGESIZE
+        try:
+            mapping.madvise(mmap.MADV_DONTNEED, 0, end)  # every page written so far
+        except (OSError, ValueError):  # not supported here: the pages stay until unmapped
+            return
 
 
 def iter_params(artifact_dir: str, manifest: Mapping[str, Any]) -> Iterator[np.ndarray]:
