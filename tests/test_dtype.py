@@ -298,3 +298,98 @@ def test_moe_group_gemm_reads_bf16_experts():
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), tgt)
     asm = lib.mod.inspect_source("asm")
     assert "vpslld" in asm and "vfmadd231ps" in asm and "zmm" not in asm
+
+
+# -- float16 models as they are -------------------------------------------------------------------
+
+
+def _mha_model(elem: int, heads: int = 4, head_size: int = 16, scale: float | None = None):
+    """``com.microsoft::MultiHeadAttention`` as ONNX Runtime GenAI's CPU fp16 builder writes it:
+    3-D query/key/value, an additive (B, H, S, T) attention_bias, no cache inputs."""
+    hidden = heads * head_size
+    attrs = {"num_heads": heads} | ({"scale": scale} if scale is not None else {})
+    node = helper.make_node(
+        "MultiHeadAttention",
+        ["q", "k", "v", "", "", "bias"],
+        ["y"],
+        domain="com.microsoft",
+        **attrs,
+    )
+    graph = helper.make_graph(
+        [node],
+        "mha",
+        [
+            helper.make_tensor_value_info("q", elem, ["B", "S", hidden]),
+            helper.make_tensor_value_info("k", elem, ["B", "T", hidden]),
+            helper.make_tensor_value_info("v", elem, ["B", "T", hidden]),
+            helper.make_tensor_value_info("bias", elem, ["B", heads, "S", "T"]),
+        ],
+        [helper.make_tensor_value_info("y", elem, ["B", "S", hidden])],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=9)
+
+
+@pytest.mark.parametrize(
+    "elem, scale", [(TensorProto.FLOAT, None), (TensorProto.FLOAT16, 0.25)], ids=["fp32", "fp16"]
+)
+def test_multihead_attention_matches_onnxruntime(tmp_path, elem, scale):
+    """float32 compute inside (float16 inputs widened, the output rounded once): within one
+    float16 rounding (2^-11 relative) of ONNX Runtime and of NumPy in float64."""
+    import onnxruntime as ort
+
+    from qiao.compiler import compile
+
+    model = _mha_model(elem, scale=scale)
+    dtype = np.float16 if elem == TensorProto.FLOAT16 else np.float32
+    rng = np.random.default_rng(0)
+    b, s, t, h, d = 2, 3, 5, 4, 16
+    feeds = {n: rng.standard_normal((b, m, h * d)).astype(dtype) for n, m in zip("qkv", (s, t, t))}
+    mask = np.where(rng.random((b, 1, s, t)) < 0.3, -65504.0, 0.0)
+    feeds["bias"] = np.broadcast_to(mask, (b, h, s, t)).astype(dtype)
+    artifact = compile(model, "cpu", tmp_path / "mha")
+    got = artifact.run(feeds)["y"]
+    assert got.dtype == dtype
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    want = sess.run(None, feeds)[0]
+    f = {k: v.astype(np.float64) for k, v in feeds.items()}
+    qh, kh, vh = (f[n].reshape(b, -1, h, d).transpose(0, 2, 1, 3) for n in "qkv")
+    scores = qh @ kh.transpose(0, 1, 3, 2) * (scale or 1 / np.sqrt(d)) + f["bias"]
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    exact = ((p / p.sum(-1, keepdims=True)) @ vh).transpose(0, 2, 1, 3).reshape(b, s, h * d)
+    tol = 2e-3 if dtype == np.float16 else 1e-5
+    assert_close(got.astype(np.float64), exact, rtol=tol, atol=tol)
+    assert_close(got.astype(np.float32), want.astype(np.float32), rtol=tol, atol=tol)
+
+
+def test_float16_model_gemm_accumulates_in_float32(tmp_path):
+    """A float16 model's MatMul (fp16 activations and weights) as it is: the weights stay float16
+    in the artifact, the products accumulate in float32 and round once (within half an fp16 ulp
+    of NumPy's float64 result; float16 accumulation over K = 512 would be ~10x further off)."""
+    import onnxruntime as ort
+
+    from qiao.compiler import compile
+
+    k, n = 512, 256
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float16)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "fp16",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["m", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["m", n])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    artifact = compile(model, "cpu", tmp_path / "fp16")
+    assert {str(p.dtype) for p in _params(artifact)} == {"float16"}
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for m in (1, 7):
+        x = rng.standard_normal((m, k)).astype(np.float16)
+        got = artifact.run({"x": x})["y"]
+        exact = x.astype(np.float64) @ w.astype(np.float64)
+        assert got.dtype == np.float16
+        ulp = np.abs(exact) * 2.0**-10 + 2.0**-24
+        assert (np.abs(got - exact) <= 0.5 * ulp + 1e-6).all(), np.abs(got - exact).max()
+        want = sess.run(None, {"x": x})[0]
+        assert_close(got.astype(np.float32), want.astype(np.float32), rtol=2e-3, atol=2e-3)

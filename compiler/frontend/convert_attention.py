@@ -195,6 +195,85 @@ class Attention(tvm_onnx.OnnxOpConverter):
         )
 
 
+@register_converter("MultiHeadAttention", domain="com.microsoft")
+class MultiHeadAttention(tvm_onnx.OnnxOpConverter):
+    """``com.microsoft::MultiHeadAttention`` in the form ONNX Runtime GenAI's builder writes for
+    CPU float16 models (``-p fp16 -e cpu``, where ORT has no float16 GroupQueryAttention): query
+    ``(B, S, H*D)``, key/value ``(B, T, H*D)`` already joined with the past and repeated to ``H``
+    heads by standard ops, an additive ``attention_bias`` ``(B|1, H|1, S, T)`` carrying the mask,
+    ``softmax(scale * Q Kᵀ + bias) V`` per head. Computed in float32 (scores, softmax, both
+    products; float16/bfloat16 inputs widened), the output rounded to the inputs' dtype.
+
+    Not supported (an error naming the input or attribute): packed QKV or 5-D key/value, the
+    ``bias`` and ``key_padding_mask`` inputs, ``past_key``/``past_value`` inputs and ``present``
+    outputs, ``unidirectional=1``.
+    """
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        names = ("query", "key", "value", "bias", "key_padding_mask", "attention_bias")
+        names += ("past_key", "past_value", "past_sequence_length", "cache_indirection")
+        given = {n: inputs[i] for i, n in enumerate(names) if i < len(inputs)}
+        for unsupported in ("bias", "key_padding_mask", "past_key", "past_value"):
+            if given.get(unsupported) is not None:
+                raise CompileError(
+                    f"com.microsoft::MultiHeadAttention with a {unsupported} input is not "
+                    "supported. fix: export the model with the attention mask as attention_bias "
+                    "and the KV cache joined outside the op (ONNX Runtime GenAI's CPU fp16 form)"
+                )
+        if attr.get("unidirectional", 0):
+            raise CompileError(
+                "com.microsoft::MultiHeadAttention with unidirectional=1 is not supported. fix: "
+                "pass the causal mask as attention_bias"
+            )
+        if attr["tvm_custom"]["num_outputs"] != 1:
+            raise CompileError(
+                "com.microsoft::MultiHeadAttention's present_key/present_value outputs are not "
+                "supported. fix: keep the KV cache outside the op"
+            )
+        q, k, v, bias = given["query"], given.get("key"), given.get("value"), None
+        if k is None or v is None or any(x.ty.ndim != 3 for x in (q, k, v)):
+            raise CompileError(
+                "com.microsoft::MultiHeadAttention needs 3-D query, key and value (B, S, H*D). "
+                "fix: export unpacked Q/K/V projections"
+            )
+        bias = given.get("attention_bias")
+        dtype = str(q.ty.dtype)
+        heads = int(attr["num_heads"])
+
+        def wide(x):
+            return bb.normalize(relax.op.astype(x, "float32")) if dtype != "float32" else x
+
+        qh = Attention._split_heads(bb, wide(q), heads)
+        kh = Attention._split_heads(bb, wide(k), heads)
+        vh = Attention._split_heads(bb, wide(v), heads)
+        head_size = qh.ty.shape.values[3]
+        if "scale" in attr and attr["scale"]:
+            scale = float(attr["scale"])
+        elif isinstance(head_size, tirx.IntImm):
+            scale = 1.0 / np.sqrt(head_size.value)
+        else:
+            raise CompileError(
+                "com.microsoft::MultiHeadAttention without a scale needs a static hidden size. "
+                "fix: set the scale attribute"
+            )
+        scores = bb.normalize(relax.op.matmul(qh, relax.op.permute_dims(kh, [0, 1, 3, 2])))
+        scores = bb.normalize(relax.op.multiply(scores, const(scale, "float32")))
+        if bias is not None:
+            bias = wide(bias)
+            if not isinstance(getattr(bias.ty, "shape", None), relax.ShapeExpr):
+                # a mask computed from run-time shapes (GenAI's chain): (B, H, S, T), checked
+                # when the model runs
+                bias = bb.match_cast(bias, relax.TensorType(scores.ty.shape, "float32"))
+            scores = bb.normalize(relax.op.add(scores, bias))
+        probs = bb.normalize(relax.op.nn.softmax(scores, axis=-1))
+        y = bb.normalize(relax.op.matmul(probs, vh))
+        y = bb.normalize(relax.op.permute_dims(y, [0, 2, 1, 3]))
+        b, s, h, d = y.ty.shape.values
+        y = bb.normalize(relax.op.reshape(y, relax.ShapeExpr([b, s, h * d])))
+        return bb.normalize(relax.op.astype(y, dtype)) if dtype != "float32" else y
+
+
 @register_converter("RotaryEmbedding")
 class RotaryEmbedding(tvm_onnx.OnnxOpConverter):
     """ONNX RotaryEmbedding (opset 23); TVM has no converter.

@@ -17,6 +17,10 @@ time. This pass folds the cast into its consumer instead:
   ``fc1``, ``fc2`` and the MoE config's ``weight_dtype`` set, so the grouped GEMM reads the narrow
   experts in place (CPU kernels only: the GPU kernels take float32 and keep the cast).
 
+A matmul of two float16/bfloat16 operands (a model in half precision, e.g. ONNX Runtime GenAI's
+``-p fp16``) accumulates in float32 and rounds its result once: ``astype(matmul(a, b,
+out_dtype="float32"), dtype)``, so such a model reads its weights narrow too.
+
 Everything else (norms, softmax, reductions, activations) stays float32. Casts left without users
 are dropped.
 """
@@ -84,6 +88,14 @@ class _CastFolder(PyExprMutator):
 
     def visit_call_(self, call):  # noqa: D102 - PyExprMutator hook
         call = super().visit_call_(call)
+        if _is_op(call, "matmul") and _dtype(call) in NARROW_FLOATS:
+            # a half-precision model's GEMM: float32 accumulation, one rounding at the end
+            # (TVM's legalized float16 matmul would accumulate in float16)
+            a, b = call.args
+            if _dtype(a) == _dtype(b) == _dtype(call):
+                wide = self.builder_.emit(relax.op.matmul(a, b, out_dtype="float32"))
+                return relax.op.astype(wide, _dtype(call))
+            return call
         if _is_op(call, "matmul") and _dtype(call) == "float32":
             a, b = call.args
             narrow_b = self.narrow_operand(b) if _dtype(a) == "float32" else None
@@ -139,7 +151,7 @@ class FoldWeightCasts:
         self.gpu = gpu
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        if not any(_has_narrow_cast(func) for _, func in mod.functions_items() if _is_relax(func)):
+        if not any(_has_narrow(func) for _, func in mod.functions_items() if _is_relax(func)):
             return mod
         gpu = self.gpu
         if gpu is None:
@@ -153,11 +165,16 @@ def _is_relax(func) -> bool:
     return isinstance(func, relax.Function)
 
 
-def _has_narrow_cast(func) -> bool:
+def _has_narrow(func) -> bool:
+    """Whether ``func`` widens a float16/bfloat16 tensor or multiplies two of them."""
     found = []
 
     def visit(expr):
-        if not found and _is_op(expr, "astype") and _dtype(expr.args[0]) in NARROW_FLOATS:
+        if found or not isinstance(expr, relax.Call):
+            return
+        if (_is_op(expr, "astype") or _is_op(expr, "matmul")) and any(
+            _dtype(a) in NARROW_FLOATS for a in expr.args
+        ):
             found.append(expr)
 
     relax.analysis.post_order_visit(func, visit)
