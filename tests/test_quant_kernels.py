@@ -11,8 +11,10 @@
   AVX-512BW, AVX2 — each run only where this machine has the features) against NumPy: the same
   int8 codes as NumPy's rounding of ONNX Runtime's scheme, then 1e-5 of the output scale.
 - A compiled model (symbolic M) against the same reference and ONNX Runtime's ``MatMulNBits``:
-  ``accuracy_level`` 0 within 1e-4 relative / absolute (as ``test_quant_ops``), ``accuracy_level``
-  4 (int8 activations in ONNX Runtime and in qiao) within 2 % of the output's magnitude of both.
+  ``accuracy_level`` 0 within 1e-4 relative / absolute (as ``test_quant_ops``); at
+  ``accuracy_level`` 4 (int8 activations in ONNX Runtime and in qiao, quantized the same way)
+  within 1e-3 of the output's magnitude of ONNX Runtime (measured at most 3e-7: one int8 rounding
+  flip would cost about 1e-4) and 2 % of the exact product.
 - The artifact holds the packed weights (its library is far smaller than a float32 weight), GPU
   targets take the dequantized fallback, and an AVX2 target gets 256-bit code only (generated
   code checked, never run).
@@ -34,7 +36,8 @@ from qiao.compiler.kernels.quant_gemm import NBitsLayout, cpu_schedule, pack_nbi
 
 KERNEL_REL = 1e-5
 RTOL = ATOL = 1e-4
-ACC4_REL = 2e-2
+ACC4_REL = 2e-2  # int8 activations vs the exact product, of the output's magnitude
+ACC4_ORT_REL = 1e-3  # qiao vs ONNX Runtime, both at accuracy_level 4 (measured <= 3e-7)
 ROWS = (1, 2, 3, 17, 128)
 
 
@@ -270,10 +273,11 @@ def test_model_vs_onnxruntime(tmp_path, bits, block, zp_kind, level, bias):
         if level == 0:
             np.testing.assert_allclose(got, exact, RTOL, ATOL, err_msg=f"M={m} vs NumPy")
             np.testing.assert_allclose(got, want, RTOL, ATOL, err_msg=f"M={m} vs ONNX Runtime")
-        else:  # int8 activations in both
-            for ref, what in ((exact, "NumPy"), (want, "ONNX Runtime")):
+        else:  # int8 activations in both, quantized the same way
+            checks = ((exact, "NumPy", ACC4_REL), (want, "ONNX Runtime", ACC4_ORT_REL))
+            for ref, what, tol in checks:
                 err = np.abs(got - ref).max()
-                assert err <= ACC4_REL * np.abs(exact).max(), f"M={m} vs {what}: {err}"
+                assert err <= tol * np.abs(exact).max(), f"M={m} vs {what}: {err}"
 
 
 def _lowered(model, gpu: bool):

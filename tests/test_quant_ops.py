@@ -11,8 +11,9 @@ case (one compile, symbolic rows ``m``) and runs at M = 1 and 7; ONNX Runtime's 
 Tolerances: 1e-4 relative / 1e-4 absolute against the NumPy reference (float32 sums in another
 order); the same against ONNX Runtime at ``accuracy_level`` 0; at ``accuracy_level`` 4 ONNX
 Runtime quantizes the activations to int8 per block: measured up to 0.29 absolute on outputs of
-largest magnitude 27-65 (0.5-0.9 % of it), so the check there is 2 % of the largest magnitude,
-against both references (qiao's packed CPU kernels quantize the activations too at level 4).
+largest magnitude 27-65 (0.5-0.9 % of it), so the check against NumPy there is 2 % of the
+largest magnitude; qiao's packed CPU kernels quantize the activations the same way at level 4, so
+against ONNX Runtime the check is 1e-3 of it (measured at most 3e-7).
 Measured at accuracy_level 0: at most 3.4e-5 absolute from NumPy, 2.3e-5 from ONNX Runtime.
 """
 
@@ -31,6 +32,7 @@ RNG = np.random.default_rng(13)
 N = 24
 RTOL = ATOL = 1e-4
 ACC4_REL = 2e-2  # of the output's largest magnitude, accuracy_level 4 vs exact
+ACC4_ORT_REL = 1e-3  # the same, qiao vs ONNX Runtime both at accuracy_level 4 (CPU kernels)
 
 
 def _quantize(w: np.ndarray, bits: int, block: int, zero_points: str):
@@ -165,10 +167,13 @@ def test_matmul_nbits(nbits, rows):
         if level == 0:
             assert_close(got[name], exact, RTOL, ATOL, f"{name} vs NumPy")
             assert_close(got[name], want[name], RTOL, ATOL, f"{name} vs ONNX Runtime")
-        else:  # int8 activations (qiao's CPU kernels and ONNX Runtime's)
-            for ref, what in ((exact, "NumPy"), (want[name], "ONNX Runtime")):
+        else:  # int8 activations, quantized the same way by qiao's CPU kernels and ORT
+            for ref, what, tol in (
+                (exact, "NumPy", ACC4_REL),
+                (want[name], "ONNX Runtime", ACC4_ORT_REL),
+            ):
                 err = np.abs(got[name] - ref).max()
-                assert err <= ACC4_REL * np.abs(exact).max(), f"{name} vs {what}: {err}"
+                assert err <= tol * np.abs(exact).max(), f"{name} vs {what}: {err}"
 
 
 def test_matmul_nbits_2bit(tmp_path):
