@@ -226,6 +226,9 @@ def test_cli_dtype(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "weights bfloat16, compute float32 with float32 accumulation: 3 Gemm" in result.stdout
     assert json.load(open(out / "manifest.json"))["dtype"]["weights"] == "bfloat16"
+    checked = run_cli("validate", "mlp", "-o", str(tmp_path / "v"), "--dtype", "float16")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "onnxruntime" in checked.stdout and "PASS" in checked.stdout
     bad = run_cli("compile", "mlp", "-o", str(tmp_path / "bad"), "--dtype", "int3")
     assert bad.returncode == 2 and "invalid choice: 'int3'" in bad.stderr
     assert "Traceback" not in bad.stderr and not (tmp_path / "bad").exists()

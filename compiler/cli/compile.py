@@ -38,6 +38,11 @@ def add_arguments(p):
     )
     add_tuning_arguments(p, "candidates per kernel with --tune")
     add_quantize_arguments(p)
+
+
+def add_quantize_arguments(p) -> None:
+    """Add ``--quantize int4|int8 [--block-size N] [--symmetric]`` and ``--dtype`` (compile and
+    validate)."""
     p.add_argument(
         "--dtype",
         choices=("bfloat16", "float16"),
@@ -45,10 +50,6 @@ def add_arguments(p):
         help="store the MatMul/Gemm, MoE expert and embedding weights in this dtype (half the "
         "bytes); compute stays float32 with float32 accumulation",
     )
-
-
-def add_quantize_arguments(p) -> None:
-    """Add ``--quantize int4|int8 [--block-size N] [--symmetric]`` (compile and validate)."""
     p.add_argument(
         "--quantize",
         choices=("int4", "int8"),
@@ -68,11 +69,14 @@ def add_quantize_arguments(p) -> None:
 
 
 def quantize_option(args) -> dict:
-    """The ``quantize`` compile option of ``add_quantize_arguments``' flags ({} without one)."""
+    """The ``quantize`` and ``dtype`` compile options of ``add_quantize_arguments``' flags ({}
+    without them)."""
+    options = {"dtype": args.dtype} if getattr(args, "dtype", None) else {}
     if not getattr(args, "quantize", None):
-        return {}
+        return options
     bits = {"int4": 4, "int8": 8}[args.quantize]
-    return {"quantize": {"bits": bits, "block_size": args.block_size, "symmetric": args.symmetric}}
+    scheme = {"bits": bits, "block_size": args.block_size, "symmetric": args.symmetric}
+    return dict(options, quantize=scheme)
 
 
 def main(args) -> int:
@@ -82,8 +86,6 @@ def main(args) -> int:
     if args.initializer_inputs != "constants":
         options["initializer_inputs"] = args.initializer_inputs
     options.update(quantize_option(args))
-    if args.dtype:
-        options["dtype"] = args.dtype
     if args.tune:
         options.update(
             tune=True,
