@@ -54,9 +54,12 @@ ONNX Runtime's MaxPool skips NaN and its ReduceMax keeps a NaN only in a row's f
 its Max, Min, Relu and Clip propagate NaN; qiao propagates NaN through all of them, as NumPy and
 PyTorch do (``tests/test_fuzz_regressions.py`` checks the reductions against NumPy).
 
-Inputs are drawn from a standard normal (integers from [-5, 5]); symbolic dims take two sizes in
-[1, 4]. A campaign (``python -m qiao.compiler.fuzzing``) merges several graphs of one opset into
-one model per compile (``merge``): compiling is most of the cost.
+Inputs are drawn from a standard normal (integers from [-5, 5]); about one float input in ten
+has 30% of its elements replaced by NaN, ±inf, ±0, ±1e30 or a denormal (such inputs are wild, and
+never reach ArgMax or a Cast to an integer). Symbolic dims take two sizes in [1, 4].
+
+A campaign (``python -m qiao.compiler.fuzzing``) merges several graphs of one opset into one model
+per compile (``merge``): compiling is most of the cost.
 """
 
 from __future__ import annotations
@@ -79,6 +82,9 @@ TOLERANCES = {
 FLOAT16_FLOOR = (1e-2, 1e-2)
 
 OPSETS = (13, 17, 18, 21)
+
+# What a "special" float input mixes into its normal values (about 30% of its elements).
+SPECIAL_VALUES = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e30, -1e30, 1e-40], np.float64)
 
 _NP_TO_ONNX = {
     "float32": TensorProto.FLOAT,
@@ -161,7 +167,9 @@ class _Builder:
 
     # -- graph pieces -----------------------------------------------------------------------
     def new_input(self, dtype: str, dims: tuple) -> Value:
-        v = Value(self.fresh("x"), dtype, tuple(dims), exact=True)
+        # about one float input in ten holds NaN, infinities, signed zeros, huge and tiny values
+        special = dtype in _FLOATS and self.boolean(0.1)
+        v = Value(self.fresh("x"), dtype, tuple(dims), exact=True, wild=special)
         self.inputs.append(v)
         self.values.append(v)
         return v
@@ -470,7 +478,7 @@ def _gen_reduce(b: _Builder) -> bool:
 
 
 def _gen_argmax(b: _Builder) -> bool:
-    x = b.pick(lambda v: v.exact and v.dtype in _FLOATS + _INTS and v.rank >= 1)
+    x = b.pick(lambda v: v.exact and not v.wild and v.dtype in _FLOATS + _INTS and v.rank >= 1)
     if x is None:
         return False
     axis = b.integers(-x.rank, x.rank - 1)
@@ -815,7 +823,8 @@ def _gen_cast(b: _Builder) -> bool:
     if x is None:
         return False
     if x.dtype in _FLOATS:
-        targets = ["float32", "float16"] + (list(_INTS) if x.exact else [])
+        # NaN or inf to an integer is undefined: only exact, tame values
+        targets = ["float32", "float16"] + (list(_INTS) if x.exact and not x.wild else [])
     else:
         targets = [b.fdt] + [t for t in _INTS if t != x.dtype]
     to = b.choice(targets)
@@ -909,6 +918,11 @@ def _finish(b: _Builder) -> FuzzCase:
             shape = tuple(b.size(d, sizes) for d in v.dims)
             if v.dtype in _FLOATS:
                 feeds[v.name] = rng.standard_normal(shape).astype(v.dtype)
+                if v.wild:
+                    mask = rng.random(shape) < 0.3
+                    with np.errstate(over="ignore"):  # 1e30 is inf in float16
+                        picks = rng.choice(SPECIAL_VALUES, size=shape).astype(v.dtype)
+                    feeds[v.name] = np.where(mask, picks, feeds[v.name])
             else:
                 feeds[v.name] = rng.integers(-5, 6, shape).astype(v.dtype)
         bindings.append(feeds)

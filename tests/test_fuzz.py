@@ -1,7 +1,7 @@
 """Differential fuzzing: random valid ONNX graphs compiled by qiao for the CPU vs ONNX Runtime.
 
 The generator and the per-family tolerances are in ``qiao.compiler.fuzzing``. CI runs a fixed-seed
-budget (``derandomize``: the same graphs every run, about a minute on two cores);
+budget (``derandomize``: the same 100 graphs every run, about a minute on two cores);
 ``QIAO_FUZZ_EXAMPLES=N`` runs N graphs instead (random, not derandomized, when set). A failure
 prints the shrunk graph in ONNX text form: keep it in ``tests/test_fuzz_regressions.py``.
 """
@@ -21,7 +21,7 @@ EXAMPLES = int(os.environ.get("QIAO_FUZZ_EXAMPLES", "0"))
 
 @pytest.mark.slow
 @settings(
-    max_examples=EXAMPLES or 60,
+    max_examples=EXAMPLES or 100,
     derandomize=not EXAMPLES,
     deadline=None,
     database=None,
