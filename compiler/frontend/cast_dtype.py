@@ -70,7 +70,7 @@ def _tensor(array: np.ndarray, name: str, dtype: str) -> onnx.TensorProto:
 def weight_inputs(graph: onnx.GraphProto) -> dict[str, str]:
     """``{initializer name: op}`` of the float32 initializers ``cast_weights`` narrows."""
     inits = {t.name: t for t in graph.initializer}
-    routers = {n.input[1] for n in graph.node if n.domain == MS_DOMAIN and n.op_type == "MoE"}
+    routers = _router_outputs(graph)
     found: dict[str, str] = {}
 
     def take(name: str, op: str, min_rank: int = 2) -> None:
@@ -99,6 +99,26 @@ def weight_inputs(graph: onnx.GraphProto) -> dict[str, str]:
             for i in (2, 4, 6):  # fc1, fc2, fc3 experts (3-D)
                 if len(node.input) > i and node.input[i]:
                     take(node.input[i], "MoE", 3)
+    return found
+
+
+# Ops between a router's MatMul/Gemm and the MoE node's router_probs that only move its values.
+_PASS_THROUGH = ("Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast")
+
+
+def _router_outputs(graph: onnx.GraphProto) -> set[str]:
+    """Names a MoE node's ``router_probs`` is, or comes from through ``_PASS_THROUGH`` ops (ONNX
+    Runtime GenAI reshapes the router's output): a MatMul/Gemm writing one is a router."""
+    producer = {o: n for n in graph.node for o in n.output}
+    found = set()
+    for node in graph.node:
+        if node.domain != MS_DOMAIN or node.op_type != "MoE" or len(node.input) < 2:
+            continue
+        name = node.input[1]
+        while name and name not in found:
+            found.add(name)
+            p = producer.get(name)
+            name = p.input[0] if p is not None and p.op_type in _PASS_THROUGH else None
     return found
 
 
