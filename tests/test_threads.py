@@ -24,7 +24,7 @@ import numpy as np
 RUNS = int(os.environ.get("QIAO_LEAK_RUNS", "10000"))
 CYCLES = int(os.environ.get("QIAO_LEAK_CYCLES", "200"))
 THREADS = 8
-CALLS_PER_THREAD = 50
+CALLS_PER_THREAD = 300
 
 
 def _calls_from_threads(call, inputs: list) -> list[list]:
