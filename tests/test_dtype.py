@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -231,6 +233,16 @@ def test_cli_dtype(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "weights bfloat16, compute float32 with float32 accumulation: 3 Gemm" in result.stdout
     assert json.load(open(out / "manifest.json"))["dtype"]["weights"] == "bfloat16"
+    # the bundle runtime (NumPy + tvm_ffi only) loads the bfloat16 weights too
+    packed = run_cli("pack", str(out), "-o", str(tmp_path / "bundle"), "--with-reference")
+    assert packed.returncode == 0, packed.stderr
+    ran = subprocess.run(
+        [sys.executable, str(tmp_path / "bundle" / "run.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ran.returncode == 0 and "PASS" in ran.stdout, ran.stdout + ran.stderr
     checked = run_cli("validate", "mlp", "-o", str(tmp_path / "v"), "--dtype", "float16")
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "onnxruntime" in checked.stdout and "PASS" in checked.stdout

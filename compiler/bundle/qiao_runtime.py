@@ -244,7 +244,9 @@ class Bundle:
         aligned, as compiled kernels assume; a NumPy buffer may not be)."""
         array = np.ascontiguousarray(array)
         shape = self.ffi.Shape([int(d) for d in array.shape])
-        tensor = self._alloc(shape, self.ffi.dtype(str(array.dtype)), self.device, None)
+        # .npy has no bfloat16: qiao's bfloat16 weights (--dtype) read back as raw 2-byte void
+        dtype = "bfloat16" if array.dtype == np.dtype("V2") else str(array.dtype)
+        tensor = self._alloc(shape, self.ffi.dtype(dtype), self.device, None)
         self._copy_from(tensor, ctypes.c_void_p(array.ctypes.data), array.nbytes)
         return tensor
 
