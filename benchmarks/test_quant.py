@@ -17,7 +17,8 @@ with the machine's load).
     pytest benchmarks/test_quant.py --benchmark-only -s           # full (4096 x 4096)
     QIAO_BENCH_SMOKE=1 pytest -q benchmarks/test_quant.py         # 256 x 256, one round (CI)
 
-Every engine's output is checked first against ONNX Runtime at ``accuracy_level`` 0: qiao-exact
+ONNX Runtime runs with qiao's thread count (``usable_cores()``; its default is its own
+choice). Every engine's output is checked first against ONNX Runtime at ``accuracy_level`` 0: qiao-exact
 within 1e-4 of the output's magnitude, the int8-activation engines within 2 %, the float32 models
 within the quantization error (10 %).
 """
@@ -74,19 +75,25 @@ def _with_accuracy_level(model: onnx.ModelProto, level: int) -> onnx.ModelProto:
 def layer(smoke, tmp_path_factory):
     from qiao.compiler import compile
     from qiao.compiler.bench.engines import HOST, OnnxRuntimeEngine, QiaoEngine
+    from qiao.compiler.schedules.cpu_info import usable_cores
 
     size = 256 if smoke else 4096
     fp32 = _float_layer(size, size)
     int4, _ = quantize_model(fp32, {"bits": 4, "block_size": 32, "symmetric": False})
     acc0, acc4 = _with_accuracy_level(int4, 0), _with_accuracy_level(int4, 4)
     root = tmp_path_factory.mktemp("quant")
+    threads = usable_cores()  # ONNX Runtime with the threads qiao's kernels use
+
+    def ort_engine(model):
+        return OnnxRuntimeEngine(model.SerializeToString(), HOST, threads=threads)
+
     engines = {
         "qiao": QiaoEngine(compile(acc4, "cpu", root / "int4-acc4")),
         "qiao-exact": QiaoEngine(compile(acc0, "cpu", root / "int4-acc0")),
         "qiao-fp32": QiaoEngine(compile(fp32, "cpu", root / "fp32")),
-        "onnxruntime-int4-acc0": OnnxRuntimeEngine(acc0.SerializeToString(), HOST),
-        BASELINE: OnnxRuntimeEngine(acc4.SerializeToString(), HOST),
-        "onnxruntime-fp32": OnnxRuntimeEngine(fp32.SerializeToString(), HOST),
+        "onnxruntime-int4-acc0": ort_engine(acc0),
+        BASELINE: ort_engine(acc4),
+        "onnxruntime-fp32": ort_engine(fp32),
     }
     return size, engines
 
