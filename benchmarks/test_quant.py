@@ -18,9 +18,9 @@ with the machine's load).
     QIAO_BENCH_SMOKE=1 pytest -q benchmarks/test_quant.py         # 256 x 256, one round (CI)
 
 ONNX Runtime runs with qiao's thread count (``usable_cores()``; its default is its own
-choice). Every engine's output is checked first against ONNX Runtime at ``accuracy_level`` 0: qiao-exact
-within 1e-4 of the output's magnitude, the int8-activation engines within 2 %, the float32 models
-within the quantization error (10 %).
+choice). Every engine's output is checked first against ONNX Runtime at ``accuracy_level`` 0:
+qiao-exact within 1e-4 of the output's magnitude, the int8-activation engines within 2 %, the
+float32 models within the quantization error (10 %).
 """
 
 from __future__ import annotations
