@@ -11,7 +11,8 @@ What the generator draws
 ------------------------
 - **Operators**: elementwise unary (Relu, Sigmoid, Tanh, Exp, Log, Sqrt, Abs, Neg, Erf, Reciprocal,
   Softplus, Sin, Cos, LeakyRelu, Elu, Selu, HardSigmoid, HardSwish, Floor, Ceil, Round, Sign, Gelu),
-  broadcasting binary (Add, Sub, Mul, Div, Pow, variadic Min/Max), comparisons and Where, Clip,
+  broadcasting binary (Add, Sub, Mul, Div, Pow, variadic Min/Max; integer Div and Mod by
+  ``Abs(y) + 1``), comparisons and Where, Clip,
   reductions (ReduceSum/Mean/Max/Min/Prod/L1/L2/SumSquare/LogSumExp with axes and keepdims,
   ArgMax/ArgMin), MatMul and Gemm, Softmax/LogSoftmax/LayerNormalization, Reshape/Flatten/
   Transpose/Concat/Slice/Gather/Squeeze/Unsqueeze/Expand/Tile/Split, Conv/MaxPool/AveragePool/
@@ -273,6 +274,10 @@ class _Builder:
     def safe_positive(self, x: Value, force: bool = False) -> Value:
         """``x`` itself when exact (unless ``force``), else ``Abs(x) + 0.5`` (away from
         Log/Sqrt/1/x's singularity)."""
+        if x.dtype in _INTS:  # integer divisors: Abs(x) + 1, never 0
+            (a,) = self.node("Abs", [x.name])
+            (b,) = self.node("Add", [a, self.const(np.array(1, x.dtype))])
+            return self.add(b, x.dtype, x.dims, exact=x.exact)
         if x.exact and not force:
             return x
         (a,) = self.node("Abs", [x.name])
@@ -367,16 +372,16 @@ def _gen_binary(b: _Builder) -> bool:
     if x is None:
         return False
     if x.dtype in _INTS:
-        op = b.choice(["Add", "Sub", "Mul", "Min", "Max"])
+        op = b.choice(["Add", "Sub", "Mul", "Min", "Max", "Div", "Mod"])
     else:
         op = b.choice(["Add", "Sub", "Mul", "Div", "Pow", "Min", "Max"])
     y = b.operand_like(x)
     if b.boolean(0.5):
         x, y = y, x  # the broadcast partner on either side
     wild = op == "Pow"  # overflows
-    if op == "Div":
+    if op in ("Div", "Mod"):
         guarded = b.safe_positive(y, force=b.boolean(0.7))
-        wild, y = guarded is y, guarded  # an exact divisor may be 0
+        wild, y = guarded is y, guarded  # an exact float divisor may be 0
     if op == "Pow":
         if not y.exact:
             return False
@@ -456,7 +461,7 @@ def _gen_reduce(b: _Builder) -> bool:
     if x is None:
         return False
     if x.dtype in _INTS:
-        op = b.choice(["ReduceSum", "ReduceMax", "ReduceMin"])
+        op = b.choice(["ReduceSum", "ReduceMax", "ReduceMin", "ReduceMean"])
     else:
         # ONNX Runtime's ReduceMax/Min keep a NaN only in a row's first element
         op = b.choice([r for r in _REDUCE if not (x.wild and r in ("ReduceMax", "ReduceMin"))])

@@ -143,7 +143,18 @@ class _RuntimeAxesReduce(tvm_onnx.OnnxOpConverter):
             )
             return post(out) if post is not None else out
 
-        return convert
+        def integer_mean(bb, inputs, attr, params):
+            # TVM legalizes the mean of an int32 tensor to an int64 buffer behind an int32
+            # signature (the artifact returned int64). ONNX's integer mean truncates sum / count:
+            # so does float64's quotient cast back (exact below 2**53).
+            dtype = str(inputs[0].ty.dtype)
+            if not dtype.startswith(("int", "uint")):
+                return convert(bb, inputs, attr, params)
+            wide = tvm_onnx.onnx_input([bb.normalize(relax.op.astype(inputs[0], "float64"))])
+            wide.extend(inputs[1:])
+            return relax.op.astype(bb.normalize(convert(bb, wide, attr, params)), dtype)
+
+        return integer_mean if cls.op_type == "ReduceMean" else convert
 
 
 for _op_type in _REDUCTIONS:
