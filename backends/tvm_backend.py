@@ -54,7 +54,6 @@ def load_library(path: str):
     with _LIBRARIES_LOCK:
         if key not in _LIBRARIES:
             _LIBRARIES[key] = tvm.runtime.load_module(path)
-            install_parallel_launcher(path)  # after TVM pointed the kernels at its own pool
         return _LIBRARIES[key]
 
 
@@ -301,33 +300,6 @@ class GPUBackend(TVMBackend):
             "device_format": fmt,
             "kernels": sorted(module.kernel_names()),
         }
-
-
-# -- qiao's parallel launcher (backends/cpu_parallel.c, linked into host-CPU libraries) ------------
-PARALLEL_ENV = "QIAO_PARALLEL"  # "tvm": keep TVM's thread pool
-CHUNKS_ENV = "QIAO_PARALLEL_CHUNKS"  # shares per thread of each parallel loop (default 4)
-
-
-def install_parallel_launcher(path: str) -> str:
-    """Point the parallel loops of the loaded library ``path`` at qiao's launcher when it carries
-    one (``qiao_parallel_install``) and its kernels use no parallel barrier; returns which pool
-    runs them, ``"qiao"`` or ``"tvm"``. Threads: ``TVM_NUM_THREADS`` (set by ``cpu_device``)."""
-    import ctypes
-
-    if os.environ.get(PARALLEL_ENV, "qiao") == "tvm":
-        return "tvm"
-    try:
-        lib = ctypes.CDLL(os.path.realpath(path))  # the handle TVM opened: same globals
-        install = lib.qiao_parallel_install
-    except (OSError, AttributeError):
-        return "tvm"
-    if hasattr(lib, "__TVMBackendParallelBarrier"):
-        return "tvm"  # a barrier needs every share running at once: TVM's pool
-    threads = int(os.environ.get("TVM_NUM_THREADS") or os.cpu_count() or 1)
-    chunks = int(os.environ.get(CHUNKS_ENV) or 4)
-    install.argtypes, install.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    install(threads, chunks)
-    return "qiao"
 
 
 @contextlib.contextmanager
