@@ -197,14 +197,15 @@ class QuantGemmSchedule:
 def cpu_schedule(target, block_size: int) -> QuantGemmSchedule:
     """The schedule for ``target`` (an LLVM target): ``nv`` vectors per tile and an ``mr x nv``
     register tile that fits the target's SIMD registers with the ``nv`` panel vectors and one
-    broadcast (and, for TVM to keep it in registers, at most 1 KB of accumulators); the panel
-    covers about 32 KB (L1) of float32."""
+    broadcast (AVX-512: 6 x 4 vectors; the accumulators are a ``local`` buffer, which LLVM keeps in
+    registers at any size, where a ``global`` one over 1 KB would go to a heap workspace); the
+    panel covers about 32 KB (L1) of float32."""
     from qiao.compiler.schedules.cpu_info import cpu_info
 
     cpu = cpu_info(target)
     lanes = cpu.lanes("float32")
     nv = 4 if cpu.vector_registers >= 32 else 2
-    mr = max(1, min((cpu.vector_registers - nv - 1) // nv, 1023 // (4 * nv * lanes), 8))
+    mr = max(1, min((cpu.vector_registers - nv - 1) // nv, 8))
     kc = max(block_size, (32768 // (4 * nv * lanes)) // block_size * block_size)
     return QuantGemmSchedule(lanes=lanes, nv=nv, mr=mr, gemv_rows=8, kc=kc)
 
@@ -359,7 +360,7 @@ def quant_matmul(layout: NBitsLayout, sched: QuantGemmSchedule):
     @T.macro
     def tiled(A, Bq, SC, Z, BIAS, Y, t, m):
         panel = T.alloc_buffer((KC, TN), f32)
-        acc = T.alloc_buffer((MR, NV, VL), f32)
+        acc = T.alloc_buffer((MR, NV, VL), f32, scope="local")
         rows = T.alloc_buffer((MR,), "int64")
         for c in range(NCH):
             # dequantize the chunk's blocks of the tile (zero point and scale folded in)
@@ -667,7 +668,7 @@ def quant_matmul_int8(layout: NBitsLayout, dot: Int8Dot, rows_per_pass: int = 2)
     @T.macro
     def rows_pass(QA, SA, QSUM, Bq, SC, Z, BIAS, Y, t, m, G):
         # G rows per pass (G == 1: two accumulator sets, alternating per word)
-        acc = T.alloc_buffer((G, 2 if G == 1 else 1, TN), "int32")
+        acc = T.alloc_buffer((G, 2 if G == 1 else 1, TN), "int32", scope="local")
         out = T.alloc_buffer((G, TN), f32)
         rows = T.alloc_buffer((G,), "int64")
         for g in range((m + G - 1) // G):
