@@ -190,3 +190,28 @@ def test_integer_reduce_mean_keeps_its_dtype(tmp_path, dtype):
         rtol=0,
         atol=0,
     )
+
+
+def test_static_conv_input_also_read_by_the_epilogue(tmp_path):
+    """``x + Conv(x)`` (1x1 kernel, one channel, static shapes): the GEMM rule marked the packing
+    of the input ``x`` as weight packing (a static-shaped parameter read by nothing else, it
+    assumed), TVM's ``SplitLayoutRewritePreproc`` then replaced ``x`` by its packed form and the
+    residual add read an undefined buffer ("Buffer x is used before its definition"). Now a
+    parameter that another block reads is packed at every call."""
+    w = numpy_helper.from_array(np.array([[[1.25]]], np.float32), "w")
+    b = numpy_helper.from_array(np.array([0.5], np.float32), "b")
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], kernel_shape=[1]),
+        helper.make_node("Add", ["x", "c"], ["y"]),
+    ]
+    x = np.random.default_rng(3).standard_normal((4, 1, 2)).astype(np.float32)
+    _check(
+        tmp_path,
+        nodes,
+        [_info("x", [4, 1, 2])],
+        [_info("y", [4, 1, 2])],
+        {"x": x},
+        inits=[w, b],
+        rtol=1e-5,
+        atol=1e-6,
+    )

@@ -850,9 +850,25 @@ def _schedule_a_pack(sch, a_stage, at_loop, mr: int, preproc: bool) -> None:
 
 def _is_weight(sch, stage) -> bool:
     """Whether a packing block only reads a static-shaped function parameter (maybe a weight:
-    the pipeline can then pack it once at load time instead of at every call)."""
+    the pipeline can then pack it once at load time instead of at every call) that no other
+    block reads: TVM's ``SplitLayoutRewritePreproc`` replaces the parameter by its packed form,
+    so another reader (a residual ``x + conv(x)`` of a static input) would read an undefined
+    buffer ("Buffer x is used before its definition"; found by ``qiao.compiler.fuzzing``)."""
+    import tvm_ffi
+    from tvm import s_tir
+
     stmt = sch.get(stage)
-    return len(stmt.reads) == 1 and _is_param(sch, stmt.reads[0].source)
+    if len(stmt.reads) != 1 or not _is_param(sch, stmt.reads[0].source):
+        return False
+    source = stmt.reads[0].source
+    others = []
+
+    def on_block(block):
+        if block.name_hint != stmt.name_hint:
+            others.extend(r for r in block.reads if r.source.same_as(source))
+
+    tvm_ffi.structural_walk(sch.mod["main"].body, [(s_tir.SBlock, on_block)])
+    return not others
 
 
 def _is_param(sch, buffer) -> bool:
