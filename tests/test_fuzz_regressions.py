@@ -215,3 +215,24 @@ def test_static_conv_input_also_read_by_the_epilogue(tmp_path):
         rtol=1e-5,
         atol=1e-6,
     )
+
+
+def test_thresholded_relu_is_a_select(tmp_path):
+    """TVM's ThresholdedRelu multiplied ``x`` by a float32 mask: ``-inf`` gave NaN (ONNX Runtime:
+    0), negative inputs -0, and float16 inputs did not type-check. qiao's converter selects."""
+    node = helper.make_node("ThresholdedRelu", ["x"], ["y"], alpha=0.5)
+    _check(
+        tmp_path / "f32",
+        [node],
+        [_info("x", [len(_SPECIALS)])],
+        [_info("y", [len(_SPECIALS)])],
+        {"x": _SPECIALS},
+        rtol=0,
+        atol=0,
+    )
+    f16 = TensorProto.FLOAT16
+    graph = helper.make_graph([node], "f16", [_info("x", [6], f16)], [_info("y", [6], f16)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    x = np.array([-np.inf, -1.0, 0.25, 0.5, 0.75, np.inf], np.float16)
+    actual = compile(model, "cpu", tmp_path / "f16").run({"x": x})["y"]
+    assert_close(actual, np.where(x > 0.5, x, np.float16(0)), rtol=0, atol=0)

@@ -1,5 +1,5 @@
 """Converters for elementwise ops TVM lacks or mistypes: Pow, Celu, Elu, Selu, Swish, Cosh,
-Sinh, Sign, IsInf, Dropout.
+Sinh, Sign, ThresholdedRelu, IsInf, Dropout.
 """
 
 from __future__ import annotations
@@ -134,6 +134,20 @@ class Sign(tvm_onnx.OnnxOpConverter):
         if "float" not in str(x.ty.dtype):
             return relax.op.sign(x)
         return relax.op.where(relax.op.isnan(x), x, relax.op.sign(x))
+
+
+@register_converter("ThresholdedRelu")
+class ThresholdedRelu(tvm_onnx.OnnxOpConverter):
+    """``x if x > alpha else 0`` as a select in the input's dtype. TVM's converter multiplies
+    ``x`` by a float32 mask: ``-inf · 0`` is NaN where ONNX Runtime gives 0, negative inputs give
+    -0, and float16 inputs fail type checking (found by ``qiao.compiler.fuzzing``'s probes)."""
+
+    @classmethod
+    def _impl_v10(cls, bb, inputs, attr, params):
+        x = inputs[0]
+        dtype = str(x.ty.dtype)
+        keep = relax.op.greater(x, const(attr.get("alpha", 1.0), dtype))
+        return relax.op.where(keep, x, const(0, dtype))
 
 
 @register_converter("IsInf")
