@@ -215,6 +215,9 @@ def test_compile_killed_at_random_times(tmp_path):
     assert proc.wait(timeout=600) == 0, proc.stderr.read().decode()
     assert shas[_source_sha(out)] == "old"
     assert _leftovers(out) == []
+    print(
+        f"\n{killed} of {KILL_POINTS or 2} compiles killed mid-way (a full one took {full:.1f} s)"
+    )
     assert killed, f"no compile was killed mid-way (a full compile took {full:.1f} s)"
 
 
@@ -269,4 +272,5 @@ def test_tune_killed_leaves_its_store_readable(tmp_path):
             timeout=120,
         )
         assert show.returncode == 0, show.stderr
+    print(f"\n{killed} of {KILL_POINTS or 1} tunes killed after writing records")
     assert killed

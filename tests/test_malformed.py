@@ -809,3 +809,30 @@ def test_manifest_naming_files_outside_refused(tmp_path, tiny_artifact):
         _write_manifest(str(copy), m)
         with pytest.raises(ArtifactCorrupt, match=message):
             load(copy)
+
+
+@pytest.mark.parametrize("op", ["ConstantOfShape", "Expand"])
+def test_constants_that_would_exhaust_memory_when_folded_refused(op):
+    """A few bytes of shape constant asking the compiler to fold a 4 TiB constant."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from qiao.compiler import InvalidModel
+    from qiao.compiler.frontend import load_onnx
+
+    shape = numpy_helper.from_array(np.array([1 << 20, 1 << 20], np.int64), "shape")
+    one = numpy_helper.from_array(np.ones(1, np.float32), "one")
+    if op == "ConstantOfShape":
+        value = helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0])
+        make = helper.make_node(op, ["shape"], ["c"], value=value)
+    else:
+        make = helper.make_node(op, ["one", "shape"], ["c"])
+    graph = helper.make_graph(
+        [make, helper.make_node("Add", ["c", "x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["a", "b"])],
+        [shape, one],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(InvalidModel, match=rf"\({op}\) computes a constant 'c' .* \(4\.0 TiB\)"):
+        load_onnx(model)

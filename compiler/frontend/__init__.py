@@ -187,7 +187,11 @@ def load_onnx(model, keep_external: bool = False) -> onnx.ModelProto:
             f"{where} holds no ONNX graph (empty or not an ONNX file). fix: pass a model exported "
             "with torch.onnx.export or another ONNX exporter"
         )
-    from qiao.compiler.frontend.guards import check_external_data, check_graph
+    from qiao.compiler.frontend.guards import (
+        check_constant_sizes,
+        check_external_data,
+        check_graph,
+    )
 
     if not isinstance(model, onnx.ModelProto):
         check_external_data(proto, os.fspath(model))  # before the checker opens any of them
@@ -206,6 +210,7 @@ def load_onnx(model, keep_external: bool = False) -> onnx.ModelProto:
             "fix: re-export the model; a truncated or hand-edited file fails this way"
         ) from err
     check_graph(proto, where)
+    check_constant_sizes(proto, where)
     if not isinstance(model, onnx.ModelProto):
         _load_external_data(proto, os.fspath(model), keep_external)
     return proto

@@ -166,3 +166,50 @@ def check_external_data(proto: onnx.ModelProto, model_path: str) -> None:
             f"machine's {format_bytes(memory)} of memory; refused before reading it. fix: compile "
             "on a machine with more memory"
         )
+
+
+# Shape inference runs on models up to this serialised size (a hostile constant subgraph is tiny;
+# a large model's weights would be copied into the inference's own proto).
+_INFER_LIMIT = 64 << 20
+
+
+def check_constant_sizes(proto: onnx.ModelProto, where: str) -> None:
+    """Refuse values computed from constants alone (``ConstantOfShape``, ``Expand``, ``Tile``... of
+    initializers) larger than this machine's memory: compiling folds them, which would allocate
+    them. Shapes come from ONNX shape inference; models it cannot take are left to the importer."""
+    try:
+        if proto.ByteSize() > _INFER_LIMIT:
+            return
+        inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except Exception:  # noqa: BLE001 - inference failing is the importer's to report
+        return
+    graph = inferred.graph
+    constant = {t.name for t in graph.initializer}
+    producer = {}
+    for node in graph.node:
+        if any(
+            a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+            for a in node.attribute
+        ):
+            continue
+        if all(not name or name in constant for name in node.input):
+            constant.update(o for o in node.output if o)
+            producer.update({o: node for o in node.output})
+    memory = host_memory_bytes()
+    for vi in list(graph.value_info) + list(graph.output):
+        node = producer.get(vi.name)
+        tt = vi.type.tensor_type
+        if node is None or not tt.elem_type or not tt.HasField("shape"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        if None in dims:
+            continue
+        nbytes = math.prod(dims) * _itemsize(tt.elem_type, f"value {vi.name!r}", where)
+        if nbytes > memory:
+            raise InvalidModel(
+                f"{where}: node {node.name or node.op_type!r} ({node.op_type}) computes a constant "
+                f"{vi.name!r} of shape {dims} ({format_bytes(int(nbytes))}) from constants alone; "
+                f"compiling folds it, which needs more than this machine's {format_bytes(memory)}; "
+                "refused. fix: check the model's shape constants (a hostile or damaged file makes "
+                "sizes like these)"
+            )
