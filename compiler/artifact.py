@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from qiao.compiler.errors import ArtifactCorrupt, InputMismatch
+from qiao.compiler.errors import ArtifactCorrupt, InputMismatch, InvalidModel
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -162,49 +162,53 @@ def _exchange(a: str, b: str) -> bool:
 def save_params(workdir: str, params: Mapping[str, np.ndarray]) -> list[str]:
     """Write weights to ``params.npz`` (uncompressed: a plain read, ``np.savez``'s layout) one at
     a time; returns their order. A weight mapped from a file (a read-only ``np.memmap``: the
-    compiler maps external data) is written in chunks whose pages are handed back as soon as
-    they are written, so writing gigabytes of weights keeps only a chunk of them resident."""
+    compiler maps external data) is copied from that file in chunks, never through its map, so
+    writing gigabytes of weights keeps one chunk of them in this process' memory."""
     names = list(params)
     with zipfile.ZipFile(os.path.join(workdir, PARAMS), "w", zipfile.ZIP_STORED) as archive:
         for i, name in enumerate(names):
             array = np.asanyarray(params[name])
             with archive.open(f"p{i}.npy", "w", force_zip64=True) as f:
-                if _mapped(array) is None or not array.flags.c_contiguous:
+                if _file_range(array) is None:
                     np.lib.format.write_array(f, array, allow_pickle=False)
                 else:
-                    _write_mapped(f, array)
+                    _copy_mapped(f, array)
     return names
 
 
 _CHUNK = 64 << 20
 
 
-def _mapped(array: np.ndarray):
-    """The ``mmap`` behind a read-only ``np.memmap`` (one nobody can have written), else None."""
+def _file_range(array: np.ndarray) -> tuple[str, int] | None:
+    """``(file, offset)`` of a read-only ``np.memmap`` that maps its whole file range (not a view
+    into one, and nobody can have written it), else None."""
     import mmap
 
-    mapping = getattr(array, "_mmap", None)
-    if mapping is None or array.flags.writeable or not hasattr(mmap, "MADV_DONTNEED"):
+    if not isinstance(array, np.memmap) or not isinstance(array.base, mmap.mmap):
         return None
-    return mapping
+    if array.flags.writeable or not array.flags.c_contiguous or not array.filename:
+        return None
+    return array.filename, int(array.offset)
 
 
-def _write_mapped(f, array: np.ndarray) -> None:
-    """``np.lib.format.write_array`` for a C-contiguous read-only map, dropping each chunk's pages
-    from this process once written (they stay in the page cache; a later read maps them again)."""
-    import mmap
-
-    mapping = _mapped(array)
+def _copy_mapped(f, array: np.ndarray) -> None:
+    """``np.lib.format.write_array`` for a read-only map, its bytes read from its file (a file cut
+    short while compiling is an error here, where touching the map would be a SIGBUS)."""
+    path, offset = _file_range(array)
     np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(array))
-    data = array.reshape(-1).view(np.uint8)
-    start = data.ctypes.data - np.frombuffer(mapping, np.uint8).ctypes.data  # in the mapping
-    for pos in range(0, data.size, _CHUNK):
-        f.write(data[pos : pos + _CHUNK])
-        end = (start + min(pos + _CHUNK, data.size)) // mmap.PAGESIZE * mmap.PAGESIZE
-        try:
-            mapping.madvise(mmap.MADV_DONTNEED, 0, end)  # every page written so far
-        except (OSError, ValueError):  # not supported here: the pages stay until unmapped
-            return
+    buffer = memoryview(bytearray(min(_CHUNK, array.nbytes)))
+    remaining = array.nbytes
+    with open(path, "rb") as src:
+        src.seek(offset)
+        while remaining:
+            got = src.readinto(buffer[: min(len(buffer), remaining)])
+            if not got:
+                raise InvalidModel(
+                    f"{path} ended {remaining} bytes before the weight at offset {offset} while "
+                    "it was being compiled. fix: do not rewrite a model while qiao compiles it"
+                )
+            f.write(buffer[:got])
+            remaining -= got
 
 
 def iter_params(artifact_dir: str, manifest: Mapping[str, Any]) -> Iterator[np.ndarray]:

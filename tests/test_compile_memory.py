@@ -119,6 +119,26 @@ def test_decoder_artifact_copies_its_weights_file_and_streams_params(tmp_path):
     assert _digests(params) == _digests(arrays)
 
 
+def test_save_params_copies_mapped_weights_from_their_file(tmp_path):
+    from qiao.compiler.artifact import PARAMS, save_params
+    from qiao.compiler.errors import InvalidModel
+
+    values = np.arange(3 * 1000, dtype=np.float32).reshape(3, 1000)
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"\0" * 16 + values.tobytes())
+    mapped = np.memmap(path, np.float32, "c", 16, values.shape)
+    mapped.flags.writeable = False
+    plain = values[:, :7] * 2  # not a map (and not contiguous)
+    assert save_params(str(tmp_path), {"a": mapped, "b": plain}) == ["a", "b"]
+    with np.load(tmp_path / PARAMS) as npz:
+        np.testing.assert_array_equal(npz["p0"], values)
+        np.testing.assert_array_equal(npz["p1"], plain)
+    with open(path, "r+b") as f:  # the model rewritten while it compiles: an error, no SIGBUS
+        f.truncate(16 + values.nbytes // 2)
+    with pytest.raises(InvalidModel, match="ended .* before the weight"):
+        save_params(str(tmp_path), {"a": mapped})
+
+
 _PEAK_SCRIPT = textwrap.dedent(
     """
     import json, sys
