@@ -31,8 +31,10 @@ gain). Round to nearest, per block of ``block_size`` input features:
 For MatMul weights this is bit for bit what ONNX Runtime's ``MatMulNBitsQuantizer`` writes (codes,
 scales, zero points, padding; checked in tests/test_quantize.py).
 
-qiao imports the result by dequantizing the weights: the compiled artifact stores them as float32
-(no int4/int8 kernels yet), so the scheme changes the numbers, not the artifact's size or speed.
+On CPU targets qiao compiles the ``MatMulNBits`` nodes to its packed int4/int8 kernels
+(``qiao.compiler.kernels.quant_gemm``: the artifact keeps the codes, half a byte per int4 weight;
+at ``accuracy_level=0`` the exact float32 kernels). ``GatherBlockQuantized`` and ``QMoE`` (and
+every node on GPU targets) are still dequantized at compile time into float32 weights.
 """
 
 from __future__ import annotations
@@ -500,7 +502,10 @@ def quantize_model(
         "experts": rewriter.experts or None,
         "kept_float": rewriter.kept,
         "accuracy_level": 0,
-        "weights_in_artifact": "float32 (dequantized at import; no int4/int8 kernels yet)",
+        "weights_in_artifact": (
+            "MatMulNBits: packed codes on CPU targets (qiao's int4/int8 kernels), float32 on GPU "
+            "targets; QMoE, GatherBlockQuantized: float32 (dequantized at compile time)"
+        ),
     }
     return out, summary
 
