@@ -7,9 +7,10 @@ config))``: ``a`` float32 ``[M, K]`` (``M`` may be symbolic), ``B`` uint8 ``[N, 
 constants in ONNX Runtime's layout, ``bias`` ``[N]`` (or a ``(1,)`` placeholder), ``config`` the
 JSON of ``k, n, bits, block_size, zero_points, bias, accuracy_level``; it returns ``[M, N]``.
 
-CPU (an LLVM target that is not a GPU backend's host): the weights are repacked at compile time
-into the kernel's column-tiled layout (``qiao.compiler.kernels.quant_gemm.pack_nbits``; still half
-a byte per 4-bit weight, they stay constants of that size) and the call becomes
+CPU (any backend that is not a GPU one: ``Backend.is_gpu``, passed in by the phases): the
+weights are repacked at compile time into the kernel's column-tiled layout
+(``qiao.compiler.kernels.quant_gemm.pack_nbits``; still half a byte per 4-bit weight, they stay
+constants of that size) and the call becomes
 
     a_pad = pad(a, K -> k_pad)                  only when K is not a multiple of the block size
     asum  = sum(reshape(a_pad, [M, n_blocks, block_size]), axis=2)
@@ -164,7 +165,9 @@ class LowerQuant:
         gpu = self.gpu
         if gpu is None:
             gpu = target is not None and "gpu" in target.keys
-        packed = not gpu and target is not None and target.kind.name == "llvm"
+        # the CPU kernels are LLVM loop nests: every backend that is not a GPU one compiles for
+        # an LLVM CPU target here (a hand-off backend never runs this pipeline)
+        packed = not gpu and target is not None
         return rewrite_functions(mod, _QuantLowerer(mod, target, packed))
 
 
