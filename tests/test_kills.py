@@ -244,20 +244,17 @@ def _records_files(root: str) -> list[str]:
 
 @pytest.mark.slow
 def test_tune_killed_leaves_its_store_readable(tmp_path):
-    """Each tune is killed a random moment after the store has a record (while it measures or
-    writes the next kernel's); later tunes resume where it stopped."""
-    cache = str(tmp_path / "cache")
-    env = {"QIAO_CACHE_DIR": cache}
+    """Each tune (a fresh store each time) is killed a random moment after its first record is
+    written, while it measures or writes the second kernel's; the store reads back, ``qiao tune
+    show`` reads it, and a tune run on the last one completes it."""
     model = _model(str(tmp_path / "m.onnx"), 0)  # two GEMM kernels
     rng = random.Random(6)
     killed = 0
-    for _ in range(KILL_POINTS or 1):
-        before = {p: os.path.getmtime(p) for p in _records_files(cache)}
+    for point in range(KILL_POINTS or 1):
+        cache = str(tmp_path / f"cache{point}")
+        env = {"QIAO_CACHE_DIR": cache}
         proc = _start("tune", "model", model, "--trials", "2", env=env)
-        while (
-            proc.poll() is None
-            and {p: os.path.getmtime(p) for p in _records_files(cache)} == before
-        ):
+        while proc.poll() is None and not _records_files(cache):
             time.sleep(0.05)
         killed += _kill_after(proc, rng.uniform(0, 3))
         for path in _records_files(cache):
@@ -272,5 +269,9 @@ def test_tune_killed_leaves_its_store_readable(tmp_path):
             timeout=120,
         )
         assert show.returncode == 0, show.stderr
+    proc = _start("tune", "model", model, "--trials", "2", env=env)
+    assert proc.wait(timeout=600) == 0, proc.stderr.read().decode()
+    with open(_records_files(cache)[0]) as f:
+        assert len(json.load(f)["records"]) == 2
     print(f"\n{killed} of {KILL_POINTS or 1} tunes killed after writing records")
     assert killed
