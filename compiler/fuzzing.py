@@ -12,7 +12,7 @@ What the generator draws
 - **Operators**: elementwise unary (Relu, Sigmoid, Tanh, Exp, Log, Sqrt, Abs, Neg, Erf, Reciprocal,
   Softplus, Sin, Cos, LeakyRelu, Elu, Selu, HardSigmoid, HardSwish, Floor, Ceil, Round, Sign, Gelu),
   broadcasting binary (Add, Sub, Mul, Div, Pow, variadic Min/Max; integer Div and Mod by
-  ``Abs(y) + 1``), comparisons and Where, Clip,
+  ``Abs(y) + 1``), comparisons, Not/And/Or/Xor/Equal of masks, Where, Clip,
   reductions (ReduceSum/Mean/Max/Min/Prod/L1/L2/SumSquare/LogSumExp with axes and keepdims,
   ArgMax/ArgMin), MatMul and Gemm, Softmax/LogSoftmax/LayerNormalization, Reshape/Flatten/
   Transpose/Concat/Slice/Gather/Squeeze/Unsqueeze/Expand/Tile/Split, Conv/MaxPool/AveragePool/
@@ -50,10 +50,11 @@ away from the singular point (``Abs(x) + 0.5``) by nodes added for that purpose.
 
 NaN and infinities do occur (Log or Sqrt of a negative input, a division by an exact 0, Exp or Pow
 overflowing) and must come out where ONNX Runtime has them. The generator tracks which values may
-hold them (*wild*) and keeps those away from MaxPool, GlobalMaxPool, ReduceMax and ReduceMin only:
-ONNX Runtime's MaxPool skips NaN and its ReduceMax keeps a NaN only in a row's first element, while
-its Max, Min, Relu and Clip propagate NaN; qiao propagates NaN through all of them, as NumPy and
-PyTorch do (``tests/test_fuzz_regressions.py`` checks the reductions against NumPy).
+hold them (*wild*) and keeps those away from MaxPool, GlobalMaxPool, ReduceMax, ReduceMin and
+ReduceLogSumExp only: ONNX Runtime's MaxPool skips NaN and its ReduceMax keeps a NaN only in a
+row's first element, while its Max, Min, Relu and Clip propagate NaN; qiao propagates NaN through
+all of them, as NumPy and PyTorch do (``tests/test_fuzz_regressions.py`` checks the reductions
+against NumPy).
 
 Inputs are drawn from a standard normal (integers from [-5, 5]); about one float input in ten
 has 30% of its elements replaced by NaN, ±inf, ±0, ±1e30 or a denormal (such inputs are wild, and
@@ -413,6 +414,13 @@ def _gen_compare_where(b: _Builder) -> bool:
     if b.boolean(0.2):
         (n,) = b.node(b.choice(["Not", "Identity"]), [c])
         cond = b.add(n, "bool", dims, exact=True)
+    other = b.pick(
+        lambda v: v.dtype == "bool" and v is not cond and _broadcast(v.dims, dims) is not None
+    )
+    if other is not None and b.boolean(0.4):  # boolean logic between two masks
+        (n,) = b.node(b.choice(["And", "Or", "Xor", "Equal"]), [cond.name, other.name])
+        dims = _broadcast(dims, other.dims)
+        cond = b.add(n, "bool", dims, exact=True)
     if b.boolean(0.8):
         a = b.pick(lambda v: v.dtype in _FLOATS + _INTS and _broadcast(v.dims, dims) is not None)
         if a is None:
@@ -463,8 +471,10 @@ def _gen_reduce(b: _Builder) -> bool:
     if x.dtype in _INTS:
         op = b.choice(["ReduceSum", "ReduceMax", "ReduceMin", "ReduceMean"])
     else:
-        # ONNX Runtime's ReduceMax/Min keep a NaN only in a row's first element
-        op = b.choice([r for r in _REDUCE if not (x.wild and r in ("ReduceMax", "ReduceMin"))])
+        # ONNX Runtime's ReduceMax/Min keep a NaN only in a row's first element (its LogSumExp
+        # starts from that max)
+        nan_blind = ("ReduceMax", "ReduceMin", "ReduceLogSumExp")
+        op = b.choice([r for r in _REDUCE if not (x.wild and r in nan_blind)])
     k = b.integers(0, x.rank)
     axes = sorted(b.draw(b.st.permutations(range(x.rank)))[:k]) if k else []
     if axes and b.boolean(0.3):

@@ -236,3 +236,85 @@ def test_thresholded_relu_is_a_select(tmp_path):
     x = np.array([-np.inf, -1.0, 0.25, 0.5, 0.75, np.inf], np.float16)
     actual = compile(model, "cpu", tmp_path / "f16").run({"x": x})["y"]
     assert_close(actual, np.where(x > 0.5, x, np.float16(0)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("compare", ["Greater", "GreaterOrEqual", "Less", "LessOrEqual"])
+def test_not_of_a_comparison_with_nan(tmp_path, compare):
+    """``Where(Not(x > c), x, d)`` with a NaN ``x``: TVM simplified ``!(x > c)`` into ``x <= c``,
+    false for NaN, and took ``d``. qiao's Not is ``x xor true``."""
+    x = np.array([[np.nan, 1.0, -1.0], [0.0, np.nan, -0.5]], np.float32)
+    nodes = [
+        helper.make_node(compare, ["x", "c"], ["g"]),
+        helper.make_node("Not", ["g"], ["n"]),
+        helper.make_node("Where", ["n", "x", "d"], ["y"]),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array([0.0], np.float32), "c"),
+        numpy_helper.from_array(np.array([[9.0]], np.float32), "d"),
+    ]
+    _check(
+        tmp_path,
+        nodes,
+        [_info("x", [2, 3])],
+        [_info("y", [2, 3]), _info("n", [2, 3], TensorProto.BOOL)],
+        {"x": x},
+        inits=inits,
+        rtol=0,
+        atol=0,
+    )
+
+
+def test_equal_of_booleans_compiles(tmp_path):
+    """Equal of two boolean tensors: TVM's LLVM code generator emitted a float compare of a
+    boolean vector ("Invalid operand types for FCmp instruction"); qiao compares them as uint8."""
+    x = np.array([[np.nan, 1.0, -1.0], [0.0, 2.0, -0.5]], np.float32)
+    nodes = [
+        helper.make_node("Greater", ["x", "c"], ["g"]),
+        helper.make_node("Less", ["x", "c"], ["l"]),
+        helper.make_node("Equal", ["g", "l"], ["e"]),
+        helper.make_node("Equal", ["g", "f"], ["ef"]),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array([0.0], np.float32), "c"),
+        numpy_helper.from_array(np.array(False), "f"),
+    ]
+    boolean = TensorProto.BOOL
+    _check(
+        tmp_path,
+        nodes,
+        [_info("x", [2, 3])],
+        [_info("e", [2, 3], boolean), _info("ef", [2, 3], boolean)],
+        {"x": x},
+        inits=inits,
+        rtol=0,
+        atol=0,
+    )
+
+
+@pytest.mark.parametrize("opset", [13, 18])
+def test_reduce_log_sum_exp_of_infinities(tmp_path, opset):
+    """TVM's ReduceLogSumExp subtracts the row's max before exp: a row holding +inf gave NaN
+    (inf - inf) where ONNX Runtime gives +inf. qiao shifts by 0 when the max is infinite."""
+    x = np.array(
+        [[0.0, 1.2, np.inf, -1.0], [-np.inf] * 4, [0.5, np.nan, 1.0, 2.0], [88.0, 89.0, 1.0, -3.0]],
+        np.float32,
+    )
+    if opset >= 18:
+        rows = helper.make_node("ReduceLogSumExp", ["x", "axes"], ["rows"], keepdims=0)
+        inits = [numpy_helper.from_array(np.array([-1], np.int64), "axes")]
+    else:
+        rows = helper.make_node("ReduceLogSumExp", ["x"], ["rows"], axes=[-1], keepdims=0)
+        inits = []
+    # (no NaN in the whole-tensor case: ONNX Runtime's max skips a NaN that is not first)
+    everything = helper.make_node("ReduceLogSumExp", ["x2"], ["all"], keepdims=1)
+    _check(
+        tmp_path,
+        [rows, everything],
+        [_info("x", [4, 4]), _info("x2", [3, 4])],
+        [_info("rows", [4]), _info("all", [1, 1])],
+        {"x": x, "x2": x[[0, 1, 3]]},
+        inits=inits,
+        opset=opset,
+        rtol=1e-5,
+        atol=1e-5,
+    )

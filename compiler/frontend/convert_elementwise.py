@@ -1,5 +1,5 @@
 """Converters for elementwise ops TVM lacks or mistypes: Pow, Celu, Elu, Selu, Swish, Cosh,
-Sinh, Sign, ThresholdedRelu, IsInf, Dropout.
+Sinh, Sign, ThresholdedRelu, Not, Equal (of booleans), IsInf, Dropout.
 """
 
 from __future__ import annotations
@@ -148,6 +148,37 @@ class ThresholdedRelu(tvm_onnx.OnnxOpConverter):
         dtype = str(x.ty.dtype)
         keep = relax.op.greater(x, const(attr.get("alpha", 1.0), dtype))
         return relax.op.where(keep, x, const(0, dtype))
+
+
+@register_converter("Not")
+class Not(tvm_onnx.OnnxOpConverter):
+    """``x xor true``. TVM's ``logical_not`` of a float comparison is simplified into the opposite
+    comparison (``!(a > b)`` → ``a <= b``), which is false for NaN where ``Not`` is true: a
+    ``Where(Not(x > c), x, y)`` dropped NaN (found by ``qiao.compiler.fuzzing``)."""
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        return relax.op.logical_xor(inputs[0], const(True, "bool"))
+
+
+@register_converter("Equal")
+class Equal(tvm_onnx.OnnxOpConverter):
+    """Equal of two boolean tensors compares them as uint8: TVM's LLVM code generator emits a
+    float compare for vectors of booleans ("Invalid operand types for FCmp instruction")."""
+
+    @classmethod
+    def _impl_v11(cls, bb, inputs, attr, params):
+        a, b = inputs[0], inputs[1]
+        if all(isinstance(v, relax.Expr) and _is_bool_tensor(v) for v in (a, b)) and not all(
+            isinstance(v, tvm.ir.GenericConst) for v in (a, b)
+        ):
+            return relax.op.equal(relax.op.astype(a, "uint8"), relax.op.astype(b, "uint8"))
+        return tvm_onnx.Equal._impl_v13(bb, inputs, attr, params)
+
+
+def _is_bool_tensor(value) -> bool:
+    ty = getattr(value, "ty", None)
+    return getattr(ty, "dtype", None) is not None and str(ty.dtype) == "bool"
 
 
 @register_converter("IsInf")

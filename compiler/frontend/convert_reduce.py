@@ -154,7 +154,27 @@ class _RuntimeAxesReduce(tvm_onnx.OnnxOpConverter):
             wide.extend(inputs[1:])
             return relax.op.astype(bb.normalize(convert(bb, wide, attr, params)), dtype)
 
-        return integer_mean if cls.op_type == "ReduceMean" else convert
+        def log_sum_exp(bb, inputs, attr, params):
+            # TVM's is max + log(sum(exp(x - max))): an infinite max makes x - max NaN (ONNX
+            # Runtime: +inf). Shifting by 0 where the max is infinite keeps the right infinity.
+            x, axes = inputs[0], attr.get("axes")
+            if len(inputs) > 1 and inputs[1] is not None:
+                constant = tvm_onnx.get_constant(inputs[1], params)
+                if not isinstance(constant, tvm.ir.GenericConst):
+                    return convert(bb, inputs, attr, params)  # run-time axes
+                axes = [int(a) for a in constant.value.numpy().reshape(-1)]
+            if not axes:
+                if attr.get("noop_with_empty_axes", 0):
+                    return x
+                axes = None
+            top = bb.normalize(relax.op.max(x, axes, keepdims=True))
+            shift = bb.normalize(relax.op.where(relax.op.isinf(top), relax.op.zeros_like(top), top))
+            total = relax.op.sum(relax.op.exp(relax.op.subtract(x, shift)), axes, keepdims=True)
+            out = relax.op.add(relax.op.log(total), shift)
+            return out if attr.get("keepdims", 1) else relax.op.squeeze(out, axes)
+
+        special = {"ReduceMean": integer_mean, "ReduceLogSumExp": log_sum_exp}
+        return special.get(cls.op_type, convert)
 
 
 for _op_type in _REDUCTIONS:
