@@ -318,3 +318,32 @@ def test_reduce_log_sum_exp_of_infinities(tmp_path, opset):
         rtol=1e-5,
         atol=1e-5,
     )
+
+
+def test_concat_of_a_symbolic_and_two_static_lengths(tmp_path):
+    """Concat of lengths ``N``, 1 and 2 is ``N + 1 + 2`` in TVM's shape inference; Clip's kernel
+    built from that shape failed in FuseTIR ("Parameter expression T.int64(2) expected ... 2, but
+    was provided with ... 3"). qiao's Concat casts the result to the simplified ``N + 3``."""
+    rng = np.random.default_rng(4)
+    nodes = [
+        helper.make_node("Concat", ["x", "a", "b"], ["c"], axis=1),
+        helper.make_node("Clip", ["c", "lo", "hi"], ["y"]),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array(-0.5, np.float32), "lo"),
+        numpy_helper.from_array(np.array(0.5, np.float32), "hi"),
+    ]
+    _check(
+        tmp_path,
+        nodes,
+        [_info("x", [2, "N", 3]), _info("a", [2, 1, 3]), _info("b", [2, 2, 3])],
+        [_info("y", [2, None, 3])],
+        {
+            "x": rng.standard_normal((2, 4, 3)).astype(np.float32),
+            "a": rng.standard_normal((2, 1, 3)).astype(np.float32),
+            "b": rng.standard_normal((2, 2, 3)).astype(np.float32),
+        },
+        inits=inits,
+        rtol=0,
+        atol=0,
+    )

@@ -246,6 +246,33 @@ class Range(tvm_onnx.OnnxOpConverter):
 
 
 # --- Expand ---------------------------------------------------------------------------------------
+@register_converter("Concat")
+class Concat(tvm_onnx.OnnxOpConverter):
+    """TVM's Concat with the concatenated length simplified: joining ``[2, N, 3]``, ``[2, 1, 3]``
+    and ``[2, 2, 3]`` gives ``N + 1 + 2``, and a kernel made from that shape (Clip's) failed in
+    FuseTIR's shape matching ("Parameter expression T.int64(2) expected an integer argument with
+    value 2, but was provided with the argument T.int64(3)"; found by ``qiao.compiler.fuzzing``).
+    The result is cast to its simplified shape (``N + 3``)."""
+
+    @classmethod
+    def _impl_v4(cls, bb, inputs, attr, params):
+        import tvm_ffi
+        from tvm.sym import Analyzer
+
+        out = tvm_onnx.Concat._impl_v13(bb, inputs, attr, params)
+        if not isinstance(out, relax.Call):
+            return out  # shape arithmetic or a constant
+        out = bb.normalize(out)
+        shape = getattr(out.ty, "shape", None)
+        if not isinstance(shape, relax.ShapeExpr):
+            return out
+        analyzer = Analyzer()
+        dims = [analyzer.simplify(d) for d in shape.values]
+        if all(tvm_ffi.structural_equal(a, b) for a, b in zip(dims, shape.values)):
+            return out
+        return bb.match_cast(out, relax.TensorType(dims, out.ty.dtype))
+
+
 @register_converter("Expand")
 class Expand(tvm_onnx.OnnxOpConverter):
     """Expand to a constant shape when the data has symbolic dims.
