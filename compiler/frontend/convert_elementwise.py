@@ -1,5 +1,5 @@
 """Converters for elementwise ops TVM lacks or mistypes: Pow, Celu, Elu, Selu, Swish, Cosh,
-Sinh, Sign, ThresholdedRelu, Not, Equal (of booleans), IsInf, Dropout.
+Sinh, Sign, ThresholdedRelu, Not, Equal (of booleans), variadic Max/Min, IsInf, Dropout.
 """
 
 from __future__ import annotations
@@ -179,6 +179,37 @@ class Equal(tvm_onnx.OnnxOpConverter):
 def _is_bool_tensor(value) -> bool:
     ty = getattr(value, "ty", None)
     return getattr(ty, "dtype", None) is not None and str(ty.dtype) == "bool"
+
+
+class _PairwiseExtremum(tvm_onnx.OnnxOpConverter):
+    """Variadic Max/Min as a chain of elementwise maximum/minimum. TVM's converter stacks the
+    inputs and reduces the new axis, whose identity is the lowest finite float: ``Max`` of
+    inputs that are all ``-inf`` gave ``-3.4e38`` (found by ``qiao.compiler.fuzzing``)."""
+
+    pairwise = None  # relax.op.maximum / minimum
+    tvm_converter = None  # TVM's converter, for constants
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        values = [v for v in inputs if v is not None]
+        if len(values) < 2 or all(isinstance(v, tvm.ir.GenericConst) for v in values):
+            return cls.tvm_converter._impl_v1(bb, inputs, attr, params)
+        out = values[0]
+        for value in values[1:]:
+            out = bb.normalize(cls.pairwise(out, value))
+        return out
+
+
+@register_converter("Max")
+class Max(_PairwiseExtremum):
+    pairwise = staticmethod(relax.op.maximum)
+    tvm_converter = tvm_onnx.Max
+
+
+@register_converter("Min")
+class Min(_PairwiseExtremum):
+    pairwise = staticmethod(relax.op.minimum)
+    tvm_converter = tvm_onnx.Min
 
 
 @register_converter("IsInf")
