@@ -40,62 +40,6 @@ def propagate_nan(func):
     return tvm_ffi.structural_mutate(func, [(tirx.Max, on_minmax), (tirx.Min, on_minmax)])
 
 
-def infinite_identities(func):
-    """``func`` with every float max (min) reduction starting from ``-inf`` (``+inf``). TOPI's
-    identity is the lowest (highest) finite float, so a row that is all ``-inf`` (a fully masked
-    attention row, a variadic Max of ``-inf``) reduced to ``-3.4e38`` where ONNX Runtime, PyTorch
-    and NumPy give ``-inf``. Runs on reduction blocks before scheduling (their ``T.init``)."""
-    import tvm_ffi
-    from tvm import s_tir, tirx
-
-    def on_block(block, mutator):
-        new = mutator.default_mutate(block)
-        init, body = new.init, new.body
-        if not (isinstance(init, tirx.BufferStore) and isinstance(body, tirx.BufferStore)):
-            return new
-        kind = type(body.value)
-        value = init.value
-        if kind not in (tirx.Max, tirx.Min) or not isinstance(value, tirx.FloatImm):
-            return new
-        finfo = _finfo(str(value.ty))
-        if finfo is None:
-            return new
-        sign = -1 if kind is tirx.Max else 1
-        if float(value.value) != sign * finfo:
-            return new
-        infinite = tirx.const(sign * float("inf"), str(value.ty))
-        return s_tir.SBlock(
-            new.iter_vars,
-            new.reads,
-            new.writes,
-            new.name_hint,
-            body,
-            tirx.BufferStore(init.buffer, infinite, init.indices),
-            new.alloc_buffers,
-            new.match_buffers,
-            new.annotations,
-        )
-
-    return tvm_ffi.structural_mutate(func, [(s_tir.SBlock, on_block)])
-
-
-def _finfo(dtype: str) -> float | None:
-    """The largest finite value of a float dtype (``None`` for others)."""
-    import numpy as np
-
-    try:
-        return float(np.finfo(np.dtype(dtype)).max)
-    except TypeError:
-        return None
-
-
-def InfiniteIdentities() -> Any:  # noqa: N802 - a pass constructor, named like TVM's
-    """Module pass applying ``infinite_identities`` to every PrimFunc (before the rules)."""
-    from qiao.compiler.passes.apply_schedule_rules import primfunc_rewrite_pass
-
-    return primfunc_rewrite_pass("InfiniteIdentities", infinite_identities)
-
-
 def PropagateNaN() -> Any:  # noqa: N802 - a pass constructor, named like TVM's
     """Module pass applying ``propagate_nan`` to every PrimFunc.
 

@@ -51,15 +51,12 @@ def cpu_schedule_passes(
     target: Any, options: Mapping[str, Any] | None = None, rules: Sequence[Any] | None = None
 ) -> list:
     """qiao's CPU schedule phase: ``rules`` (default: qiao's CPU rules) with this device's tuning
-    database (``options`` as for ``tuning_database``), then ``cpu_loop_passes``; before the rules,
-    ``InfiniteIdentities``."""
-    from qiao.compiler.passes.propagate_nan import InfiniteIdentities
+    database (``options`` as for ``tuning_database``), then ``cpu_loop_passes``."""
     from qiao.compiler.schedules.cpu import cpu_rules
 
     database, trials = tuning_database(target, options)
     rules = cpu_rules(target) if rules is None else rules
-    # max/min reductions start from -inf/+inf (TOPI: the lowest/highest finite float)
-    return [InfiniteIdentities(), rule_pass(rules, database, trials), *cpu_loop_passes()]
+    return [rule_pass(rules, database, trials), *cpu_loop_passes()]
 
 
 def gpu_schedule_passes(
