@@ -131,9 +131,13 @@ class Sign(tvm_onnx.OnnxOpConverter):
     @classmethod
     def _impl_v9(cls, bb, inputs, attr, params):
         x = inputs[0]
-        if "float" not in str(x.ty.dtype):
+        dtype = str(x.ty.dtype)
+        if "float" not in dtype:
             return relax.op.sign(x)
-        return relax.op.where(relax.op.isnan(x), x, relax.op.sign(x))
+        # x > 0 ? 1 : (x < 0 ? -1 : x): NaN and ±0 are themselves, with no tirx.isnan (which has
+        # made TVM's vectorizer fail elsewhere: see passes/vectorizable_math._is_nan)
+        negative = relax.op.where(relax.op.less(x, const(0, dtype)), const(-1, dtype), x)
+        return relax.op.where(relax.op.greater(x, const(0, dtype)), const(1, dtype), negative)
 
 
 @register_converter("ThresholdedRelu")
