@@ -80,9 +80,6 @@ class CPURowReduction(CPURule):
         row = sch.fuse(*loops[:rows]) if rows > 1 else loops[0]
         if last.is_injective():
             _vectorize_inner(sch, last.block_rv, lanes, first=1)
-        else:  # a lone reduction (ReduceMax): its SIMD partial goes under the row loop too
-            for block in reversed(reductions.pop()[:-1]):
-                sch.compute_at(block, row, preserve_unit_loops=True)
         for info in reversed(infos[:-1]):
             blocks = reductions.pop() if not info.is_injective() else [info.block_rv]
             for block in reversed(blocks):
