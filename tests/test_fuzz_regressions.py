@@ -369,3 +369,55 @@ def test_variadic_max_of_minus_infinity_is_minus_infinity(tmp_path):
         rtol=1e-6,
         atol=1e-6,
     )
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_reduce_max_of_only_minus_infinity_is_minus_infinity(tmp_path, dtype):
+    """A ReduceMax row of only ``-inf`` (a ReduceMin row of only ``+inf``) was ``-3.4e38``
+    (``-65504`` in float16): TOPI's reduction starts from the lowest finite float. qiao's
+    ``propagate_nan.infinite_identities`` stores ``-inf`` into max accumulators once the kernels
+    are scheduled (before, TVM's rfactor would not recognise the reducer: 4ddf20a). Lone
+    reductions (whose rule falls back to a loop nest), a symbolic row count and Softmax (whose
+    max is rfactor-ed into SIMD partials) are checked against ONNX Runtime and NumPy."""
+    onnx_dtype = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    x = np.random.default_rng(5).standard_normal((3, 4, 37)).astype(dtype)
+    x[0] = -np.inf  # every row of x[0]
+    x[1, 2, :] = -np.inf
+    x[2, :, 5] = -np.inf
+    nodes = [
+        helper.make_node("ReduceMax", ["x", "last"], ["rows"], keepdims=0),
+        helper.make_node("ReduceMax", ["x", "middle"], ["cols"], keepdims=1),
+        helper.make_node("Neg", ["x"], ["n"]),
+        helper.make_node("ReduceMin", ["n", "last"], ["rows_min"], keepdims=0),
+        helper.make_node("Softmax", ["x"], ["sm"], axis=-1),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array([-1], np.int64), "last"),
+        numpy_helper.from_array(np.array([1, 2], np.int64), "middle"),
+    ]
+    _check(
+        tmp_path,
+        nodes,
+        [_info("x", ["N", 4, 37], onnx_dtype)],
+        [
+            _info("rows", ["N", 4], onnx_dtype),
+            _info("cols", ["N", 1, 1], onnx_dtype),
+            _info("rows_min", ["N", 4], onnx_dtype),
+            _info("sm", ["N", 4, 37], onnx_dtype),
+        ],
+        {"x": x},
+        inits=inits,
+        rtol=1e-2 if dtype == "float16" else 1e-5,
+        atol=1e-3 if dtype == "float16" else 1e-6,
+    )
+    graph = helper.make_graph(
+        nodes[:1],
+        "numpy",
+        [_info("x", ["N", 4, 37], onnx_dtype)],
+        [_info("rows", ["N", 4], onnx_dtype)],
+        initializer=inits[:1],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    rows = compile(model, "cpu", tmp_path / "np").run({"x": x})["rows"]
+    assert np.array_equal(rows, x.max(axis=-1))
+    assert np.isneginf(rows[0]).all() and np.isneginf(rows[1, 2])
