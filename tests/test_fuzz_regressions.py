@@ -421,3 +421,36 @@ def test_reduce_max_of_only_minus_infinity_is_minus_infinity(tmp_path, dtype):
     rows = compile(model, "cpu", tmp_path / "np").run({"x": x})["rows"]
     assert np.array_equal(rows, x.max(axis=-1))
     assert np.isneginf(rows[0]).all() and np.isneginf(rows[1, 2])
+
+
+@pytest.mark.parametrize("dtype", ["int64", "float32"])
+def test_where_broadcast_over_symbolic_dims(tmp_path, dtype):
+    """``Where(x >= 0, x, y)`` with ``x`` of shape ``[1, M, M, M, 1]`` and ``y`` of ``[M, M, 1]``
+    (the fuzzer's segfault): TVM's ``RewriteUnsafeSelect`` made the load of ``y`` lazy, and
+    LLVM's loop vectoriser (AVX2) computed its ``fused % M`` index only when the first SIMD
+    lane's condition held: the other lanes read from a poison address (wrong values at ``M = 4``,
+    a segfault at other sizes). ``passes.eager_select`` loads both operands before the select.
+    Several sizes run through one artifact, as the fuzzer's two bindings do."""
+    onnx_dtype = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    nodes = [
+        helper.make_node("GreaterOrEqual", ["x", "zero"], ["c"]),
+        helper.make_node("Where", ["c", "x", "y"], ["w"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "regression",
+        [_info("x", [1, "M", "M", "M", 1], onnx_dtype), _info("y", ["M", "M", 1], onnx_dtype)],
+        [_info("w", [1, "M", "M", "M", 1], onnx_dtype)],
+        initializer=[numpy_helper.from_array(np.zeros((), dtype), "zero")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(model, full_check=True)
+    artifact = compile(model, "cpu", tmp_path / "a")
+    rng = np.random.default_rng(6)
+    for m in (4, 1, 5, 8, 13):
+        x = (rng.standard_normal((1, m, m, m, 1)) * 3).astype(dtype)
+        y = (rng.standard_normal((m, m, 1)) * 3).astype(dtype)
+        feeds = {"x": x, "y": y}
+        actual = artifact.run(feeds)
+        assert_close(actual, onnxruntime_outputs(model, feeds), rtol=0, atol=0)
+        assert np.array_equal(actual["w"], np.where(x >= 0, x, y))

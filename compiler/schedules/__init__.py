@@ -109,7 +109,8 @@ def rule_pass(rules: Sequence[Any], database: Any = None, trials: int = 0) -> An
 
 def cpu_loop_passes() -> list:
     """The CPU rewrites that follow the rules: ragged vector loops, NaN-propagating min/max,
-    vectorisable math, serial small kernels."""
+    eager selects, vectorisable math, serial small kernels."""
+    from qiao.compiler.passes.eager_select import EagerSelect
     from qiao.compiler.passes.propagate_nan import PropagateNaN
     from qiao.compiler.passes.serial_small_kernels import SerialSmallKernels
     from qiao.compiler.passes.vectorizable_math import VectorizableMath
@@ -120,6 +121,9 @@ def cpu_loop_passes() -> list:
         VectorizeRaggedLoops(),
         # float min/max (Relu, Clip, ReduceMax, pools) keep NaN, as ONNX Runtime and PyTorch do.
         PropagateNaN(),
+        # Loads of Where's operands before the select: no urem left in a branch for LLVM's
+        # vectoriser to mis-predicate (wrong values / a segfault with symbolic broadcasts).
+        EagerSelect(),
         # libm exp/erf/tanh calls do not vectorise; their polynomial forms do.
         VectorizableMath(),
         # Small (often symbolic-shaped) kernels skip the thread pool at run time.
