@@ -55,7 +55,10 @@ ReduceLogSumExp, and gives their Clips both bounds: ONNX Runtime's MaxPool skips
 ReduceMax keeps a NaN only in a row's first element, and its Clip without a bound turns ±inf into
 ±3.4e38, while its Max, Min, Relu and Clip propagate NaN; qiao propagates NaN through all of them
 and keeps infinities, as NumPy and PyTorch do (``tests/test_fuzz_regressions.py`` checks the
-reductions against NumPy).
+reductions against NumPy). Two wild values are never added or subtracted: TVM's arithmetic
+simplifier applies ring identities to floats once operators are fused (``Cast(x) - x`` becomes 0,
+``(x + y) - x`` becomes ``y``), where ONNX Runtime has ``inf - inf = NaN``. That is a known
+deviation of qiao (TVM), not something qiao works around.
 
 Inputs are drawn from a standard normal (integers from [-5, 5]); about one float input in ten
 has 30% of its elements replaced by NaN, ±inf, ±0, ±1e30 or a denormal (such inputs are wild, and
@@ -384,6 +387,10 @@ def _gen_binary(b: _Builder) -> bool:
     if op in ("Div", "Mod"):
         guarded = b.safe_positive(y, force=b.boolean(0.7))
         wild, y = guarded is y, guarded  # an exact float divisor may be 0
+    if op in ("Add", "Sub") and x.wild and y.wild and x.dtype in _FLOATS:
+        # TVM's simplifier applies ring identities to floats once kernels are fused: Cast(x) - x
+        # is 0 and (x + y) - x is y, where ONNX Runtime has inf - inf = NaN (a known deviation)
+        return False
     if op == "Pow":
         if not y.exact:
             return False
@@ -1135,7 +1142,9 @@ def check_cases(cases: list, workdir: str | None = None) -> list:
 def campaign(examples: int, seed: int, log_dir: str, batch: int = 6) -> dict:
     """Fuzz ``examples`` graphs without stopping at failures, ``batch`` graphs of one opset per
     compile (``check_cases``). Each failing model is saved as ``<log_dir>/fail-<seed>-<n>.onnx``
-    with its error and inputs beside it; a line per batch goes to ``<log_dir>/log.txt``.
+    with its error and inputs beside it; a line per batch goes to ``<log_dir>/log.txt``. A crash
+    of the process (a segfault in a kernel) leaves the batch it was running as
+    ``<log_dir>/inflight-<seed>-<i>.onnx`` / ``.npz`` (every binding: ``arr_0``, ``arr_1``).
     Returns counts by outcome."""
     import time
     import traceback
@@ -1150,7 +1159,15 @@ def campaign(examples: int, seed: int, log_dir: str, batch: int = 6) -> dict:
 
     def flush(cases):
         t0 = time.time()
+        # a crash (segfault) ends the campaign: the batch it ran stays as inflight-<seed>-<i>
+        inflight = [os.path.join(log_dir, f"inflight-{seed}-{i}") for i in range(len(cases))]
+        for stem, case in zip(inflight, cases):
+            onnx.save(case.model, stem + ".onnx")
+            np.savez(stem + ".npz", *case.bindings)
         failures = check_cases(cases)
+        for stem in inflight:
+            for ext in (".onnx", ".npz"):
+                os.remove(stem + ext)
         counts["graphs"] += len(cases)
         for case, err in failures:
             n = counts["fail"]
