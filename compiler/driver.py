@@ -247,6 +247,11 @@ def compile(
         from qiao.compiler.frontend.cast_dtype import cast_weights
 
         resolved.proto, weights_dtype = cast_weights(resolved.proto, options.dtype)
+    # A decoder without GroupQueryAttention joins its cache in the graph (Concat of past and new
+    # rows, GenAI's past_present_share_buffer false): the generator grows the cache by `present`.
+    concat_cache = resolved.decoder is not None and not any(
+        node.op_type == "GroupQueryAttention" for node in resolved.proto.graph.node
+    )
     if resolved.decoder is not None and "kv_cache" not in caller_options:
         # decoder sources run with GenAI's shared buffer: present written in place
         options = CompileOptions.from_kwargs(options, kv_cache="inplace")
@@ -306,7 +311,7 @@ def compile(
         if weights_dtype is not None:
             manifest["dtype"] = weights_dtype
         if resolved.decoder is not None:
-            kv_cache = options.get("kv_cache") or "copy"
+            kv_cache = "concat" if concat_cache else options.get("kv_cache") or "copy"
             manifest["decoder"] = dict(resolved.decoder, kv_cache=kv_cache, logits=logits_rows)
         manifest = art.write_manifest(tmp, manifest)
     artifact = Artifact(os.path.abspath(out), manifest)

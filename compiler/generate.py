@@ -15,6 +15,10 @@ Two cache modes, recorded in the manifest (``decoder.kv_cache``):
   tensors as ``present``; nothing is copied between steps.
 - ``copy``: ``present`` is a new tensor of the buffer's length; it becomes the next step's
   ``past`` (the device tensor is passed on as is, never through the host).
+- ``concat``: the decoder joins past and new rows itself (``Concat``; GenAI's
+  ``past_present_share_buffer: false``, e.g. its builder's CPU fp16 models): the cache starts
+  empty and ``present``, one row longer per step, becomes the next ``past``. Prompts of a batch
+  must then have equal lengths.
 
 Sampling is on the host over the last valid row's logits: greedy by default, or temperature, top-k
 and top-p (nucleus) with a seeded generator.
@@ -248,6 +252,14 @@ class Generator:
         lengths = np.array([len(p) for p in batch], np.int64)
         longest = int(lengths.max())
         length = longest + max_new_tokens  # positions the buffers hold
+        if info.kv_cache == "concat":
+            if len(set(lengths.tolist())) > 1:
+                raise InputMismatch(
+                    "this decoder joins its KV cache in the graph (no shared buffer), so the "
+                    f"prompts of one batch must have equal lengths; got {sorted(set(lengths))}. "
+                    "fix: generate them one at a time, or pad them to one length yourself"
+                )
+            length = 0  # the cache grows by `present`, one call at a time
         caches = {
             name: runner.empty((count, info.kv_heads, length, info.head_size), info.cache_dtype)
             for name in self._present_at

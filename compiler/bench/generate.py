@@ -40,6 +40,7 @@ from qiao.compiler.bench.engines import Engine
 from qiao.compiler.errors import QiaoError, ToolchainMissing
 
 GENERATE_ENGINES = ("qiao", "ort-genai", "transformers")
+SLOW_ENGINE_RUNS = {"transformers": 1}  # timed generations at most, whatever ``runs`` says
 RESULT_MARK = "QIAO-BENCH-GENERATE "  # prefix of the worker's result line on stdout
 GENERATE_DEFINITIONS = {
     "ttft_s": "time to first token: the prefill over the prompt and the choice of the first new "
@@ -515,7 +516,8 @@ def bench_generate(
         Past lengths for decode-step cases: a prompt of that length, then ``past_tokens`` tokens
         (TPOT at that past).
     runs : int
-        Timed generations per engine and case (after one warm-up generation).
+        Timed generations per engine and case (after one warm-up generation); transformers, an
+        order of magnitude slower, runs at most ``SLOW_ENGINE_RUNS`` of them.
     seed : int
         Seed of the random prompts.
     target : str
@@ -676,7 +678,10 @@ def bench_generate(
                 label_size = ",".join(f"{k}={v}" for k, v in size.items())
                 say(f"[{index + 1}/{len(plan)}] {label_size}: {name}")
                 settle()
-                spec = dict(places[name], engine=name, prompts=prompts, new_tokens=count, runs=runs)
+                # transformers is an order of magnitude slower: one timed generation (its median
+                # step over `count` tokens) instead of `runs`, or the run takes most of an hour
+                n = min(runs, SLOW_ENGINE_RUNS.get(name, runs))
+                spec = dict(places[name], engine=name, prompts=prompts, new_tokens=count, runs=n)
                 measured = run_in_subprocess(spec, timeout) if isolate else _run_here(spec)
                 if "error" in measured:
                     note = f"{name} ({label_size}): {measured['error']}"

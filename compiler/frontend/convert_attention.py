@@ -265,6 +265,14 @@ class MultiHeadAttention(tvm_onnx.OnnxOpConverter):
                 # a mask computed from run-time shapes (GenAI's chain): (B, H, S, T), checked
                 # when the model runs
                 bias = bb.match_cast(bias, relax.TensorType(scores.ty.shape, "float32"))
+            # the bias's key length may be another name for the keys' (the mask's
+            # total_sequence_length against past + new): cast to the scores' dims (except the
+            # broadcast 1s), checked at run time
+            dims = [
+                d if isinstance(d, tirx.IntImm) and d.value == 1 else s_dim
+                for d, s_dim in zip(bias.ty.shape.values, scores.ty.shape.values[-bias.ty.ndim :])
+            ]
+            bias = bb.match_cast(bias, relax.TensorType(dims, "float32"))
             scores = bb.normalize(relax.op.add(scores, bias))
         probs = bb.normalize(relax.op.nn.softmax(scores, axis=-1))
         y = bb.normalize(relax.op.matmul(probs, vh))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import tvm
+import tvm_ffi
 from tvm import relax, tirx
 from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
 
@@ -122,3 +123,57 @@ def int_tensor(bb: relax.BlockBuilder, value) -> relax.Expr:
     if isinstance(value, tirx.IntImm):
         return const(int(value.value), "int64")
     return prim_to_tensor(bb, integral_prim(value))
+
+
+def unify_broadcast_args(bb, args: list) -> list | None:
+    """Tensor arguments of a broadcasting op, cast so that Relax can infer the result's shape.
+
+    Relax leaves the shape unknown (``ndim=4``) when two symbolic dims differ, e.g. an attention
+    mask ``[B, 1, S, total_sequence_length]`` added to a causal mask
+    ``[B, 1, S, S + past_sequence_length]`` (ONNX Runtime GenAI's fp16 builder writes this), and
+    such an op cannot be legalised. ONNX broadcasting says two dims that are not 1 are equal, so
+    each such dim becomes one of them (a static size first, then a graph input's name, then an
+    expression) through ``match_cast``, checked when the model runs: a mismatch is an error then,
+    never a wrong result. ``None`` when there is nothing to unify or the shapes cannot broadcast.
+    """
+    shapes = [
+        list(a.ty.shape.values)
+        if isinstance(getattr(getattr(a, "ty", None), "shape", None), relax.ShapeExpr)
+        else None
+        for a in args
+    ]
+    tensors = [
+        i for i, a in enumerate(args) if isinstance(getattr(a, "ty", None), relax.TensorType)
+    ]
+    if not tensors or any(shapes[i] is None for i in tensors):
+        return None
+    rank = max(len(shapes[i]) for i in tensors)
+    chosen = []
+    for axis in range(rank):
+        options = []
+        for i in tensors:
+            at = axis - (rank - len(shapes[i]))
+            d = shapes[i][at] if at >= 0 else None
+            if d is None or (isinstance(d, tirx.IntImm) and d.value == 1):
+                continue
+            if not any(tvm_ffi.structural_equal(d, o) for o in options):
+                options.append(d)
+        static = [d for d in options if isinstance(d, tirx.IntImm)]
+        if len(static) > 1:
+            return None
+        plain = [d for d in options if isinstance(d, tirx.Var)]
+        pick = static or plain or options
+        chosen.append(pick[0] if pick else None)
+    out, changed = list(args), False
+    for i in tensors:
+        dims = list(shapes[i])
+        offset = rank - len(dims)
+        for at, d in enumerate(dims):
+            want = chosen[at + offset]
+            if want is None or (isinstance(d, tirx.IntImm) and d.value == 1):
+                continue
+            if not tvm_ffi.structural_equal(d, want):
+                dims[at], changed = want, True
+        if dims != shapes[i]:
+            out[i] = bb.match_cast(args[i], relax.TensorType(dims, args[i].ty.dtype))
+    return out if changed else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import tvm
+import tvm_ffi
 from tvm import relax, tirx
 from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
 
@@ -304,7 +305,58 @@ class Expand(tvm_onnx.OnnxOpConverter):
             return relax.op.broadcast_to(data, relax.ShapeExpr(out))
         if not isinstance(shape, relax.ShapeExpr) and tensor_length(shape) is not None:
             return cls._runtime_expand(bb, materialize(bb, data), shape)
+        if isinstance(shape, relax.ShapeExpr) and data_shape is not None:
+            out = cls._symbolic_expand(bb, data, list(shape.values))
+            if out is not None:
+                return out
         return tvm_onnx.Expand._impl_v13(bb, inputs, attr, params)
+
+    @classmethod
+    def _symbolic_expand(cls, bb, data, target):
+        """Expand where a symbolic data dim meets another target dim (``(1, 1, S, S)`` to
+        ``(B, 1, S, S + P)``: the causal mask of ONNX Runtime GenAI's fp16 builder, ``S = 1`` at
+        every decode step). TVM's ``broadcast_to`` takes such dims as equal and reads past the
+        data's end when ``S`` is 1; here the index wraps (``i mod S``): ``0`` when the data dim is
+        1, ``i`` when it equals the target's. ``None`` when no dim needs it."""
+        from tvm import te
+
+        dims = list(data.ty.shape.values)
+        rank = max(len(dims), len(target))
+        dims = [tirx.IntImm("int64", 1)] * (rank - len(dims)) + dims
+        target = [tirx.IntImm("int64", 1)] * (rank - len(target)) + target
+        out, wrap = [], []
+        for d, t in zip(dims, target):
+            if isinstance(t, tirx.IntImm) and t.value in (-1, 1):
+                out.append(d)
+                wrap.append(False)
+            elif isinstance(d, tirx.IntImm) or tvm_ffi.structural_equal(d, t):
+                out.append(t if isinstance(d, tirx.IntImm) and d.value == 1 else d)
+                wrap.append(False)
+            else:
+                out.append(t)
+                wrap.append(True)
+        if not any(wrap):
+            return None
+        offset = rank - len(data.ty.shape.values)
+
+        def compute(x):
+            def at(*idx):
+                src = []
+                for axis, i in enumerate(idx):
+                    if axis < offset:
+                        continue
+                    d = x.shape[axis - offset]  # the placeholder's dim: bound to the argument
+                    if isinstance(d, tirx.IntImm) and d.value == 1:
+                        src.append(tirx.IntImm("int64", 0))
+                    elif wrap[axis]:
+                        src.append(tirx.floormod(i, d))
+                    else:
+                        src.append(i)
+                return x(*src)
+
+            return te.compute(out, at, name="expand_wrap")
+
+        return bb.emit_te(compute, data, primfunc_name_hint="expand_wrap")
 
     @classmethod
     def _runtime_expand(cls, bb, data, shape):
@@ -325,7 +377,10 @@ class Expand(tvm_onnx.OnnxOpConverter):
         data_dims = shape_tensor(bb, data)
         one = const(1, "int64")
         out = bb.normalize(relax.op.where(relax.op.equal(target, one), data_dims, target))
-        return relax.op.broadcast_to(data, runtime_shape(bb, out, out_rank, "expand_dim"))
+        shape = runtime_shape(bb, out, out_rank, "expand_dim")
+        # a symbolic data dim that is 1 at run time broadcasts (broadcast_to would read past it)
+        wrapped = cls._symbolic_expand(bb, data, list(shape.values))
+        return wrapped if wrapped is not None else relax.op.broadcast_to(data, shape)
 
 
 @register_converter("EyeLike")

@@ -16,6 +16,7 @@ import warnings
 import numpy as np
 import onnx
 import tvm
+import tvm_ffi
 from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend
 
@@ -143,7 +144,84 @@ class QiaoImporter(onnx_frontend.ONNXGraphImporter):
         sym = converter(self.bb, inputs, attrs, [self._nodes, self._params])
         if isinstance(sym, relax.Expr):
             sym = self.bb.normalize(sym)
+            if op_name in BROADCASTING_OPS:
+                sym = _unify_broadcast(self.bb, sym)
+            elif op_name == "Concat":
+                sym = _unify_concat(self.bb, sym, attrs.get("axis", 0))
+            if isinstance(sym, relax.ShapeExpr) and all(
+                isinstance(d, tvm.tirx.IntImm) for d in sym.values
+            ):
+                # A shape that became static (a symbolic shape's known dims gathered, unsqueezed,
+                # sliced): a constant, as qiao's Shape converter gives, folds through any op,
+                # where TVM's importer refuses ShapeExpr inputs to most ops (`Mul(dim, 2)` in the
+                # GenAI fp16 builder's repeat_kv).
+                sym = relax.const(np.array([int(d.value) for d in sym.values], "int64"), "int64")
         return sym
+
+
+# Element-wise ops whose output shape is the multidirectional broadcast of their inputs' shapes.
+BROADCASTING_OPS = frozenset(
+    "Add Sub Mul Div Pow Mod Where Equal Less LessOrEqual Greater GreaterOrEqual And Or Xor "
+    "Max Min Sum Mean BitwiseAnd BitwiseOr BitwiseXor BitShift PRelu".split()
+)
+
+
+def _shape_lost(sym) -> bool:
+    """Whether ``sym`` is an op call whose result has a known rank but no inferred shape."""
+    ty = getattr(sym, "ty", None)
+    return (
+        isinstance(sym, relax.Call)
+        and isinstance(ty, relax.TensorType)
+        and ty.shape is None
+        and ty.ndim >= 0
+    )
+
+
+def _unify_broadcast(bb, sym):
+    """Re-emit a broadcasting op whose result shape Relax could not infer (see
+    ``convert_common.unify_broadcast_args``); anything else is returned as it is."""
+    if not _shape_lost(sym):
+        return sym
+    from qiao.compiler.frontend.convert_common import unify_broadcast_args
+
+    args = unify_broadcast_args(bb, list(sym.args))
+    if args is None:
+        return sym
+    return bb.normalize(relax.Call(sym.op, args, sym.attrs, sym.ty_args))
+
+
+def _unify_concat(bb, sym, axis: int):
+    """Re-emit a Concat whose result shape Relax could not infer: the inputs' other dims must be
+    equal, so a static one wins over a symbolic one (the GenAI fp16 builder declares the cache's
+    head dim as ``kv_cache_dim`` and concatenates the new keys, head 16, to it); ``match_cast``
+    checks the rest at run time."""
+    ty = getattr(sym, "ty", None)
+    if not _shape_lost(sym) or len(sym.args) != 1 or not isinstance(sym.args[0], relax.Tuple):
+        return sym
+    parts = list(sym.args[0].fields)
+    shapes = [getattr(getattr(x, "ty", None), "shape", None) for x in parts]
+    if not all(isinstance(s, relax.ShapeExpr) and len(s.values) == ty.ndim for s in shapes):
+        return sym
+    shapes = [list(s.values) for s in shapes]
+    axis = axis + ty.ndim if axis < 0 else axis
+    for a in range(ty.ndim):
+        if a == axis:
+            continue
+        column = [s[a] for s in shapes]
+        static = {int(d.value) for d in column if isinstance(d, tvm.tirx.IntImm)}
+        if len(static) > 1:
+            return sym
+        plain = [d for d in column if isinstance(d, tvm.tirx.Var)]
+        want = tvm.tirx.IntImm("int64", static.pop()) if static else (plain or column)[0]
+        for s in shapes:
+            s[a] = want
+    parts = [
+        x
+        if all(tvm_ffi.structural_equal(a, b) for a, b in zip(x.ty.shape.values, s))
+        else bb.match_cast(x, relax.TensorType(s, x.ty.dtype))
+        for x, s in zip(parts, shapes)
+    ]
+    return bb.normalize(relax.Call(sym.op, [relax.Tuple(parts)], sym.attrs, sym.ty_args))
 
 
 def _as_bfloat16(array: np.ndarray) -> np.ndarray:
