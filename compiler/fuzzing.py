@@ -286,13 +286,14 @@ class _Builder:
         Log/Sqrt/1/x's singularity)."""
         if x.dtype in _INTS:  # integer divisors: Abs(x) + 1, never 0
             (a,) = self.node("Abs", [x.name])
-            (b,) = self.node("Add", [a, self.const(np.array(1, x.dtype))])
+            (b,) = self.node("Add", [a, self.const(np.array(1, x.dtype))], wild=x.wild)
             return self.add(b, x.dtype, x.dims, exact=x.exact)
         if x.exact and not force:
             return x
         (a,) = self.node("Abs", [x.name])
         half = self.const(np.array(0.5, x.dtype))
-        (b,) = self.node("Add", [a, half], family="arith")
+        # Abs(x) is no Value of its own: the Add says that inf stays inf (|inf| + 0.5)
+        (b,) = self.node("Add", [a, half], family="arith", wild=x.wild)
         return self.add(b, x.dtype, x.dims, exact=False)
 
 
