@@ -89,6 +89,37 @@ def check_case(case, backend=None) -> CaseResult:
     rep = backend.prepare(case.model, "CPU")
     t1 = time.perf_counter()
     for inputs, ref_outputs in case.data_sets:
-        outputs = rep.run([_normalize(x) for x in inputs])
-        compare(list(outputs), [_normalize(x) for x in ref_outputs], case.rtol, case.atol)
+        outputs = list(rep.run([_normalize(x) for x in inputs]))
+        refs = [_normalize(x) for x in ref_outputs]
+        undefined = _undefined_cast_elements(case.model, [_normalize(x) for x in inputs])
+        if undefined is not None and outputs and np.asarray(outputs[0]).shape == undefined.shape:
+            got = np.array(outputs[0])
+            got[undefined] = np.asarray(refs[0])[undefined]
+            outputs[0] = got
+        compare(outputs, refs, case.rtol, case.atol)
     return CaseResult(t1 - t0, time.perf_counter() - t1)
+
+
+# Sub-byte integer types and their ranges.
+_SUB_BYTE_INT = {"INT4": (-8, 7), "UINT4": (0, 15), "INT2": (-2, 1), "UINT2": (0, 3)}
+
+
+def _undefined_cast_elements(model, inputs) -> np.ndarray | None:
+    """Elements of a float -> int4/uint4/int2/uint2 ``Cast``/``CastLike`` whose value is out of the
+    target's range: ONNX leaves them undefined, and onnx's reference (ml_dtypes) changed between
+    versions (0.5 wraps modulo 2**bits, as qiao does; 0.7 gives 0), so they are not compared.
+    Every in-range element still is. ``None`` for any other case."""
+    import onnx
+
+    nodes = [n for n in model.graph.node if n.op_type not in ("Constant",)]
+    if not nodes or nodes[0].op_type not in ("Cast", "CastLike") or not inputs:
+        return None
+    x = np.asarray(inputs[0])
+    if x.dtype.kind != "f" and "float" not in x.dtype.name:
+        return None
+    out_type = model.graph.output[0].type.tensor_type.elem_type
+    bounds = _SUB_BYTE_INT.get(onnx.TensorProto.DataType.Name(out_type))
+    if bounds is None:
+        return None
+    value = np.trunc(x.astype(np.float64))
+    return ~((value >= bounds[0]) & (value <= bounds[1]))
