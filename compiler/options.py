@@ -50,7 +50,7 @@ class CompileOptions(Mapping):
         Hand-off backends: ``{symbolic dim: (min, max)}``.
     quantize : str or dict, optional
         Weight-only quantization before import: ``"int4"``, ``"int8"`` or ``{"bits": 4|8,
-        "block_size": 32, "symmetric": False}`` (``qiao.compiler.quantize``).
+        "block_size": 32, "symmetric": False, "accuracy_level": 0}`` (``qiao.compiler.quantize``).
     dtype : {"bfloat16", "float16"}, optional
         Store the MatMul/Gemm, MoE expert and embedding weights in this dtype (half the bytes in
         the artifact and read per call); compute stays float32 with float32 accumulation

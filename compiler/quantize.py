@@ -6,8 +6,9 @@ very same quantized graph as the reference qiao validates against:
 
 - ``MatMul`` with a constant 2-D ``[K, N]`` weight, and ``Gemm`` (``transA=0``, ``alpha=1``, a
   constant ``B`` and optional constant 1-D/``[1, N]`` ``C``) -> ``com.microsoft::MatMulNBits``
-  (``block_size`` along K, symmetric or with uint8 zero points, ``accuracy_level=0``: ONNX Runtime
-  then computes in float32, the exact dequantize-then-float result);
+  (``block_size`` along K, symmetric or with uint8 zero points; ``accuracy_level`` 0 by default:
+  ONNX Runtime then computes in float32, the exact dequantize-then-float result; 4 on request,
+  int8 activations, the fast path both engines share);
 - ``com.microsoft::MoE`` with constant experts -> ``com.microsoft::QMoE`` (``swiglu_fusion=1``,
   the only SwiGLU layout ONNX Runtime's CPU kernel runs: concatenated or separate gate/up rows are
   interleaved, an exact permutation). 4-bit experts are block-wise (``block_size`` along K, when
@@ -70,11 +71,18 @@ class QuantScheme:
     symmetric : bool
         No zero points (the scale spans the largest magnitude) when True; uint8 zero points (the
         block's [min, max] range) when False (default).
+    accuracy_level : int
+        ``MatMulNBits``' ``accuracy_level`` (0-4). 0 (default): the exact dequantize-then-float32
+        result, in qiao and ONNX Runtime alike. 4: activations quantized to int8 per block and
+        integer dot products (VNNI / ``pmaddubsw``), ONNX Runtime's fastest CPU path and what
+        ONNX Runtime GenAI's ``-p int4`` builder writes; about 1 % of max|y| off the exact result
+        (both engines). 1-3 compute as 0 in qiao.
     """
 
     bits: int = 4
     block_size: int = 32
     symmetric: bool = False
+    accuracy_level: int = 0
 
     def check(self) -> QuantScheme:
         """``self`` when valid, else ``QiaoError`` with the fix."""
@@ -88,11 +96,17 @@ class QuantScheme:
             )
         if not isinstance(self.symmetric, bool):
             raise QiaoError(f"quantize symmetric={self.symmetric!r}: fix: pass True or False")
+        level = self.accuracy_level
+        if isinstance(level, bool) or level not in (0, 1, 2, 3, 4):
+            raise QiaoError(
+                f"quantize accuracy_level={level!r}: fix: use 0 (exact float32) to 4 (int8 "
+                "activations, the fastest)"
+            )
         return self
 
     @classmethod
     def parse(cls, value: Any) -> QuantScheme:
-        """A scheme from ``"int4"``/``"int8"``, a mapping ``{"bits", "block_size", "symmetric"}``
+        """A scheme from ``"int4"``/``"int8"``, a mapping of its fields
         or a ``QuantScheme``; ``QiaoError`` naming the valid forms otherwise."""
         if isinstance(value, QuantScheme):
             return value.check()
@@ -105,12 +119,13 @@ class QuantScheme:
             unknown = sorted(set(value) - {f.name for f in dataclasses.fields(cls)})
             if unknown:
                 raise QiaoError(
-                    f"quantize has unknown key(s) {unknown}. fix: use bits, block_size, symmetric"
+                    f"quantize has unknown key(s) {unknown}. fix: use bits, block_size, "
+                    "symmetric, accuracy_level"
                 )
             return cls(**value).check()
         raise QiaoError(
             f"quantize={value!r}: fix: pass 'int4', 'int8' or "
-            "{'bits': 4|8, 'block_size': 32, 'symmetric': False}"
+            "{'bits': 4|8, 'block_size': 32, 'symmetric': False, 'accuracy_level': 0}"
         )
 
     def to_json(self) -> dict:
@@ -295,7 +310,7 @@ class _Rewriter:
                 N=n,
                 bits=s.bits,
                 block_size=s.block_size,
-                accuracy_level=0,
+                accuracy_level=s.accuracy_level,
             )
         ]
 
@@ -471,7 +486,8 @@ def quantize_model(
     proto : onnx.ModelProto
         A float32 or float16 model (weights as initializers).
     scheme : QuantScheme, str or mapping
-        ``"int4"``, ``"int8"``, ``{"bits", "block_size", "symmetric"}`` or a ``QuantScheme``.
+        ``"int4"``, ``"int8"``, ``{"bits", "block_size", "symmetric", "accuracy_level"}`` or a
+        ``QuantScheme``.
 
     Returns
     -------
@@ -501,7 +517,6 @@ def quantize_model(
         "ops": dict(sorted(rewriter.counts.items())),
         "experts": rewriter.experts or None,
         "kept_float": rewriter.kept,
-        "accuracy_level": 0,
         "weights_in_artifact": (
             "MatMulNBits: packed codes on CPU targets (qiao's int4/int8 kernels), float32 on GPU "
             "targets; QMoE, GatherBlockQuantized: float32 (dequantized at compile time)"
