@@ -49,12 +49,40 @@ def load_library(path: str):
     the same path is a new file and is loaded anew."""
     import tvm
 
-    st = os.stat(path)
-    key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    key = (real, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     with _LIBRARIES_LOCK:
         if key not in _LIBRARIES:
-            _LIBRARIES[key] = tvm.runtime.load_module(path)
+            if any(k[0] == real for k in _LIBRARIES):
+                # dlopen matches an already loaded library by its path name before it looks at
+                # the file, so a new library at the old path would run the old code: load it
+                # under a name of its own (the mapping outlives that name).
+                _LIBRARIES[key] = _load_under_new_name(tvm, real, key)
+            else:
+                _LIBRARIES[key] = tvm.runtime.load_module(real)
         return _LIBRARIES[key]
+
+
+def _load_under_new_name(tvm, real: str, key: tuple):
+    """Load ``real`` through a hard link (a copy across file systems) with a name of its own; a
+    symbolic link would not do, TVM resolves it back to the old name."""
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="qiao-lib-")
+    alias = os.path.join(folder, f"{key[2]}-{key[4]}-{os.path.basename(real)}")
+    try:
+        try:
+            os.link(real, alias)
+        except OSError:
+            shutil.copyfile(real, alias)
+        return tvm.runtime.load_module(alias)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(alias)
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
 
 
 @contextlib.contextmanager

@@ -150,3 +150,28 @@ def _leak_main(directory: str, runs: int, cycles: int) -> None:
 
 if __name__ == "__main__":
     _leak_main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+
+
+def test_recompile_into_the_same_directory_runs_the_new_model(tmp_path):
+    """A second model compiled into the same directory in one process runs its own code: dlopen
+    matches an already loaded library by its path name, so the new library is loaded under a name
+    of its own (found by the issue-15 fuzzing helper: Relu then Neg into one folder gave Relu)."""
+    from onnx import TensorProto, helper
+
+    from qiao.compiler import compile, load
+
+    def model(op):
+        graph = helper.make_graph(
+            [helper.make_node(op, ["x"], ["y"])],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        )
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+    x = {"x": np.array([-1, 2, -3, 4], np.float32)}
+    out = tmp_path / "same"
+    np.testing.assert_array_equal(compile(model("Relu"), "cpu", out).run(x)["y"], [0, 2, 0, 4])
+    np.testing.assert_array_equal(compile(model("Neg"), "cpu", out).run(x)["y"], [1, -2, 3, -4])
+    np.testing.assert_array_equal(load(out).run(x)["y"], [1, -2, 3, -4])
+    np.testing.assert_array_equal(compile(model("Abs"), "cpu", out).run(x)["y"], [1, 2, 3, 4])
