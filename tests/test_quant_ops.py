@@ -33,6 +33,10 @@ N = 24
 RTOL = ATOL = 1e-4
 ACC4_REL = 2e-2  # of the output's largest magnitude, accuracy_level 4 vs exact
 ACC4_ORT_REL = 1e-3  # the same, qiao vs ONNX Runtime both at accuracy_level 4 (CPU kernels)
+# 8-bit weights at accuracy_level 4: ONNX Runtime 1.32 on AVX2-only hosts quantizes the activations
+# its own way there (0.7-0.9 % of max|y| from qiao's, and from its own AVX-512 result), so qiao and
+# it are only held to the level's bound against the exact result, as each is separately.
+ACC4_ORT_REL_8BIT = ACC4_REL
 
 
 def _quantize(w: np.ndarray, bits: int, block: int, zero_points: str):
@@ -159,7 +163,7 @@ def test_matmul_nbits(nbits, rows):
     }
     got = artifact.run(feeds)
     want = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
-    for name, (a, *_, level) in CASES.items():
+    for name, (a, _, bits, *_, level) in CASES.items():
         deq, bias = refs[name]
         exact = (feeds[a].astype(np.float64) @ deq.astype(np.float64)).astype(np.float32)
         if bias is not None:
@@ -170,7 +174,7 @@ def test_matmul_nbits(nbits, rows):
         else:  # int8 activations, quantized the same way by qiao's CPU kernels and ORT
             for ref, what, tol in (
                 (exact, "NumPy", ACC4_REL),
-                (want[name], "ONNX Runtime", ACC4_ORT_REL),
+                (want[name], "ONNX Runtime", ACC4_ORT_REL_8BIT if bits == 8 else ACC4_ORT_REL),
             ):
                 err = np.abs(got[name] - ref).max()
                 assert err <= tol * np.abs(exact).max(), f"{name} vs {what}: {err}"

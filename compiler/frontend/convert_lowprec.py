@@ -98,8 +98,8 @@ def encode_e8m0(v, saturate: bool, round_mode: int):
 
 def encode_int(v, t: LowPrecType):
     """``v`` as an int4/uint4/int2/uint2 value (in int64): floats truncate toward zero, then every
-    value wraps modulo 2**bits, as onnx's reference (ml_dtypes) converts; NaN and infinities give
-    0."""
+    value wraps modulo 2**bits, as ml_dtypes converted before 0.7 (0.7 gives 0 out of range; ONNX
+    leaves it undefined); NaN and infinities give 0."""
     if "float" in str(v.ty):
         wide = v.astype("float64")
         finite = tirx.And(tirx.abs(wide) < tirx.const(2.0**63, "float64"), wide == wide)
@@ -122,7 +122,7 @@ def encode(x: te.Tensor, t: LowPrecType, saturate: bool, round_mode: int) -> te.
             return encode_int(v, t).astype(t.storage)
         if str(v.ty) != "float32":
             # float16/bfloat16 widen exactly. float64 (and wide integers) round to float32 first,
-            # as onnx's reference (ml_dtypes) and ONNX Runtime do: a value just off a tie can
+            # as ONNX Runtime does (and ml_dtypes before 0.7): a value just off a tie can
             # become the tie, so this double rounding is what their outputs hold.
             v = v.astype("float32")
         bits = (
