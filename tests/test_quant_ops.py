@@ -34,7 +34,7 @@ RTOL = ATOL = 1e-4
 ACC4_REL = 2e-2  # of the output's largest magnitude, accuracy_level 4 vs exact
 ACC4_ORT_REL = 1e-3  # the same, qiao vs ONNX Runtime both at accuracy_level 4 (CPU kernels)
 # 8-bit weights at accuracy_level 4: ONNX Runtime 1.32 on AVX2-only hosts quantizes the activations
-# its own way there (0.7-0.9 % of max|y| from qiao's, and from its own AVX-512 result), so qiao and
+# its own way there (0.7-0.9 % of max|y| from qiao's), so qiao and
 # it are only held to the level's bound against the exact result, as each is separately.
 ACC4_ORT_REL_8BIT = ACC4_REL
 
