@@ -166,14 +166,15 @@ def unify_broadcast_args(bb, args: list) -> list | None:
         chosen.append(pick[0] if pick else None)
     out, changed = list(args), False
     for i in tensors:
-        dims = list(shapes[i])
+        dims, cast = list(shapes[i]), False
         offset = rank - len(dims)
         for at, d in enumerate(dims):
             want = chosen[at + offset]
             if want is None or (isinstance(d, tirx.IntImm) and d.value == 1):
                 continue
             if not tvm_ffi.structural_equal(d, want):
-                dims[at], changed = want, True
-        if dims != shapes[i]:
+                dims[at], cast = want, True
+        if cast:  # (a list `!=` would compare PrimExprs with `==`, which builds an expression)
             out[i] = bb.match_cast(args[i], relax.TensorType(dims, args[i].ty.dtype))
+            changed = True
     return out if changed else None
