@@ -34,7 +34,7 @@ import pytest
 from onnx import TensorProto as TP
 from onnx import helper, numpy_helper
 
-from qiao.compiler.quantize import quantize_model
+from qiao.compiler.quantize import quantize_model, with_accuracy_level
 
 BASELINE = "onnxruntime-int4-acc4"
 FLOORS = {1: 1.0, 128: 0.8}  # qiao speed / ONNX Runtime accuracy_level 4 speed, per row count
@@ -60,17 +60,6 @@ def _float_layer(k: int, n: int) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
 
 
-def _with_accuracy_level(model: onnx.ModelProto, level: int) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    for node in out.graph.node:
-        if node.op_type == "MatMulNBits":
-            attrs = [a for a in node.attribute if a.name != "accuracy_level"]
-            del node.attribute[:]
-            node.attribute.extend([*attrs, helper.make_attribute("accuracy_level", level)])
-    return out
-
-
 @pytest.fixture(scope="module")
 def layer(smoke, tmp_path_factory):
     from qiao.compiler import compile
@@ -80,7 +69,7 @@ def layer(smoke, tmp_path_factory):
     size = 256 if smoke else 4096
     fp32 = _float_layer(size, size)
     int4, _ = quantize_model(fp32, {"bits": 4, "block_size": 32, "symmetric": False})
-    acc0, acc4 = _with_accuracy_level(int4, 0), _with_accuracy_level(int4, 4)
+    acc0, acc4 = with_accuracy_level(int4, 0), with_accuracy_level(int4, 4)
     root = tmp_path_factory.mktemp("quant")
     threads = usable_cores()  # ONNX Runtime with the threads qiao's kernels use
 

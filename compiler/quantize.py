@@ -452,6 +452,19 @@ class _Rewriter:
         return out
 
 
+def with_accuracy_level(proto: onnx.ModelProto, level: int) -> onnx.ModelProto:
+    """A copy of ``proto`` whose ``MatMulNBits`` and ``QMoE`` nodes compute at ``accuracy_level``
+    ``level`` (ONNX Runtime: 0 float32, 4 int8 activations); ``proto`` is not modified."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    for node in out.graph.node:
+        if node.domain == MS_DOMAIN and node.op_type in ("MatMulNBits", "QMoE"):
+            attrs = [a for a in node.attribute if a.name != "accuracy_level"]
+            del node.attribute[:]
+            node.attribute.extend([*attrs, helper.make_attribute("accuracy_level", level)])
+    return out
+
+
 def _copy_fields(src, dst, skip: tuple[str, ...]) -> None:
     """Copy the set fields of protobuf message ``src`` into ``dst``, except those in ``skip``."""
     for field, value in src.ListFields():

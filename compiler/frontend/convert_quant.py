@@ -48,9 +48,11 @@ keeps its weights packed: the converter emits a ``qiao.matmul_nbits`` placeholde
 packed bytes, scales and zero points as constants, which ``qiao.compiler.passes.lower_quant``
 turns into qiao's int4/int8 CPU kernel (``qiao.compiler.kernels.quant_gemm``: a GEMV reading each
 weight byte once, dequantizing in registers) or, on GPU targets, into the dequantized fallback.
-Everything else (2-bit codes, act-order ``g_idx``, float16 activations, ``GatherBlockQuantized``,
-``QMoE``) is dequantized here, at import, into a float weight and becomes a plain ``matmul`` /
-``take`` / MoE: exact and runs everywhere, but reads four bytes per weight.
+``QMoE`` with 4- or 8-bit experts keeps them packed too (``LowerMoE`` and
+``qiao.compiler.kernels.quant_moe``). Everything else (2-bit codes, act-order ``g_idx``,
+float16 activations, ``GatherBlockQuantized``) is dequantized here, at import, into a float
+weight and becomes a plain ``matmul`` / ``take`` / MoE: exact and runs everywhere, but reads
+four bytes per weight.
 Float scales of 64 or more elements arrive as run-time parameters of ``main`` (see
 ``importer``): their values are read from the importer's parameter table and the parameter
 stays, unused, in ``main``'s signature.
@@ -337,7 +339,7 @@ _QMOE_ONLY_ATTRS = (
 )  # fmt: skip
 
 
-def dequantize_experts(
+def quant_experts(
     weights: np.ndarray,
     scales: np.ndarray,
     zero_points: np.ndarray | None,
@@ -345,8 +347,10 @@ def dequantize_experts(
     block_size: int,
     k: int,
     what: str = "fc",
-) -> np.ndarray:
-    """The float expert weights ``[E, N, K]`` of one ``QMoE`` projection (quant_type 'int').
+):
+    """One ``QMoE`` projection (quant_type 'int') checked and normalised: a
+    ``qiao.compiler.kernels.quant_moe.QuantExperts`` (codes as stored, scales ``[E, N, n_blocks]``
+    float32, zero points unpacked to uint8 ``[E, N, n_blocks]``; ``n_blocks`` 1 per column).
 
     Parameters
     ----------
@@ -365,12 +369,9 @@ def dequantize_experts(
         0: per-column scales.
     k : int
         The input features (hidden size for fc1/fc3, intermediate size for fc2).
-
-    Returns
-    -------
-    np.ndarray
-        float32 ``[E, N, K]``: ``(code - zero_point) * scale``.
     """
+    from qiao.compiler.kernels.quant_moe import QuantExperts
+
     where = f"QMoE {what}"
     if weights.ndim != 3 or weights.dtype != np.uint8 or weights.shape[2] * 8 != k * bits:
         raise CompileError(
@@ -379,8 +380,6 @@ def dequantize_experts(
             "experts with ONNX Runtime's quantize_matmul_4bits/8bits layout"
         )
     e, n = weights.shape[:2]
-    codes = unpack_codes(weights, bits, k).astype(np.float32)  # [E, N, K]
-    default = float(1 << (bits - 1))
     if block_size:
         if k % block_size:
             raise CompileError(
@@ -393,34 +392,65 @@ def dequantize_experts(
                 f"{where}: scales {list(scales.shape)}, expected [{e}, {n}, {n_blocks}]. fix: "
                 "re-quantize the experts with this block_size"
             )
-        scale = scales.astype(np.float32).reshape(e, n, n_blocks)
-        if zero_points is None:
-            zp = np.full((e, n, n_blocks), default, np.float32)
-        else:
-            zp = unpack_codes(zero_points.reshape(e, n, -1), bits, n_blocks).astype(np.float32)
-        out = (codes.reshape(e, n, n_blocks, block_size) - zp[..., None]) * scale[..., None]
-        return np.ascontiguousarray(out.reshape(e, n, k), np.float32)
-    if scales.size != e * n:
-        raise CompileError(
-            f"{where}: scales {list(scales.shape)}, expected [{e}, {n}] (no block_size: one scale "
-            "per output column). fix: set block_size or re-quantize per column"
-        )
-    scale = scales.astype(np.float32).reshape(e, n)
-    if zero_points is None:
-        zp = np.full((e, n), default, np.float32)
+        zero = None
+        if zero_points is not None:
+            zero = unpack_codes(zero_points.reshape(e, n, -1), bits, n_blocks)
     else:
-        zp = unpack_codes(zero_points.reshape(e, -1), bits, n).astype(np.float32)
-    return np.ascontiguousarray((codes - zp[..., None]) * scale[..., None], np.float32)
+        if scales.size != e * n:
+            raise CompileError(
+                f"{where}: scales {list(scales.shape)}, expected [{e}, {n}] (no block_size: one "
+                "scale per output column). fix: set block_size or re-quantize per column"
+            )
+        n_blocks = 1
+        zero = None
+        if zero_points is not None:
+            zero = unpack_codes(zero_points.reshape(e, -1), bits, n).reshape(e, n, 1)
+    return QuantExperts(
+        codes=np.ascontiguousarray(weights),
+        scales=np.ascontiguousarray(scales.astype(np.float32).reshape(e, n, n_blocks)),
+        zero=None if zero is None else np.ascontiguousarray(zero, np.uint8),
+        bits=bits,
+        k=k,
+    )
+
+
+def _join_experts(fc1, fc3):
+    """fc1 and fc3 experts as one projection with fc3's rows under fc1's (``swiglu_fusion=2``):
+    None when their bits or blocks differ."""
+    from qiao.compiler.kernels.quant_moe import QuantExperts
+
+    if fc1.bits != fc3.bits or fc1.scales.shape[2] != fc3.scales.shape[2]:
+        return None
+
+    def zero(q):
+        if q.zero is not None:
+            return q.zero
+        return np.full(q.scales.shape, 1 << (q.bits - 1), np.uint8)
+
+    both_default = fc1.zero is None and fc3.zero is None
+    return QuantExperts(
+        codes=np.concatenate([fc1.codes, fc3.codes], axis=1),
+        scales=np.concatenate([fc1.scales, fc3.scales], axis=1),
+        zero=None if both_default else np.concatenate([zero(fc1), zero(fc3)], axis=1),
+        bits=fc1.bits,
+        k=fc1.k,
+    )
+
+
+def _float_experts(fc1, fc3) -> np.ndarray:
+    return np.concatenate([fc1.dequantized(), fc3.dequantized()], axis=1)
 
 
 @register_converter("QMoE", ("com.microsoft",))
 class QMoE(tvm_onnx.OnnxOpConverter):
     """``com.microsoft::QMoE`` with integer experts (2/4/8 bits, per column or block-wise, with or
-    without zero points, every ``swiglu_fusion``): the experts are dequantized at import and the
-    node becomes the ``com.microsoft::MoE`` it quantizes (``frontend.moe``: one ``qiao.moe``
-    placeholder, lowered by ``LowerMoE``). Separate fc3 weights (``swiglu_fusion=0``) are
-    concatenated under fc1 (``swiglu_fusion=2``): the same computation, the layout qiao's kernels
-    take. ``accuracy_level`` is ignored: qiao computes the exact dequantized float32 result."""
+    without zero points, every ``swiglu_fusion``): the node becomes the ``qiao.moe`` placeholder
+    of the ``com.microsoft::MoE`` it quantizes (``frontend.moe``), holding the 4-/8-bit experts
+    as they are stored (``MoE.quantized``); ``LowerMoE`` packs them for qiao's integer CPU
+    kernels (``kernels.quant_moe``) or dequantizes them for other targets. 2-bit experts are
+    dequantized here. Separate fc3 weights (``swiglu_fusion=0``) are joined under fc1
+    (``swiglu_fusion=2``): the same computation, the layout qiao's kernels take.
+    ``accuracy_level`` is ignored: qiao computes the exact dequantized float32 result."""
 
     @classmethod
     def _impl_v1(cls, bb, inputs, attr, params):
@@ -456,7 +486,7 @@ class QMoE(tvm_onnx.OnnxOpConverter):
             )
         x = inputs[0]
         hidden = int(x.ty.shape[-1])
-        deq = {}
+        quant = {}
         slots = {"fc1": (2, 3, 11), "fc2": (5, 6, 12), "fc3": (8, 9, 13)}  # weights, scales, zp
         for fc, (w_i, s_i, zp_i) in slots.items():
             if _input(inputs, w_i) is None:
@@ -476,21 +506,40 @@ class QMoE(tvm_onnx.OnnxOpConverter):
             zp_in = _input(inputs, zp_i)
             zp = None if zp_in is None else _known_array(zp_in, params, "QMoE", f"{fc}_zp")
             k = hidden if fc != "fc2" else w.shape[2] * 8 // fc_bits
-            deq[fc] = dequantize_experts(w, s, zp, fc_bits, block_size, k, fc)
+            quant[fc] = quant_experts(w, s, zp, fc_bits, block_size, k, fc)
         moe_attr = {k: v for k, v in attr.items() if k not in _QMOE_ONLY_ATTRS}
-        b1, b2, b3 = _input(inputs, 4), _input(inputs, 7), _input(inputs, 10)
-        fc1 = deq["fc1"]
-        if "fc3" in deq:
+        biases = {}
+        for fc, i in (("fc1", 4), ("fc2", 7), ("fc3", 10)):
+            b = _input(inputs, i)
+            biases[fc] = None if b is None else _known_array(b, params, "QMoE", f"{fc} bias")
+        fc1, b1 = quant["fc1"], biases["fc1"]
+        if "fc3" in quant:
             # [gate | up] rows: swiglu_fusion 0 computes exactly what 2 does with fc3 under fc1.
-            fc1 = np.concatenate([fc1, deq["fc3"]], axis=1)
+            joined = _join_experts(fc1, quant["fc3"])
+            fc1 = joined if joined is not None else _float_experts(fc1, quant["fc3"])
             moe_attr["swiglu_fusion"] = 2
-            if b1 is not None or b3 is not None:
-                rows = deq["fc1"].shape[:2]
-                zero = relax.const(np.zeros(rows, "float32"))
-                b1 = bb.normalize(
-                    relax.op.concat(
-                        [zero if b1 is None else b1, zero if b3 is None else b3], axis=1
-                    )
+            if b1 is not None or biases["fc3"] is not None:
+                rows = quant["fc1"].codes.shape[:2]
+                zero = np.zeros(rows, "float32")
+                b1 = np.concatenate(
+                    [zero if b1 is None else b1, zero if biases["fc3"] is None else biases["fc3"]],
+                    axis=1,
                 )
-        moe_inputs = [x, inputs[1], relax.const(fc1), b1, relax.const(deq["fc2"]), b2]
-        return MoE._impl_v1(bb, moe_inputs, moe_attr, params)
+        fc2, b2 = quant["fc2"], biases["fc2"]
+
+        def const(a):
+            return None if a is None else relax.const(np.ascontiguousarray(a, np.float32))
+
+        if isinstance(fc1, np.ndarray) or 2 in (fc1.bits, fc2.bits):
+            # 2-bit codes, or fc1 and fc3 quantized differently: float32 experts, exact
+            fc1 = fc1 if isinstance(fc1, np.ndarray) else fc1.dequantized()
+            float_inputs = [
+                x,
+                inputs[1],
+                const(fc1),
+                const(b1),
+                const(fc2.dequantized()),
+                const(b2),
+            ]
+            return MoE._impl_v1(bb, float_inputs, moe_attr, params)
+        return MoE.quantized(bb, x, inputs[1], moe_attr, fc1, const(b1), fc2, const(b2))

@@ -69,6 +69,9 @@ class MoEConfig:
     weight_dtype : str
         Dtype of ``fc1``/``fc2`` as the kernels read them (``WEIGHT_DTYPES``): float16/bfloat16
         experts are widened to float32 in registers (CPU kernels; ``--dtype``).
+    weight_bits : int
+        0: float experts of ``weight_dtype``; 4 or 8: integer experts (``QMoE``), which
+        ``LowerMoE`` packs for ``kernels.quant_moe`` or dequantizes.
     """
 
     num_experts: int
@@ -85,6 +88,7 @@ class MoEConfig:
     fc2_bias: bool = False
     dtype: str = "float32"
     weight_dtype: str = "float32"
+    weight_bits: int = 0
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
@@ -111,6 +115,11 @@ class MoEConfig:
             raise QiaoError(
                 f"MoE expert weights of dtype {self.weight_dtype} are not supported. fix: use "
                 f"one of {WEIGHT_DTYPES}"
+            )
+        if self.weight_bits not in (0, 4, 8):
+            raise QiaoError(
+                f"MoE integer experts of {self.weight_bits} bits are not supported. fix: use 4 "
+                "or 8 bits"
             )
 
     @property

@@ -132,8 +132,23 @@ def pack_nbits(
         float32, like ``scales``).
     """
     L = layout
+    codes = _unpack(b.reshape(L.n, -1), L.bits, L.k_pad)  # [N, k_pad] uint8
+    zero = None
+    if L.zero_points == "uint8":
+        zero = _unpack(zero_points.reshape(L.n, -1), L.bits, L.n_blocks)
+    elif L.zero_points == "float32":
+        zero = zero_points.astype(np.float32).reshape(L.n, L.n_blocks)
+    return pack_codes(codes, scales.reshape(L.n, L.n_blocks), zero, layout)
+
+
+def pack_codes(
+    codes: np.ndarray, scales: np.ndarray, zero: np.ndarray | None, layout: NBitsLayout
+) -> dict[str, np.ndarray]:
+    """``pack_nbits`` from unpacked arrays: uint8 ``codes [N, k_pad]`` (one code per byte),
+    ``scales [N, n_blocks]`` and ``zero`` ``[N, n_blocks]`` (uint8 codes or float32; None with
+    ``layout.zero_points == "default"``). Returns the same dict as ``pack_nbits``."""
+    L = layout
     nb, tn, nt = L.n_blocks, L.tile, L.n_tiles
-    codes = _unpack(b.reshape(L.n, -1), L.bits, nb * L.block_size)  # [N, k_pad] uint8
     codes = np.pad(codes, ((0, L.n_pad - L.n), (0, 0)))
     if L.bits == 4:
         packed = codes[:, 0::2] | (codes[:, 1::2] << np.uint8(4))  # [n_pad, k_pad / 2]
@@ -148,11 +163,11 @@ def pack_nbits(
         full[: L.n] = per_column
         return np.ascontiguousarray(full.reshape(nt, tn, nb).transpose(0, 2, 1))
 
-    out["scales"] = tiled(scales.astype(np.float32).reshape(L.n, nb), np.float32)
+    out["scales"] = tiled(scales.astype(np.float32), np.float32)
     if L.zero_points == "uint8":
-        out["zero_points"] = tiled(_unpack(zero_points.reshape(L.n, -1), L.bits, nb), np.uint8)
+        out["zero_points"] = tiled(zero, np.uint8)
     elif L.zero_points == "float32":
-        out["zero_points"] = tiled(zero_points.astype(np.float32).reshape(L.n, nb), np.float32)
+        out["zero_points"] = tiled(zero.astype(np.float32), np.float32)
     return out
 
 
@@ -235,16 +250,31 @@ class _Epilogue:
         return BIAS[col] if self.layout.bias else T.float32(0)
 
 
-def quant_matmul(layout: NBitsLayout, sched: QuantGemmSchedule):
-    """Build the CPU kernel for ``layout``.
+def float_kernels(layout: NBitsLayout, sched: QuantGemmSchedule, *, a_row, store, load=None):
+    """The float32 (exact) kernels over one column tile, as TIR macros shared by
+    ``quant_matmul`` and the MoE's quantized grouped GEMM (``qiao.compiler.kernels.quant_moe``).
+
+    Each macro is called as ``kernel(A, ASUM, Bq, SC, Z, BIAS, OUT, E1, E2, IDX, t, base, m)`` for
+    the ``m`` logical rows ``base .. base + m - 1`` and tile ``t`` (the first index of ``Bq``,
+    ``SC``, ``Z``; ``BIAS`` is indexed ``t * TN + column``).
+
+    Parameters
+    ----------
+    layout : NBitsLayout
+    sched : QuantGemmSchedule
+    a_row : callable
+        ``a_row(IDX, r)``: the row of ``A`` and ``ASUM`` holding logical row ``r``.
+    store : T.macro
+        ``store(OUT, E1, E2, IDX, acc, i, r, t)``: write register row ``i`` of ``acc`` (``[rows,
+        nv, lanes]`` float32, bias included) as logical row ``r`` of tile ``t``.
+    load : callable, optional
+        ``load(OUT, IDX, r, t, v, ln)``: a partial result ``store`` wrote for an earlier chunk of
+        the reduction. Without it the tiled kernel's panel covers the whole of ``K``.
 
     Returns
     -------
-    tvm.tirx.PrimFunc
-        ``quant_matmul(a, asum, codes, scales, zero_points, bias, y)`` with ``a`` float32 ``[M,
-        k_pad]``, ``asum`` float32 ``[M, n_blocks]`` (row sums per block), the ``pack_nbits``
-        arrays (``zero_points``, ``bias`` a ``(1,)`` placeholder when absent; ``bias``
-        ``[n_pad]``), ``y`` float32 ``[M, n_pad]``.
+    tuple
+        ``(gemv, gemv_group, tiled)``: one row, 2 to ``gemv_rows`` rows, and more rows.
     """
     from tvm.script import tirx as T
 
@@ -253,17 +283,15 @@ def quant_matmul(layout: NBitsLayout, sched: QuantGemmSchedule):
         raise ValueError(f"quant_matmul: bits={L.bits} (4 or 8)")
     if L.tile != S.tile:
         raise ValueError(f"quant_matmul: layout tile {L.tile} != schedule tile {S.tile}")
-    VL, NV, TN, MR, NT = S.lanes, S.nv, S.tile, S.mr, L.n_tiles
-    BS, NB, KP, NP, CR = L.block_size, L.n_blocks, L.k_pad, L.n_pad, L.code_rows
-    KC = min(S.kc, KP)
+    VL, NV, TN, MR = S.lanes, S.nv, S.tile, S.mr
+    BS, NB, KP = L.block_size, L.n_blocks, L.k_pad
+    KC = min(S.kc, KP) if load is not None else KP
     CB = KC // BS  # blocks per chunk
     NCH = -(-NB // CB)
     HALF = BS // 2  # GEMV: two reduction steps per iteration (low/high nibble or two rows)
-    GEMV_ROWS = S.gemv_rows
     UNROLL = min(S.gemv_unroll, HALF)
     RG = S.gemv_group
     EPI = _Epilogue(L)
-    ZSHAPE, ZDTYPE, BSHAPE = EPI.zshape, EPI.zdtype, EPI.bshape
     zero, bias = EPI.zero, EPI.bias
     f32 = "float32"
 
@@ -280,14 +308,15 @@ def quant_matmul(layout: NBitsLayout, sched: QuantGemmSchedule):
         return T.Cast(f32, Bq[t, 2 * k2 + 1, j])
 
     @T.macro
-    def gemv(A, ASUM, Bq, SC, Z, BIAS, Y, t, m):
-        acc = T.alloc_buffer((NV, VL), f32)
+    def gemv(A, ASUM, Bq, SC, Z, BIAS, OUT, E1, E2, IDX, t, base, m):
+        acc = T.alloc_buffer((1, NV, VL), f32)
         lo = T.alloc_buffer((NV, VL), f32)
         hi = T.alloc_buffer((NV, VL), f32)
         for r in range(m):
+            ar: T.let[T.int64] = T.Cast("int64", a_row(IDX, base + r))
             for v in T.unroll(NV):
                 for ln in T.vectorized(VL):
-                    acc[v, ln] = bias(BIAS, t * TN + v * VL + ln)
+                    acc[0, v, ln] = bias(BIAS, t * TN + v * VL + ln)
             for b in range(NB):
                 for v in T.unroll(NV):
                     for ln in T.vectorized(VL):
@@ -300,31 +329,30 @@ def quant_matmul(layout: NBitsLayout, sched: QuantGemmSchedule):
                                 lo[v, ln] = (
                                     lo[v, ln]
                                     + code_lo(Bq, t, b * HALF + po * UNROLL + pi, v * VL + ln)
-                                    * A[r, b * BS + 2 * (po * UNROLL + pi)]
+                                    * A[ar, b * BS + 2 * (po * UNROLL + pi)]
                                 )
                                 hi[v, ln] = (
                                     hi[v, ln]
                                     + code_hi(Bq, t, b * HALF + po * UNROLL + pi, v * VL + ln)
-                                    * A[r, b * BS + 2 * (po * UNROLL + pi) + 1]
+                                    * A[ar, b * BS + 2 * (po * UNROLL + pi) + 1]
                                 )
                 for v in T.unroll(NV):
                     for ln in T.vectorized(VL):
-                        acc[v, ln] = acc[v, ln] + SC[t, b, v * VL + ln] * (
-                            lo[v, ln] + hi[v, ln] - zero(Z, t, b, v * VL + ln) * ASUM[r, b]
+                        acc[0, v, ln] = acc[0, v, ln] + SC[t, b, v * VL + ln] * (
+                            lo[v, ln] + hi[v, ln] - zero(Z, t, b, v * VL + ln) * ASUM[ar, b]
                         )
-            for v in T.unroll(NV):
-                for ln in T.vectorized(VL):
-                    Y[r, t * TN + v * VL + ln] = acc[v, ln]
+            store(OUT, E1, E2, IDX, acc, 0, base + r, t)
 
     @T.macro
-    def gemv_group(A, ASUM, Bq, SC, Z, BIAS, Y, t, m):
+    def gemv_group(A, ASUM, Bq, SC, Z, BIAS, OUT, E1, E2, IDX, t, base, m):
         # RG rows per pass over the tile: the codes are converted once for all of them
         acc = T.alloc_buffer((RG, NV, VL), f32)
         part = T.alloc_buffer((RG, NV, VL), f32)
         rows = T.alloc_buffer((RG,), "int64")
         for g in range((m + RG - 1) // RG):
             for i in T.unroll(RG):
-                rows[i] = T.min(g * RG + i, m - 1)  # a partial group repeats its last row
+                # a partial group repeats its last row
+                rows[i] = T.Cast("int64", a_row(IDX, base + T.min(g * RG + i, m - 1)))
                 for v in T.unroll(NV):
                     for ln in T.vectorized(VL):
                         acc[i, v, ln] = bias(BIAS, t * TN + v * VL + ln)
@@ -353,12 +381,10 @@ def quant_matmul(layout: NBitsLayout, sched: QuantGemmSchedule):
                             )
             for i in T.unroll(RG):
                 if g * RG + i < m:
-                    for v in T.unroll(NV):
-                        for ln in T.vectorized(VL):
-                            Y[rows[i], t * TN + v * VL + ln] = acc[i, v, ln]
+                    store(OUT, E1, E2, IDX, acc, i, base + g * RG + i, t)
 
     @T.macro
-    def tiled(A, Bq, SC, Z, BIAS, Y, t, m):
+    def tiled(A, ASUM, Bq, SC, Z, BIAS, OUT, E1, E2, IDX, t, base, m):
         panel = T.alloc_buffer((KC, TN), f32)
         acc = T.alloc_buffer((MR, NV, VL), f32, scope="local")
         rows = T.alloc_buffer((MR,), "int64")
@@ -378,15 +404,19 @@ def quant_matmul(layout: NBitsLayout, sched: QuantGemmSchedule):
                             ) * SC[t, c * CB + bb, v * VL + ln]
             for mb in range((m + MR - 1) // MR):
                 for i in T.unroll(MR):
-                    rows[i] = T.min(mb * MR + i, m - 1)  # a partial block repeats its last row
+                    # a partial block repeats its last row
+                    rows[i] = T.Cast("int64", a_row(IDX, base + T.min(mb * MR + i, m - 1)))
                 for i in T.unroll(MR):
                     for v in T.unroll(NV):
                         for ln in T.vectorized(VL):
-                            acc[i, v, ln] = T.if_then_else(
-                                c == 0,
-                                bias(BIAS, t * TN + v * VL + ln),
-                                Y[rows[i], t * TN + v * VL + ln],
-                            )
+                            if NCH == 1:
+                                acc[i, v, ln] = bias(BIAS, t * TN + v * VL + ln)
+                            else:
+                                acc[i, v, ln] = T.if_then_else(
+                                    c == 0,
+                                    bias(BIAS, t * TN + v * VL + ln),
+                                    load(OUT, IDX, base + T.min(mb * MR + i, m - 1), t, v, ln),
+                                )
                 for k in range(T.min(KC, KP - c * KC)):
                     for i in T.unroll(MR):
                         for v in T.unroll(NV):
@@ -396,9 +426,43 @@ def quant_matmul(layout: NBitsLayout, sched: QuantGemmSchedule):
                                 )
                 for i in T.unroll(MR):
                     if mb * MR + i < m:
-                        for v in T.unroll(NV):
-                            for ln in T.vectorized(VL):
-                                Y[rows[i], t * TN + v * VL + ln] = acc[i, v, ln]
+                        store(OUT, E1, E2, IDX, acc, i, base + mb * MR + i, t)
+
+    return gemv, gemv_group, tiled
+
+
+def quant_matmul(layout: NBitsLayout, sched: QuantGemmSchedule):
+    """Build the CPU kernel for ``layout``.
+
+    Returns
+    -------
+    tvm.tirx.PrimFunc
+        ``quant_matmul(a, asum, codes, scales, zero_points, bias, y)`` with ``a`` float32 ``[M,
+        k_pad]``, ``asum`` float32 ``[M, n_blocks]`` (row sums per block), the ``pack_nbits``
+        arrays (``zero_points``, ``bias`` a ``(1,)`` placeholder when absent; ``bias``
+        ``[n_pad]``), ``y`` float32 ``[M, n_pad]``.
+    """
+    from tvm.script import tirx as T
+
+    L, S = layout, sched
+    VL, NV, TN, NT = S.lanes, S.nv, S.tile, L.n_tiles
+    NB, KP, NP, CR = L.n_blocks, L.k_pad, L.n_pad, L.code_rows
+    EPI = _Epilogue(L)
+    f32 = "float32"
+
+    def a_row(_idx, r):
+        return r
+
+    @T.macro
+    def store(Y, _e1, _e2, _idx, acc, i, r, t):
+        for v in T.unroll(NV):
+            for ln in T.vectorized(VL):
+                Y[r, t * TN + v * VL + ln] = acc[i, v, ln]
+
+    def load(Y, _idx, r, t, v, ln):
+        return Y[r, t * TN + v * VL + ln]
+
+    gemv, gemv_group, tiled = float_kernels(L, S, a_row=a_row, store=store, load=load)
 
     @T.prim_func(s_tir=True)
     def quant_matmul(
@@ -416,17 +480,17 @@ def quant_matmul(layout: NBitsLayout, sched: QuantGemmSchedule):
         ASUM = T.match_buffer(asum_h, (m, NB), f32)
         Bq = T.match_buffer(b_h, (NT, CR, TN), "uint8")
         SC = T.match_buffer(s_h, (NT, NB, TN), f32)
-        Z = T.match_buffer(z_h, ZSHAPE, ZDTYPE)
-        BIAS = T.match_buffer(bias_h, BSHAPE, f32)
+        Z = T.match_buffer(z_h, EPI.zshape, EPI.zdtype)
+        BIAS = T.match_buffer(bias_h, EPI.bshape, f32)
         Y = T.match_buffer(y_h, (m, NP), f32)
         with T.sblock("root"):
             for t in T.parallel(NT):
                 if m == 1:
-                    gemv(A, ASUM, Bq, SC, Z, BIAS, Y, t, m)
-                elif m <= GEMV_ROWS:
-                    gemv_group(A, ASUM, Bq, SC, Z, BIAS, Y, t, m)
+                    gemv(A, ASUM, Bq, SC, Z, BIAS, Y, None, None, None, t, 0, m)
+                elif m <= S.gemv_rows:
+                    gemv_group(A, ASUM, Bq, SC, Z, BIAS, Y, None, None, None, t, 0, m)
                 else:
-                    tiled(A, Bq, SC, Z, BIAS, Y, t, m)
+                    tiled(A, ASUM, Bq, SC, Z, BIAS, Y, None, None, None, t, 0, m)
 
     return quant_matmul
 

@@ -17,6 +17,7 @@ nests otherwise.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,6 +29,7 @@ from qiao.compiler.errors import CompileError
 from qiao.compiler.passes.placeholders import contains_call, rewrite_functions
 
 MOE_EXTERN = "qiao.moe"
+log = logging.getLogger(__name__)
 
 
 def is_moe_placeholder(call: relax.Call) -> bool:
@@ -62,11 +64,52 @@ class _MoELowerer(PyExprMutator):
         if not is_moe_placeholder(call):
             return call
         self.lowered += 1
-        cfg, (x, logits, fc1, b1, fc2, b2) = _config(call)
-        return emit_moe(self.builder_, cfg, self.schedule, x, logits, fc1, b1, fc2, b2, self.gpu)
+        cfg, args = _config(call)
+        x, logits, fc1, b1, fc2, b2 = args[:6]
+        quant = None
+        if cfg.weight_bits:
+            cfg, quant, fc1, fc2 = self._integer_experts(cfg, args)
+        return emit_moe(
+            self.builder_, cfg, self.schedule, x, logits, fc1, b1, fc2, b2, self.gpu, quant
+        )
+
+    def _integer_experts(self, cfg, args):
+        """Integer experts (``QMoE``): packed for ``kernels.quant_moe`` on a CPU target whose
+        tiles fit the shapes, else dequantized here to float32 constants (exact)."""
+        from qiao.compiler.kernels.quant_moe import QuantExperts, QuantMoE, float_config
+
+        _x, _logits, c1, b1, c2, b2, s1, z1, s2, z2 = args
+        experts = []
+        for codes, scales, zero, k in ((c1, s1, z1, cfg.hidden), (c2, s2, z2, cfg.inter)):
+            z = zero.value.numpy()
+            experts.append(
+                QuantExperts(
+                    codes=codes.value.numpy(),
+                    scales=scales.value.numpy(),
+                    zero=z if z.ndim == 3 else None,
+                    bits=cfg.weight_bits,
+                    k=k,
+                )
+            )
+        fc1, fc2 = experts
+        if not self.gpu:
+            bias1 = b1.value.numpy() if cfg.fc1_bias else None
+            bias2 = b2.value.numpy() if cfg.fc2_bias else None
+            packed, reason = QuantMoE.pack(cfg, self.target, fc1, bias1, fc2, bias2)
+            if packed is not None:
+                return cfg, packed, c1, c2
+            log.info("MoE integer experts dequantized to float32: %s", reason)
+        return (
+            float_config(cfg),
+            None,
+            relax.const(fc1.dequantized()),
+            relax.const(fc2.dequantized()),
+        )
 
 
-def emit_moe(bb: relax.BlockBuilder, cfg, schedule, x, logits, fc1, b1, fc2, b2, gpu: bool):
+def emit_moe(
+    bb: relax.BlockBuilder, cfg, schedule, x, logits, fc1, b1, fc2, b2, gpu: bool, quant=None
+):
     """Emit the four MoE stages for ``cfg`` into ``bb``; returns ``y`` (T, H).
 
     Parameters
@@ -78,6 +121,9 @@ def emit_moe(bb: relax.BlockBuilder, cfg, schedule, x, logits, fc1, b1, fc2, b2,
         (T, H), (T, E), (E, R, H), (E, R) or (1,), (E, H, I), (E, H) or (1,).
     gpu : bool
         Thread-bound kernels (CUDA, ROCm...) instead of the CPU schedule.
+    quant : qiao.compiler.kernels.quant_moe.QuantMoE, optional
+        Integer experts packed for the CPU: its grouped GEMMs replace ``group_gemm_*`` (``fc1``,
+        ``fc2``, ``b1``, ``b2`` are then unused).
     """
     from qiao.compiler.kernels.group_gemm import group_gemm_down, group_gemm_up
     from qiao.compiler.kernels.moe_align import moe_align
@@ -101,8 +147,6 @@ def emit_moe(bb: relax.BlockBuilder, cfg, schedule, x, logits, fc1, b1, fc2, b2,
 
     gating = add(moe_gating(E, K, cfg.normalize, gpu=gpu), "moe_gating")
     align = add(moe_align(E, K, BM, gpu=gpu), "moe_align")
-    up = add(group_gemm_up(cfg, schedule, gpu=gpu), "group_gemm_up")
-    down = add(group_gemm_down(cfg, schedule, gpu=gpu), "group_gemm_down")
     combine = add(moe_combine(H, K, gpu=gpu, vector_lanes=schedule.vector_lanes), "moe_combine")
 
     routed = bb.emit(relax.call_tir(gating, [logits], [tt((n, K), i32), tt((n, K), f32)]))
@@ -125,46 +169,16 @@ def emit_moe(bb: relax.BlockBuilder, cfg, schedule, x, logits, fc1, b1, fc2, b2,
     )
     t = [bb.emit(relax.TupleGetItem(tables, i)) for i in range(8)]
     counts, offsets, active, num_active, pairs, block_expert, num_used, pair_slot = t
-    act = bb.emit(
-        relax.call_tir(
-            up,
-            [
-                x,
-                fc1,
-                b1,
-                ids,
-                pairs,
-                offsets,
-                counts,
-                active,
-                num_active,
-                block_expert,
-                num_used,
-                pair_slot,
-            ],
-            tt((blocks * BM, INTER), f32),
-        )
-    )
+    if quant is not None:
+        act = quant.emit_up(bb, x, t, blocks * BM)
+        out = quant.emit_down(bb, act, weights, t, n)
+        return bb.emit(relax.call_tir(combine, [out], tt((n, H), f32)))
+    up = add(group_gemm_up(cfg, schedule, gpu=gpu), "group_gemm_up")
+    down = add(group_gemm_down(cfg, schedule, gpu=gpu), "group_gemm_down")
+    dispatch = [ids, pairs, offsets, counts, active, num_active, block_expert, num_used, pair_slot]
+    act = bb.emit(relax.call_tir(up, [x, fc1, b1, *dispatch], tt((blocks * BM, INTER), f32)))
     out = bb.emit(
-        relax.call_tir(
-            down,
-            [
-                act,
-                fc2,
-                b2,
-                ids,
-                weights,
-                pairs,
-                offsets,
-                counts,
-                active,
-                num_active,
-                block_expert,
-                num_used,
-                pair_slot,
-            ],
-            tt((n, K, H), f32),
-        )
+        relax.call_tir(down, [act, fc2, b2, ids, weights, *dispatch[1:]], tt((n, K, H), f32))
     )
     return bb.emit(relax.call_tir(combine, [out], tt((n, H), f32)))
 

@@ -98,8 +98,11 @@ class CPURowReduction(CPURule):
                 if isinstance(sch.get(lp).extent, tirx.IntImm)
                 and int(sch.get(lp).extent.value) == lanes
             )
-            outer = p_loops[-1]
-            sch.reorder(outer, lane)
+            if sch.get(p_loops[-1]).same_as(sch.get(lane)):
+                outer = p_loops[-2]  # the lanes are innermost already (the block kept its nest)
+            else:
+                outer = p_loops[-1]
+                sch.reorder(outer, lane)
             sch.vectorize(lane)
             init = sch.decompose_reduction(partial, outer)
             sch.vectorize(sch.get_loops(init)[-1])
