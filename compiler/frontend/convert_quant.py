@@ -450,7 +450,8 @@ class QMoE(tvm_onnx.OnnxOpConverter):
     kernels (``kernels.quant_moe``) or dequantizes them for other targets. 2-bit experts are
     dequantized here. Separate fc3 weights (``swiglu_fusion=0``) are joined under fc1
     (``swiglu_fusion=2``): the same computation, the layout qiao's kernels take.
-    ``accuracy_level`` is ignored: qiao computes the exact dequantized float32 result."""
+    ``accuracy_level`` 4 selects int8 activations in the integer CPU kernels where the target
+    has integer dot products (as ONNX Runtime); otherwise the exact float32 result."""
 
     @classmethod
     def _impl_v1(cls, bb, inputs, attr, params):
@@ -542,4 +543,5 @@ class QMoE(tvm_onnx.OnnxOpConverter):
                 const(b2),
             ]
             return MoE._impl_v1(bb, float_inputs, moe_attr, params)
-        return MoE.quantized(bb, x, inputs[1], moe_attr, fc1, const(b1), fc2, const(b2))
+        level = int(attr.get("accuracy_level", 0) or 0)
+        return MoE.quantized(bb, x, inputs[1], moe_attr, fc1, const(b1), fc2, const(b2), level)

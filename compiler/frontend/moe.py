@@ -17,6 +17,7 @@ and what the op refuses). On top of that qiao's kernels support: ``activation_ty
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict
 
@@ -117,7 +118,7 @@ class MoE(tvm_onnx.OnnxOpConverter):
         )
 
     @classmethod
-    def quantized(cls, bb, x, logits, attr, fc1, b1, fc2, b2):
+    def quantized(cls, bb, x, logits, attr, fc1, b1, fc2, b2, accuracy_level: int = 0):
         """The placeholder of a MoE with integer experts (``QMoE``): ``fc1``/``fc2`` are
         ``kernels.quant_moe.QuantExperts``, ``b1``/``b2`` float constants or None. Its weight
         arguments are ``(codes1, b1, codes2, b2, scales1, zero1, scales2, zero2)``; a ``(1,)``
@@ -125,6 +126,7 @@ class MoE(tvm_onnx.OnnxOpConverter):
         shapes = ((*fc1.codes.shape[:2], fc1.k), (*fc2.codes.shape[:2], fc2.k))
         present = [x, logits, True, b1, True, b2]  # the experts are there, stored quantized
         cfg = moe_config_from_node(present, attr, expert_shapes=shapes, weight_bits=fc1.bits)
+        cfg = dataclasses.replace(cfg, accuracy_level=accuracy_level)
         if fc2.bits != fc1.bits:
             cfg = moe_config_from_node(present, attr, expert_shapes=shapes, weight_bits=0)
             return _placeholder(

@@ -72,6 +72,9 @@ class MoEConfig:
     weight_bits : int
         0: float experts of ``weight_dtype``; 4 or 8: integer experts (``QMoE``), which
         ``LowerMoE`` packs for ``kernels.quant_moe`` or dequantizes.
+    accuracy_level : int
+        ``QMoE``'s: 4 lets the integer experts' CPU kernels quantize the activations to int8 per
+        block (ONNX Runtime's compute type); else the exact float32 result.
     """
 
     num_experts: int
@@ -89,6 +92,7 @@ class MoEConfig:
     dtype: str = "float32"
     weight_dtype: str = "float32"
     weight_bits: int = 0
+    accuracy_level: int = 0
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:

@@ -551,7 +551,14 @@ def pack_nbits_int8(
     4w + i``); scales and zero points as ``pack_nbits``."""
     L = layout
     out = pack_nbits(b, scales, zero_points, L)
-    codes = _unpack(b.reshape(L.n, -1), L.bits, L.k_pad)
+    out["codes"] = int8_words(_unpack(b.reshape(L.n, -1), L.bits, L.k_pad), L)
+    return out
+
+
+def int8_words(codes: np.ndarray, layout: NBitsLayout) -> np.ndarray:
+    """uint8 ``codes [N, k_pad]`` (one per byte) as the integer kernel's int32 words ``[tiles,
+    words, tile]`` (the layout ``pack_nbits_int8`` describes)."""
+    L = layout
     codes = np.pad(codes, ((0, L.n_pad - L.n), (0, 0)))  # [n_pad, k_pad]
     if L.bits == 4:
         groups = codes.reshape(L.n_pad, L.k_pad // 8, 2, 4)
@@ -560,8 +567,7 @@ def pack_nbits_int8(
         words = codes.reshape(L.n_pad, L.k_pad // 4, 4)
     words = np.ascontiguousarray(words).view(np.int32)[..., 0]  # [n_pad, K/8 or K/4]
     rows = words.shape[1]
-    out["codes"] = np.ascontiguousarray(words.reshape(L.n_tiles, L.tile, rows).transpose(0, 2, 1))
-    return out
+    return np.ascontiguousarray(words.reshape(L.n_tiles, L.tile, rows).transpose(0, 2, 1))
 
 
 def quantize_rows(k_pad: int, block_size: int):
@@ -628,31 +634,22 @@ def quantize_rows(k_pad: int, block_size: int):
     return quantize_rows
 
 
-def quant_matmul_int8(layout: NBitsLayout, dot: Int8Dot, rows_per_pass: int = 2):
-    """The ``accuracy_level`` 4 kernel: int8 activations (``quantize_rows``) times the codes in
-    integer dot products, one int32 sum per block, then ``scale * a_scale * (sum - zero *
-    qa_sum)`` accumulated in float32. Per task (a column tile) ``rows_per_pass`` rows share each
-    load and unpack of the codes (one row: two accumulator sets, low and high nibbles).
-
-    Returns
-    -------
-    tvm.tirx.PrimFunc
-        ``quant_matmul_int8(qa, a_scale, qa_sum, codes, scales, zero_points, bias, y)``: ``qa``
-        the int8 activations as int32 words ``[M, k_pad / 4]``, the ``pack_nbits_int8`` arrays,
-        ``y`` float32 ``[M, n_pad]``.
-    """
+def int8_kernel(layout: NBitsLayout, dot: Int8Dot, rows_per_pass: int, *, a_row, store):
+    """The integer (``accuracy_level`` 4) kernel over one column tile as a TIR macro, shared by
+    ``quant_matmul_int8`` and the MoE's quantized grouped GEMM: ``rows_pass(QA, SA, QSUM, Bq, SC,
+    Z, BIAS, OUT, E1, E2, IDX, t, base, m, G)`` for the ``m`` logical rows from ``base``, ``G``
+    rows per pass (1, or ``rows_per_pass``); ``a_row`` and ``store`` as in ``float_kernels``
+    (``store`` gets the float32 results as ``[G, tile / lanes, lanes]``)."""
     from tvm.script import tirx as T
 
     L = layout
     VL = dot.lanes
     if L.tile % VL:
         raise ValueError(f"quant_matmul_int8: tile {L.tile} is not a multiple of {VL} lanes")
-    NV, TN, NT, RG = L.tile // VL, L.tile, L.n_tiles, rows_per_pass
-    BS, NB, KP, NP = L.block_size, L.n_blocks, L.k_pad, L.n_pad
+    NV, TN, RG = L.tile // VL, L.tile, rows_per_pass
+    BS, NB = L.block_size, L.n_blocks
     WPB = BS // 8 if L.bits == 4 else BS // 4  # code words per block and column
-    CR = NB * WPB
     EPI = _Epilogue(L)
-    ZSHAPE, ZDTYPE, BSHAPE = EPI.zshape, EPI.zdtype, EPI.bshape
     zero, bias = EPI.zero, EPI.bias
     f32, i32v = "float32", f"int32x{VL}"
 
@@ -730,16 +727,18 @@ def quant_matmul_int8(layout: NBitsLayout, dot: Int8Dot, rows_per_pass: int = 2)
     SPLIT = {1: (0, 1 if L.bits == 4 else 0), RG: (0, 0)}
 
     @T.macro
-    def rows_pass(QA, SA, QSUM, Bq, SC, Z, BIAS, Y, t, m, G):
+    def rows_pass(QA, SA, QSUM, Bq, SC, Z, BIAS, OUT, E1, E2, IDX, t, base, m, G):
         # G rows per pass (G == 1: two accumulator sets, alternating per word)
         acc = T.alloc_buffer((G, 2 if G == 1 else 1, TN), "int32", scope="local")
-        out = T.alloc_buffer((G, TN), f32)
+        out = T.alloc_buffer((G, NV, VL), f32)
         rows = T.alloc_buffer((G,), "int64")
         for g in range((m + G - 1) // G):
             for i in T.unroll(G):
-                rows[i] = T.min(g * G + i, m - 1)  # a partial group repeats its last row
-                for j in T.vectorized(TN):
-                    out[i, j] = bias(BIAS, t * TN + j)
+                # a partial group repeats its last row
+                rows[i] = T.Cast("int64", a_row(IDX, base + T.min(g * G + i, m - 1)))
+                for v in T.unroll(NV):
+                    for ln in T.vectorized(VL):
+                        out[i, v, ln] = bias(BIAS, t * TN + v * VL + ln)
             for b in range(NB):
                 for i in T.unroll(G):
                     for h in T.unroll(2 if G == 1 else 1):
@@ -752,15 +751,54 @@ def quant_matmul_int8(layout: NBitsLayout, dot: Int8Dot, rows_per_pass: int = 2)
                                 Bq, QA, t, b, w, v, rows[i], acc, i, SPLIT[G][0], SPLIT[G][1]
                             )
                 for i in T.unroll(G):
-                    for j in T.vectorized(TN):
-                        out[i, j] = out[i, j] + SC[t, b, j] * SA[rows[i], b] * (
-                            T.Cast(f32, block_sum(acc, i, j, G))
-                            - zero(Z, t, b, j) * QSUM[rows[i], b]
-                        )
+                    for v in T.unroll(NV):
+                        for ln in T.vectorized(VL):
+                            out[i, v, ln] = out[i, v, ln] + SC[t, b, v * VL + ln] * SA[
+                                rows[i], b
+                            ] * (
+                                T.Cast(f32, block_sum(acc, i, v * VL + ln, G))
+                                - zero(Z, t, b, v * VL + ln) * QSUM[rows[i], b]
+                            )
             for i in T.unroll(G):
                 if g * G + i < m:
-                    for j in T.vectorized(TN):
-                        Y[rows[i], t * TN + j] = out[i, j]
+                    store(OUT, E1, E2, IDX, out, i, base + g * G + i, t)
+
+    return rows_pass
+
+
+def quant_matmul_int8(layout: NBitsLayout, dot: Int8Dot, rows_per_pass: int = 2):
+    """The ``accuracy_level`` 4 kernel: int8 activations (``quantize_rows``) times the codes in
+    integer dot products, one int32 sum per block, then ``scale * a_scale * (sum - zero *
+    qa_sum)`` accumulated in float32. Per task (a column tile) ``rows_per_pass`` rows share each
+    load and unpack of the codes (one row: two accumulator sets, low and high nibbles).
+
+    Returns
+    -------
+    tvm.tirx.PrimFunc
+        ``quant_matmul_int8(qa, a_scale, qa_sum, codes, scales, zero_points, bias, y)``: ``qa``
+        the int8 activations as int32 words ``[M, k_pad / 4]``, the ``pack_nbits_int8`` arrays,
+        ``y`` float32 ``[M, n_pad]``.
+    """
+    from tvm.script import tirx as T
+
+    L = layout
+    VL = dot.lanes
+    NV, TN, NT, RG = L.tile // VL, L.tile, L.n_tiles, rows_per_pass
+    NB, KP, NP = L.n_blocks, L.k_pad, L.n_pad
+    CR = NB * (L.block_size // 8 if L.bits == 4 else L.block_size // 4)
+    EPI = _Epilogue(L)
+    f32 = "float32"
+
+    def a_row(_idx, r):
+        return r
+
+    @T.macro
+    def store(Y, _e1, _e2, _idx, out, i, r, t):
+        for v in T.unroll(NV):
+            for ln in T.vectorized(VL):
+                Y[r, t * TN + v * VL + ln] = out[i, v, ln]
+
+    rows_pass = int8_kernel(L, dot, RG, a_row=a_row, store=store)
 
     @T.prim_func(s_tir=True)
     def quant_matmul_int8(
@@ -780,15 +818,15 @@ def quant_matmul_int8(layout: NBitsLayout, dot: Int8Dot, rows_per_pass: int = 2)
         QSUM = T.match_buffer(qs_h, (m, NB), f32)
         Bq = T.match_buffer(b_h, (NT, CR, TN), "int32")
         SC = T.match_buffer(s_h, (NT, NB, TN), f32)
-        Z = T.match_buffer(z_h, ZSHAPE, ZDTYPE)
-        BIAS = T.match_buffer(bias_h, BSHAPE, f32)
+        Z = T.match_buffer(z_h, EPI.zshape, EPI.zdtype)
+        BIAS = T.match_buffer(bias_h, EPI.bshape, f32)
         Y = T.match_buffer(y_h, (m, NP), f32)
         with T.sblock("root"):
             for t in T.parallel(NT):
                 if m == 1:
-                    rows_pass(QA, SA, QSUM, Bq, SC, Z, BIAS, Y, t, m, 1)
+                    rows_pass(QA, SA, QSUM, Bq, SC, Z, BIAS, Y, None, None, None, t, 0, m, 1)
                 else:
-                    rows_pass(QA, SA, QSUM, Bq, SC, Z, BIAS, Y, t, m, RG)
+                    rows_pass(QA, SA, QSUM, Bq, SC, Z, BIAS, Y, None, None, None, t, 0, m, RG)
 
     return quant_matmul_int8
 

@@ -33,11 +33,15 @@ import numpy as np
 
 from qiao.compiler.kernels.moe_common import KERNEL_ATTRS, MoEConfig
 from qiao.compiler.kernels.quant_gemm import (
+    Int8Dot,
     NBitsLayout,
     QuantGemmSchedule,
     cpu_schedule,
     float_kernels,
+    int8_dot,
+    int8_words,
     pack_codes,
+    quantize_rows,
 )
 
 
@@ -118,7 +122,8 @@ def packable(cfg: MoEConfig, sched: QuantGemmSchedule, fc1: QuantExperts, fc2: Q
 
 @dataclass
 class PackedProjection:
-    """One projection packed for the kernels: the layout of one expert and the stacked arrays."""
+    """One projection packed for the kernels: the layout of one expert and the stacked arrays
+    (``codes`` uint8 for the float kernels, int32 words for the integer one)."""
 
     layout: NBitsLayout
     codes: np.ndarray
@@ -126,15 +131,16 @@ class PackedProjection:
     zero: np.ndarray
     bias: np.ndarray
 
-    @property
-    def n_tiles(self) -> int:
-        return self.layout.n_tiles
-
 
 def pack_projection(
-    q: QuantExperts, bias: np.ndarray | None, order: np.ndarray, sched: QuantGemmSchedule
+    q: QuantExperts,
+    bias: np.ndarray | None,
+    order: np.ndarray,
+    sched: QuantGemmSchedule,
+    int8: bool = False,
 ) -> PackedProjection:
-    """Pack every expert of ``q`` with its rows taken in ``order`` (and ``bias [E, N]``)."""
+    """Pack every expert of ``q`` with its rows taken in ``order`` (and ``bias [E, N]``);
+    ``int8``: the codes as the integer kernel's words (``quant_gemm.int8_words``)."""
     n = len(order)
     layout = NBitsLayout(
         q.k,
@@ -146,15 +152,13 @@ def pack_projection(
         bias=bias is not None,
     )
     unpacked = q.unpacked()
-    parts = [
-        pack_codes(
-            unpacked[e][order],
-            q.scales[e][order],
-            None if q.zero is None else q.zero[e][order],
-            layout,
-        )
-        for e in range(q.codes.shape[0])
-    ]
+    parts = []
+    for e in range(q.codes.shape[0]):
+        zero = None if q.zero is None else q.zero[e][order]
+        part = pack_codes(unpacked[e][order], q.scales[e][order], zero, layout)
+        if int8:
+            part["codes"] = int8_words(unpacked[e][order], layout)
+        parts.append(part)
 
     def stacked(key):
         return np.ascontiguousarray(np.concatenate([p[key] for p in parts], axis=0))
@@ -169,136 +173,97 @@ def pack_projection(
     return PackedProjection(layout, stacked("codes"), stacked("scales"), zero, flat_bias)
 
 
-def _task_loop(cfg: MoEConfig, sched: QuantGemmSchedule, NT: int, kernels):
-    """The parallel loop over (active expert, column tile): the row count picks the kernel."""
-    from tvm.script import tirx as T
-
-    gemv, gemv_group, tiled = kernels
-
-    @T.macro
-    def loop(A, ASUM, Bq, SC, Z, BIAS, OUT, E1, E2, PAIRS, OFF, CNT, ACTIVE, NACT):
-        for task in T.parallel(NACT[0] * NT):
-            e: T.let[T.int32] = ACTIVE[task // NT]
-            t: T.let[T.int32] = e * NT + task % NT
-            cnt: T.let[T.int32] = CNT[e]
-            off: T.let[T.int32] = OFF[e]
-            if cnt == 1:
-                gemv(A, ASUM, Bq, SC, Z, BIAS, OUT, E1, E2, PAIRS, t, off, cnt)
-            elif cnt <= sched.gemv_rows:
-                gemv_group(A, ASUM, Bq, SC, Z, BIAS, OUT, E1, E2, PAIRS, t, off, cnt)
-            elif cnt > 0:
-                tiled(A, ASUM, Bq, SC, Z, BIAS, OUT, E1, E2, PAIRS, t, off, cnt)
-
-    return loop
-
-
-def quant_group_gemm_up(cfg: MoEConfig, sched: QuantGemmSchedule, proj: PackedProjection):
-    """``group_gemm_up`` over packed fc1 experts.
+def _grouped_gemm(cfg: MoEConfig, sched: QuantGemmSchedule, proj, dot, down: bool):
+    """The grouped GEMM of one projection: ``down`` False for fc1 (gate/up and the activation,
+    writing ``act``), True for fc2 (times the routing weight, writing ``out``); ``dot`` an
+    ``Int8Dot`` for the integer kernel (``accuracy_level`` 4), None for the float one.
 
     Returns
     -------
     tvm.tirx.PrimFunc
-        ``(x, xsum, codes, scales, zero, bias, sorted_pairs, offsets, counts, active,
-        num_active, act)``: ``x`` float32 ``(T, H)``, ``xsum`` ``(T, n_blocks)`` its block sums,
-        ``act`` ``(S, I)``.
+        ``(a0, a1, a2, codes, scales, zero, bias, topk_weights, sorted_pairs, offsets, counts,
+        active, num_active, out)``. The activations ``a0, a1, a2`` are ``A (rows, K)`` float32,
+        its block sums ``(rows, n_blocks)`` and an unread ``(1,)`` (float kernels), or the
+        ``quant_gemm.quantize_rows`` outputs (integer kernel); rows are the tokens for fc1, the
+        slots for fc2. ``topk_weights`` ``(T, k)`` is unread (``(1,)``) for fc1; ``out`` is
+        ``act (S, I)`` for fc1 and ``(T, k, H)`` for fc2.
     """
     from tvm.script import tirx as T
+
+    from qiao.compiler.kernels.quant_gemm import int8_kernel
 
     L, S = proj.layout, sched
     VL, NV, TN, K = S.lanes, S.nv, S.tile, cfg.top_k
     NT, E, H, INTER = L.n_tiles, cfg.num_experts, cfg.hidden, cfg.inter
+    NB, KP = L.n_blocks, L.k_pad
     half = NV // 2
+    f32 = "float32"
 
     def a_row(PAIRS, slot):
-        return PAIRS[slot] // K
+        return slot if down else PAIRS[slot] // K
 
     @T.macro
-    def store(ACT, _e1, _e2, _pairs, acc, i, slot, t):
-        if cfg.gated:
+    def store(OUT, TW, _e2, PAIRS, acc, i, slot, t):
+        if down:
+            for v in T.unroll(NV):
+                for ln in T.vectorized(VL):
+                    OUT[PAIRS[slot] // K, PAIRS[slot] % K, t % NT * TN + v * VL + ln] = (
+                        TW[PAIRS[slot] // K, PAIRS[slot] % K] * acc[i, v, ln]
+                    )
+        elif cfg.gated:
             for v in T.unroll(half):
                 for ln in T.vectorized(VL):
-                    ACT[slot, t % NT * (TN // 2) + v * VL + ln] = cfg.activation_expr(
+                    OUT[slot, t % NT * (TN // 2) + v * VL + ln] = cfg.activation_expr(
                         acc[i, v, ln], acc[i, v + half, ln]
                     )
         else:
             for v in T.unroll(NV):
                 for ln in T.vectorized(VL):
-                    ACT[slot, t % NT * TN + v * VL + ln] = cfg.activation_expr(acc[i, v, ln])
+                    OUT[slot, t % NT * TN + v * VL + ln] = cfg.activation_expr(acc[i, v, ln])
 
-    loop = _task_loop(cfg, S, NT, float_kernels(L, S, a_row=a_row, store=store))
+    gemv = gemv_group = tiled = rows_pass = None
+    if dot is None:
+        gemv, gemv_group, tiled = float_kernels(L, S, a_row=a_row, store=store)
+        a_cols = [(KP, f32), (NB, f32), None]
+        code_type = "uint8"
+    else:
+        rows_pass = int8_kernel(L, dot, 2, a_row=a_row, store=store)
+        a_cols = [(KP // 4, "int32"), (NB, f32), (NB, f32)]
+        code_type = "int32"
+    code_rows = proj.codes.shape[1]
     zshape, bshape = proj.zero.shape, proj.bias.shape
-    zdtype = "uint8"
 
-    @T.prim_func(s_tir=True)
-    def quant_group_gemm_up(
-        x_h: T.handle,
-        xsum_h: T.handle,
-        b_h: T.handle,
-        s_h: T.handle,
-        z_h: T.handle,
-        bias_h: T.handle,
-        pairs_h: T.handle,
-        off_h: T.handle,
-        cnt_h: T.handle,
-        active_h: T.handle,
-        nact_h: T.handle,
-        act_h: T.handle,
-    ):
-        T.func_attr(KERNEL_ATTRS)
-        n = T.int64()
-        s = T.int64()
-        X = T.match_buffer(x_h, (n, H), "float32")
-        XSUM = T.match_buffer(xsum_h, (n, L.n_blocks), "float32")
-        Bq = T.match_buffer(b_h, (E * NT, L.code_rows, TN), "uint8")
-        SC = T.match_buffer(s_h, (E * NT, L.n_blocks, TN), "float32")
-        Z = T.match_buffer(z_h, zshape, zdtype)
-        BIAS = T.match_buffer(bias_h, bshape, "float32")
-        PAIRS = T.match_buffer(pairs_h, (s,), "int32")
-        OFF = T.match_buffer(off_h, (E + 1,), "int32")
-        CNT = T.match_buffer(cnt_h, (E,), "int32")
-        ACTIVE = T.match_buffer(active_h, (E,), "int32")
-        NACT = T.match_buffer(nact_h, (1,), "int32")
-        ACT = T.match_buffer(act_h, (s, INTER), "float32")
-        with T.sblock("root"):
-            loop(X, XSUM, Bq, SC, Z, BIAS, ACT, None, None, PAIRS, OFF, CNT, ACTIVE, NACT)
+    def a_shape(i, r):
+        return (r, a_cols[i][0]) if a_cols[i] else (1,)
 
-    return quant_group_gemm_up
+    def a_dtype(i):
+        return a_cols[i][1] if a_cols[i] else f32
 
+    def tw_shape(n):
+        return (n, K) if down else (1,)
 
-def quant_group_gemm_down(cfg: MoEConfig, sched: QuantGemmSchedule, proj: PackedProjection):
-    """``group_gemm_down`` over packed fc2 experts.
-
-    Returns
-    -------
-    tvm.tirx.PrimFunc
-        ``(act, asum, codes, scales, zero, bias, topk_weights, sorted_pairs, offsets, counts,
-        active, num_active, out)``: ``act`` float32 ``(S, I)``, ``asum`` ``(S, n_blocks)``,
-        ``out`` ``(T, k, H)`` = routing weight x expert output.
-    """
-    from tvm.script import tirx as T
-
-    L, S = proj.layout, sched
-    VL, NV, TN, K = S.lanes, S.nv, S.tile, cfg.top_k
-    NT, E, H, INTER = L.n_tiles, cfg.num_experts, cfg.hidden, cfg.inter
-
-    def a_row(_pairs, slot):
-        return slot
+    def out_shape(n, s):
+        return (n, K, H) if down else (s, INTER)
 
     @T.macro
-    def store(OUT, TW, _e2, PAIRS, acc, i, slot, t):
-        for v in T.unroll(NV):
-            for ln in T.vectorized(VL):
-                OUT[PAIRS[slot] // K, PAIRS[slot] % K, t % NT * TN + v * VL + ln] = (
-                    TW[PAIRS[slot] // K, PAIRS[slot] % K] * acc[i, v, ln]
-                )
-
-    loop = _task_loop(cfg, S, NT, float_kernels(L, S, a_row=a_row, store=store))
-    zshape, bshape = proj.zero.shape, proj.bias.shape
+    def tile_task(A0, A1, A2, Bq, SC, Z, BIAS, OUT, TW, PAIRS, t, off, cnt):
+        if dot is None:
+            if cnt == 1:
+                gemv(A0, A1, Bq, SC, Z, BIAS, OUT, TW, None, PAIRS, t, off, cnt)
+            elif cnt <= S.gemv_rows:
+                gemv_group(A0, A1, Bq, SC, Z, BIAS, OUT, TW, None, PAIRS, t, off, cnt)
+            else:
+                tiled(A0, A1, Bq, SC, Z, BIAS, OUT, TW, None, PAIRS, t, off, cnt)
+        elif cnt == 1:
+            rows_pass(A0, A1, A2, Bq, SC, Z, BIAS, OUT, TW, None, PAIRS, t, off, cnt, 1)
+        else:
+            rows_pass(A0, A1, A2, Bq, SC, Z, BIAS, OUT, TW, None, PAIRS, t, off, cnt, 2)
 
     @T.prim_func(s_tir=True)
-    def quant_group_gemm_down(
-        a_h: T.handle,
-        asum_h: T.handle,
+    def quant_group_gemm(
+        a0_h: T.handle,
+        a1_h: T.handle,
+        a2_h: T.handle,
         b_h: T.handle,
         s_h: T.handle,
         z_h: T.handle,
@@ -312,25 +277,32 @@ def quant_group_gemm_down(cfg: MoEConfig, sched: QuantGemmSchedule, proj: Packed
         out_h: T.handle,
     ):
         T.func_attr(KERNEL_ATTRS)
-        n = T.int64()
-        s = T.int64()
-        A = T.match_buffer(a_h, (s, INTER), "float32")
-        ASUM = T.match_buffer(asum_h, (s, L.n_blocks), "float32")
-        Bq = T.match_buffer(b_h, (E * NT, L.code_rows, TN), "uint8")
-        SC = T.match_buffer(s_h, (E * NT, L.n_blocks, TN), "float32")
+        n = T.int64()  # tokens
+        s = T.int64()  # slots
+        r = T.int64()  # rows of the activations: tokens (fc1) or slots (fc2)
+        A0 = T.match_buffer(a0_h, a_shape(0, r), a_dtype(0))
+        A1 = T.match_buffer(a1_h, a_shape(1, r), a_dtype(1))
+        A2 = T.match_buffer(a2_h, a_shape(2, r), a_dtype(2))
+        Bq = T.match_buffer(b_h, (E * NT, code_rows, TN), code_type)
+        SC = T.match_buffer(s_h, (E * NT, NB, TN), f32)
         Z = T.match_buffer(z_h, zshape, "uint8")
-        BIAS = T.match_buffer(bias_h, bshape, "float32")
-        TW = T.match_buffer(tw_h, (n, K), "float32")
+        BIAS = T.match_buffer(bias_h, bshape, f32)
+        TW = T.match_buffer(tw_h, tw_shape(n), f32)
         PAIRS = T.match_buffer(pairs_h, (s,), "int32")
         OFF = T.match_buffer(off_h, (E + 1,), "int32")
         CNT = T.match_buffer(cnt_h, (E,), "int32")
         ACTIVE = T.match_buffer(active_h, (E,), "int32")
         NACT = T.match_buffer(nact_h, (1,), "int32")
-        OUT = T.match_buffer(out_h, (n, K, H), "float32")
+        OUT = T.match_buffer(out_h, out_shape(n, s), f32)
         with T.sblock("root"):
-            loop(A, ASUM, Bq, SC, Z, BIAS, OUT, TW, None, PAIRS, OFF, CNT, ACTIVE, NACT)
+            for task in T.parallel(NACT[0] * NT):
+                e: T.let[T.int32] = ACTIVE[task // NT]
+                tile_task(
+                    A0, A1, A2, Bq, SC, Z, BIAS, OUT, TW, PAIRS,
+                    e * NT + task % NT, OFF[e], CNT[e],
+                )  # fmt: skip
 
-    return quant_group_gemm_down
+    return quant_group_gemm
 
 
 @dataclass
@@ -341,54 +313,71 @@ class QuantMoE:
     sched: QuantGemmSchedule
     fc1: PackedProjection
     fc2: PackedProjection
+    dot: Int8Dot | None = None
 
     @classmethod
     def pack(cls, cfg, target, fc1: QuantExperts, b1, fc2: QuantExperts, b2):
-        """Pack for ``target``, or return ``(None, reason)`` when the shapes do not fit."""
+        """Pack for ``target``, or return ``(None, reason)`` when the shapes do not fit. At
+        ``accuracy_level`` 4, where the target has integer dot products for the codes, the
+        integer kernel (int8 activations per block, as ONNX Runtime) is packed for."""
         sched = cpu_schedule(target, max(fc1.block_size, fc2.block_size))
         reason = packable(cfg, sched, fc1, fc2)
         if reason:
             return None, reason
-        p1 = pack_projection(fc1, b1, _fc1_order(cfg, sched.tile // 2), sched)
-        p2 = pack_projection(fc2, b2, np.arange(cfg.hidden), sched)
-        return cls(cfg, sched, p1, p2), None
+        dot = int8_dot(target, cfg.weight_bits) if cfg.accuracy_level == 4 else None
+        words = 8 if cfg.weight_bits == 4 else 4
+        if dot is not None and (
+            sched.tile % dot.lanes or fc1.block_size % words or fc2.block_size % words
+        ):
+            dot = None
+        int8 = dot is not None
+        p1 = pack_projection(fc1, b1, _fc1_order(cfg, sched.tile // 2), sched, int8)
+        p2 = pack_projection(fc2, b2, np.arange(cfg.hidden), sched, int8)
+        return cls(cfg, sched, p1, p2, dot), None
 
-    def _block_sums(self, bb, a, layout: NBitsLayout):
+    def _activations(self, bb, a, layout: NBitsLayout) -> list:
+        """The kernel's activation operands for ``a``: ``[a, block sums, (1,)]`` or the int8
+        codes, scales and code sums of ``quantize_rows``."""
         from tvm import relax
 
         rows = a.ty.shape[0]
-        blocks = relax.ShapeExpr([rows, layout.n_blocks, layout.block_size])
-        return bb.emit(relax.op.sum(relax.op.reshape(a, blocks), axis=[2]))
+        if self.dot is None:
+            blocks = relax.ShapeExpr([rows, layout.n_blocks, layout.block_size])
+            sums = bb.emit(relax.op.sum(relax.op.reshape(a, blocks), axis=[2]))
+            return [a, sums, relax.const(np.zeros((1,), np.float32))]
+        func = quantize_rows(layout.k_pad, layout.block_size).without_attr("global_symbol")
+        gv = bb.add_func(func, "quantize_rows")
+        per_block = relax.TensorType((rows, layout.n_blocks), "float32")
+        words = relax.TensorType((rows, layout.k_pad // 4), "int32")
+        qa = bb.emit(relax.call_tir(gv, [a], [words, per_block, per_block]))
+        return [bb.emit(relax.TupleGetItem(qa, i)) for i in range(3)]
 
-    def _weights(self, proj: PackedProjection):
+    def _emit(self, bb, proj, a, weights, tables, out, down: bool):
         from tvm import relax
 
-        return [relax.const(a) for a in (proj.codes, proj.scales, proj.zero, proj.bias)]
+        counts, offsets, active, num_active, pairs = tables[:5]
+        func = _grouped_gemm(self.cfg, self.sched, proj, self.dot, down)
+        name = "quant_group_gemm_down" if down else "quant_group_gemm_up"
+        gv = bb.add_func(func.without_attr("global_symbol"), name)
+        consts = [relax.const(x) for x in (proj.codes, proj.scales, proj.zero, proj.bias)]
+        args = [*self._activations(bb, a, proj.layout), *consts, weights]
+        args += [pairs, offsets, counts, active, num_active]
+        return bb.emit(relax.call_tir(gv, args, out))
 
     def emit_up(self, bb, x, tables, slots):
         """``act (S, I)`` from ``x (T, H)`` and ``moe_align``'s tables."""
         from tvm import relax
 
-        _counts, offsets, active, num_active, pairs = tables[:5]
-        func = quant_group_gemm_up(self.cfg, self.sched, self.fc1)
-        gv = bb.add_func(func.without_attr("global_symbol"), "quant_group_gemm_up")
-        args = [x, self._block_sums(bb, x, self.fc1.layout), *self._weights(self.fc1)]
-        args += [pairs, offsets, tables[0], active, num_active]
-        return bb.emit(
-            relax.call_tir(gv, args, relax.TensorType((slots, self.cfg.inter), "float32"))
-        )
+        unread = relax.const(np.zeros((1,), np.float32))
+        out = relax.TensorType((slots, self.cfg.inter), "float32")
+        return self._emit(bb, self.fc1, x, unread, tables, out, down=False)
 
     def emit_down(self, bb, act, weights, tables, tokens):
         """``out (T, k, H)`` from ``act`` and the routing weights."""
         from tvm import relax
 
-        _counts, offsets, active, num_active, pairs = tables[:5]
-        func = quant_group_gemm_down(self.cfg, self.sched, self.fc2)
-        gv = bb.add_func(func.without_attr("global_symbol"), "quant_group_gemm_down")
-        args = [act, self._block_sums(bb, act, self.fc2.layout), *self._weights(self.fc2)]
-        args += [weights, pairs, offsets, tables[0], active, num_active]
         out = relax.TensorType((tokens, self.cfg.top_k, self.cfg.hidden), "float32")
-        return bb.emit(relax.call_tir(gv, args, out))
+        return self._emit(bb, self.fc2, act, weights, tables, out, down=True)
 
 
 def float_config(cfg: MoEConfig) -> MoEConfig:
