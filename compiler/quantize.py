@@ -72,11 +72,11 @@ class QuantScheme:
         No zero points (the scale spans the largest magnitude) when True; uint8 zero points (the
         block's [min, max] range) when False (default).
     accuracy_level : int
-        ``MatMulNBits``' ``accuracy_level`` (0-4). 0 (default): the exact dequantize-then-float32
-        result, in qiao and ONNX Runtime alike. 4: activations quantized to int8 per block and
-        integer dot products (VNNI / ``pmaddubsw``), ONNX Runtime's fastest CPU path and what
-        ONNX Runtime GenAI's ``-p int4`` builder writes; about 1 % of max|y| off the exact result
-        (both engines). 1-3 compute as 0 in qiao.
+        ``accuracy_level`` (0-4) of the ``MatMulNBits`` and ``QMoE`` nodes. 0 (default): the exact
+        dequantize-then-float32 result, in qiao and ONNX Runtime alike. 4: activations quantized to
+        int8 per block and integer dot products (VNNI / ``pmaddubsw``), ONNX Runtime's fastest CPU
+        path and what ONNX Runtime GenAI's ``-p int4`` builder writes; about 1 % of max|y| off the
+        exact result (both engines). 1-3 compute as 0 in qiao.
     """
 
     bits: int = 4
@@ -420,6 +420,7 @@ class _Rewriter:
                 domain=MS_DOMAIN,
                 expert_weight_bits=s.bits,
                 weights_prepacked=0,
+                accuracy_level=s.accuracy_level,
                 **attrs,
             )
         ]

@@ -201,9 +201,17 @@ def test_dense_builtin_matches_rounded_torch(tmp_path, dtype):
     "name, dtype",
     [
         ("qwen3-moe-tiny", "bfloat16"),
-        pytest.param("qwen3-moe-tiny", "float16", marks=pytest.mark.slow),
+        pytest.param(
+            "qwen3-moe-tiny",
+            "float16",
+            marks=pytest.mark.full_tier("the bfloat16 case; fp16 experts: test_moe_experts_*"),
+        ),
         pytest.param("qwen3-small", "bfloat16", marks=pytest.mark.slow),
-        pytest.param("qwen3-moe-small", "float16", marks=pytest.mark.slow),
+        pytest.param(
+            "qwen3-moe-small",
+            "float16",
+            marks=pytest.mark.full_tier("qwen3-moe-tiny bfloat16 and qwen3-small bfloat16"),
+        ),
     ],
 )
 def test_builtin_validates_against_onnxruntime(tmp_path, name, dtype):
