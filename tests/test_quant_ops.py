@@ -535,3 +535,46 @@ def test_blocked_dequantize_linear_matmul(tmp_path, dtype):
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     assert_close(got, exact, RTOL, ATOL * np.abs(exact).max(), "vs NumPy")
     assert_close(got, sess.run(None, {"a": a})[0], RTOL, ATOL * np.abs(exact).max(), "vs ORT")
+
+
+def test_qmoe_gpu_lowering_dequantizes():
+    """On a GPU target (thread-bound kernels, no integer grouped GEMM) LowerMoE turns the packed
+    experts into the exact float32 weights of the float MoE kernels; on the CPU they stay packed."""
+    import tvm
+    from tvm import relax
+
+    from qiao.compiler.frontend import import_onnx
+    from qiao.compiler.passes.lower_moe import LowerMoE
+
+    node, inits, out, (_spec, deq) = _qmoe_case("y", QMOE_CASES["b4_bs32_zp_bias"])
+    inputs = [
+        helper.make_tensor_value_info("x", TP.FLOAT, ["t", QMOE_H]),
+        helper.make_tensor_value_info("logits", TP.FLOAT, ["t", QMOE_E]),
+    ]
+    mod = import_onnx(_model([node], inputs, [out], inits)).mod
+
+    def lowered(target, gpu):
+        with tvm.target.Target(target):
+            return LowerMoE(gpu=gpu)(mod)
+
+    def constants(m):
+        found = []
+        relax.analysis.post_order_visit(
+            m["main"].body,
+            lambda e: found.append(e.value.numpy()) if isinstance(e, tvm.ir.GenericConst) else None,
+        )
+        return found
+
+    gpu = lowered({"kind": "cuda", "arch": "sm_80"}, True)
+    names = [gv.name_hint for gv in gpu.functions]
+    assert any(n.startswith("group_gemm_up") for n in names), names
+    assert not any(n.startswith("quant_group_gemm") for n in names), names
+    weights = [c for c in constants(gpu) if c.ndim == 3 and c.dtype == np.float32]
+    fc1 = next(c for c in weights if c.shape == deq["fc1"].shape)
+    np.testing.assert_allclose(fc1, deq["fc1"], rtol=1e-6, atol=1e-7)
+
+    cpu = lowered({"kind": "llvm"}, False)
+    names = [gv.name_hint for gv in cpu.functions]
+    assert any(n.startswith("quant_group_gemm_up") for n in names), names
+    assert not any(c.ndim == 3 and c.dtype == np.float32 and c.shape == deq["fc1"].shape
+                   for c in constants(cpu))  # fmt: skip
