@@ -531,8 +531,8 @@ class QMoE(tvm_onnx.OnnxOpConverter):
         def const(a):
             return None if a is None else relax.const(np.ascontiguousarray(a, np.float32))
 
-        if isinstance(fc1, np.ndarray) or 2 in (fc1.bits, fc2.bits):
-            # 2-bit codes, or fc1 and fc3 quantized differently: float32 experts, exact
+        if isinstance(fc1, np.ndarray) or 2 in (fc1.bits, fc2.bits) or fc1.bits != fc2.bits:
+            # 2-bit codes, or projections quantized differently: float32 experts, exact
             fc1 = fc1 if isinstance(fc1, np.ndarray) else fc1.dequantized()
             float_inputs = [
                 x,

@@ -120,19 +120,13 @@ class MoE(tvm_onnx.OnnxOpConverter):
     @classmethod
     def quantized(cls, bb, x, logits, attr, fc1, b1, fc2, b2, accuracy_level: int = 0):
         """The placeholder of a MoE with integer experts (``QMoE``): ``fc1``/``fc2`` are
-        ``kernels.quant_moe.QuantExperts``, ``b1``/``b2`` float constants or None. Its weight
-        arguments are ``(codes1, b1, codes2, b2, scales1, zero1, scales2, zero2)``; a ``(1,)``
-        uint8 zero stands for the default zero point."""
+        ``kernels.quant_moe.QuantExperts`` of the same bits, ``b1``/``b2`` float constants or
+        None. Its weight arguments are ``(codes1, b1, codes2, b2, scales1, zero1, scales2,
+        zero2)``; a ``(1,)`` uint8 zero stands for the default zero point."""
         shapes = ((*fc1.codes.shape[:2], fc1.k), (*fc2.codes.shape[:2], fc2.k))
         present = [x, logits, True, b1, True, b2]  # the experts are there, stored quantized
         cfg = moe_config_from_node(present, attr, expert_shapes=shapes, weight_bits=fc1.bits)
         cfg = dataclasses.replace(cfg, accuracy_level=accuracy_level)
-        if fc2.bits != fc1.bits:
-            cfg = moe_config_from_node(present, attr, expert_shapes=shapes, weight_bits=0)
-            return _placeholder(
-                bb, cfg, x, logits,
-                [relax.const(fc1.dequantized()), b1, relax.const(fc2.dequantized()), b2],
-            )  # fmt: skip
 
         def zero(q):
             return relax.const(q.zero if q.zero is not None else np.zeros((1,), "uint8"))
