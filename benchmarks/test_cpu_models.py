@@ -5,7 +5,11 @@ Cases are the issue's speed floors:
 * built-in ``mlp`` (batch 1 and 16 × 128 = 2048 rows) and ``transformer`` (batch 1 and 16, 128
   tokens each): qiao's latency within 1.5× of ONNX Runtime's;
 * built-in ``cnn`` and classic CNN architectures from ``transformers`` built from small random
-  configs (ResNet, MobileNetV2, ConvNeXt; nothing downloaded), exported to ONNX: within 2×.
+  configs (ResNet, MobileNetV2, ConvNeXt; nothing downloaded), exported to ONNX: within 2×;
+* torchvision's ResNet-18, MobileNetV3-Small and EfficientNet-B0 (``qiao.models.vision``, seeded
+  weights) as users export them: TorchScript exporter, opset 13, 3×224×224, symbolic batch; batch 1
+  and 8, on the host's code path (``--arch host``) and the AVX2 one (``x86-64-v3``, which runs on
+  AVX-512 hosts too), against ONNX Runtime (always the host's best): the floor is 0.9 (issue 16).
 
 One artifact per model serves its sizes (symbolic batch / sequence). Each case first checks qiao's
 outputs against ONNX Runtime's, then alternates rounds of qiao and ORT calls so both see the same
@@ -66,6 +70,8 @@ def _convnext():
 
 HF_MODELS = {"resnet": _resnet, "mobilenet_v2": _mobilenet_v2, "convnext": _convnext}
 IMAGE = 64
+TORCHVISION = ("resnet18", "mobilenet_v3_small", "efficientnet_b0")
+TV_IMAGE = 224
 
 # (model, dims, floor on ORT latency / qiao latency)
 CASES = [
@@ -85,6 +91,18 @@ for _name in HF_MODELS:
         CASES.append(
             pytest.param(_name, {"batch": _batch}, 1 / 2, id=f"{_name}-batch{_batch}", marks=full)
         )
+for _name in TORCHVISION:
+    for _arch in ("host", "x86-64-v3"):
+        for _batch in (1, 8):
+            CASES.append(
+                pytest.param(
+                    f"{_name}@{_arch}",
+                    {"batch": _batch},
+                    0.9,
+                    id=f"{_name}-{_arch}-batch{_batch}",
+                    marks=full,
+                )
+            )
 
 _artifacts: dict[str, object] = {}
 
@@ -96,7 +114,26 @@ def _artifact(name: str, root):
     from qiao.compiler import compile, export
 
     out = root / name
-    if name in HF_MODELS:
+    if "@" in name:  # a torchvision architecture, TorchScript opset 13, for one --arch
+        import torch
+
+        from qiao.models.vision import build_classifier
+
+        model_name, arch = name.split("@")
+        path = root / f"{model_name}.onnx"
+        if not path.exists():
+            torch.onnx.export(
+                build_classifier(model_name),
+                (torch.randn(1, 3, TV_IMAGE, TV_IMAGE),),
+                path,
+                input_names=["pixel_values"],
+                output_names=["out"],
+                dynamic_axes={"pixel_values": {0: "batch"}},
+                opset_version=13,
+                dynamo=False,
+            )
+        _artifacts[name] = compile(path, "cpu", out, arch=None if arch == "host" else arch)
+    elif name in HF_MODELS:
         import torch
 
         model = HF_MODELS[name]().eval()
@@ -140,6 +177,7 @@ def test_model_vs_onnxruntime(benchmark, smoke, artifact_root, model, dims, floo
     t_qiao, t_ort = times["qiao"], times["onnxruntime"]
     speedup = statistics.median(round_ratios(times, "onnxruntime"))
     benchmark.group = f"{model} {' '.join(f'{k}={v}' for k, v in dims.items())}"
+    benchmark.extra_info["mcpu"] = artifact.manifest["target"].get("mcpu")
     benchmark.extra_info.update(
         speedup=speedup,
         qiao_median_s=statistics.median(t_qiao),

@@ -89,6 +89,7 @@ _REGISTRY: dict[str, tuple[str, str, str]] = {}
 _MODEL_MODULES = (
     "qiao.models.mlp",
     "qiao.models.cnn",
+    "qiao.models.vision",
     "qiao.models.transformer",
     "qiao.models.qwen3_moe",
     "qiao.models.qwen3",

@@ -62,6 +62,12 @@ MID_ROWS = 4
 # Widest micro-tile of the few-rows variant, in SIMD vectors (see ``few_rows_tile``): 8 measured
 # best for 1024 x 1024 at one row on AVX2 (4: 25 % slower).
 FEW_ROWS_VECTORS = 8
+# A micro-tile of other than two vectors is taken only when it saves more than this fraction of
+# padded work: a 7x7 feature map (49 positions, 64 padded) still ran faster with 6 x 2 vectors
+# than with 14 x 1 (AVX2, ResNet-18's last stage, 2026-12-01).
+NV_PENALTY = 0.2
+# Bytes of the im2col panel one convolution task packs (K x its positions): half a Zen/Skylake L2.
+CONV_PANEL_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -181,9 +187,9 @@ def choose_tile(cpu: CPUInfo, shape: GemmShape) -> GemmTile:
     for mr, nv in register_tiles(cpu):
         nr = nv * lanes
         waste = 0.0 if shape.n is None else (_ceil_div(shape.n, nr) * nr - shape.n) / shape.n
-        # Prefer two vectors (measured best with 16 or 32 registers); one only when it saves
-        # more than a tenth of the padded work.
-        key = (waste + (0.0 if nv == 2 else 0.1), -mr * nv)
+        # Prefer two vectors (measured best with 16 or 32 registers); others only when they save
+        # more than NV_PENALTY of the padded work.
+        key = (waste + (0.0 if nv == 2 else NV_PENALTY), -mr * nv)
         if best is None or key < best[0]:
             best = (key, mr, nv)
     _, mr, nv = best
@@ -202,12 +208,21 @@ def choose_tile(cpu: CPUInfo, shape: GemmShape) -> GemmTile:
     tasks_wanted = 4 * cpu.num_cores
     if shape.n is not None and shape.m is not None and shape.s is None:
         # Both tile extents static, a symbolic batch outside (a convolution: I = output channels,
-        # J = image positions). Tasks of at most ~64 rows × ~256 columns of C (A and B panels
-        # stay in cache), and enough of them in one image to use every core at batch 1 (each
-        # task packs only its own positions, so smaller tasks cost little).
+        # J = image positions). Every task holds every output channel and a block of positions,
+        # and packs the im2col columns of its own positions (a panel that stays in L2 while the
+        # task sweeps the weights), so the packed image is never written out whole: at batch 8 a
+        # 3x3 convolution's im2col matrix is tens of MB. The blocks are as wide as the panel
+        # budget allows while one image still makes a task or more per core.
         m_tiles, n_tiles = _ceil_div(shape.m, mr), _ceil_div(shape.n, nr)
-        mc_tiles = max(_divisors_up_to(m_tiles, max(1, 64 // mr)))
-        nc_tiles = max(_divisors_up_to(n_tiles, max(1, 256 // nr)))
+        mc_tiles = m_tiles
+        itemsize = {"float64": 8, "float16": 2, "bfloat16": 2}.get(shape.dtype, 4)
+        panel_bytes = (shape.k or 1) * nr * itemsize
+        fits = [
+            d
+            for d in _divisors_up_to(n_tiles, n_tiles)
+            if d * panel_bytes <= CONV_PANEL_BYTES and n_tiles // d >= min(n_tiles, tasks_wanted)
+        ]
+        nc_tiles = max(fits or [1])
         nc_tiles = 0 if nc_tiles == n_tiles else nc_tiles
     elif shape.n is not None and shape.m is not None:
         n_tiles = _ceil_div(shape.n, nr)
