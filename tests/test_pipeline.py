@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import onnxruntime as ort
 import pytest
 import torch
@@ -106,6 +108,36 @@ def test_weight_packing_runs_at_load_not_per_call(name, compiled_builtin):
     text = runner.executable.as_text()
     main = text[text.index("@main:") : text.index("\n\n", text.index("@main:"))]
     assert "_prepacked" in main, f"{name}: main calls no kernel taking pre-packed weights"
+
+
+def test_classifier_head_weight_is_packed_at_load(tmp_path):
+    """TorchScript's classifier head, ``Gemm(x, W, b, transB=1)`` with a symbolic batch and 100
+    classes (not whole panels): the schedule pads the batch rows up front, and that stage once came
+    before the weight's packing, which then ran on every call instead of once at load."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((100, 64)).astype(np.float32)
+    b = rng.standard_normal(100).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)],
+        "head",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 100])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "head.onnx")
+    artifact = compile(tmp_path / "head.onnx", "cpu", tmp_path / "art")
+    text = artifact.runner.executable.as_text()
+    main = text[text.index("@main:") : text.index("\n\n", text.index("@main:"))]
+    gemms = set(re.findall(r"(fused_(?:matmul|gemm|dense)\w*|matmul\w*)", main))
+    assert gemms and all(g.endswith("_prepacked") for g in gemms), sorted(gemms)
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    assert_close(artifact.run({"x": x})["y"], x @ w.T + b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "transformer"])

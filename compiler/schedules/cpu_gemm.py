@@ -45,6 +45,7 @@ from qiao.compiler.schedules.cpu_conv import deinterleaved
 from qiao.compiler.schedules.cpu_info import CPUInfo, CPURule, cpu_info
 from qiao.compiler.schedules.tir_util import (
     PACKING_MARK,
+    packing_first,
     replace_vars,
     root_statements,
     seq,
@@ -895,17 +896,23 @@ def _is_param(sch, buffer) -> bool:
     return all(isinstance(d, tirx.IntImm) for d in buffer.ty.shape)
 
 
-def _drop_late_preproc_marks(sch) -> None:
-    """Keep the weight-packing mark only on leading root statements: the pipeline's split of
-    packing steps (``SplitLayoutRewritePreproc``) requires them before any other computation."""
+def packed_first(sch):
+    """A schedule of ``sch``'s function whose weight-packing stages lead (``packing_first``), so
+    the pipeline lifts them to load time; the mark is dropped from any that still does not lead
+    (``SplitLayoutRewritePreproc`` requires them before any other computation)."""
+    from tvm import s_tir
     from tvm.s_tir.dlight.analysis import get_root_block
 
+    func = packing_first(sch.mod["main"])
+    if func is not sch.mod["main"]:
+        sch = s_tir.Schedule(func)
     seen_other = False
     for child in sch.get_child_blocks(get_root_block(sch)):
         marked = PACKING_MARK in (sch.get(child).annotations or {})
         if marked and seen_other:
             sch.unannotate(child, PACKING_MARK)
         seen_other = seen_other or not marked
+    return sch
 
 
 def schedule_gemm(
@@ -998,7 +1005,6 @@ def schedule_gemm(
         inner = sch.get_loops(pad)[-1]
         _, vec = sch.split(inner, [None, lanes])
         sch.vectorize(vec)
-    _drop_late_preproc_marks(sch)
     leftover = inline_epilogue(sch, write_back)
     for consumer in leftover:
         _parallel_vectorize(sch, consumer, lanes)
@@ -1103,7 +1109,7 @@ class CPUMatmul(CPURule):
                 sch = s_tir.Schedule(func)
                 block = find_gemm_block(sch)
         tile, shape = schedule_gemm(sch, block, target, self.tile)
-        return with_few_rows_variant(func, sch, tile, shape, target)
+        return with_few_rows_variant(func, packed_first(sch), tile, shape, target)
 
 
 # -- few rows -------------------------------------------------------------------------------------
@@ -1186,7 +1192,7 @@ def with_few_rows_variant(func, sch, tile: GemmTile, shape: GemmShape, target: A
     def scheduled(variant: GemmTile):
         other = s_tir.Schedule(func)
         schedule_gemm(other, find_gemm_block(other), target, variant, tile.nr_vectors, True)
-        return other.mod["main"]
+        return packed_first(other).mod["main"]
 
     rows = shape.rows
 

@@ -89,6 +89,21 @@ def root_statements(func):
     return root, stmts[:lead], stmts[lead:]
 
 
+def packing_first(func):
+    """``func`` with its weight-packing root statements moved ahead of the others.
+
+    A packing stage reads only a parameter, so it may run before any other statement; TVM's
+    ``SplitLayoutRewritePreproc`` lifts it only as a leading statement. A GEMM whose activation
+    rows are padded up front (a symbolic batch against a weight: a classifier head) gets that
+    padding stage first; without this reordering its weight was repacked on every call."""
+    root, lead, rest = root_statements(func)
+    late = [s for s in rest if has_packing_mark(s)]
+    if not late:
+        return func
+    others = [s for s in rest if not has_packing_mark(s)]
+    return with_root_body(func, seq([*lead, *late, *others]), list(root.alloc_buffers))
+
+
 def written_buffers(stmts) -> list:
     """The buffers the blocks under ``stmts`` write."""
     import tvm_ffi
