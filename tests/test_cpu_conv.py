@@ -194,3 +194,34 @@ def test_window_rule_declines_row_reductions():
 
     func = _kernel(build, "mean")
     assert CPUWindowReduction().apply(func, _target(), False) is None
+
+
+@pytest.mark.parametrize("cin, cout", [(8, 2), (48, 8), (16, 3)])
+def test_squeeze_excitation_conv_gets_the_gemm_rule(cin, cout):
+    """A squeeze-excitation block's 1×1 convolution over the pooled 1×1 map, symbolic batch: the
+    GEMM rule takes it with the weights as the vectorised operand (the image's one position cannot
+    be laid out as panels: TVM refused it and a slower rule took the zoo's EfficientNet and
+    RegNet kernels), and matches torch's conv2d."""
+    import torch.nn.functional as F
+
+    target = _target()
+    n = tvm.tirx.Var("n", "int64")
+
+    def build(bb):
+        x = relax.Var("x", relax.TensorType((n, cin, 1, 1), "float32"))
+        w = relax.Var("w", relax.TensorType((cout, cin, 1, 1), "float32"))
+        with bb.function("main", [x, w]):
+            with bb.dataflow():
+                out = bb.emit_output(relax.op.sigmoid(relax.op.nn.conv2d(x, w)))
+            bb.emit_func_output(out)
+
+    scheduled, rule = _schedule(_kernel(build, "conv2d"), target)
+    assert rule == "CPUMatmul"
+    fn = _build(scheduled, target)
+    rng = np.random.default_rng(cin + cout)
+    w = rng.standard_normal((cout, cin, 1, 1)).astype("float32")
+    for batch in (1, 5):
+        x = rng.standard_normal((batch, cin, 1, 1)).astype("float32")
+        ref = torch.sigmoid(F.conv2d(torch.from_numpy(x).double(), torch.from_numpy(w).double()))
+        got = _call(fn, [x, w], ref.shape)
+        assert_close(got, ref.numpy().astype("float32"), name=f"batch {batch}", **TOL)

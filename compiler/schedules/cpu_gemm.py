@@ -340,9 +340,13 @@ def gemm_orientation(stmt) -> int | None:
     whole vectors along, so ``B`` is preferably the operand that carries the output's innermost
     (contiguous) axis: the weight of ``x @ w``, but the input of an NCHW convolution (whose output
     is contiguous along the image), with the weights as ``A``. Unless that ``J`` is short and
-    static (a 2×2 feature map) while the other orientation's is static and long: padding ``J`` to
-    whole vectors would then waste most of the work. A symbolic alternative (the tokens of a
-    10-class head) is not taken: at one row it would pad that row to a whole vector instead.
+    static (a 2×2 feature map) while the other orientation's is static and longer: padding ``J`` to
+    whole vectors would then waste most of the work. A squeeze-excitation block's 1×1
+    convolutions over a 1×1 map (``J`` = 1) against two output channels take the weights as ``B``
+    too: with ``J`` = 1 the image panel could not even be laid out (TVM's ``transform_layout``
+    refused it and a slower rule took the kernel: the zoo's EfficientNet and RegNet). A symbolic
+    alternative (the tokens of a 10-class head) is not taken: at one row it would pad that row to
+    a whole vector instead.
     """
     from tvm.tirx.analysis import undefined_vars
 
@@ -363,7 +367,7 @@ def gemm_orientation(stmt) -> int | None:
     others = [a for a in valid if a != preferred]
     if others and _j_extent(stmt, preferred) is not None:
         short, alternative = _j_extent(stmt, preferred), _j_extent(stmt, others[0])
-        if short < 16 and alternative is not None and alternative >= 4 * short:
+        if short < 16 and alternative is not None and alternative > short:
             return others[0]
     return preferred
 

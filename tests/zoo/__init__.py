@@ -43,30 +43,8 @@ ENTRIES: list[Entry] = [
     _e("mobilenet_v1-ts10", "MobileNetV1", "vision", TS, 10, vision.mobilenet_v1, IMG_B),
     _e("mobilenet_v2-dy18", "MobileNetV2", "vision", DY, 18, vision.mobilenet_v2, IMG_B),
     _e("convnext-dy18", "ConvNeXt", "vision", DY, 18, vision.convnext, IMG_HW),
-    _e(
-        "convnext_v2-ts13",
-        "ConvNeXt V2",
-        "vision",
-        TS,
-        13,
-        vision.convnext_v2,
-        IMG_HW,
-        xfail_fallback="GRN's sum over H and W (fused_multiply1_sum): CPURowReduction fails "
-        "('Loop tirx.For#0 appears in the input array for multiple times') and a slower rule "
-        "takes it",
-    ),
-    _e(
-        "regnet-ts11",
-        "RegNet (Y)",
-        "vision",
-        TS,
-        11,
-        vision.regnet,
-        IMG_HW,
-        xfail_fallback="CPUMatmul fails on fused_conv2d3_add2_relu2 ('The transformation "
-        "T.index_map(lambda s, jo, j, k: (s, jo, j // 8, k, j % 8)) applied on buffer ...'): "
-        "a slower rule takes the convolution",
-    ),
+    _e("convnext_v2-ts13", "ConvNeXt V2", "vision", TS, 13, vision.convnext_v2, IMG_HW),
+    _e("regnet-ts11", "RegNet (Y)", "vision", TS, 11, vision.regnet, IMG_HW),
     _e(
         "efficientnet-dy18",
         "EfficientNet",
@@ -75,9 +53,10 @@ ENTRIES: list[Entry] = [
         18,
         vision.efficientnet,
         IMG_B,
-        xfail_fallback="CPUMatmul fails on fused_conv2d2_tir_sigmoid1_multiply1 ('The "
-        "transformation T.index_map(lambda s, jo, j, k: (s, jo, j // 8, k, j % 8)) applied "
-        "on buffer ...'): a slower rule takes the convolution",
+        xfail="degenerate reference: with transformers 5's initialisation this tiny EfficientNet's "
+        "pooled output has a standard deviation of 1e-43 in PyTorch itself, so the comparison "
+        "proves nothing and the test refuses it (its kernels all get their rules: see the "
+        "fallback test)",
     ),
     _e(
         "efficientnet-dy18-hw",
