@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qiao.compiler.errors import InvalidModel
 from qiao.models import ModelSpec, register_model
 
 # --- building blocks ----------------------------------------------------------------------------
@@ -253,8 +254,31 @@ def build_classifier(name: str, seed: int = 0, weights: str | None = None) -> nn
     with torch.no_grad():
         init_weights(module)
     if weights is not None:
-        module.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        module.load_state_dict(_state_dict(name, weights))
     return module.eval()
+
+
+def _state_dict(name: str, path: str) -> dict:
+    """The tensors of a torchvision checkpoint for ``name``, checked against the architecture."""
+    fix = (
+        f"fix: pass weights= a file written by "
+        f"torch.save(torchvision.models.{name}().state_dict(), PATH), or leave it out for seeded "
+        "random weights"
+    )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError) as err:  # missing, unreadable, not a torch file
+        raise InvalidModel(f"cannot read {name} weights {path!r}: {err}. {fix}") from None
+    expected = {k: tuple(v.shape) for k, v in ARCHITECTURES[name]().state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()} if isinstance(state, dict) else {}
+    if got != expected:
+        missing = sorted(set(expected) - set(got))[:3]
+        wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])[:3]
+        raise InvalidModel(
+            f"{path!r} is not a {name} state_dict (missing {missing}, unexpected "
+            f"{sorted(set(got) - set(expected))[:3]}, other shapes for {wrong}). {fix}"
+        )
+    return state
 
 
 def _spec(name: str, batch: int, image: int, seed: int, weights: str | None) -> ModelSpec:

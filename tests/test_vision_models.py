@@ -44,6 +44,17 @@ def test_weights_path_loads_a_state_dict(tmp_path):
         assert not torch.equal(spec.module(x), build_classifier("mobilenet_v3_small")(x))
 
 
+def test_bad_weights_path_is_one_clear_error(tmp_path):
+    from qiao.compiler.errors import InvalidModel
+
+    with pytest.raises(InvalidModel, match="cannot read resnet18 weights.*fix:"):
+        build_classifier("resnet18", weights=str(tmp_path / "missing.pt"))
+    other = tmp_path / "other.pt"
+    torch.save(build_classifier("mobilenet_v3_small").state_dict(), other)
+    with pytest.raises(InvalidModel, match="is not a resnet18 state_dict.*fix:"):
+        build_classifier("resnet18", weights=str(other))
+
+
 def test_mobilenet_v3_small_builtin_validates(tmp_path):
     """Depthwise 3×3/5×5, squeeze-excitation with hard-sigmoid, hard-swish: compiled from the
     built-in export and matched to PyTorch eager and ONNX Runtime at two batch sizes."""
