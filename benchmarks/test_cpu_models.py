@@ -117,9 +117,14 @@ def _artifact(name: str, root):
     if "@" in name:  # a torchvision architecture, TorchScript opset 13, for one --arch
         import torch
 
+        from qiao.backends import get_backend
+        from qiao.compiler.schedules.cpu_info import missing_here
         from qiao.models.vision import build_classifier
 
         model_name, arch = name.split("@")
+        missing = [] if arch == "host" else missing_here(get_backend("cpu").target(arch))
+        if missing:
+            pytest.skip(f"this host cannot run {arch} code: it lacks {missing}")
         path = root / f"{model_name}.onnx"
         if not path.exists():
             torch.onnx.export(
