@@ -97,6 +97,12 @@ def test_torch_module_and_onnx_file_paths(tmp_path):
         assert_close(list(got.values())[0], expected, rtol=1e-4, atol=1e-5)
 
 
+def _main_text(runner) -> str:
+    """The VM instructions of an artifact's ``main`` (the kernels it calls on every run)."""
+    text = runner.executable.as_text()
+    return text[text.index("@main:") : text.index("\n\n", text.index("@main:"))]
+
+
 @pytest.mark.parametrize("name", ["mlp", "cnn", "transformer"])
 def test_weight_packing_runs_at_load_not_per_call(name, compiled_builtin):
     """The CPU GEMM schedules pack weights into panels; the pipeline lifts that packing into
@@ -105,8 +111,7 @@ def test_weight_packing_runs_at_load_not_per_call(name, compiled_builtin):
     runner = artifact.runner
     packed = [p for p in runner.params if len(p.shape) == 5]  # (S, JO, J/nr, K, nr) panels
     assert packed, f"{name}: no weight arrives packed from main_transform_params"
-    text = runner.executable.as_text()
-    main = text[text.index("@main:") : text.index("\n\n", text.index("@main:"))]
+    main = _main_text(runner)
     assert "_prepacked" in main, f"{name}: main calls no kernel taking pre-packed weights"
 
 
@@ -132,8 +137,7 @@ def test_classifier_head_weight_is_packed_at_load(tmp_path):
     model.ir_version = 8
     onnx.save(model, tmp_path / "head.onnx")
     artifact = compile(tmp_path / "head.onnx", "cpu", tmp_path / "art")
-    text = artifact.runner.executable.as_text()
-    main = text[text.index("@main:") : text.index("\n\n", text.index("@main:"))]
+    main = _main_text(artifact.runner)
     gemms = set(re.findall(r"(fused_(?:matmul|gemm|dense)\w*|matmul\w*)", main))
     assert gemms and all(g.endswith("_prepacked") for g in gemms), sorted(gemms)
     x = rng.standard_normal((3, 64)).astype(np.float32)

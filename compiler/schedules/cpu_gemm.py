@@ -183,6 +183,8 @@ def choose_tile(cpu: CPUInfo, shape: GemmShape) -> GemmTile:
     ``nc_tiles`` always divide the tile counts (a ragged split would put a predicate into the
     micro-kernel), and are as large as possible while every core keeps several tasks.
     """
+    from tvm import DataType
+
     lanes = cpu.lanes(shape.dtype)
     best = None
     for mr, nv in register_tiles(cpu):
@@ -216,8 +218,7 @@ def choose_tile(cpu: CPUInfo, shape: GemmShape) -> GemmTile:
         # budget allows while one image still makes a task or more per core.
         m_tiles, n_tiles = _ceil_div(shape.m, mr), _ceil_div(shape.n, nr)
         mc_tiles = m_tiles
-        itemsize = {"float64": 8, "float16": 2, "bfloat16": 2}.get(shape.dtype, 4)
-        panel_bytes = (shape.k or 1) * nr * itemsize
+        panel_bytes = (shape.k or 1) * nr * DataType(shape.dtype).bits // 8
         fits = [
             d
             for d in _divisors_up_to(n_tiles, n_tiles)
