@@ -4,12 +4,20 @@
 qiao writes the package ATC consumes (see ``handoff.py``) and the exact command::
 
     atc --framework=5 --model=model.onnx --output=../model --soc_version=<chip>
-        --input_format=ND --input_shape="x:-1,64"
+        --input_format=ND --input_shape="x:-1,64" --precision_mode=<mode>
 
 and runs it when ``atc`` is on ``PATH`` or under ``$ASCEND_TOOLKIT_HOME`` (CANN's ``set_env.sh``
 sets both). Symbolic dims become ATC shape ranges (``-1`` or ``lo~hi``; ``static_dims={"batch": 8}``
 fixes them). Running the ``.om`` uses ``ais_bench`` (Ascend's inference tool) on a machine with an
-NPU."""
+NPU.
+
+``--precision_mode`` (ATC's switch in every CANN release; ``--precision_mode_v2`` is newer and the
+two cannot be combined) says what qiao validated: ``must_keep_origin_dtype`` by default (the
+model's float32 arithmetic; ATC's own default, ``force_fp16``/``fp16``, would silently compute in
+fp16), ``force_fp16`` for ``--dtype float16`` or a float16 model (fp16 wherever an operator has it;
+inputs and outputs keep the model's types, ATC converts at the edges), and for ``--dtype
+bfloat16`` ``allow_mix_precision_bf16`` (bf16 where ATC's built-in lists allow it, float32
+elsewhere), which CANN offers on Atlas A2 chips (``Ascend910B*``) only; other chips refuse it."""
 
 from __future__ import annotations
 
@@ -22,9 +30,15 @@ import numpy as np
 
 from qiao.backends.base import Availability, DevicePreset, Runner
 from qiao.backends.handoff import HandoffBackend, bound_output_sizes, require_output
-from qiao.compiler.errors import ToolchainMissing, UnknownTarget
+from qiao.compiler.errors import CompileError, ToolchainMissing, UnknownTarget
 
 _SOC = re.compile(r"Ascend\d{3}[A-Z]?\d?$")
+_BF16_SOC = re.compile(r"Ascend910B\d?$")  # Atlas A2: the chips CANN's bf16 modes run on
+PRECISION_MODES = {
+    "float32": "must_keep_origin_dtype",
+    "float16": "force_fp16",
+    "bfloat16": "allow_mix_precision_bf16",
+}
 _TOOLKIT_DIRS = ("bin", "compiler/bin", "atc/bin")
 
 
@@ -99,7 +113,16 @@ class AscendBackend(HandoffBackend):
     def find_toolchain(self):
         return find_atc()
 
-    def write_build_files(self, package_dir, target, shapes):
+    def precision_flag(self, target, precision):
+        soc = target["soc_version"]
+        if precision == "bfloat16" and not _BF16_SOC.match(soc):
+            raise CompileError(
+                f"ATC computes in bfloat16 only on Atlas A2 chips (Ascend910B*), not {soc}. fix: "
+                "use --dtype float16 (ATC's force_fp16), or --arch Ascend910B1..B4"
+            )
+        return f"--precision_mode={PRECISION_MODES[precision]}"
+
+    def write_build_files(self, package_dir, target, shapes, precision="float32"):
         layout = "NCHW" if shapes and all(len(s.dims) == 4 for s in shapes) else "ND"
         spec = ";".join(f"{s.name}:{','.join(s.dims)}" for s in shapes)
         return [
@@ -110,6 +133,7 @@ class AscendBackend(HandoffBackend):
             f"--soc_version={target['soc_version']}",
             f"--input_format={layout}",
             f"--input_shape={spec}",
+            self.precision_flag(target, precision),
         ]
 
     def load(self, artifact_dir, manifest):

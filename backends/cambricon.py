@@ -5,7 +5,12 @@ MagicMind is a library, so the build step is a short Python script qiao writes i
 arch (``archs``), shape mutability and ranges from ``build_config.json`` → ``Builder.build_model`` →
 ``serialize_to_file("../model.mm")``. qiao runs the same script (``python3 build_magicmind.py``)
 when the ``magicmind`` Python package imports here; running the model uses MagicMind's runtime on an
-MLU."""
+MLU.
+
+Precision: ``builder_config.precision_config.precision_mode`` is ``force_float32`` by default (the
+model's float32 arithmetic) and ``force_float16`` for ``--dtype float16`` or a float16 model
+(inputs and outputs keep the model's types). MagicMind has no bfloat16 precision mode:
+``--dtype bfloat16`` is refused with the fix (``--dtype float16``)."""
 
 from __future__ import annotations
 
@@ -17,9 +22,10 @@ import sys
 
 from qiao.backends.base import Availability, DevicePreset, Runner
 from qiao.backends.handoff import HandoffBackend, require_output
-from qiao.compiler.errors import ToolchainMissing, UnknownTarget
+from qiao.compiler.errors import CompileError, ToolchainMissing, UnknownTarget
 
 _ARCH = re.compile(r"mtp_\d{3}$")
+PRECISION_MODES = {"float32": "force_float32", "float16": "force_float16"}
 
 BUILD_SCRIPT = '''"""Build ../model.mm from model.onnx with Cambricon MagicMind. Written by qiao."""
 import json
@@ -117,12 +123,21 @@ class CambriconBackend(HandoffBackend):
         path = os.pathsep.join(filter(None, [where, os.environ.get("PYTHONPATH")]))
         return {"PYTHONPATH": path} if where else {}
 
-    def write_build_files(self, package_dir, target, shapes):
+    def precision_flag(self, target, precision):
+        if precision not in PRECISION_MODES:
+            raise CompileError(
+                f"MagicMind has no {precision} precision mode (force_float32, force_float16 and "
+                "quantized modes only). fix: use --dtype float16 (MagicMind's force_float16)"
+            )
+        return f"precision_mode={PRECISION_MODES[precision]}"
+
+    def write_build_files(self, package_dir, target, shapes, precision="float32"):
+        self.precision_flag(target, precision)
         mutable = not all(s.static for s in shapes)
         builder = {
             "archs": list(target["archs"]),
             "graph_shape_mutable": mutable,
-            "precision_config": {"precision_mode": "force_float32"},
+            "precision_config": {"precision_mode": PRECISION_MODES[precision]},
         }
         ranges = {}
         for i, s in enumerate(shapes):

@@ -225,7 +225,9 @@ def test_ascend_runs_atc_with_the_exact_command(fake_atc, moe_onnx, tmp_path):
         "--soc_version=Ascend310P3",
         "--input_format=ND",
         f"--input_shape=x:-1,{HIDDEN}",
+        "--precision_mode=must_keep_origin_dtype",  # float32, as qiao validated it
     ]
+    assert section["precision"]["compute"] == "float32" and section["dequantized"] is None
     # ATC ran inside the package, in the staging directory that then became the artifact.
     assert os.path.basename(call["cwd"]) == PACKAGE_DIR
     assert os.path.basename(os.path.dirname(call["cwd"])).startswith(".art.tmp-")
