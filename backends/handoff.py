@@ -259,7 +259,7 @@ def handoff_precision(dtype: str | None, proto: onnx.ModelProto) -> str:
 def _weights_note(precision: str) -> str:
     return {
         "float32": "as the model stores them (float32)",
-        "float16": "float16 initializers (each widened by a Cast where a float32 op reads it)",
+        "float16": "float16 initializers (a Cast widens each where a float32 op reads it)",
         "bfloat16": "bfloat16-rounded values stored as float32 initializers (exact)",
     }[precision]
 
@@ -348,14 +348,12 @@ def dequantize_weights(
     out.graph.initializer.extend(rewriter.inits)
     out.graph.value_info.extend(rewriter.value_info)
     _drop_unused_initializers(out.graph)
-    if not any(n.domain == MS_DOMAIN for n in out.graph.node):
-        keep = [o for o in out.opset_import if o.domain != MS_DOMAIN]
-        del out.opset_import[:]
-        out.opset_import.extend(keep)
-    if any(n.domain == MS_DOMAIN and n.op_type == "MoE" for n in out.graph.node):
-        keep = [o for o in out.opset_import if o.domain != MS_DOMAIN]
-        del out.opset_import[:]
-        out.opset_import.extend([*keep, helper.make_opsetid(MS_DOMAIN, 1)])
+    # com.microsoft stays imported only for what remains of it (a QMoE's MoE, other contrib ops)
+    opsets = [o for o in out.opset_import if o.domain != MS_DOMAIN]
+    if any(n.domain == MS_DOMAIN for n in out.graph.node):
+        opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
+    del out.opset_import[:]
+    out.opset_import.extend(opsets)
     return out, {
         "ops": dict(sorted(rewriter.counts.items())),
         "dtype": dtype,
@@ -422,10 +420,17 @@ class _Dequantizer:
         bits, block = int(attr.get("bits", 4)), int(attr["block_size"])
         b, scales = self.const(node, 1, "B"), self.const(node, 2, "scales")
         zp, g_idx = self.const(node, 3, "zero_points"), self.const(node, 4, "g_idx")
-        if bits not in (2, 4, 8) or b is None or scales is None:
+        if (
+            bits not in (2, 4, 8)
+            or block < 16
+            or block & (block - 1)
+            or b is None
+            or scales is None
+        ):
             raise CompileError(
-                f"MatMulNBits node {node.name!r}: bits={bits} (2, 4 or 8 with B and scales "
-                "given are read). fix: re-quantize with ONNX Runtime's matmul_nbits_quantizer"
+                f"MatMulNBits node {node.name!r} (bits={bits}, block_size={block}): qiao reads "
+                "2-, 4- or 8-bit codes in blocks of a power of 2 >= 16, with B and scales given. "
+                "fix: re-quantize with ONNX Runtime's matmul_nbits_quantizer"
             )
         _check_nbits_shapes(b, scales, zp, k, n, bits, block)
         w = dequantize_nbits(b, scales, zp, g_idx, k, n, bits, block)
@@ -619,7 +624,11 @@ def prepare_onnx(
     """MoE nodes decomposed, opset moved into ``opset_range``, fixed input dims written in."""
     proto = moe_op.decompose_model(proto)
     unknown = sorted(
-        {f"{n.domain}::{n.op_type}" for n in proto.graph.node if n.domain not in ("", "ai.onnx")}
+        {
+            f"{n.domain or 'ai.onnx'}::{n.op_type}"
+            for n in proto.graph.node
+            if n.domain not in ("", "ai.onnx") or n.op_type in ORT_DEFAULT_DOMAIN_OPS
+        }
     )
     if unknown:
         raise CompileError(
@@ -634,6 +643,11 @@ def prepare_onnx(
                 dim.Clear()
                 dim.dim_value = int(value)
     return proto
+
+
+# ONNX Runtime's own ops in the default domain (``frontend.contrib_schemas`` registers their
+# schemas with onnx, so the checker passes them): no vendor parser reads them.
+ORT_DEFAULT_DOMAIN_OPS = frozenset({"SimplifiedLayerNormalization"})
 
 
 def _default_opset(proto: onnx.ModelProto) -> int:
