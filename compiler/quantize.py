@@ -34,8 +34,11 @@ scales, zero points, padding; checked in tests/test_quantize.py).
 
 On CPU targets qiao compiles the ``MatMulNBits`` nodes to its packed int4/int8 kernels
 (``qiao.compiler.kernels.quant_gemm``: the artifact keeps the codes, half a byte per int4 weight;
-at ``accuracy_level=0`` the exact float32 kernels). ``GatherBlockQuantized`` and ``QMoE`` (and
-every node on GPU targets) are still dequantized at compile time into float32 weights.
+at ``accuracy_level=0`` the exact float32 kernels), and the ``QMoE`` experts to its packed
+grouped GEMMs (``qiao.compiler.kernels.quant_moe``; experts whose sizes its tiles do not fit are
+dequantized to float32 at compile time). ``GatherBlockQuantized`` tables stay packed on every
+target: the gathered rows are dequantized at run time (``convert_quant.packed_gather``). On GPU
+targets ``MatMulNBits`` and ``QMoE`` are dequantized at compile time into float32 weights.
 """
 
 from __future__ import annotations
@@ -532,8 +535,9 @@ def quantize_model(
         "experts": rewriter.experts or None,
         "kept_float": rewriter.kept,
         "weights_in_artifact": (
-            "MatMulNBits: packed codes on CPU targets (qiao's int4/int8 kernels), float32 on GPU "
-            "targets; QMoE, GatherBlockQuantized: float32 (dequantized at compile time)"
+            "MatMulNBits, QMoE: packed codes on CPU targets (qiao's int4/int8 kernels; experts "
+            "the MoE kernels' tiles do not fit: float32), float32 on GPU targets; "
+            "GatherBlockQuantized: packed codes on every target (rows dequantized at run time)"
         ),
     }
     return out, summary

@@ -55,8 +55,10 @@ def add_quantize_arguments(p) -> None:
         choices=("int4", "int8"),
         default=None,
         help="weight-only round-to-nearest quantization of the MatMul/Gemm/MoE/embedding weights "
-        "(ONNX Runtime's MatMulNBits/QMoE/GatherBlockQuantized); on CPUs the MatMul weights stay "
-        "packed (int4: half a byte each), MoE experts and embeddings are widened to float32",
+        "(ONNX Runtime's MatMulNBits/QMoE/GatherBlockQuantized); embeddings stay packed on every "
+        "target (int4: half a byte each; the gathered rows are dequantized at run time); on CPUs "
+        "the MatMul weights and the MoE experts stay packed too (experts whose sizes the packed "
+        "kernels' tiles do not fit are widened to float32), on GPUs they are widened to float32",
     )
     p.add_argument(
         "--block-size", type=int, default=32, help="input features per scale with --quantize"

@@ -49,10 +49,17 @@ packed bytes, scales and zero points as constants, which ``qiao.compiler.passes.
 turns into qiao's int4/int8 CPU kernel (``qiao.compiler.kernels.quant_gemm``: a GEMV reading each
 weight byte once, dequantizing in registers) or, on GPU targets, into the dequantized fallback.
 ``QMoE`` with 4- or 8-bit experts keeps them packed too (``LowerMoE`` and
-``qiao.compiler.kernels.quant_moe``). Everything else (2-bit codes, act-order ``g_idx``,
-float16 activations, ``GatherBlockQuantized``) is dequantized here, at import, into a float
-weight and becomes a plain ``matmul`` / ``take`` / MoE: exact and runs everywhere, but reads
-four bytes per weight.
+``qiao.compiler.kernels.quant_moe``). ``GatherBlockQuantized`` in the common layout (rows
+gathered, ``gather_axis`` 0; blocks along the last axis; ``block_size`` a power of 2 >= 16,
+the last block possibly ragged; zero points absent, packed uint8 or float) keeps its table
+packed on every target: the uint8 rows, their scales and zero points are gathered at run time
+and only those rows are dequantized, by elementwise Relax ops that TVM fuses into one kernel
+(Qwen3-0.6B's int4 151936 x 1024 embedding: 78 MB of codes and 19 MB of float32 scales at
+block_size 32, instead of a 622 MB float32 table).
+Everything else (2-bit codes, act-order ``g_idx``, float16 activations, other
+``GatherBlockQuantized`` layouts) is dequantized here, at import, into a float weight and
+becomes a plain ``matmul`` / ``take`` / MoE: exact and runs everywhere, but reads four bytes
+per weight.
 Float scales of 64 or more elements arrive as run-time parameters of ``main`` (see
 ``importer``): their values are read from the importer's parameter table and the parameter
 stays, unused, in ``main``'s signature.
@@ -267,8 +274,14 @@ def emit_matmul_nbits(bb, a, b, scales, zero_points, bias, k, n, bits, block_siz
 
 @register_converter("GatherBlockQuantized", ("com.microsoft",))
 class GatherBlockQuantized(tvm_onnx.OnnxOpConverter):
-    """``com.microsoft::GatherBlockQuantized`` with a constant table: dequantized at import, then
-    a plain ``take``."""
+    """``com.microsoft::GatherBlockQuantized`` with a constant table.
+
+    The common layout (``gather_axis`` 0, ``quantize_axis`` the last axis of a table of rank 2 or
+    more, ``block_size`` a power of 2 of at least 16, the last block possibly ragged; zero points
+    absent, packed uint8 or float) stays packed: the uint8 rows, their scales and zero points are
+    taken at run time (``packed_gather``) and only those rows are dequantized, by elementwise ops
+    that TVM fuses into one kernel. Any other layout is dequantized at import into a float table,
+    then a plain ``take``."""
 
     @classmethod
     def _impl_v1(cls, bb, inputs, attr, params):
@@ -286,37 +299,125 @@ class GatherBlockQuantized(tvm_onnx.OnnxOpConverter):
                 f"{op}: bits={bits} with {data.dtype} data is not supported by qiao (uint8 "
                 "data, 4-bit packed or 8-bit). fix: re-quantize the table to that layout"
             )
-        packed = bits == 4
-        codes = unpack_codes(data, bits, data.shape[-1] * (8 // bits)).astype(np.float32)
-        default_zp = float(1 << (bits - 1))
-        rank = codes.ndim
+        rank = data.ndim
         q_axis = quantize_axis % rank
-        if zero_points is None:
-            zp = np.full(scales.shape, default_zp, np.float32)
-        elif packed and zero_points.dtype == np.uint8:
-            zp = unpack_codes(zero_points, 4, scales.shape[-1]).astype(np.float32)
-        else:  # 8-bit: one zero point per byte; a float zero point is used as it is
-            zp = zero_points.astype(np.float32)
-        zp = zp.reshape(scales.shape)
-        # Expand the per-block scale and zero point along the quantized axis.
-        expand = np.arange(codes.shape[q_axis]) // block_size
-        if scales.shape[q_axis] != -(-codes.shape[q_axis] // block_size):
+        logical = data.shape[:-1] + (data.shape[-1] * (8 // bits),)
+        if scales.shape[q_axis] != -(-logical[q_axis] // block_size):
             raise CompileError(
-                f"{op}: scales {scales.shape} do not match data {codes.shape} with "
+                f"{op}: scales {scales.shape} do not match data {logical} with "
                 f"block_size={block_size} on axis {q_axis}. fix: re-quantize the table"
             )
-        scale = np.take(scales.astype(np.float32), expand, axis=q_axis)
-        zp = np.take(zp, expand, axis=q_axis)
-        table = ((codes - zp) * scale).astype(scales.dtype)
         indices = inputs[1]
-        size = table.shape[gather_axis % rank]
         # ONNX Gather semantics: negative indices count from the end.
+        size = logical[gather_axis % rank]
         wrapped = relax.op.where(
             relax.op.less(indices, relax.const(0, indices.ty.dtype)),
             relax.op.add(indices, relax.const(size, indices.ty.dtype)),
             indices,
         )
+        wrapped = bb.normalize(wrapped)
+        covered = packed_gather_covers(
+            data, scales, zero_points, bits, block_size, gather_axis, q_axis
+        )
+        if covered and getattr(wrapped.ty, "shape", None) is not None:
+            source = inputs[0] if isinstance(inputs[0], tvm.ir.GenericConst) else None
+            return packed_gather(bb, wrapped, data, scales, zero_points, bits, block_size, source)
+        table = dequantize_table(data, scales, zero_points, bits, block_size, q_axis)
         return relax.op.take(relax.const(table), wrapped, axis=gather_axis % rank)
+
+
+def dequantize_table(data, scales, zero_points, bits, block_size, q_axis) -> np.ndarray:
+    """The float table of a ``GatherBlockQuantized`` node (layout in the module docstring), in
+    the scales' dtype: ``(code - zero_point) * scale`` computed in float32."""
+    packed = bits == 4
+    codes = unpack_codes(data, bits, data.shape[-1] * (8 // bits)).astype(np.float32)
+    if zero_points is None:
+        zp = np.full(scales.shape, float(1 << (bits - 1)), np.float32)
+    elif packed and zero_points.dtype == np.uint8:
+        zp = unpack_codes(zero_points, 4, scales.shape[-1]).astype(np.float32)
+    else:  # 8-bit: one zero point per byte; a float zero point is used as it is
+        zp = zero_points.astype(np.float32)
+    zp = zp.reshape(scales.shape)
+    # Expand the per-block scale and zero point along the quantized axis.
+    expand = np.arange(codes.shape[q_axis]) // block_size
+    scale = np.take(scales.astype(np.float32), expand, axis=q_axis)
+    zp = np.take(zp, expand, axis=q_axis)
+    return ((codes - zp) * scale).astype(scales.dtype)
+
+
+def packed_gather_covers(data, scales, zero_points, bits, block_size, gather_axis, q_axis) -> bool:
+    """Whether a ``GatherBlockQuantized`` node keeps its table packed (``packed_gather``): rows
+    gathered (``gather_axis`` 0) and blocks along the last axis of a table of rank 2 or more,
+    4- or 8-bit uint8 codes, ``block_size`` a power of 2 of at least 16, float scales of the table's
+    shape with ``ceil(columns / block_size)`` blocks per row, and zero points absent, uint8
+    packed like the codes along the last axis, or float of the scales' shape."""
+    rank = data.ndim
+    if rank < 2 or gather_axis % rank != 0 or q_axis != rank - 1 or bits not in (4, 8):
+        return False
+    if block_size < 16 or block_size & (block_size - 1):
+        return False
+    columns = data.shape[-1] * (8 // bits)
+    n_blocks = -(-columns // block_size)
+    if scales.shape != data.shape[:-1] + (n_blocks,) or scales.dtype.kind != "f":
+        return False
+    if zero_points is None:
+        return True
+    if zero_points.dtype == np.uint8:
+        zp_bytes = -(-n_blocks // 2) if bits == 4 else n_blocks
+        return zero_points.shape == data.shape[:-1] + (zp_bytes,)
+    return zero_points.dtype.kind == "f" and zero_points.shape == scales.shape
+
+
+def packed_gather(bb, indices, data, scales, zero_points, bits, block_size, data_const=None):
+    """``dequant(data)[indices]`` for the layout ``packed_gather_covers`` takes, with the table
+    kept packed: ``take`` of the uint8 rows, their scales and zero points (constants, rows along
+    axis 0), then elementwise on the gathered rows only: 4-bit codes unpacked low nibble first
+    (``bitwise_and`` 15 / ``right_shift`` 4 of each byte, as ``unpack_codes``), each block's
+    scale and zero point repeated along the row (cut to the row's length: a ragged last block),
+    ``(code - zero_point) * scale`` in float32, cast to the scales' dtype. With 4-bit codes the
+    arithmetic runs on ``[..., bytes, 2]`` (a byte's two codes share their block), reshaped to
+    ``[..., columns]`` at the end (a view), so TVM fuses the unpacking and dequantization into
+    one kernel after the row gathers. ``indices`` are already wrapped (no negative ones) and of
+    known rank; ``data_const``, the node's own constant holding ``data`` (used instead of a
+    copy), or None."""
+    per = 8 // bits
+    row_bytes = data.shape[-1]
+    last = len(indices.ty.shape) + data.ndim - 2  # the rows' last axis (strided_slice: >= 0)
+
+    def rows(array, const=None):
+        const = relax.const(np.ascontiguousarray(array)) if const is None else const
+        return bb.normalize(relax.op.take(const, indices, axis=0))
+
+    def nibbles(packed_rows):  # uint8 [..., n] -> [..., n, 2]: low nibble, high nibble
+        low = relax.op.bitwise_and(packed_rows, relax.const(15, "uint8"))
+        high = relax.op.right_shift(packed_rows, relax.const(4, "uint8"))
+        return relax.op.stack([low, high], axis=last + 1)
+
+    def per_byte(per_block):  # [..., n_blocks] -> float32 [..., row_bytes] (+ [1] for 4-bit)
+        wide = relax.op.repeat(relax.op.astype(per_block, "float32"), block_size // per, last)
+        if -(-row_bytes * per // block_size) * block_size != row_bytes * per:
+            wide = relax.op.strided_slice(wide, [last], [0], [row_bytes])
+        return wide if per == 1 else relax.op.expand_dims(wide, last + 1)
+
+    code = rows(data, data_const)
+    code = relax.op.astype(nibbles(code) if per == 2 else code, "float32")
+    if zero_points is None:
+        zp = relax.const(float(1 << (bits - 1)), "float32")
+    else:
+        zp = rows(zero_points)
+        if per == 2 and zero_points.dtype == np.uint8:
+            # packed along the row; an odd block count leaves a padding nibble, cut here
+            shape = list(zp.ty.shape)
+            zp = relax.op.reshape(nibbles(zp), relax.ShapeExpr([*shape[:-1], shape[-1] * 2]))
+            zp = relax.op.strided_slice(zp, [last], [0], [scales.shape[-1]])
+        zp = per_byte(zp)
+    y = relax.op.multiply(relax.op.subtract(code, zp), per_byte(rows(scales)))
+    if scales.dtype != np.float32:
+        y = relax.op.astype(y, str(scales.dtype))
+    if per == 2:
+        shape = list(bb.normalize(y).ty.shape)
+        y = relax.op.reshape(y, relax.ShapeExpr([*shape[:-2], shape[-2] * 2]))
+    return y
 
 
 # ------------------------------------------------------------------------------------------------
