@@ -17,6 +17,12 @@ Sources: a transformers model object (``export_model``), a local Hugging Face fo
 (``export_hf_folder``: ``config.json`` + ``*.safetensors``, nothing downloaded), or a built-in
 ``qiao.models.DecoderSpec``. ``decoder_folder`` returns a cached export (``$QIAO_CACHE_DIR/genai``,
 keyed by the content hash of the config, weights or seed, and this exporter's version).
+
+A Hugging Face folder with GPTQ or AWQ int4 weights (``quantization_config`` in config.json;
+the layouts ``qiao.compiler.hf_quant`` lists) keeps them: its quantized linears are written as
+``com.microsoft::MatMulNBits`` with the checkpoint's exact codes, scales and zero points
+(``accuracy_level`` 0), and ``qiao_weights.json`` beside ``genai_config.json`` (which ONNX
+Runtime GenAI parses strictly) says where they came from (the manifest's ``decoder.weights``).
 """
 
 from __future__ import annotations
@@ -39,6 +45,10 @@ from qiao.compiler.errors import InvalidModel
 # Bump when the exported graph changes: cached exports of older versions are then rebuilt.
 EXPORT_VERSION = 1
 MODEL_FILE, DATA_FILE, CONFIG_FILE = "model.onnx", "model.onnx.data", "genai_config.json"
+# Where the weights came from when not float (GPTQ / AWQ): beside genai_config.json, because ONNX
+# Runtime GenAI refuses unknown keys in it; ``decoder_manifest`` reports it as ``weights``.
+WEIGHTS_FILE = "qiao_weights.json"
+_WEIGHTS_KEY = "_qiao_weights"  # read_genai_folder's config -> decoder_manifest, never written
 # Tokenizer files copied from a source folder (whichever exist).
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -76,18 +86,19 @@ class _GraphWriter:
     def close(self) -> None:
         self._data.close()
 
-    def weight(self, name: str, array) -> str:
-        """A float32 initializer written to the external data file; ``array`` a torch tensor or a
-        NumPy array."""
+    def weight(self, name: str, array, dtype=np.float32) -> str:
+        """An initializer (float32 unless ``dtype`` says otherwise) written to the external data
+        file; ``array`` a torch tensor or a NumPy array."""
         if hasattr(array, "detach"):
             array = array.detach().to("cpu").float().contiguous().numpy()
-        array = np.ascontiguousarray(array, dtype=np.float32)
+        array = np.ascontiguousarray(array, dtype=dtype)
         pad = -self._offset % _ALIGN
         if pad:
             self._data.write(b"\0" * pad)
             self._offset += pad
         self._data.write(memoryview(array).cast("B"))
-        tensor = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=list(array.shape))
+        elem = helper.np_dtype_to_tensor_dtype(array.dtype)
+        tensor = TensorProto(name=name, data_type=elem, dims=list(array.shape))
         tensor.data_location = TensorProto.EXTERNAL
         for key, value in (
             ("location", self._location),
@@ -175,7 +186,7 @@ def _ids(value) -> list[int]:
     return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
 
 
-def write_graph(model, out_dir: str, context_length: int) -> dict:
+def write_graph(model, out_dir: str, context_length: int, quantized: Mapping | None = None) -> dict:
     """Write ``model.onnx`` + ``model.onnx.data`` for a transformers Qwen3 / Qwen3-MoE model.
 
     Parameters
@@ -186,6 +197,10 @@ def write_graph(model, out_dir: str, context_length: int) -> dict:
         Existing directory.
     context_length : int
         Rows of the cos/sin caches (the longest sequence the model runs).
+    quantized : Mapping[str, qiao.compiler.hf_quant.QuantLinear], optional
+        Modules (``model.layers.0.self_attn.q_proj``, ``lm_head``, ...) written as
+        ``com.microsoft::MatMulNBits`` with these exact int4 codes instead of a float ``MatMul``
+        (a GPTQ / AWQ checkpoint's).
 
     Returns
     -------
@@ -201,7 +216,9 @@ def write_graph(model, out_dir: str, context_length: int) -> dict:
     vocab, eps = int(cfg.vocab_size), float(cfg.rms_norm_eps)
     rope = getattr(cfg, "rope_parameters", None) or {}
     theta = float(rope.get("rope_theta", _config_value(cfg, "rope_theta", 10000.0)))
-    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    quantized = dict(quantized or {})
+    # a quantized lm_head is its own weight even when tied (the table stays the float embedding)
+    tied = bool(getattr(cfg, "tie_word_embeddings", False)) and "lm_head" not in quantized
 
     g = _GraphWriter(os.path.join(out_dir, DATA_FILE))
     try:
@@ -242,7 +259,19 @@ def write_graph(model, out_dir: str, context_length: int) -> dict:
                     g, residual, pending, w_in, f"{base}/input_layernorm", eps
                 )
             attn = _attention(
-                g, sd, i, normed, seqlens, total, cos_cache, sin_cache, heads, kv_heads, head, eps
+                g,
+                sd,
+                quantized,
+                i,
+                normed,
+                seqlens,
+                total,
+                cos_cache,
+                sin_cache,
+                heads,
+                kv_heads,
+                head,
+                eps,
             )
             w_post = f"{src}post_attention_layernorm.weight"
             normed, residual = _skip_norm(
@@ -254,7 +283,7 @@ def write_graph(model, out_dir: str, context_length: int) -> dict:
                 eps,
             )
             sparse = f"{src}mlp.gate.weight" in sd  # a router: transformers made it sparse
-            pending = _moe(g, sd, cfg, i, normed) if sparse else _mlp(g, sd, i, normed)
+            pending = _moe(g, sd, cfg, i, normed) if sparse else _mlp(g, sd, quantized, i, normed)
         w_norm = g.weight("model.norm.weight", sd["model.norm.weight"])
         final = g.op(
             "SkipSimplifiedLayerNormalization",
@@ -263,9 +292,10 @@ def write_graph(model, out_dir: str, context_length: int) -> dict:
             domain=moe_op.DOMAIN,
             epsilon=eps,
         )
-        if not tied:
-            lm_head = g.weight("lm_head.MatMul.weight", sd["lm_head.weight"].T)
-        g.op("MatMul", [final, lm_head], "/lm_head/MatMul", outputs=["logits"])
+        if tied:
+            g.op("MatMul", [final, lm_head], "/lm_head/MatMul", outputs=["logits"])
+        else:
+            _linear(g, sd, quantized, final, ["lm_head"], "lm_head.MatMul", "/lm_head", "logits")
     finally:
         g.close()
 
@@ -336,16 +366,58 @@ def _skip_norm(g: _GraphWriter, residual: str, add: str, weight: str, name: str,
     return normed, summed
 
 
-def _attention(g, sd, i, x, seqlens, total, cos, sin, heads, kv_heads, head, eps) -> str:
-    """Packed QKV, q/k RMS norms, GroupQueryAttention writing ``present.{i}.*``, o_proj."""
+def _linear(g, sd, quantized, x, modules, weight, base, output=None) -> str:
+    """``x @ W.T`` for the ``nn.Linear`` ``modules`` stacked along their outputs: a ``MatMul``
+    on the float weights, or — when the modules are in ``quantized`` (a GPTQ / AWQ checkpoint)
+    — one ``com.microsoft::MatMulNBits`` holding their exact int4 codes, float32 scales and
+    uint8 zero points (``accuracy_level`` 0: the float32 result of the dequantized weight)."""
     import torch
 
+    from qiao.compiler import hf_quant
+
+    found = [quantized.get(m) for m in modules]
+    outputs = [output] if output else None
+    if not any(found):
+        w = torch.cat([sd[f"{m}.weight"] for m in modules], dim=0).T
+        return g.op("MatMul", [x, g.weight(f"{weight}.weight", w)], f"{base}/MatMul", outputs)
+    if not all(found):
+        raise DecoderSourceError(
+            f"{', '.join(modules)}: only some of these stacked projections are quantized. fix: "
+            "quantize all of q/k/v_proj (or none) in the GPTQ / AWQ checkpoint"
+        )
+    lin = found[0] if len(found) == 1 else hf_quant.concat(found, ", ".join(modules))
+    block, packed, scales, zeros = lin.nbits_inputs()
+    inputs = [
+        x,
+        g.weight(f"{weight}.weight_Q4", packed, np.uint8),
+        g.weight(f"{weight}.weight_scales", scales),
+        g.weight(f"{weight}.weight_zp", zeros, np.uint8),
+    ]
+    return g.op(
+        "MatMulNBits",
+        inputs,
+        f"{base}/MatMulNBits",
+        outputs,
+        domain=moe_op.DOMAIN,
+        K=lin.k,
+        N=lin.n,
+        bits=hf_quant.BITS,
+        block_size=block,
+        accuracy_level=0,
+    )
+
+
+def _attention(g, sd, quantized, i, x, seqlens, total, cos, sin, heads, kv_heads, head, eps):
+    """Packed QKV, q/k RMS norms, GroupQueryAttention writing ``present.{i}.*``, o_proj."""
     src, base = f"model.layers.{i}.self_attn.", f"/model/layers.{i}/attn"
-    qkv_w = torch.cat([sd[f"{src}{p}_proj.weight"] for p in "qkv"], dim=0).T
-    qkv = g.op(
-        "MatMul",
-        [x, g.weight(f"model.layers.{i}.attn.qkv_proj.MatMul.weight", qkv_w)],
-        f"{base}/qkv_proj/MatMul",
+    qkv = _linear(
+        g,
+        sd,
+        quantized,
+        x,
+        [f"{src}{p}_proj" for p in "qkv"],
+        f"model.layers.{i}.attn.qkv_proj.MatMul",
+        f"{base}/qkv_proj",
     )
     sizes = g.ints([heads * head, kv_heads * head, kv_heads * head])
     q, k, v = g.op(
@@ -396,23 +468,23 @@ def _attention(g, sd, i, x, seqlens, total, cos, sin, heads, kv_heads, head, eps
         softcap=0.0,
         local_window_size=-1,
     )[0]
-    w_o = g.weight(f"model.layers.{i}.attn.o_proj.MatMul.weight", sd[f"{src}o_proj.weight"].T)
-    return g.op("MatMul", [out, w_o], f"{base}/o_proj/MatMul")
+    o_name = f"model.layers.{i}.attn.o_proj.MatMul"
+    return _linear(g, sd, quantized, out, [f"{src}o_proj"], o_name, f"{base}/o_proj")
 
 
-def _mlp(g, sd, i, x) -> str:
+def _mlp(g, sd, quantized, i, x) -> str:
     """SwiGLU as the builder writes it: gate/up MatMuls, Sigmoid, Mul, Mul, down MatMul."""
     src, base = f"model.layers.{i}.mlp.", f"/model/layers.{i}/mlp"
-    proj = {
-        p: g.weight(f"{src}{p}_proj.MatMul.weight", sd[f"{src}{p}_proj.weight"].T)
-        for p in ("gate", "up", "down")
-    }
-    gate = g.op("MatMul", [x, proj["gate"]], f"{base}/gate_proj/MatMul")
-    up = g.op("MatMul", [x, proj["up"]], f"{base}/up_proj/MatMul")
+
+    def proj(p, inp):
+        name = f"{src}{p}_proj"
+        return _linear(g, sd, quantized, inp, [name], f"{name}.MatMul", f"{base}/{p}_proj")
+
+    gate, up = proj("gate", x), proj("up", x)
     sig = g.op("Sigmoid", [gate], f"{base}/act_fn/Sigmoid")
     act = g.op("Mul", [gate, sig], f"{base}/act_fn/Mul")
     h = g.op("Mul", [act, up], f"{base}/Mul")
-    return g.op("MatMul", [h, proj["down"]], f"{base}/down_proj/MatMul")
+    return proj("down", h)
 
 
 def _moe(g, sd, cfg, i, x) -> str:
@@ -501,6 +573,8 @@ def export_model(
     context_length: int | None = None,
     tokenizer_dir: str | os.PathLike | None = None,
     write_tokenizer=None,
+    quantized: Mapping | None = None,
+    weights: Mapping[str, Any] | None = None,
 ) -> str:
     """Write a GenAI folder for a transformers ``Qwen3ForCausalLM`` / ``Qwen3MoeForCausalLM``.
 
@@ -517,6 +591,11 @@ def export_model(
         Folder whose tokenizer files (``TOKENIZER_FILES``) are copied.
     write_tokenizer : callable, optional
         ``write_tokenizer(out_dir)`` writes the tokenizer files instead.
+    quantized : Mapping, optional
+        ``write_graph``'s: modules written as ``MatMulNBits`` with their GPTQ / AWQ codes.
+    weights : Mapping, optional
+        Where the weights came from (``{"method": "gptq", ...}``): written to ``WEIGHTS_FILE``
+        and the ONNX model's ``qiao.weights`` metadata.
 
     Returns
     -------
@@ -527,7 +606,14 @@ def export_model(
     os.makedirs(out, exist_ok=True)
     cfg = model.config
     context = int(context_length or cfg.max_position_embeddings)
-    decoder = write_graph(model, out, context)
+    decoder = write_graph(model, out, context, quantized)
+    if weights:
+        path = os.path.join(out, MODEL_FILE)
+        proto = onnx.load(path, load_external_data=False)
+        helper.set_model_props(proto, {"qiao.weights": json.dumps(dict(weights), sort_keys=True)})
+        onnx.save_model(proto, path)
+        with open(os.path.join(out, WEIGHTS_FILE), "w") as f:
+            json.dump(dict(weights), f, indent=4, sort_keys=True)
     hf = cfg.to_dict()
     generation = getattr(model, "generation_config", None)
     if generation is not None and generation.eos_token_id is not None:
@@ -582,7 +668,9 @@ def export_hf_folder(
     from transformers import AutoModelForCausalLM
 
     folder = os.fspath(folder)
-    read_hf_config(folder)
+    config = read_hf_config(folder)
+    if config.get("quantization_config"):
+        return _export_quantized(folder, config, out_dir, context_length)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             folder, local_files_only=True, dtype="float32"
@@ -593,6 +681,39 @@ def export_hf_folder(
             "fix: check config.json matches the *.safetensors files and the files are complete"
         ) from err
     return export_model(model, out_dir, context_length=context_length, tokenizer_dir=folder)
+
+
+def _export_quantized(folder: str, config: dict, out_dir, context_length: int | None) -> str:
+    """A GPTQ / AWQ int4 folder (``qiao.compiler.hf_quant``): the transformers model is built
+    from the config and loaded with the float tensors plus each quantized linear's exactly
+    dequantized weight; those linears are written as ``MatMulNBits`` with the stored codes."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qiao.compiler import hf_quant
+
+    state, quantized, info = hf_quant.load_quantized(folder, config)
+    try:
+        cfg = AutoConfig.from_pretrained(folder, local_files_only=True)
+        if hasattr(cfg, "quantization_config"):
+            del cfg.quantization_config  # the weights are loaded here, not by a quantizer
+        model = AutoModelForCausalLM.from_config(cfg, dtype="float32").eval()
+        if cfg.tie_word_embeddings and "lm_head.weight" not in state:
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        model.load_state_dict(state, strict=True)
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        raise DecoderSourceError(
+            f"{folder}: the {info['method'].upper()} checkpoint does not fit its config.json "
+            f"({type(err).__name__}: {str(err).splitlines()[0]}). fix: check config.json "
+            "matches the *.safetensors files and the files are complete"
+        ) from err
+    return export_model(
+        model,
+        out_dir,
+        context_length=context_length,
+        tokenizer_dir=folder,
+        quantized=quantized,
+        weights=info,
+    )
 
 
 def is_genai_folder(path: str | os.PathLike) -> bool:
@@ -622,6 +743,10 @@ def read_genai_folder(folder: str | os.PathLike) -> tuple[str, dict]:
             "qiao.compiler.export_genai) so model.decoder has filename, num_hidden_layers, "
             "num_key_value_heads, head_size and model.vocab_size"
         ) from err
+    weights = os.path.join(folder, WEIGHTS_FILE)
+    if os.path.isfile(weights):
+        with open(weights) as f:
+            config[_WEIGHTS_KEY] = json.load(f)
     path = os.path.join(folder, filename)
     if not os.path.isfile(path):
         raise DecoderSourceError(
@@ -634,10 +759,13 @@ def read_genai_folder(folder: str | os.PathLike) -> tuple[str, dict]:
 def decoder_manifest(config: Mapping[str, Any], tokenizer: str | None) -> dict:
     """The artifact manifest's ``decoder`` section (issue 12's contract; ``kv_cache`` is set by
     the driver) from a ``genai_config.json`` dict."""
+    weights = config.get(_WEIGHTS_KEY)
+    config = {k: v for k, v in config.items() if k != _WEIGHTS_KEY}
     model = config["model"]
     decoder = model["decoder"]
     eos = _ids(model.get("eos_token_id"))
     bos = model.get("bos_token_id")
+    extra = {"weights": dict(weights)} if weights else {}
     return {
         "context_length": int(model.get("context_length") or config["search"]["max_length"]),
         "eos_token_id": eos,
@@ -649,6 +777,7 @@ def decoder_manifest(config: Mapping[str, Any], tokenizer: str | None) -> dict:
         "vocab_size": int(model["vocab_size"]),
         "tokenizer": tokenizer,
         "genai_config": dict(config),
+        **extra,
     }
 
 
