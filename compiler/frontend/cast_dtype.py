@@ -19,7 +19,9 @@ qiao then reads the narrow weights as they are: ``qiao.compiler.passes.fold_weig
 each cast into the GEMM, MoE kernel or gather that reads it, so the artifact stores (and the
 kernels read) half the bytes, widening to float32 in registers. Compute stays float32: float32
 activations, float32 accumulation, norms, softmax and reductions in float32; model inputs and
-outputs keep their declared dtypes.
+outputs keep their declared dtypes. On CUDA GPUs with tensor cores for ``dtype`` the GEMMs and
+the MoE grouped GEMMs also round their activations to ``dtype`` at the GEMM input and multiply on
+tensor cores, still accumulating in float32 (``fold_weight_casts``).
 """
 
 from __future__ import annotations

@@ -23,6 +23,14 @@ GPU schedule: one thread block per (aligned block of ``block_m`` slots, output t
 staged in shared memory, each thread accumulates ``gpu_thread_m x gpu_thread_n`` outputs. Up to
 ``gpu_gemv_max_tokens`` tokens take GEMV kernels instead: one thread block per routed pair and row
 group, a warp of 32 lanes splitting each dot product and reducing with shuffles.
+
+GPU, float16/bfloat16 experts (``cfg.weight_dtype``, on a CUDA target whose tensor cores take
+it): the tiled GEMMs run on tensor cores (``_tc_gemm``: ``nvcuda::wmma`` m16n16k16 fragments,
+activations cast to the experts' dtype as they are staged, float32 accumulators, the epilogue
+read back from shared memory); the GEMV kernels stay on float32 FMAs over the narrow weights
+(a few tokens: bound by reading the weights, which tensor cores do not speed up). Where no
+tensor-core tile fits (``block_m`` not a multiple of 16), the FMA kernels widen the narrow
+weights in registers. Other GPUs get float32 experts (``FoldWeightCasts`` keeps the cast).
 """
 
 from __future__ import annotations
@@ -328,6 +336,205 @@ def _gpu_tile(cfg: MoEConfig, sched, out_cols: int, rows_per_unit: int):
     return BNU, TNU, TX, TY
 
 
+# ------------------------------------------------------------------------------------------------
+# GPU tensor cores: float16/bfloat16 experts (WMMA m16n16k16, float32 accumulators)
+# ------------------------------------------------------------------------------------------------
+TC_TILE = 16  # WMMA fragment: 16 x 16 x 16
+TC_BK = 32  # reduction depth staged in shared memory per step
+TC_PAD_HALF, TC_PAD_F32 = 8, 4  # row padding (elements): fewer bank conflicts, 32-byte rows
+
+
+def _tensor_cores(cfg: MoEConfig) -> bool:
+    """Whether the current target multiplies ``cfg.weight_dtype`` on tensor cores."""
+    if cfg.weight_dtype == "float32":
+        return False
+    import tvm
+
+    from qiao.compiler.schedules.gpu import tensor_core_dtypes
+
+    return cfg.weight_dtype in tensor_core_dtypes(tvm.target.Target.current(allow_none=True))
+
+
+def _tc_warps(sched, out_rows: int, unit: int) -> int | None:
+    """Warps of a tensor-core tile (each one 16 output columns, ``4, 2, 1`` tried): the tile's
+    ``16 * warps`` weight rows must hold whole units and divide ``out_rows``; ``None`` when no
+    count fits or ``block_m`` is not a multiple of 16 (the FMA kernel runs then)."""
+    if sched.block_m % TC_TILE:
+        return None
+    for warps in (4, 2, 1):
+        rows = TC_TILE * warps
+        if rows % unit == 0 and out_rows % rows == 0:
+            return warps
+    return None
+
+
+def _wide(cfg: MoEConfig, value):
+    """A weight element as float32 (the FMA kernels widen narrow experts in registers)."""
+    if cfg.weight_dtype == "float32":
+        return value
+    from tvm import tirx
+
+    return tirx.Cast("float32", value)
+
+
+def _tc_gemm(cfg: MoEConfig, sched, *, rows: int, depth: int, warps: int, a_elem, b_elem, epilogue):
+    """A grouped GEMM on tensor cores: one thread block per (aligned block of ``block_m`` slots,
+    ``16 * warps`` weight rows), ``warps`` warps of 32 threads.
+
+    Each step stages ``block_m x 32`` activations (cast to the weights' dtype) and ``16 * warps
+    x 32`` weights in shared memory; every warp multiplies its 16 weight rows with all
+    ``block_m / 16`` row fragments (``nvcuda::wmma`` m16n16k16, float32 accumulators); the
+    accumulators go through shared memory to ``epilogue``. ``a_elem(A, PAIRS, bx, m, k)`` and
+    ``b_elem(W, BEXP, bx, by, r, k)`` read one element (``k < depth``), ``epilogue(c_s, m, c,
+    bx, by, ...)`` writes the output of slot row ``m``; ``rows`` is the weight rows (grid y).
+    """
+    from tvm.script import tirx as T
+
+    DT, K, BM = cfg.weight_dtype, cfg.top_k, sched.block_m
+    BN, BK, NTH = TC_TILE * warps, TC_BK, 32 * warps
+    BKP, BNP = BK + TC_PAD_HALF, BN + TC_PAD_F32
+    MF, KT = BM // TC_TILE, (depth + BK - 1) // BK
+
+    @T.macro
+    def gemm(A, W, PAIRS, BEXP, NBLK, n, B, OUT, EXTRA):
+        for bx in T.thread_binding(num_blocks(n, K, cfg.num_experts, BM), thread="blockIdx.x"):
+            for by in T.thread_binding(rows // BN, thread="blockIdx.y"):
+                for ty in T.thread_binding(warps, thread="threadIdx.y"):
+                    for tx in T.thread_binding(32, thread="threadIdx.x"):
+                        a_s = T.alloc_buffer((BM, BKP), DT, scope="shared.dyn")
+                        b_s = T.alloc_buffer((BN, BKP), DT, scope="shared.dyn")
+                        c_s = T.alloc_buffer((BM, BNP), "float32", scope="shared.dyn")
+                        a_f = T.alloc_buffer((TC_TILE, TC_TILE), DT, scope="wmma.matrix_a")
+                        b_f = T.alloc_buffer((TC_TILE, TC_TILE), DT, scope="wmma.matrix_b")
+                        acc = T.alloc_buffer(
+                            (MF * TC_TILE, TC_TILE), "float32", scope="wmma.accumulator"
+                        )
+                        if bx < T.Cast("int64", NBLK[0]):
+                            with T.sblock("tc_init"):  # opaque fragment calls: regions stated
+                                T.reads()
+                                T.writes(acc[0 : MF * TC_TILE, 0:TC_TILE])
+                                for mf in T.unroll(MF):
+                                    T.tvm_fill_fragment(
+                                        acc.data, 16, 16, 16, mf, T.float32(0), dtype="void"
+                                    )
+                            for k0 in range(KT):
+                                for it in range((BM * BK + NTH - 1) // NTH):
+                                    if it * NTH + ty * 32 + tx < BM * BK:
+                                        a_s[
+                                            (it * NTH + ty * 32 + tx) // BK,
+                                            (it * NTH + ty * 32 + tx) % BK,
+                                        ] = T.Cast(
+                                            DT,
+                                            T.if_then_else(
+                                                k0 * BK + (it * NTH + ty * 32 + tx) % BK < depth,
+                                                a_elem(
+                                                    A,
+                                                    PAIRS,
+                                                    bx,
+                                                    (it * NTH + ty * 32 + tx) // BK,
+                                                    T.min(
+                                                        k0 * BK + (it * NTH + ty * 32 + tx) % BK,
+                                                        depth - 1,
+                                                    ),
+                                                ),
+                                                T.float32(0),
+                                            ),
+                                        )
+                                for it in range((BN * BK + NTH - 1) // NTH):
+                                    if it * NTH + ty * 32 + tx < BN * BK:
+                                        b_s[
+                                            (it * NTH + ty * 32 + tx) // BK,
+                                            (it * NTH + ty * 32 + tx) % BK,
+                                        ] = T.if_then_else(
+                                            k0 * BK + (it * NTH + ty * 32 + tx) % BK < depth,
+                                            b_elem(
+                                                W,
+                                                BEXP,
+                                                bx,
+                                                by * BN + (it * NTH + ty * 32 + tx) // BK,
+                                                T.min(
+                                                    k0 * BK + (it * NTH + ty * 32 + tx) % BK,
+                                                    depth - 1,
+                                                ),
+                                            ),
+                                            T.Cast(DT, 0),
+                                        )
+                                T.tvm_storage_sync("shared")
+                                with T.sblock("tc_mma"):
+                                    T.reads(
+                                        a_s[0:BM, 0:BKP],
+                                        b_s[0:BN, 0:BKP],
+                                        acc[0 : MF * TC_TILE, 0:TC_TILE],
+                                    )
+                                    T.writes(
+                                        acc[0 : MF * TC_TILE, 0:TC_TILE],
+                                        a_f[0:TC_TILE, 0:TC_TILE],
+                                        b_f[0:TC_TILE, 0:TC_TILE],
+                                    )
+                                    for kk in T.unroll(BK // TC_TILE):
+                                        # b_s is [rows, k]: a column-major k x rows fragment
+                                        T.tvm_load_matrix_sync(
+                                            b_f.data,
+                                            16,
+                                            16,
+                                            16,
+                                            0,
+                                            b_s.access_ptr(
+                                                "r", offset=ty * TC_TILE * BKP + kk * TC_TILE
+                                            ),
+                                            BKP,
+                                            "col_major",
+                                            dtype="void",
+                                        )
+                                        for mf in T.unroll(MF):
+                                            T.tvm_load_matrix_sync(
+                                                a_f.data,
+                                                16,
+                                                16,
+                                                16,
+                                                0,
+                                                a_s.access_ptr(
+                                                    "r", offset=mf * TC_TILE * BKP + kk * TC_TILE
+                                                ),
+                                                BKP,
+                                                "row_major",
+                                                dtype="void",
+                                            )
+                                            T.tvm_mma_sync(
+                                                acc.data,
+                                                mf,
+                                                a_f.data,
+                                                0,
+                                                b_f.data,
+                                                0,
+                                                acc.data,
+                                                mf,
+                                                dtype="void",
+                                            )
+                                T.tvm_storage_sync("shared")
+                            with T.sblock("tc_store"):
+                                T.reads(acc[0 : MF * TC_TILE, 0:TC_TILE])
+                                T.writes(c_s[0:BM, 0:BNP])
+                                for mf in T.unroll(MF):
+                                    T.tvm_store_matrix_sync(
+                                        acc.data,
+                                        16,
+                                        16,
+                                        16,
+                                        mf,
+                                        c_s.access_ptr(
+                                            "w", offset=mf * TC_TILE * BNP + ty * TC_TILE
+                                        ),
+                                        BNP,
+                                        "row_major",
+                                        dtype="void",
+                                    )
+                            T.tvm_storage_sync("shared")
+                            epilogue(c_s, PAIRS, BEXP, bx, by, ty * 32 + tx, B, OUT, EXTRA)
+
+    return gemm
+
+
 def _up_gpu_body(cfg: MoEConfig, sched):
     from tvm.script import tirx as T
 
@@ -384,16 +591,21 @@ def _up_gpu_body(cfg: MoEConfig, sched):
                                             (it * NTH + ty * TX + tx) % BK,
                                         ] = T.if_then_else(
                                             k0 * BK + (it * NTH + ty * TX + tx) % BK < H,
-                                            W1[
-                                                T.Cast("int64", BEXP[bx]),
-                                                cfg.fc1_row(
-                                                    by * BNU + (it * NTH + ty * TX + tx) // BK // U,
-                                                    (it * NTH + ty * TX + tx) // BK % U,
-                                                ),
-                                                T.min(
-                                                    k0 * BK + (it * NTH + ty * TX + tx) % BK, H - 1
-                                                ),
-                                            ],
+                                            _wide(
+                                                cfg,
+                                                W1[
+                                                    T.Cast("int64", BEXP[bx]),
+                                                    cfg.fc1_row(
+                                                        by * BNU
+                                                        + (it * NTH + ty * TX + tx) // BK // U,
+                                                        (it * NTH + ty * TX + tx) // BK % U,
+                                                    ),
+                                                    T.min(
+                                                        k0 * BK + (it * NTH + ty * TX + tx) % BK,
+                                                        H - 1,
+                                                    ),
+                                                ],
+                                            ),
                                             T.float32(0),
                                         )
                                 T.tvm_storage_sync("shared")
@@ -431,14 +643,13 @@ def _up_gpu_body(cfg: MoEConfig, sched):
                             red[0, w] = T.float32(0)
                             for kk in range((H + LANES - 1) // LANES):
                                 if kk * LANES + tx < H:
-                                    red[0, w] = (
-                                        red[0, w]
-                                        + X[bx // K, kk * LANES + tx]
-                                        * W1[
+                                    red[0, w] = red[0, w] + X[bx // K, kk * LANES + tx] * _wide(
+                                        cfg,
+                                        W1[
                                             T.Cast("int64", IDS[bx // K, bx % K]),
                                             cfg.fc1_row(by * GU + ty, w),
                                             kk * LANES + tx,
-                                        ]
+                                        ],
                                     )
                             # warp tree: no shared memory, no barriers
                             for s in T.unroll(STEPS):
@@ -459,6 +670,54 @@ def _up_gpu_body(cfg: MoEConfig, sched):
                                 T.Cast("int64", IDS[bx // K, bx % K]),
                                 by * GU + ty,
                             )
+
+    WARPS = _tc_warps(sched, cfg.fc1_rows, U) if _tensor_cores(cfg) else None
+    if WARPS is not None:
+        BNT = TC_TILE * WARPS // U  # units per tensor-core tile
+        NTT = 32 * WARPS
+
+        def a_elem(X, PAIRS, bx, m, k):
+            return X[T.max(PAIRS[bx * BM + m], 0) // K, k]
+
+        def b_elem(W1, BEXP, bx, r, k):
+            return W1[T.Cast("int64", BEXP[bx]), cfg.fc1_row(r // U, r % U), k]
+
+        @T.macro
+        def epilogue(c_s, PAIRS, BEXP, bx, by, tid, B1, ACT, _unused):
+            for it in range((BM * BNT + NTT - 1) // NTT):
+                if it * NTT + tid < BM * BNT:
+                    if PAIRS[bx * BM + (it * NTT + tid) // BNT] >= 0:
+                        ACT[
+                            bx * BM + (it * NTT + tid) // BNT, by * BNT + (it * NTT + tid) % BNT
+                        ] = _epilogue_up(
+                            cfg,
+                            c_s,
+                            (it * NTT + tid) // BNT,
+                            (it * NTT + tid) % BNT,
+                            B1,
+                            T.Cast("int64", BEXP[bx]),
+                            by * BNT + (it * NTT + tid) % BNT,
+                        )
+
+        gemm_tc = _tc_gemm(
+            cfg,
+            sched,
+            rows=cfg.fc1_rows,
+            depth=H,
+            warps=WARPS,
+            a_elem=a_elem,
+            b_elem=b_elem,
+            epilogue=epilogue,
+        )
+
+        @T.macro
+        def body(X, W1, B1, IDS, PAIRS, OFF, CNT, ACTIVE, NACT, BEXP, NBLK, PSLOT, ACT):
+            if X.shape[0] <= GEMV_MAX:
+                gemv(X, W1, B1, IDS, PSLOT, ACT, X.shape[0])
+            else:
+                gemm_tc(X, W1, PAIRS, BEXP, NBLK, X.shape[0], B1, ACT, PAIRS)
+
+        return body
 
     @T.macro
     def body(X, W1, B1, IDS, PAIRS, OFF, CNT, ACTIVE, NACT, BEXP, NBLK, PSLOT, ACT):
@@ -523,14 +782,17 @@ def _down_gpu_body(cfg: MoEConfig, sched):
                                             (it * NTH + ty * TX + tx) % BK,
                                         ] = T.if_then_else(
                                             k0 * BK + (it * NTH + ty * TX + tx) % BK < INTER,
-                                            W2[
-                                                T.Cast("int64", BEXP[bx]),
-                                                by * BNU + (it * NTH + ty * TX + tx) // BK,
-                                                T.min(
-                                                    k0 * BK + (it * NTH + ty * TX + tx) % BK,
-                                                    INTER - 1,
-                                                ),
-                                            ],
+                                            _wide(
+                                                cfg,
+                                                W2[
+                                                    T.Cast("int64", BEXP[bx]),
+                                                    by * BNU + (it * NTH + ty * TX + tx) // BK,
+                                                    T.min(
+                                                        k0 * BK + (it * NTH + ty * TX + tx) % BK,
+                                                        INTER - 1,
+                                                    ),
+                                                ],
+                                            ),
                                             T.float32(0),
                                         )
                                 T.tvm_storage_sync("shared")
@@ -571,14 +833,15 @@ def _down_gpu_body(cfg: MoEConfig, sched):
                         red[0] = T.float32(0)
                         for kk in range((INTER + LANES - 1) // LANES):
                             if kk * LANES + tx < INTER:
-                                red[0] = (
-                                    red[0]
-                                    + A[PSLOT[bx // K, bx % K], kk * LANES + tx]
-                                    * W2[
+                                red[0] = red[0] + A[
+                                    PSLOT[bx // K, bx % K], kk * LANES + tx
+                                ] * _wide(
+                                    cfg,
+                                    W2[
                                         T.Cast("int64", IDS[bx // K, bx % K]),
                                         by * GU + ty,
                                         kk * LANES + tx,
-                                    ]
+                                    ],
                                 )
                         for s in T.unroll(STEPS):
                             red[0] = red[0] + T.tvm_warp_shuffle_down(
@@ -593,6 +856,53 @@ def _down_gpu_body(cfg: MoEConfig, sched):
                                 red[0]
                                 + bias(B2, T.Cast("int64", IDS[bx // K, bx % K]), by * GU + ty)
                             )
+
+    WARPS = _tc_warps(sched, H, 1) if _tensor_cores(cfg) else None
+    if WARPS is not None:
+        BNT, NTT = TC_TILE * WARPS, 32 * WARPS
+
+        def a_elem(A, PAIRS, bx, m, k):
+            return A[bx * BM + m, k]
+
+        def b_elem(W2, BEXP, bx, r, k):
+            return W2[T.Cast("int64", BEXP[bx]), r, k]
+
+        @T.macro
+        def epilogue(c_s, PAIRS, BEXP, bx, by, tid, B2, OUT, TW):
+            for it in range((BM * BNT + NTT - 1) // NTT):
+                if it * NTT + tid < BM * BNT:
+                    if PAIRS[bx * BM + (it * NTT + tid) // BNT] >= 0:
+                        OUT[
+                            PAIRS[bx * BM + (it * NTT + tid) // BNT] // K,
+                            PAIRS[bx * BM + (it * NTT + tid) // BNT] % K,
+                            by * BNT + (it * NTT + tid) % BNT,
+                        ] = TW[
+                            PAIRS[bx * BM + (it * NTT + tid) // BNT] // K,
+                            PAIRS[bx * BM + (it * NTT + tid) // BNT] % K,
+                        ] * (
+                            c_s[(it * NTT + tid) // BNT, (it * NTT + tid) % BNT]
+                            + bias(B2, T.Cast("int64", BEXP[bx]), by * BNT + (it * NTT + tid) % BNT)
+                        )
+
+        gemm_tc = _tc_gemm(
+            cfg,
+            sched,
+            rows=H,
+            depth=INTER,
+            warps=WARPS,
+            a_elem=a_elem,
+            b_elem=b_elem,
+            epilogue=epilogue,
+        )
+
+        @T.macro
+        def body(A, W2, B2, IDS, TW, PAIRS, OFF, CNT, ACTIVE, NACT, BEXP, NBLK, PSLOT, OUT):
+            if OUT.shape[0] <= GEMV_MAX:
+                gemv(A, W2, B2, IDS, TW, PSLOT, OUT, OUT.shape[0])
+            else:
+                gemm_tc(A, W2, PAIRS, BEXP, NBLK, OUT.shape[0], B2, OUT, TW)
+
+        return body
 
     @T.macro
     def body(A, W2, B2, IDS, TW, PAIRS, OFF, CNT, ACTIVE, NACT, BEXP, NBLK, PSLOT, OUT):
@@ -711,23 +1021,11 @@ def _down_cpu(cfg, sched):
 
 
 def _up_gpu(cfg, sched):
-    _float32_weights(cfg)
     return _up_func(cfg, sched, _up_gpu_body(cfg, sched))
 
 
 def _down_gpu(cfg, sched):
-    _float32_weights(cfg)
     return _down_func(cfg, sched, _down_gpu_body(cfg, sched))
-
-
-def _float32_weights(cfg: MoEConfig) -> None:
-    if cfg.weight_dtype != "float32":
-        from qiao.compiler.errors import CompileError
-
-        raise CompileError(
-            f"the GPU MoE kernels read float32 expert weights, not {cfg.weight_dtype}. fix: keep "
-            "the experts' cast to float32 (FoldWeightCasts does for GPU targets)"
-        )
 
 
 __all__ = ["GEMV_LANES", "group_gemm_down", "group_gemm_up"]

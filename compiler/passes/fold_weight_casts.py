@@ -15,7 +15,15 @@ time. This pass folds the cast into its consumer instead:
   the rows looked up are widened, not the whole table at every call;
 - the ``qiao.moe`` placeholder's expert weights ``astype(fc1)``, ``astype(fc2)`` are replaced by
   ``fc1``, ``fc2`` and the MoE config's ``weight_dtype`` set, so the grouped GEMM reads the narrow
-  experts in place (CPU kernels only: the GPU kernels take float32 and keep the cast).
+  experts in place (on a GPU only for a dtype its tensor cores take; other GPUs keep the cast).
+
+On a CUDA target with tensor cores for the weights' dtype (``schedules.gpu.tensor_core_dtypes``:
+float16 from sm_70, bfloat16 from sm_80) the GEMM's float32 activation is cast to that dtype at
+its input as well, ``matmul(astype(x, "float16"), w, out_dtype="float32")``: both operands half,
+products accumulated in float32, as cuBLAS and ONNX Runtime's CUDA provider compute a half GEMM.
+dlight's ``Matmul`` (float16) and ``schedules.gpu.BF16MatmulTensorization`` then schedule it on
+tensor cores; the cast usually fuses into the producer's epilogue. CPU targets keep float32
+activations.
 
 A matmul of two float16/bfloat16 operands (a model in half precision, e.g. ONNX Runtime GenAI's
 ``-p fp16``) accumulates in float32 and rounds its result once: ``astype(matmul(a, b,
@@ -51,11 +59,52 @@ def _is_op(expr, name: str) -> bool:
     )
 
 
+def _shape(expr) -> list | None:
+    """The dims of ``expr``'s tensor type, each an ``int`` or ``None`` (symbolic)."""
+    ty = getattr(expr, "ty", None)
+    shape = getattr(ty, "shape", None)
+    values = getattr(shape, "values", None)
+    if values is None:
+        return None
+    return [int(v) if isinstance(v, tvm.tirx.IntImm) else None for v in values]
+
+
+def _product(dims: list) -> int | None:
+    """The product of ``dims``; ``None`` when one is symbolic."""
+    out = 1
+    for d in dims:
+        if d is None:
+            return None
+        out *= d
+    return out
+
+
 @mutator
 class _CastFolder(PyExprMutator):
-    def __init__(self, mod, gpu: bool):
+    def __init__(self, mod, gpu: bool, tensor_cores: tuple[str, ...] = ()):
         super().__init__(mod)
         self.gpu = gpu
+        self.tensor_cores = tensor_cores
+
+    def half_input(self, x, w, dtype: str, x_first: bool = True):
+        """``x`` cast to ``dtype`` where the target multiplies ``dtype`` on tensor cores (the
+        GEMM then reads two ``dtype`` operands and accumulates in float32), else ``x``. A GEMM
+        that would not tensorize (a static M, N or K of at most 64, dlight's threshold) keeps its
+        float32 activation."""
+        if dtype not in self.tensor_cores or _dtype(x) != "float32":
+            return x
+        from qiao.compiler.schedules.gpu import TC_MIN_EXTENT
+
+        xs, ws = _shape(x), _shape(w)
+        if xs is None or ws is None or len(xs) < 2 or len(ws) < 2:
+            return x
+        if x_first:  # x[..., M, K] @ w[..., K, N]
+            dims = [xs[-1], ws[-1], _product(xs[:-1])]
+        else:  # w[..., M, K] @ x[..., K, N]
+            dims = [xs[-2], ws[-2], _product([d for i, d in enumerate(xs) if i != len(xs) - 2])]
+        if any(d is not None and d <= TC_MIN_EXTENT for d in dims):
+            return x
+        return self.builder_.emit(relax.op.astype(x, dtype))
 
     def _binding(self, expr):
         if isinstance(expr, relax.Var):
@@ -101,8 +150,10 @@ class _CastFolder(PyExprMutator):
             narrow_b = self.narrow_operand(b) if _dtype(a) == "float32" else None
             narrow_a = self.narrow_operand(a) if _dtype(b) == "float32" else None
             if narrow_b is not None:
+                a = self.half_input(a, narrow_b, _dtype(narrow_b))
                 return relax.op.matmul(a, narrow_b, out_dtype="float32")
             if narrow_a is not None:
+                b = self.half_input(b, narrow_a, _dtype(narrow_a), x_first=False)
                 return relax.op.matmul(narrow_a, b, out_dtype="float32")
             return call
         if _is_op(call, "take"):
@@ -114,11 +165,10 @@ class _CastFolder(PyExprMutator):
                 )
                 return relax.op.astype(rows, "float32")
             return call
-        if not self.gpu:
-            from qiao.compiler.passes.lower_moe import is_moe_placeholder
+        from qiao.compiler.passes.lower_moe import is_moe_placeholder
 
-            if is_moe_placeholder(call):
-                return self.fold_moe(call)
+        if is_moe_placeholder(call):
+            return self.fold_moe(call)
         return call
 
     def fold_moe(self, call):
@@ -126,6 +176,8 @@ class _CastFolder(PyExprMutator):
         fc1, fc2 = self.narrow_source(fields[2]), self.narrow_source(fields[4])
         if fc1 is None or fc2 is None or _dtype(fc1) != _dtype(fc2):
             return call
+        if self.gpu and _dtype(fc1) not in self.tensor_cores:
+            return call  # GPUs without tensor cores for it: float32 experts
         config = json.loads(fields[-1].value)
         config["weight_dtype"] = _dtype(fc1)
         fields[2], fields[4] = fc1, fc2
@@ -147,17 +199,23 @@ class FoldWeightCasts:
         target's keys say ``gpu``.
     """
 
-    def __init__(self, gpu: bool | None = None):
+    def __init__(self, gpu: bool | None = None, tensor_cores: tuple[str, ...] | None = None):
         self.gpu = gpu
+        self.tensor_cores = tensor_cores
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         if not any(_has_narrow(func) for _, func in mod.functions_items() if _is_relax(func)):
             return mod
         gpu = self.gpu
+        target = tvm.target.Target.current(allow_none=True)
         if gpu is None:
-            target = tvm.target.Target.current(allow_none=True)
             gpu = target is not None and "gpu" in target.keys
-        mod = rewrite_functions(mod, _CastFolder(mod, gpu))
+        tensor_cores = self.tensor_cores
+        if tensor_cores is None:
+            from qiao.compiler.schedules.gpu import tensor_core_dtypes
+
+            tensor_cores = tensor_core_dtypes(target) if gpu else ()
+        mod = rewrite_functions(mod, _CastFolder(mod, gpu, tuple(tensor_cores)))
         return relax.transform.DeadCodeElimination()(mod)
 
 
