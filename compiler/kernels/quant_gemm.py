@@ -49,6 +49,10 @@ import numpy as np
 
 from qiao.compiler.kernels.moe_common import KERNEL_ATTRS
 
+# integer kernel: how far ahead of the block being multiplied its codes are prefetched
+PREFETCH_BYTES = 4096
+WORDS_PER_LINE = 16  # int32 words in a 64-byte cache line
+
 
 @dataclass(frozen=True)
 class NBitsLayout:
@@ -721,6 +725,32 @@ def int8_kernel(layout: NBitsLayout, dot: Int8Dot, rows_per_pass: int, *, a_row,
                 act(QA, r, b * WPB + w),
             )
 
+    # Software prefetch PREFETCH_BYTES ahead in the code stream (and the scales and zero points of
+    # that block): a decode GEMV streams each tile once, and the hardware prefetcher alone left
+    # it at ~7.7 GB/s where this reaches ~8.5-12 (48 int4 layers 2048 x 2048, 129 MB, AVX2 EPYC).
+    PD = max(1, PREFETCH_BYTES // (WPB * TN * 4))  # blocks ahead
+
+    def _prefetch(addr):
+        return T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", addr, 0, 3, 1))
+
+    @T.macro
+    def prefetch(Bq, SC, Z, t, b):
+        # past the last tile the addresses leave the buffers: a prefetch never faults
+        for line in T.unroll(max(1, WPB * TN // WORDS_PER_LINE)):
+            _prefetch(
+                T.address_of(
+                    Bq[
+                        t,
+                        (b + PD) * WPB + line * WORDS_PER_LINE // TN,
+                        line * WORDS_PER_LINE % TN,
+                    ]
+                )
+            )
+        for line in T.unroll(max(1, TN // WORDS_PER_LINE)):
+            _prefetch(T.address_of(SC[t, b + PD, line * WORDS_PER_LINE]))
+        if L.zero_points != "default":
+            _prefetch(T.address_of(Z[t, b + PD, 0]))
+
     if RG < 2:
         raise ValueError(f"quant_matmul_int8: rows_per_pass={RG} (2 or more)")
     # accumulator sets (low, high nibbles) of a pass of G rows: two for one row, one shared above
@@ -740,6 +770,7 @@ def int8_kernel(layout: NBitsLayout, dot: Int8Dot, rows_per_pass: int, *, a_row,
                     for ln in T.vectorized(VL):
                         out[i, v, ln] = bias(BIAS, t * TN + v * VL + ln)
             for b in range(NB):
+                prefetch(Bq, SC, Z, t, b)
                 for i in T.unroll(G):
                     for h in T.unroll(2 if G == 1 else 1):
                         for j in T.vectorized(TN):
