@@ -37,6 +37,22 @@ VARIANTS = {
         },
     ),
 }
+VARIANTS["transformer-fp16"] = ("transformer", {})
+VARIANTS["moe-block-fp16"] = VARIANTS["moe-block"]
+# check name -> compile options (``--dtype float16``: half weights; on CUDA the GEMMs and the MoE
+# grouped GEMMs run on tensor cores with float16 activations and float32 accumulation)
+COMPILE_OPTIONS = {
+    "transformer-fp16": {"dtype": "float16"},
+    "moe-block-fp16": {"dtype": "float16"},
+}
+# Opt-in (``--models transformer-fp16,moe-block-fp16``): the reference is ONNX Runtime on the
+# float16-weight graph computing in float32, and the CUDA artifact's float16 activations put it
+# ~1e-3 away, past the float32 tolerance the bundle states (validation does not yet widen it for
+# tensor-core builds), so these report FAIL there; read their max_abs_err.
+HALF_NOTE = (
+    "float16 weights; on CUDA tensor cores the activations are float16 too, so max_abs_err "
+    "(expected ~1e-3) matters, not the float32 tolerance"
+)
 SIZE_LIMIT = 60 * 2**20
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -104,7 +120,14 @@ def build(
             else:
                 model, options = VARIANTS.get(name, (name, {}))
                 out_dir = os.path.join(work, name)
-                artifact = compile(model, target, out_dir, arch=arch, model_options=options)
+                artifact = compile(
+                    model,
+                    target,
+                    out_dir,
+                    arch=arch,
+                    model_options=options,
+                    **COMPILE_OPTIONS.get(name, {}),
+                )
             bundle = os.path.join(out, "bundles", name)
             pack(artifact.directory, bundle, with_reference=True, python=python)
             if not os.path.isdir(os.path.join(out, "runtime")):
@@ -117,6 +140,8 @@ def build(
             why = trace_torch(name, os.path.join(out, "torch", f"{name}.pt"))
             if why:
                 plan["notes"][name] = f"pytorch: {why}"
+            if name in COMPILE_OPTIONS:
+                plan["notes"][name] = "; ".join(filter(None, (plan["notes"].get(name), HALF_NOTE)))
             plan["models"].append(name)
             print(f"[check] {name}: {time.perf_counter() - start:.0f} s", flush=True)
         os.chdir(cwd)
