@@ -309,7 +309,7 @@ def compile(
         if quantization is not None:
             manifest["quantization"] = quantization
         if weights_dtype is not None:
-            manifest["dtype"] = weights_dtype
+            manifest["dtype"] = _tensor_core_compute(weights_dtype, target_obj)
         if resolved.decoder is not None:
             kv_cache = "concat" if concat_cache else options.get("kv_cache") or "copy"
             manifest["decoder"] = dict(resolved.decoder, kv_cache=kv_cache, logits=logits_rows)
@@ -318,6 +318,22 @@ def compile(
     # Hand-off backends without their vendor toolchain raise here: the package is complete and kept.
     backend.after_write(artifact.directory, manifest)
     return artifact
+
+
+def _tensor_core_compute(section: dict, target) -> dict:
+    """The manifest's ``dtype`` section for ``target``: where its tensor cores take the weights'
+    dtype (``FoldWeightCasts`` on CUDA), GEMM activations are rounded to it at the GEMM input and
+    only the accumulation stays float32; ``qiao validate`` widens its default tolerance by that."""
+    from qiao.compiler.schedules.gpu import tensor_core_dtypes
+
+    dtype = section.get("weights")
+    if isinstance(target, Mapping) or dtype not in tensor_core_dtypes(target):
+        return section
+    note = (
+        f"weights {dtype}; tensor-core GEMMs round their activations to {dtype} at the input "
+        "and accumulate in float32; everything else computes float32"
+    )
+    return dict(section, compute=f"{dtype} GEMM inputs, float32 elsewhere", note=note)
 
 
 def _target_json(target) -> Any:

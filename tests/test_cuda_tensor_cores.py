@@ -195,3 +195,21 @@ def test_builtin_mlp_float16_artifact(tmp_path):
     tensor = sorted(name for name, code in sass.items() if "HMMA" in code)
     assert len(tensor) == 1 and tensor[0].startswith("fused_matmul1_"), tensor
     assert len([n for n in sass if "matmul" in n]) == 3, sorted(sass)
+    # the manifest says the GEMM inputs are rounded, and `qiao validate` widens its default for it
+    from qiao.compiler.validate import HALF_ACTIVATION_TOLERANCE, tolerances
+
+    assert art.manifest["dtype"]["compute"].startswith("float16 GEMM inputs")
+    assert tolerances(art, None, None) == (HALF_ACTIVATION_TOLERANCE["float16"],) * 2
+    assert tolerances(art, 1e-6, None)[0] == 1e-6  # an explicit tolerance is kept
+
+
+def test_float32_compute_manifest_on_cpu(tmp_path):
+    """The same option on the CPU keeps float32 activations: the default tolerance stays."""
+    from qiao.compiler import compile
+    from qiao.compiler.validate import tolerances
+    from qiao.models import get_model
+
+    art = compile("mlp", "cpu", tmp_path / "mlp", dtype="float16")
+    assert art.manifest["dtype"]["compute"] == "float32"
+    spec = get_model("mlp")
+    assert tolerances(art, None, None) == (spec.rtol, spec.atol)
