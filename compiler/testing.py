@@ -172,3 +172,36 @@ def ort_genai_greedy(folder, prompt, new_tokens: int, ignore_eos: bool = True) -
         generator.generate_next_token()
         tokens.append(int(generator.get_next_tokens()[0]))
     return tokens
+
+
+def qdq_matmul(dtype: int, rng, k: int = 96, n: int = 8, block: int = 32):
+    """An opset-21 weight-only quantized MatMul in QDQ form, as ONNX Runtime's quantizer writes with
+    ``quant_format=QDQ``: ``y = a @ DequantizeLinear(q, s, zp, axis=0, block_size=block)`` with
+    random ``dtype`` (``TensorProto.UINT8`` or ``INT4``) codes and zero points. Returns ``(model,
+    codes, scale, zero_point)``, the last three as NumPy arrays ``[k, n]``, ``[k / block, n]``
+    (float32) and ``[k / block, n]`` (integers)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    lo, hi = (0, 255) if dtype == TensorProto.UINT8 else (-8, 7)
+    codes = rng.integers(lo, hi + 1, (k, n))
+    scale = (rng.random((k // block, n)) * 0.1).astype(np.float32)
+    zp = rng.integers(lo, hi + 1, (k // block, n))
+    inits = [
+        helper.make_tensor("q", dtype, [k, n], codes.ravel().tolist()),
+        numpy_helper.from_array(scale, "s"),
+        helper.make_tensor("zp", dtype, [k // block, n], zp.ravel().tolist()),
+    ]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["w"], axis=0, block_size=block),
+        helper.make_node("MatMul", ["a", "w"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "qdq",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["m", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", n])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return model, codes, scale, zp

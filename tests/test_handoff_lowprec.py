@@ -36,7 +36,7 @@ from qiao.compiler.driver import resolve_model
 from qiao.compiler.errors import CompileError, ToolchainMissing
 from qiao.compiler.moe_op import MoESpec, make_node
 from qiao.compiler.quantize import quantize_model
-from qiao.compiler.testing import assert_close, run_cli
+from qiao.compiler.testing import assert_close, qdq_matmul, run_cli
 
 # float16 weights: of max |y|, measured 4.2e-4 (mlp), 3.2e-4 (int4 mlp); the two-layer decoder
 # (every weight rounded, attention and MoE) 1.8e-3, hence its own bound.
@@ -315,29 +315,8 @@ def test_blocked_dequantize_linear_is_folded(dtype, tmp_path):
     block_size nor int4. The hand-off holds the float32 weight, equal to NumPy's
     (code - zero point) * scale, and the same outputs as ONNX Runtime on the QDQ graph."""
     rng = np.random.default_rng(9)
-    k, n, block = 96, 8, 32
-    lo, hi = (0, 255) if dtype == TensorProto.UINT8 else (-8, 7)
-    codes = rng.integers(lo, hi + 1, (k, n))
-    scale = (rng.random((k // block, n)) * 0.1).astype(np.float32)
-    zp = rng.integers(lo, hi + 1, (k // block, n))
-    inits = [
-        helper.make_tensor("q", dtype, [k, n], codes.ravel().tolist()),
-        numpy_helper.from_array(scale, "s"),
-        helper.make_tensor("zp", dtype, [k // block, n], zp.ravel().tolist()),
-    ]
-    nodes = [
-        helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["w"], axis=0, block_size=block),
-        helper.make_node("MatMul", ["a", "w"], ["y"]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "qdq",
-        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["m", k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", n])],
-        inits,
-    )
-    source = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    source.ir_version = 10
+    k, block = 96, 32
+    source, codes, scale, zp = qdq_matmul(dtype, rng, k=k, block=block)
     manifest, model, _ = handoff(source, "cambricon", tmp_path / "art")
     assert manifest["backend"]["dequantized"]["ops"] == {"DequantizeLinear": 1}
     standard_only(model)

@@ -26,7 +26,7 @@ from onnx import TensorProto as TP
 from onnx import helper, numpy_helper
 
 from qiao.compiler import compile
-from qiao.compiler.testing import assert_close
+from qiao.compiler.testing import assert_close, qdq_matmul
 
 RNG = np.random.default_rng(13)
 N = 24
@@ -629,22 +629,8 @@ def test_blocked_dequantize_linear_matmul(tmp_path, dtype):
     into a ``MatMulNBits`` that quantizes the activations to int8 (measured 0.5 % of the output
     magnitude off the exact result). Tolerance: 1e-4 relative, 1e-4 of the largest magnitude.
     qiao's ``lowprec`` rewrite imports blocked Q/DQ (tests/test_lowprec.py covers its types)."""
-    k, n, block = 96, 8, 32
-    lo, hi = (0, 255) if dtype == TP.UINT8 else (-8, 7)
-    codes = RNG.integers(lo, hi + 1, (k, n))
-    scale = (RNG.random((k // block, n)) * 0.1).astype(np.float32)
-    zp = RNG.integers(lo, hi + 1, (k // block, n))
-    inits = [
-        helper.make_tensor("q", dtype, [k, n], codes.ravel().tolist()),
-        numpy_helper.from_array(scale, "s"),
-        helper.make_tensor("zp", dtype, [k // block, n], zp.ravel().tolist()),
-    ]
-    nodes = [
-        helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["w"], axis=0, block_size=block),
-        helper.make_node("MatMul", ["a", "w"], ["y"]),
-    ]
-    a_vi = helper.make_tensor_value_info("a", TP.FLOAT, ["m", k])
-    model = _model(nodes, [a_vi], [helper.make_tensor_value_info("y", TP.FLOAT, ["m", n])], inits)
+    k, block = 96, 32
+    model, codes, scale, zp = qdq_matmul(dtype, RNG, k=k, block=block)
     a = RNG.standard_normal((5, k)).astype(np.float32)
     w = (codes - np.repeat(zp, block, 0)) * np.repeat(scale.astype(np.float64), block, 0)
     exact = (a.astype(np.float64) @ w).astype(np.float32)
