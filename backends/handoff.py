@@ -413,7 +413,7 @@ class _Dequantizer:
         return getattr(self, node.op_type)(node)
 
     def MatMulNBits(self, node):  # noqa: N802
-        from qiao.compiler.frontend.convert_quant import _check_nbits_shapes, dequantize_nbits
+        from qiao.compiler.frontend.convert_quant import check_nbits_shapes, dequantize_nbits
 
         attr = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         k, n = int(attr["K"]), int(attr["N"])
@@ -432,7 +432,7 @@ class _Dequantizer:
                 "2-, 4- or 8-bit codes in blocks of a power of 2 >= 16, with B and scales given. "
                 "fix: re-quantize with ONNX Runtime's matmul_nbits_quantizer"
             )
-        _check_nbits_shapes(b, scales, zp, k, n, bits, block)
+        check_nbits_shapes(b, scales, zp, k, n, bits, block)
         w = dequantize_nbits(b, scales, zp, g_idx, k, n, bits, block)
         act = helper.np_dtype_to_tensor_dtype(scales.dtype)  # scales have A's type
         name, cast = self.weight(w, node.input[1], act)
@@ -471,7 +471,7 @@ class _Dequantizer:
         return [*cast, gather]
 
     def QMoE(self, node):  # noqa: N802
-        from qiao.compiler.frontend.convert_quant import _QMOE_ONLY_ATTRS, quant_experts
+        from qiao.compiler.frontend.convert_quant import QMOE_ONLY_ATTRS, quant_experts
 
         attr = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         what = f"QMoE node {node.name!r}"
@@ -521,7 +521,7 @@ class _Dequantizer:
             inputs += [name, node.input[bias_i] if len(node.input) > bias_i else ""]
         while inputs and not inputs[-1]:
             inputs.pop()
-        moe_attrs = {k: v for k, v in attr.items() if k not in _QMOE_ONLY_ATTRS}
+        moe_attrs = {k: v for k, v in attr.items() if k not in QMOE_ONLY_ATTRS}
         nodes.append(
             helper.make_node(
                 "MoE", inputs, list(node.output), name=node.name, domain=MS_DOMAIN, **moe_attrs

@@ -148,7 +148,7 @@ def dequantize_nbits(
     return np.ascontiguousarray(((codes - zp[:, block]) * scale[:, block]).T)
 
 
-def _check_nbits_shapes(b, scales, zero_points, k, n, bits, block_size):
+def check_nbits_shapes(b, scales, zero_points, k, n, bits, block_size):
     n_blocks = -(-k // block_size)
     blob = block_size * bits // 8
     problems = []
@@ -197,7 +197,7 @@ class MatMulNBits(tvm_onnx.OnnxOpConverter):
             arrays[name] = (
                 None if value is None else _known_array(value, params, "MatMulNBits", name)
             )
-        _check_nbits_shapes(
+        check_nbits_shapes(
             arrays["B"], arrays["scales"], arrays["zero_points"], k, n, bits, block_size
         )
         a = inputs[0]
@@ -434,7 +434,7 @@ QMOE_INPUTS = (
     "router_weights",
 )  # fmt: skip
 # Attributes of QMoE that are about the weights' storage: what remains is a MoE node's.
-_QMOE_ONLY_ATTRS = (
+QMOE_ONLY_ATTRS = (
     "expert_weight_bits", "fc1_expert_weight_bits", "fc2_expert_weight_bits",
     "fc3_expert_weight_bits", "block_size", "quant_type", "weights_prepacked", "accuracy_level",
 )  # fmt: skip
@@ -609,7 +609,7 @@ class QMoE(tvm_onnx.OnnxOpConverter):
             zp = None if zp_in is None else _known_array(zp_in, params, "QMoE", f"{fc}_zp")
             k = hidden if fc != "fc2" else w.shape[2] * 8 // fc_bits
             quant[fc] = quant_experts(w, s, zp, fc_bits, block_size, k, fc)
-        moe_attr = {k: v for k, v in attr.items() if k not in _QMOE_ONLY_ATTRS}
+        moe_attr = {k: v for k, v in attr.items() if k not in QMOE_ONLY_ATTRS}
         biases = {}
         for fc, i in (("fc1", 4), ("fc2", 7), ("fc3", 10)):
             b = _input(inputs, i)
