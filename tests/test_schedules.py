@@ -536,7 +536,8 @@ def test_gpu_kinds_get_the_dlight_rules_and_no_cpu_passes():
 
     cuda = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
     names = [type(r).__name__ for r in rules_for(cuda)]
-    assert names[0] == "Matmul" and names[-1] == "Fallback"
+    # bf16 tensor cores first (sm_80+), then dlight's own, its Fallback last
+    assert names[:2] == ["BF16MatmulTensorization", "Matmul"] and names[-1] == "Fallback"
     passes = schedule_passes(cuda)
     assert len(passes) == 1  # rule application only: no tuning database, no CPU rewrites
     assert [type(r).__name__ for r in rules_for(_target())][0] == "CPUMatmul"

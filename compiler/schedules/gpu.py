@@ -16,10 +16,11 @@ TC_MIN_EXTENT = 64  # dlight's Matmul: a static GEMM dimension <= this stays off
 
 
 def cuda_sm(target: Any) -> int:
-    """The ``XY`` of a CUDA target's ``sm_XY`` (0 for another kind or no arch)."""
-    if target is None or target.kind.name != "cuda":
+    """The ``XY`` of a CUDA target's ``sm_XY`` (0 without one: only CUDA targets name an ``arch``
+    ``sm_XY``; ROCm's chip is its ``mcpu``, CPUs have none)."""
+    if target is None:
         return 0
-    m = re.match(r"sm_(\d+)", str(target.attrs.get("arch", "")))
+    m = re.fullmatch(r"sm_(\d+)a?", str(target.attrs.get("arch", "")))
     return int(m.group(1)) if m else 0
 
 
