@@ -205,3 +205,14 @@ def qdq_matmul(dtype: int, rng, k: int = 96, n: int = 8, block: int = 32):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     model.ir_version = 10
     return model, codes, scale, zp
+
+
+def artifact_file_sizes(directory) -> dict[str, int]:
+    """Bytes of each file of an artifact directory, by name, without ``model.onnx`` (the copy of
+    the source model): what the compiled weights cost on disk."""
+    sizes = {}
+    for root, _, files in os.walk(directory):
+        for f in files:
+            if f != "model.onnx":
+                sizes[f] = os.path.getsize(os.path.join(root, f))
+    return sizes

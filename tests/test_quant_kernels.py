@@ -34,6 +34,7 @@ from onnx import helper, numpy_helper
 
 from qiao.compiler.frontend.convert_quant import unpack_codes
 from qiao.compiler.kernels.quant_gemm import NBitsLayout, cpu_schedule, pack_nbits, quant_matmul
+from qiao.compiler.testing import artifact_file_sizes
 
 KERNEL_REL = 1e-5
 RTOL = ATOL = 1e-4
@@ -333,11 +334,7 @@ def test_artifact_holds_packed_weights(tmp_path):
     ]
     model = _single_node_model(["a", "B", "scales", "zp"], inits, k, n, bits=4, block_size=32)
     artifact = compile(model, "cpu", tmp_path / "artifact")
-    sizes = {}
-    for root, _, files in os.walk(artifact.directory):
-        for f in files:
-            if f != "model.onnx":  # the copy of the source model
-                sizes[f] = os.path.getsize(os.path.join(root, f))
+    sizes = artifact_file_sizes(artifact.directory)
     assert sum(sizes.values()) < 2 * 2**20, sizes
 
 

@@ -26,7 +26,7 @@ from onnx import TensorProto as TP
 from onnx import helper, numpy_helper
 
 from qiao.compiler import compile
-from qiao.compiler.testing import assert_close, qdq_matmul
+from qiao.compiler.testing import artifact_file_sizes, assert_close, qdq_matmul
 
 RNG = np.random.default_rng(13)
 N = 24
@@ -416,8 +416,6 @@ def test_gather_block_quantized_keeps_table_packed(tmp_path, bits):
     """A 4096 x 256 embedding table: the imported module holds its uint8 codes and no float table,
     and the artifact's files total well under the float32 table (4 MiB; int4 codes 0.5 MiB,
     int8 1 MiB, scales 128 KiB)."""
-    import os
-
     from qiao.compiler.frontend import import_onnx
 
     vocab, columns = 4096, 256
@@ -429,11 +427,7 @@ def test_gather_block_quantized_keeps_table_packed(tmp_path, bits):
     assert ("uint8", (vocab, columns * bits // 8)) in constants, constants
     assert not [c for c in constants if c[0] != "uint8" and np.prod(c[1]) >= vocab * columns]
     artifact = compile(model, "cpu", tmp_path / "artifact")
-    sizes = {}
-    for root, _, files in os.walk(artifact.directory):
-        for f in files:
-            if f != "model.onnx":  # the copy of the source model
-                sizes[f] = os.path.getsize(os.path.join(root, f))
+    sizes = artifact_file_sizes(artifact.directory)
     # codes + 1 MiB (scales, code): < 1.5 / 2 MiB; measured 0.90 / 1.41 MB (int4 / int8)
     assert sum(sizes.values()) < columns * bits // 8 * vocab + 2**20, sizes
     ids = np.array([[0, -1, 4095, 7]], np.int64)
