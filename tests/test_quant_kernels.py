@@ -142,6 +142,7 @@ INT8_CASES = [
     ("skylake-avx512", 200, 100, 4, 32, "uint8"),
     ("x86-64-v3", 200, 100, 4, 32, "uint8"),
     ("x86-64-v3", 192, 48, 8, 64, "default"),
+    ("x86-64-v3", 256, 40, 4, 64, "default"),  # blocks past int16 pair sums: widened per word
 ]
 
 
@@ -152,12 +153,7 @@ def test_int8_kernel_vs_numpy(target, mcpu, k, n, bits, block, zp_kind):
     the float64 product of those int8 activations and the exact weight (1e-5: float32 sums)."""
     import tvm
 
-    from qiao.compiler.kernels.quant_gemm import (
-        int8_dot,
-        pack_nbits_int8,
-        quant_matmul_int8,
-        quantize_rows,
-    )
+    from qiao.compiler.kernels.quant_gemm import int8_dot
     from qiao.compiler.schedules.cpu_info import checked_features, missing_on_host
 
     if mcpu is not None:
@@ -171,6 +167,49 @@ def test_int8_kernel_vs_numpy(target, mcpu, k, n, bits, block, zp_kind):
         pytest.skip(f"no integer dot product for {bits}-bit codes on {mcpu or 'this host'}")
     rng = np.random.default_rng(k + n + bits)
     b, scales, zp, w = _weights(rng, k, n, bits, block, zp_kind)
+    run = _int8_runner(target, dot, k, n, bits, block, zp_kind, b, scales, zp)
+    for m in ROWS:
+        a = np.zeros((m, run.k_pad), np.float32)
+        a[:, :k] = rng.standard_normal((m, k))
+        a[0, :block] = 0  # an all-zero block
+        run.check(a, w, m)
+
+
+def test_int8_pair_sums_at_their_limit(target):
+    """AVX2 adds ``pmaddubsw``'s int16 pair sums over a whole block of 32 before widening them:
+    codes all 15 against activations all +-127 reach 8 x 3810 = 30480, the most a block can sum,
+    which must come out exact (a wrap past 2^15 would flip its sign)."""
+    import tvm
+
+    from qiao.compiler.kernels.quant_gemm import int8_dot
+    from qiao.compiler.schedules.cpu_info import checked_features, missing_on_host
+
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v3", "num-cores": 2})
+    if missing_on_host("x86_64", checked_features(target)):
+        pytest.skip("this machine cannot run x86-64-v3 code")
+    dot = int8_dot(target, 4)
+    block, n = 32, 24
+    k = 4 * block
+    b = np.full((n, k // block, block // 2), 0xFF, np.uint8)  # every code 15
+    scales = np.full((n, k // block), 0.5, np.float32)
+    zp = np.zeros((n, -(-(k // block) // 2)), np.uint8)  # zero point 0: the sums stay whole
+    w = np.full((k, n), 7.5)  # (15 - 0) * 0.5
+    run = _int8_runner(target, dot, k, n, 4, block, "uint8", b, scales, zp)
+    a = np.repeat(np.array([[1.0, -2.0, 3.0, -4.0]], np.float32), block, axis=1)  # codes +-127
+    a = np.concatenate([a, -a])
+    run.check(a, w, 2)
+
+
+def _int8_runner(target, dot, k, n, bits, block, zp_kind, b, scales, zp):
+    """Compile ``quantize_rows`` and ``quant_matmul_int8`` for one packed weight; ``check(a, w,
+    m)`` runs them on ``a`` and compares with NumPy: the int8 codes equal, the scales within 1
+    ulp, the output within ``KERNEL_REL`` of the float64 product of those codes with ``w``."""
+    import types
+
+    import tvm
+
+    from qiao.compiler.kernels.quant_gemm import pack_nbits_int8, quant_matmul_int8, quantize_rows
+
     sched = cpu_schedule(target, block)
     layout = NBitsLayout(k, n, bits, block, sched.tile, zp_kind)
     arrays = pack_nbits_int8(b, scales, zp, layout)
@@ -178,10 +217,8 @@ def test_int8_kernel_vs_numpy(target, mcpu, k, n, bits, block, zp_kind):
     quant = tvm.compile(tvm.IRModule({"main": quantize_rows(layout.k_pad, block)}), target=target)
     dev = tvm.cpu()
     nb = layout.n_blocks
-    for m in ROWS:
-        a = np.zeros((m, layout.k_pad), np.float32)
-        a[:, :k] = rng.standard_normal((m, k))
-        a[0, :block] = 0  # an all-zero block
+
+    def check(a, w, m):
         outs = [
             np.zeros((m, layout.k_pad // 4), np.int32),
             np.zeros((m, nb), np.float32),
@@ -203,6 +240,8 @@ def test_int8_kernel_vs_numpy(target, mcpu, k, n, bits, block, zp_kind):
         got = y.numpy()[:, :n]
         err = np.abs(got - want).max()
         assert err <= KERNEL_REL * np.abs(want).max(), f"M={m}: {err} vs {np.abs(want).max()}"
+
+    return types.SimpleNamespace(k_pad=layout.k_pad, check=check)
 
 
 def test_pack_layout_round_trip():

@@ -657,6 +657,33 @@ def int8_kernel(layout: NBitsLayout, dot: Int8Dot, rows_per_pass: int, *, a_row,
     zero, bias = EPI.zero, EPI.bias
     f32, i32v = "float32", f"int32x{VL}"
 
+    # Without VNNI, 4-bit codes: the int16 pair sums of ``pmaddubsw`` (each at most 2 * 15 * 127 =
+    # 3810 in magnitude) are added in int16 over the whole block (at most 2 * WPB = 8 of them:
+    # 30480 < 2^15, exact) and widened to int32 once per block with ``pmaddwd`` by ones, instead of
+    # after every word: half the multiply-port instructions of the kernel.
+    PAIRS = len(dot.intrinsics) == 2 and L.bits == 4
+    if PAIRS and 2 * WPB * 2 * 15 * 127 >= 1 << 15:
+        PAIRS = False  # blocks over 32 codes would overflow int16: widen per word
+    i16v = f"int16x{2 * VL}"
+
+    def madd16(codes, act):
+        """``pmaddubsw``: uint8 ``codes`` x int8 ``act``, adjacent products summed (int16 lanes)."""
+        return T.call_llvm_pure_intrin(
+            i16v,
+            T.llvm_lookup_intrinsic_id(dot.intrinsics[0]),
+            T.reinterpret(codes, dtype=f"uint8x{4 * VL}"),
+            T.reinterpret(act, dtype=f"int8x{4 * VL}"),
+        )
+
+    def widen(pairs):
+        """``pmaddwd`` by ones: int16 lanes summed in adjacent pairs into int32 lanes."""
+        return T.call_llvm_pure_intrin(
+            i32v,
+            T.llvm_lookup_intrinsic_id(dot.intrinsics[1]),
+            pairs,
+            T.broadcast(T.int16(1), 2 * VL),
+        )
+
     def dot4(acc, codes, act):
         """``acc + sum over 4 byte pairs`` of uint8 ``codes`` x int8 ``act`` (int32 lanes)."""
         if len(dot.intrinsics) == 1:
@@ -667,18 +694,7 @@ def int8_kernel(layout: NBitsLayout, dot: Int8Dot, rows_per_pass: int, *, a_row,
                 T.reinterpret(codes, dtype=f"int8x{4 * VL}"),
                 T.reinterpret(act, dtype=f"int8x{4 * VL}"),
             )
-        pairs = T.call_llvm_pure_intrin(
-            f"int16x{2 * VL}",
-            T.llvm_lookup_intrinsic_id(dot.intrinsics[0]),
-            T.reinterpret(codes, dtype=f"uint8x{4 * VL}"),
-            T.reinterpret(act, dtype=f"int8x{4 * VL}"),
-        )
-        return acc + T.call_llvm_pure_intrin(
-            i32v,
-            T.llvm_lookup_intrinsic_id(dot.intrinsics[1]),
-            pairs,
-            T.broadcast(T.int16(1), 2 * VL),
-        )
+        return acc + widen(madd16(codes, act))
 
     def word(Bq, t, w, v):
         return Bq[t, w, T.ramp(v * VL, 1, VL)]
@@ -696,10 +712,17 @@ def int8_kernel(layout: NBitsLayout, dot: Int8Dot, rows_per_pass: int, *, a_row,
     def act(QA, r, w):
         return T.broadcast(QA[r, w], VL)
 
-    def block_sum(acc, i, j, G):
-        return acc[i, 0, j] + acc[i, 1, j] if G == 1 else acc[i, 0, j]
+    if PAIRS:
 
-    if L.bits == 4:
+        @T.macro
+        def block_step(Bq, QA, t, b, w, v, r, acc, i, part, part_hi):
+            # ``acc`` holds int16 pair sums here: [G, 1, 2 * TN]
+            acc[i, 0, T.ramp(v * 2 * VL, 1, 2 * VL)] = acc[i, 0, T.ramp(v * 2 * VL, 1, 2 * VL)] + (
+                madd16(low(word(Bq, t, b * WPB + w, v)), act(QA, r, 2 * (b * WPB + w)))
+                + madd16(high(word(Bq, t, b * WPB + w, v)), act(QA, r, 2 * (b * WPB + w) + 1))
+            )
+
+    elif L.bits == 4:
 
         @T.macro
         def block_step(Bq, QA, t, b, w, v, r, acc, i, part, part_hi):
@@ -754,12 +777,30 @@ def int8_kernel(layout: NBitsLayout, dot: Int8Dot, rows_per_pass: int, *, a_row,
     if RG < 2:
         raise ValueError(f"quant_matmul_int8: rows_per_pass={RG} (2 or more)")
     # accumulator sets (low, high nibbles) of a pass of G rows: two for one row, one shared above
-    SPLIT = {1: (0, 1 if L.bits == 4 else 0), RG: (0, 0)}
+    SPLIT = {1: (0, 1 if L.bits == 4 and not PAIRS else 0), RG: (0, 0)}
+    SETS = {1: 1 + SPLIT[1][1], RG: 1}
+    # the int16 pair sums take twice the lanes of the int32 sums they widen into
+    ACC = ("int16", 2 * TN) if PAIRS else ("int32", TN)
+
+    @T.macro
+    def widen_block(acc, wide, i, v, G):
+        # the block's int32 sums of row i, vector v
+        if PAIRS:
+            wide[i, T.ramp(v * VL, 1, VL)] = widen(acc[i, 0, T.ramp(v * 2 * VL, 1, 2 * VL)])
+        elif SETS[G] == 2:
+            for ln in T.vectorized(VL):
+                wide[i, v * VL + ln] = acc[i, 0, v * VL + ln] + acc[i, 1, v * VL + ln]
+        else:
+            for ln in T.vectorized(VL):
+                wide[i, v * VL + ln] = acc[i, 0, v * VL + ln]
 
     @T.macro
     def rows_pass(QA, SA, QSUM, Bq, SC, Z, BIAS, OUT, E1, E2, IDX, t, base, m, G):
-        # G rows per pass (G == 1: two accumulator sets, alternating per word)
-        acc = T.alloc_buffer((G, 2 if G == 1 else 1, TN), "int32", scope="local")
+        # G rows per pass (G == 1 and int32 sums per word: two accumulator sets, low and high)
+        # small "global" scratch inside the parallel loop is a stack array (registers after LLVM's
+        # promotion); "local" scope went to a heap workspace, allocated per task and stored to
+        acc = T.alloc_buffer((G, SETS[G], ACC[1]), ACC[0])
+        wide = T.alloc_buffer((G, TN), "int32")
         out = T.alloc_buffer((G, NV, VL), f32)
         rows = T.alloc_buffer((G,), "int64")
         for g in range((m + G - 1) // G):
@@ -772,9 +813,9 @@ def int8_kernel(layout: NBitsLayout, dot: Int8Dot, rows_per_pass: int, *, a_row,
             for b in range(NB):
                 prefetch(Bq, SC, Z, t, b)
                 for i in T.unroll(G):
-                    for h in T.unroll(2 if G == 1 else 1):
-                        for j in T.vectorized(TN):
-                            acc[i, h, j] = 0
+                    for h in T.unroll(SETS[G]):
+                        for j in T.vectorized(ACC[1]):
+                            acc[i, h, j] = T.Cast(ACC[0], 0)
                 for w in T.unroll(WPB):
                     for v in T.unroll(NV):
                         for i in T.unroll(G):
@@ -783,11 +824,12 @@ def int8_kernel(layout: NBitsLayout, dot: Int8Dot, rows_per_pass: int, *, a_row,
                             )
                 for i in T.unroll(G):
                     for v in T.unroll(NV):
+                        widen_block(acc, wide, i, v, G)
                         for ln in T.vectorized(VL):
                             out[i, v, ln] = out[i, v, ln] + SC[t, b, v * VL + ln] * SA[
                                 rows[i], b
                             ] * (
-                                T.Cast(f32, block_sum(acc, i, v * VL + ln, G))
+                                T.Cast(f32, wide[i, v * VL + ln])
                                 - zero(Z, t, b, v * VL + ln) * QSUM[rows[i], b]
                             )
             for i in T.unroll(G):
