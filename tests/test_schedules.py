@@ -510,6 +510,25 @@ def test_serial_small_kernels_branches_on_work_and_stays_correct():
         assert_close(got, x + 2)
 
 
+def test_serial_small_kernels_weighs_hand_written_kernels():
+    """A kernel written directly in TIR has no blocks under its root; its stores are its work.
+    (Counted as zero, every int4 GEMM of a decoder had been made serial: one core of two.)"""
+    from qiao.compiler.kernels.quant_gemm import NBitsLayout, int8_dot, quant_matmul_int8
+    from qiao.compiler.passes.serial_small_kernels import serial_when_small
+
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v3"})
+    dot = int8_dot(target, 4)
+
+    def kernel(k, n):
+        return quant_matmul_int8(NBitsLayout(k, n, 4, 32, 16, "uint8"), dot)
+
+    big = kernel(1024, 1024)  # a Qwen3-0.6B k_proj: 0.6 MB of codes and scales
+    assert serial_when_small(big).same_as(big)  # parallel at every row count
+    small = kernel(64, 32)
+    text = _script(serial_when_small(small))
+    assert text.count("T.parallel(") == 1 and "if " in text  # serial for few rows only
+
+
 def test_functions_marked_scheduled_are_left_alone():
     from qiao.compiler.passes.apply_schedule_rules import ApplyScheduleRules, is_scheduled
     from qiao.compiler.schedules import rules_for

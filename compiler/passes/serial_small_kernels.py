@@ -8,8 +8,11 @@ often symbolic, so the decision is made at run time: a function with parallel lo
     else:                 <the parallel schedule>
 
 where ``work`` counts block executions, a vectorised loop counting once (roughly instructions; a
-symbolic expression of the shape variables). Functions whose work is static are decided at compile
-time, without a branch.
+symbolic expression of the shape variables). A kernel written directly in TIR (qiao's quantized
+GEMMs, the MoE dispatch) has no blocks inside its root: there each store outside a block counts
+one plus the loads of its value, so such a kernel's work is not taken for zero (it was, and the
+int4 GEMMs ran on one core). Functions whose work is static are decided at compile time, without
+a branch.
 """
 
 from __future__ import annotations
@@ -21,15 +24,19 @@ from typing import Any
 DEFAULT_THRESHOLD = 1 << 16
 
 
-def _work(stmt):
-    """Block executions under ``stmt`` as a PrimExpr, or ``None`` when it is not a closed product
-    of loop extents (an extent depending on an outer loop)."""
+def _work(stmt, in_block: bool = False):
+    """Block executions under ``stmt`` (and stores outside any block) as a PrimExpr, or ``None``
+    when it is not a closed product of loop extents (an extent depending on an outer loop)."""
     from tvm import s_tir, tirx
 
     if stmt is None:
         return tirx.const(0, "int64")
+    if isinstance(stmt, tirx.BufferStore):
+        # a block's own stores are its one execution; a hand-written kernel's are its work, one
+        # unit per value loaded and stored (as a block's reads are)
+        return tirx.const(0 if in_block else 1 + _loads(stmt.value), "int64")
     if isinstance(stmt, tirx.For):
-        inner = _work(stmt.body)
+        inner = _work(stmt.body, in_block)
         if inner is None:
             return None
         if stmt.kind == tirx.ForKind.VECTORIZED:
@@ -38,27 +45,42 @@ def _work(stmt):
     if isinstance(stmt, tirx.SeqStmt):
         total = tirx.const(0, "int64")
         for s in stmt.seq:
-            w = _work(s)
+            w = _work(s, in_block)
             if w is None:
                 return None
             total = total + w
         return total
     if isinstance(stmt, s_tir.SBlockRealize):
-        inner = _work(stmt.block.body)
+        inner = _work(stmt.block.body, True)
         if inner is None:
             return None
-        init = _work(stmt.block.init) if stmt.block.init is not None else tirx.const(0, "int64")
+        init = (
+            _work(stmt.block.init, True) if stmt.block.init is not None else tirx.const(0, "int64")
+        )
         return tirx.const(1, "int64") + inner + (init if init is not None else 0)
     if isinstance(stmt, tirx.IfThenElse):
-        a = _work(stmt.then_case)
-        b = _work(stmt.else_case) if stmt.else_case is not None else tirx.const(0, "int64")
+        a = _work(stmt.then_case, in_block)
+        b = (
+            _work(stmt.else_case, in_block)
+            if stmt.else_case is not None
+            else tirx.const(0, "int64")
+        )
         if a is None or b is None:
             return None
         return tirx.Max(a, b)
     body = getattr(stmt, "body", None)
     if body is not None and isinstance(body, tirx.Stmt):
-        return _work(body)
+        return _work(body, in_block)
     return tirx.const(0, "int64")
+
+
+def _loads(expr) -> int:
+    import tvm_ffi
+    from tvm.ir.expr import TensorLoad  # what tirx.BufferLoad builds
+
+    found = []
+    tvm_ffi.structural_walk(expr, [(TensorLoad, lambda node: (found.append(1), None)[1])])
+    return len(found)
 
 
 def _has_parallel(stmt) -> bool:
