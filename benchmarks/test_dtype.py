@@ -2,7 +2,7 @@
 decode (1 row), measured interleaved in one run (issue 13: bf16 decode >= 1.6x the fp32 speed,
 int4 >= 3x).
 
-Each layer is an ONNX ``MatMul`` x(1, k) @ W(k, n), W a seeded constant, compiled three times:
+Each layer is an ONNX ``MatMul`` x(1, k) @ W(k, n), W a seeded constant, compiled four times:
 float32, ``--dtype bfloat16`` and ``--dtype float16`` (weights stored and read in half the bytes,
 widened to float32 in registers, float32 accumulation) and once more with ``--quantize int4``
 at ``accuracy_level`` 4 (what ONNX Runtime GenAI's int4 builder writes: ``MatMulNBits``, block 32,
@@ -16,9 +16,9 @@ output's magnitude: both quantize the activations to int8, rounding may differ b
     QIAO_BENCH_SMOKE=1 pytest -q benchmarks/test_dtype.py      # CI: 256 x 512, one round
 
 The floors (the stack of the six layers, bf16 >= 1.6x and int4 >= 3x fp32) are asserted in full
-mode only, and
-only with ``QIAO_BENCH_ENFORCE=1``: on a machine shared with other jobs memory bandwidth is not
-ours, so the printed medians and ratios are the result, to be read with the machine's load.
+mode only, and only with ``QIAO_BENCH_ENFORCE=1``: on a machine shared with other jobs memory
+bandwidth is not ours, so the printed medians and ratios are the result, to be read with the
+machine's load.
 """
 
 from __future__ import annotations
