@@ -225,3 +225,94 @@ def test_squeeze_excitation_conv_gets_the_gemm_rule(cin, cout):
         ref = torch.sigmoid(F.conv2d(torch.from_numpy(x).double(), torch.from_numpy(w).double()))
         got = _call(fn, [x, w], ref.shape)
         assert_close(got, ref.numpy().astype("float32"), name=f"batch {batch}", **TOL)
+
+
+def _image_rows(func) -> bool:
+    """Whether the GEMM rule took a convolution's positions as the rows (``IMAGE_ROWS``)."""
+    import tvm_ffi
+    from tvm import s_tir
+
+    from qiao.compiler.schedules.cpu_gemm import IMAGE_ROWS
+
+    marked = []
+    tvm_ffi.structural_walk(
+        func.body, [(s_tir.SBlock, lambda b: marked.append(IMAGE_ROWS in b.annotations))]
+    )
+    return any(marked)
+
+
+# (in channels, out channels, input map, kernel, stride, padding, positions as rows): a 7x7 output
+# (49 positions pad to 64 on two-vector tiles of 8 or 16 lanes: 31 % waste) against 64 output
+# channels (none) takes the positions as rows, a 3x3 and a 1x1 window, stride 1 and 2; a 14x14
+# output (196 positions: 6 % / 14 % waste) and 40 output channels (20 % / 60 % waste) keep them as
+# the vector columns.
+SMALL_MAPS = [
+    (32, 64, 7, 3, 1, 1, True),
+    (24, 64, 7, 1, 1, 0, True),
+    (16, 64, 14, 3, 2, 1, True),
+    (16, 32, 14, 3, 1, 1, False),
+    (24, 40, 7, 1, 1, 0, False),
+]
+
+
+@pytest.mark.parametrize("cin,cout,size,kernel,stride,padding,swapped", SMALL_MAPS)
+def test_small_map_convolution_takes_positions_as_rows(
+    cin, cout, size, kernel, stride, padding, swapped
+):
+    """A convolution over a small feature map (symbolic batch, bias, residual add and ReLU fused
+    after it) gets the GEMM rule in the orientation ``J_WASTE_SWAP`` picks, and matches torch's
+    conv2d in float64 at batch 1 and 3 (the im2col rows gathered through ``// 7`` and ``% 7``,
+    stores strided by the map)."""
+    import torch.nn.functional as F
+
+    target = _target()
+    n = tvm.tirx.Var("n", "int64")
+    out_size = (size + 2 * padding - kernel) // stride + 1
+
+    def build(bb):
+        x = relax.Var("x", relax.TensorType((n, cin, size, size), "float32"))
+        w = relax.Var("w", relax.TensorType((cout, cin, kernel, kernel), "float32"))
+        b = relax.Var("b", relax.TensorType((1, cout, 1, 1), "float32"))
+        r = relax.Var("r", relax.TensorType((n, cout, out_size, out_size), "float32"))
+        with bb.function("main", [x, w, b, r]):
+            with bb.dataflow():
+                y = bb.emit(relax.op.nn.conv2d(x, w, strides=stride, padding=padding))
+                y = bb.emit(relax.op.add(y, b))
+                y = bb.emit(relax.op.nn.relu(relax.op.add(y, r)))
+                out = bb.emit_output(y)
+            bb.emit_func_output(out)
+
+    scheduled, rule = _schedule(_kernel(build, "conv2d"), target)
+    assert rule == "CPUMatmul"
+    assert _image_rows(scheduled) == swapped
+    fn = _build(scheduled, target)
+    rng = np.random.default_rng(cin * cout + size)
+    w = rng.standard_normal((cout, cin, kernel, kernel)).astype("float32")
+    b = rng.standard_normal((1, cout, 1, 1)).astype("float32")
+    for batch in (1, 3):
+        x = rng.standard_normal((batch, cin, size, size)).astype("float32")
+        r = rng.standard_normal((batch, cout, out_size, out_size)).astype("float32")
+        t = [torch.from_numpy(a).double() for a in (x, w, b, r)]
+        conv = F.conv2d(t[0], t[1], t[2].flatten(), stride=stride, padding=padding)
+        ref = torch.relu(conv + t[3])
+        got = _call(fn, [x, w, b, r], ref.shape)
+        # float32 sums of up to cin * 9 = 288 products of N(0, 1) values.
+        assert_close(
+            got, ref.numpy().astype("float32"), name=f"batch {batch}", rtol=1e-4, atol=1e-4
+        )
+
+
+def test_positions_as_rows_tile():
+    """The tile of a 7x7 map as rows: the height that pads the fewest of the 49 rows (5 with 16
+    registers, 7 with 32), every row in every task (``mc_tiles=0``: the im2col rows packed once),
+    and column tasks of whole weight panels, several per core."""
+    from qiao.compiler.schedules.cpu_gemm import GemmShape, check_tile, choose_tile
+    from qiao.compiler.schedules.cpu_info import CPUInfo
+
+    for cpu, lanes, mr in ((CPUInfo(256, 16, 2), 8, 5), (CPUInfo(512, 32, 2), 16, 7)):
+        shape = GemmShape(None, 49, 512, 4608, "float32", image_rows=True)
+        tile = choose_tile(cpu, shape)
+        check_tile(tile, shape, lanes)
+        assert (tile.mr, tile.nr_vectors, tile.mc_tiles) == (mr, 2, 0), (cpu, tile)
+        n_tiles = 512 // tile.nr(lanes)
+        assert n_tiles // tile.nc_tiles >= 4 * cpu.num_cores, (cpu, tile)

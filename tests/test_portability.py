@@ -103,9 +103,9 @@ def test_cli_refuses_avx512_artifact_on_avx2_host(tmp_path):
     out = tmp_path / "zen4"
     proc = run_cli("compile", "mlp", "--target", "cpu", "--arch", "znver4", "-o", str(out))
     assert proc.returncode == 0, proc.stderr
-    assert "avx512f" in json.loads((out / "manifest.json").read_text())["backend"]["cpu"][
-        "features"
-    ]
+    assert (
+        "avx512f" in json.loads((out / "manifest.json").read_text())["backend"]["cpu"]["features"]
+    )
     for cmd in (("run", str(out)), ("validate", str(out))):
         proc = run_cli(*cmd)
         assert proc.returncode == 2, proc.stdout + proc.stderr

@@ -69,6 +69,13 @@ FEW_ROWS_VECTORS = 8
 NV_PENALTY = 0.2
 # Bytes of the im2col panel one convolution task packs (K x its positions): half a Zen/Skylake L2.
 CONV_PANEL_BYTES = 256 * 1024
+# A convolution keeps its image positions as the vector axis ``J`` unless padding them to whole
+# two-vector tiles would waste more than this fraction of the work while the output channels would
+# waste at most half as much (a 7x7 map: 49 positions padded to 64, 31 %): the positions then
+# become the broadcast rows ``I`` and the channels the vector columns (see ``gemm_orientation``).
+J_WASTE_SWAP = 0.15
+# Block annotation: ``normalize_gemm`` took that orientation (``gemm_shape`` reads it).
+IMAGE_ROWS = "qiao.gemm_image_rows"
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,9 @@ class GemmShape:
     k: int | None
     dtype: str
     rows: Any = field(default=None, compare=False, repr=False)
+    # The rows are a convolution's image positions and the columns its output channels (see
+    # ``J_WASTE_SWAP``): the weights are ``B``, the im2col rows ``A``.
+    image_rows: bool = False
 
 
 # -- tile selection -------------------------------------------------------------------------------
@@ -209,7 +219,18 @@ def choose_tile(cpu: CPUInfo, shape: GemmShape) -> GemmTile:
         k_unroll = next((u for u in (8, 4, 2) if shape.k % u == 0), 4 if shape.k >= 16 else 1)
     mc_tiles, nc_tiles = 1, 0
     tasks_wanted = 4 * cpu.num_cores
-    if shape.n is not None and shape.m is not None and shape.s is None:
+    if shape.image_rows and shape.n is not None and shape.m is not None:
+        # A convolution over a small map, its positions as rows (``J_WASTE_SWAP``): the tile
+        # height padding the fewest rows (at least 4, so that 8 accumulators hide the FMA
+        # latency; ties take the taller), every row in every task (the im2col rows are packed
+        # once, up front, and each task reads them from cache against its own weight panels).
+        mr = min(range(4, max(mr, 4) + 1), key=lambda r: (_ceil_div(shape.m, r) * r, -r))
+        n_tiles = _ceil_div(shape.n, nr)
+        mc_tiles = 0
+        divisors = _divisors_up_to(n_tiles, n_tiles)
+        nc_tiles = max([d for d in divisors if n_tiles // d >= tasks_wanted] or [1])
+        nc_tiles = 0 if nc_tiles == n_tiles else nc_tiles
+    elif shape.n is not None and shape.m is not None and shape.s is None:
         # Both tile extents static, a symbolic batch outside (a convolution: I = output channels,
         # J = image positions). Every task holds every output channel and a block of positions,
         # and packs the im2col columns of its own positions (a panel that stays in L2 while the
@@ -315,13 +336,19 @@ def is_multiply_accumulate(stmt) -> bool:
     return is_acc(lhs) and isinstance(strip(rhs), tirx.Mul)
 
 
+def gemm_lanes(cpu: CPUInfo, sch, block) -> int:
+    """SIMD lanes of ``block``'s output dtype on ``cpu`` (what ``normalize_gemm`` weighs)."""
+    return cpu.lanes(str(sch.get(block).writes[0].source.dtype))
+
+
 def gemm_shape(sch, block) -> GemmShape:
     """Extents of a normalised ``(S, IO, JO, I, J, K)`` block (``s`` counts ``S × IO × JO``)."""
     iters = sch.get(block).iter_vars
     s, io, jo, m, n, k = (static_int(iv.dom.extent) for iv in iters)
     batch = None if None in (s, io, jo) else s * io * jo
     dtype = str(sch.get(block).writes[0].source.dtype)
-    return GemmShape(batch, m, n, k, dtype, rows=iters[3].dom.extent)
+    image_rows = IMAGE_ROWS in sch.get(block).annotations
+    return GemmShape(batch, m, n, k, dtype, rows=iters[3].dom.extent, image_rows=image_rows)
 
 
 # -- schedule -------------------------------------------------------------------------------------
@@ -334,7 +361,7 @@ def _writer_of(sch, blocks, buffer):
     return None
 
 
-def gemm_orientation(stmt) -> int | None:
+def gemm_orientation(stmt, nr: int | None = None) -> int | None:
     """Which read of a GEMM-like block plays ``A`` (0 or 1), or ``None`` when it is not GEMM-like.
 
     ``B``'s column axis ``J`` is the one the micro-kernel vectorises and the write-back stores
@@ -347,7 +374,9 @@ def gemm_orientation(stmt) -> int | None:
     too: with ``J`` = 1 the image panel could not even be laid out (TVM's ``transform_layout``
     refused it and a slower rule took the kernel: the zoo's EfficientNet and RegNet). A symbolic
     alternative (the tokens of a 10-class head) is not taken: at one row it would pad that row to
-    a whole vector instead.
+    a whole vector instead. Given the micro-tile width ``nr``, a static ``J`` that pads to whole
+    tiles with much waste (``J_WASTE_SWAP``: a 7x7 map's 49 positions) also gives way to a static
+    alternative that pads with little (512 output channels).
     """
     from tvm.tirx.analysis import undefined_vars
 
@@ -370,7 +399,16 @@ def gemm_orientation(stmt) -> int | None:
         short, alternative = _j_extent(stmt, preferred), _j_extent(stmt, others[0])
         if short < 16 and alternative is not None and alternative > short:
             return others[0]
+        if nr and alternative is not None:
+            waste, other = _pad_waste(short, nr), _pad_waste(alternative, nr)
+            if waste > J_WASTE_SWAP and other <= waste / 2:
+                return others[0]
     return preferred
+
+
+def _pad_waste(extent: int, tile: int) -> float:
+    """Fraction of padded work when ``extent`` is padded to a multiple of ``tile``."""
+    return (_ceil_div(extent, tile) * tile - extent) / extent
 
 
 def _j_extent(stmt, a_index: int) -> int | None:
@@ -392,7 +430,7 @@ def _j_extent(stmt, a_index: int) -> int | None:
     return extent
 
 
-def gemm_index_maps(stmt, a_index: int = 0):
+def gemm_index_maps(stmt, a_index: int = 0, image_rows: bool = False):
     """Index maps taking a GEMM-like block to ``(S, IO, JO, I, J, K)`` and its operands to
     ``A[S, IO, I, K]``, ``B[S, JO, J, K]``, ``C[S, IO, JO, I, J]``; ``None`` when not GEMM-like.
 
@@ -401,7 +439,9 @@ def gemm_index_maps(stmt, a_index: int = 0):
     into ``IO``, an outer loop: fusing ``batch × seq`` into one ``I`` would index every element
     through ``// seq`` and ``% seq``. Likewise the symbolic iterators only ``B`` and ``C`` have
     (the batch of a convolution whose ``J`` is the image) go to ``JO`` and the static ones to
-    ``J``, so ``J`` keeps a static extent the tiles can divide.
+    ``J``, so ``J`` keeps a static extent the tiles can divide. With ``image_rows`` (a convolution
+    whose positions are the rows, ``J_WASTE_SWAP``) the rows are split the same way: the static
+    ones (``y``, ``x``) fuse into ``I``, the batch goes to ``IO``.
     """
     from tvm import tirx
     from tvm.s_tir.dlight.gpu.matmul import IterKind
@@ -415,10 +455,12 @@ def gemm_index_maps(stmt, a_index: int = 0):
     j_outer = [t for t in j_traits if not isinstance(t.extent, tirx.IntImm)]
     if len(j_outer) == len(j_traits):
         j_outer = j_outer[:-1]
+    i_inner = [t for t in i_traits if isinstance(t.extent, tirx.IntImm)] if image_rows else []
+    i_inner = i_inner or i_traits[-1:]
     label = {}
     for t in block_traits:
         if t.kind == IterKind.kIter_I:
-            label[id(t)] = "I" if t is i_traits[-1] else "IO"
+            label[id(t)] = "I" if any(t is i for i in i_inner) else "IO"
         elif t.kind == IterKind.kIter_J:
             label[id(t)] = "JO" if any(t is o for o in j_outer) else "J"
         else:
@@ -512,11 +554,13 @@ def _is_unit(iv) -> bool:
     return isinstance(iv.dom.extent, tirx.IntImm) and int(iv.dom.extent.value) == 1
 
 
-def normalize_gemm(sch, block):
+def normalize_gemm(sch, block, lanes: int | None = None):
     """Rewrite ``block`` to iterate ``(S, IO, JO, I, J, K)`` over reindexed operands (see
-    ``gemm_index_maps``, ``gemm_orientation``). Returns the blocks writing the reindexed ``A`` and
-    ``B``, and the read index of ``A``."""
-    a_index = gemm_orientation(sch.get(block))
+    ``gemm_index_maps``, ``gemm_orientation``: ``lanes``, the target's SIMD lanes, lets a
+    convolution over a small map take its positions as rows, judged on two-vector tiles). Returns
+    the blocks writing the reindexed ``A`` and ``B``, and the read index of ``A``."""
+    a_index = gemm_orientation(sch.get(block), 2 * lanes if lanes else None)
+    image_rows = a_index != gemm_orientation(sch.get(block))
     # The weight's copy must come first: its packing is lifted out of the function only as a
     # leading statement. Each reindex puts its copy right before the block, so the weight goes
     # first: B's (x @ w), or A's when the weights are the rows (an NCHW convolution).
@@ -528,11 +572,13 @@ def normalize_gemm(sch, block):
         rb = sch.reindex(block, ("read", 1 - a_index))
         ra = sch.reindex(block, ("read", a_index))
     rc = sch.reindex(block, ("write", 0))
-    block_map, a_map, b_map, c_map = gemm_index_maps(sch.get(block), a_index)
+    block_map, a_map, b_map, c_map = gemm_index_maps(sch.get(block), a_index, image_rows)
     sch.transform_layout(ra, ("write", 0), a_map)
     sch.transform_layout(rb, ("write", 0), b_map)
     sch.transform_layout(rc, ("read", 0), c_map)
     sch.transform_block_layout(block, block_map)
+    if image_rows:
+        sch.annotate(block, IMAGE_ROWS, 1)
     return ra, rb, a_index
 
 
@@ -955,7 +1001,7 @@ def schedule_gemm(
         ``(tile, shape)``: the tile used and the extents of the normalised GEMM.
     """
     cpu = cpu_info(target)
-    ra, rb, a_index = normalize_gemm(sch, block)
+    ra, rb, a_index = normalize_gemm(sch, block, gemm_lanes(cpu, sch, block))
     shape = gemm_shape(sch, block)
     tile = tile or choose_tile(cpu, shape)
     lanes = cpu.lanes(shape.dtype)

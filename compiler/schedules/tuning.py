@@ -262,6 +262,7 @@ def tune_gemm(
         CPUMatmul,
         candidate_tiles,
         find_gemm_block,
+        gemm_lanes,
         gemm_shape,
         normalize_gemm,
     )
@@ -278,7 +279,7 @@ def tune_gemm(
     block = find_gemm_block(probe)
     if block is None:
         return None
-    normalize_gemm(probe, block)
+    normalize_gemm(probe, block, gemm_lanes(cpu_info(target), probe, block))
     shape = gemm_shape(probe, block)
     dims = {n: int((tune_dims or {}).get(n, DEFAULT_DIM)) for n in shape_vars(func)}
     try:
