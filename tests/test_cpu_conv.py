@@ -79,6 +79,8 @@ def _depthwise(channels, size, stride, padding, kernel, epilogue):
                     )
                 elif "relu" in epilogue:
                     y = bb.emit(relax.op.nn.relu(y))
+                elif "silu" in epilogue:
+                    y = bb.emit(relax.op.multiply(y, relax.op.sigmoid(y)))
                 out = bb.emit_output(y)
             bb.emit_func_output(out)
 
@@ -109,6 +111,10 @@ DEPTHWISE = [
     (8, 12, 1, 2, 5, "bias"),
     (10, 7, 2, 0, 3, ""),
     (4, 80, 1, 1, 3, "relu6"),
+    # SiLU (EfficientNet): the epilogue runs after the task's sums, over whole planes.
+    (20, 14, 1, 1, 3, "bias silu"),
+    (12, 7, 2, 2, 5, "bias silu"),
+    (3, 80, 1, 1, 3, "silu"),
 ]
 
 
@@ -121,6 +127,8 @@ def test_depthwise_conv_matches_torch(channels, size, stride, padding, kernel, e
     scheduled, rule = _schedule(func, target)
     assert rule == "CPUWindowReduction"
     assert "T.parallel(" in scheduled.script()
+    if "silu" in epilogue:
+        assert _epilogue_after_sums(scheduled), "the SiLU epilogue still runs per output vector"
     fn = _build(scheduled, target)
     rng = np.random.default_rng(channels * size)
     w = rng.standard_normal((channels, 1, kernel, kernel)).astype("float32")
@@ -135,10 +143,39 @@ def test_depthwise_conv_matches_torch(channels, size, stride, padding, kernel, e
             ref = ref.clamp(0.0, 6.0)
         elif "relu" in epilogue:
             ref = ref.clamp(min=0.0)
+        elif "silu" in epilogue:
+            ref = ref * torch.sigmoid(ref)
         ref = ref.numpy()
         inputs = [x, w, b.reshape(1, channels, 1, 1)] if "bias" in epilogue else [x, w]
         got = _call(fn, inputs, ref.shape)
         assert_close(got, ref.astype("float32"), name=f"batch {batch}", **TOL)
+
+
+def _epilogue_after_sums(func) -> bool:
+    """Whether the SiLU output block runs after the task's sums are complete: of the loops that
+    hold both it and the window sums, none holds another (only the task loop, in each run-time
+    variant; per output vector, the row and column loops inside it hold both too)."""
+    import tvm_ffi
+    from tvm import tirx
+
+    shared = []
+
+    def on_for(loop):
+        stores = set()
+        tvm_ffi.structural_walk(
+            loop.body, [(tirx.BufferStore, lambda st: stores.add(st.buffer.name))]
+        )
+        if any("multiply" in n for n in stores) and any("conv2d" in n for n in stores):
+            shared.append(loop)
+
+    tvm_ffi.structural_walk(func.body, [(tirx.For, on_for)])
+    nested = []
+    for loop in shared:
+        tvm_ffi.structural_walk(
+            loop.body,
+            [(tirx.For, lambda inner: nested.append(any(inner.same_as(o) for o in shared)))],
+        )
+    return bool(shared) and not any(nested)
 
 
 # (kind, channels, plane, kernel, stride, padding): ResNet's stem pool, an unpadded 2x2 pool, an

@@ -449,6 +449,41 @@ def test_vectors_never_wrap_an_index_period():
     assert_close(got, ref, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+def test_elementwise_over_a_small_map_takes_full_vectors(transposed):
+    """SiLU over 28x28 planes (EfficientNet's): 28-element rows give only 4-lane vectors, so the
+    rule fuses each plane's rows into one 784-element run of full vectors (its ``// 28`` and
+    ``% 28`` cancel once the buffer is flattened). Adding the transposed plane, whose indices do
+    not cancel, keeps the narrow vectors; both match NumPy."""
+
+    def build(bb):
+        x = relax.Var("x", relax.TensorType((2, 6, 28, 28), "float32"))
+        with bb.function("main", [x]):
+            with bb.dataflow():
+                y = relax.op.multiply(x, relax.op.sigmoid(x))
+                if transposed:
+                    y = relax.op.add(y, relax.op.permute_dims(x, [0, 1, 3, 2]))
+                out = bb.emit_output(y)
+            bb.emit_func_output(out)
+
+    from qiao.compiler.schedules.cpu_info import cpu_info
+
+    target = _target()
+    lanes = cpu_info(target).lanes("float32")
+    func = prim_func(fused_module(build), "fused_")
+    scheduled, rule = _schedule(func, target)
+    assert rule == "CPUInjective"
+    text = _script(scheduled)
+    assert (f"T.vectorized(T.int64({lanes}))" in text) != transposed
+    assert "T.vectorized(" in text
+    x = np.random.default_rng(5).standard_normal((2, 6, 28, 28)).astype("float32")
+    got = _run(scheduled, target, [x, np.zeros_like(x)])[-1]
+    ref = x.astype("float64") / (1 + np.exp(-x.astype("float64")))
+    if transposed:
+        ref = ref + x.transpose(0, 1, 3, 2)
+    assert_close(got, ref.astype("float32"), rtol=1e-5, atol=1e-6)
+
+
 # -- passes ------------------------------------------------------------------------------------
 
 

@@ -47,23 +47,61 @@ def vector_split(sch, loop, lanes: int, block=None) -> None:
     largest power of two ≤ ``lanes`` dividing the extent. Symbolic extents are left to LLVM.
     With ``block`` (whose innermost iterator ``loop`` runs), the width is also kept within the
     period of any ``// c`` / ``% c`` of that iterator (``wrap_free_lanes``)."""
+    width = vector_width(sch, loop, lanes, block)
+    if width < 2:
+        return
+    if width == static_int(sch.get(loop).extent):
+        sch.vectorize(loop)
+        return
+    _, inner = sch.split(loop, [None, width])
+    sch.vectorize(inner)
+
+
+def vector_width(sch, loop, lanes: int, block=None) -> int:
+    """The vector width ``vector_split`` gives ``loop`` (1: not vectorised)."""
     if block is not None:
         stmt = sch.get(block)
         lanes = wrap_free_lanes(stmt, stmt.iter_vars[-1].var, lanes)
         if lanes < 2:
-            return
+            return 1
     extent = static_int(sch.get(loop).extent)
     if extent is None or extent < 2:
-        return
+        return 1
     if extent <= lanes:
-        sch.vectorize(loop)
-        return
+        return extent
     width = lanes
     while width > 1 and extent % width:
         width //= 2
-    if width > 1:
-        _, inner = sch.split(loop, [None, width])
-        sch.vectorize(inner)
+    return width
+
+
+def fuse_for_width(sch, block, lanes: int):
+    """The innermost loop of ``block`` after merging its two innermost iterators into one when
+    that gives full vectors where the innermost alone would not (an elementwise kernel over a
+    28x28 map: 28-element rows take 4-lane vectors, the 784-element plane 8). The merged
+    iterator indexes as ``v // 28`` and ``v % 28`` inside the block, where ``wrap_free_lanes``
+    sees them: they cancel in a row-major buffer's flattened offset, not in a transposed one."""
+    from tvm.tirx.function import IndexMap
+
+    loops = sch.get_loops(block)
+    inner = loops[-1]
+    narrow = vector_width(sch, inner, lanes, block)
+    iters = sch.get(block).iter_vars
+    if len(loops) < 2 or len(iters) < 2 or narrow >= lanes:
+        return inner
+    width = static_int(iters[-1].dom.extent)
+    if width is None or static_int(iters[-2].dom.extent) is None:
+        return inner
+    merged = IndexMap.from_func(lambda *v: [*v[:-2], v[-2] * width + v[-1]], ndim=len(iters))
+    trial = sch.copy()
+    try:
+        trial.transform_block_layout(block, merged)
+    except Exception:  # noqa: BLE001 - loops not bound one-to-one to the iterators
+        return inner
+    if vector_width(trial, trial.get_loops(block)[-1], lanes, block) <= narrow:
+        return inner
+    sch.transform_block_layout(block, merged)
+    return sch.get_loops(block)[-1]
 
 
 def parallelize_outer(sch, loops: list, lanes: int) -> None:
@@ -111,7 +149,7 @@ class CPUInjective(CPURule):
                 continue
             dtype = str(sch.get(block).writes[0].source.dtype) if sch.get(block).writes else "f32"
             lanes = cpu.lanes(dtype if dtype != "bool" else "int8")
-            vector_split(sch, loops[-1], lanes, block)
+            vector_split(sch, fuse_for_width(sch, block, lanes), lanes, block)
             loops = sch.get_loops(block)
             # Parallelise every serial loop above the innermost one (vectorised, or left serial
             # for LLVM when its extent is symbolic).

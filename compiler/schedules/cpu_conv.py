@@ -140,8 +140,22 @@ def _schedule_planes(sch, infos, position: int, spatial: int, lanes: int, work: 
                 outer = [*sp[:-3], co]
     task = sch.fuse(*outer) if len(outer) > 1 else outer[0]
     sch.reorder(xo, *rd, xi)
-    sch.reverse_compute_at(epilogue, xo)
-    sch.vectorize(sch.get_loops(epilogue)[-1])
+    if consumers and _transcendental(sch.get(epilogue)):
+        # An epilogue with exp/sigmoid/tanh/erf (SiLU, swish): one long dependent chain per
+        # vector, so it runs after the task's sums, over all of them as one contiguous run of
+        # full vectors (chains of neighbouring vectors overlap), not per output vector (measured
+        # 0.47 -> 0.21 ms for a 480-channel 14x14 depthwise + SiLU on one AVX2 core). The run is
+        # one plane (its rows and columns fused), so that per-channel operands (the bias) stay
+        # uniform across a vector. A cheap epilogue (bias, ReLU6, residual) stays on the vector
+        # it follows, still in registers.
+        sch.reverse_compute_at(epilogue, task)
+        run = sch.get_loops(epilogue)[_depth(sch, epilogue, task) :]
+        if spatial >= 3 and len(run) >= 2:
+            sch.fuse(*run[-2:])
+        _vectorize_rows(sch, epilogue, lanes)
+    else:
+        sch.reverse_compute_at(epilogue, xo)
+        sch.vectorize(sch.get_loops(epilogue)[-1])
     # Producers (the zero-padded input) per task: the block a task reads stays in L1.
     for block in reversed(producers):
         sch.compute_at(block, task)
@@ -155,13 +169,34 @@ def _schedule_planes(sch, infos, position: int, spatial: int, lanes: int, work: 
     init_loop = sch.get_loops(init)[-1]
     if sch.get(init_loop).kind != tirx.ForKind.VECTORIZED:
         sch.vectorize(init_loop)
-    task_stmt = sch.get(task)
-    depth = 1 + [sch.get(lp).same_as(task_stmt) for lp in sch.get_loops(red)].index(True)
+    depth = _depth(sch, red, task)
     for block in producers:
         first = sch.get_loops(block)[depth]
         if sch.can_decompose_padding(block, first):
             _vectorize_rows(sch, sch.decompose_padding(block, first), lanes)
         _vectorize_rows(sch, block, lanes)
+
+
+def _depth(sch, block, loop) -> int:
+    """Number of ``block``'s loops down to and including ``loop``."""
+    stmt = sch.get(loop)
+    return 1 + [sch.get(lp).same_as(stmt) for lp in sch.get_loops(block)].index(True)
+
+
+def _transcendental(block) -> bool:
+    """Whether ``block`` computes an exp, sigmoid, tanh or erf (``VectorizableMath``'s long
+    polynomial chains)."""
+    import tvm_ffi
+    from tvm.ir.expr import Call
+
+    from qiao.compiler.passes.vectorizable_math import REWRITES
+
+    found = []
+    tvm_ffi.structural_walk(
+        block.body,
+        [(Call, lambda c: found.append(getattr(getattr(c, "op", None), "name", None) in REWRITES))],
+    )
+    return any(found)
 
 
 def _vectorize_rows(sch, block, lanes: int) -> None:

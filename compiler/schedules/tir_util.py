@@ -40,7 +40,12 @@ def wrap_free_lanes(block, var, lanes: int) -> int:
 
     TVM's vectoriser simplifies ``ramp(b, 1, n) % c`` as if the ramp never wrapped, so an index
     such as ``v % 8`` (a rotary embedding's half-head) vectorised 16 wide reads the wrong
-    elements. Returns 1 when no width of two or more is safe."""
+    elements. Returns 1 when no width of two or more is safe.
+
+    Buffer indices are judged flattened, as the vectoriser sees them: ``x[c, v // 28, v % 28]``
+    of a row-major ``[C, 28, 28]`` buffer is ``c·784 + v``, contiguous in ``v`` (an elementwise
+    kernel over a 28x28 map, its plane loops fused), so it does not limit the width; an index
+    that stays wrapped once flattened (``cos[v % 8]``) does."""
     import math
 
     import tvm_ffi
@@ -53,13 +58,57 @@ def wrap_free_lanes(block, var, lanes: int) -> int:
             divisors.append(abs(int(node.b.value)))
 
     kinds = (tirx.FloorMod, tirx.FloorDiv, tirx.Mod, tirx.Div)
-    tvm_ffi.structural_walk(block.body, [(k, on_div) for k in kinds])
+    tvm_ffi.structural_walk(_flat_indices(block.body), [(k, on_div) for k in kinds])
     width = lanes
     if divisors:
         period = math.gcd(*divisors)
         while width > 1 and period % width:
             width //= 2
     return width
+
+
+def _flat_indices(stmt):
+    """``stmt`` with every buffer access's indices replaced by its simplified row-major offset
+    (one index into a stand-in 1-D buffer): only for inspecting index arithmetic."""
+    import tvm
+    import tvm_ffi
+    from tvm import tirx
+    from tvm.ir.expr import TensorLoad  # what tirx.BufferLoad builds
+
+    analyzer = tvm.sym.Analyzer()
+    flat: dict = {}
+
+    def offset(buffer, indices):
+        total = None
+        for extent, index in zip(buffer.shape, indices):
+            total = index if total is None else total * extent + index
+        return analyzer.simplify(total) if total is not None else total
+
+    def stand_in(buffer):
+        key = buffer.name
+        if key not in flat:
+            flat[key] = tirx.decl_buffer((1,), buffer.dtype, key + "_flat")
+        return flat[key]
+
+    def on_load(node, mutator):
+        node = mutator.default_mutate(node)
+        if len(node.indices) < 2:
+            return node
+        return tirx.BufferLoad(stand_in(node.source), [offset(node.source, node.indices)])
+
+    def on_store(node, mutator):
+        node = mutator.default_mutate(node)
+        if len(node.indices) < 2:
+            return node
+        index = offset(node.buffer, node.indices)
+        return tirx.BufferStore(stand_in(node.buffer), node.value, [index])
+
+    try:
+        return tvm_ffi.structural_mutate(
+            stmt, [(TensorLoad, on_load), (tirx.BufferStore, on_store)]
+        )
+    except Exception:  # an access that cannot be flattened: judge the indices as written
+        return stmt
 
 
 def has_packing_mark(stmt) -> bool:
