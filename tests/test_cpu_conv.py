@@ -353,3 +353,16 @@ def test_positions_as_rows_tile():
         assert (tile.mr, tile.nr_vectors, tile.mc_tiles) == (mr, 2, 0), (cpu, tile)
         n_tiles = 512 // tile.nr(lanes)
         assert n_tiles // tile.nc_tiles >= 4 * cpu.num_cores, (cpu, tile)
+
+
+def test_row_vector_width():
+    """Rows of a depthwise window: whole vectors where they divide, the fewest instructions
+    otherwise; a row of at most two vectors under a 5x5 window is one vector group."""
+    from qiao.compiler.schedules.cpu_conv import _row_vector_width
+
+    assert _row_vector_width(56, 8, 9) == 8
+    assert _row_vector_width(14, 8, 9) == 4  # 3 vectors + 2 elements, not 8 + 6 elements
+    assert _row_vector_width(14, 8, 25) == 14  # 8 + 4 + 2 lanes
+    assert _row_vector_width(28, 8, 25) == 8  # more than two vectors: whole vectors + tail
+    assert _row_vector_width(7, 8, 25) == 7
+    assert _row_vector_width(None, 16, 25) == 16

@@ -41,6 +41,8 @@ log = logging.getLogger("qiao.schedules")
 MAX_WINDOW = 64
 # Fewer window taps than this (static shapes) stay on one core: waking the pool costs more.
 MIN_PARALLEL_WORK = 1 << 16
+# Windows of at least this many taps take a short row as one vector group (``_row_vector_width``).
+WHOLE_ROW_TAPS = 16
 # Largest zero-padded input block one task keeps (about half an L1 data cache).
 PLANE_BYTES = 16 * 1024
 # Small planes are grouped into tasks of about this many padded input bytes.
@@ -119,7 +121,10 @@ def _schedule_planes(sch, infos, position: int, spatial: int, lanes: int, work: 
 
     loops = sch.get_loops(red)
     sp, rd = loops[:spatial], loops[spatial:]
-    width = _row_vector_width(static_int(sch.get(sp[-1]).extent), lanes)
+    taps = 1
+    for lp in rd:
+        taps *= static_int(sch.get(lp).extent) or 1
+    width = _row_vector_width(static_int(sch.get(sp[-1]).extent), lanes, taps)
     xo, xi = sch.split(sp[-1], [None, width])
     outer = list(sp[:-1])
     if spatial >= 3:
@@ -211,11 +216,18 @@ def _vectorize_rows(sch, block, lanes: int) -> None:
     sch.vectorize(sch.split(loop, [None, lanes])[1])
 
 
-def _row_vector_width(extent: int | None, lanes: int) -> int:
+def _row_vector_width(extent: int | None, lanes: int, taps: int = 1) -> int:
     """Vector width for an output row of ``extent`` elements: the fewest vector instructions, a
-    width of ``d`` lanes costing one per power of two in ``d``, a ragged tail one per element."""
+    width of ``d`` lanes costing one per power of two in ``d``, a ragged tail one per element.
+
+    A row of at most two vectors under a large window (``taps`` >= ``WHOLE_ROW_TAPS``: a 5x5
+    depthwise over a 14x14 map) is one vector group (14 = 8 + 4 + 2 lanes, three instructions per
+    tap instead of 4-lane vectors and a scalar tail: 0.71 -> 0.51 ms for 672 channels, one AVX2
+    core); under a 3x3 window the narrower vectors measured as fast."""
     if extent is None:
         return lanes
+    if taps >= WHOLE_ROW_TAPS and lanes < extent <= 2 * lanes:
+        return extent
     best, best_cost = 1, extent
     for d in range(2, min(lanes, extent) + 1):
         cost = (extent // d) * bin(d).count("1") + extent % d
