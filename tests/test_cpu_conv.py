@@ -17,6 +17,8 @@ from qiao.compiler.testing import assert_close, fused_module, prim_func
 
 # float32 sums of at most 25 products of N(0, 1) values, against float64.
 TOL = {"rtol": 1e-5, "atol": 1e-5}
+# float32 sums of up to a few hundred products of N(0, 1) values, against float64.
+TOL_SUM = {"rtol": 1e-4, "atol": 1e-4}
 
 
 def _target():
@@ -366,3 +368,43 @@ def test_row_vector_width():
     assert _row_vector_width(28, 8, 25) == 8  # more than two vectors: whole vectors + tail
     assert _row_vector_width(7, 8, 25) == 7
     assert _row_vector_width(None, 16, 25) == 16
+
+
+def test_strided_convolution_over_derived_symbolic_dims():
+    """SegFormer's stride-2 patch embedding: the image dims are expressions of symbolic sizes
+    (``1 + (h - 1) / 4``), where TVM refuses the stride-phase layout of the padded input; the GEMM
+    rule still takes the convolution (plain layout) and matches torch at two image sizes."""
+    import torch.nn.functional as F
+    from tvm import tirx
+
+    from qiao.compiler.schedules.cpu_gemm import CPUMatmul
+
+    target = _target()
+    n, h, w = (tvm.tirx.Var(v, "int64") for v in "nhw")
+    one, four = tirx.IntImm("int64", 1), tirx.IntImm("int64", 4)
+    rows, cols = one + tirx.Div(h - one, four), one + tirx.Div(w - one, four)
+
+    def build(bb):
+        x = relax.Var("x", relax.TensorType((n, 16, rows, cols), "float32"))
+        wt = relax.Var("wt", relax.TensorType((32, 16, 3, 3), "float32"))
+        with bb.function("main", [x, wt]):
+            with bb.dataflow():
+                out = bb.emit_output(relax.op.nn.conv2d(x, wt, strides=2, padding=1))
+            bb.emit_func_output(out)
+
+    func = _kernel(build, "conv2d")
+    assert CPUMatmul().apply(func, target, False) is not None
+    scheduled, rule = _schedule(func, target)
+    assert rule == "CPUMatmul"
+    mod = tvm.IRModule({"main": scheduled.with_attr("global_symbol", "main")})
+    fn = tvm.compile(mod, target=target).jit()["main"]
+    rng = np.random.default_rng(7)
+    wt = rng.standard_normal((32, 16, 3, 3)).astype("float32")
+    for image in (33, 64):  # h = w = image: maps of 9x9 and 16x16
+        size = 1 + (image - 1) // 4
+        x = rng.standard_normal((2, 16, size, size)).astype("float32")
+        ref = F.conv2d(torch.from_numpy(x).double(), torch.from_numpy(wt).double(), None, 2, 1)
+        dev = tvm.cpu()
+        out = tvm.runtime.tensor(np.zeros(ref.shape, "float32"), dev)
+        fn(tvm.runtime.tensor(x, dev), tvm.runtime.tensor(wt, dev), image, image, out)
+        assert_close(out.numpy(), ref.numpy().astype("float32"), name=f"{image}", **TOL_SUM)

@@ -38,6 +38,7 @@ vectorises the reduction; ``register_tiles`` decides the register blocks of both
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -53,6 +54,8 @@ from qiao.compiler.schedules.tir_util import (
     with_root_body,
     written_buffers,
 )
+
+log = logging.getLogger("qiao.schedules")
 
 # Float dtypes the micro-kernel handles; integer GEMMs go to the generic rules.
 GEMM_DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -1149,6 +1152,8 @@ class CPUMatmul(CPURule):
             return None
         # A strided convolution's padded input is stored as stride phase planes, so the im2col
         # packing reads consecutive output positions as whole vectors (the window rules' layout).
+        # Over symbolic image dims that layout may not schedule (SegFormer's stride-2 patch
+        # embeddings: TVM finds the padded planes no stage pipeline); the plain layout then does.
         pad = next((p for p in sch.get_producers(block) if _is_padding(sch.get(p))), None)
         if pad is not None:
             try:
@@ -1156,9 +1161,14 @@ class CPUMatmul(CPURule):
             except (s_tir.ScheduleError, RuntimeError):
                 strided = None
             if strided is not None:
-                func = strided
-                sch = s_tir.Schedule(func)
-                block = find_gemm_block(sch)
+                trial = s_tir.Schedule(strided)
+                try:
+                    tile, shape = schedule_gemm(trial, find_gemm_block(trial), target, self.tile)
+                    return with_few_rows_variant(strided, packed_first(trial), tile, shape, target)
+                except (s_tir.ScheduleError, RuntimeError) as err:
+                    log.debug("strided convolution: plain layout (%s)", str(err).splitlines()[0])
+            sch = s_tir.Schedule(func)  # deinterleaved() transformed the layout in place
+            block = find_gemm_block(sch)
         tile, shape = schedule_gemm(sch, block, target, self.tile)
         return with_few_rows_variant(func, packed_first(sch), tile, shape, target)
 

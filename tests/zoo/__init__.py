@@ -103,9 +103,6 @@ ENTRIES: list[Entry] = [
         18,
         vision.segformer,
         IMG_HW,
-        xfail_fallback="CPUMatmul fails on conv2d3 with symbolic image dims ('All the "
-        "statements in the scope are schedulable statements, i.e. SBlock and For'): a slower "
-        "rule takes the convolution",
     ),
     _e(
         "mobilevit-dy18",
