@@ -29,8 +29,11 @@ HIDDEN, INTER, HEADS, KV, D = 256, 688, 8, 2, 32  # the built-in transformer lay
 
 # (id, batch (None = 2-D), M, K, N); the row count M is symbolic in the kernel.
 CASES = [
-    pytest.param(None, 64, 64, 64, id="smoke-64"),
+    pytest.param(None, 64, 64, 64, id="smoke-64"),  # arch: the host's code path unless given
     pytest.param(None, 1024, 1024, 1024, id="1024^3", marks=full),
+    # The AVX2 code path every x86-64-v3 machine runs (on an AVX-512 host too; there, run with
+    # OPENBLAS_CORETYPE=Haswell in the environment so that NumPy uses AVX2 as well).
+    pytest.param(None, 1024, 1024, 1024, "x86-64-v3", id="1024^3-x86-64-v3", marks=full),
 ]
 for tokens, label in ((128, "b1x128"), (16 * 128, "b16x128")):
     CASES += [
@@ -46,15 +49,22 @@ for tokens, label in ((128, "b1x128"), (16 * 128, "b16x128")):
     ]
 
 
-def _kernel(batch, k, n):
-    """The scheduled, compiled kernel ``x[batch?, m, k] @ w[batch?, k, n]`` (``m`` symbolic)."""
+def _with_arch(case):
+    """A ``CASES`` entry with its ``arch`` (``None``: the host's code path)."""
+    values = tuple(case.values)
+    return pytest.param(*values, *([None] * (5 - len(values))), id=case.id, marks=case.marks)
+
+
+def _kernel(batch, k, n, arch=None):
+    """The scheduled, compiled kernel ``x[batch?, m, k] @ w[batch?, k, n]`` (``m`` symbolic), for
+    the host's CPU or ``arch``."""
     import tvm
     from tvm import relax
 
     from qiao.backends.cpu import CPUBackend
     from qiao.compiler.schedules import schedule_passes
 
-    target = CPUBackend().target()
+    target = CPUBackend().target(arch)
     bb = relax.BlockBuilder()
     m = tvm.tirx.Var("m", "int64")
     lead = (batch,) if batch else ()
@@ -73,14 +83,18 @@ def _kernel(batch, k, n):
     return lib.jit()["main"]
 
 
-@pytest.mark.parametrize("batch, m, k, n", CASES)
-def test_gemm_vs_numpy(benchmark, smoke, batch, m, k, n):
+@pytest.mark.parametrize("batch, m, k, n, arch", [_with_arch(c) for c in CASES])
+def test_gemm_vs_numpy(benchmark, smoke, batch, m, k, n, arch):
     import tvm
 
+    from qiao.backends.cpu import CPUBackend
     from qiao.compiler.bench import interleaved, round_ratios
-    from qiao.compiler.schedules.cpu_info import cpu_device
+    from qiao.compiler.schedules.cpu_info import cpu_device, missing_here
 
-    fn = _kernel(batch, k, n)
+    missing = missing_here(CPUBackend().target(arch)) if arch else []
+    if missing:
+        pytest.skip(f"this host cannot run {arch} code: it lacks {missing}")
+    fn = _kernel(batch, k, n, arch)
     rng = np.random.default_rng(0)
     lead = (batch,) if batch else ()
     a = rng.standard_normal(lead + (m, k)).astype("float32")
@@ -101,7 +115,7 @@ def test_gemm_vs_numpy(benchmark, smoke, batch, m, k, n):
     times = interleaved({"qiao": ours, "numpy": numpy_sgemm}, 15, 0.05, smoke=smoke)
     ours_s, ref_s = times["qiao"], times["numpy"]
     ratio = statistics.median(round_ratios(times, "numpy"))
-    benchmark.group = f"gemm {'x'.join(map(str, [batch or 1, m, k, n]))}"
+    benchmark.group = f"gemm {'x'.join(map(str, [batch or 1, m, k, n]))} {arch or 'host'}"
     benchmark.extra_info.update(
         ratio=ratio,
         qiao_gflops=flops / statistics.median(ours_s) / 1e9,
