@@ -396,8 +396,7 @@ def test_strided_convolution_over_derived_symbolic_dims():
     assert CPUMatmul().apply(func, target, False) is not None
     scheduled, rule = _schedule(func, target)
     assert rule == "CPUMatmul"
-    mod = tvm.IRModule({"main": scheduled.with_attr("global_symbol", "main")})
-    fn = tvm.compile(mod, target=target).jit()["main"]
+    fn = _build(scheduled, target)
     rng = np.random.default_rng(7)
     wt = rng.standard_normal((32, 16, 3, 3)).astype("float32")
     for image in (33, 64):  # h = w = image: maps of 9x9 and 16x16

@@ -202,7 +202,7 @@ def choose_tile(cpu: CPUInfo, shape: GemmShape) -> GemmTile:
     best = None
     for mr, nv in register_tiles(cpu):
         nr = nv * lanes
-        waste = 0.0 if shape.n is None else (_ceil_div(shape.n, nr) * nr - shape.n) / shape.n
+        waste = 0.0 if shape.n is None else _pad_waste(shape.n, nr)
         # Prefer two vectors (measured best with 16 or 32 registers); others only when they save
         # more than NV_PENALTY of the padded work.
         key = (waste + (0.0 if nv == 2 else NV_PENALTY), -mr * nv)
@@ -228,11 +228,7 @@ def choose_tile(cpu: CPUInfo, shape: GemmShape) -> GemmTile:
         # latency; ties take the taller), every row in every task (the im2col rows are packed
         # once, up front, and each task reads them from cache against its own weight panels).
         mr = min(range(4, max(mr, 4) + 1), key=lambda r: (_ceil_div(shape.m, r) * r, -r))
-        n_tiles = _ceil_div(shape.n, nr)
-        mc_tiles = 0
-        divisors = _divisors_up_to(n_tiles, n_tiles)
-        nc_tiles = max([d for d in divisors if n_tiles // d >= tasks_wanted] or [1])
-        nc_tiles = 0 if nc_tiles == n_tiles else nc_tiles
+        mc_tiles, nc_tiles = 0, _column_blocks(_ceil_div(shape.n, nr), tasks_wanted)
     elif shape.n is not None and shape.m is not None and shape.s is None:
         # Both tile extents static, a symbolic batch outside (a convolution: I = output channels,
         # J = image positions). Every task holds every output channel and a block of positions,
@@ -274,11 +270,16 @@ def choose_tile(cpu: CPUInfo, shape: GemmShape) -> GemmTile:
         # and serves every row tile from cache. Row tasks would each stream all of B (a 12 MB
         # weight per 6 rows), and a few rows would leave cores idle. The fewest column blocks
         # that make enough tasks (at least two panels per core to get here).
-        n_tiles = _ceil_div(shape.n, nr)
-        mc_tiles = 0
-        divisors = _divisors_up_to(n_tiles, n_tiles)
-        nc_tiles = max([d for d in divisors if n_tiles // d >= tasks_wanted] or [1])
+        mc_tiles, nc_tiles = 0, _column_blocks(_ceil_div(shape.n, nr), tasks_wanted)
     return GemmTile(mr, nv, mc_tiles, nc_tiles, k_unroll)
+
+
+def _column_blocks(n_tiles: int, tasks_wanted: int) -> int:
+    """``nc_tiles`` for column tasks with every row in every task: the widest block of column
+    tiles that still makes ``tasks_wanted`` tasks (``0``: all columns in one task)."""
+    divisors = _divisors_up_to(n_tiles, n_tiles)
+    nc_tiles = max([d for d in divisors if n_tiles // d >= tasks_wanted] or [1])
+    return 0 if nc_tiles == n_tiles else nc_tiles
 
 
 def check_tile(tile: GemmTile, shape: GemmShape, lanes: int) -> None:
