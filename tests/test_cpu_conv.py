@@ -294,14 +294,10 @@ SMALL_MAPS = [
 ]
 
 
-@pytest.mark.parametrize("cin,cout,size,kernel,stride,padding,swapped", SMALL_MAPS)
-def test_small_map_convolution_takes_positions_as_rows(
-    cin, cout, size, kernel, stride, padding, swapped
-):
-    """A convolution over a small feature map (symbolic batch, bias, residual add and ReLU fused
-    after it) gets the GEMM rule in the orientation ``J_WASTE_SWAP`` picks, and matches torch's
-    conv2d in float64 at batch 1 and 3 (the im2col rows gathered through ``// 7`` and ``% 7``,
-    stores strided by the map)."""
+def _residual_conv(cin, cout, size, kernel, stride, padding):
+    """``(scheduled kernel, check)``: a convolution with bias, residual add and ReLU fused after
+    it (symbolic batch) through the CPU rules; ``check()`` runs it at batch 1 and 3 against
+    torch's conv2d in float64."""
     import torch.nn.functional as F
 
     target = _target()
@@ -323,22 +319,78 @@ def test_small_map_convolution_takes_positions_as_rows(
 
     scheduled, rule = _schedule(_kernel(build, "conv2d"), target)
     assert rule == "CPUMatmul"
+
+    def check():
+        fn = _build(scheduled, target)
+        rng = np.random.default_rng(cin * cout + size)
+        w = rng.standard_normal((cout, cin, kernel, kernel)).astype("float32")
+        b = rng.standard_normal((1, cout, 1, 1)).astype("float32")
+        for batch in (1, 3):
+            x = rng.standard_normal((batch, cin, size, size)).astype("float32")
+            r = rng.standard_normal((batch, cout, out_size, out_size)).astype("float32")
+            t = [torch.from_numpy(a).double() for a in (x, w, b, r)]
+            conv = F.conv2d(t[0], t[1], t[2].flatten(), stride=stride, padding=padding)
+            ref = torch.relu(conv + t[3])
+            got = _call(fn, [x, w, b, r], ref.shape)
+            # float32 sums of up to 512 products of N(0, 1) values.
+            assert_close(
+                got, ref.numpy().astype("float32"), name=f"batch {batch}", rtol=1e-4, atol=2e-4
+            )
+
+    return scheduled, check
+
+
+@pytest.mark.parametrize("cin,cout,size,kernel,stride,padding,swapped", SMALL_MAPS)
+def test_small_map_convolution_takes_positions_as_rows(
+    cin, cout, size, kernel, stride, padding, swapped
+):
+    """A convolution over a small feature map (symbolic batch, bias, residual add and ReLU fused
+    after it) gets the GEMM rule in the orientation ``J_WASTE_SWAP`` picks, and matches torch's
+    conv2d in float64 at batch 1 and 3 (the im2col rows gathered through ``// 7`` and ``% 7``,
+    stores strided by the map)."""
+    scheduled, check = _residual_conv(cin, cout, size, kernel, stride, padding)
     assert _image_rows(scheduled) == swapped
-    fn = _build(scheduled, target)
-    rng = np.random.default_rng(cin * cout + size)
-    w = rng.standard_normal((cout, cin, kernel, kernel)).astype("float32")
-    b = rng.standard_normal((1, cout, 1, 1)).astype("float32")
-    for batch in (1, 3):
-        x = rng.standard_normal((batch, cin, size, size)).astype("float32")
-        r = rng.standard_normal((batch, cout, out_size, out_size)).astype("float32")
-        t = [torch.from_numpy(a).double() for a in (x, w, b, r)]
-        conv = F.conv2d(t[0], t[1], t[2].flatten(), stride=stride, padding=padding)
-        ref = torch.relu(conv + t[3])
-        got = _call(fn, [x, w, b, r], ref.shape)
-        # float32 sums of up to cin * 9 = 288 products of N(0, 1) values.
-        assert_close(
-            got, ref.numpy().astype("float32"), name=f"batch {batch}", rtol=1e-4, atol=1e-4
-        )
+    check()
+
+
+def _reads_in_place(func, name: str) -> bool:
+    """Whether the GEMM's reduction block loads buffer ``name`` itself (no packed copy)."""
+    import tvm_ffi
+    from tvm import s_tir, tirx
+
+    found = []
+
+    def on_block(block):
+        if any(iv.iter_type == tirx.IterVar.CommReduce for iv in block.iter_vars):
+            found.extend(r.source.name == name for r in block.reads)
+
+    tvm_ffi.structural_walk(func.body, [(s_tir.SBlock, on_block)])
+    return any(found)
+
+
+# (in channels, out channels, input map, stride, read in place): a 1x1 convolution whose input
+# planes are whole column tiles (256 and 64 positions), few output channels (at most
+# ``IN_PLACE_B_ROW_TILES`` row tiles) and a column tile within ``IN_PLACE_B_BYTES`` reads them
+# where they are; many output channels, a stride (every other position), a ragged map (196
+# positions) or a long reduction (512 channels) keep the packed panels.
+POINTWISE = [
+    (96, 16, 16, 1, True),
+    (72, 24, 8, 1, True),
+    (16, 96, 16, 1, False),
+    (96, 16, 32, 2, False),
+    (96, 16, 14, 1, False),
+    (512, 16, 16, 1, False),
+]
+
+
+@pytest.mark.parametrize("cin,cout,size,stride,in_place", POINTWISE)
+def test_pointwise_convolution_reads_its_input_in_place(cin, cout, size, stride, in_place):
+    """A 1x1 convolution (symbolic batch; bias, residual add and ReLU fused) reads its input in
+    place or packs it as ``_reads_b_in_place`` decides, and matches torch's conv2d in float64 at
+    batch 1 and 3 either way."""
+    scheduled, check = _residual_conv(cin, cout, size, 1, stride, 0)
+    assert _reads_in_place(scheduled, "x") == in_place
+    check()
 
 
 def test_positions_as_rows_tile():
