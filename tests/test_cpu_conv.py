@@ -409,6 +409,22 @@ def test_positions_as_rows_tile():
         assert n_tiles // tile.nc_tiles >= 4 * cpu.num_cores, (cpu, tile)
 
 
+def test_rows_outside_only_for_a_small_column_block():
+    """A task sweeps its column tiles inside each row tile (long contiguous output runs) only
+    when its whole ``B`` block fits ``ROWS_OUTSIDE_B_BYTES``: a 1x1 convolution from 16 channels
+    over 56x56 (14 column tiles x 16 rows: 14 KB), not a 3x3 one from 64 channels (576 rows:
+    258 KB), nor a task of a single column tile (24 channels over 28x28: 49 tiles, one per
+    task)."""
+    from qiao.compiler.schedules.cpu_gemm import GemmShape, _rows_outside, choose_tile
+    from qiao.compiler.schedules.cpu_info import CPUInfo
+
+    cpu = CPUInfo(256, 16, 2)
+    for m, n, k, outside in ((72, 3136, 16, True), (64, 3136, 576, False), (88, 784, 24, False)):
+        shape = GemmShape(None, m, n, k, "float32")
+        tile = choose_tile(cpu, shape)
+        assert _rows_outside(shape, tile, tile.nr(8), tile.nc_tiles == 0) == outside, (shape, tile)
+
+
 def test_row_vector_width():
     """Rows of a depthwise window: whole vectors where they divide, the fewest instructions
     otherwise; a row of at most two vectors under a 5x5 window is one vector group."""

@@ -82,6 +82,9 @@ J_WASTE_SWAP = 0.15
 # this many row tiles reuse it (more reuse amortises the packing copy over more work).
 IN_PLACE_B_BYTES = 24 * 1024
 IN_PLACE_B_ROW_TILES = 8
+# A task whose ``B`` block (``K`` by its columns) fits this many bytes sweeps its columns inside
+# each row tile (``_rows_outside``).
+ROWS_OUTSIDE_B_BYTES = 32 * 1024
 # Block annotation: ``normalize_gemm`` took that orientation (``gemm_shape`` reads it).
 IMAGE_ROWS = "qiao.gemm_image_rows"
 
@@ -924,6 +927,24 @@ def _schedule_a_pack(sch, a_stage, at_loop, mr: int, preproc: bool) -> None:
         sch.annotate(a_stage, PACKING_MARK, True)
 
 
+def _rows_outside(shape: GemmShape, tile: GemmTile, nr: int, single_j_task: bool) -> bool:
+    """Whether a task sweeps its column tiles inside each row tile (``rows_inside=False``).
+
+    When all of a task's ``B`` columns (``K`` by the task's columns) fit in
+    ``ROWS_OUTSIDE_B_BYTES``, they stay in L1 whatever the order, and each row tile then writes
+    one contiguous run per output row instead of ``nr`` elements at a time: a 1x1 convolution
+    with few input channels writes its output planes in long runs (16->72 channels over 56x56,
+    batch 8, on a 2-core AVX2 EPYC: 1.52 -> 0.92 ms; 16->16: 0.28 -> 0.23 ms). A larger block
+    keeps the BLIS order, the ``B`` panel reused from L1 by every row tile."""
+    from tvm import DataType
+
+    if shape.k is None or shape.n is None:
+        return False
+    cols = _ceil_div(shape.n, nr) * nr if single_j_task else nr * tile.nc_tiles
+    block = shape.k * cols * DataType(shape.dtype).bits // 8
+    return cols > nr and block <= ROWS_OUTSIDE_B_BYTES
+
+
 def _reads_b_in_place(sch, b_stage, shape: GemmShape, mr: int, nr: int) -> bool:
     """Whether the micro-kernel can load ``B`` straight from its source instead of packed panels.
 
@@ -1084,6 +1105,7 @@ def schedule_gemm(
         nr_vectors=tile.nr_vectors,
         lanes=lanes,
         k_unroll=tile.k_unroll,
+        rows_inside=not _rows_outside(shape, tile, nr, single_j_task),
     )
     # Weights are packed once, up front (and lifted to load time by the pipeline); activations
     # per task when the task's slice is all that is needed (A: its rows; B: its columns, when one
