@@ -411,16 +411,22 @@ def test_positions_as_rows_tile():
 
 def test_rows_outside_only_for_a_small_column_block():
     """A task sweeps its column tiles inside each row tile (long contiguous output runs) only
-    when its whole ``B`` block fits ``ROWS_OUTSIDE_B_BYTES``: a 1x1 convolution from 16 channels
-    over 56x56 (14 column tiles x 16 rows: 14 KB), not a 3x3 one from 64 channels (576 rows:
-    258 KB), nor a task of a single column tile (24 channels over 28x28: 49 tiles, one per
-    task)."""
+    when its whole ``B`` block fits ``ROWS_OUTSIDE_B_BYTES``: convolution tasks (1x1 from 16
+    channels and 3x3 from 64 channels over 56x56: 14 KB and 252 KB blocks), not a task of a
+    single column tile (1x1 from 24 channels over 28x28: 49 tiles, one per task), nor a dense
+    layer's task holding 128 columns of a 1024-row weight (512 KB)."""
     from qiao.compiler.schedules.cpu_gemm import GemmShape, _rows_outside, choose_tile
     from qiao.compiler.schedules.cpu_info import CPUInfo
 
     cpu = CPUInfo(256, 16, 2)
-    for m, n, k, outside in ((72, 3136, 16, True), (64, 3136, 576, False), (88, 784, 24, False)):
-        shape = GemmShape(None, m, n, k, "float32")
+    cases = (
+        (None, 72, 3136, 16, True),
+        (None, 64, 3136, 576, True),
+        (None, 88, 784, 24, False),
+        (1, None, 1024, 1024, False),
+    )
+    for s, m, n, k, outside in cases:
+        shape = GemmShape(s, m, n, k, "float32")
         tile = choose_tile(cpu, shape)
         assert _rows_outside(shape, tile, tile.nr(8), tile.nc_tiles == 0) == outside, (shape, tile)
 
