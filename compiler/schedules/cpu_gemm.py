@@ -20,7 +20,11 @@ after BLIS:
   rows (one-row and ``MID_ROWS``-row tiles, see ``with_few_rows_variant``);
 * the micro-kernel keeps an ``mr × nr`` tile of ``C`` in SIMD registers (``nr = nr_vectors ×
   lanes``, lanes from the target's SIMD width), unrolls ``mr`` and ``k_unroll``, and writes the tile
-  back through the fused epilogue.
+  back through the fused epilogue. A task sweeps its rows inside each ``B`` panel (BLIS), or its
+  columns inside each row tile when its whole ``B`` block stays in L2 (``_rows_outside``: output
+  rows written in long runs); ``B`` whose columns already are contiguous runs of its source (a 1x1
+  convolution's input planes) is read in place, unpacked, when few row tiles share it
+  (``_reads_b_in_place``).
 
 Half-precision weights (``--dtype``; ``FoldWeightCasts`` makes the block ``C += A * float32(B)``
 with ``B`` float16/bfloat16) are packed in their own dtype — the panels, lifted to load time, stay
