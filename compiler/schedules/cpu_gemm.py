@@ -209,7 +209,6 @@ def choose_tile(cpu: CPUInfo, shape: GemmShape) -> GemmTile:
     ``nc_tiles`` always divide the tile counts (a ragged split would put a predicate into the
     micro-kernel), and are as large as possible while every core keeps several tasks.
     """
-    from tvm import DataType
 
     lanes = cpu.lanes(shape.dtype)
     best = None
@@ -251,7 +250,7 @@ def choose_tile(cpu: CPUInfo, shape: GemmShape) -> GemmTile:
         # budget allows while one image still makes a task or more per core.
         m_tiles, n_tiles = _ceil_div(shape.m, mr), _ceil_div(shape.n, nr)
         mc_tiles = m_tiles
-        panel_bytes = (shape.k or 1) * nr * DataType(shape.dtype).bits // 8
+        panel_bytes = _b_bytes(shape, nr)
         fits = [
             d
             for d in _divisors_up_to(n_tiles, n_tiles)
@@ -285,6 +284,14 @@ def choose_tile(cpu: CPUInfo, shape: GemmShape) -> GemmTile:
         # that make enough tasks (at least two panels per core to get here).
         mc_tiles, nc_tiles = 0, _column_blocks(_ceil_div(shape.n, nr), tasks_wanted)
     return GemmTile(mr, nv, mc_tiles, nc_tiles, k_unroll)
+
+
+def _b_bytes(shape: GemmShape, cols: int) -> int:
+    """Bytes of ``cols`` columns of ``B`` over the whole reduction (``K`` taken as 1 when
+    symbolic)."""
+    from tvm import DataType
+
+    return (shape.k or 1) * cols * DataType(shape.dtype).bits // 8
 
 
 def _column_blocks(n_tiles: int, tasks_wanted: int) -> int:
@@ -944,13 +951,10 @@ def _rows_outside(shape: GemmShape, tile: GemmTile, nr: int, single_j_task: bool
     15.1 -> 14.1 ms; the 3->16 stride-2 stem 2.0 -> 1.7 ms. A larger block (a dense layer's task
     holding every weight column) keeps the BLIS order, one ``B`` panel reused by every row
     tile."""
-    from tvm import DataType
-
     if shape.k is None or shape.n is None:
         return False
     cols = _ceil_div(shape.n, nr) * nr if single_j_task else nr * tile.nc_tiles
-    block = shape.k * cols * DataType(shape.dtype).bits // 8
-    return cols > nr and block <= ROWS_OUTSIDE_B_BYTES
+    return cols > nr and _b_bytes(shape, cols) <= ROWS_OUTSIDE_B_BYTES
 
 
 def _reads_b_in_place(sch, b_stage, shape: GemmShape, mr: int, nr: int) -> bool:
@@ -961,12 +965,14 @@ def _reads_b_in_place(sch, b_stage, shape: GemmShape, mr: int, nr: int) -> bool:
     element per column: each ``nr``-wide row of ``B`` is then a contiguous run of the source (a
     1x1 convolution's input planes, ``x[n, k, j]`` with ``j`` the fused image positions). The
     packing copy would only reorder it. ``K`` is capped so that a column tile (``K`` rows of
-    ``nr`` elements, reused by every row tile) stays within ``IN_PLACE_B_BYTES`` of L1.
-    Measured on one AVX2 EPYC (2 cores, batch 1): 144->24 channels over 56x56 0.38 -> 0.32 ms,
-    240->40 over 28x28 0.25 -> 0.21 ms; expanding convolutions (many output channels per packed
-    element) within noise."""
+    ``nr`` elements, reused by every row tile) stays within ``IN_PLACE_B_BYTES``, and the rows
+    (output channels) at ``IN_PLACE_B_ROW_TILES`` tiles: the fewer rows share a packed panel, the
+    more the copy costs per multiply-add. Measured on a 2-core AVX2 EPYC, 1x1 convolutions with
+    ReLU, packed -> in place: 144->24 channels over 56x56 0.38 -> 0.32 ms at batch 1 and 3.5 ->
+    2.8 ms at batch 8, 240->40 over 28x28 0.25 -> 0.21 ms; expanding ones (16->72, 24->88: 12-15
+    row tiles) were 6-11 % slower in place, so they stay packed."""
     import tvm
-    from tvm import DataType, tirx
+    from tvm import tirx
     from tvm.ir.expr import TensorLoad  # what tirx.BufferLoad builds
 
     from qiao.compiler.schedules.tir_util import _flat_indices
@@ -976,7 +982,7 @@ def _reads_b_in_place(sch, b_stage, shape: GemmShape, mr: int, nr: int) -> bool:
         return False
     if _ceil_div(shape.m, mr) > IN_PLACE_B_ROW_TILES:
         return False
-    if shape.k * nr * DataType(shape.dtype).bits // 8 > IN_PLACE_B_BYTES:
+    if _b_bytes(shape, nr) > IN_PLACE_B_BYTES:
         return False
     store = stmt.body
     if not isinstance(store, tirx.BufferStore) or not isinstance(store.value, TensorLoad):
@@ -1123,8 +1129,8 @@ def schedule_gemm(
     a_weight, b_weight = _is_weight(sch, a_stage), _is_weight(sch, b_stage)
     a_up_front = a_weight or (tile.mc_tiles == 0 and not few_rows)
     _schedule_a_pack(sch, a_stage, None if a_up_front else task, tile.mr, preproc=a_weight)
-    in_place = not b_weight and not padding and panel == nr
-    if in_place and _reads_b_in_place(sch, b_stage, shape, tile.mr, nr):
+    unpadded_activation = not b_weight and not padding and panel == nr
+    if unpadded_activation and _reads_b_in_place(sch, b_stage, shape, tile.mr, nr):
         # B's columns are already contiguous rows of the source (a 1x1 convolution's input
         # planes): the micro-kernel loads them where they are, no panel copy.
         sch.compute_inline(b_stage)
