@@ -13,6 +13,7 @@ import torch
 import tvm
 from tvm import relax
 
+from qiao.compiler.schedules.cpu_gemm import DIRECT_ROWS, IMAGE_ROWS
 from qiao.compiler.testing import assert_close, fused_module, prim_func
 
 # float32 sums of at most 25 products of N(0, 1) values, against float64.
@@ -266,16 +267,15 @@ def test_squeeze_excitation_conv_gets_the_gemm_rule(cin, cout):
         assert_close(got, ref.numpy().astype("float32"), name=f"batch {batch}", **TOL)
 
 
-def _image_rows(func) -> bool:
-    """Whether the GEMM rule took a convolution's positions as the rows (``IMAGE_ROWS``)."""
+def _marked(func, key: str) -> bool:
+    """Whether a block of ``func`` carries the GEMM rule's annotation ``key``: ``IMAGE_ROWS``
+    (a convolution's positions taken as the rows) or ``DIRECT_ROWS`` (read in place as rows)."""
     import tvm_ffi
     from tvm import s_tir
 
-    from qiao.compiler.schedules.cpu_gemm import IMAGE_ROWS
-
     marked = []
     tvm_ffi.structural_walk(
-        func.body, [(s_tir.SBlock, lambda b: marked.append(IMAGE_ROWS in b.annotations))]
+        func.body, [(s_tir.SBlock, lambda b: marked.append(key in b.annotations))]
     )
     return any(marked)
 
@@ -283,13 +283,13 @@ def _image_rows(func) -> bool:
 # (in channels, out channels, input map, kernel, stride, padding, positions as rows): a 7x7 output
 # (49 positions pad to 64 on two-vector tiles of 8 or 16 lanes: 31 % waste) against 64 output
 # channels (none) takes the positions as rows, a 3x3 and a 1x1 window, stride 1 and 2; a 14x14
-# output (196 positions: 6 % / 14 % waste) and 40 output channels (20 % / 60 % waste) keep them as
-# the vector columns.
+# output of a 1x1 convolution (196 positions: 6 % / 14 % waste) and 40 output channels (20 % /
+# 60 % waste) keep them as the vector columns.
 SMALL_MAPS = [
     (32, 64, 7, 3, 1, 1, True),
     (24, 64, 7, 1, 1, 0, True),
     (16, 64, 14, 3, 2, 1, True),
-    (16, 32, 14, 3, 1, 1, False),
+    (16, 32, 14, 1, 1, 0, False),
     (24, 40, 7, 1, 1, 0, False),
 ]
 
@@ -348,9 +348,61 @@ def test_small_map_convolution_takes_positions_as_rows(
     conv2d in float64 at batch 1 and 3 (the im2col rows gathered through ``// 7`` and ``% 7``,
     stores strided by the map)."""
     scheduled, check = _residual_conv(cin, cout, size, kernel, stride, padding)
-    assert _image_rows(scheduled) == swapped
+    assert _marked(scheduled, IMAGE_ROWS) == swapped
     # float32 sums of up to cin * 9 = 288 products of N(0, 1) values.
     check(atol=1e-4)
+
+
+# (in channels, out channels, input map, kernel, stride, padding, read in place): windowed
+# convolutions whose output positions divide into register tiles of 4 to 6 rows (16 registers)
+# or 4 to 8 (32 registers) and whose output channels fill two-vector tiles: 3x3 over 16x16 and
+# 14x14 (196 positions: tiles of 4 or 7 rows crossing image rows), a strided 5x5 and a 7x7
+# stride-2 stem over 3 channels (49 taps, a 147-long reduction). They keep the im2col panels
+# over an 11x11 or 17x17 output (121 and 289 positions: no such divisor), with 40 output channels
+# (tiles padded by 20 % or 60 %) and for a 1x1 window.
+DIRECT = [
+    (16, 32, 16, 3, 1, 1, True),
+    (16, 32, 14, 3, 1, 1, True),
+    (8, 32, 15, 5, 2, 2, True),
+    (3, 16, 32, 7, 2, 3, True),
+    (16, 32, 11, 3, 1, 1, False),
+    (16, 32, 17, 3, 1, 1, False),
+    (16, 40, 16, 3, 1, 1, False),
+    (16, 32, 16, 1, 1, 0, False),
+]
+
+
+@pytest.mark.parametrize("cin,cout,size,kernel,stride,padding,direct", DIRECT)
+def test_convolution_reads_its_input_in_place(cin, cout, size, kernel, stride, padding, direct):
+    """A windowed convolution (symbolic batch, bias, residual add and ReLU fused after it) whose
+    positions fit whole register tiles broadcasts its input where it lies (``direct_rows``), and
+    matches torch's conv2d in float64 at batch 1 and 3 either way: the unrolled taps read the
+    zero-padded input at constant offsets, including tiles that cross image rows."""
+    scheduled, check = _residual_conv(cin, cout, size, kernel, stride, padding)
+    assert _marked(scheduled, DIRECT_ROWS) == direct
+    # The reduction loads topi's zero-padded input itself, not a packed copy of it.
+    assert _reads_in_place(scheduled, "pad_temp") == direct
+    assert _marked(scheduled, IMAGE_ROWS) or not direct
+    # float32 sums of up to 16 * 25 = 400 products of N(0, 1) values.
+    check(atol=2e-4)
+
+
+def test_direct_rows_tile():
+    """The tile of a 3x3 convolution read in place, 64 channels over 56x56 (``choose_tile``): two
+    vectors of output channels, the tallest row count up to 6 (16 registers) or 8 (32) that
+    divides the 3136 positions, unrolled by the 9 taps, one weight panel per task and row blocks
+    that still leave 4 tasks per core at batch 1."""
+    from qiao.compiler.schedules.cpu_gemm import GemmShape, check_tile, choose_tile
+    from qiao.compiler.schedules.cpu_info import CPUInfo
+
+    for cpu, lanes, mr in ((CPUInfo(256, 16, 2), 8, 4), (CPUInfo(512, 32, 2), 16, 8)):
+        shape = GemmShape(None, 3136, 64, 576, "float32", image_rows=True, taps=9)
+        tile = choose_tile(cpu, shape)
+        check_tile(tile, shape, lanes)
+        assert (tile.mr, tile.nr_vectors, tile.nc_tiles, tile.k_unroll) == (mr, 2, 1, 9), tile
+        tasks = 3136 // mr // tile.mc_tiles * (64 // tile.nr(lanes))
+        assert tasks >= 4 * cpu.num_cores, (cpu, tile)
+        assert 3136 // mr % tile.mc_tiles == 0
 
 
 def _reads_in_place(func, name: str) -> bool:

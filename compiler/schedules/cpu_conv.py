@@ -7,9 +7,12 @@ convolution block ``C[n, f, y, x] += P[n, c, y·s + ry, x·s + rx] · W[f, c, ry
 in), the weights into ``nr``-wide panels (pre-packed at load time when the pipeline lifts them), and
 runs the same register-blocked micro-kernel as dense layers.
 The image positions are the micro-kernel's vector columns and the weights its broadcast rows
-(NCHW output rows are contiguous), except over a small map whose positions pad badly to whole
-tiles (7x7: 49 of 64, ``cpu_gemm.J_WASTE_SWAP``): there the positions are the rows (5 per tile on
-AVX2) and the output channels the vector columns, the im2col rows packed once per call.
+(NCHW output rows are contiguous), except in two cases where the positions are the rows and the
+output channels the vector columns: a windowed convolution whose positions divide into register
+tiles of 4-6 rows (AVX2) broadcasts its zero-padded input in place, no im2col panel
+(``cpu_gemm.direct_rows``: most of ResNet's 3x3 convolutions and its stem); a small map whose
+positions pad badly to whole tiles (7x7: 49 of 64, ``cpu_gemm.J_WASTE_SWAP``) packs its im2col
+rows once per call.
 
 What is left are reductions over a small window with no second operand: max/average pooling and
 depthwise convolutions (``groups == channels``: the channel is in every operand, so there is no

@@ -24,7 +24,9 @@ after BLIS:
   columns inside each row tile when its whole ``B`` block stays in L2 (``_rows_outside``: output
   rows written in long runs); ``B`` whose columns already are contiguous runs of its source (a 1x1
   convolution's input planes) is read in place, unpacked, when few row tiles share it
-  (``_reads_b_in_place``).
+  (``_reads_b_in_place``); a windowed convolution whose positions divide into register tiles
+  takes them as rows and broadcasts its (padded) input in place, no im2col panel at all
+  (``direct_rows``).
 
 Half-precision weights (``--dtype``; ``FoldWeightCasts`` makes the block ``C += A * float32(B)``
 with ``B`` float16/bfloat16) are packed in their own dtype — the panels, lifted to load time, stay
@@ -92,6 +94,11 @@ IN_PLACE_B_ROW_TILES = 8
 ROWS_OUTSIDE_B_BYTES = 256 * 1024
 # Block annotation: ``normalize_gemm`` took that orientation (``gemm_shape`` reads it).
 IMAGE_ROWS = "qiao.gemm_image_rows"
+# Block annotation: a windowed convolution whose positions are rows read in place (its value:
+# the window's taps; see ``direct_rows``).
+DIRECT_ROWS = "qiao.gemm_direct_rows"
+# Largest window (taps, the reduction unroll of ``direct_rows``) read in place: a 7x7 stem.
+DIRECT_MAX_TAPS = 49
 
 
 @dataclass(frozen=True)
@@ -149,6 +156,9 @@ class GemmShape:
     # The rows are a convolution's image positions and the columns its output channels (see
     # ``J_WASTE_SWAP``): the weights are ``B``, the im2col rows ``A``.
     image_rows: bool = False
+    # Taps of the window when those rows are read in place from the input (``direct_rows``); 0
+    # when ``A`` is packed.
+    taps: int = 0
 
 
 # -- tile selection -------------------------------------------------------------------------------
@@ -222,8 +232,7 @@ def choose_tile(cpu: CPUInfo, shape: GemmShape) -> GemmTile:
             best = (key, mr, nv)
     _, mr, nv = best
     if nv == 2:
-        # 8 x 2 vectors with 32 registers, 6 x 2 with 16 (the classic AVX2 6x16 kernel).
-        mr = 8 if cpu.vector_registers >= 32 else 6
+        mr = _two_vector_rows(cpu)
     if shape.m is not None:
         mr = max(1, min(mr, shape.m))
     nr = nv * lanes
@@ -234,6 +243,17 @@ def choose_tile(cpu: CPUInfo, shape: GemmShape) -> GemmTile:
         k_unroll = next((u for u in (8, 4, 2) if shape.k % u == 0), 4 if shape.k >= 16 else 1)
     mc_tiles, nc_tiles = 1, 0
     tasks_wanted = 4 * cpu.num_cores
+    direct_mr = _direct_rows_height(cpu, shape.m) if shape.taps and shape.n is not None else 0
+    if direct_mr:
+        # A convolution read in place (``direct_rows``): the tallest register tile dividing the
+        # positions, one weight panel per task, unrolled by the window's taps (so that each
+        # unrolled step's input offset is a constant), row blocks as large as enough tasks allow.
+        mr, nv, k_unroll = direct_mr, 2, shape.taps
+        m_tiles, n_tiles = shape.m // mr, _ceil_div(shape.n, 2 * lanes)
+        blocks = [
+            d for d in _divisors_up_to(m_tiles, m_tiles) if m_tiles // d * n_tiles >= tasks_wanted
+        ]
+        return GemmTile(mr, nv, max(blocks or [1]), 1, k_unroll)
     if shape.image_rows and shape.n is not None and shape.m is not None:
         # A convolution over a small map, its positions as rows (``J_WASTE_SWAP``): the tile
         # height padding the fewest rows (at least 4, so that 8 accumulators hide the FMA
@@ -284,6 +304,22 @@ def choose_tile(cpu: CPUInfo, shape: GemmShape) -> GemmTile:
         # that make enough tasks (at least two panels per core to get here).
         mc_tiles, nc_tiles = 0, _column_blocks(_ceil_div(shape.n, nr), tasks_wanted)
     return GemmTile(mr, nv, mc_tiles, nc_tiles, k_unroll)
+
+
+def _two_vector_rows(cpu: CPUInfo) -> int:
+    """Rows of the default two-vector micro-tile: 8 with 32 registers, 6 with 16 (the classic
+    AVX2 6x16 kernel)."""
+    return 8 if cpu.vector_registers >= 32 else 6
+
+
+def _direct_rows_height(cpu: CPUInfo, positions: int | None) -> int:
+    """Rows of a two-vector register tile for a convolution read in place (``direct_rows``): at
+    most the default height (``_two_vector_rows``), at least 4 (8 accumulators: two FMA pipes of
+    latency 4), dividing the ``positions`` (no row padding: a padded row would read past the
+    input); 0 when none does."""
+    if positions is None:
+        return 0
+    return next((mr for mr in range(_two_vector_rows(cpu), 3, -1) if positions % mr == 0), 0)
 
 
 def _b_bytes(shape: GemmShape, cols: int) -> int:
@@ -371,8 +407,12 @@ def gemm_shape(sch, block) -> GemmShape:
     s, io, jo, m, n, k = (static_int(iv.dom.extent) for iv in iters)
     batch = None if None in (s, io, jo) else s * io * jo
     dtype = str(sch.get(block).writes[0].source.dtype)
-    image_rows = IMAGE_ROWS in sch.get(block).annotations
-    return GemmShape(batch, m, n, k, dtype, rows=iters[3].dom.extent, image_rows=image_rows)
+    annotations = sch.get(block).annotations
+    image_rows = IMAGE_ROWS in annotations
+    taps = int(annotations[DIRECT_ROWS]) if DIRECT_ROWS in annotations else 0
+    return GemmShape(
+        batch, m, n, k, dtype, rows=iters[3].dom.extent, image_rows=image_rows, taps=taps
+    )
 
 
 # -- schedule -------------------------------------------------------------------------------------
@@ -578,13 +618,66 @@ def _is_unit(iv) -> bool:
     return isinstance(iv.dom.extent, tirx.IntImm) and int(iv.dom.extent.value) == 1
 
 
-def normalize_gemm(sch, block, lanes: int | None = None):
+def direct_rows(sch, block, cpu: CPUInfo) -> int:
+    """The window's taps when a convolution's image positions are read in place as the rows of
+    the GEMM (0 when not).
+
+    A convolution ``C[n, f, y, x] += P[n, c, y·s + ry, x·s + rx] · W[f, c, ry, rx]`` is then
+    computed with the positions as the broadcast rows ``I`` and the output channels as the vector
+    columns ``J``; the micro-kernel broadcasts each input element straight from ``P`` (no im2col
+    panel: packing it cost 10-15 % of a 3x3 convolution) against weight panels packed at load
+    time. Unrolled by the taps, every step reads at constant offsets from one row's pointer. It
+    applies to a windowed reduction (taps > 1; a 1x1 convolution keeps its panels) of an
+    activation against a static weight whose positions divide into register tiles of at least
+    4 rows (``_direct_rows_height``: a padded row would read past the input) and whose channels
+    fill two-vector tiles with little padding (``J_WASTE_SWAP``). Measured on a 2-core AVX2
+    EPYC, convolution + ReLU, packed -> in place, interleaved in one process: 3x3 64 channels
+    over 56x56 14.3 -> 12.7 ms at batch 8 and 2.19 -> 2.00 ms at batch 1, 128 over 28x28 16.2 ->
+    13.4 ms (batch 8), 256 over 14x14 14.9 -> 14.4 ms (batch 8) and 1.95 -> 1.61 ms (batch 1);
+    ResNet-18's 7x7 stride-2 stem 16.7 -> 15.2 ms (batch 8); its stride-2 3x3 convolutions within
+    2 %. ResNet-18 end to end, ONNX Runtime's time / qiao's: 0.81 -> 0.84 (batch 1), 0.81 ->
+    0.86 (batch 8).
+    """
+    from tvm import tirx
+
+    stmt = sch.get(block)
+    preferred = gemm_orientation(stmt)
+    if preferred is None or _iter_traits(stmt, 1 - preferred) is None:
+        return 0
+    reads = stmt.reads
+    if not _is_param(sch, reads[preferred].source) or _is_param(sch, reads[1 - preferred].source):
+        return 0  # not weights against an activation
+    positions, channels = _j_extent(stmt, preferred), _j_extent(stmt, 1 - preferred)
+    nr = 2 * gemm_lanes(cpu, sch, block)
+    if channels is None or _pad_waste(channels, nr) > J_WASTE_SWAP:
+        return 0
+    if not _direct_rows_height(cpu, positions):
+        return 0
+    window = [
+        static_int(iv.dom.extent)
+        for iv in stmt.iter_vars
+        if iv.iter_type == tirx.IterVar.CommReduce
+    ][1:]
+    if not window or None in window:
+        return 0
+    taps = 1
+    for extent in window:
+        taps *= extent
+    return taps if 1 < taps <= DIRECT_MAX_TAPS else 0
+
+
+def normalize_gemm(sch, block, lanes: int | None = None, cpu: CPUInfo | None = None):
     """Rewrite ``block`` to iterate ``(S, IO, JO, I, J, K)`` over reindexed operands (see
     ``gemm_index_maps``, ``gemm_orientation``: ``lanes``, the target's SIMD lanes, lets a
-    convolution over a small map take its positions as rows, judged on two-vector tiles). Returns
-    the blocks writing the reindexed ``A`` and ``B``, and the read index of ``A``."""
-    a_index = gemm_orientation(sch.get(block), 2 * lanes if lanes else None)
-    image_rows = a_index != gemm_orientation(sch.get(block))
+    convolution over a small map take its positions as rows, judged on two-vector tiles; given
+    ``cpu``, a convolution read in place takes them too, ``direct_rows``). Returns the blocks
+    writing the reindexed ``A`` and ``B``, and the read index of ``A``."""
+    taps = direct_rows(sch, block, cpu) if cpu is not None else 0
+    preferred = gemm_orientation(sch.get(block))
+    a_index = (
+        1 - preferred if taps else gemm_orientation(sch.get(block), 2 * lanes if lanes else None)
+    )
+    image_rows = a_index != preferred
     # The weight's copy must come first: its packing is lifted out of the function only as a
     # leading statement. Each reindex puts its copy right before the block, so the weight goes
     # first: B's (x @ w), or A's when the weights are the rows (an NCHW convolution).
@@ -603,6 +696,8 @@ def normalize_gemm(sch, block, lanes: int | None = None):
     sch.transform_block_layout(block, block_map)
     if image_rows:
         sch.annotate(block, IMAGE_ROWS, 1)
+    if taps:
+        sch.annotate(block, DIRECT_ROWS, taps)
     return ra, rb, a_index
 
 
@@ -1084,7 +1179,7 @@ def schedule_gemm(
         ``(tile, shape)``: the tile used and the extents of the normalised GEMM.
     """
     cpu = cpu_info(target)
-    ra, rb, a_index = normalize_gemm(sch, block, gemm_lanes(cpu, sch, block))
+    ra, rb, a_index = normalize_gemm(sch, block, gemm_lanes(cpu, sch, block), cpu)
     shape = gemm_shape(sch, block)
     tile = tile or choose_tile(cpu, shape)
     lanes = cpu.lanes(shape.dtype)
@@ -1095,8 +1190,11 @@ def schedule_gemm(
         raise ValueError(f"a {nr}-column tile cannot span {panel}-column panels of {shape}")
     k_pad = tile.k_unroll if shape.k is None or shape.k % tile.k_unroll else 1
     a_stage, b_stage = _pad_and_find_stages(sch, block, ra, rb, a_index, tile.mr, panel, k_pad)
-    inline_producers(sch, a_stage)
-    padding = inline_producers(sch, b_stage, keep_padding=True)
+    # A convolution read in place (``direct_rows``) needs rows and reduction that divide into
+    # whole tiles (a tuned tile may not): no padded row or step, no bounds test in the kernel.
+    direct = bool(shape.taps) and shape.m % tile.mr == 0 and shape.k % tile.k_unroll == 0
+    padding = inline_producers(sch, a_stage, keep_padding=direct)
+    padding += inline_producers(sch, b_stage, keep_padding=True)
 
     s, io, jo, i, j, k = sch.get_loops(block)
     single_i_task = tile.mc_tiles == 0 or (
@@ -1128,8 +1226,13 @@ def schedule_gemm(
     # region).
     a_weight, b_weight = _is_weight(sch, a_stage), _is_weight(sch, b_stage)
     a_up_front = a_weight or (tile.mc_tiles == 0 and not few_rows)
-    _schedule_a_pack(sch, a_stage, None if a_up_front else task, tile.mr, preproc=a_weight)
+    if direct:
+        # The micro-kernel broadcasts the (padded) input where it is: no im2col panel.
+        sch.compute_inline(a_stage)
+    else:
+        _schedule_a_pack(sch, a_stage, None if a_up_front else task, tile.mr, preproc=a_weight)
     unpadded_activation = not b_weight and not padding and panel == nr
+    b_at = None
     if unpadded_activation and _reads_b_in_place(sch, b_stage, shape, tile.mr, nr):
         # B's columns are already contiguous rows of the source (a 1x1 convolution's input
         # planes): the micro-kernel loads them where they are, no panel copy.
@@ -1141,7 +1244,7 @@ def schedule_gemm(
         # The padded input rows a task's packing reads, made by that task (after the weight
         # packing, which must stay the first statement to be lifted).
         if b_at is None or not _try(sch.compute_at, pad, task, True):
-            _parallel_vectorize(sch, pad, lanes)
+            _parallel_rows(sch, pad)
             continue
         inner = sch.get_loops(pad)[-1]
         _, vec = sch.split(inner, [None, lanes])
@@ -1150,6 +1253,16 @@ def schedule_gemm(
     for consumer in leftover:
         _parallel_vectorize(sch, consumer, lanes)
     return tile, shape
+
+
+def _parallel_rows(sch, block) -> None:
+    """Run a padding copy made up front in parallel over all but its two innermost loops (the
+    batch alone would leave one core busy at batch 1)."""
+    loops = sch.get_loops(block)
+    if len(loops) > 2:
+        sch.parallel(sch.fuse(*loops[:-2]))
+    elif loops:
+        sch.parallel(loops[0])
 
 
 def _parallel_vectorize(sch, block, lanes: int) -> None:

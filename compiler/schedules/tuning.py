@@ -279,7 +279,8 @@ def tune_gemm(
     block = find_gemm_block(probe)
     if block is None:
         return None
-    normalize_gemm(probe, block, gemm_lanes(cpu_info(target), probe, block))
+    cpu = cpu_info(target)
+    normalize_gemm(probe, block, gemm_lanes(cpu, probe, block), cpu)
     shape = gemm_shape(probe, block)
     dims = {n: int((tune_dims or {}).get(n, DEFAULT_DIM)) for n in shape_vars(func)}
     try:
