@@ -359,7 +359,8 @@ def test_small_map_convolution_takes_positions_as_rows(
 # 14x14 (196 positions: tiles of 4 or 7 rows crossing image rows), a strided 5x5 and a 7x7
 # stride-2 stem over 3 channels (49 taps, a 147-long reduction). They keep the im2col panels
 # over an 11x11 or 17x17 output (121 and 289 positions: no such divisor), with 40 output channels
-# (tiles padded by 20 % or 60 %) and for a 1x1 window.
+# (tiles padded by 20 % or 60 %), for a 1x1 window and for a 3x3 stem over 3 channels (a
+# 27-long reduction, under ``DIRECT_MIN_K``).
 DIRECT = [
     (16, 32, 16, 3, 1, 1, True),
     (16, 32, 14, 3, 1, 1, True),
@@ -369,6 +370,7 @@ DIRECT = [
     (16, 32, 17, 3, 1, 1, False),
     (16, 40, 16, 3, 1, 1, False),
     (16, 32, 16, 1, 1, 0, False),
+    (3, 16, 32, 3, 2, 1, False),
 ]
 
 

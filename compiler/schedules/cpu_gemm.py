@@ -99,6 +99,10 @@ IMAGE_ROWS = "qiao.gemm_image_rows"
 DIRECT_ROWS = "qiao.gemm_direct_rows"
 # Largest window (taps, the reduction unroll of ``direct_rows``) read in place: a 7x7 stem.
 DIRECT_MAX_TAPS = 49
+# Shortest reduction read in place: below it the strided write-back of each register tile (16
+# channels x a few positions) outweighs the saved packing (a 3-channel 3x3 stem, 27: 3.96 ->
+# 4.46 ms at batch 8 in place; ResNet's 7x7 stem, 147, gains).
+DIRECT_MIN_K = 64
 
 
 @dataclass(frozen=True)
@@ -627,16 +631,16 @@ def direct_rows(sch, block, cpu: CPUInfo) -> int:
     columns ``J``; the micro-kernel broadcasts each input element straight from ``P`` (no im2col
     panel: packing it cost 10-15 % of a 3x3 convolution) against weight panels packed at load
     time. Unrolled by the taps, every step reads at constant offsets from one row's pointer. It
-    applies to a windowed reduction (taps > 1; a 1x1 convolution keeps its panels) of an
-    activation against a static weight whose positions divide into register tiles of at least
-    4 rows (``_direct_rows_height``: a padded row would read past the input) and whose channels
-    fill two-vector tiles with little padding (``J_WASTE_SWAP``). Measured on a 2-core AVX2
-    EPYC, convolution + ReLU, packed -> in place, interleaved in one process: 3x3 64 channels
-    over 56x56 14.3 -> 12.7 ms at batch 8 and 2.19 -> 2.00 ms at batch 1, 128 over 28x28 16.2 ->
-    13.4 ms (batch 8), 256 over 14x14 14.9 -> 14.4 ms (batch 8) and 1.95 -> 1.61 ms (batch 1);
-    ResNet-18's 7x7 stride-2 stem 16.7 -> 15.2 ms (batch 8); its stride-2 3x3 convolutions within
-    2 %. ResNet-18 end to end, ONNX Runtime's time / qiao's: 0.81 -> 0.84 (batch 1), 0.81 ->
-    0.86 (batch 8).
+    applies to a windowed reduction (taps > 1; a 1x1 convolution keeps its panels) at least
+    ``DIRECT_MIN_K`` long, of an activation against a static weight, whose positions divide into
+    register tiles of at least 4 rows (``_direct_rows_height``: a padded row would read past the
+    input) and whose channels fill two-vector tiles with little padding (``J_WASTE_SWAP``).
+    Measured on a 2-core AVX2 EPYC, convolution + ReLU, packed -> in place, interleaved in one
+    process: 3x3 64 channels over 56x56 14.3 -> 12.7 ms at batch 8 and 2.19 -> 2.00 ms at batch
+    1, 128 over 28x28 16.2 -> 13.4 ms (batch 8), 256 over 14x14 14.9 -> 14.4 ms (batch 8) and
+    1.95 -> 1.61 ms (batch 1); ResNet-18's 7x7 stride-2 stem 16.7 -> 15.2 ms (batch 8); its
+    stride-2 3x3 convolutions within 2 %. ResNet-18 end to end, ONNX Runtime's time / qiao's:
+    0.81 -> 0.84 (batch 1), 0.81 -> 0.86 (batch 8).
     """
     from tvm import tirx
 
@@ -653,17 +657,20 @@ def direct_rows(sch, block, cpu: CPUInfo) -> int:
         return 0
     if not _direct_rows_height(cpu, positions):
         return 0
-    window = [
+    # The reduction is (input channels, window rows, window columns) in that order.
+    reduction = [
         static_int(iv.dom.extent)
         for iv in stmt.iter_vars
         if iv.iter_type == tirx.IterVar.CommReduce
-    ][1:]
-    if not window or None in window:
+    ]
+    if len(reduction) < 2 or None in reduction:
         return 0
     taps = 1
-    for extent in window:
+    for extent in reduction[1:]:
         taps *= extent
-    return taps if 1 < taps <= DIRECT_MAX_TAPS else 0
+    if not 1 < taps <= DIRECT_MAX_TAPS or reduction[0] * taps < DIRECT_MIN_K:
+        return 0
+    return taps
 
 
 def normalize_gemm(sch, block, lanes: int | None = None, cpu: CPUInfo | None = None):
