@@ -46,6 +46,7 @@ def prepare_passes(
 
     from qiao.compiler.passes import LowerAttention, LowerMoE, LowerQuant
     from qiao.compiler.passes.fold_weight_casts import FoldWeightCasts
+    from qiao.compiler.passes.widen_depthwise_rows import WidenDepthwiseRows
 
     return [
         relax.transform.DecomposeOpsForInference(),
@@ -63,6 +64,8 @@ def prepare_passes(
         ),
         # com.microsoft::GroupQueryAttention placeholders -> qiao's attention / KV append kernels
         LowerAttention(gpu=gpu),
+        # CPU: depthwise rows of 7 or 14 computed as whole vectors (sliced in the kernel)
+        WidenDepthwiseRows(gpu=gpu),
     ]
 
 

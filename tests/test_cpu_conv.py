@@ -123,10 +123,16 @@ DEPTHWISE = [
 
 @pytest.mark.parametrize("channels,size,stride,padding,kernel,epilogue", DEPTHWISE)
 def test_depthwise_conv_matches_torch(channels, size, stride, padding, kernel, epilogue):
-    import torch.nn.functional as F
-
     target = _target()
     func = _kernel(_depthwise(channels, size, stride, padding, kernel, epilogue), "conv2d")
+    _check_depthwise(func, target, channels, size, stride, padding, kernel, epilogue)
+
+
+def _check_depthwise(func, target, channels, size, stride, padding, kernel, epilogue):
+    """Schedule the depthwise kernel ``func`` with the CPU rules (the window rule must take it)
+    and compare it with torch's conv2d and ``epilogue`` in float64 at batch 1 and 3."""
+    import torch.nn.functional as F
+
     scheduled, rule = _schedule(func, target)
     assert rule == "CPUWindowReduction"
     assert "T.parallel(" in scheduled.script()
@@ -152,6 +158,76 @@ def test_depthwise_conv_matches_torch(channels, size, stride, padding, kernel, e
         inputs = [x, w, b.reshape(1, channels, 1, 1)] if "bias" in epilogue else [x, w]
         got = _call(fn, inputs, ref.shape)
         assert_close(got, ref.astype("float32"), name=f"batch {batch}", **TOL)
+
+
+# (channels, plane, stride, padding, kernel, epilogue): depthwise convolutions whose output rows
+# are 7 or 14 wide (3x3 and 5x5, stride 1 and 2, with and without bias), and two that stay as they
+# are: a SiLU tail (see ``transcendental_tails``) and a 4-wide output (padding it to 8 would
+# double the work).
+WIDENED = [
+    (20, 7, 1, 1, 3, "relu6"),
+    (16, 14, 1, 1, 3, "bias relu"),
+    (12, 14, 2, 1, 3, "bias relu6"),
+    (24, 14, 1, 2, 5, "bias"),
+    (8, 7, 1, 2, 5, ""),
+    (20, 14, 1, 1, 3, "bias silu"),
+    (12, 8, 2, 1, 3, "relu"),
+]
+# Output widths computed as whole vectors, per SIMD lanes (float32): 7 and 14 on AVX2 (8 lanes,
+# 14 % extra columns), 14 on AVX-512 (7 would pad by 129 %).
+WIDE_ROWS = {8: {7: 8, 14: 16}, 16: {14: 16}}
+
+
+@pytest.mark.parametrize("channels,size,stride,padding,kernel,epilogue", WIDENED)
+def test_depthwise_rows_widened_to_whole_vectors(channels, size, stride, padding, kernel, epilogue):
+    """``WidenDepthwiseRows`` pads a narrow depthwise output to whole vectors (the convolution
+    over a wider zero padding, then a slice fused into the kernel), unless its tail is SiLU; the
+    kernel the pipeline's legalize phase makes of it matches torch."""
+    from qiao.compiler.passes.widen_depthwise_rows import WidenDepthwiseRows
+    from qiao.compiler.pipeline import legalize_passes
+    from qiao.compiler.schedules.cpu_info import cpu_info
+
+    target = _target()
+    bb = relax.BlockBuilder()
+    _depthwise(channels, size, stride, padding, kernel, epilogue)(bb)
+    with target:
+        mod = WidenDepthwiseRows()(bb.get())
+    out = (size + sum(_torch_padding(padding)[:2]) - kernel) // stride + 1
+    wide = WIDE_ROWS.get(cpu_info(target).lanes("float32"), {}).get(out)
+    if "silu" in epilogue:
+        wide = None
+    widths = []
+    for call in _calls(mod["main"], "relax.nn.conv2d"):
+        widths.append(int(call.ty.shape.values[3]))
+    assert widths == [wide or out]
+    assert len(_calls(mod["main"], "relax.strided_slice")) == (wide is not None)
+    func = prim_func(tvm.transform.Sequential(legalize_passes(None))(mod), "conv2d")
+    _check_depthwise(func, target, channels, size, stride, padding, kernel, epilogue)
+
+
+def _calls(func, op: str) -> list:
+    """The calls of Relax operator ``op`` in ``func``."""
+    import tvm_ffi
+
+    found = []
+    tvm_ffi.structural_walk(
+        func,
+        [(relax.Call, lambda c: found.append(c) if getattr(c.op, "name", None) == op else None)],
+    )
+    return found
+
+
+def test_widened_width():
+    """Output widths the pass pads, against lanes: under two vectors, not already whole, at most
+    15 % extra (13 -> 16 would be 23 %)."""
+    from qiao.compiler.passes.widen_depthwise_rows import widened_width
+
+    cases = {(7, 8): 8, (14, 8): 16, (14, 16): 16, (7, 16): None, (5, 8): None}
+    cases.update(
+        {(8, 8): None, (16, 8): None, (28, 8): None, (56, 8): None, (13, 8): None, (15, 8): 16}
+    )
+    for (width, lanes), wide in cases.items():
+        assert widened_width(width, lanes) == wide, (width, lanes)
 
 
 def _epilogue_after_sums(func) -> bool:
