@@ -161,9 +161,9 @@ def _check_depthwise(func, target, channels, size, stride, padding, kernel, epil
 
 
 # (channels, plane, stride, padding, kernel, epilogue): depthwise convolutions whose output rows
-# are 7 or 14 wide (3x3 and 5x5, stride 1 and 2, with and without bias), and two that stay as they
-# are: a SiLU tail (see ``transcendental_tails``) and a 4-wide output (padding it to 8 would
-# double the work).
+# are 7 or 14 wide (3x3 and 5x5, stride 1 and 2, with and without bias, a SiLU tail run after the
+# sums row by row), and a 4-wide output that stays as it is (padding it to 8 would double the
+# work).
 WIDENED = [
     (20, 7, 1, 1, 3, "relu6"),
     (16, 14, 1, 1, 3, "bias relu"),
@@ -181,8 +181,8 @@ WIDE_ROWS = {8: {7: 8, 14: 16}, 16: {14: 16}}
 @pytest.mark.parametrize("channels,size,stride,padding,kernel,epilogue", WIDENED)
 def test_depthwise_rows_widened_to_whole_vectors(channels, size, stride, padding, kernel, epilogue):
     """``WidenDepthwiseRows`` pads a narrow depthwise output to whole vectors (the convolution
-    over a wider zero padding, then a slice fused into the kernel), unless its tail is SiLU; the
-    kernel the pipeline's legalize phase makes of it matches torch."""
+    over a wider zero padding, then a slice fused into the kernel); the kernel the pipeline's
+    legalize phase makes of it matches torch."""
     from qiao.compiler.passes.widen_depthwise_rows import WidenDepthwiseRows
     from qiao.compiler.pipeline import legalize_passes
     from qiao.compiler.schedules.cpu_info import cpu_info
@@ -194,8 +194,6 @@ def test_depthwise_rows_widened_to_whole_vectors(channels, size, stride, padding
         mod = WidenDepthwiseRows()(bb.get())
     out = (size + sum(_torch_padding(padding)[:2]) - kernel) // stride + 1
     wide = WIDE_ROWS.get(cpu_info(target).lanes("float32"), {}).get(out)
-    if "silu" in epilogue:
-        wide = None
     widths = []
     for call in _calls(mod["main"], "relax.nn.conv2d"):
         widths.append(int(call.ty.shape.values[3]))

@@ -127,7 +127,8 @@ def _schedule_planes(sch, infos, position: int, spatial: int, lanes: int, work: 
     taps = 1
     for lp in rd:
         taps *= static_int(sch.get(lp).extent) or 1
-    width = _row_vector_width(static_int(sch.get(sp[-1]).extent), lanes, taps)
+    sums_row = static_int(sch.get(sp[-1]).extent)
+    width = _row_vector_width(sums_row, lanes, taps)
     xo, xi = sch.split(sp[-1], [None, width])
     outer = list(sp[:-1])
     if spatial >= 3:
@@ -156,9 +157,13 @@ def _schedule_planes(sch, infos, position: int, spatial: int, lanes: int, work: 
         # one plane (its rows and columns fused), so that per-channel operands (the bias) stay
         # uniform across a vector. A cheap epilogue (bias, ReLU6, residual) stays on the vector
         # it follows, still in registers.
+        # The sums of a plane are one contiguous run only when the epilogue's rows are as wide as
+        # the reduction's: a slice after a widened depthwise convolution
+        # (``passes.widen_depthwise_rows``) leaves a gap after each row, which then is vectorised
+        # on its own (one full vector per 7- or 8-wide row, not a gather over the plane).
         sch.reverse_compute_at(epilogue, task)
         run = sch.get_loops(epilogue)[_depth(sch, epilogue, task) :]
-        if spatial >= 3 and len(run) >= 2:
+        if spatial >= 3 and len(run) >= 2 and static_int(sch.get(run[-1]).extent) == sums_row:
             sch.fuse(*run[-2:])
         _vectorize_rows(sch, epilogue, lanes)
     else:
