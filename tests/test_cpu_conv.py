@@ -14,6 +14,7 @@ import tvm
 from tvm import relax
 
 from qiao.compiler.schedules.cpu_gemm import DIRECT_ROWS, IMAGE_ROWS
+from qiao.compiler.schedules.cpu_info import cpu_info
 from qiao.compiler.testing import assert_close, fused_module, prim_func
 
 # float32 sums of at most 25 products of N(0, 1) values, against float64.
@@ -185,7 +186,6 @@ def test_depthwise_rows_widened_to_whole_vectors(channels, size, stride, padding
     legalize phase makes of it matches torch."""
     from qiao.compiler.passes.widen_depthwise_rows import WidenDepthwiseRows
     from qiao.compiler.pipeline import legalize_passes
-    from qiao.compiler.schedules.cpu_info import cpu_info
 
     target = _target()
     bb = relax.BlockBuilder()
@@ -427,34 +427,39 @@ def test_small_map_convolution_takes_positions_as_rows(
     check(atol=1e-4)
 
 
-# (in channels, out channels, input map, kernel, stride, padding, read in place): windowed
-# convolutions whose output positions divide into register tiles of 4 to 6 rows (16 registers)
-# or 4 to 8 (32 registers) and whose output channels fill two-vector tiles: 3x3 over 16x16 and
-# 14x14 (196 positions: tiles of 4 or 7 rows crossing image rows), a strided 5x5 and a 7x7
-# stride-2 stem over 3 channels (49 taps, a 147-long reduction). They keep the im2col panels
-# over an 11x11 or 17x17 output (121 and 289 positions: no such divisor), with 40 output channels
-# (tiles padded by 20 % or 60 %), for a 1x1 window and for a 3x3 stem over 3 channels (a
-# 27-long reduction, under ``DIRECT_MIN_K``).
+# (in channels, out channels, input map, kernel, stride, padding, SIMD lanes (float32) on which it
+# is read in place): windowed convolutions whose output positions divide into register tiles of
+# 4 to 6 rows (16 registers) or 4 to 8 (32 registers) and whose output channels fill two-vector
+# tiles: 3x3 over 16x16 and 14x14 (196 positions: tiles of 4 or 7 rows crossing image rows), a
+# strided 5x5 and a 7x7 stride-2 stem over 3 channels (49 taps, a 147-long reduction). 16 output
+# channels fill AVX2's two-vector tile (16 lanes) but half of AVX-512's (32). They keep the
+# im2col panels over an 11x11 or 17x17 output (121 and 289 positions: no such divisor), with 40
+# output channels (tiles padded by 20 % or 60 %), for a 1x1 window and for a 3x3 stem over 3
+# channels (a 27-long reduction, under ``DIRECT_MIN_K``).
+BOTH = (8, 16)
 DIRECT = [
-    (16, 32, 16, 3, 1, 1, True),
-    (16, 32, 14, 3, 1, 1, True),
-    (8, 32, 15, 5, 2, 2, True),
-    (3, 16, 32, 7, 2, 3, True),
-    (16, 32, 11, 3, 1, 1, False),
-    (16, 32, 17, 3, 1, 1, False),
-    (16, 40, 16, 3, 1, 1, False),
-    (16, 32, 16, 1, 1, 0, False),
-    (3, 16, 32, 3, 2, 1, False),
+    (16, 32, 16, 3, 1, 1, BOTH),
+    (16, 32, 14, 3, 1, 1, BOTH),
+    (8, 32, 15, 5, 2, 2, BOTH),
+    (3, 32, 32, 7, 2, 3, BOTH),
+    (3, 16, 32, 7, 2, 3, (8,)),
+    (16, 16, 16, 3, 1, 1, (8,)),
+    (16, 32, 11, 3, 1, 1, ()),
+    (16, 32, 17, 3, 1, 1, ()),
+    (16, 40, 16, 3, 1, 1, ()),
+    (16, 32, 16, 1, 1, 0, ()),
+    (3, 16, 32, 3, 2, 1, ()),
 ]
 
 
-@pytest.mark.parametrize("cin,cout,size,kernel,stride,padding,direct", DIRECT)
-def test_convolution_reads_its_input_in_place(cin, cout, size, kernel, stride, padding, direct):
+@pytest.mark.parametrize("cin,cout,size,kernel,stride,padding,lanes", DIRECT)
+def test_convolution_reads_its_input_in_place(cin, cout, size, kernel, stride, padding, lanes):
     """A windowed convolution (symbolic batch, bias, residual add and ReLU fused after it) whose
     positions fit whole register tiles broadcasts its input where it lies (``direct_rows``), and
     matches torch's conv2d in float64 at batch 1 and 3 either way: the unrolled taps read the
     zero-padded input at constant offsets, including tiles that cross image rows."""
     scheduled, check = _residual_conv(cin, cout, size, kernel, stride, padding)
+    direct = cpu_info(_target()).lanes("float32") in lanes
     assert _marked(scheduled, DIRECT_ROWS) == direct
     # The reduction loads topi's zero-padded input itself, not a packed copy of it.
     assert _reads_in_place(scheduled, "pad_temp") == direct
