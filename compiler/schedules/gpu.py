@@ -102,8 +102,6 @@ class BF16MatmulTensorization:
 
     def apply(self, func: Any, target: Any, tunable: bool) -> Any:
         import tvm
-        from tvm.s_tir.dlight.gpu.matmul import MatmulTensorization
-        from tvm.s_tir.tensor_intrin import cuda as intrin
 
         if not isinstance(func, tvm.tirx.PrimFunc) or "bfloat16" not in tensor_core_dtypes(target):
             return None
@@ -113,6 +111,12 @@ class BF16MatmulTensorization:
             return None  # dlight's rules take it
         if dtypes != ("bfloat16", "bfloat16", "float32"):
             return None
+        # Imported only now: ``tvm.s_tir.tensor_intrin`` registers every target's intrinsics on
+        # import (about a minute on a 2-core host), which a model without bfloat16 GEMMs never
+        # needs.
+        from tvm.s_tir.dlight.gpu.matmul import MatmulTensorization
+        from tvm.s_tir.tensor_intrin import cuda as intrin
+
         _register_bf16_wmma()
         table = intrin.get_wmma_intrin_group
 
