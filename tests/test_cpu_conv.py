@@ -341,6 +341,71 @@ def test_squeeze_excitation_conv_gets_the_gemm_rule(cin, cout):
         assert_close(got, ref.numpy().astype("float32"), name=f"batch {batch}", **TOL)
 
 
+# (in channels, gated channels, map size): squeeze-excitation gates of EfficientNet-B0 (6 -> 144
+# over 56x56, 48 -> 1152 over 7x7), a 3-wide map (a ragged vector row) and a 1x1 map (no
+# broadcast).
+SE_GATES = [(6, 144, 56), (48, 1152, 7), (8, 40, 3), (8, 40, 1)]
+
+
+@pytest.mark.parametrize("cin,cout,size", SE_GATES)
+def test_squeeze_excitation_gate_computed_once_per_channel(cin, cout, size):
+    """A squeeze-excitation tail, ``sigmoid(conv1x1(pooled) + bias) * x``, fused in one kernel
+    (symbolic batch): the bias and sigmoid run in the GEMM's write-back, once per channel; the
+    broadcast multiply that writes the output holds no exponential (before: a sigmoid for every
+    element of ``x``, 4x the kernel's time). Matches
+    torch in float64 at batch 1 and 3."""
+    import torch.nn.functional as F
+    import tvm_ffi
+    from tvm import s_tir, tirx
+
+    target = _target()
+    n = tvm.tirx.Var("n", "int64")
+
+    def build(bb):
+        p = relax.Var("p", relax.TensorType((n, cin, 1, 1), "float32"))
+        w = relax.Var("w", relax.TensorType((cout, cin, 1, 1), "float32"))
+        b = relax.Var("b", relax.TensorType((1, cout, 1, 1), "float32"))
+        x = relax.Var("x", relax.TensorType((n, cout, size, size), "float32"))
+        with bb.function("main", [p, w, b, x]):
+            with bb.dataflow():
+                y = bb.emit(relax.op.add(relax.op.nn.conv2d(p, w), b))
+                out = bb.emit_output(relax.op.multiply(relax.op.sigmoid(y), x))
+            bb.emit_func_output(out)
+
+    func = _kernel(build, "conv2d")
+    scheduled, rule = _schedule(func, target)
+    assert rule == "CPUMatmul"
+    writers, transcendental = [], []
+
+    def on_block(block):
+        if block.name_hint.startswith("T_multiply"):  # and its ragged tail
+            writers.append(block)
+
+    def on_call(call):
+        if "exp" in str(getattr(call.op, "name", "")):
+            transcendental.append(call)
+
+    tvm_ffi.structural_walk(scheduled.body, [(s_tir.SBlock, on_block)])
+    for block in writers:
+        tvm_ffi.structural_walk(
+            block.body, [(tirx.Let, transcendental.append), (tvm.ir.Call, on_call)]
+        )
+    # A 1x1 map needs no broadcast: the multiply joins the write-back too.
+    assert bool(writers) == (size > 1)
+    assert not transcendental, "the sigmoid is recomputed for every broadcast element"
+    fn = _build(scheduled, target)
+    rng = np.random.default_rng(cin + cout + size)
+    w = rng.standard_normal((cout, cin, 1, 1)).astype("float32")
+    b = rng.standard_normal((1, cout, 1, 1)).astype("float32")
+    for batch in (1, 3):
+        p = rng.standard_normal((batch, cin, 1, 1)).astype("float32")
+        x = rng.standard_normal((batch, cout, size, size)).astype("float32")
+        t = {k: torch.from_numpy(v).double() for k, v in dict(p=p, w=w, b=b, x=x).items()}
+        ref = torch.sigmoid(F.conv2d(t["p"], t["w"]) + t["b"]) * t["x"]
+        got = _call(fn, [p, w, b, x], ref.shape)
+        assert_close(got, ref.numpy().astype("float32"), name=f"batch {batch}", **TOL)
+
+
 def _marked(func, key: str) -> bool:
     """Whether a block of ``func`` carries the GEMM rule's annotation ``key``: ``IMAGE_ROWS``
     (a convolution's positions taken as the rows) or ``DIRECT_ROWS`` (read in place as rows)."""

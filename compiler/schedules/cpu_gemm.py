@@ -786,7 +786,35 @@ def _inline_one_consumer(sch, block) -> bool:
                 continue
             if producer_chain_inlined(sch, producer):
                 return True
-        if _try(sch.compute_inline, consumer) or _try(sch.reverse_compute_inline, consumer):
+        if _broadcast_later(sch, consumer):
+            # Computed where the GEMM writes, once per output (a squeeze-excitation's sigmoid),
+            # not again for every element its broadcast consumer writes.
+            if _try(sch.reverse_compute_inline, consumer):
+                return True
+        elif _try(sch.compute_inline, consumer) or _try(sch.reverse_compute_inline, consumer):
+            return True
+    return False
+
+
+def _broadcast_later(sch, block) -> bool:
+    """Whether a consumer of ``block`` writes more elements than it: a unit axis of ``block``'s
+    output (aligned from the right) that the consumer's output spans."""
+    from tvm import tirx
+
+    def shape(b):
+        return list(sch.get(b).writes[0].source.shape)
+
+    mine = shape(block)
+    for consumer in sch.get_consumers(block):
+        theirs = shape(consumer)
+        for a, b in zip(reversed(mine), reversed(theirs)):
+            if (
+                isinstance(a, tirx.IntImm)
+                and a.value == 1
+                and not (isinstance(b, tirx.IntImm) and b.value == 1)
+            ):
+                return True
+        if len(theirs) > len(mine):
             return True
     return False
 
@@ -1258,7 +1286,7 @@ def schedule_gemm(
         sch.vectorize(vec)
     leftover = inline_epilogue(sch, write_back)
     for consumer in leftover:
-        _parallel_vectorize(sch, consumer, lanes)
+        _schedule_leftover(sch, consumer, lanes)
     return tile, shape
 
 
@@ -1272,16 +1300,24 @@ def _parallel_rows(sch, block) -> None:
         sch.parallel(loops[0])
 
 
-def _parallel_vectorize(sch, block, lanes: int) -> None:
+def _schedule_leftover(sch, block, lanes: int) -> None:
+    """An epilogue block the write-back could not absorb (a broadcast multiply): parallel over
+    all its loops but the innermost when they fuse (over the batch alone, batch 1 would keep one
+    core busy), the outermost otherwise; the innermost vectorised."""
     loops = sch.get_loops(block)
     if not loops:
         return
-    with contextlib.suppress(Exception):
-        sch.parallel(loops[0])
     if len(loops) > 1:
         with contextlib.suppress(Exception):
             _, vec = sch.split(loops[-1], [None, lanes])
             sch.vectorize(vec)
+        loops = sch.get_loops(block)
+    outer = loops[:-2] if len(loops) > 2 else loops[:1]
+    try:
+        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+    except Exception:  # noqa: BLE001 - a reduction loop among them: the outermost alone
+        with contextlib.suppress(Exception):
+            sch.parallel(loops[0])
 
 
 def candidate_tiles(cpu: CPUInfo, shape: GemmShape) -> list[GemmTile]:
