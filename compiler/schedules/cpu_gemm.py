@@ -797,26 +797,24 @@ def _inline_one_consumer(sch, block) -> bool:
 
 
 def _broadcast_later(sch, block) -> bool:
-    """Whether a consumer of ``block`` writes more elements than it: a unit axis of ``block``'s
-    output (aligned from the right) that the consumer's output spans."""
+    """Whether a consumer of ``block`` writes more elements than it (a broadcast: the same
+    symbolic extents, a larger static product); a reshape or a transpose writes as many."""
     from tvm import tirx
 
-    def shape(b):
-        return list(sch.get(b).writes[0].source.shape)
+    def size(b):
+        static, symbolic = 1, []
+        for extent in sch.get(b).writes[0].source.shape:
+            if isinstance(extent, tirx.IntImm):
+                static *= int(extent.value)
+            else:
+                symbolic.append(str(extent))
+        return static, sorted(symbolic)
 
-    mine = shape(block)
-    for consumer in sch.get_consumers(block):
-        theirs = shape(consumer)
-        for a, b in zip(reversed(mine), reversed(theirs)):
-            if (
-                isinstance(a, tirx.IntImm)
-                and a.value == 1
-                and not (isinstance(b, tirx.IntImm) and b.value == 1)
-            ):
-                return True
-        if len(theirs) > len(mine):
-            return True
-    return False
+    mine = size(block)
+    return any(
+        theirs[1] == mine[1] and theirs[0] > mine[0]
+        for theirs in map(size, sch.get_consumers(block))
+    )
 
 
 def producer_chain_inlined(sch, block) -> bool:
