@@ -119,6 +119,10 @@ DEPTHWISE = [
     (20, 14, 1, 1, 3, "bias silu"),
     (12, 7, 2, 2, 5, "bias silu"),
     (3, 80, 1, 1, 3, "silu"),
+    # Large planes in tasks of whole rows (``rows_per_task``): 14 of 56 stride-2 output rows,
+    # and 35 of a prime 113 (the last task partial).
+    (4, 112, 2, 1, 3, "bias silu"),
+    (2, 113, 1, 1, 3, "silu"),
 ]
 
 
@@ -628,6 +632,20 @@ def test_rows_outside_only_for_a_small_column_block():
         shape = GemmShape(s, m, n, k, "float32")
         tile = choose_tile(cpu, shape)
         assert _rows_outside(shape, tile, tile.nr(8), tile.nc_tiles == 0) == outside, (shape, tile)
+
+
+def test_rows_per_task():
+    """Output rows per task of a large plane: a divisor of the rows when one is at least half
+    the L1 cap, else the cap (a partial last task)."""
+    from qiao.compiler.schedules.cpu_conv import rows_per_task
+
+    assert rows_per_task(56, 17) == 14
+    assert rows_per_task(112, 35) == 28
+    assert rows_per_task(80, 48) == 40
+    assert rows_per_task(113, 35) == 35  # prime: no divisor but 1
+    assert rows_per_task(60, 23) == 20
+    assert rows_per_task(28, 100) == 28
+    assert rows_per_task(9, 0) == 1
 
 
 def test_row_vector_width():
