@@ -179,8 +179,8 @@ WIDENED = [
     (12, 8, 2, 1, 3, "relu"),
 ]
 # Output widths computed as whole vectors, per SIMD lanes (float32): 7 and 14 on AVX2 (8 lanes,
-# 14 % extra columns), 14 on AVX-512 (7 would pad by 129 %).
-WIDE_ROWS = {8: {7: 8, 14: 16}, 16: {14: 16}}
+# 14 % extra columns) and on AVX-512 (7 as one half vector of 8 lanes: 16 would pad by 129 %).
+WIDE_ROWS = {8: {7: 8, 14: 16}, 16: {7: 8, 14: 16}}
 
 
 @pytest.mark.parametrize("channels,size,stride,padding,kernel,epilogue", WIDENED)
@@ -224,10 +224,12 @@ def test_widened_width():
     15 % extra (13 -> 16 would be 23 %)."""
     from qiao.compiler.passes.widen_depthwise_rows import widened_width
 
-    cases = {(7, 8): 8, (14, 8): 16, (14, 16): 16, (7, 16): None, (5, 8): None}
+    cases = {(7, 8): 8, (14, 8): 16, (14, 16): 16, (7, 16): 8, (5, 8): None, (15, 16): 16}
     cases.update(
         {(8, 8): None, (16, 8): None, (28, 8): None, (56, 8): None, (13, 8): None, (15, 8): 16}
     )
+    # AVX-512: half vectors (8 lanes) where a whole one wastes too much.
+    cases.update({(8, 16): None, (24, 16): None, (12, 16): None, (3, 16): None})
     for (width, lanes), wide in cases.items():
         assert widened_width(width, lanes) == wide, (width, lanes)
 
