@@ -42,31 +42,9 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from qiao.compiler.passes.placeholders import rewrite_functions
+from qiao.compiler.passes.relax_util import is_op, static_dims, tensor_dtype
 
 NARROW_FLOATS = ("float16", "bfloat16")
-
-
-def _dtype(expr) -> str | None:
-    ty = getattr(expr, "ty", None)
-    return str(ty.dtype) if ty is not None and hasattr(ty, "dtype") else None
-
-
-def _is_op(expr, name: str) -> bool:
-    return (
-        isinstance(expr, relax.Call)
-        and isinstance(expr.op, tvm.ir.Op)
-        and expr.op.name == f"relax.{name}"
-    )
-
-
-def _shape(expr) -> list | None:
-    """The dims of ``expr``'s tensor type, each an ``int`` or ``None`` (symbolic)."""
-    ty = getattr(expr, "ty", None)
-    shape = getattr(ty, "shape", None)
-    values = getattr(shape, "values", None)
-    if values is None:
-        return None
-    return [int(v) if isinstance(v, tvm.tirx.IntImm) else None for v in values]
 
 
 def _product(dims: list) -> int | None:
@@ -91,11 +69,11 @@ class _CastFolder(PyExprMutator):
         GEMM then reads two ``dtype`` operands and accumulates in float32), else ``x``. A GEMM
         that would not tensorize (a static M, N or K of at most 64, dlight's threshold) keeps its
         float32 activation."""
-        if dtype not in self.tensor_cores or _dtype(x) != "float32":
+        if dtype not in self.tensor_cores or tensor_dtype(x) != "float32":
             return x
         from qiao.compiler.schedules.gpu import TC_MIN_EXTENT
 
-        xs, ws = _shape(x), _shape(w)
+        xs, ws = static_dims(x), static_dims(w)
         if xs is None or ws is None or len(xs) < 2 or len(ws) < 2:
             return x
         if x_first:  # x[..., M, K] @ w[..., K, N]
@@ -116,9 +94,9 @@ class _CastFolder(PyExprMutator):
     def narrow_source(self, expr):
         """``w`` when ``expr`` is ``astype(w, "float32")`` of a float16/bfloat16 ``w``."""
         value = self._binding(expr)
-        if _is_op(value, "astype") and _dtype(value) == "float32":
+        if is_op(value, "astype") and tensor_dtype(value) == "float32":
             inner = value.args[0]
-            if _dtype(inner) in NARROW_FLOATS:
+            if tensor_dtype(inner) in NARROW_FLOATS:
                 return inner
         return None
 
@@ -129,7 +107,7 @@ class _CastFolder(PyExprMutator):
         if source is not None:
             return source
         value = self._binding(expr)
-        if _is_op(value, "permute_dims"):
+        if is_op(value, "permute_dims"):
             source = self.narrow_source(value.args[0])
             if source is not None:
                 return self.builder_.emit(relax.op.permute_dims(source, value.attrs.axes))
@@ -137,26 +115,26 @@ class _CastFolder(PyExprMutator):
 
     def visit_call_(self, call):  # noqa: D102 - PyExprMutator hook
         call = super().visit_call_(call)
-        if _is_op(call, "matmul") and _dtype(call) in NARROW_FLOATS:
+        if is_op(call, "matmul") and tensor_dtype(call) in NARROW_FLOATS:
             # a half-precision model's GEMM: float32 accumulation, one rounding at the end
             # (TVM's legalized float16 matmul would accumulate in float16)
             a, b = call.args
-            if _dtype(a) == _dtype(b) == _dtype(call):
+            if tensor_dtype(a) == tensor_dtype(b) == tensor_dtype(call):
                 wide = self.builder_.emit(relax.op.matmul(a, b, out_dtype="float32"))
-                return relax.op.astype(wide, _dtype(call))
+                return relax.op.astype(wide, tensor_dtype(call))
             return call
-        if _is_op(call, "matmul") and _dtype(call) == "float32":
+        if is_op(call, "matmul") and tensor_dtype(call) == "float32":
             a, b = call.args
-            narrow_b = self.narrow_operand(b) if _dtype(a) == "float32" else None
-            narrow_a = self.narrow_operand(a) if _dtype(b) == "float32" else None
+            narrow_b = self.narrow_operand(b) if tensor_dtype(a) == "float32" else None
+            narrow_a = self.narrow_operand(a) if tensor_dtype(b) == "float32" else None
             if narrow_b is not None:
-                a = self.half_input(a, narrow_b, _dtype(narrow_b))
+                a = self.half_input(a, narrow_b, tensor_dtype(narrow_b))
                 return relax.op.matmul(a, narrow_b, out_dtype="float32")
             if narrow_a is not None:
-                b = self.half_input(b, narrow_a, _dtype(narrow_a), x_first=False)
+                b = self.half_input(b, narrow_a, tensor_dtype(narrow_a), x_first=False)
                 return relax.op.matmul(narrow_a, b, out_dtype="float32")
             return call
-        if _is_op(call, "take"):
+        if is_op(call, "take"):
             # an embedding lookup: gather the narrow rows, widen only those
             table = self.narrow_source(call.args[0])
             if table is not None:
@@ -174,12 +152,12 @@ class _CastFolder(PyExprMutator):
     def fold_moe(self, call):
         fields = list(call.args[1].fields)
         fc1, fc2 = self.narrow_source(fields[2]), self.narrow_source(fields[4])
-        if fc1 is None or fc2 is None or _dtype(fc1) != _dtype(fc2):
+        if fc1 is None or fc2 is None or tensor_dtype(fc1) != tensor_dtype(fc2):
             return call
-        if self.gpu and _dtype(fc1) not in self.tensor_cores:
+        if self.gpu and tensor_dtype(fc1) not in self.tensor_cores:
             return call  # GPUs without tensor cores for it: float32 experts
         config = json.loads(fields[-1].value)
-        config["weight_dtype"] = _dtype(fc1)
+        config["weight_dtype"] = tensor_dtype(fc1)
         fields[2], fields[4] = fc1, fc2
         fields[-1] = tvm.ir.StringImm(json.dumps(config, sort_keys=True))
         return relax.Call(
@@ -230,8 +208,8 @@ def _has_narrow(func) -> bool:
     def visit(expr):
         if found or not isinstance(expr, relax.Call):
             return
-        if (_is_op(expr, "astype") or _is_op(expr, "matmul")) and any(
-            _dtype(a) in NARROW_FLOATS for a in expr.args
+        if (is_op(expr, "astype") or is_op(expr, "matmul")) and any(
+            tensor_dtype(a) in NARROW_FLOATS for a in expr.args
         ):
             found.append(expr)
 

@@ -34,8 +34,8 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from qiao.compiler.passes.fold_weight_casts import _dtype, _is_op, _shape
 from qiao.compiler.passes.placeholders import rewrite_functions
+from qiao.compiler.passes.relax_util import is_op, static_dims, tensor_dtype
 
 # Largest fraction of extra output columns computed to make a row whole vectors.
 MAX_WASTE = 0.15
@@ -67,10 +67,10 @@ class _Widener(PyExprMutator):
 
     def visit_call_(self, call):  # noqa: D102 - PyExprMutator hook
         call = super().visit_call_(call)
-        if not _is_op(call, "nn.conv2d") or _dtype(call) != "float32":
+        if not is_op(call, "nn.conv2d") or tensor_dtype(call) != "float32":
             return call
         attrs = call.attrs
-        x_shape, out_shape = _shape(call.args[0]), _shape(call)
+        x_shape, out_shape = static_dims(call.args[0]), static_dims(call)
         if (
             attrs.data_layout != "NCHW"
             or attrs.kernel_layout != "OIHW"

@@ -1103,7 +1103,7 @@ def _reads_b_in_place(sch, b_stage, shape: GemmShape, mr: int, nr: int) -> bool:
     from tvm import tirx
     from tvm.ir.expr import TensorLoad  # what tirx.BufferLoad builds
 
-    from qiao.compiler.schedules.tir_util import _flat_indices
+    from qiao.compiler.schedules.tir_util import flat_indices
 
     stmt = sch.get(b_stage)
     if shape.m is None or shape.n is None or shape.k is None or _is_padding(stmt):
@@ -1119,7 +1119,7 @@ def _reads_b_in_place(sch, b_stage, shape: GemmShape, mr: int, nr: int) -> bool:
     if len(stmt.iter_vars) != 4:
         return False
     j = stmt.iter_vars[2].var
-    load = _flat_indices(stmt).body.value
+    load = flat_indices(stmt).body.value
     if not isinstance(load, TensorLoad) or len(load.indices) != 1:
         return False
     coeffs = tvm.sym.detect_linear_equation(load.indices[0], [j])

@@ -58,7 +58,7 @@ def wrap_free_lanes(block, var, lanes: int) -> int:
             divisors.append(abs(int(node.b.value)))
 
     kinds = (tirx.FloorMod, tirx.FloorDiv, tirx.Mod, tirx.Div)
-    tvm_ffi.structural_walk(_flat_indices(block.body), [(k, on_div) for k in kinds])
+    tvm_ffi.structural_walk(flat_indices(block.body), [(k, on_div) for k in kinds])
     width = lanes
     if divisors:
         period = math.gcd(*divisors)
@@ -67,7 +67,7 @@ def wrap_free_lanes(block, var, lanes: int) -> int:
     return width
 
 
-def _flat_indices(stmt):
+def flat_indices(stmt):
     """``stmt`` with every buffer access's indices replaced by its simplified row-major offset
     (one index into a stand-in 1-D buffer): only for inspecting index arithmetic."""
     import tvm
