@@ -786,12 +786,10 @@ def _inline_one_consumer(sch, block) -> bool:
                 continue
             if producer_chain_inlined(sch, producer):
                 return True
-        if _broadcast_later(sch, consumer):
-            # Computed where the GEMM writes, once per output (a squeeze-excitation's sigmoid),
-            # not again for every element its broadcast consumer writes.
-            if _try(sch.reverse_compute_inline, consumer):
-                return True
-        elif _try(sch.compute_inline, consumer) or _try(sch.reverse_compute_inline, consumer):
+        # A consumer whose own consumer broadcasts it (a squeeze-excitation's sigmoid) joins the
+        # write-back only: computed once per output, not again for every element broadcast.
+        forward = not _broadcast_later(sch, consumer) and _try(sch.compute_inline, consumer)
+        if forward or _try(sch.reverse_compute_inline, consumer):
             return True
     return False
 
@@ -799,15 +797,15 @@ def _inline_one_consumer(sch, block) -> bool:
 def _broadcast_later(sch, block) -> bool:
     """Whether a consumer of ``block`` writes more elements than it (a broadcast: the same
     symbolic extents, a larger static product); a reshape or a transpose writes as many."""
-    from tvm import tirx
 
     def size(b):
         static, symbolic = 1, []
         for extent in sch.get(b).writes[0].source.shape:
-            if isinstance(extent, tirx.IntImm):
-                static *= int(extent.value)
-            else:
+            value = static_int(extent)
+            if value is None:
                 symbolic.append(str(extent))
+            else:
+                static *= value
         return static, sorted(symbolic)
 
     mine = size(block)
