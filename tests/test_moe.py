@@ -227,6 +227,33 @@ def test_moe_op_duplicate_router_scores(base_k2):
     assert_close(y, numpy_moe(x, across, BASE["fc1"], BASE["fc2"], 2), RTOL, ATOL)
 
 
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+def test_moe_op_token_blocks_and_passes(tmp_path, monkeypatch, prefetch):
+    """The CPU grouped GEMMs walk each weight row group over all of an expert's tokens in passes
+    of ``token_panel_rows`` tokens: full register blocks, a partial block (its last token
+    repeated), a last lone token (the one-row kernel) and several passes per expert, under every
+    prefetch mode. The pass is shrunk to two register blocks so small weights take them all."""
+    from qiao.backends import get_backend
+    from qiao.compiler import compile
+    from qiao.compiler.kernels import group_gemm
+    from qiao.compiler.schedules.moe_table import lookup
+
+    micro_m = lookup(get_backend("cpu").target(None)).micro_m
+    monkeypatch.setattr(group_gemm, "TOKEN_PANEL_BYTES", 2 * micro_m * 4 * INTER)
+    assert group_gemm.token_panel_rows(INTER, micro_m) == 2 * micro_m
+    path = tmp_path / "m.onnx"
+    onnx.save(moe_model(BASE, k=2), str(path))
+    art = compile(str(path), "cpu", tmp_path / "art", moe_schedule={"prefetch": prefetch})
+    x, logits = inputs(41, H, E, seed=21)
+    logits[:29, 3] += 50.0  # expert 3: exactly 29 tokens (several passes, a partial block or a
+    logits[29:, 3] -= 50.0  # lone last token: 29 = 1 mod 2 and mod 4)
+    counts = np.bincount(np.argsort(-logits, axis=1)[:, :2].ravel(), minlength=E)
+    assert counts[3] == 29 and counts.max() > 4 * micro_m
+    y = art.run({"x": x, "logits": logits})["y"]
+    assert_close(y, ort_run(moe_model(BASE, 2), x, logits), RTOL, ATOL, "vs onnxruntime")
+    assert_close(y, numpy_moe(x, logits, BASE["fc1"], BASE["fc2"], 2), RTOL, ATOL, "vs numpy")
+
+
 @pytest.mark.parametrize("k, normalize", [(1, 0), (E, 1)], ids=["k1", "k_equals_E"])
 def test_moe_op_k_extremes(compile_moe, k, normalize):
     art = compile_moe(f"k{k}", moe_model(BASE, k, normalize))

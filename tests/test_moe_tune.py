@@ -49,6 +49,9 @@ def test_table_rejects_bad_entries(tmp_path, monkeypatch):
     bad.write_text(json.dumps({"version": 1, "entries": {"cpu/avx2": {"micro_m": 0}}}))
     with pytest.raises(QiaoError, match="positive integers"):
         lookup(target({"kind": "llvm", "mcpu": "x86-64-v3"}))
+    bad.write_text(json.dumps({"version": 1, "entries": {"cpu/avx2": {"prefetch": 3}}}))
+    with pytest.raises(QiaoError, match="prefetch must be 0, 1 or 2, got 3.*fix:"):
+        lookup(target({"kind": "llvm", "mcpu": "x86-64-v3"}))
     monkeypatch.delenv("QIAO_MOE_TABLE")
     with pytest.raises(QiaoError, match=r"\bunknown field"):
         lookup(target({"kind": "llvm", "mcpu": "x86-64-v3"}), {"nope": 1})

@@ -59,8 +59,9 @@ class MoESchedule:
     gemv_n : int
         CPU GEMV (decode) kernel: weight rows per step for one token.
     prefetch : int
-        CPU: 1 to prefetch the next weight rows while multiplying the current ones (the weight
-        streams are what bounds decode and small batches), 0 to rely on the hardware prefetcher.
+        CPU: prefetch the next group of weight rows while the current one is multiplied (the
+        weight streams are what bounds decode and small batches): 1 while each of the expert's
+        token blocks is, 2 while only the first is, 0 never (the hardware prefetcher alone).
     tile_up, tile_down : int
         CPU: intermediate columns (gate/up) and output columns (down) of one parallel task.
     gpu_tile_n, gpu_tile_k : int
@@ -115,6 +116,11 @@ def _check_entry(key: str, entry: Mapping[str, Any]) -> dict[str, Any]:
         raise QiaoError(
             f"MoE schedule table entry {key!r}: {bad} must be positive integers. fix: rerun "
             "`qiao tune moe` or correct the entry"
+        )
+    if entry.get("prefetch", 0) > 2:
+        raise QiaoError(
+            f"MoE schedule table entry {key!r}: prefetch must be 0, 1 or 2, got "
+            f"{entry['prefetch']}. fix: rerun `qiao tune moe` or correct the entry"
         )
     return dict(entry)
 
@@ -424,7 +430,7 @@ def tune_cpu(
     gemv_rows=(4, 8, 12, 16),
     tiles_up=(8, 16, 32, 64),
     tiles_down=(32, 64, 128, 256),
-    prefetch_options=(0, 1),
+    prefetch_options=(0, 1, 2),
     root: str | os.PathLike | None = None,
 ) -> tuple[str, MoESchedule, dict[str, Any]]:
     """Measure candidate CPU schedules for ``cfg`` on this machine and return the best.
