@@ -174,15 +174,10 @@ def _cpu_grouped_gemm(
     KO = red_len // VL
     common = dict(lanes=VL, k_vectors=KO, w_row=w_row, prefetch=prefetch > 0, widen=widen)
     micro = dot_microkernel(rows=MR, cols=NR, **common)
-    # the token blocks after a group's first one prefetch again (1) or not (2)
-    micro_rest = (
-        dot_microkernel(rows=MR, cols=NR, **{**common, "prefetch": False})
-        if prefetch == 2
-        else micro
-    )
     gemv = dot_microkernel(rows=1, cols=NG, **common)
     gemv_nr = dot_microkernel(rows=1, cols=NR, **common)
     SB = token_panel_rows(red_len, MR)
+    EVERY_BLOCK = prefetch != 2  # else only a group's first token block prefetches the next
     ACC0, ACC1 = dot_accumulators(MR, NR, VL)
     GACC0, GACC1 = dot_accumulators(1, NG, VL)
 
@@ -206,81 +201,34 @@ def _cpu_grouped_gemm(
                 # pass's rows of A stay in L2
                 for sb in range((cnt + SB - 1) // SB):
                     for g in range(TILE // NR):
+                        r0: T.let[T.int32] = r_tile + g * NR
                         for mi in range((T.min(SB, cnt - sb * SB) + MR - 1) // MR):
-                            if cnt - sb * SB - mi * MR >= 2:
+                            t0: T.let[T.int32] = sb * SB + mi * MR  # the block's first token
+                            if cnt - t0 >= 2:
+                                # MR tokens; a partial block repeats its last one
                                 for m in T.unroll(MR):
-                                    arow[m] = a_row(
-                                        PAIRS, off + T.min(sb * SB + mi * MR + m, cnt - 1)
-                                    )
-                                if mi == 0:
-                                    micro(
-                                        A,
-                                        W,
-                                        arow,
-                                        e,
-                                        r_tile + g * NR,
-                                        r_tile + (g + 1) * NR,
-                                        acc0,
-                                        acc1,
-                                        red,
-                                    )
-                                else:
-                                    micro_rest(
-                                        A,
-                                        W,
-                                        arow,
-                                        e,
-                                        r_tile + g * NR,
-                                        r_tile + (g + 1) * NR,
-                                        acc0,
-                                        acc1,
-                                        red,
-                                    )
+                                    arow[m] = a_row(PAIRS, off + T.min(t0 + m, cnt - 1))
+                                micro(
+                                    A, W, arow, e, r0, r0 + NR, acc0, acc1, red,
+                                    mi == 0 or EVERY_BLOCK,
+                                )  # fmt: skip
                                 for m in T.unroll(MR):
-                                    if sb * SB + mi * MR + m < cnt:
+                                    if t0 + m < cnt:
                                         epilogue(
-                                            OUT,
-                                            E1,
-                                            E2,
-                                            PAIRS,
-                                            red,
-                                            m,
-                                            off + sb * SB + mi * MR + m,
-                                            e,
-                                            r_tile + g * NR,
-                                            NR,
+                                            OUT, E1, E2, PAIRS, red, m, off + t0 + m, e, r0, NR
                                         )
                             else:
-                                arow[0] = a_row(PAIRS, off + sb * SB + mi * MR)
-                                gemv_nr(
-                                    A,
-                                    W,
-                                    arow,
-                                    e,
-                                    r_tile + g * NR,
-                                    r_tile + (g + 1) * NR,
-                                    acc0,
-                                    acc1,
-                                    red,
-                                )
-                                epilogue(
-                                    OUT,
-                                    E1,
-                                    E2,
-                                    PAIRS,
-                                    red,
-                                    0,
-                                    off + sb * SB + mi * MR,
-                                    e,
-                                    r_tile + g * NR,
-                                    NR,
-                                )
+                                # a last lone token
+                                arow[0] = a_row(PAIRS, off + t0)
+                                gemv_nr(A, W, arow, e, r0, r0 + NR, acc0, acc1, red, True)
+                                epilogue(OUT, E1, E2, PAIRS, red, 0, off + t0, e, r0, NR)
             else:
                 # GEMV (a lone token: decode): NG weight rows per step, weights streamed once
                 arow[0] = a_row(PAIRS, off)
                 for g in range(TILE // NG):
-                    gemv(A, W, arow, e, r_tile + g * NG, r_tile + (g + 1) * NG, gacc0, gacc1, red)
-                    epilogue(OUT, E1, E2, PAIRS, red, 0, off, e, r_tile + g * NG, NG)
+                    r0: T.let[T.int32] = r_tile + g * NG
+                    gemv(A, W, arow, e, r0, r0 + NG, gacc0, gacc1, red, True)
+                    epilogue(OUT, E1, E2, PAIRS, red, 0, off, e, r0, NG)
 
     return body
 

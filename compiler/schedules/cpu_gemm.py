@@ -960,9 +960,10 @@ def dot_microkernel(
     Returns
     -------
     tvm.script macro
-        ``tile(A, W, arow, e, r0, r_next, acc0, acc1, red)``: ``arow`` holds the ``rows`` row
-        indices of ``A``; ``acc0``/``acc1`` have the ``dot_accumulators`` shapes; ``red`` (at
-        least ``rows x cols``) receives the sums.
+        ``tile(A, W, arow, e, r0, r_next, acc0, acc1, red, prefetch_now)``: ``arow`` holds the
+        ``rows`` row indices of ``A``; ``acc0``/``acc1`` have the ``dot_accumulators`` shapes;
+        ``red`` (at least ``rows x cols``) receives the sums; ``prefetch_now`` (a condition, or
+        ``True``) says whether this call prefetches.
     """
     from tvm.script import tirx as T
 
@@ -973,7 +974,7 @@ def dot_microkernel(
         return T.Cast("float32", x) if widen else x
 
     @T.macro
-    def tile(A, W, arow, e, r0, r_next, acc0, acc1, red):
+    def tile(A, W, arow, e, r0, r_next, acc0, acc1, red, prefetch_now):
         for m in T.unroll(MR):
             for r in T.unroll(NA):
                 for lane in T.vectorized(VL):
@@ -982,7 +983,7 @@ def dot_microkernel(
                 for lane in T.vectorized(VL):
                     acc1[m, r, lane] = T.float32(0)
         for ko in range(KO):
-            if prefetch:
+            if prefetch and prefetch_now:
                 for r in T.unroll(NA + NB):
                     T.evaluate(
                         T.call_llvm_intrin(
