@@ -115,6 +115,10 @@ class QiaoMoE(RunnerEngine):
     def run(self, x, logits) -> np.ndarray:
         return self.outputs({"x": x, "logits": logits})["y"]
 
+    def prepared(self, x, logits):
+        """A zero-argument call on ``x``, ``logits`` converted once (``interleaved`` times it)."""
+        return self.prepare({"x": x, "logits": logits})
+
     def time(self, x, logits, repeat: int, warmup: bool = True) -> list[float]:
         feeds = {"x": x, "logits": logits}
         number = 1 if x.shape[0] >= 16 else 5
@@ -136,6 +140,9 @@ class OrtMoE(OnnxRuntimeEngine):
 
     def run(self, x, logits) -> np.ndarray:
         return self.outputs(self._feeds(x, logits))["y"]
+
+    def prepared(self, x, logits):
+        return self.prepare(self._feeds(x, logits))
 
     def time(self, x, logits, repeat: int, warmup: bool = True) -> list[float]:
         call = self.prepare(self._feeds(x, logits))
@@ -167,6 +174,9 @@ class TorchEagerMoE:
                 True,
             ).numpy()
 
+    def prepared(self, x, logits):
+        return lambda: self.run(x, logits)
+
     def time(self, x, logits, repeat: int, warmup: bool = True) -> list[float]:
         return time_until(lambda: self.run(x, logits), repeat, warmup=int(warmup), min_time=0.05)
 
@@ -177,17 +187,28 @@ class MachineRates:
     read_bytes: float  # bytes/s streaming a large float32 array (all threads)
 
 
-def measure_rates(w: MoEWeights, repeat: int = 5) -> MachineRates:
-    """sgemm rate on the block's own GEMM shape, and read bandwidth over the expert weights."""
+def rate_probes(w: MoEWeights) -> dict[str, tuple]:
+    """The two roofline probes as ``{name: (zero-argument call, work per call)}``: ``sgemm`` (a
+    PyTorch GEMM of the block's own gate/up shape at T = 512; FLOPs) and ``read`` (a PyTorch sum
+    over every expert's fc1; bytes). Timed among the engines, each round gives a rate."""
     import torch
 
     a = torch.randn(512, w.hidden)
     b = torch.randn(w.hidden, 2 * w.inter)
-    gemm = statistics.median(time_until(lambda: a @ b, repeat, min_time=0.05))
     weights = torch.from_numpy(w.fc1)
-    nbytes = weights.numel() * 4
-    read = statistics.median(time_until(lambda: weights.sum(), max(3, repeat // 2)))
-    return MachineRates(2.0 * 512 * w.hidden * 2 * w.inter / gemm, nbytes / read)
+    return {
+        "sgemm": (lambda: a @ b, 2.0 * 512 * w.hidden * 2 * w.inter),
+        "read": (lambda: weights.sum(), weights.numel() * 4.0),
+    }
+
+
+def measure_rates(w: MoEWeights, repeat: int = 5) -> MachineRates:
+    """sgemm rate on the block's own GEMM shape, and read bandwidth over the expert weights."""
+    probes = rate_probes(w)
+    (gemm, flops), (read, nbytes) = probes["sgemm"], probes["read"]
+    gemm_s = statistics.median(time_until(gemm, repeat, min_time=0.05))
+    read_s = statistics.median(time_until(read, max(3, repeat // 2)))
+    return MachineRates(flops / gemm_s, nbytes / read_s)
 
 
 def roofline_seconds(w: MoEWeights, tokens: int, logits: np.ndarray, rates: MachineRates) -> float:
@@ -214,6 +235,7 @@ __all__ = [
     "make_weights",
     "measure_rates",
     "moe_onnx",
+    "rate_probes",
     "roofline_seconds",
     "timed",
 ]
