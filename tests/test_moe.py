@@ -245,10 +245,13 @@ def test_moe_op_token_blocks_and_passes(tmp_path, monkeypatch, prefetch):
     onnx.save(moe_model(BASE, k=2), str(path))
     art = compile(str(path), "cpu", tmp_path / "art", moe_schedule={"prefetch": prefetch})
     x, logits = inputs(41, H, E, seed=21)
-    logits[:29, 3] += 50.0  # expert 3: exactly 29 tokens (several passes, a partial block or a
-    logits[29:, 3] -= 50.0  # lone last token: 29 = 1 mod 2 and mod 4)
+    # expert 3: several passes and a lone last token; expert 5: a partial last block (MR > 2)
+    n3, n5 = 4 * micro_m + 1, micro_m + 2
+    logits[:, [3, 5]] -= 50.0
+    logits[:n3, 3] += 100.0
+    logits[n3 : n3 + n5, 5] += 100.0
     counts = np.bincount(np.argsort(-logits, axis=1)[:, :2].ravel(), minlength=E)
-    assert counts[3] == 29 and counts.max() > 4 * micro_m
+    assert (counts[3], counts[5]) == (n3, n5)
     y = art.run({"x": x, "logits": logits})["y"]
     assert_close(y, ort_run(moe_model(BASE, 2), x, logits), RTOL, ATOL, "vs onnxruntime")
     assert_close(y, numpy_moe(x, logits, BASE["fc1"], BASE["fc2"], 2), RTOL, ATOL, "vs numpy")
