@@ -3,6 +3,7 @@ the CPU: qiao vs ONNX Runtime's ``com.microsoft::MoE`` vs PyTorch eager (transfo
 roofline, measured side by side in one run on the same weights and inputs.
 
     python benchmarks/test_moe.py                      # full table (T = 1, 16, 128, 512), ~2-4 min
+    python benchmarks/test_moe.py --arch x86-64-v3     # the same with qiao's AVX2 code
     QIAO_BENCH_SMOKE=1 python -m pytest -q benchmarks/test_moe.py   # tiny dims, one repeat (CI)
     python -m pytest -q benchmarks/test_moe.py -s      # full, with the floors checked
 
@@ -47,18 +48,19 @@ ORT_FLOOR = 1.0
 ROOFLINE_FLOOR = 1.2
 
 
-def run_block_benchmark(smoke: bool, repeat: int | None = None) -> dict:
+def run_block_benchmark(smoke: bool, repeat: int | None = None, arch: str | None = None) -> dict:
     """Time every engine and the roofline probes at every T; returns the rows and the rates.
 
     Per T, ``repeat`` rounds (``qiao.compiler.bench.interleaved``): each round times every engine
     and both probes in turn, each after an idle pause (the previous one's worker threads asleep), so
     load drifting during the run hits all alike. Each round gives ratios (qiao over ORT, over
-    torch, over that round's roofline); the table reports medians of times and of those ratios."""
+    torch, over that round's roofline); the table reports medians of times and of those ratios.
+    ``arch``: the CPU preset qiao compiles for (``x86-64-v3``: AVX2 code); default the host's."""
     dims = SMOKE_BLOCK if smoke else QWEN3_30B_A3B_BLOCK
     repeat = repeat or (1 if smoke else 7)
     w = make_weights(**dims)
     probes = rate_probes(w)
-    engines = [QiaoMoE(w), OrtMoE(w), TorchEagerMoE(w)]
+    engines = [QiaoMoE(w, arch=arch), OrtMoE(w), TorchEagerMoE(w)]
     rows, rates = [], {"sgemm": [], "read": []}
     for tokens in SMOKE_TOKENS if smoke else TOKENS:
         x, logits = w.inputs(tokens)
@@ -92,6 +94,7 @@ def run_block_benchmark(smoke: bool, repeat: int | None = None) -> dict:
         rows.append(row)
     return {
         "dims": dims,
+        "arch": arch or "host",
         "sgemm_gflops": statistics.median(rates["sgemm"]) / 1e9,
         "read_gbs": statistics.median(rates["read"]) / 1e9,
         "rows": rows,
@@ -140,7 +143,8 @@ def run_scaling_benchmark(smoke: bool, repeat: int | None = None) -> dict:
 
 def format_block(result: dict) -> str:
     lines = [
-        f"MoE block {result['dims']}: sgemm {result['sgemm_gflops']:.1f} GFLOP/s, read "
+        f"MoE block {result['dims']}, qiao's code for {result['arch']}: "
+        f"sgemm {result['sgemm_gflops']:.1f} GFLOP/s, read "
         f"{result['read_gbs']:.1f} GB/s (medians, measured among the engines in every round; "
         "ratios: medians of per-round ratios)",
         f"{'T':>5} {'experts hit':>11} {'qiao ms':>9} {'ORT ms':>9} {'torch ms':>9} "
@@ -214,8 +218,13 @@ def test_moe_time_follows_k_not_experts():
 
 
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", help="CPU preset for qiao's code (x86-64-v3: AVX2); default host")
+    args = parser.parse_args()
     smoke = is_smoke()
-    block = run_block_benchmark(smoke)
+    block = run_block_benchmark(smoke, arch=args.arch)
     print(format_block(block))
     failures = floor_failures(block)
     print("floors: " + ("all met" if not failures else "; ".join(failures)))
