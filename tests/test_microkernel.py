@@ -35,7 +35,9 @@ def test_dot_register_tiles_fit_and_cover_the_former_moe_candidates():
 
 def _dot_gemm(rows, cols, lanes, k, n_groups, prefetch):
     """``C[m, g * cols + r] = A[m] . W[0, g * cols + r]`` through one ``dot_microkernel`` block per
-    weight-row group, the rows of A taken in reverse (the gather the MoE kernel does)."""
+    weight-row group, the rows of A taken in reverse (the gather the MoE kernel does); with
+    ``prefetch`` only the even groups prefetch (a run-time ``prefetch_now``, as the MoE kernel's
+    first-token-block-only mode)."""
     from tvm.script import tirx as T
 
     from qiao.compiler.schedules.cpu_gemm import dot_accumulators, dot_microkernel
@@ -65,7 +67,7 @@ def _dot_gemm(rows, cols, lanes, k, n_groups, prefetch):
             for m in range(rows):
                 arow[m] = T.int64(rows - 1 - m)
             for g in range(n_groups):
-                tile(A, W, arow, T.int64(0), g * cols, (g + 1) * cols, acc0, acc1, red)
+                tile(A, W, arow, T.int64(0), g * cols, (g + 1) * cols, acc0, acc1, red, g % 2 == 0)
                 for m in range(rows):
                     for r in range(cols):
                         C[rows - 1 - m, g * cols + r] = red[m, r]
