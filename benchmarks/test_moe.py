@@ -39,7 +39,7 @@ from moe_baselines import (  # noqa: E402
     roofline_seconds,
 )
 
-from qiao.compiler.bench import interleaved  # noqa: E402
+from qiao.compiler.bench import interleaved, round_ratios  # noqa: E402
 
 TOKENS = (1, 16, 128, 512)
 SMOKE_TOKENS = (1, 5)
@@ -76,21 +76,20 @@ def run_block_benchmark(smoke: bool, repeat: int | None = None, arch: str | None
         calls = {engine.name: engine.prepared(x, logits) for engine in engines}
         calls.update({name: call for name, (call, _) in probes.items()})
         samples = interleaved(calls, repeat, 0.05, smoke=smoke)
-        for name in rates:
-            rates[name] += [probes[name][1] / t for t in samples[name]]
-        rounds = [
-            MachineRates(probes["sgemm"][1] / g, probes["read"][1] / r)
-            for g, r in zip(samples["sgemm"], samples["read"])
+        per_round = {name: [work / t for t in samples[name]] for name, (_, work) in probes.items()}
+        for name, values in per_round.items():
+            rates[name] += values
+        samples["roofline"] = [
+            roofline_seconds(w, tokens, logits, MachineRates(g, r))
+            for g, r in zip(per_round["sgemm"], per_round["read"])
         ]
-        roofline = [roofline_seconds(w, tokens, logits, rate) for rate in rounds]
         row = {"tokens": tokens, "hit_experts": w.hit_experts(logits)}
-        for engine in engines:
-            row[engine.name] = statistics.median(samples[engine.name])
-        row["roofline"] = statistics.median(roofline)
-        qiao = samples["qiao"]
-        row["vs_ort"] = statistics.median(q / o for q, o in zip(qiao, samples["onnxruntime"]))
-        row["vs_torch"] = statistics.median(q / t for q, t in zip(qiao, samples["torch"]))
-        row["vs_roofline"] = statistics.median(q / r for q, r in zip(qiao, roofline))
+        for name in [engine.name for engine in engines] + ["roofline"]:
+            row[name] = statistics.median(samples[name])
+        # round_ratios(samples, a, b): a's time over b's, per round
+        row["vs_ort"] = statistics.median(round_ratios(samples, "qiao", "onnxruntime"))
+        row["vs_torch"] = statistics.median(round_ratios(samples, "qiao", "torch"))
+        row["vs_roofline"] = statistics.median(round_ratios(samples, "qiao", "roofline"))
         rows.append(row)
     return {
         "dims": dims,
