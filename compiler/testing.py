@@ -100,6 +100,22 @@ def fused_module(build):
     return tvm.transform.Sequential(legalize_passes(None))(bb.get())
 
 
+def main_instructions(runner) -> str:
+    """The VM instructions of a compiled artifact's ``main`` (``artifact.runner``): the kernels it
+    calls on every run."""
+    text = runner.executable.as_text()
+    start = text.index("@main:")
+    return text[start : text.index("\n\n", start)]
+
+
+def kernels_packing_per_call(runner) -> list[str]:
+    """The weight-packing kernels (TVM's ``*_weight_prepack``) that ``main`` calls: packing left
+    on the per-call path instead of ``main_transform_params`` (run once at load)."""
+    import re
+
+    return sorted(set(re.findall(r"call\s+(\w+_weight_prepack)\b", main_instructions(runner))))
+
+
 def prim_func(mod, prefix: str):
     """The one PrimFunc of ``mod`` whose name starts with ``prefix`` (or ``fused_<prefix>``)."""
     import tvm

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qiao.compiler import compile, export, load
-from qiao.compiler.testing import assert_close
+from qiao.compiler.testing import assert_close, kernels_packing_per_call, main_instructions
 from qiao.compiler.validate import validate
 from qiao.models import get_model, list_models
 
@@ -97,12 +97,6 @@ def test_torch_module_and_onnx_file_paths(tmp_path):
         assert_close(list(got.values())[0], expected, rtol=1e-4, atol=1e-5)
 
 
-def _main_text(runner) -> str:
-    """The VM instructions of an artifact's ``main`` (the kernels it calls on every run)."""
-    text = runner.executable.as_text()
-    return text[text.index("@main:") : text.index("\n\n", text.index("@main:"))]
-
-
 @pytest.mark.parametrize("name", ["mlp", "cnn", "transformer"])
 def test_weight_packing_runs_at_load_not_per_call(name, compiled_builtin):
     """The CPU GEMM schedules pack weights into panels; the pipeline lifts that packing into
@@ -111,14 +105,18 @@ def test_weight_packing_runs_at_load_not_per_call(name, compiled_builtin):
     runner = artifact.runner
     packed = [p for p in runner.params if len(p.shape) == 5]  # (S, JO, J/nr, K, nr) panels
     assert packed, f"{name}: no weight arrives packed from main_transform_params"
-    main = _main_text(runner)
+    main = main_instructions(runner)
     assert "_prepacked" in main, f"{name}: main calls no kernel taking pre-packed weights"
+    assert not kernels_packing_per_call(runner)
 
 
-def test_classifier_head_weight_is_packed_at_load(tmp_path):
-    """TorchScript's classifier head, ``Gemm(x, W, b, transB=1)`` with a symbolic batch and 100
-    classes (not whole panels): the schedule pads the batch rows up front, and that stage once came
-    before the weight's packing, which then ran on every call instead of once at load."""
+@pytest.mark.parametrize("batch", ["batch", 1])
+def test_classifier_head_weight_is_packed_at_load(tmp_path, batch):
+    """TorchScript's classifier head, ``Gemm(x, W, b, transB=1)`` with 100 classes (not whole
+    panels). A symbolic batch: the schedule pads the batch rows up front, and that stage once came
+    before the weight's packing, which then ran on every call instead of once at load. A static
+    batch of 1: the input is a static-shaped parameter too, its packing was marked like the
+    weight's, and the lifted function then depended on the input and stayed in ``main``."""
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -129,18 +127,19 @@ def test_classifier_head_weight_is_packed_at_load(tmp_path):
     graph = helper.make_graph(
         [helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)],
         "head",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 100])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 100])],
         [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     onnx.save(model, tmp_path / "head.onnx")
     artifact = compile(tmp_path / "head.onnx", "cpu", tmp_path / "art")
-    main = _main_text(artifact.runner)
+    main = main_instructions(artifact.runner)
     gemms = set(re.findall(r"(fused_(?:matmul|gemm|dense)\w*|matmul\w*)", main))
     assert gemms and all(g.endswith("_prepacked") for g in gemms), sorted(gemms)
-    x = rng.standard_normal((3, 64)).astype(np.float32)
+    assert not kernels_packing_per_call(artifact.runner)
+    x = rng.standard_normal((3 if batch == "batch" else batch, 64)).astype(np.float32)
     assert_close(artifact.run({"x": x})["y"], x @ w.T + b, rtol=1e-5, atol=1e-5)
 
 

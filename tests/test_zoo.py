@@ -15,7 +15,7 @@ import os
 import numpy as np
 import pytest
 
-from qiao.compiler.testing import assert_close
+from qiao.compiler.testing import assert_close, kernels_packing_per_call
 from tests.zoo import CAFFE2, DYNAMO, ENTRIES, EXPORTERS, TORCHSCRIPT
 from tests.zoo.harness import compile_entry, run_size
 
@@ -92,6 +92,15 @@ def test_zoo_model_kernels_all_get_their_schedule(entry, compiled):
     """A failing rule, or no rule at all, leaves a kernel slower than it should be with only a
     log warning (``qiao.schedules``): none may occur in a zoo model."""
     assert not compiled(entry).fallbacks
+
+
+@pytest.mark.parametrize("entry", _params(SELECTED, lambda e: e.xfail_compile))
+def test_zoo_model_packs_its_weights_at_load(entry, compiled):
+    """Weight packing runs once at load (``main_transform_params``), never in ``main``: static
+    shapes once made an input's packing share the weight's lifted kernel, which kept it in ``main``
+    (the old exporters' AlexNet repacked its dense layers' weights on every call)."""
+    for artifact in compiled(entry).artifacts:
+        assert not kernels_packing_per_call(artifact.runner)
 
 
 GPU_TARGETS = [("cuda", "sm_80"), ("rocm", "gfx942")]

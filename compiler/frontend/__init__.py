@@ -351,6 +351,10 @@ def split_initializer_inputs(proto: onnx.ModelProto, mode: str) -> tuple[onnx.Mo
     kept_inputs = [vi for vi in graph.input if vi.name not in as_constants]
     del graph.input[:]
     graph.input.extend(kept_inputs)
+    # Before IR version 4 every initializer must also be an input: onnx's version converter
+    # (upgrade_opset) rejects the result as using undefined inputs, and the import then stayed at
+    # the old opset (Pad-2 in AlexNet's LRN failed as "dynamic pads").
+    out.ir_version = max(out.ir_version, 4)
     if fed:
         kept_init = [t for t in graph.initializer if t.name not in set(fed)]
         del graph.initializer[:]

@@ -209,11 +209,9 @@ ENTRIES: list[Entry] = [
         13,
         audio.wav2vec2,
         WAVE,
-        **_broken(
-            "a Shape of a 1-D shape tensor (Reshape by a Concat of Shape outputs) reaches "
-            "relax shape_of with a Shape-typed value ('shape_of expects a tensor input, but "
-            "received R.Shape(ndim=3)')"
-        ),
+        xfail_fallback="the attention softmax over a computed symbolic length (samples // 10 - 1 "
+        "frames, both axes): qiao's CPURowReduction rule fails on it ('The reduction block vars "
+        "are not used to index the output buffers') and the next rule schedules it",
     ),
     _e("hubert-dy18", "HuBERT", "audio", DY, 18, audio.hubert, WAVE_B),
     _e(

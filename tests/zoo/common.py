@@ -93,11 +93,12 @@ def hf(model, names: Sequence[str], inputs, dynamic, output: str = "last_hidden_
     return Built(wrapper(model, names, output), list(names), inputs, dynamic)
 
 
-def he_init(model: torch.nn.Module) -> torch.nn.Module:
-    """He-initialise convolutions: Hugging Face's std-0.02 init leaves deep CNN activations
-    numerically zero, and a comparison of zeros proves nothing."""
+def he_init(model: torch.nn.Module, linear: bool = False) -> torch.nn.Module:
+    """He-initialise convolutions (and ``linear`` layers): Hugging Face's std-0.02 init leaves deep
+    CNN activations numerically zero, and a comparison of zeros proves nothing."""
+    kinds = (torch.nn.Conv2d, torch.nn.Linear) if linear else (torch.nn.Conv2d,)
     for module in model.modules():
-        if isinstance(module, torch.nn.Conv2d):
+        if isinstance(module, kinds):
             torch.nn.init.kaiming_normal_(module.weight)
     return model
 
