@@ -9,7 +9,8 @@ Cases are the issue's speed floors:
 * torchvision's ResNet-18, MobileNetV3-Small and EfficientNet-B0 (``qiao.models.vision``, seeded
   weights) as users export them: TorchScript exporter, opset 13, 3×224×224, symbolic batch; batch 1
   and 8, on the host's code path (``--arch host``) and the AVX2 one (``x86-64-v3``, which runs on
-  AVX-512 hosts too), against ONNX Runtime (always the host's best): the floor is 0.9 (issue 16).
+  AVX-512 hosts too), against ONNX Runtime (always the host's best): the floor is 0.9 (issue 16);
+  and each exported as ``torch.onnx.export`` does by default, every dim static (batch 1).
 
 One artifact per model serves its sizes (symbolic batch / sequence). Each case first checks qiao's
 outputs against ONNX Runtime's, then alternates rounds of qiao and ORT calls so both see the same
@@ -103,6 +104,10 @@ for _name in TORCHVISION:
                     marks=full,
                 )
             )
+    # torch.onnx.export's default: every dim static (batch 1), on the host's code path
+    CASES.append(
+        pytest.param(f"{_name}@host@static", {}, 0.9, id=f"{_name}-host-static1", marks=full)
+    )
 
 _artifacts: dict[str, object] = {}
 
@@ -121,11 +126,11 @@ def _artifact(name: str, root):
         from qiao.compiler.schedules.cpu_info import missing_here
         from qiao.models.vision import build_classifier
 
-        model_name, arch = name.split("@")
+        model_name, arch, *static = name.split("@")
         missing = [] if arch == "host" else missing_here(get_backend("cpu").target(arch))
         if missing:
             pytest.skip(f"this host cannot run {arch} code: it lacks {missing}")
-        path = root / f"{model_name}.onnx"
+        path = root / f"{model_name}{'-static' if static else ''}.onnx"
         if not path.exists():
             torch.onnx.export(
                 build_classifier(model_name),
@@ -133,7 +138,7 @@ def _artifact(name: str, root):
                 path,
                 input_names=["pixel_values"],
                 output_names=["out"],
-                dynamic_axes={"pixel_values": {0: "batch"}},
+                dynamic_axes=None if static else {"pixel_values": {0: "batch"}},
                 opset_version=13,
                 dynamo=False,
             )

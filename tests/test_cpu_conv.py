@@ -63,8 +63,9 @@ def _call(fn, inputs, out_shape):
     return out.numpy()
 
 
-def _depthwise(channels, size, stride, padding, kernel, epilogue):
-    n = tvm.tirx.Var("n", "int64")
+def _depthwise(channels, size, stride, padding, kernel, epilogue, batch=None):
+    """A depthwise convolution and its epilogue over a symbolic batch ``n`` (or ``batch``)."""
+    n = tvm.tirx.Var("n", "int64") if batch is None else batch
 
     def build(bb):
         x = relax.Var("x", relax.TensorType((n, channels, size, size), "float32"))
@@ -163,6 +164,73 @@ def _check_depthwise(func, target, channels, size, stride, padding, kernel, epil
         inputs = [x, w, b.reshape(1, channels, 1, 1)] if "bias" in epilogue else [x, w]
         got = _call(fn, inputs, ref.shape)
         assert_close(got, ref.astype("float32"), name=f"batch {batch}", **TOL)
+
+
+def _loops(func, n: int = 1) -> list:
+    """``(kind, extent)`` of every loop of ``func``, symbolic extents evaluated at ``n`` for
+    every variable."""
+    import tvm_ffi
+    from tvm import tirx
+
+    analyzer, out = tvm.sym.Analyzer(), []
+
+    def on_for(loop):
+        extent = loop.extent
+        if not isinstance(extent, tirx.IntImm):
+            extent = tvm_ffi.structural_mutate(
+                extent, [(tirx.Var, lambda v, _m: tirx.IntImm("int64", n))]
+            )
+        out.append((int(loop.kind), int(analyzer.simplify(extent))))
+
+    tvm_ffi.structural_walk(func.body, [(tirx.For, on_for)])
+    return out
+
+
+@pytest.mark.parametrize(
+    "channels,size,stride,padding,kernel,epilogue",
+    [(96, 112, 2, 1, 3, "bias silu"), (16, 112, 2, 1, 3, "relu"), (96, 7, 1, 1, 3, "relu6")],
+)
+def test_static_batch_depthwise_scheduled_as_symbolic(
+    channels, size, stride, padding, kernel, epilogue
+):
+    """``torch.onnx.export``'s default: a static batch of 1, which has no batch loop. The rule
+    sized tasks from the whole batch's padded input (one output row per task over 112x112) and
+    stored the stride-phase layout column by column (scattered); small planes were not grouped.
+    Now the static kernel has the symbolic one's loops at batch 1, and matches torch."""
+    import torch.nn.functional as F
+
+    target = _target()
+    symbolic, _ = _schedule(
+        _kernel(_depthwise(channels, size, stride, padding, kernel, epilogue), "conv2d"), target
+    )
+    static, rule = _schedule(
+        _kernel(_depthwise(channels, size, stride, padding, kernel, epilogue, 1), "conv2d"), target
+    )
+    assert rule == "CPUWindowReduction"
+    # The symbolic kernel also has a serial variant for small batches (``serial_when_small``,
+    # decided at run time; the static one is decided at compile time): its parallel variant
+    # comes last.
+    extents = [extent for _, extent in _loops(static)]
+    assert extents == [extent for _, extent in _loops(symbolic)][-len(extents) :]
+    if size > 56:  # enough work to take both cores at batch 1
+        parallel = int(tvm.tirx.ForKind.PARALLEL)
+        assert [lp for lp in _loops(static) if lp[0] == parallel] == [
+            lp for lp in _loops(symbolic) if lp[0] == parallel
+        ]
+    rng = np.random.default_rng(channels)
+    x = rng.standard_normal((1, channels, size, size)).astype("float32")
+    w = rng.standard_normal((channels, 1, kernel, kernel)).astype("float32")
+    b = rng.standard_normal(channels).astype("float32")
+    xt = F.pad(torch.from_numpy(x).double(), _torch_padding(padding))
+    ref = F.conv2d(xt, torch.from_numpy(w).double(), stride=stride, groups=channels)
+    if "bias" in epilogue:
+        ref = ref + torch.from_numpy(b).double()[None, :, None, None]
+    ref = {"silu": lambda r: r * torch.sigmoid(r), "relu": lambda r: r.clamp(min=0.0)}.get(
+        epilogue.split()[-1], lambda r: r.clamp(0.0, 6.0)
+    )(ref)
+    inputs = [x, w, b.reshape(1, channels, 1, 1)] if "bias" in epilogue else [x, w]
+    got = _call(_build(static, target), inputs, tuple(ref.shape))
+    assert_close(got, ref.numpy().astype("float32"), **TOL)
 
 
 # (channels, plane, stride, padding, kernel, epilogue): depthwise convolutions whose output rows

@@ -34,6 +34,7 @@ run time for symbolic batches.
 from __future__ import annotations
 
 import logging
+import math
 
 from qiao.compiler.schedules.cpu_info import CPURule, cpu_info
 from qiao.compiler.schedules.tir_util import static_int
@@ -140,7 +141,7 @@ def _schedule_planes(sch, infos, position: int, spatial: int, lanes: int, work: 
             per_row = max(plane // rows, 1)
             ro, _ = sch.split(sp[-2], [None, rows_per_task(rows, PLANE_BYTES // per_row)])
             outer.append(ro)
-        elif plane is not None and spatial >= 4:
+        elif plane is not None:
             # Small planes: several per task, so that the padded copy is written well before it
             # is read (no store-to-load forwarding stalls) and the per-task overhead amortises.
             planes = _divisor_at_most(static_int(sch.get(sp[-3]).extent), CHUNK_BYTES // plane)
@@ -271,12 +272,15 @@ def deinterleaved(sch, red, producer):
     def index_map(*idx):
         return [*idx[:-1], idx[-1] % stride, idx[-1] // stride]
 
-    rank = len(buffer.shape)
     sch.transform_layout(producer, ("write", 0), index_map, pad_value=pad[2])
-    if len(sch.get(producer).iter_vars) == rank:
-        # No layout padding: the producer still iterates columns in order; make it iterate the
-        # new layout, so that it stores contiguously.
-        sch.transform_block_layout(producer, IndexMap.from_func(index_map, ndim=rank))
+    stored = sch.get(producer)
+    if not isinstance(stored.writes[0].region[-1].min, Var):
+        # No layout padding: the producer still iterates columns in order (its last iterator
+        # the column; a static batch of 1 has no batch iterator); make it iterate the new
+        # layout, so that it stores contiguously instead of scattering every other column.
+        sch.transform_block_layout(
+            producer, IndexMap.from_func(index_map, ndim=len(stored.iter_vars))
+        )
     # The layout's own padding (columns past the end) is out of the input's bounds too: one
     # padding condition is enough, and is what decompose_padding recognises.
     name = sch.get(producer).name_hint
@@ -356,15 +360,19 @@ def _padding_expr(expr):
 
 def _plane_bytes(sch, producers, skip: int) -> int | None:
     """Bytes of one (padded) input plane a task reads, when static: the producer's buffer less
-    its ``skip`` outer (batch, channel) dimensions."""
+    its ``skip`` outer (batch, channel) dimensions. ``skip`` counts loops, and a static batch of
+    1 has no loop (the unit dimensions lead the buffer): those are skipped too, else the plane
+    was the whole batch (a static-shaped model's depthwise convolutions ran one output row per
+    task)."""
     if not producers:
         return None
-    total = 4
-    for d in sch.get(producers[-1]).writes[0].source.shape[skip:]:
-        if static_int(d) is None:
-            return None
-        total *= static_int(d)
-    return total
+    shape = [static_int(d) for d in sch.get(producers[-1]).writes[0].source.shape]
+    lead = 0
+    while lead < len(shape) - 1 and shape[lead] == 1:
+        lead += 1
+    if None in shape[lead + skip :]:
+        return None
+    return 4 * math.prod(shape[lead + skip :])
 
 
 def rows_per_task(rows: int, cap: int) -> int:
