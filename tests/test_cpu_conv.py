@@ -426,8 +426,8 @@ def test_squeeze_excitation_gate_computed_once_per_channel(cin, cout, size):
     """A squeeze-excitation tail, ``sigmoid(conv1x1(pooled) + bias) * x``, fused in one kernel
     (symbolic batch): the bias and sigmoid run in the GEMM's write-back, once per channel; the
     broadcast multiply that writes the output holds no exponential (before: a sigmoid for every
-    element of ``x``, 4x the kernel's time). Matches
-    torch in float64 at batch 1 and 3."""
+    element of ``x``, 4x the kernel's time) and runs over whole planes when its rows are narrow.
+    Matches torch in float64 at batch 1 and 3."""
     import torch.nn.functional as F
     import tvm_ffi
     from tvm import s_tir, tirx
@@ -467,6 +467,20 @@ def test_squeeze_excitation_gate_computed_once_per_channel(cin, cout, size):
     # A 1x1 map needs no broadcast: the multiply joins the write-back too.
     assert bool(writers) == (size > 1)
     assert not transcendental, "the sigmoid is recomputed for every broadcast element"
+    lanes = cpu_info(target).lanes("float32")
+    if size > 1 and size % lanes and size < 4 * lanes:
+        # rows narrower than a few vectors run as one plane (vectors of 16 over 7-wide rows
+        # were all scalar tail): a loop of the plane's vectors encloses the multiply
+        enclosing = []
+
+        def on_for(loop):
+            inner = []
+            tvm_ffi.structural_walk(loop.body, [(s_tir.SBlock, inner.append)])
+            if any(b.name_hint == "T_multiply" for b in inner):
+                enclosing.append(loop.extent)
+
+        tvm_ffi.structural_walk(scheduled.body, [(tirx.For, on_for)])
+        assert -(-size * size // lanes) in [int(e) for e in enclosing if isinstance(e, tirx.IntImm)]
     fn = _build(scheduled, target)
     rng = np.random.default_rng(cin + cout + size)
     w = rng.standard_normal((cout, cin, 1, 1)).astype("float32")

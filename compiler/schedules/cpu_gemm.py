@@ -1300,10 +1300,17 @@ def _parallel_rows(sch, block) -> None:
 def _schedule_leftover(sch, block, lanes: int) -> None:
     """An epilogue block the write-back could not absorb (a broadcast multiply): parallel over
     all its loops but the innermost when they fuse (over the batch alone, batch 1 would keep one
-    core busy), the outermost otherwise; the innermost vectorised."""
+    core busy), the outermost otherwise; the innermost vectorised. Rows narrower than a few
+    vectors that whole vectors do not divide (a 14x14 or 7x7 map's) first fuse with the loop
+    above them into one contiguous run: vectors of 16 over 14-wide rows were all tail, scalar."""
     loops = sch.get_loops(block)
     if not loops:
         return
+    if len(loops) > 2:
+        inner, above = (static_int(sch.get(lp).extent) for lp in loops[-1:-3:-1])
+        if None not in (inner, above) and inner % lanes and inner < 4 * lanes:
+            sch.fuse(loops[-2], loops[-1])
+            loops = sch.get_loops(block)
     if len(loops) > 1:
         with contextlib.suppress(Exception):
             _, vec = sch.split(loops[-1], [None, lanes])
