@@ -352,6 +352,39 @@ def test_softmax_row_reduction_matches_numpy(seq):
     assert_close(got, (e / e.sum(-1, keepdims=True)).astype("float32"), rtol=1e-5, atol=1e-6)
 
 
+def test_softmax_over_a_computed_length():
+    """Wav2Vec2's attention (TorchScript): a softmax over ``samples // 10 - 1`` frames on both
+    axes. Fused into one parallel loop, the row loops' bindings got a bounds predicate the
+    analyzer could not drop and ``parallel`` refused the blocks: the rule failed and a fallback
+    took the kernel. The compound row loop now stays inside the fused leading ones."""
+    from tvm import tirx
+
+    def build(bb):
+        b, samples = tvm.tirx.Var("b", "int64"), tvm.tirx.Var("samples", "int64")
+        frames = tirx.FloorDiv(samples, tirx.IntImm("int64", 10)) - tirx.IntImm("int64", 1)
+        x = relax.Var("x", relax.TensorType((b, 4, frames, frames), "float32"))
+        with bb.function("main", [x]):
+            with bb.dataflow():
+                out = bb.emit_output(relax.op.nn.softmax(x, axis=-1))
+            bb.emit_func_output(out)
+
+    func = prim_func(fused_module(build), "softmax")
+    target = _target()
+    from qiao.compiler.schedules.cpu_reduction import CPURowReduction
+
+    sch = CPURowReduction().apply(func, target, False)  # raised before
+    assert sch is not None
+    scheduled = _finish(sch.mod["main"])
+    assert "T.parallel(" in _script(scheduled)
+    rng = np.random.default_rng(6)
+    for samples, batch in ((75, 2), (400, 1)):  # 6 and 39 frames (a ragged last vector)
+        frames = samples // 10 - 1
+        x = (rng.standard_normal((batch, 4, frames, frames)) * 4).astype("float32")
+        got = _run(scheduled, target, [x, samples, np.zeros_like(x)])[-1]
+        e = np.exp(x.astype("float64") - x.max(-1, keepdims=True))
+        assert_close(got, (e / e.sum(-1, keepdims=True)).astype("float32"), rtol=1e-5, atol=1e-6)
+
+
 def test_layer_norm_and_max_pool_match_numpy():
     def build(bb):
         n = tvm.tirx.Var("n", "int64")

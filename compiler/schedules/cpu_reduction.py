@@ -77,21 +77,31 @@ class CPURowReduction(CPURule):
             if guard is not None:
                 guards.append(guard)
         loops = sch.get_loops(last.block_rv)
-        row = sch.fuse(*loops[:rows]) if rows > 1 else loops[0]
+        # The row loops fuse into one parallel loop, except from the first whose extent divides
+        # or subtracts (a softmax over ``samples // 10 - 1`` frames): under a fused loop their
+        # bindings get a bounds predicate the analyzer cannot drop (it cannot tell the extent is
+        # positive), and ``parallel`` refuses the blocks. Those stay inside the fused leading ones.
+        simple = 0
+        while simple < rows and not _divides(sch.get(loops[simple]).extent):
+            simple += 1
+        fused = max(simple, 1) if simple < rows else rows
+        parallel = sch.fuse(*loops[:fused]) if fused > 1 else loops[0]
+        depth = 1 + rows - fused  # loops down to the innermost row loop
+        row = sch.get_loops(last.block_rv)[depth - 1]
         if last.is_injective():
             _vectorize_inner(sch, last.block_rv, lanes, first=1)
         for info in reversed(infos[:-1]):
             blocks = reductions.pop() if not info.is_injective() else [info.block_rv]
             for block in reversed(blocks):
                 sch.compute_at(block, row, preserve_unit_loops=True)
-        sch.parallel(row)
+        sch.parallel(parallel)
         for info in infos[:-1]:
             if info.is_injective():
                 _vectorize_inner(sch, info.block_rv, lanes, first=1)
         for partial in partials:
             # Under the row loop the partial block iterates (lanes, ..., outer): put the SIMD lanes
             # innermost, so that each step of the reduction is one vector operation.
-            p_loops = sch.get_loops(partial)[1:]
+            p_loops = sch.get_loops(partial)[depth:]
             lane = next(
                 lp
                 for lp in p_loops
@@ -109,6 +119,17 @@ class CPURowReduction(CPURule):
         if guards:
             return s_tir.Schedule(_restore_tail_guards(sch.mod["main"], guards))
         return sch
+
+
+def _divides(extent) -> bool:
+    """Whether ``extent`` holds a division, modulo or subtraction."""
+    import tvm_ffi
+    from tvm import tirx
+
+    found = []
+    kinds = (tirx.FloorDiv, tirx.FloorMod, tirx.Div, tirx.Mod, tirx.Sub)
+    tvm_ffi.structural_walk(extent, [(kind, found.append) for kind in kinds])
+    return bool(found)
 
 
 def _operands_over_reduction(block) -> int:

@@ -201,18 +201,7 @@ ENTRIES: list[Entry] = [
     _e("gemma-dy20", "Gemma", "decoder", DY, 20, text.gemma, TOK),
     _e("falcon-dy18", "Falcon", "decoder", DY, 18, text.falcon, TOK),
     # --- audio -------------------------------------------------------------------------------
-    _e(
-        "wav2vec2-ts13",
-        "Wav2Vec2",
-        "audio",
-        TS,
-        13,
-        audio.wav2vec2,
-        WAVE,
-        xfail_fallback="the attention softmax over a computed symbolic length (samples // 10 - 1 "
-        "frames, both axes): qiao's CPURowReduction rule fails on it ('The reduction block vars "
-        "are not used to index the output buffers') and the next rule schedules it",
-    ),
+    _e("wav2vec2-ts13", "Wav2Vec2", "audio", TS, 13, audio.wav2vec2, WAVE),
     _e("hubert-dy18", "HuBERT", "audio", DY, 18, audio.hubert, WAVE_B),
     _e(
         "hubert-dy18-samples",
