@@ -34,6 +34,19 @@ class CPURowReduction(CPURule):
     """Schedule rule for row-wise reduction chains (see the module docstring)."""
 
     def apply(self, func, target, tunable: bool):
+        from tvm import s_tir
+
+        try:
+            return self._apply(func, target, keep_compound_rows=False)
+        except (s_tir.ScheduleError, ValueError) as err:
+            # Row loops whose extent divides or subtracts (a softmax over ``samples // 10 - 1``
+            # frames): fused into one, their bindings get a bounds predicate the analyzer cannot
+            # drop (it cannot tell the extent is positive), and ``parallel`` refuses the blocks.
+            # Again with those rows kept inside the fused leading ones.
+            log.debug("row reduction: fused rows failed (%s); keeping compound rows", err)
+            return self._apply(func, target, keep_compound_rows=True)
+
+    def _apply(self, func, target, keep_compound_rows: bool):
         from tvm import s_tir, tirx
         from tvm.s_tir.dlight.analysis import normalize_prim_func
         from tvm.s_tir.dlight.base import try_inline_contiguous_spatial
@@ -77,12 +90,12 @@ class CPURowReduction(CPURule):
             if guard is not None:
                 guards.append(guard)
         loops = sch.get_loops(last.block_rv)
-        # The row loops fuse into one parallel loop, except from the first whose extent divides
-        # or subtracts (a softmax over ``samples // 10 - 1`` frames): under a fused loop their
-        # bindings get a bounds predicate the analyzer cannot drop (it cannot tell the extent is
-        # positive), and ``parallel`` refuses the blocks. Those stay inside the fused leading ones.
+        # The row loops fuse into one parallel loop (with ``keep_compound_rows``, only those
+        # before the first whose extent divides or subtracts; see ``apply``).
         simple = 0
-        while simple < rows and not _divides(sch.get(loops[simple]).extent):
+        while simple < rows and not (
+            keep_compound_rows and _divides(sch.get(loops[simple]).extent)
+        ):
             simple += 1
         fused = max(simple, 1) if simple < rows else rows
         parallel = sch.fuse(*loops[:fused]) if fused > 1 else loops[0]
