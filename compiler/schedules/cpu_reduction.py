@@ -98,6 +98,10 @@ class CPURowReduction(CPURule):
         ):
             simple += 1
         fused = max(simple, 1) if simple < rows else rows
+        if fused < rows and len(loops) <= rows:
+            # The last block has no loop of its own (a mean over run-time axes): its innermost
+            # row loop would be the vector loop as well as where the reductions go. Declined.
+            return None
         parallel = sch.fuse(*loops[:fused]) if fused > 1 else loops[0]
         depth = 1 + rows - fused  # loops down to the innermost row loop
         row = sch.get_loops(last.block_rv)[depth - 1]
