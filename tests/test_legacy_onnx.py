@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qiao.compiler import compile, load
 from qiao.compiler.frontend import import_onnx
-from qiao.compiler.testing import assert_close, run_cli
+from qiao.compiler.testing import assert_close, kernels_packing_per_call, run_cli
 
 RNG = np.random.default_rng(3)
 
@@ -103,8 +103,6 @@ def test_initializers_listed_as_inputs_in_an_old_opset(tmp_path, mode):
     opset 9 and TVM's Pad-2 converter failed as "dynamic pads" (the zoo's AlexNet and ZFNet).
     Now the file is upgraded to opset 11 and matches ONNX Runtime; a Caffe2 file's weights are
     packed at load, not on every call."""
-    from qiao.compiler.testing import kernels_packing_per_call
-
     model = caffe2_style_model(opset=9, pad=True)
     path = tmp_path / "caffe2.onnx"
     onnx.save(model, path)

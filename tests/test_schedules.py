@@ -359,6 +359,8 @@ def test_softmax_over_a_computed_length():
     took the kernel. The compound row loop now stays inside the fused leading ones."""
     from tvm import tirx
 
+    from qiao.compiler.schedules.cpu_reduction import CPURowReduction
+
     def build(bb):
         b, samples = tvm.tirx.Var("b", "int64"), tvm.tirx.Var("samples", "int64")
         frames = tirx.FloorDiv(samples, tirx.IntImm("int64", 10)) - tirx.IntImm("int64", 1)
@@ -370,8 +372,6 @@ def test_softmax_over_a_computed_length():
 
     func = prim_func(fused_module(build), "softmax")
     target = _target()
-    from qiao.compiler.schedules.cpu_reduction import CPURowReduction
-
     sch = CPURowReduction().apply(func, target, False)  # raised before
     assert sch is not None
     scheduled = _finish(sch.mod["main"])

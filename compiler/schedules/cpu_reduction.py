@@ -91,13 +91,11 @@ class CPURowReduction(CPURule):
                 guards.append(guard)
         loops = sch.get_loops(last.block_rv)
         # The row loops fuse into one parallel loop (with ``keep_compound_rows``, only those
-        # before the first whose extent divides or subtracts; see ``apply``).
-        simple = 0
-        while simple < rows and not (
-            keep_compound_rows and _divides(sch.get(loops[simple]).extent)
-        ):
-            simple += 1
-        fused = max(simple, 1) if simple < rows else rows
+        # before the first whose extent divides or subtracts, at least one; see ``apply``).
+        fused = rows
+        if keep_compound_rows:
+            compound = [i for i in range(rows) if _divides(sch.get(loops[i]).extent)]
+            fused = max(compound[0], 1) if compound else rows
         if fused < rows and len(loops) <= rows:
             # The last block has no loop of its own (a mean over run-time axes): its innermost
             # row loop would be the vector loop as well as where the reductions go. Declined.
