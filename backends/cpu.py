@@ -134,6 +134,12 @@ class CPUBackend(TVMBackend):
 
         return cpu_schedule_passes(target, options, rules=self.schedule_rules(target))
 
+    def tir_pipeline(self, target) -> str:
+        """TVM's lowering, then strided vector loads as contiguous loads and shuffles."""
+        from qiao.compiler.passes.shuffle_strided_loads import cpu_tir_pipeline
+
+        return cpu_tir_pipeline()
+
     def device(self):
         return cpu_device()
 

@@ -215,6 +215,10 @@ class TVMBackend(Backend):
             moe_keys=self.tuning_keys(target),
         )
 
+    def tir_pipeline(self, target: Any) -> str:
+        """Name of the TIR lowering ``tvm.compile`` runs on the scheduled kernels."""
+        return "default"
+
     def compile_context(self, target: Any) -> contextlib.AbstractContextManager:
         """Entered around ``tvm.compile``: where a backend registers TVM callbacks (linkers...)."""
         return contextlib.nullcontext()
@@ -228,7 +232,12 @@ class TVMBackend(Backend):
         pipeline = make_pipeline(self.phases(target, options), target, options.get("dump_ir"))
         try:
             with self.compile_context(target), _stderr_kept_unless_failed():
-                return tvm.compile(mod, target=target, relax_pipeline=pipeline)
+                return tvm.compile(
+                    mod,
+                    target=target,
+                    relax_pipeline=pipeline,
+                    tir_pipeline=self.tir_pipeline(target),
+                )
         except CompileError:
             raise
         except Exception as err:

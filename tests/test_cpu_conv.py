@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 import tvm
+import tvm_ffi
 from tvm import relax
 
+from qiao.compiler.passes.shuffle_strided_loads import compile_cpu_kernel
 from qiao.compiler.schedules.cpu_gemm import DIRECT_ROWS, IMAGE_ROWS
 from qiao.compiler.schedules.cpu_info import cpu_info
 from qiao.compiler.testing import assert_close, fused_module, prim_func
@@ -51,8 +53,7 @@ def _schedule(func, target):
 
 
 def _build(func, target):
-    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
-    return tvm.compile(mod, target=target).jit()["main"]
+    return compile_cpu_kernel(func, target).jit()["main"]
 
 
 def _call(fn, inputs, out_shape):
@@ -164,6 +165,57 @@ def _check_depthwise(func, target, channels, size, stride, padding, kernel, epil
         inputs = [x, w, b.reshape(1, channels, 1, 1)] if "bias" in epilogue else [x, w]
         got = _call(fn, inputs, ref.shape)
         assert_close(got, ref.astype("float32"), name=f"batch {batch}", **TOL)
+
+
+# (channels, plane, kernel, padding, epilogue): stride-2 windows whose padded and in-bounds widths
+# are even (EfficientNet's 3x3 over 112x112 and 5x5 over 56x56, MobileNet's 3x3 over 8x8).
+EVEN_STRIDED = [
+    (4, 112, 3, 1, "bias silu"),
+    (6, 56, 5, 2, "bias silu"),
+    (24, 8, 3, 1, "bias relu6"),
+]
+
+
+@pytest.mark.parametrize("channels,size,kernel,padding,epilogue", EVEN_STRIDED)
+def test_strided_window_copies_its_padded_input_as_whole_vectors(
+    channels, size, kernel, padding, epilogue
+):
+    """The padded input of a stride-2 window is stored as two column phase planes. Laid out
+    before its zero padding was decomposed, the copy's bounds test coupled phase and column
+    (``1 <= 2·j + p``), the padding stayed one block with an ``if_then_else`` per element, and
+    TVM scalarised the whole copy. Now the padding is decomposed first (a fill block, an
+    in-bounds copy without a test), the copy's vector runs along one phase plane, and the
+    kernel matches torch."""
+    from tvm import tirx
+
+    target = _target()
+    func = _kernel(_depthwise(channels, size, 2, padding, kernel, epilogue), "conv2d")
+    scheduled, rule = _schedule(func, target)
+    assert rule == "CPUWindowReduction"
+    copies, fills, conditional = [], [], []
+
+    def on_block(block):
+        name = block.name_hint
+        if name.startswith("pad_temp"):
+            (fills if "pad_const" in name else copies).append(block)
+            conditional.append("if_then_else" in str(block.body))
+
+    tvm_ffi.structural_walk(scheduled.body, [(tvm.s_tir.SBlock, on_block)])
+    assert fills and copies and not any(conditional)
+    (shape,) = {tuple(int(d) for d in b.writes[0].source.shape[-2:]) for b in copies + fills}
+    assert shape[0] == 2  # two phase planes of every other column
+    vector_copies = []
+
+    def on_for(loop):
+        if loop.kind == tirx.ForKind.VECTORIZED:
+            tvm_ffi.structural_walk(
+                loop.body,
+                [(tvm.s_tir.SBlock, lambda b: vector_copies.append(b.name_hint == "pad_temp"))],
+            )
+
+    tvm_ffi.structural_walk(scheduled.body, [(tirx.For, on_for)])
+    assert any(vector_copies)
+    _check_depthwise(func, target, channels, size, 2, padding, kernel, epilogue)
 
 
 def _loops(func, n: int = 1) -> list:

@@ -17,6 +17,7 @@ import tvm
 import tvm_ffi
 from tvm import relax
 
+from qiao.compiler.passes.shuffle_strided_loads import compile_cpu_kernel
 from qiao.compiler.testing import assert_close, fused_module, prim_func
 
 ZNVER4 = {"kind": "llvm", "mcpu": "znver4", "num-cores": 2}  # AVX-512: 16 fp32 lanes
@@ -62,8 +63,7 @@ def _matmul_module(m, k, n, *, dyn=False, batch=None, transb=False, epilogue=Non
 
 
 def _build(func, target):
-    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
-    return tvm.compile(mod, target=target).jit()["main"]
+    return compile_cpu_kernel(func, target).jit()["main"]
 
 
 def _run(func, target, arrays):

@@ -88,7 +88,12 @@ class CPUWindowReduction(CPURule):
         position = infos.index(red)
         if any(not i.is_injective() for i in infos[position + 1 :]):
             return None
+        # A strided window over a padded input whose widths divide by the stride deinterleaves
+        # after the padding is decomposed (``_deinterleave_copy``); other strided windows here.
+        stride = None
         if position > 0:
+            stride = _phase_stride(sch, red.block_rv, infos[position - 1].block_rv)
+        if position > 0 and stride is None:
             try:
                 strided = deinterleaved(sch, red.block_rv, infos[position - 1].block_rv)
             except (s_tir.ScheduleError, RuntimeError) as err:
@@ -102,15 +107,19 @@ class CPUWindowReduction(CPURule):
         dtype = str(sch.get(red.block_rv).writes[0].source.dtype)
         lanes = cpu_info(target).lanes(dtype if dtype != "bool" else "int8")
         try:
-            _schedule_planes(sch, infos, position, spatial, lanes, _work(sch, red.block_rv))
+            _schedule_planes(sch, infos, position, spatial, lanes, _work(sch, red.block_rv), stride)
         except (s_tir.ScheduleError, RuntimeError) as err:
             log.debug("window reduction: %s", err)
             return None
         return sch
 
 
-def _schedule_planes(sch, infos, position: int, spatial: int, lanes: int, work: int | None) -> None:
-    """Schedule a window reduction per task of whole planes (rows of planes when large)."""
+def _schedule_planes(
+    sch, infos, position: int, spatial: int, lanes: int, work: int | None, stride: int | None
+) -> None:
+    """Schedule a window reduction per task of whole planes (rows of planes when large);
+    ``stride``: the padded input (the producer before the reduction) is stored deinterleaved by
+    ``_deinterleave_copy``."""
     from tvm import tirx
 
     red = infos[position].block_rv
@@ -187,8 +196,52 @@ def _schedule_planes(sch, infos, position: int, spatial: int, lanes: int, work: 
     for block in producers:
         first = sch.get_loops(block)[depth]
         if sch.can_decompose_padding(block, first):
-            _vectorize_rows(sch, sch.decompose_padding(block, first), lanes)
+            fill = sch.decompose_padding(block, first)
+            if stride is not None and block.same_as(producers[-1]):
+                _deinterleave_copy(sch, fill, block, stride, lanes)
+                continue
+            _vectorize_rows(sch, fill, lanes)
         _vectorize_rows(sch, block, lanes)
+
+
+def _phase_stride(sch, red, producer) -> int | None:
+    """The stride of ``red``'s window over the padded input ``producer`` writes, when
+    ``_deinterleave_copy`` can store that input as stride phase planes: the padded width and
+    the in-bounds width (the copy's columns) both divide by it."""
+    stride = _window_stride(sch, red, producer)
+    block = sch.get(producer)
+    pad = _padding(block)
+    if stride is None or stride < 2 or pad is None:
+        return None
+    padded = static_int(block.writes[0].source.shape[-1])
+    source = [r.source for r in block.reads]
+    inner = static_int(source[0].shape[-1]) if len(source) == 1 else None
+    if padded is None or inner is None or padded % stride or inner % stride:
+        return None
+    return stride
+
+
+def _deinterleave_copy(sch, fill, copy, stride: int, lanes: int) -> None:
+    """Store a decomposed zero padding (``fill``, then the in-bounds ``copy``) as ``stride``
+    planes of every ``stride``-th column (``pad[h, w % s, w // s]``), each written as whole
+    contiguous vectors: the column loops split by the stride, phase outside.
+
+    The reduction's taps then read contiguous vectors (``x·s + rx`` lands in plane ``rx % s``),
+    and the copy reads every ``s``-th input column, one contiguous store per plane row, which
+    ``ShuffleStridedLoads`` turns into whole-vector loads and shuffles. Laid out before the
+    padding is decomposed (``deinterleaved``), the copy's bounds test couples the phase and the
+    column (``1 <= 2·j + p``), ``decompose_padding`` declines it, and TVM scalarises the whole
+    copy (a vector ``if_then_else``): one scalar load and store per element, most of a 96-channel
+    112x112 stride-2 depthwise convolution's time."""
+    sch.transform_layout(
+        fill, ("write", 0), lambda *idx: [*idx[:-1], idx[-1] % stride, idx[-1] // stride]
+    )
+    for block in (fill, copy):
+        columns, phase = sch.split(sch.get_loops(block)[-1], [None, stride])
+        sch.reorder(phase, columns)
+        width = _row_vector_width(static_int(sch.get(columns).extent), lanes)
+        if width > 1:
+            sch.vectorize(sch.split(columns, [None, width])[1])
 
 
 def _depth(sch, block, loop) -> int:
@@ -255,16 +308,7 @@ def deinterleaved(sch, red, producer):
     from tvm.ir.expr import Call, Var
     from tvm.tirx.function import IndexMap
 
-    block = sch.get(red)
-    buffer = sch.get(producer).writes[0].source
-    reduce = sum(1 for iv in block.iter_vars if iv.iter_type == tirx.IterVar.CommReduce)
-    out_x = block.iter_vars[len(block.iter_vars) - 1 - reduce].var
-    strides = set()
-    for region in block.reads:
-        if region.source.same_as(buffer):
-            coeffs = tvm.sym.detect_linear_equation(region.region[-1].min, [out_x])
-            strides.add(static_int(coeffs[0]) if len(coeffs) == 2 else None)
-    stride = strides.pop() if len(strides) == 1 else None
+    stride = _window_stride(sch, red, producer)
     pad = _padding(sch.get(producer))
     if stride is None or stride < 2 or pad is None:
         return None
@@ -325,6 +369,24 @@ def deinterleaved(sch, red, producer):
         )
 
     return tvm_ffi.structural_mutate(sch.mod["main"], [(s_tir.SBlock, on_block)])
+
+
+def _window_stride(sch, red, producer) -> int | None:
+    """The coefficient of the last output iterator in ``red``'s reads of ``producer``'s buffer
+    (the window's stride along rows), when it is one static value."""
+    import tvm
+    from tvm import tirx
+
+    block = sch.get(red)
+    buffer = sch.get(producer).writes[0].source
+    reduce = sum(1 for iv in block.iter_vars if iv.iter_type == tirx.IterVar.CommReduce)
+    out_x = block.iter_vars[len(block.iter_vars) - 1 - reduce].var
+    strides = set()
+    for region in block.reads:
+        if region.source.same_as(buffer):
+            coeffs = tvm.sym.detect_linear_equation(region.region[-1].min, [out_x])
+            strides.add(static_int(coeffs[0]) if len(coeffs) == 2 else None)
+    return strides.pop() if len(strides) == 1 else None
 
 
 def _conjuncts(expr) -> list:

@@ -306,11 +306,9 @@ def write_entry(
 # Measuring schedules (``qiao tune``)
 # ------------------------------------------------------------------------------------------------
 def _compile_kernel(func, target):
-    import tvm
+    from qiao.compiler.passes.shuffle_strided_loads import compile_cpu_kernel
 
-    return tvm.compile(
-        tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target
-    )
+    return compile_cpu_kernel(func, target)
 
 
 @functools.lru_cache(maxsize=16)

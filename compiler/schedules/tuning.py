@@ -258,6 +258,7 @@ def tune_gemm(
     from tvm import s_tir
 
     from qiao.compiler.errors import QiaoError
+    from qiao.compiler.passes.shuffle_strided_loads import compile_cpu_kernel
     from qiao.compiler.schedules.cpu_gemm import (
         CPUMatmul,
         candidate_tiles,
@@ -296,10 +297,7 @@ def tune_gemm(
             scheduled = _finish(sch.mod["main"], target)
             path = os.path.join(tmp, f"cand{n}.so")
             try:
-                ex = tvm.compile(
-                    tvm.IRModule({"main": scheduled.with_attr("global_symbol", "main")}),
-                    target=target,
-                )
+                ex = compile_cpu_kernel(scheduled, target)
                 ex.export_library(path)
                 libs.append((tile, path))
             except Exception as err:  # a candidate the compiler rejects is just not measured
