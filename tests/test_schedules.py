@@ -605,6 +605,44 @@ def test_serial_small_kernels_branches_on_work_and_stays_correct():
         assert_close(got, x + 2)
 
 
+def test_serial_small_kernels_weighs_long_bodies():
+    """A block whose body is an exp polynomial (SiLU: about 35 operations per vector) counts its
+    operations: a 96x56x56 SiLU stays parallel, an add of the same size is made serial (each
+    counted one per vector, the SiLU had been serial too: twice ONNX Runtime's time). The
+    parallel SiLU matches NumPy."""
+    from qiao.compiler.passes.serial_small_kernels import serial_when_small
+    from qiao.compiler.passes.vectorizable_math import rewrite_math
+    from qiao.compiler.schedules.cpu import CPUInjective
+
+    shape = (1, 96, 56, 56)
+
+    def build(op):
+        def fn(bb):
+            x = relax.Var("x", relax.TensorType(shape, "float32"))
+            with bb.function("main", [x]):
+                with bb.dataflow():
+                    out = bb.emit_output(op(x))
+                bb.emit_func_output(out)
+
+        return fn
+
+    target = _target()
+    kernels = {}
+    for name, op in {
+        "silu": lambda x: relax.op.multiply(x, relax.op.sigmoid(x)),
+        "add": lambda x: relax.op.add(x, relax.const(2.0, "float32")),
+    }.items():
+        func = prim_func(fused_module(build(op)), "fused" if name == "silu" else "add")
+        scheduled = CPUInjective().apply(func, target, False).mod["main"]
+        kernels[name] = serial_when_small(rewrite_math(scheduled))
+    assert "T.parallel(" in _script(kernels["silu"])
+    assert "T.parallel(" not in _script(kernels["add"])
+    x = np.random.default_rng(0).standard_normal(shape).astype("float32") * 4
+    got = _run(kernels["silu"], target, [x, np.zeros_like(x)])[-1]
+    ref = x.astype("float64") / (1 + np.exp(-x.astype("float64")))
+    assert_close(got, ref.astype("float32"), rtol=1e-5, atol=1e-6)
+
+
 def test_serial_small_kernels_weighs_hand_written_kernels():
     """A kernel written directly in TIR has no blocks under its root; its stores are its work.
     (Counted as zero, every int4 GEMM of a decoder had been made serial: one core of two.)"""
