@@ -19,6 +19,7 @@ loads with fewer lanes than the stride are left alone.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from qiao.compiler.passes.apply_schedule_rules import primfunc_rewrite_pass
@@ -60,10 +61,10 @@ def shuffled(load):
         )
         for s in starts
     ]
+    before_last = (chunks - 1) * lanes
     indices = []
     for j in range(lanes):
         offset = stride * j
-        before_last = (chunks - 1) * lanes
         indices.append(offset if offset < before_last else before_last + offset - last)
     return tirx.Shuffle(vectors, [tirx.const(i, "int32") for i in indices])
 
@@ -86,9 +87,10 @@ def ShuffleStridedLoads() -> Any:  # noqa: N802 - a pass constructor, named like
     return primfunc_rewrite_pass("ShuffleStridedLoads", shuffle_strided_loads)
 
 
+@functools.cache
 def cpu_tir_pipeline() -> str:
-    """Register qiao's CPU TIR lowering (TVM's default, then ``ShuffleStridedLoads``) with TVM and
-    return its name, for ``tvm.compile(..., tir_pipeline=name)``."""
+    """Register qiao's CPU TIR lowering (TVM's default, then ``ShuffleStridedLoads``) with TVM,
+    once per process, and return its name, for ``tvm.compile(..., tir_pipeline=name)``."""
     import tvm
     from tvm.tirx import compilation_pipeline
 

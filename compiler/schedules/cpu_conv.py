@@ -233,9 +233,7 @@ def _deinterleave_copy(sch, fill, copy, stride: int, lanes: int) -> None:
     column (``1 <= 2·j + p``), ``decompose_padding`` declines it, and TVM scalarises the whole
     copy (a vector ``if_then_else``): one scalar load and store per element, most of a 96-channel
     112x112 stride-2 depthwise convolution's time."""
-    sch.transform_layout(
-        fill, ("write", 0), lambda *idx: [*idx[:-1], idx[-1] % stride, idx[-1] // stride]
-    )
+    sch.transform_layout(fill, ("write", 0), _phase_planes(stride))
     for block in (fill, copy):
         columns, phase = sch.split(sch.get_loops(block)[-1], [None, stride])
         sch.reorder(phase, columns)
@@ -313,9 +311,7 @@ def deinterleaved(sch, red, producer):
     if stride is None or stride < 2 or pad is None:
         return None
 
-    def index_map(*idx):
-        return [*idx[:-1], idx[-1] % stride, idx[-1] // stride]
-
+    index_map = _phase_planes(stride)
     sch.transform_layout(producer, ("write", 0), index_map, pad_value=pad[2])
     stored = sch.get(producer)
     if not isinstance(stored.writes[0].region[-1].min, Var):
@@ -369,6 +365,15 @@ def deinterleaved(sch, red, producer):
         )
 
     return tvm_ffi.structural_mutate(sch.mod["main"], [(s_tir.SBlock, on_block)])
+
+
+def _phase_planes(stride: int):
+    """Index map of the stride phase layout: the last index ``w`` becomes ``(w % s, w // s)``."""
+
+    def index_map(*idx):
+        return [*idx[:-1], idx[-1] % stride, idx[-1] // stride]
+
+    return index_map
 
 
 def _window_stride(sch, red, producer) -> int | None:
