@@ -91,16 +91,17 @@ class QiaoMoE(RunnerEngine):
     on the device as its parameters; ``run`` returns y, ``time`` uses TVM's evaluator."""
 
     def __init__(self, w: MoEWeights, target: str = "cpu", arch: str | None = None):
-        import tvm
 
         from qiao.backends import TVMRunner, get_backend
+        from qiao.backends.tvm_backend import weight_tensor
         from qiao.compiler.frontend import import_onnx
 
         class WeightsRunner(TVMRunner):
             # main(x, logits, fc1, fc2) takes the weights as its last inputs, which is where the
-            # runner appends its parameters; they are copied as they are (no lifted packing).
+            # runner appends its parameters; they are copied as they are (no lifted packing),
+            # onto huge pages as the runner's own weights are (``weight_tensor``).
             def prepare_params(self, params):
-                return [tvm.runtime.tensor(p, self.device) for p in params]
+                return [weight_tensor(p, self.device) for p in params]
 
         backend = get_backend(target)
         self.tvm_target = backend.target(arch)
