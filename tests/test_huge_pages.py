@@ -25,10 +25,28 @@ def _thp_mode() -> str | None:
         return None
 
 
+THP_REASON = "transparent huge pages need Linux with THP enabled (mode 'always' or 'madvise')"
 needs_thp = pytest.mark.skipif(
-    not sys.platform.startswith("linux") or _thp_mode() in (None, "never"),
-    reason="transparent huge pages need Linux with THP enabled (mode 'always' or 'madvise')",
+    not sys.platform.startswith("linux") or _thp_mode() in (None, "never"), reason=THP_REASON
 )
+
+
+def dense_onnx(folder):
+    """``dense.onnx`` in ``folder``: ``y = x @ w`` with ``w`` a seeded 2048 x N float32 weight of
+    ``HUGE_PAGE_MIN_BYTES``, rows symbolic; returns (path, w)."""
+    K, N = 2048, HUGE_PAGE_MIN_BYTES // 4 // 2048
+    w = np.random.default_rng(1).standard_normal((K, N)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "dense",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", N])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = folder / "dense.onnx"
+    onnx.save(model, str(path))
+    return path, w
 
 
 def _advised(ptr: int, nbytes: int) -> bool:
@@ -100,18 +118,8 @@ def test_runner_weights_packed_at_load_are_on_huge_pages(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tvm_backend, "weight_tensor", spy)
 
-    K, N = 2048, HUGE_PAGE_MIN_BYTES // 4 // 2048
-    w = np.random.default_rng(1).standard_normal((K, N)).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])],
-        "dense",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", K])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", N])],
-        [numpy_helper.from_array(w, "w")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    path = tmp_path / "dense.onnx"
-    onnx.save(model, str(path))
+    path, w = dense_onnx(tmp_path)
+    K = w.shape[0]
     art = compile(str(path), "cpu", tmp_path / "art")
     runner = art.runner
     large = [p for p in runner.params if p.numel() * 4 >= HUGE_PAGE_MIN_BYTES]

@@ -179,6 +179,64 @@ def test_runtime_feature_tables_match_qiao():
     assert runtime.ARM_FLAGS == cpu_info._ARM_FLAGS
 
 
+def test_runtime_huge_page_rule_matches_qiao():
+    """The bundle's copy of the runner's huge-page rule (it cannot import qiao): the same
+    thresholds, and the same answer for a region without a whole 2 MB page."""
+    from qiao.backends import tvm_backend
+
+    runtime = _runtime_module()
+    assert runtime.HUGE_PAGE_BYTES == tvm_backend.HUGE_PAGE_BYTES
+    assert runtime.HUGE_PAGE_MIN_BYTES == tvm_backend.HUGE_PAGE_MIN_BYTES
+    inside = (runtime.HUGE_PAGE_BYTES + 64, runtime.HUGE_PAGE_BYTES)
+    assert runtime.advise_huge_pages(*inside) is tvm_backend.advise_huge_pages(*inside) is False
+
+
+HUGE_PAGE_CHECK = """
+import json, re, sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+import qiao_runtime as rt
+bundle = rt.Bundle(sys.argv[1])
+maps = re.split(r"\\n(?=[0-9a-f]+-[0-9a-f]+ )", open("/proc/self/smaps").read())
+def advised(ptr):
+    page = -(-ptr // rt.HUGE_PAGE_BYTES) * rt.HUGE_PAGE_BYTES
+    for block in maps:
+        lo, hi = (int(x, 16) for x in block.split()[0].split("-"))
+        if lo <= page < hi:
+            return "hg" in re.search(r"VmFlags:(.*)", block).group(1).split()
+large = [p for p in bundle.params if rt.Bundle._large_host_copyable(p)]
+y = bundle.run({"x": np.load(sys.argv[2])})["y"]
+np.save(sys.argv[3], y)
+print(json.dumps([advised(p.data_ptr()) for p in large]))
+"""
+
+
+def test_bundle_keeps_large_weights_on_huge_pages(numpy_python, tmp_path):
+    """A CPU bundle whose 8 MB weight is packed at load, run with NumPy only: its packed weight
+    sits on memory advised onto huge pages, and the layer computes x @ w."""
+    from qiao.compiler import compile
+    from tests.test_huge_pages import THP_REASON, _thp_mode, dense_onnx
+
+    if not sys.platform.startswith("linux") or _thp_mode() in (None, "never"):
+        pytest.skip(THP_REASON)
+    path, w = dense_onnx(tmp_path)
+    artifact = compile(str(path), "cpu", tmp_path / "art")
+    bundle = tmp_path / "bundle"
+    pack(artifact.directory, bundle)
+    x = np.random.default_rng(3).standard_normal((4, w.shape[0])).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    (tmp_path / "check.py").write_text(HUGE_PAGE_CHECK)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+    run = subprocess.run(
+        [numpy_python, str(tmp_path / "check.py"), str(bundle), str(tmp_path / "x.npy"),
+         str(tmp_path / "y.npy")],
+        capture_output=True, text=True, timeout=300, cwd=str(tmp_path), env=env,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == [True]
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), x @ w, rtol=1e-4, atol=1e-3)
+
+
 def test_bad_inputs_exit_2(bundles, numpy_python, tmp_path):
     _, bundle = bundles("mlp")
     np.savez(tmp_path / "bad.npz", x=np.zeros((2, 63), np.float32))

@@ -23,6 +23,12 @@ import time
 import numpy as np
 
 BUNDLE_MANIFEST = "bundle.json"
+# CPU weights of at least HUGE_PAGE_MIN_BYTES live on memory advised onto 2 MB transparent huge
+# pages before they are written, as in qiao's runner (qiao.backends.tvm_backend, whose figures and
+# reasons are there; tests/test_pack.py checks the two agree): a bundle cannot import qiao.
+HUGE_PAGE_BYTES = 2 << 20
+HUGE_PAGE_MIN_BYTES = 8 << 20
+_MADV_HUGEPAGE = 14
 BUNDLE_FORMAT = 1
 POOLED_ALLOCATOR = 2  # tvm.runtime.vm.VirtualMachine.POOLED_ALLOCATOR
 
@@ -43,6 +49,22 @@ ARM_FLAGS = {
     "asimd": "neon", "asimddp": "dotprod", "fphp": "fullfp16", "sve": "sve", "sve2": "sve2",
     "i8mm": "i8mm", "bf16": "bf16",
 }  # fmt: skip
+
+
+def advise_huge_pages(ptr: int, nbytes: int) -> bool:
+    """Ask Linux to back the whole 2 MB pages inside ``[ptr, ptr + nbytes)`` with transparent huge
+    pages (``madvise(MADV_HUGEPAGE)``); effective for pages not yet written. False where it was
+    not done (another OS, no whole page inside, THP unavailable)."""
+    start = -(-ptr // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
+    end = (ptr + nbytes) // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
+    if not sys.platform.startswith("linux") or end <= start:
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return False
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise(start, end - start, _MADV_HUGEPAGE) == 0
 
 
 class BundleError(Exception):
@@ -237,16 +259,39 @@ class Bundle:
             transform = self.vm["main_transform_params"]
         except Exception:  # artifacts without load-time weight packing
             return tensors
-        return list(transform(tensors))
+        out = list(transform(tensors))
+        tensors.clear()
+        if self.device_name == "cpu":
+            # large packed weights moved onto huge pages, one at a time (through the host)
+            for i, tensor in enumerate(out):
+                if self._large_host_copyable(tensor):
+                    out[i] = self.to_device(self.to_numpy(tensor))
+                del tensor
+        return out
+
+    @staticmethod
+    def _large_host_copyable(tensor) -> bool:
+        """At least ``HUGE_PAGE_MIN_BYTES``, of a dtype NumPy holds (not bfloat16)."""
+        try:
+            itemsize = np.dtype(str(tensor.dtype)).itemsize
+        except TypeError:
+            return False
+        count = 1
+        for d in tensor.shape:
+            count *= int(d)
+        return count * itemsize >= HUGE_PAGE_MIN_BYTES
 
     def to_device(self, array: np.ndarray):
         """Copy a NumPy array into a new TVM tensor on the bundle's device (TVM allocates it
-        aligned, as compiled kernels assume; a NumPy buffer may not be)."""
+        aligned, as compiled kernels assume; a NumPy buffer may not be); a large one on the CPU
+        onto memory advised onto huge pages first."""
         array = np.ascontiguousarray(array)
         shape = self.ffi.Shape([int(d) for d in array.shape])
         # .npy has no bfloat16: qiao's bfloat16 weights (--dtype) read back as raw 2-byte void
         dtype = "bfloat16" if array.dtype == np.dtype("V2") else str(array.dtype)
         tensor = self._alloc(shape, self.ffi.dtype(dtype), self.device, None)
+        if self.device_name == "cpu" and array.nbytes >= HUGE_PAGE_MIN_BYTES:
+            advise_huge_pages(tensor.data_ptr(), array.nbytes)
         self._copy_from(tensor, ctypes.c_void_p(array.ctypes.data), array.nbytes)
         return tensor
 
