@@ -9,6 +9,7 @@ writes (the packed-imports blob, the device module) are in ``binfmt``."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -45,21 +46,25 @@ _MADV_HUGEPAGE = 14
 _DLPACK_CPU = 1
 
 
+@functools.cache
 def _libc():
+    """The C library, looked up once per process (``find_library`` runs ``ldconfig``), with
+    ``madvise``'s argument types set; None where it cannot be loaded."""
     import ctypes
     import ctypes.util
 
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     except OSError:
         return None
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
 
 
 def advise_huge_pages(ptr: int, nbytes: int) -> bool:
     """Ask Linux to back the whole 2 MB pages inside ``[ptr, ptr + nbytes)`` with transparent huge
     pages (``madvise(MADV_HUGEPAGE)``); effective for pages not yet written. False where it was
     not done (another OS, no whole page inside, THP unavailable)."""
-    import ctypes
     import sys
 
     start = -(-ptr // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
@@ -67,7 +72,6 @@ def advise_huge_pages(ptr: int, nbytes: int) -> bool:
     libc = _libc() if sys.platform.startswith("linux") and end > start else None
     if libc is None:
         return False
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return libc.madvise(start, end - start, _MADV_HUGEPAGE) == 0
 
 

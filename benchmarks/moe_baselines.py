@@ -91,7 +91,6 @@ class QiaoMoE(RunnerEngine):
     on the device as its parameters; ``run`` returns y, ``time`` uses TVM's evaluator."""
 
     def __init__(self, w: MoEWeights, target: str = "cpu", arch: str | None = None):
-
         from qiao.backends import TVMRunner, get_backend
         from qiao.backends.tvm_backend import weight_tensor
         from qiao.compiler.frontend import import_onnx
