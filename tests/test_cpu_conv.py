@@ -748,6 +748,41 @@ def test_positions_as_rows_tile():
         assert n_tiles // tile.nc_tiles >= 4 * cpu.num_cores, (cpu, tile)
 
 
+def test_few_column_tasks_split_their_rows_over_the_cores():
+    """A 1x1 convolution over a 14x14 map (196 positions: 7 column tiles of 32 with AVX-512, 13
+    of 16 with AVX2) splits its 672 output channels into row blocks so that the tasks share out
+    evenly over 2 and 4 cores (``TASK_BALANCE``); 64 column tiles (a 64x64 map) stay whole-row
+    tasks."""
+    from qiao.compiler.schedules.cpu_gemm import (
+        TASK_BALANCE,
+        GemmShape,
+        check_tile,
+        choose_tile,
+        task_balance,
+    )
+    from qiao.compiler.schedules.cpu_info import CPUInfo
+
+    for bits, regs, lanes in ((256, 16, 8), (512, 32, 16)):
+        for cores in (2, 4):
+            cpu = CPUInfo(bits, regs, cores)
+            for positions, split in ((196, True), (4096, False)):
+                shape = GemmShape(None, 672, positions, 112, "float32")
+                tile = choose_tile(cpu, shape)
+                check_tile(tile, shape, lanes)
+                n_tiles = -(-positions // tile.nr(lanes))
+                m_tiles = -(-672 // tile.mr)
+                tasks = n_tiles // (tile.nc_tiles or n_tiles) * (m_tiles // tile.mc_tiles)
+                assert task_balance(tasks, cores) >= TASK_BALANCE, (cpu, tile, tasks)
+                assert (tile.mc_tiles < m_tiles) == split, (cpu, tile)
+
+
+def test_row_blocks_of_a_small_map_convolution_match_torch():
+    """The 1x1 convolution over 14x14 with its output channels in row blocks (on this host's
+    cores; residual add and ReLU fused) matches torch's conv2d in float64 at batch 1 and 3."""
+    scheduled, check = _residual_conv(40, 96, 14, 1, 1, 0)
+    check(atol=1e-4)
+
+
 def test_rows_outside_only_for_a_small_column_block():
     """A task sweeps its column tiles inside each row tile (long contiguous output runs) only
     when its whole ``B`` block fits ``ROWS_OUTSIDE_B_BYTES``: convolution tasks (1x1 from 16

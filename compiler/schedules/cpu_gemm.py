@@ -221,7 +221,10 @@ def choose_tile(cpu: CPUInfo, shape: GemmShape) -> GemmTile:
     ``nr`` wastes the least ``J`` padding (ties favour two vectors, the best measured micro-kernel);
     ``mr`` fills the registers (shrunk for a short static ``I``). Task blocks ``mc_tiles`` /
     ``nc_tiles`` always divide the tile counts (a ragged split would put a predicate into the
-    micro-kernel), and are as large as possible while every core keeps several tasks.
+    micro-kernel), and are as large as possible while every core keeps several tasks; a
+    convolution with few column tasks splits its rows so that the tasks share out evenly over the
+    cores (``task_balance``: TVM's parallel loops split statically, so 7 tasks on two cores run as
+    4, the other core idle for one).
     """
 
     lanes = cpu.lanes(shape.dtype)
@@ -281,6 +284,10 @@ def choose_tile(cpu: CPUInfo, shape: GemmShape) -> GemmTile:
             if d * panel_bytes <= CONV_PANEL_BYTES and n_tiles // d >= min(n_tiles, tasks_wanted)
         ]
         nc_tiles = max(fits or [1])
+        # Few column tasks that do not share out evenly over the cores (a 14x14 map: 7 tiles of
+        # 32 positions, 4 + 3 on two cores) take the output channels in as many row blocks as
+        # even them out (each block packs its own copy of the task's im2col columns).
+        mc_tiles = m_tiles // _balancing_split(n_tiles // nc_tiles, m_tiles, cpu.num_cores)
         nc_tiles = 0 if nc_tiles == n_tiles else nc_tiles
     elif shape.n is not None and shape.m is not None:
         n_tiles = _ceil_div(shape.n, nr)
@@ -332,6 +339,28 @@ def _b_bytes(shape: GemmShape, cols: int) -> int:
     from tvm import DataType
 
     return (shape.k or 1) * cols * DataType(shape.dtype).bits // 8
+
+
+def task_balance(tasks: int, cores: int) -> float:
+    """Share of the cores' time spent working when ``tasks`` equal tasks are split statically
+    over ``cores`` (TVM's parallel loops give each thread one contiguous run of tasks)."""
+    return tasks / (_ceil_div(tasks, cores) * cores)
+
+
+# A task count whose static split keeps the cores at least this busy needs no further split
+# (``_balancing_split``): 25 tasks on two cores, 0.96.
+TASK_BALANCE = 0.95
+
+
+def _balancing_split(tasks: int, m_tiles: int, cores: int) -> int:
+    """Row blocks (a divisor of ``m_tiles``) by which to multiply ``tasks`` so that they share
+    out over ``cores`` evenly (``TASK_BALANCE``): the fewest that do, else the best balance among
+    splits up to four (1: leave them)."""
+    options = _divisors_up_to(m_tiles, 4)
+    good = [r for r in options if task_balance(tasks * r, cores) >= TASK_BALANCE]
+    if good:
+        return good[0]
+    return max(options, key=lambda r: (task_balance(tasks * r, cores), -r))
 
 
 def _column_blocks(n_tiles: int, tasks_wanted: int) -> int:
