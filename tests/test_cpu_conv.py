@@ -735,8 +735,8 @@ def test_pointwise_convolution_reads_its_input_in_place(cin, cout, size, stride,
 def test_positions_as_rows_tile():
     """The tile of a 7x7 map as rows: the height that pads the fewest of the 49 rows (5 with 16
     registers, 7 with 32), every row in every task (``mc_tiles=0``: the im2col rows packed once),
-    and column tasks of whole weight panels, several per core."""
-    from qiao.compiler.schedules.cpu_gemm import GemmShape, check_tile, choose_tile
+    and column tasks of whole weight panels, several per core, as many on each core."""
+    from qiao.compiler.schedules.cpu_gemm import GemmShape, check_tile, choose_tile, task_balance
     from qiao.compiler.schedules.cpu_info import CPUInfo
 
     for cpu, lanes, mr in ((CPUInfo(256, 16, 2), 8, 5), (CPUInfo(512, 32, 2), 16, 7)):
@@ -746,6 +746,12 @@ def test_positions_as_rows_tile():
         assert (tile.mr, tile.nr_vectors, tile.mc_tiles) == (mr, 2, 0), (cpu, tile)
         n_tiles = 512 // tile.nr(lanes)
         assert n_tiles // tile.nc_tiles >= 4 * cpu.num_cores, (cpu, tile)
+        # 576 channels (18 or 36 column tiles): whole blocks that share out evenly over the two
+        # cores (not 9 tasks of two tiles with AVX-512)
+        wide = GemmShape(None, 49, 576, 96, "float32", image_rows=True)
+        tile = choose_tile(cpu, wide)
+        tasks = 576 // tile.nr(lanes) // (tile.nc_tiles or 576 // tile.nr(lanes))
+        assert tasks >= 4 * cpu.num_cores and task_balance(tasks, cpu.num_cores) == 1, (cpu, tile)
 
 
 def test_few_column_tasks_split_their_rows_over_the_cores():

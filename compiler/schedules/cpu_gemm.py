@@ -267,7 +267,7 @@ def choose_tile(cpu: CPUInfo, shape: GemmShape) -> GemmTile:
         # latency; ties take the taller), every row in every task (the im2col rows are packed
         # once, up front, and each task reads them from cache against its own weight panels).
         mr = min(range(4, max(mr, 4) + 1), key=lambda r: (_ceil_div(shape.m, r) * r, -r))
-        mc_tiles, nc_tiles = 0, _column_blocks(_ceil_div(shape.n, nr), tasks_wanted)
+        mc_tiles, nc_tiles = 0, _column_blocks(_ceil_div(shape.n, nr), tasks_wanted, cpu.num_cores)
     elif shape.n is not None and shape.m is not None and shape.s is None:
         # Both tile extents static, a symbolic batch outside (a convolution: I = output channels,
         # J = image positions). Every task holds every output channel and a block of positions,
@@ -313,7 +313,7 @@ def choose_tile(cpu: CPUInfo, shape: GemmShape) -> GemmTile:
         # and serves every row tile from cache. Row tasks would each stream all of B (a 12 MB
         # weight per 6 rows), and a few rows would leave cores idle. The fewest column blocks
         # that make enough tasks (at least two panels per core to get here).
-        mc_tiles, nc_tiles = 0, _column_blocks(_ceil_div(shape.n, nr), tasks_wanted)
+        mc_tiles, nc_tiles = 0, _column_blocks(_ceil_div(shape.n, nr), tasks_wanted, cpu.num_cores)
     return GemmTile(mr, nv, mc_tiles, nc_tiles, k_unroll)
 
 
@@ -363,11 +363,15 @@ def _balancing_split(tasks: int, m_tiles: int, cores: int) -> int:
     return max(options, key=lambda r: (task_balance(tasks * r, cores), -r))
 
 
-def _column_blocks(n_tiles: int, tasks_wanted: int) -> int:
+def _column_blocks(n_tiles: int, tasks_wanted: int, cores: int) -> int:
     """``nc_tiles`` for column tasks with every row in every task: the widest block of column
-    tiles that still makes ``tasks_wanted`` tasks (``0``: all columns in one task)."""
+    tiles that still makes ``tasks_wanted`` tasks, sharing out evenly over ``cores`` where some
+    block does (``task_balance``: 18 tiles as 18 tasks rather than 9 on two cores); ``0``: all
+    columns in one task."""
     divisors = _divisors_up_to(n_tiles, n_tiles)
-    nc_tiles = max([d for d in divisors if n_tiles // d >= tasks_wanted] or [1])
+    enough = [d for d in divisors if n_tiles // d >= tasks_wanted] or [1]
+    even = [d for d in enough if task_balance(n_tiles // d, cores) >= TASK_BALANCE]
+    nc_tiles = max(even or enough)
     return 0 if nc_tiles == n_tiles else nc_tiles
 
 
