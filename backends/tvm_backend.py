@@ -276,6 +276,7 @@ class TVMBackend(Backend):
             lift_params=self.lift_weight_packing,
             gpu=self.is_gpu,
             moe_keys=self.tuning_keys(target),
+            dim_bounds={k: hi for k, (_, hi) in (options.get("dim_ranges") or {}).items()},
         )
 
     def tir_pipeline(self, target: Any) -> str:

@@ -369,11 +369,17 @@ def record_validation(artifact_dir: str, result: dict) -> None:
     _write_json_atomic(os.path.join(artifact_dir, MANIFEST), manifest)
 
 
-def check_inputs(specs: Sequence[Mapping[str, Any]], inputs: Mapping[str, Any]) -> list[np.ndarray]:
-    """Order ``inputs`` as ``specs`` and check names, dtypes, ranks, static dims, and that each
-    symbolic dim has one value across all inputs.
+def check_inputs(
+    specs: Sequence[Mapping[str, Any]],
+    inputs: Mapping[str, Any],
+    dim_ranges: Mapping[str, Sequence[int]] | None = None,
+) -> list[np.ndarray]:
+    """Order ``inputs`` as ``specs`` and check names, dtypes, ranks, static dims, that each
+    symbolic dim has one value across all inputs, and that it lies in its compiled range
+    (``dim_ranges``: the memory plan holds that many, no more).
 
     Raises ``InputMismatch`` naming the input, expected vs got."""
+    ranges = dict(dim_ranges or {})
     names = [s["name"] for s in specs]
     missing = [n for n in names if n not in inputs]
     extra = [n for n in inputs if n not in names]
@@ -413,6 +419,14 @@ def check_inputs(specs: Sequence[Mapping[str, Any]], inputs: Mapping[str, Any]) 
                     raise InputMismatch(
                         f"input {name!r}: axis {axis} is {dim!r}={got}, but input {other!r} has "
                         f"{dim!r}={bound[dim][0]}; inputs sharing a symbolic dim must agree"
+                    )
+                if dim in ranges and not ranges[dim][0] <= got <= ranges[dim][1]:
+                    lo, hi = ranges[dim]
+                    raise InputMismatch(
+                        f"input {name!r}: axis {axis} is {dim!r}={got}, outside the range "
+                        f"{lo}..{hi} the artifact was compiled for. fix: pass {dim} within "
+                        f"{lo}..{hi}, or recompile with --dim-range {dim}={min(lo, got)}:"
+                        f"{max(hi, got)}"
                     )
                 bound.setdefault(dim, (got, name))
         ordered.append(np.asarray(value, order="C"))  # ascontiguousarray makes 0-d 1-d

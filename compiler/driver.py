@@ -267,6 +267,7 @@ def compile(
         kv_cache=options.kv_cache,
         external_dir=resolved.external_dir,
     )
+    _check_dim_ranges(options.dim_ranges, imported.inputs)
     out = os.fspath(output_dir) if output_dir else default_output_dir(resolved.name, target, arch)
     source = dict(resolved.source, sha256=None)
     if "path" in source and os.path.isfile(source["path"]):
@@ -310,6 +311,10 @@ def compile(
             manifest["quantization"] = quantization
         if weights_dtype is not None:
             manifest["dtype"] = _tensor_core_compute(weights_dtype, target_obj)
+        if options.dim_ranges:
+            manifest["dim_ranges"] = {
+                k: [int(lo), int(hi)] for k, (lo, hi) in options.dim_ranges.items()
+            }
         if resolved.decoder is not None:
             kv_cache = "concat" if concat_cache else options.get("kv_cache") or "copy"
             manifest["decoder"] = dict(resolved.decoder, kv_cache=kv_cache, logits=logits_rows)
@@ -386,7 +391,7 @@ class Artifact:
         return self._runner
 
     def check_inputs(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        return art.check_inputs(self.inputs, inputs)
+        return art.check_inputs(self.inputs, inputs, self.manifest.get("dim_ranges"))
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run once. ``inputs`` maps every input name to an array of the manifest's dtype/shape."""
@@ -402,8 +407,11 @@ class Artifact:
     def random_inputs(
         self, seed: int = 0, dims: Mapping[str, int] | None = None
     ) -> dict[str, np.ndarray]:
-        """Seeded random inputs that fit the manifest; symbolic dims take ``dims`` or 2."""
-        return random_inputs(self.inputs, seed, dims)
+        """Seeded random inputs that fit the manifest; symbolic dims take ``dims`` or 2 (the
+        nearest size in a compiled ``dim_ranges`` range)."""
+        ranges = self.manifest.get("dim_ranges") or {}
+        defaults = {k: min(max(2, lo), hi) for k, (lo, hi) in ranges.items()}
+        return random_inputs(self.inputs, seed, dict(defaults, **(dims or {})))
 
     def generate(self, prompts, max_new_tokens: int = 64, **options):
         """Generate tokens with a decoder artifact: ``qiao.compiler.generate.Generator``'s
@@ -458,6 +466,18 @@ def random_inputs(
                 f"cannot make random inputs of dtype {dtype} for {spec['name']!r}; pass --inputs"
             )
     return out
+
+
+def _check_dim_ranges(ranges: Mapping[str, tuple] | None, specs) -> None:
+    """Refuse a ``dim_ranges`` entry naming no symbolic dimension of the model's inputs."""
+    symbolic = sorted({d for s in specs for d in s.shape if isinstance(d, str)})
+    unknown = sorted(set(ranges or {}) - set(symbolic))
+    if unknown:
+        have = ", ".join(symbolic) or "none (all static)"
+        raise QiaoError(
+            f"dim_ranges names {', '.join(map(repr, unknown))}, which the model's inputs do not "
+            f"have. fix: range its symbolic dimensions: {have}"
+        )
 
 
 def _check_random_sizes(specs, dims: Mapping[str, int]) -> None:

@@ -47,7 +47,10 @@ class CompileOptions(Mapping):
     static_dims : dict, optional
         Hand-off backends: ``{symbolic dim: size}`` fixed in the vendor model.
     dim_ranges : dict, optional
-        Hand-off backends: ``{symbolic dim: (min, max)}``.
+        ``{symbolic dim: (min, max)}`` of ``main``'s inputs: hand-off backends pass the range to
+        the vendor compiler; TVM backends plan memory once for ``max`` (buffers reused across
+        layers, as for static shapes: ``BoundSymbolicDims``). The manifest records the ranges
+        and inputs outside them are refused (``--dim-range NAME=LO:HI``).
     quantize : str or dict, optional
         Weight-only quantization before import: ``"int4"``, ``"int8"`` or ``{"bits": 4|8,
         "block_size": 32, "symmetric": False, "accuracy_level": 0}`` (``qiao.compiler.quantize``).

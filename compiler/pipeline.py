@@ -106,12 +106,17 @@ def dataflow_lower_passes(target: Any) -> list:
     ]
 
 
-def finalize_passes(target: Any) -> list:
+def finalize_passes(target: Any, dim_bounds: Mapping[str, int] | None = None) -> list:
+    """``dim_bounds``: largest values of ``main``'s symbolic dimensions (the ``dim_ranges``
+    compile option), so that memory planning reuses storage across them
+    (``BoundSymbolicDims``)."""
     from tvm import relax
 
+    from qiao.compiler.passes.bound_symbolic_dims import BoundSymbolicDims
     from qiao.compiler.passes.mark_host_funcs_no_alias import MarkHostFuncsNoAlias
 
     return [
+        BoundSymbolicDims(dim_bounds or {}),
         relax.transform.StaticPlanBlockMemory(),
         relax.transform.LowerAllocTensor(),
         relax.transform.KillAfterLastUse(),
@@ -131,13 +136,15 @@ def default_phases(
     lift_params: bool = False,
     gpu: bool | None = None,
     moe_keys: Sequence[str] | None = None,
+    dim_bounds: Mapping[str, int] | None = None,
 ) -> list[Phase]:
     """The phases every TVM-based backend shares; ``schedule`` fills the schedule phase,
     ``moe_schedule`` (the compile option's MoE parameters) tunes the MoE lowering (its
     table entry looked up under ``moe_keys``, the backend's ``tuning_keys``), ``gpu`` (the
     backend's ``is_gpu``) makes its kernels thread-bound (``None`` for either: derived from the
     TVM target), and ``lift_params`` moves weight packing to load time (the artifact then has
-    ``main_transform_params``, which ``TVMRunner`` calls once)."""
+    ``main_transform_params``, which ``TVMRunner`` calls once); ``dim_bounds`` bound ``main``'s
+    symbolic dimensions for memory planning (``finalize_passes``)."""
     return [
         Phase("prepare", prepare_passes(target, moe_schedule, gpu, moe_keys)),
         Phase("library_dispatch", library_dispatch_passes(target)),
@@ -145,7 +152,7 @@ def default_phases(
         Phase("schedule", list(schedule)),
         Phase("lift_params", lift_params_passes(target) if lift_params else []),
         Phase("dataflow_lower", dataflow_lower_passes(target)),
-        Phase("finalize", finalize_passes(target)),
+        Phase("finalize", finalize_passes(target, dim_bounds)),
     ]
 
 

@@ -305,7 +305,7 @@ class Bundle:
 
     def check_inputs(self, inputs: dict) -> list[np.ndarray]:
         """Order ``inputs`` as the manifest does; refuse missing/unknown names, wrong dtypes,
-        ranks, static dims and disagreeing symbolic dims."""
+        ranks, static dims, disagreeing symbolic dims and sizes outside a compiled range."""
         names = [s["name"] for s in self.inputs]
         missing = [n for n in names if n not in inputs]
         extra = [n for n in inputs if n not in names]
@@ -315,6 +315,7 @@ class Bundle:
                 f"{extra or 'none'}). fix: the model takes exactly: {', '.join(names)}"
             )
         bound: dict = {}
+        ranges = self.manifest.get("dim_ranges") or {}
         ordered = []
         for spec in self.inputs:
             name, value = spec["name"], np.asarray(inputs[spec["name"]])
@@ -333,6 +334,14 @@ class Bundle:
                     raise BundleError(
                         f"input {name!r}: {dim}={got}, but another input has {dim}={bound[dim]}; "
                         "inputs sharing a symbolic dim must agree"
+                    )
+                lo, hi = ranges.get(dim, (got, got)) if isinstance(dim, str) else (got, got)
+                if not lo <= got <= hi:
+                    # the memory plan holds at most ``hi`` (qiao's dim_ranges compile option)
+                    raise BundleError(
+                        f"input {name!r}: {dim}={got} is outside the range {lo}..{hi} the model "
+                        f"was compiled for. fix: pass {dim} within {lo}..{hi}, or recompile "
+                        f"with --dim-range {dim}={min(lo, got)}:{max(hi, got)}"
                     )
             ordered.append(value)
         return ordered

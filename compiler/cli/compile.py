@@ -36,8 +36,34 @@ def add_arguments(p):
         help="measure GEMM-like kernels not yet tuned on this device and record the fastest in "
         "the tuning store, as `qiao tune model` does (slow; later compiles reuse the records)",
     )
+    p.add_argument(
+        "--dim-range",
+        action="append",
+        metavar="NAME=LO:HI",
+        help="sizes a symbolic input dimension will take, e.g. batch=1:8 (repeatable): memory is "
+        "then planned once for the largest and reused across layers (faster, chiefly for CNNs); "
+        "inputs outside the range are refused",
+    )
     add_tuning_arguments(p, "candidates per kernel with --tune")
     add_quantize_arguments(p)
+
+
+def parse_dim_ranges(items: list[str] | None) -> dict[str, tuple[int, int]]:
+    """``["batch=1:8"]`` → ``{"batch": (1, 8)}``; a bad item is one ``QiaoError``."""
+    from qiao.compiler.errors import QiaoError
+
+    out = {}
+    for item in items or []:
+        name, _, span = item.partition("=")
+        lo, sep, hi = span.partition(":")
+        try:
+            lo, hi = int(lo), int(hi)
+        except ValueError:
+            lo = hi = 0
+        if not name or not sep or not 1 <= lo <= hi:
+            raise QiaoError(f"bad --dim-range {item!r}. fix: write it as NAME=LO:HI, 1 <= LO <= HI")
+        out[name] = (lo, hi)
+    return out
 
 
 def add_quantize_arguments(p) -> None:
@@ -101,6 +127,8 @@ def main(args) -> int:
     if args.initializer_inputs != "constants":
         options["initializer_inputs"] = args.initializer_inputs
     options.update(quantize_option(args))
+    if args.dim_range:
+        options["dim_ranges"] = parse_dim_ranges(args.dim_range)
     if args.tune:
         options.update(
             tune=True,
