@@ -261,6 +261,8 @@ def pack(
             "cpu": backend.get("cpu"),
             "inputs": manifest["inputs"],
             "outputs": manifest["outputs"],
+            # the sizes the memory plan holds (``dim_ranges``); the runtime refuses others
+            "dim_ranges": manifest.get("dim_ranges") or {},
             "params": manifest.get("params", {}).get("names", []),
             "python": python,
             "platform": sysconfig.get_platform(),

@@ -245,6 +245,22 @@ def test_bad_inputs_exit_2(bundles, numpy_python, tmp_path):
     assert "expected shape (batch, 64)" in result.stderr
 
 
+def test_bundle_refuses_sizes_outside_the_compiled_range(numpy_python, tmp_path):
+    """An artifact compiled with ``dim_ranges`` (memory planned for at most that many) keeps the
+    range in its bundle: the NumPy-only runtime runs a batch inside it and refuses one outside,
+    exit 2, naming the range and the fix."""
+    from qiao.compiler import compile
+
+    artifact = compile("mlp", "cpu", tmp_path / "art", dim_ranges={"batch": (1, 4)})
+    pack(artifact.directory, tmp_path / "bundle")
+    for batch, code in ((4, 0), (5, 2)):
+        np.savez(tmp_path / "in.npz", x=np.ones((batch, 64), np.float32))
+        result = run_bundle(numpy_python, str(tmp_path / "bundle"), "-i", str(tmp_path / "in.npz"))
+        assert result.returncode == code, result.stderr
+    assert "batch=5 is outside the range 1..4" in result.stderr
+    assert "--dim-range batch=1:5" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_pack_refuses_bad_input(tmp_path, bundles):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("x")
