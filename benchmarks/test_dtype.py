@@ -92,7 +92,7 @@ def _medians(artifacts: dict, k: int, smoke: bool) -> dict[str, float]:
 
     x = np.random.default_rng(2).standard_normal((1, k)).astype(np.float32)
     calls = {dtype: a.runner.prepare([x]) for dtype, a in artifacts.items()}
-    times = interleaved(calls, 15, 0.05, pause=0.02, smoke=smoke)
+    times = interleaved(calls, 15, 0.05, smoke=smoke)
     return {dtype: statistics.median(t) for dtype, t in times.items()}
 
 

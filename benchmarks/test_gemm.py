@@ -183,10 +183,14 @@ def linear_engines(k: int, n: int, workdir: str):
     return artifact, session, w
 
 
-def measure_linear(engines, m: int, smoke: bool = False, rounds: int = 9, pause: float = 0.05):
+def measure_linear(
+    engines, m: int, smoke: bool = False, rounds: int = 9, pause: float | None = None
+):
     """Median ms of qiao, ONNX Runtime and NumPy for ``m`` rows (x of shape (1, m, K)), after
-    checking qiao's output against ORT's and NumPy's."""
-    from qiao.compiler.bench import interleaved
+    checking qiao's output against ORT's and NumPy's. ``pause``: idle seconds before each timed
+    block (default ``SETTLE_S``: shorter, the previous engine's spinning threads slow the next
+    one — qiao at one row measured 4.4x slower after NumPy with 0.05 s)."""
+    from qiao.compiler.bench import SETTLE_S, interleaved
     from qiao.compiler.testing import assert_close
 
     artifact, session, w = engines
@@ -204,7 +208,7 @@ def measure_linear(engines, m: int, smoke: bool = False, rounds: int = 9, pause:
         },
         rounds,
         0.02,
-        pause=pause,
+        pause=SETTLE_S if pause is None else pause,
         smoke=smoke,
     )
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}

@@ -134,7 +134,7 @@ def test_qmoe_int4(benchmark, smoke, block, tokens):
 
     calls = {name: engine.prepare(feeds) for name, engine in engines.items()}
     rounds = 3 if smoke else 9
-    times = interleaved(calls, rounds, 0.05 if smoke else 0.2, pause=0.05, smoke=smoke)
+    times = interleaved(calls, rounds, 0.05 if smoke else 0.2, smoke=smoke)
     medians = {name: statistics.median(t) for name, t in times.items()}
     ratios = {
         name: statistics.median(round_ratios(times, name, "qiao"))

@@ -101,7 +101,7 @@ def test_linear_int4(benchmark, smoke, layer, rows):
         assert err <= tol * scale, f"{name} differs from ONNX Runtime (acc 0) by {err}"
 
     calls = {name: engine.prepare(feeds) for name, engine in engines.items()}
-    times = interleaved(calls, 11, 0.1, pause=0.05, smoke=smoke)
+    times = interleaved(calls, 11, 0.1, smoke=smoke)
     medians = {name: statistics.median(t) for name, t in times.items()}
     ratios = {
         name: statistics.median(round_ratios(times, name)) for name in engines if name != "qiao"
