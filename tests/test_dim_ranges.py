@@ -10,7 +10,7 @@ import pytest
 
 from qiao.compiler import compile
 from qiao.compiler.errors import QiaoError
-from qiao.compiler.testing import assert_close, run_cli
+from qiao.compiler.testing import assert_close, has_nvcc, run_cli
 
 
 def _storages(dump_dir) -> list[str]:
@@ -94,3 +94,17 @@ def test_cli_dim_range(tmp_path):
         assert proc.returncode != 0 and "Traceback" not in proc.stderr, bad
         assert "fix: write it as NAME=LO:HI" in proc.stderr + proc.stdout, bad
         assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.skipif(not has_nvcc(), reason="nvcc (CUDA toolkit) not installed")
+def test_cuda_plans_bounded_storage_too(tmp_path):
+    """The CUDA backend shares the phase: the built-in MLP for sm_90 with ``batch`` in 1..16
+    compiles (kernels through nvcc) with every storage of ``main`` but the output's static, and
+    records the range (it runs only on a GPU; the CPU tests above run the same plan)."""
+    art = compile(
+        "mlp", "cuda", tmp_path / "a", arch="sm_90", dim_ranges={"batch": (1, 16)},
+        dump_ir=str(tmp_path / "d"),
+    )  # fmt: skip
+    assert art.manifest["dim_ranges"] == {"batch": [1, 16]}
+    sized = _storages(tmp_path / "d")
+    assert sized and sum(not s.startswith("R.shape([") for s in sized) <= len(art.outputs), sized
