@@ -341,6 +341,8 @@ def test_bench_existing_artifact(compiled_builtin):
         bench("mlp", "no-such-target")
     with pytest.raises(QiaoError, match="unknown baseline"):
         bench("mlp", "cpu", baselines=("tensorrt",))
+    with pytest.raises(QiaoError, match="dim ranges are a compile option"):
+        bench(artifact.directory, baselines=(), dim_ranges={"batch": (1, 2)})
     with pytest.raises(QiaoError, match="go together"):
         bench("mlp", "cpu", rpc_tracker="127.0.0.1:9190")
 
@@ -530,3 +532,20 @@ def test_bench_and_validate_use_only_public_runner_fields():
     for path in paths:
         with open(path) as f:
             assert not re.search(r"runner\)?\._[a-z]", f.read()), path
+
+
+def test_bench_compiles_with_dim_ranges(tmp_path):
+    """``dim_ranges`` reaches the compile (the kept artifact records it) and the benchmarked sizes
+    run inside it; ``qiao bench --dim-range`` is the same option."""
+    from qiao.compiler import load
+    from qiao.compiler.bench import bench
+
+    result = bench(
+        "mlp", "cpu", baselines=(), batch=[1, 3], dim_ranges={"batch": (1, 3)}, warmup=0,
+        repeat=1, min_time=0, roofs=False, artifact_dir=str(tmp_path / "arts"),
+    )  # fmt: skip
+    assert [c["size"] for c in result["cases"]] == [{"batch": 1}, {"batch": 3}]
+    assert load(result["targets"][0]["artifact"]).manifest["dim_ranges"] == {"batch": [1, 3]}
+    proc = run_cli("bench", "mlp", "--batch", "1", "--baseline", "none", "--dim-range", "batch=1")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "fix: write it as NAME=LO:HI" in proc.stderr + proc.stdout

@@ -3,6 +3,7 @@ and check the outputs against every baseline; returns the result document (``sch
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -73,6 +74,7 @@ def bench(
     tokens: Sequence[int] | None = None,
     batch: Sequence[int] | None = None,
     dims: Mapping[str, int] | None = None,
+    dim_ranges: Mapping[str, tuple[int, int]] | None = None,
     warmup: int = 3,
     repeat: int = 30,
     min_time: float = 0.5,
@@ -102,6 +104,9 @@ def bench(
         Sizes for the token or batch dimension (see ``plan_sizes``); at most one of the two.
     dims : dict, optional
         Values of the other symbolic dims (default 1).
+    dim_ranges : dict, optional
+        Compile option: ``{symbolic dim: (min, max)}`` the artifact serves (memory planned for
+        ``max``; ``qiao compile --dim-range``). Not with an existing artifact.
     warmup, repeat, min_time
         Untimed calls, timed samples per engine and case, and the minimum total seconds of timed
         calls per engine and case (``number`` calls per sample is chosen to reach it).
@@ -150,6 +155,11 @@ def bench(
                 f"{own}; to benchmark other targets give the model (.onnx or built-in name) instead"
             )
         plan_targets = [(own, existing.manifest["backend"].get("arch"))]
+        if dim_ranges:
+            raise QiaoError(
+                f"{model} is compiled already: dim ranges are a compile option. fix: drop "
+                "--dim-range, or give the model (.onnx or built-in name) instead"
+            )
     else:
         plan_targets = parse_targets(targets or "cpu", arch)
 
@@ -193,7 +203,7 @@ def bench(
         artifact_dir is not None,
         roofs,
         say,
-        compile,
+        functools.partial(compile, dim_ranges=dict(dim_ranges)) if dim_ranges else compile,
     )
     try:
         for target, target_arch in plan_targets:

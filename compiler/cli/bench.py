@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sys
 
-from qiao.compiler.cli.common import parse_key_values
+from qiao.compiler.cli.common import add_dim_range_argument, parse_dim_ranges, parse_key_values
 
 
 def add_arguments(p):
@@ -39,6 +39,7 @@ def add_arguments(p):
         metavar="NAME=SIZE",
         help="value of another symbolic dimension (default 1; repeatable)",
     )
+    add_dim_range_argument(p)
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per case (default 3)")
     p.add_argument("--repeat", type=int, default=30, help="timed samples per case (default 30)")
     p.add_argument(
@@ -121,6 +122,7 @@ def main(args) -> int:
             tokens=parse_sizes(args.tokens, "--tokens"),
             batch=parse_sizes(args.batch, "--batch"),
             dims=parse_key_values(args.dim, "--dim"),
+            dim_ranges=parse_dim_ranges(args.dim_range),
             warmup=args.warmup,
             repeat=args.repeat,
             min_time=args.min_time,

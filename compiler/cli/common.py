@@ -49,3 +49,31 @@ def parse_key_values(items: list[str] | None, what: str) -> dict:
             except ValueError:
                 out[key] = value
     return out
+
+
+def add_dim_range_argument(p) -> None:
+    """``--dim-range NAME=LO:HI`` (repeatable): the ``dim_ranges`` compile option."""
+    p.add_argument(
+        "--dim-range",
+        action="append",
+        metavar="NAME=LO:HI",
+        help="sizes a symbolic input dimension will take, e.g. batch=1:8 (repeatable): memory is "
+        "then planned once for the largest and reused across layers (faster, chiefly for CNNs); "
+        "inputs outside the range are refused",
+    )
+
+
+def parse_dim_ranges(items: list[str] | None) -> dict[str, tuple[int, int]]:
+    """``["batch=1:8"]`` → ``{"batch": (1, 8)}``; a bad item is one ``QiaoError``."""
+    out = {}
+    for item in items or []:
+        name, _, span = item.partition("=")
+        lo, sep, hi = span.partition(":")
+        try:
+            lo, hi = int(lo), int(hi)
+        except ValueError:
+            lo = hi = 0
+        if not name or not sep or not 1 <= lo <= hi:
+            raise QiaoError(f"bad --dim-range {item!r}. fix: write it as NAME=LO:HI, 1 <= LO <= HI")
+        out[name] = (lo, hi)
+    return out

@@ -3,7 +3,13 @@ directory."""
 
 from __future__ import annotations
 
-from qiao.compiler.cli.common import add_target_arguments, add_tuning_arguments, parse_key_values
+from qiao.compiler.cli.common import (
+    add_dim_range_argument,
+    add_target_arguments,
+    add_tuning_arguments,
+    parse_dim_ranges,
+    parse_key_values,
+)
 
 
 def add_arguments(p):
@@ -36,34 +42,9 @@ def add_arguments(p):
         help="measure GEMM-like kernels not yet tuned on this device and record the fastest in "
         "the tuning store, as `qiao tune model` does (slow; later compiles reuse the records)",
     )
-    p.add_argument(
-        "--dim-range",
-        action="append",
-        metavar="NAME=LO:HI",
-        help="sizes a symbolic input dimension will take, e.g. batch=1:8 (repeatable): memory is "
-        "then planned once for the largest and reused across layers (faster, chiefly for CNNs); "
-        "inputs outside the range are refused",
-    )
+    add_dim_range_argument(p)
     add_tuning_arguments(p, "candidates per kernel with --tune")
     add_quantize_arguments(p)
-
-
-def parse_dim_ranges(items: list[str] | None) -> dict[str, tuple[int, int]]:
-    """``["batch=1:8"]`` → ``{"batch": (1, 8)}``; a bad item is one ``QiaoError``."""
-    from qiao.compiler.errors import QiaoError
-
-    out = {}
-    for item in items or []:
-        name, _, span = item.partition("=")
-        lo, sep, hi = span.partition(":")
-        try:
-            lo, hi = int(lo), int(hi)
-        except ValueError:
-            lo = hi = 0
-        if not name or not sep or not 1 <= lo <= hi:
-            raise QiaoError(f"bad --dim-range {item!r}. fix: write it as NAME=LO:HI, 1 <= LO <= HI")
-        out[name] = (lo, hi)
-    return out
 
 
 def add_quantize_arguments(p) -> None:
