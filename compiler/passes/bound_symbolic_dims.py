@@ -6,9 +6,9 @@ gets a storage of its own, allocated on every call: a CNN at a symbolic batch to
 buffer per layer instead of reusing a few, and runs from colder caches (MobileNetV3-Small at
 batch 8: 1.24× the time of the bounded plan, EfficientNet-B0 at batch 1: 1.09×; 2-core AVX-512
 host, 2026-12-03). With ``tir_var_upper_bound`` the planner sizes each storage for the largest
-value and reuses it across tensors, as for static shapes. The runtime does not check the bound:
-``Artifact.check_inputs`` (and the bundle runtime) refuse inputs outside the compiled range,
-which the manifest records (``dim_ranges``).
+value and reuses it across tensors, as for static shapes. Beyond the bound the VM stops with an
+internal storage-size error; ``Artifact.check_inputs`` (and the bundle runtime) refuse such inputs
+first with a clear one, from the range the manifest records (``dim_ranges``).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ def BoundSymbolicDims(bounds: Mapping[str, int], function: str = "main") -> Any:
     def _pass(mod, _ctx):
         if not bounds:
             return mod
+        mod = mod.clone()  # a pass returns a new module; the one it was given stays as it was
         for gv, func in list(mod.functions.items()):
             if gv.name_hint == function and isinstance(func, relax.Function):
                 mod[gv] = func.with_attr(UPPER_BOUND_ATTR, bounds)

@@ -356,11 +356,10 @@ def _balancing_split(tasks: int, m_tiles: int, cores: int) -> int:
     """Row blocks (a divisor of ``m_tiles``) by which to multiply ``tasks`` so that they share
     out over ``cores`` evenly (``TASK_BALANCE``): the fewest that do, else the best balance among
     splits up to four (1: leave them)."""
-    options = _divisors_up_to(m_tiles, 4)
-    good = [r for r in options if task_balance(tasks * r, cores) >= TASK_BALANCE]
-    if good:
-        return good[0]
-    return max(options, key=lambda r: (task_balance(tasks * r, cores), -r))
+    return max(
+        _divisors_up_to(m_tiles, 4),
+        key=lambda r: (min(task_balance(tasks * r, cores), TASK_BALANCE), -r),
+    )
 
 
 def _column_blocks(n_tiles: int, tasks_wanted: int, cores: int) -> int:
