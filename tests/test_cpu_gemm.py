@@ -114,3 +114,41 @@ def test_column_task_gemm_matches_numpy_on_both_row_variants(batch_dims):
             got = _run(scheduled, target, [x, w, np.zeros(lead + (m, n), "float32")])[-1]
             ref = (x.astype("float64") @ w.astype("float64")).astype("float32")
             assert_close(got, ref, rtol=1e-4, atol=1e-4, name=f"b={b} m={m}")
+
+
+def test_one_static_row_takes_the_wide_one_row_tile():
+    """A static single row (a batch-1 classifier head) gets the few-rows variant's one-row tile,
+    as wide as the registers allow (not a 1 x 2-vector tile with two accumulators); two rows keep
+    the row tile. Run against NumPy with ReLU fused and a column count (1000) that pads."""
+    from qiao.compiler.schedules.cpu_gemm import (
+        FEW_ROWS_VECTORS,
+        CPUMatmul,
+        GemmShape,
+        check_tile,
+        choose_tile,
+    )
+    from qiao.compiler.schedules.cpu_info import CPUInfo
+    from qiao.compiler.testing import prim_func
+    from tests.test_schedules import _matmul_module
+
+    for cpu, lanes in ((CPUInfo(256, 16, 2), 8), (CPUInfo(512, 32, 2), 16)):
+        shape = GemmShape(1, 1, 1000, 512, "float32")
+        tile = choose_tile(cpu, shape)
+        check_tile(tile, shape, lanes)
+        assert (tile.mr, tile.mc_tiles) == (1, 0), (cpu, tile)
+        # 1000 columns: 63 vectors of 16 on AVX-512 pad to 1024 (8 x 16 divides it), 125 of 8
+        # on AVX2 to 1008 (6 x 8 divides it)
+        assert 2 < tile.nr_vectors <= FEW_ROWS_VECTORS, (cpu, tile)
+        assert choose_tile(cpu, GemmShape(1, 2, 1000, 512, "float32")).mr == 2
+    target = _target()
+    if not _can_run(target):
+        pytest.skip("this host cannot run code for its own target")
+    k, n = 512, 1000
+    func = prim_func(_matmul_module(1, k, n, epilogue="relu"), "fused_matmul")
+    scheduled, rule = _schedule(func, target, CPUMatmul())
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((1, k)).astype("float32")
+    w = rng.standard_normal((k, n)).astype("float32")
+    got = _run(scheduled, target, [x, w, np.zeros((1, n), "float32")])[-1]
+    ref = np.maximum(x.astype("float64") @ w.astype("float64"), 0).astype("float32")
+    assert_close(got, ref, rtol=1e-4, atol=1e-4, name="one static row")
