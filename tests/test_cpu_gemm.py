@@ -145,7 +145,7 @@ def test_one_static_row_takes_the_wide_one_row_tile():
         pytest.skip("this host cannot run code for its own target")
     k, n = 512, 1000
     func = prim_func(_matmul_module(1, k, n, epilogue="relu"), "fused_matmul")
-    scheduled, rule = _schedule(func, target, CPUMatmul())
+    scheduled, _ = _schedule(func, target, CPUMatmul())
     rng = np.random.default_rng(5)
     x = rng.standard_normal((1, k)).astype("float32")
     w = rng.standard_normal((k, n)).astype("float32")
