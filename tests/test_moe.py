@@ -230,9 +230,10 @@ def test_moe_op_duplicate_router_scores(base_k2):
 @pytest.mark.parametrize("prefetch", [0, 1, 2])
 def test_moe_op_token_blocks_and_passes(tmp_path, monkeypatch, prefetch):
     """The CPU grouped GEMMs walk each weight row group over all of an expert's tokens in passes
-    of ``token_panel_rows`` tokens: full register blocks, a partial block (its last token
-    repeated), a last lone token (the one-row kernel) and several passes per expert, under every
-    prefetch mode. The pass is shrunk to two register blocks so small weights take them all."""
+    of ``token_panel_rows`` tokens: full register blocks, a partial block of every size from 2 to
+    ``micro_m - 1`` (each through the kernel of its own row count), a last lone token (the
+    one-row kernel) and several passes per expert, under every prefetch mode. The pass is shrunk
+    to two register blocks so small weights take them all."""
     from qiao.backends import get_backend
     from qiao.compiler import compile
     from qiao.compiler.kernels import group_gemm
@@ -245,13 +246,19 @@ def test_moe_op_token_blocks_and_passes(tmp_path, monkeypatch, prefetch):
     onnx.save(moe_model(BASE, k=2), str(path))
     art = compile(str(path), "cpu", tmp_path / "art", moe_schedule={"prefetch": prefetch})
     x, logits = inputs(41, H, E, seed=21)
-    # expert 3: several passes and a lone last token; expert 5: a partial last block (MR > 2)
-    n3, n5 = 4 * micro_m + 1, micro_m + 2
-    logits[:, [3, 5]] -= 50.0
+    # expert 3: several passes and a lone last token; experts 4 ..: a full block and a partial
+    # one of 2 .. micro_m - 1 tokens (two full blocks where micro_m is 2)
+    n3 = 4 * micro_m + 1
+    sizes = [micro_m + r for r in range(2, max(micro_m, 3))]
+    assert len(sizes) <= E - 4 and sum(sizes) <= 41
+    logits[:, 3:] -= 50.0  # the unboosted picks fall on experts 0 .. 2
     logits[:n3, 3] += 100.0
-    logits[n3 : n3 + n5, 5] += 100.0
+    first = 0
+    for j, size in enumerate(sizes):
+        logits[first : first + size, 4 + j] += 100.0
+        first += size
     counts = np.bincount(np.argsort(-logits, axis=1)[:, :2].ravel(), minlength=E)
-    assert (counts[3], counts[5]) == (n3, n5)
+    assert counts[3] == n3 and list(counts[4 : 4 + len(sizes)]) == sizes
     y = art.run({"x": x, "logits": logits})["y"]
     assert_close(y, ort_run(moe_model(BASE, 2), x, logits), RTOL, ATOL, "vs onnxruntime")
     assert_close(y, numpy_moe(x, logits, BASE["fc1"], BASE["fc2"], 2), RTOL, ATOL, "vs numpy")

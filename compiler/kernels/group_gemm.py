@@ -14,11 +14,11 @@ CPU schedule: parallel tasks over (expert that received tokens) x (output tile);
 group of ``micro_n`` weight rows meets every token of the expert (``token_panel_rows`` of them per
 pass) while it is in L1, ``micro_m`` tokens at a time through a register-blocked micro-kernel
 (``micro_m`` tokens x ``micro_n`` weight rows, each accumulator one SIMD vector along the reduction
-axis, horizontal sums at the end; a partial block repeats its last token, a last lone token takes
-the one-row kernel). So each weight row is read from memory once, and with ``prefetch`` the next
-group streams in while the current one is multiplied by all the tokens. A lone token (decode)
-takes the GEMV kernel: ``gemv_n`` weight rows per step, weights streamed once. Tasks exist only
-for experts with tokens, so the work follows k, not the number of experts.
+axis, horizontal sums at the end; a partial block takes the kernel of its own row count, a last
+lone token the one-row one). So each weight row is read from memory once, and with ``prefetch``
+the next group streams in while the current one is multiplied by all the tokens. A lone token
+(decode) takes the GEMV kernel: ``gemv_n`` weight rows per step, weights streamed once. Tasks
+exist only for experts with tokens, so the work follows k, not the number of experts.
 
 GPU schedule: one thread block per (aligned block of ``block_m`` slots, output tile); operand tiles
 staged in shared memory, each thread accumulates ``gpu_thread_m x gpu_thread_n`` outputs. Up to
@@ -173,7 +173,7 @@ def _cpu_grouped_gemm(
 
     KO = red_len // VL
     common = dict(lanes=VL, k_vectors=KO, w_row=w_row, prefetch=prefetch > 0, widen=widen)
-    micro = dot_microkernel(rows=MR, cols=NR, **common)
+    micro = _token_blocks(MR, NR, common)
     gemv = dot_microkernel(rows=1, cols=NG, **common)
     gemv_nr = dot_microkernel(rows=1, cols=NR, **common)
     SB = token_panel_rows(red_len, MR)
@@ -205,12 +205,12 @@ def _cpu_grouped_gemm(
                         for mi in range((T.min(SB, cnt - sb * SB) + MR - 1) // MR):
                             t0: T.let[T.int32] = sb * SB + mi * MR  # the block's first token
                             if cnt - t0 >= 2:
-                                # MR tokens; a partial block repeats its last one
+                                # MR tokens, or the last 2 .. MR - 1 through the block of as many
                                 for m in T.unroll(MR):
                                     arow[m] = a_row(PAIRS, off + T.min(t0 + m, cnt - 1))
                                 micro(
-                                    A, W, arow, e, r0, r0 + NR, acc0, acc1, red,
-                                    mi == 0 or EVERY_BLOCK,
+                                    T.min(cnt - t0, MR), A, W, arow, e, r0, r0 + NR, acc0, acc1,
+                                    red, mi == 0 or EVERY_BLOCK,
                                 )  # fmt: skip
                                 for m in T.unroll(MR):
                                     if t0 + m < cnt:
@@ -231,6 +231,35 @@ def _cpu_grouped_gemm(
                     epilogue(OUT, E1, E2, PAIRS, red, 0, off, e, r0, NG)
 
     return body
+
+
+def _token_blocks(MR: int, NR: int, common: dict):
+    """``block(rows, ...)``: ``dot_microkernel`` over ``rows`` tokens (``2 <= rows <= MR``, a TIR
+    expression), one specialised kernel per row count, so a partial token block computes no
+    repeated rows (at T = 128 an expert averages 8 tokens: a 6-row block and a 2-row one, not
+    two 6-row ones)."""
+    from tvm.script import tirx as T
+
+    from qiao.compiler.schedules.cpu_gemm import dot_microkernel
+
+    kernel = dot_microkernel(rows=MR, cols=NR, **common)
+    if MR <= 2:
+
+        @T.macro
+        def whole(rows, A, W, arow, e, r0, r_next, acc0, acc1, red, pf):
+            kernel(A, W, arow, e, r0, r_next, acc0, acc1, red, pf)
+
+        return whole
+    fewer = _token_blocks(MR - 1, NR, common)
+
+    @T.macro
+    def block(rows, A, W, arow, e, r0, r_next, acc0, acc1, red, pf):
+        if rows >= MR:
+            kernel(A, W, arow, e, r0, r_next, acc0, acc1, red, pf)
+        else:
+            fewer(rows, A, W, arow, e, r0, r_next, acc0, acc1, red, pf)
+
+    return block
 
 
 def _up_cpu_body(cfg: MoEConfig, sched):
