@@ -75,9 +75,7 @@ def _dot_gemm(rows, cols, lanes, k, n_groups, prefetch):
     return main, N
 
 
-@pytest.mark.parametrize(
-    "rows, cols, prefetch", [(2, 4, False), (3, 5, True), (1, 8, True), (1, 3, False)]
-)
+@pytest.mark.parametrize("rows, cols, prefetch", [(2, 4, 0), (3, 5, 1), (1, 8, 2), (2, 3, 2)])
 def test_dot_microkernel_matches_numpy(rows, cols, prefetch):
     from qiao.compiler.schedules.cpu_info import cpu_device
 
@@ -93,3 +91,22 @@ def test_dot_microkernel_matches_numpy(rows, cols, prefetch):
     out = tvm.runtime.tensor(np.zeros((rows, n), np.float32), dev)
     lib["main"](tvm.runtime.tensor(a, dev), tvm.runtime.tensor(w, dev), out)
     assert_close(out.numpy(), a @ w[0, :n].T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "prefetch, instruction, other",
+    [(1, "prefetcht0", "prefetcht1"), (2, "prefetcht1", "prefetcht0")],
+)
+def test_dot_microkernel_prefetches_into_the_asked_cache(prefetch, instruction, other):
+    """Level 1 fills L1 (``prefetcht0``), level 2 L2 only (``prefetcht1``); 0 emits none. Code
+    generation only (x86-64 AVX2 code, not run)."""
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v3"})
+
+    def asm(level):
+        func, _ = _dot_gemm(2, 4, 8, 64, 3, level)
+        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
+        return lib.mod.inspect_source("asm")
+
+    code = asm(prefetch)
+    assert instruction in code and other not in code
+    assert "prefetch" not in asm(0)

@@ -52,6 +52,9 @@ def test_table_rejects_bad_entries(tmp_path, monkeypatch):
     bad.write_text(json.dumps({"version": 1, "entries": {"cpu/avx2": {"prefetch": 3}}}))
     with pytest.raises(QiaoError, match="prefetch must be 0, 1 or 2, got 3.*fix:"):
         lookup(target({"kind": "llvm", "mcpu": "x86-64-v3"}))
+    bad.write_text(json.dumps({"version": 1, "entries": {"cpu/avx2": {"prefetch_level": 3}}}))
+    with pytest.raises(QiaoError, match="prefetch_level must be 1 .L1. or 2 .L2., got 3.*fix:"):
+        lookup(target({"kind": "llvm", "mcpu": "x86-64-v3"}))
     monkeypatch.delenv("QIAO_MOE_TABLE")
     with pytest.raises(QiaoError, match=r"\bunknown field"):
         lookup(target({"kind": "llvm", "mcpu": "x86-64-v3"}), {"nope": 1})
@@ -86,11 +89,13 @@ def test_tune_measures_and_writes_an_entry_the_lowering_uses(tmp_path, monkeypat
         tiles_up=(8,),
         tiles_down=(16, 32),
         prefetch_options=(0, 1),
+        prefetch_levels=(1, 2),
     )
     assert key == device and best.device == device
     assert (best.micro_m, best.micro_n) in {(2, 4), (3, 2)} and best.tile_down in (16, 32)
-    assert best.prefetch in (0, 1) and set(measured["prefetch"]) == {"0", "1"}
-    assert all(v > 0 for v in measured["prefill_up"].values()) and len(lines) == 10
+    assert best.prefetch in (0, 1) and best.prefetch_level in (1, 2)
+    assert set(measured["prefetch"]) == {"0", "1/L1", "1/L2"}
+    assert all(v > 0 for v in measured["prefill_up"].values()) and len(lines) == 11
     write_entry(
         key, {**best.to_json(), "micro_m": 3, "micro_n": 2, "block_m": 3}, measured, path=str(table)
     )

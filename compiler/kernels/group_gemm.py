@@ -154,6 +154,7 @@ def _cpu_grouped_gemm(
     w_row,
     epilogue,
     prefetch: int,
+    prefetch_level: int = 1,
     widen: bool = False,
 ):
     """Generic CPU body over (active expert, output tile of ``TILE`` rows) tasks.
@@ -164,15 +165,17 @@ def _cpu_grouped_gemm(
     ``1 x NG`` for a lone token) are the CPU GEMM's weight-in-place micro-kernel,
     ``qiao.compiler.schedules.cpu_gemm.dot_microkernel``; ``prefetch`` (``MoESchedule.prefetch``)
     streams the next row group in while one is multiplied: 1 during every token block, 2 during the
-    first token block of each pass only, 0 never; ``widen``: the weights are float16/bfloat16,
-    widened to float32 in registers.
+    first token block of each pass only, 0 never; ``prefetch_level``
+    (``MoESchedule.prefetch_level``) the cache it fills, 1 = L1, 2 = L2; ``widen``: the weights
+    are float16/bfloat16, widened to float32 in registers.
     """
     from tvm.script import tirx as T
 
     from qiao.compiler.schedules.cpu_gemm import dot_accumulators, dot_microkernel
 
     KO = red_len // VL
-    common = dict(lanes=VL, k_vectors=KO, w_row=w_row, prefetch=prefetch > 0, widen=widen)
+    level = prefetch_level if prefetch > 0 else 0
+    common = dict(lanes=VL, k_vectors=KO, w_row=w_row, prefetch=level, widen=widen)
     micro = _token_blocks(MR, NR, common)
     gemv = dot_microkernel(rows=1, cols=NG, **common)
     gemv_nr = dot_microkernel(rows=1, cols=NR, **common)
@@ -292,6 +295,7 @@ def _up_cpu_body(cfg: MoEConfig, sched):
         w_row=w_row,
         epilogue=epilogue,
         prefetch=sched.prefetch,
+        prefetch_level=sched.prefetch_level,
         widen=cfg.weight_dtype != "float32",
     )
 
@@ -337,6 +341,7 @@ def _down_cpu_body(cfg: MoEConfig, sched):
         w_row=w_row,
         epilogue=epilogue,
         prefetch=sched.prefetch,
+        prefetch_level=sched.prefetch_level,
         widen=cfg.weight_dtype != "float32",
     )
 

@@ -964,7 +964,7 @@ def dot_accumulators(rows: int, cols: int, lanes: int) -> tuple[tuple, tuple]:
 
 
 def dot_microkernel(
-    *, rows: int, cols: int, lanes: int, k_vectors: int, w_row, prefetch: bool, widen: bool = False
+    *, rows: int, cols: int, lanes: int, k_vectors: int, w_row, prefetch: int, widen: bool = False
 ):
     """The register-blocked micro-kernel of a GEMM that reads its weight in place (TIR macro).
 
@@ -990,8 +990,10 @@ def dot_microkernel(
         ``K // lanes``.
     w_row : callable
         Tile row (a TIR expression) → row index of ``W``.
-    prefetch : bool
-        Software-prefetch the next weight rows.
+    prefetch : int
+        Software-prefetch the next weight rows into this cache level: 1 (L1, ``prefetcht0``), 2
+        (L2 only, ``prefetcht1``: the core's L2 streams them on while L1's fill buffers stay free
+        for the operands), 0 never.
     widen : bool
         ``W`` is float16/bfloat16 (``A`` float32): each loaded weight vector is widened to float32
         in registers (bfloat16: a 16-bit shift; float16: ``vcvtph2ps`` on F16C hosts), so the
@@ -1023,7 +1025,7 @@ def dot_microkernel(
                 for lane in T.vectorized(VL):
                     acc1[m, r, lane] = T.float32(0)
         for ko in range(KO):
-            if prefetch and prefetch_now:
+            if prefetch > 0 and prefetch_now:
                 for r in T.unroll(NA + NB):
                     T.evaluate(
                         T.call_llvm_intrin(
@@ -1031,7 +1033,7 @@ def dot_microkernel(
                             "llvm.prefetch.p0",
                             T.address_of(W[e, w_row(r_next + r), ko * VL]),
                             0,
-                            3,
+                            4 - prefetch,  # LLVM's locality: 3 = L1 (T0), 2 = L2 (T1)
                             1,
                         )
                     )
