@@ -264,6 +264,32 @@ def test_moe_op_token_blocks_and_passes(tmp_path, monkeypatch, prefetch):
     assert_close(y, numpy_moe(x, logits, BASE["fc1"], BASE["fc2"], 2), RTOL, ATOL, "vs numpy")
 
 
+@pytest.mark.parametrize("lanes_min", [2, 17])
+def test_moe_op_token_lanes_order(tmp_path, lanes_min):
+    """Experts with at least ``lanes_min`` tokens take the token-lanes gate/up GEMM (tokens in
+    SIMD lanes, transposed per pass of two vectors): one partial vector, two vectors, several
+    passes with a partial last one; the others the dot-product kernels. Against ONNX Runtime
+    and NumPy."""
+    from qiao.compiler import compile
+
+    path = tmp_path / "m.onnx"
+    onnx.save(moe_model(BASE, k=2), str(path))
+    art = compile(str(path), "cpu", tmp_path / "art", moe_schedule={"lanes_min": lanes_min})
+    x, logits = inputs(41, H, E, seed=23)
+    sizes = {3: 40, 4: 20, 5: 5, 6: 2}
+    logits[:, 3:] -= 50.0  # the unboosted picks fall on experts 0 .. 2
+    logits[: sizes[3], 3] += 100.0
+    first = 0
+    for e in (4, 5, 6):
+        logits[first : first + sizes[e], e] += 100.0
+        first += sizes[e]
+    counts = np.bincount(np.argsort(-logits, axis=1)[:, :2].ravel(), minlength=E)
+    assert {e: counts[e] for e in sizes} == sizes
+    y = art.run({"x": x, "logits": logits})["y"]
+    assert_close(y, ort_run(moe_model(BASE, 2), x, logits), RTOL, ATOL, "vs onnxruntime")
+    assert_close(y, numpy_moe(x, logits, BASE["fc1"], BASE["fc2"], 2), RTOL, ATOL, "vs numpy")
+
+
 @pytest.mark.parametrize("k, normalize", [(1, 0), (E, 1)], ids=["k1", "k_equals_E"])
 def test_moe_op_k_extremes(compile_moe, k, normalize):
     art = compile_moe(f"k{k}", moe_model(BASE, k, normalize))

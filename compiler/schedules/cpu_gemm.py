@@ -1061,6 +1061,81 @@ def dot_microkernel(
     return tile
 
 
+def lanes_microkernel(
+    *, vectors: int, cols: int, lanes: int, k_len: int, w_row, widen: bool = False
+):
+    """The register-blocked micro-kernel of a weight read in place with the tokens in SIMD lanes
+    (TIR macro): the outer-product order of ``schedule_microkernel`` with the roles turned round,
+    so the weight ``W[e, rows, K]`` (``K`` contiguous) needs no packing. For ``t < vectors *
+    lanes`` and ``r < cols``::
+
+        red[t, r] = sum_k AT[k, t] * W[e, w_row(r0 + r), k]
+
+    ``AT[k, t]`` is the transposed token panel (the caller gathers it). Each step loads
+    ``vectors`` vectors of ``AT`` and broadcasts ``cols`` weights (a memory operand of the FMA),
+    ``vectors * cols`` accumulators: no horizontal sums, and the weight rows stream from memory
+    once per panel of ``vectors * lanes`` tokens. On the Intel AVX-512 host (2026-12-03) a
+    2 x 12 block ran 211 GFLOP/s on one core over 6 MB of weights against the ``dot_microkernel``
+    6 x 4 block's 114-150. Software prefetch of the next rows (``prefetcht1`` once per cache
+    line) made the MoE gate/up GEMM slower (127 against 117 ms at T = 512), so there is none.
+
+    Parameters
+    ----------
+    vectors : int
+        1 or 2: token vectors in the block.
+    cols : int
+        Weight rows in the block.
+    lanes : int
+        SIMD float32 lanes.
+    k_len : int
+        The reduction length.
+    w_row : callable
+        Tile row (a TIR expression) -> row index of ``W``.
+    widen : bool
+        ``W`` is float16/bfloat16, widened to float32 as it is broadcast.
+
+    Returns
+    -------
+    tvm.script macro
+        ``tile(AT, W, e, r0, acc0, acc1, red)``; ``acc0``/``acc1`` are ``(cols, lanes)`` float32
+        buffers (``acc1`` unused for one vector), ``red`` at least ``(vectors * lanes, cols)``.
+    """
+    from tvm.script import tirx as T
+
+    if vectors not in (1, 2):
+        raise ValueError(f"lanes_microkernel: vectors must be 1 or 2, got {vectors}")
+    VL, NRL, TWO = lanes, cols, vectors == 2
+
+    def w_value(x):
+        return T.Cast("float32", x) if widen else x
+
+    @T.macro
+    def tile(AT, W, e, r0, acc0, acc1, red):
+        for r in T.unroll(NRL):
+            for lane in T.vectorized(VL):
+                acc0[r, lane] = T.float32(0)
+            if TWO:
+                for lane in T.vectorized(VL):
+                    acc1[r, lane] = T.float32(0)
+        for k in range(k_len):
+            for r in T.unroll(NRL):
+                for lane in T.vectorized(VL):
+                    acc0[r, lane] = acc0[r, lane] + AT[k, lane] * w_value(W[e, w_row(r0 + r), k])
+                if TWO:
+                    for lane in T.vectorized(VL):
+                        acc1[r, lane] = acc1[r, lane] + AT[k, VL + lane] * w_value(
+                            W[e, w_row(r0 + r), k]
+                        )
+        for r in T.unroll(NRL):
+            for lane in T.unroll(VL):
+                red[lane, r] = acc0[r, lane]
+            if TWO:
+                for lane in T.unroll(VL):
+                    red[VL + lane, r] = acc1[r, lane]
+
+    return tile
+
+
 def canonicalize_stage(sch, block) -> None:
     """Make a copy block iterate over its output buffer's indices, in order (one loop per dim)."""
     from tvm import tirx

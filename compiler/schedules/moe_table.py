@@ -66,6 +66,11 @@ class MoESchedule:
         CPU: the cache that software prefetch fills, 1 (L1) or 2 (L2). On the Intel AVX-512 host
         of 2026-12-03, L2 took 0.95-0.97x the time of L1 at T = 128 and 512 on the Qwen3-30B-A3B
         block (AVX-512 and AVX2 code), the same at T = 1 and 16.
+    lanes_min : int
+        CPU gate/up grouped GEMM: experts with at least this many tokens take the token-lanes
+        order (``cpu_gemm.lanes_microkernel``: tokens in SIMD lanes, weights broadcast, no
+        horizontal sums), the others the dot-product micro-kernels; 0: never. The down GEMM keeps
+        the dot order (the lanes order measured slower there: 94 against 72 ms at T = 512).
     tile_up, tile_down : int
         CPU: intermediate columns (gate/up) and output columns (down) of one parallel task.
     gpu_tile_n, gpu_tile_k : int
@@ -86,6 +91,7 @@ class MoESchedule:
     gemv_n: int = 8
     prefetch: int = 0
     prefetch_level: int = 1
+    lanes_min: int = 0
     tile_up: int = 16
     tile_down: int = 64
     gpu_tile_n: int = 64
@@ -115,7 +121,8 @@ def _check_entry(key: str, entry: Mapping[str, Any]) -> dict[str, Any]:
     bad = [
         k
         for k, v in entry.items()
-        if k != "device" and (not isinstance(v, int) or v < (0 if k == "prefetch" else 1))
+        if k != "device"
+        and (not isinstance(v, int) or v < (0 if k in ("prefetch", "lanes_min") else 1))
     ]
     if bad:
         raise QiaoError(
