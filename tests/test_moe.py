@@ -264,23 +264,30 @@ def test_moe_op_token_blocks_and_passes(tmp_path, monkeypatch, prefetch):
     assert_close(y, numpy_moe(x, logits, BASE["fc1"], BASE["fc2"], 2), RTOL, ATOL, "vs numpy")
 
 
+@pytest.mark.parametrize("arch", [None, "x86-64-v3"], ids=["host", "avx2"])
 @pytest.mark.parametrize("lanes_min", [2, 17])
-def test_moe_op_token_lanes_order(tmp_path, lanes_min):
+def test_moe_op_token_lanes_order(tmp_path, lanes_min, arch):
     """Experts with at least ``lanes_min`` tokens take the token-lanes gate/up GEMM (tokens in
-    SIMD lanes, transposed per pass of two vectors): one partial vector, two vectors, several
-    passes with a partial last one; the others the dot-product kernels. Against ONNX Runtime
-    and NumPy."""
+    SIMD lanes, transposed per pass of up to three vectors): passes of one, two and three vectors
+    and several passes with a partial last one, at 8 and 16 lanes; the others the dot-product
+    kernels. Against ONNX Runtime and NumPy."""
+    from qiao.backends import get_backend
     from qiao.compiler import compile
+    from qiao.compiler.schedules.cpu_info import missing_here
 
+    if arch and missing_here(get_backend("cpu").target(arch)):
+        pytest.skip(f"this CPU cannot run {arch} code (the host-code case runs)")
     path = tmp_path / "m.onnx"
     onnx.save(moe_model(BASE, k=2), str(path))
-    art = compile(str(path), "cpu", tmp_path / "art", moe_schedule={"lanes_min": lanes_min})
-    x, logits = inputs(41, H, E, seed=23)
-    sizes = {3: 40, 4: 20, 5: 5, 6: 2}
+    art = compile(
+        str(path), "cpu", tmp_path / "art", arch=arch, moe_schedule={"lanes_min": lanes_min}
+    )
+    x, logits = inputs(60, H, E, seed=23)
+    sizes = {3: 55, 4: 20, 5: 5, 6: 2, 7: 12}
     logits[:, 3:] -= 50.0  # the unboosted picks fall on experts 0 .. 2
     logits[: sizes[3], 3] += 100.0
     first = 0
-    for e in (4, 5, 6):
+    for e in (4, 5, 6, 7):
         logits[first : first + sizes[e], e] += 100.0
         first += sizes[e]
     counts = np.bincount(np.argsort(-logits, axis=1)[:, :2].ravel(), minlength=E)

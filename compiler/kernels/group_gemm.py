@@ -36,6 +36,8 @@ weights in registers. Other GPUs get float32 experts (``FoldWeightCasts`` keeps 
 
 from __future__ import annotations
 
+import math
+
 from qiao.compiler.kernels.moe_common import (
     KERNEL_ATTRS,
     MoEConfig,
@@ -174,7 +176,7 @@ def _cpu_grouped_gemm(
 
     Experts with at least ``lanes_min`` tokens (``MoESchedule.lanes_min``; 0: none) take the
     token-lanes order instead (``cpu_gemm.lanes_microkernel``, ``lanes`` float32 per vector), in
-    tasks of ``_lanes_params`` rows: each pass transposes up to two vectors of the expert's
+    tasks of ``_lanes_params`` rows: each pass transposes up to three vectors of the expert's
     tokens into a panel ``AT[K, t]`` and every group of weight rows (a multiple of ``unit``)
     meets it once, the weights broadcast from memory, the tokens in lanes.
     """
@@ -261,41 +263,48 @@ def _cpu_grouped_gemm(
     return body
 
 
-def _lanes_params(out_rows: int, lanes: int, unit: int) -> tuple[int, int]:
-    """(weight rows per lanes micro-kernel, rows per lanes task) for ``out_rows`` output rows:
-    two token vectors x as many weight rows as the registers hold (32 vector registers where a
-    vector has 16 lanes, else 16; two hold the token vectors, one the broadcast), a multiple of
-    ``unit`` dividing ``out_rows``; a task takes about half of the rows, so each transposed
-    token panel meets many weight rows while two tasks per expert spread over the cores (on the
-    30B-A3B block at T = 512 the gate/up GEMM took 109 / 115 / 130 ms at 1 / 2 / 4 tasks per
-    expert: the transposes)."""
+def _lanes_params(out_rows: int, lanes: int, unit: int) -> tuple[int, int, int]:
+    """(weight rows of the one- and two-vector lanes micro-kernels, of the three-vector one, rows
+    per lanes task) for ``out_rows`` output rows: as many weight rows as the registers hold (32
+    vector registers where a vector has 16 lanes, else 16; one per token vector and one for the
+    broadcast besides the accumulators), multiples of ``unit`` dividing ``out_rows``. A task
+    takes about half of the rows, so each transposed token panel meets many weight rows while
+    two tasks per expert spread over the cores (on the 30B-A3B block at T = 512 the gate/up GEMM
+    took 109 / 115 / 130 ms at 1 / 2 / 4 tasks per expert: the transposes)."""
     regs = 32 if lanes >= 16 else 16
-    cols = divisor_at_most(out_rows, (regs - 3) // 2, unit)
-    return cols, divisor_at_most(out_rows, max(cols, out_rows // 2), cols)
+    cols2 = divisor_at_most(out_rows, (regs - 3) // 2, unit)
+    cols3 = divisor_at_most(out_rows, (regs - 4) // 3, unit)
+    both = math.lcm(cols2, cols3)
+    return cols2, cols3, divisor_at_most(out_rows, max(both, out_rows // 2), both)
 
 
 def _lanes_body(*, red_len: int, lanes: int, lanes_min: int, out_rows: int, unit: int, a_row,
                 w_row, epilogue, widen: bool):  # fmt: skip
-    """The token-lanes tasks of ``_cpu_grouped_gemm`` (experts with ``>= lanes_min`` tokens)."""
+    """The token-lanes tasks of ``_cpu_grouped_gemm`` (experts with ``>= lanes_min`` tokens):
+    passes of up to three token vectors, each through the micro-kernel of as many vectors (an
+    expert of 33-48 tokens on AVX-512 streams its weights once, not twice)."""
     from tvm.script import tirx as T
 
     from qiao.compiler.schedules.cpu_gemm import lanes_microkernel
 
     LV = lanes
-    NRL, TILE_L = _lanes_params(out_rows, LV, unit)
+    NR2, NR3, TILE_L = _lanes_params(out_rows, LV, unit)
     NTL = out_rows // TILE_L
-    SBL = 2 * LV
-    common = dict(cols=NRL, lanes=LV, k_len=red_len, w_row=w_row, widen=widen)
-    two, one = lanes_microkernel(vectors=2, **common), lanes_microkernel(vectors=1, **common)
+    SBL = 3 * LV
+    common = dict(lanes=LV, k_len=red_len, w_row=w_row, widen=widen)
+    one = lanes_microkernel(vectors=1, cols=NR2, **common)
+    two = lanes_microkernel(vectors=2, cols=NR2, **common)
+    three = lanes_microkernel(vectors=3, cols=NR3, **common)
 
     @T.macro
     def body(A, W, PAIRS, OFF, CNT, ACTIVE, NACT, OUT, E1, E2):
         for task in T.parallel(NACT[0] * NTL):
             at = T.alloc_buffer((red_len, SBL), "float32")
             rows = T.alloc_buffer((SBL,), "int64")
-            acc0 = T.alloc_buffer((NRL, LV), "float32")
-            acc1 = T.alloc_buffer((NRL, LV), "float32")
-            red = T.alloc_buffer((SBL, NRL), "float32")
+            acc0 = T.alloc_buffer((NR2, LV), "float32")
+            acc1 = T.alloc_buffer((NR2, LV), "float32")
+            acc2 = T.alloc_buffer((NR3, LV), "float32")
+            red = T.alloc_buffer((SBL, NR2), "float32")
             e: T.let[T.int64] = T.Cast("int64", ACTIVE[task // NTL])
             r_tile: T.let[T.int32] = task % NTL * TILE_L
             cnt: T.let[T.int32] = CNT[e]
@@ -303,22 +312,30 @@ def _lanes_body(*, red_len: int, lanes: int, lanes_min: int, out_rows: int, unit
             if cnt >= lanes_min:
                 for sb in range((cnt + SBL - 1) // SBL):
                     c: T.let[T.int32] = T.min(SBL, cnt - sb * SBL)
+                    v: T.let[T.int32] = (c + LV - 1) // LV  # token vectors of this pass
                     for t in range(c):
                         rows[t] = a_row(PAIRS, off + sb * SBL + t)
                     for t in range(c):
                         for k in range(red_len):
                             at[k, t] = A[rows[t], k]
-                    for t in range(SBL - c):
+                    for t in range(v * LV - c):
                         for k in range(red_len):
                             at[k, c + t] = T.float32(0)
-                    for g in range(TILE_L // NRL):
-                        r0: T.let[T.int32] = r_tile + g * NRL
-                        if c > LV:
-                            two(at, W, e, r0, acc0, acc1, red)
-                        else:
-                            one(at, W, e, r0, acc0, acc1, red)
-                        for t in range(c):
-                            epilogue(OUT, E1, E2, PAIRS, red, t, off + sb * SBL + t, e, r0, NRL)
+                    if v == 3:
+                        for g in range(TILE_L // NR3):
+                            r0: T.let[T.int32] = r_tile + g * NR3
+                            three(at, W, e, r0, acc0, acc1, acc2, red)
+                            for t in range(c):
+                                epilogue(OUT, E1, E2, PAIRS, red, t, off + sb * SBL + t, e, r0, NR3)
+                    else:
+                        for g in range(TILE_L // NR2):
+                            r0: T.let[T.int32] = r_tile + g * NR2
+                            if v == 2:
+                                two(at, W, e, r0, acc0, acc1, acc2, red)
+                            else:
+                                one(at, W, e, r0, acc0, acc1, acc2, red)
+                            for t in range(c):
+                                epilogue(OUT, E1, E2, PAIRS, red, t, off + sb * SBL + t, e, r0, NR2)
 
     return body
 

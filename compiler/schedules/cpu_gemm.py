@@ -1082,7 +1082,7 @@ def lanes_microkernel(
     Parameters
     ----------
     vectors : int
-        1 or 2: token vectors in the block.
+        1, 2 or 3: token vectors in the block.
     cols : int
         Weight rows in the block.
     lanes : int
@@ -1097,26 +1097,30 @@ def lanes_microkernel(
     Returns
     -------
     tvm.script macro
-        ``tile(AT, W, e, r0, acc0, acc1, red)``; ``acc0``/``acc1`` are ``(cols, lanes)`` float32
-        buffers (``acc1`` unused for one vector), ``red`` at least ``(vectors * lanes, cols)``.
+        ``tile(AT, W, e, r0, acc0, acc1, acc2, red)``; ``acc0`` .. ``acc2`` are ``(cols, lanes)``
+        float32 buffers (one per token vector; the others unused), ``red`` at least
+        ``(vectors * lanes, cols)``.
     """
     from tvm.script import tirx as T
 
-    if vectors not in (1, 2):
-        raise ValueError(f"lanes_microkernel: vectors must be 1 or 2, got {vectors}")
-    VL, NRL, TWO = lanes, cols, vectors == 2
+    if vectors not in (1, 2, 3):
+        raise ValueError(f"lanes_microkernel: vectors must be 1, 2 or 3, got {vectors}")
+    VL, NRL, TWO, THREE = lanes, cols, vectors >= 2, vectors == 3
 
     def w_value(x):
         return T.Cast("float32", x) if widen else x
 
     @T.macro
-    def tile(AT, W, e, r0, acc0, acc1, red):
+    def tile(AT, W, e, r0, acc0, acc1, acc2, red):
         for r in T.unroll(NRL):
             for lane in T.vectorized(VL):
                 acc0[r, lane] = T.float32(0)
             if TWO:
                 for lane in T.vectorized(VL):
                     acc1[r, lane] = T.float32(0)
+            if THREE:
+                for lane in T.vectorized(VL):
+                    acc2[r, lane] = T.float32(0)
         for k in range(k_len):
             for r in T.unroll(NRL):
                 for lane in T.vectorized(VL):
@@ -1126,12 +1130,20 @@ def lanes_microkernel(
                         acc1[r, lane] = acc1[r, lane] + AT[k, VL + lane] * w_value(
                             W[e, w_row(r0 + r), k]
                         )
+                if THREE:
+                    for lane in T.vectorized(VL):
+                        acc2[r, lane] = acc2[r, lane] + AT[k, 2 * VL + lane] * w_value(
+                            W[e, w_row(r0 + r), k]
+                        )
         for r in T.unroll(NRL):
             for lane in T.unroll(VL):
                 red[lane, r] = acc0[r, lane]
             if TWO:
                 for lane in T.unroll(VL):
                     red[VL + lane, r] = acc1[r, lane]
+            if THREE:
+                for lane in T.unroll(VL):
+                    red[2 * VL + lane, r] = acc2[r, lane]
 
     return tile
 
