@@ -732,6 +732,75 @@ def test_pointwise_convolution_reads_its_input_in_place(cin, cout, size, stride,
     check(atol=2e-4)
 
 
+# (in channels, out channels, input map, kernel, padding): a 1x1 convolution whose input planes a
+# symbolic batch reads in place (``_reads_b_in_place``), and a 3x3 one whose zero-padded positions
+# are read in place as rows (``direct_rows``; its padding stage is no parameter either way).
+STATIC_BATCH = [(96, 16, 16, 1, 0), (16, 32, 16, 3, 1)]
+
+
+@pytest.mark.parametrize("cin,cout,size,kernel,padding", STATIC_BATCH)
+def test_static_batch_convolution_scheduled_as_symbolic(cin, cout, size, kernel, padding):
+    """A model exported with a fixed batch of 1 (``torch.onnx.export``'s default): its activations
+    are static-shaped parameters of the kernels, as its weights are. Scheduled through
+    ``ApplyScheduleRules`` (which tells each kernel which parameters ``main`` binds to the model's
+    input), the convolution still reads its input in place as with a symbolic batch (taken for a
+    weight, a 1x1 convolution's input was packed whole up front), and matches torch's conv2d in
+    float64."""
+    import torch.nn.functional as F
+
+    from qiao.compiler.passes.apply_schedule_rules import ApplyScheduleRules
+    from qiao.compiler.passes.vectorizable_math import rewrite_math
+    from qiao.compiler.passes.vectorize_ragged_loops import split_ragged_vector_loops
+    from qiao.compiler.schedules import rules_for
+    from qiao.compiler.schedules.tir_util import ACTIVATION_PARAMS
+
+    target = _target()
+
+    def build(bb):
+        x = relax.Var("x", relax.TensorType((1, cin, size, size), "float32"))
+        w = relax.Var("w", relax.TensorType((cout, cin, kernel, kernel), "float32"))
+        with bb.function("main", [x, w], attrs={"num_input": 1}):
+            with bb.dataflow():
+                y = bb.emit(relax.op.nn.conv2d(x, w, padding=padding))
+                out = bb.emit_output(relax.op.nn.relu(y))
+            bb.emit_func_output(out)
+
+    with target:
+        mod = ApplyScheduleRules(rules_for(target), strict=True)(fused_module(build))
+    kernel_func = prim_func(mod, "conv2d")
+    assert [int(i) for i in kernel_func.attrs[ACTIVATION_PARAMS]] == [0]
+    scheduled = rewrite_math(split_ragged_vector_loops(kernel_func))
+    if kernel == 1:
+        assert _reads_in_place(scheduled, "x")
+    else:
+        assert _marked(scheduled, DIRECT_ROWS)
+        assert _reads_in_place(scheduled, "pad_temp")
+    rng = np.random.default_rng(cin + cout)
+    x = rng.standard_normal((1, cin, size, size)).astype("float32")
+    w = rng.standard_normal((cout, cin, kernel, kernel)).astype("float32")
+    ref = torch.relu(
+        F.conv2d(torch.from_numpy(x).double(), torch.from_numpy(w).double(), padding=padding)
+    )
+    got = _call(_build(scheduled, target), [x, w], ref.shape)
+    # float32 sums of up to 144 products of N(0, 1) values.
+    assert_close(got, ref.numpy().astype("float32"), rtol=1e-4, atol=2e-4)
+
+
+def test_static_batch_convolution_tile():
+    """A convolution's weight rows against a static batch take the tile of a symbolic batch
+    (``GemmShape.weight_rows``): every output channel and a block of positions per task, not the
+    dense layers' row tasks."""
+    from qiao.compiler.schedules.cpu_gemm import GemmShape, choose_tile
+    from qiao.compiler.schedules.cpu_info import CPUInfo
+
+    for cpu in (CPUInfo(256, 16, 2), CPUInfo(512, 32, 2)):
+        for m, n, k in ((24, 3136, 144), (16, 12544, 32), (40, 784, 240)):
+            symbolic = choose_tile(cpu, GemmShape(None, m, n, k, "float32"))
+            for batch in (1, 8):
+                static = GemmShape(batch, m, n, k, "float32", weight_rows=True)
+                assert choose_tile(cpu, static) == symbolic, (cpu, m, n, k, batch)
+
+
 def test_positions_as_rows_tile():
     """The tile of a 7x7 map as rows: the height that pads the fewest of the 49 rows (5 with 16
     registers, 7 with 32), every row in every task (``mc_tiles=0``: the im2col rows packed once),

@@ -10,7 +10,10 @@ scheduled), plus what qiao needs:
   tuned schedule, and with ``tune_trials`` a GEMM-like function not tuned yet is tuned on the spot
   and recorded (see ``qiao.compiler.schedules.tuning``);
 * a rule that fails on an unexpected function is logged and the next rule is tried, so one odd
-  kernel never fails a whole compile (``strict=True`` re-raises instead; the tests use it).
+  kernel never fails a whole compile (``strict=True`` re-raises instead; the tests use it);
+* each kernel is told which of its parameters ``main`` binds to the model's inputs or values
+  computed from them (``tir_util.ACTIVATION_PARAMS``), so that the CPU GEMM rules never take a
+  static-shaped activation for a weight.
 """
 
 from __future__ import annotations
@@ -88,10 +91,17 @@ def _make_pass():
             self.strict = strict
 
         def transform_module(self, mod, _ctx):
+            from qiao.compiler.passes.lift_weight_packing import activation_params
+            from qiao.compiler.schedules.tir_util import ACTIVATION_PARAMS
+
             updates = {}
+            bound = activation_params(mod)
             for gvar, func in mod.functions_items():
                 if not isinstance(func, tirx.PrimFunc) or is_scheduled(func):
                     continue
+                inputs = [i for i in range(len(func.params)) if (gvar, i) in bound]
+                if inputs:
+                    func = func.with_attr(ACTIVATION_PARAMS, inputs)
                 target = func.attrs.get("target") if func.attrs else None
                 target = target or tvm.target.Target.current(allow_none=False)
                 scheduled = self._schedule(gvar.name_hint, func, target)

@@ -51,6 +51,7 @@ from typing import Any
 from qiao.compiler.schedules.cpu_conv import deinterleaved
 from qiao.compiler.schedules.cpu_info import CPUInfo, CPURule, cpu_info
 from qiao.compiler.schedules.tir_util import (
+    ACTIVATION_PARAMS,
     PACKING_MARK,
     packing_first,
     replace_vars,
@@ -97,6 +98,9 @@ IMAGE_ROWS = "qiao.gemm_image_rows"
 # Block annotation: a windowed convolution whose positions are rows read in place (its value:
 # the window's taps; see ``direct_rows``).
 DIRECT_ROWS = "qiao.gemm_direct_rows"
+# Block annotation: ``A`` is a weight against an activation ``B`` (an NCHW convolution: its output
+# channels are the rows, its image positions the columns; ``gemm_shape`` reads it).
+WEIGHT_ROWS = "qiao.gemm_weight_rows"
 # Largest window (taps, the reduction unroll of ``direct_rows``) read in place: a 7x7 stem.
 DIRECT_MAX_TAPS = 49
 # Shortest reduction read in place: below it the strided write-back of each register tile (16
@@ -163,6 +167,9 @@ class GemmShape:
     # Taps of the window when those rows are read in place from the input (``direct_rows``); 0
     # when ``A`` is packed.
     taps: int = 0
+    # ``A`` is a weight and ``B`` an activation (an NCHW convolution's output channels x image
+    # positions): a static batch is then scheduled as a symbolic one is.
+    weight_rows: bool = False
 
 
 # -- tile selection -------------------------------------------------------------------------------
@@ -268,9 +275,11 @@ def choose_tile(cpu: CPUInfo, shape: GemmShape) -> GemmTile:
         # once, up front, and each task reads them from cache against its own weight panels).
         mr = min(range(4, max(mr, 4) + 1), key=lambda r: (_ceil_div(shape.m, r) * r, -r))
         mc_tiles, nc_tiles = 0, _column_blocks(_ceil_div(shape.n, nr), tasks_wanted, cpu.num_cores)
-    elif shape.n is not None and shape.m is not None and shape.s is None:
-        # Both tile extents static, a symbolic batch outside (a convolution: I = output channels,
-        # J = image positions). Every task holds every output channel and a block of positions,
+    elif shape.n is not None and shape.m is not None and (shape.s is None or shape.weight_rows):
+        # Both tile extents static, a batch outside (a convolution: I = output channels, J =
+        # image positions; a static batch as a symbolic one: exported with a fixed batch of 1,
+        # EfficientNet-B0's 1x1 convolutions took the dense layers' row tasks and ran 1.5-1.9x
+        # as long). Every task holds every output channel and a block of positions,
         # and packs the im2col columns of its own positions (a panel that stays in L2 while the
         # task sweeps the weights), so the packed image is never written out whole: at batch 8 a
         # 3x3 convolution's im2col matrix is tens of MB. The blocks are as wide as the panel
@@ -455,7 +464,15 @@ def gemm_shape(sch, block) -> GemmShape:
     image_rows = IMAGE_ROWS in annotations
     taps = int(annotations[DIRECT_ROWS]) if DIRECT_ROWS in annotations else 0
     return GemmShape(
-        batch, m, n, k, dtype, rows=iters[3].dom.extent, image_rows=image_rows, taps=taps
+        batch,
+        m,
+        n,
+        k,
+        dtype,
+        rows=iters[3].dom.extent,
+        image_rows=image_rows,
+        taps=taps,
+        weight_rows=WEIGHT_ROWS in annotations,
     )
 
 
@@ -729,7 +746,10 @@ def normalize_gemm(sch, block, lanes: int | None = None, cpu: CPUInfo | None = N
     # leading statement. Each reindex puts its copy right before the block, so the weight goes
     # first: B's (x @ w), or A's when the weights are the rows (an NCHW convolution).
     reads = sch.get(block).reads
-    if _is_param(sch, reads[a_index].source) and not _is_param(sch, reads[1 - a_index].source):
+    weight_rows = _is_param(sch, reads[a_index].source) and not _is_param(
+        sch, reads[1 - a_index].source
+    )
+    if weight_rows:
         ra = sch.reindex(block, ("read", a_index))
         rb = sch.reindex(block, ("read", 1 - a_index))
     else:
@@ -745,6 +765,8 @@ def normalize_gemm(sch, block, lanes: int | None = None, cpu: CPUInfo | None = N
         sch.annotate(block, IMAGE_ROWS, 1)
     if taps:
         sch.annotate(block, DIRECT_ROWS, taps)
+    if weight_rows:
+        sch.annotate(block, WEIGHT_ROWS, 1)
     return ra, rb, a_index
 
 
@@ -1278,10 +1300,19 @@ def _is_weight(sch, stage) -> bool:
 
 
 def _is_param(sch, buffer) -> bool:
-    """Whether ``buffer`` is a static-shaped parameter of the function (maybe a weight)."""
+    """Whether ``buffer`` is a static-shaped parameter of the function (maybe a weight) that no
+    call binds to a model input or a value computed from one (``ACTIVATION_PARAMS``: a
+    static-shaped model's activations are static-shaped parameters too; taken for weights, a
+    convolution's input was packed whole up front and never read in place, which cost
+    EfficientNet-B0 exported with a static batch 11 % of its time)."""
     from tvm import tirx
 
-    if not any(buffer.same_as(p) for p in sch.mod["main"].params):
+    func = sch.mod["main"]
+    index = next((i for i, p in enumerate(func.params) if buffer.same_as(p)), None)
+    if index is None:
+        return False
+    inputs = (func.attrs or {}).get(ACTIVATION_PARAMS, [])
+    if any(int(i) == index for i in inputs):
         return False
     return all(isinstance(d, tirx.IntImm) for d in buffer.ty.shape)
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 # Block annotation of a weight-packing stage: the pipeline lifts such leading stages to load time
 # (TVM's SplitLayoutRewritePreproc, then LiftTransformParams).
 PACKING_MARK = "meta_schedule.layout_rewrite_preproc"
+# PrimFunc attribute: indices of the parameters some call binds to a model input or to a value
+# computed from one (``ApplyScheduleRules`` sets it from ``main``). A static-shaped activation
+# (every tensor of a model exported with a fixed batch) looks like a weight to a kernel otherwise.
+ACTIVATION_PARAMS = "qiao.activation_params"
 
 
 def static_int(expr) -> int | None:
