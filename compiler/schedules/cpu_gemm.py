@@ -1302,9 +1302,9 @@ def _is_weight(sch, stage) -> bool:
 def _is_param(sch, buffer) -> bool:
     """Whether ``buffer`` is a static-shaped parameter of the function (maybe a weight) that no
     call binds to a model input or a value computed from one (``ACTIVATION_PARAMS``: a
-    static-shaped model's activations are static-shaped parameters too; taken for weights, a
-    convolution's input was packed whole up front and never read in place, which cost
-    EfficientNet-B0 exported with a static batch 11 % of its time)."""
+    static-shaped model's activations are static-shaped parameters too; taken for weights, a 1x1
+    convolution's input was packed whole up front instead of read in place: EfficientNet-B0
+    exported with a static batch took 7.1 against 6.5 ms)."""
     from tvm import tirx
 
     func = sch.mod["main"]
