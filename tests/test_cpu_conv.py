@@ -40,16 +40,21 @@ def _schedule(func, target):
     """``(scheduled function, rule name)``: the first CPU rule that applies, then the passes that
     follow the rules in the schedule phase."""
     from qiao.compiler.passes.serial_small_kernels import serial_when_small
-    from qiao.compiler.passes.vectorizable_math import rewrite_math
-    from qiao.compiler.passes.vectorize_ragged_loops import split_ragged_vector_loops
     from qiao.compiler.schedules import rules_for
 
     for rule in rules_for(target):
         sch = rule.apply(func, target, False)
         if sch is not None:
-            out = rewrite_math(split_ragged_vector_loops(sch.mod["main"]))
-            return serial_when_small(out), type(rule).__name__
+            return serial_when_small(_after_rules(sch.mod["main"])), type(rule).__name__
     raise AssertionError("no rule applied")
+
+
+def _after_rules(func):
+    """``func`` through the vector passes that follow the rules in the schedule phase."""
+    from qiao.compiler.passes.vectorizable_math import rewrite_math
+    from qiao.compiler.passes.vectorize_ragged_loops import split_ragged_vector_loops
+
+    return rewrite_math(split_ragged_vector_loops(func))
 
 
 def _build(func, target):
@@ -749,8 +754,6 @@ def test_static_batch_convolution_scheduled_as_symbolic(cin, cout, size, kernel,
     import torch.nn.functional as F
 
     from qiao.compiler.passes.apply_schedule_rules import ApplyScheduleRules
-    from qiao.compiler.passes.vectorizable_math import rewrite_math
-    from qiao.compiler.passes.vectorize_ragged_loops import split_ragged_vector_loops
     from qiao.compiler.schedules import rules_for
     from qiao.compiler.schedules.tir_util import ACTIVATION_PARAMS
 
@@ -769,7 +772,7 @@ def test_static_batch_convolution_scheduled_as_symbolic(cin, cout, size, kernel,
         mod = ApplyScheduleRules(rules_for(target), strict=True)(fused_module(build))
     kernel_func = prim_func(mod, "conv2d")
     assert [int(i) for i in kernel_func.attrs[ACTIVATION_PARAMS]] == [0]
-    scheduled = rewrite_math(split_ragged_vector_loops(kernel_func))
+    scheduled = _after_rules(kernel_func)
     if kernel == 1:
         assert _reads_in_place(scheduled, "x")
     else:
