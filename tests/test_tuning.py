@@ -181,6 +181,67 @@ def test_measuring_a_broken_candidate_gives_none(tmp_path):
     assert measure_libraries([missing], [{"shape": [2], "dtype": "float32"}], repeat=1) == [None]
 
 
+def _tuned_tile(monkeypatch, screened: list[float], gain: float | None):
+    """The tile ``tune_gemm`` records for the dense kernel when the screening measures its two
+    candidates at ``screened`` seconds and the cold re-measurement finds ``gain``."""
+    from qiao.compiler.schedules import tuning
+
+    confirmations = []
+
+    def confirm(default_path, candidate_path, args):
+        confirmations.append((default_path, candidate_path))
+        return gain
+
+    monkeypatch.setattr(tuning, "measure_libraries", lambda paths, args: list(screened))
+    monkeypatch.setattr(tuning, "confirmed_gain", confirm)
+    record = tuning.tune_gemm(_gemm(_dense_module()), _host_target(), 2, {"batch": 16})
+    assert record["trials"] == 2
+    return record, confirmations
+
+
+def test_a_screened_win_replaces_the_default_only_when_confirmed(monkeypatch):
+    """The screening's winner is re-measured against the default (cold, interleaved); it is
+    recorded only when that confirms a gain of ``MIN_GAIN`` or more, else the default is."""
+    from qiao.compiler.schedules.tuning import MIN_GAIN
+
+    default, asked = _tuned_tile(monkeypatch, [1e-5, 2e-5], None)
+    assert asked == [] and default["confirmed_gain"] is None  # the default won: nothing to confirm
+    kept, asked = _tuned_tile(monkeypatch, [2e-5, 1e-5], MIN_GAIN * 0.98)
+    assert len(asked) == 1 and asked[0][0] != asked[0][1]
+    assert kept["tile"] == default["tile"] and kept["seconds"] == 2e-5
+    failed, _ = _tuned_tile(monkeypatch, [2e-5, 1e-5], None)  # the re-measurement failed
+    assert failed["tile"] == default["tile"]
+    taken, _ = _tuned_tile(monkeypatch, [2e-5, 1e-5], MIN_GAIN * 1.2)
+    assert taken["tile"] != default["tile"] and taken["seconds"] == 1e-5
+    assert taken["confirmed_gain"] == pytest.approx(MIN_GAIN * 1.2)
+
+
+def test_cold_rounds_time_real_kernels(tmp_path):
+    """``measure_rounds`` times real libraries round by round with the caches flushed; a kernel
+    against itself gains about 1x; a library that cannot load fails the whole measurement."""
+    from qiao.compiler.passes.shuffle_strided_loads import compile_cpu_kernel
+    from qiao.compiler.schedules import schedule_passes
+    from qiao.compiler.schedules.tuning import (
+        concrete_args,
+        confirmed_gain,
+        flush_bytes,
+        measure_rounds,
+    )
+
+    target = _host_target()
+    mod = _dense_module()
+    with target:
+        scheduled = _gemm(tvm.transform.Sequential(schedule_passes(target, {}))(mod))
+    path = str(tmp_path / "dense.so")
+    compile_cpu_kernel(scheduled, target).export_library(path)
+    args = concrete_args(_gemm(mod), {"batch": 16})
+    rounds = measure_rounds([path, path], args, 3, flush_bytes(), repeat=2)
+    assert [len(r) for r in rounds] == [3, 3] and all(t > 0 for r in rounds for t in r)
+    assert 0.3 < confirmed_gain(path, path, args) < 3.0
+    assert measure_rounds([path, str(tmp_path / "missing.so")], args, 2, 1 << 20) is None
+    assert flush_bytes() >= 8 << 20
+
+
 def test_model_compile_tunes_its_gemms_once(monkeypatch):
     """The whole flow ``qiao compile --tune`` wires up: the schedule phase of the CPU backend with
     ``tune`` tunes every GEMM of the model into the device database; the next compile (tune asked
