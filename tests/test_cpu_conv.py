@@ -854,6 +854,49 @@ def test_few_column_tasks_split_their_rows_over_the_cores():
                 assert (tile.mc_tiles < m_tiles) == split, (cpu, tile)
 
 
+def test_long_reduction_convolution_takes_tall_one_vector_tiles():
+    """A packed convolution whose two-vector column panel (K x 32 floats on AVX-512) overflows
+    ``L1_PANEL_BYTES`` takes one-vector tiles as tall as the 32 registers allow, in row tasks that
+    share out evenly over the cores (EfficientNet-B0's projections: 672 -> 112 as 8 tiles of 14,
+    480 -> 80 as 8 of 10); a shorter reduction, a tile read in place, or 16 registers keep the
+    two-vector tile."""
+    from qiao.compiler.schedules.cpu_gemm import (
+        L1_PANEL_BYTES,
+        GemmShape,
+        check_tile,
+        choose_tile,
+        task_balance,
+    )
+    from qiao.compiler.schedules.cpu_info import CPUInfo
+
+    avx512 = CPUInfo(512, 32, 2)
+    for m, n, k, mr in ((112, 196, 672, 14), (80, 196, 480, 10), (320, 49, 1152, 16)):
+        assert k * 32 * 4 > L1_PANEL_BYTES
+        shape = GemmShape(None, m, n, k, "float32", weight_rows=True)
+        tile = choose_tile(avx512, shape)
+        check_tile(tile, shape, 16)
+        assert (tile.mr, tile.nr_vectors, tile.mc_tiles, tile.nc_tiles) == (mr, 1, 1, 0), tile
+        assert task_balance(-(-m // mr), 2) == 1
+    short = GemmShape(None, 112, 196, 240, "float32", weight_rows=True)
+    windowed = GemmShape(None, 112, 196, 672, "float32", taps=9, weight_rows=True)
+    for cpu, shape in ((avx512, short), (avx512, windowed), (CPUInfo(256, 16, 2), windowed)):
+        assert choose_tile(cpu, shape).nr_vectors == 2, shape
+    long = GemmShape(None, 112, 196, 672, "float32", weight_rows=True)
+    assert choose_tile(CPUInfo(256, 16, 2), long).nr_vectors == 2
+
+
+def test_long_reduction_convolution_matches_torch():
+    """A 1x1 convolution 672 -> 112 over 14x14 (bias, residual add and ReLU fused) matches torch
+    in float64 at batch 1 and 3; on a host with 32 vector registers through the 14-row
+    one-vector tile."""
+    from qiao.compiler.schedules.cpu_info import cpu_info
+
+    scheduled, check = _residual_conv(672, 112, 14, 1, 1, 0)
+    if cpu_info(_target()).vector_registers >= 32:
+        assert "T.unroll(T.int64(14))" in scheduled.script()
+    check(atol=1e-3)
+
+
 def test_row_blocks_of_a_small_map_convolution_match_torch():
     """The 1x1 convolution over 14x14 with its output channels in row blocks (on this host's
     cores; residual add and ReLU fused) matches torch's conv2d in float64 at batch 1 and 3."""

@@ -79,6 +79,14 @@ FEW_ROWS_VECTORS = 8
 NV_PENALTY = 0.2
 # Bytes of the im2col panel one convolution task packs (K x its positions): half a Zen/Skylake L2.
 CONV_PANEL_BYTES = 256 * 1024
+# A convolution whose two-vector column panel (all of K by two vectors of positions) exceeds this
+# many bytes (the smallest L1 data cache in use, 32 KB) streams that panel from L2 at every step of
+# K; with 32 vector registers it takes one-vector tiles as tall as the registers allow
+# (``_long_reduction_tile``), which load one vector of it per ``mr`` FMAs instead of two per
+# ``2 * mr``. EfficientNet-B0's 1x1 projections in the model (Intel AVX-512 host, batch 1,
+# 2026-12-04, per call): 672 -> 112 over 14x14 140 -> 124 us, 480 -> 112 100 -> 86 us, 480 -> 80
+# 87 -> 77 us; its head (320 -> 1280 over 7x7, a 40 KB panel) unchanged, 152 against 154 us.
+L1_PANEL_BYTES = 32 * 1024
 # A convolution keeps its image positions as the vector axis ``J`` unless padding them to whole
 # two-vector tiles would waste more than this fraction of the work while the output channels would
 # waste at most half as much (a 7x7 map: 49 positions padded to 64, 31 %): the positions then
@@ -284,6 +292,9 @@ def choose_tile(cpu: CPUInfo, shape: GemmShape) -> GemmTile:
         # task sweeps the weights), so the packed image is never written out whole: at batch 8 a
         # 3x3 convolution's im2col matrix is tens of MB. The blocks are as wide as the panel
         # budget allows while one image still makes a task or more per core.
+        tall = _long_reduction_tile(cpu, shape, k_unroll)
+        if tall is not None:
+            return tall
         m_tiles, n_tiles = _ceil_div(shape.m, mr), _ceil_div(shape.n, nr)
         mc_tiles = m_tiles
         panel_bytes = _b_bytes(shape, nr)
@@ -332,6 +343,35 @@ def choose_tile(cpu: CPUInfo, shape: GemmShape) -> GemmTile:
         # that make enough tasks (at least two panels per core to get here).
         mc_tiles, nc_tiles = 0, _column_blocks(_ceil_div(shape.n, nr), tasks_wanted, cpu.num_cores)
     return GemmTile(mr, nv, mc_tiles, nc_tiles, k_unroll)
+
+
+def _long_reduction_tile(cpu: CPUInfo, shape: GemmShape, k_unroll: int) -> GemmTile | None:
+    """A one-vector tile for a packed convolution whose two-vector column panel overflows
+    ``L1_PANEL_BYTES`` (see there), on a target with 32 vector registers; ``None`` otherwise.
+
+    ``mr``: at least 8 rows (accumulators for two FMA pipes of latency 4), at most the one-vector
+    register tile's; row tiles that share out evenly over the cores first (``task_balance``:
+    112 channels as 8 tiles of 14, not 7 of 16), then the fewest padded rows, then the tallest.
+    One row tile per task, every position in it."""
+    lanes = cpu.lanes(shape.dtype)
+    if (
+        cpu.vector_registers < 32
+        or not shape.weight_rows
+        or shape.taps
+        or shape.image_rows
+        or _b_bytes(shape, 2 * lanes) <= L1_PANEL_BYTES
+    ):
+        return None
+    tallest = max(mr for mr, nv in register_tiles(cpu) if nv == 1)
+
+    def key(mr: int) -> tuple:
+        tiles = _ceil_div(shape.m, mr)
+        return (task_balance(tiles, cpu.num_cores) < TASK_BALANCE, tiles * mr - shape.m, -mr)
+
+    rows = [mr for mr in range(8, tallest + 1) if _ceil_div(shape.m, mr) >= cpu.num_cores]
+    if not rows:
+        return None
+    return GemmTile(min(rows, key=key), 1, 1, 0, k_unroll)
 
 
 def _two_vector_rows(cpu: CPUInfo) -> int:
