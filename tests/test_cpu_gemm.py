@@ -116,6 +116,54 @@ def test_column_task_gemm_matches_numpy_on_both_row_variants(batch_dims):
             assert_close(got, ref, rtol=1e-4, atol=1e-4, name=f"b={b} m={m}")
 
 
+def test_row_tasks_variant_only_for_a_weight_that_fits():
+    """Column tasks for symbolic rows get a row-tasks variant (one row tile per task, every
+    column) when the whole packed weight fits ``ROW_TASKS_B_BYTES``: the transformer layer's
+    688 x 256 does (704 KB), a 1024 x 1024 weight (4 MB) does not; row tasks have none."""
+    from qiao.compiler.schedules.cpu_gemm import (
+        GemmShape,
+        GemmTile,
+        choose_tile,
+        row_tasks_tile,
+    )
+    from qiao.compiler.schedules.cpu_info import CPUInfo
+
+    for cpu, lanes in ((CPUInfo(256, 16, 2), 8), (CPUInfo(512, 32, 2), 16)):
+        small = GemmShape(None, None, 256, 688, "float32")
+        tile = choose_tile(cpu, small)
+        assert tile.mc_tiles == 0 and tile.nc_tiles > 0, tile
+        many = row_tasks_tile(tile, small, lanes)
+        assert (many.mr, many.nr_vectors, many.k_unroll) == (tile.mr, tile.nr_vectors, 8)
+        assert (many.mc_tiles, many.nc_tiles) == (1, 0)
+        big = GemmShape(None, None, 1024, 1024, "float32")
+        assert row_tasks_tile(choose_tile(cpu, big), big, lanes) is None
+    assert row_tasks_tile(GemmTile(8, 2, 1, 0, 8), small, 16) is None
+
+
+def test_row_tasks_variant_matches_numpy_across_the_switch():
+    """x[m, 688] @ w[688, 256]: the run-time choice takes row tasks once the rows of ``A``
+    outgrow ``ROW_TASKS_A_BYTES`` (381 rows here), column tasks below; every side of both
+    switches (few rows, many rows, a ragged last row tile) against NumPy."""
+    from qiao.compiler.schedules.cpu_gemm import ROW_TASKS_A_BYTES, CPUMatmul
+
+    target = _target()
+    if not _can_run(target):
+        pytest.skip("this host cannot run code for its own target")
+    k, n = 688, 256
+    scheduled, _ = _schedule(_columns_kernel(k, n, False), target, CPUMatmul())
+    text = _script(scheduled)
+    assert f"m * T.int64({4 * k}) > T.int64({ROW_TASKS_A_BYTES})" in text
+    assert text.count("meta_schedule.layout_rewrite_preproc") == 1, "weights packed twice"
+    switch = ROW_TASKS_A_BYTES // (4 * k)
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((k, n)).astype("float32")
+    for m in (2, 37, switch, switch + 1, switch + 19, 1024):
+        x = rng.standard_normal((m, k)).astype("float32")
+        got = _run(scheduled, target, [x, w, np.zeros((m, n), "float32")])[-1]
+        ref = (x.astype("float64") @ w.astype("float64")).astype("float32")
+        assert_close(got, ref, rtol=1e-4, atol=1e-3, name=f"m={m}")
+
+
 def test_one_static_row_takes_the_wide_one_row_tile():
     """A static single row (a batch-1 classifier head) gets the few-rows variant's one-row tile,
     as wide as the registers allow (not a 1 x 2-vector tile with two accumulators); two rows keep

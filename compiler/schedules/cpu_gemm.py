@@ -70,6 +70,17 @@ GEMM_DTYPES = ("float32", "float16", "bfloat16", "float64")
 # Rows of the middle variant's micro-tile (see ``with_few_rows_variant``): 4 x 2 vectors keeps
 # the 8 accumulators two FMA pipes of latency 4 need.
 MID_ROWS = 4
+# Symbolic rows against a weight take column tasks (each sweeps every row over its own columns, so
+# a large weight comes from memory once). Every task then reads all of ``A``: once ``A`` outgrows
+# this many bytes (an L2) while the whole packed weight fits ``ROW_TASKS_B_BYTES``, a variant of
+# row tasks (each row tile against every column, the weight from L2) is taken at run time
+# (``row_tasks_tile``). The built-in transformer layer's GEMMs against weights passed per call
+# (``benchmarks/test_gemm.py``, Intel AVX-512 host, 2026-12-04; qiao / NumPy GFLOP/s, column tasks
+# -> row tasks): 2048x688 @ 688x256 0.85-0.88 -> 1.06, 1024 rows 0.92 -> 1.05, 512 rows 1.00 ->
+# 1.05, 256 rows 1.10 -> 1.08; 2048x256 @ 256x688 0.86 -> 1.01, 1024 rows 0.98 either way, 512
+# rows 1.19 -> 1.07; at 128 rows column tasks win by 0.25-0.3; 1024³ (a 4 MB weight) 0.92 -> 0.49.
+ROW_TASKS_A_BYTES = 1 << 20
+ROW_TASKS_B_BYTES = 1 << 20
 # Widest micro-tile of the few-rows variant, in SIMD vectors (see ``few_rows_tile``): 8 measured
 # best for 1024 x 1024 at one row on AVX2 (4: 25 % slower).
 FEW_ROWS_VECTORS = 8
@@ -1687,11 +1698,29 @@ def few_rows_tile(cpu: CPUInfo, tile: GemmTile, shape: GemmShape) -> GemmTile:
     return GemmTile(1, nv, 0, nc_tiles, tile.k_unroll)
 
 
+def row_tasks_tile(tile: GemmTile, shape: GemmShape, lanes: int) -> GemmTile | None:
+    """The tile of the many-rows variant (see ``ROW_TASKS_A_BYTES``) of ``tile``, a column-tasks
+    tile for symbolic rows against a static weight: one row tile per task, every column in it;
+    ``None`` when ``tile`` is not such a tile or the packed weight outgrows
+    ``ROW_TASKS_B_BYTES``."""
+    if shape.m is not None or shape.n is None or shape.k is None or tile.mc_tiles != 0:
+        return None
+    if tile.nc_tiles == 0 or tile.mr == 1:
+        return None
+    k_padded = _ceil_div(shape.k, tile.k_unroll) * tile.k_unroll
+    n_padded = _ceil_div(shape.n, tile.nr(lanes)) * tile.nr(lanes)
+    if _b_bytes(replace(shape, k=k_padded), n_padded) > ROW_TASKS_B_BYTES:
+        return None
+    return replace(tile, mc_tiles=1, nc_tiles=0)
+
+
 def with_few_rows_variant(func, sch, tile: GemmTile, shape: GemmShape, target: Any):
     """``sch`` (``func``'s GEMM scheduled with ``tile``; ``shape`` from ``schedule_gemm``), plus a
     one-row-per-tile schedule (``few_rows_tile``) for when the symbolic row count is at most
-    ``few_rows_max(tile)`` (see the section comment); ``sch`` itself when the rows are static,
-    the tile is one row already, or the variants cannot share their packing."""
+    ``few_rows_max(tile)`` (see the section comment), and for column tasks a row-tasks schedule
+    (``row_tasks_tile``) for when the rows of ``A`` outgrow ``ROW_TASKS_A_BYTES``; ``sch`` itself
+    when the rows are static, the tile is one row already, or the variants cannot share their
+    packing."""
     from tvm import s_tir, tirx
 
     if shape.m is not None or tile.mr == 1:
@@ -1718,4 +1747,13 @@ def with_few_rows_variant(func, sch, tile: GemmTile, shape: GemmShape, target: A
             padded = (rows + const(tile.mr - 1)) // const(tile.mr) * const(tile.mr)
             low, use_low = mid, tirx.Or(use_low, padded_mid * const(8) < padded * const(7))
     merged = merge_row_variants(sch.mod["main"], low, use_low)
-    return sch if merged is None else s_tir.Schedule(merged)
+    if merged is None:
+        return sch
+    many = row_tasks_tile(tile, shape, cpu_info(target).lanes(shape.dtype))
+    if many is not None:
+        from tvm import DataType
+
+        a_bytes = rows * const(shape.k * DataType(shape.dtype).bits // 8)
+        with_rows = merge_row_variants(merged, scheduled(many), a_bytes > const(ROW_TASKS_A_BYTES))
+        merged = merged if with_rows is None else with_rows
+    return s_tir.Schedule(merged)
