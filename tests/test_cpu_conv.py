@@ -907,9 +907,10 @@ def test_row_blocks_of_a_small_map_convolution_match_torch():
 def test_rows_outside_only_for_a_small_column_block():
     """A task sweeps its column tiles inside each row tile (long contiguous output runs) only
     when its whole ``B`` block fits ``ROWS_OUTSIDE_B_BYTES``: convolution tasks (1x1 from 16
-    channels and 3x3 from 64 channels over 56x56: 14 KB and 252 KB blocks), not a task of a
-    single column tile (1x1 from 24 channels over 28x28: 49 tiles, one per task), nor a dense
-    layer's task holding 128 columns of a 1024-row weight (512 KB)."""
+    channels and 3x3 from 64 channels over 56x56: 14 KB and 252 KB blocks) and a dense layer's
+    task of 64 columns of a 1024-row weight (256 KB: dense column blocks are capped to fit), not a
+    task of a single column tile (1x1 from 24 channels over 28x28: 49 tiles, one per task; a
+    3072-row weight, 192 KB per 16 columns)."""
     from qiao.compiler.schedules.cpu_gemm import GemmShape, _rows_outside, choose_tile
     from qiao.compiler.schedules.cpu_info import CPUInfo
 
@@ -918,7 +919,8 @@ def test_rows_outside_only_for_a_small_column_block():
         (None, 72, 3136, 16, True),
         (None, 64, 3136, 576, True),
         (None, 88, 784, 24, False),
-        (1, None, 1024, 1024, False),
+        (1, None, 1024, 1024, True),
+        (1, None, 1024, 3072, False),
     )
     for s, m, n, k, outside in cases:
         shape = GemmShape(s, m, n, k, "float32")

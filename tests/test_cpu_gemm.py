@@ -13,8 +13,15 @@ from tests.test_schedules import _can_run, _run, _schedule, _script, _target
 
 def test_symbolic_rows_against_static_columns_take_column_tasks():
     """Enough static columns: every task holds every row (``mc_tiles=0``) and a block of columns,
-    four tasks per core where the panels allow; too few columns keep row tasks."""
-    from qiao.compiler.schedules.cpu_gemm import GemmShape, check_tile, choose_tile
+    four tasks per core where the panels allow, each block within ``ROWS_OUTSIDE_B_BYTES`` (so
+    its task sweeps it from L2 inside each row tile); too few columns keep row tasks."""
+    from qiao.compiler.schedules.cpu_gemm import (
+        ROWS_OUTSIDE_B_BYTES,
+        GemmShape,
+        _rows_outside,
+        check_tile,
+        choose_tile,
+    )
     from qiao.compiler.schedules.cpu_info import CPUInfo
 
     for cpu, lanes in ((CPUInfo(256, 16, 2), 8), (CPUInfo(512, 32, 16), 16)):
@@ -26,6 +33,8 @@ def test_symbolic_rows_against_static_columns_take_column_tasks():
             assert tile.mc_tiles == 0, (cpu, n, tile)
             assert n_tiles % tile.nc_tiles == 0
             assert n_tiles // tile.nc_tiles >= min(4 * cpu.num_cores, n_tiles), (cpu, n, tile)
+            assert 1024 * tile.nc_tiles * tile.nr(lanes) * 4 <= ROWS_OUTSIDE_B_BYTES, tile
+            assert tile.nc_tiles == 1 or _rows_outside(shape, tile, tile.nr(lanes), False), tile
         narrow = GemmShape(None, None, 16, 1024, "float32")
         assert choose_tile(cpu, narrow).mc_tiles == 1
 
