@@ -149,26 +149,29 @@ def test_row_tasks_variant_only_for_a_weight_that_fits():
     assert row_tasks_tile(GemmTile(8, 2, 1, 0, 8), small, 16) is None
 
 
-def test_row_tasks_variant_matches_numpy_across_the_switch():
-    """x[m, 688] @ w[688, 256]: the run-time choice takes row tasks once the rows of ``A``
+@pytest.mark.parametrize("batch_dims", [False, True], ids=["rows", "batch-rows"])
+def test_row_tasks_variant_matches_numpy_across_the_switch(batch_dims):
+    """x[b?, m, 688] @ w[688, 256]: the run-time choice takes row tasks once the rows of ``A``
     outgrow ``ROW_TASKS_A_BYTES`` (381 rows here), column tasks below; every side of both
-    switches (few rows, many rows, a ragged last row tile) against NumPy."""
+    switches (few rows, many rows, a ragged last row tile) against NumPy, with a symbolic batch
+    too."""
     from qiao.compiler.schedules.cpu_gemm import ROW_TASKS_A_BYTES, CPUMatmul
 
     target = _target()
     if not _can_run(target):
         pytest.skip("this host cannot run code for its own target")
     k, n = 688, 256
-    scheduled, _ = _schedule(_columns_kernel(k, n, False), target, CPUMatmul())
+    scheduled, _ = _schedule(_columns_kernel(k, n, batch_dims), target, CPUMatmul())
     text = _script(scheduled)
     assert f"m * T.int64({4 * k}) > T.int64({ROW_TASKS_A_BYTES})" in text
     assert text.count("meta_schedule.layout_rewrite_preproc") == 1, "weights packed twice"
     switch = ROW_TASKS_A_BYTES // (4 * k)
     rng = np.random.default_rng(5)
     w = rng.standard_normal((k, n)).astype("float32")
+    lead = (2,) if batch_dims else ()
     for m in (2, 37, switch, switch + 1, switch + 19, 1024):
-        x = rng.standard_normal((m, k)).astype("float32")
-        got = _run(scheduled, target, [x, w, np.zeros((m, n), "float32")])[-1]
+        x = rng.standard_normal(lead + (m, k)).astype("float32")
+        got = _run(scheduled, target, [x, w, np.zeros(lead + (m, n), "float32")])[-1]
         ref = (x.astype("float64") @ w.astype("float64")).astype("float32")
         assert_close(got, ref, rtol=1e-4, atol=1e-3, name=f"m={m}")
 
