@@ -5,7 +5,8 @@ Shapes: fp32 1024³ and every matmul of the built-in transformer layer (hidden 2
 the way a model compile builds it: a Relax ``matmul`` legalised and fused, the row dimension
 symbolic (one kernel for every token count), scheduled by the CPU schedule phase (default schedule,
 no tuning records). The figure per case is the median over interleaved rounds of qiao's GFLOP/s
-divided by NumPy's (``ratio`` in the extra info); the issue's floor is 0.6.
+divided by NumPy's (``ratio`` in the extra info); issue 16's floor is 0.9 (the smoke case's
+shape is not one of its cases).
 
     pytest benchmarks/test_gemm.py --benchmark-only -s          # full; prints each ratio
     QIAO_BENCH_SMOKE=1 pytest benchmarks/test_gemm.py -q        # CI: small shapes, one round
@@ -23,7 +24,7 @@ import statistics
 import numpy as np
 import pytest
 
-FLOOR = 0.6
+FLOOR = 0.9  # issue 16: GEMM 1024³ and the transformer layer's shapes
 full = pytest.mark.full_only
 HIDDEN, INTER, HEADS, KV, D = 256, 688, 8, 2, 32  # the built-in transformer layer
 
@@ -112,6 +113,8 @@ def test_gemm_vs_numpy(benchmark, smoke, batch, m, k, n, arch):
         np.matmul(a, b)
 
     flops = 2.0 * (batch or 1) * m * n * k
+    # The smoke shape (one 64³ block: call overhead more than arithmetic) is not an issue case.
+    floor = None if (m, k, n) == (64, 64, 64) else FLOOR
     times = interleaved({"qiao": ours, "numpy": numpy_sgemm}, 15, 0.05, smoke=smoke)
     ours_s, ref_s = times["qiao"], times["numpy"]
     ratio = statistics.median(round_ratios(times, "numpy"))
@@ -120,15 +123,15 @@ def test_gemm_vs_numpy(benchmark, smoke, batch, m, k, n, arch):
         ratio=ratio,
         qiao_gflops=flops / statistics.median(ours_s) / 1e9,
         numpy_gflops=flops / statistics.median(ref_s) / 1e9,
-        floor=FLOOR,
+        floor=floor,
     )
     benchmark.pedantic(ours, rounds=1 if smoke else 5, iterations=1)
     print(
         f"\n  gemm {benchmark.group}: qiao {benchmark.extra_info['qiao_gflops']:.1f} GFLOP/s, "
         f"numpy {benchmark.extra_info['numpy_gflops']:.1f} GFLOP/s, ratio {ratio:.2f}"
     )
-    if os.environ.get("QIAO_BENCH_ENFORCE") == "1" and not smoke:
-        assert ratio >= FLOOR, f"{benchmark.group}: {ratio:.2f} of numpy's GFLOP/s < {FLOOR}"
+    if os.environ.get("QIAO_BENCH_ENFORCE") == "1" and not smoke and floor is not None:
+        assert ratio >= floor, f"{benchmark.group}: {ratio:.2f} of numpy's GFLOP/s < {floor}"
 
 
 # -- linear layers with constant weights, against ONNX Runtime ------------------------------------
