@@ -302,7 +302,8 @@ def choose_tile(cpu: CPUInfo, shape: GemmShape) -> GemmTile:
         # and packs the im2col columns of its own positions (a panel that stays in L2 while the
         # task sweeps the weights), so the packed image is never written out whole: at batch 8 a
         # 3x3 convolution's im2col matrix is tens of MB. The blocks are as wide as the panel
-        # budget allows while one image still makes a task or more per core.
+        # budget allows while one image still makes a task or more per core. A long reduction
+        # takes a tall one-vector tile instead (``L1_PANEL_BYTES``).
         tall = _long_reduction_tile(cpu, shape, k_unroll)
         if tall is not None:
             return tall
@@ -1711,9 +1712,7 @@ def row_tasks_tile(tile: GemmTile, shape: GemmShape, lanes: int) -> GemmTile | N
     tile for symbolic rows against a static weight: one row tile per task, every column in it;
     ``None`` when ``tile`` is not such a tile or the packed weight outgrows
     ``ROW_TASKS_B_BYTES``."""
-    if shape.m is not None or shape.n is None or shape.k is None or tile.mc_tiles != 0:
-        return None
-    if tile.nc_tiles == 0 or tile.mr == 1:
+    if shape.m is not None or None in (shape.n, shape.k) or tile.mc_tiles != 0 or not tile.nc_tiles:
         return None
     k_padded = _ceil_div(shape.k, tile.k_unroll) * tile.k_unroll
     n_padded = _ceil_div(shape.n, tile.nr(lanes)) * tile.nr(lanes)
@@ -1759,9 +1758,7 @@ def with_few_rows_variant(func, sch, tile: GemmTile, shape: GemmShape, target: A
         return sch
     many = row_tasks_tile(tile, shape, cpu_info(target).lanes(shape.dtype))
     if many is not None:
-        from tvm import DataType
-
-        a_bytes = rows * const(shape.k * DataType(shape.dtype).bits // 8)
+        a_bytes = rows * const(_b_bytes(shape, 1))  # one row of A: K elements
         with_rows = merge_row_variants(merged, scheduled(many), a_bytes > const(ROW_TASKS_A_BYTES))
         merged = merged if with_rows is None else with_rows
     return s_tir.Schedule(merged)
