@@ -75,11 +75,16 @@ def _dot_gemm(rows, cols, lanes, k, n_groups, prefetch):
     return main, N
 
 
-@pytest.mark.parametrize("rows, cols, prefetch", [(2, 4, 0), (3, 5, 1), (1, 8, 2), (2, 3, 2)])
-def test_dot_microkernel_matches_numpy(rows, cols, prefetch):
+@pytest.mark.parametrize(
+    "rows, cols, prefetch, lanes",
+    # lanes: the horizontal sums halve 16 and 8 lanes; 3 and 1 take the serial sum
+    [(2, 4, 0, 8), (3, 5, 1, 8), (1, 8, 2, 8), (2, 3, 2, 8), (2, 3, 1, 16), (1, 2, 0, 3)]
+    + [(2, 1, 0, 1)],
+)
+def test_dot_microkernel_matches_numpy(rows, cols, prefetch, lanes):
     from qiao.compiler.schedules.cpu_info import cpu_device
 
-    lanes, k, groups = 8, 40, 3
+    k, groups = 5 * lanes, 3
     func, n = _dot_gemm(rows, cols, lanes, k, groups, prefetch)
     # this machine's CPU: the kernel runs here
     target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
@@ -110,3 +115,16 @@ def test_dot_microkernel_prefetches_into_the_asked_cache(prefetch, instruction, 
     code = asm(prefetch)
     assert instruction in code and other not in code
     assert "prefetch" not in asm(0)
+
+
+def test_dot_microkernel_sums_lanes_by_halving():
+    """The horizontal sum of each accumulator halves the vector (512 -> 256 -> 128 bits, then
+    within the register) instead of adding its 16 lanes one by one (which LLVM emitted as chains
+    of lane inserts and adds, no 256-bit extract). Code generation only (AVX-512, not run)."""
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v4"})
+    func, _ = _dot_gemm(2, 4, 16, 64, 1, 0)
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
+    code = lib.mod.inspect_source("asm")
+    accumulators = 2 * 4  # 2 rows x 4 weight rows
+    assert code.count("vextractf64x4") >= accumulators  # each sum's first halving
+    assert code.count("vinsertps") < 2 * accumulators  # one by one: 4 per accumulator and more

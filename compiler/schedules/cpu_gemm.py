@@ -1093,6 +1093,7 @@ def dot_microkernel(
 
     MR, VL, KO = rows, lanes, k_vectors
     NA, NB = (cols + 1) // 2, cols // 2
+    lane_sum = _lane_sum(VL)
 
     def w_value(x):
         return T.Cast("float32", x) if widen else x
@@ -1132,15 +1133,48 @@ def dot_microkernel(
                         )
         for m in T.unroll(MR):
             for r in T.unroll(NA):
-                red[m, r] = T.float32(0)
-                for lane in T.unroll(VL):
-                    red[m, r] = red[m, r] + acc0[m, r, lane]
+                lane_sum(acc0, m, r)
+                red[m, r] = acc0[m, r, 0]
             for r in T.unroll(NB):
-                red[m, NA + r] = T.float32(0)
-                for lane in T.unroll(VL):
-                    red[m, NA + r] = red[m, NA + r] + acc1[m, r, lane]
+                lane_sum(acc1, m, r)
+                red[m, NA + r] = acc1[m, r, 0]
 
     return tile
+
+
+def _lane_sum(lanes: int):
+    """TIR macro ``sum(acc, m, r)``: ``acc[m, r, 0] = sum(acc[m, r, :lanes])`` by halving (add
+    the upper half onto the lower, ``log2(lanes)`` times), which LLVM emits as a few extracts,
+    shuffles and vector adds per accumulator. Adding the lanes one by one cost ~20 instructions
+    per accumulator: on the MoE down projection (K = 768, 48 vector steps per block) the
+    horizontal sums of a 6 x 4 block were about a third of its instructions."""
+    from tvm.script import tirx as T
+
+    if lanes == 1:
+
+        @T.macro
+        def done(acc, m, r):
+            T.evaluate(0)
+
+        return done
+    if lanes % 2:
+
+        @T.macro
+        def serial(acc, m, r):
+            for lane in T.serial(1, lanes):
+                acc[m, r, 0] = acc[m, r, 0] + acc[m, r, lane]
+
+        return serial
+    half = lanes // 2
+    rest = _lane_sum(half)
+
+    @T.macro
+    def fold(acc, m, r):
+        for lane in T.vectorized(half):
+            acc[m, r, lane] = acc[m, r, lane] + acc[m, r, lane + half]
+        rest(acc, m, r)
+
+    return fold
 
 
 def lanes_microkernel(
