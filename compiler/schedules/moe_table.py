@@ -372,7 +372,6 @@ def time_stage_kernels(
             rng.standard_normal((E, cfg.fc1_rows, H), dtype=np.float32),
             rng.standard_normal((E, H, INTER), dtype=np.float32),
         )
-    from qiao.backends.tvm_backend import weight_tensor
     from qiao.compiler.schedules.cpu_info import cpu_device
 
     dev = cpu_device()
@@ -401,9 +400,7 @@ def time_stage_kernels(
     ]
     align["main"](ids, *tables)
     counts, offsets, active, nact, pairs, bexp, nblk, pslot = tables
-    # on huge pages, as the runner places a model's weights (``weight_tensor``): streamed through
-    # 4 KB pages the experts time up to twice as long, and the tuner would rank the TLB misses
-    fc1, fc2 = (weight_tensor(np.ascontiguousarray(w), dev) for w in weights)
+    fc1, fc2 = nd(weights[0]), nd(weights[1])
     bias = nd(np.zeros((1,), np.float32))
     act = empty((blocks * BM, INTER), "float32")
     out = empty((tokens, K, H), "float32")
