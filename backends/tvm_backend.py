@@ -9,7 +9,6 @@ writes (the packed-imports blob, the device module) are in ``binfmt``."""
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -20,6 +19,13 @@ import numpy as np
 from qiao.backends.base import Backend, Runner
 from qiao.backends.binfmt import LIBRARY_BLOB_SYMBOL, DeviceModule, PackedImports
 from qiao.compiler.errors import CompileError
+from qiao.compiler.schedules.cpu_memory import (  # noqa: F401  (re-exported: the runners' API)
+    HUGE_PAGE_BYTES,
+    HUGE_PAGE_MIN_BYTES,
+    advise_huge_pages,
+    libc,
+    weight_tensor,
+)
 
 LIBRARY = "model.so"
 
@@ -29,71 +35,9 @@ def _return_freed_memory() -> None:
     chunks below its adaptive mmap threshold in the heap: for Qwen3-0.6B's weights 2 GB stayed
     resident after the host copies were gone). A no-op elsewhere."""
     try:
-        _libc().malloc_trim(0)
+        libc().malloc_trim(0)
     except AttributeError:
         pass
-
-
-# Weights of at least HUGE_PAGE_MIN_BYTES live on the CPU on 2 MB transparent huge pages where
-# Linux allows it (THP mode "madvise", a common default, gives them only to memory that asks):
-# streamed from memory on 4 KB pages, a weight costs a TLB miss every 4 KB and the hardware
-# prefetcher stops at every page boundary. The Qwen3-30B-A3B MoE block's grouped GEMMs at T = 128
-# (2026-12-03, AVX-512 EPYC, 5 interleaved rounds): gate/up 0.94-1.0x (median 0.96), down
-# 0.69-1.04x (median 0.89) the time on 4 KB pages.
-HUGE_PAGE_BYTES = 2 << 20
-HUGE_PAGE_MIN_BYTES = 8 << 20
-_MADV_HUGEPAGE = 14
-_DLPACK_CPU = 1
-
-
-@functools.cache
-def _libc():
-    """The C library, looked up once per process (``find_library`` runs ``ldconfig``), with
-    ``madvise``'s argument types set; None where it cannot be loaded."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    except OSError:
-        return None
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc
-
-
-def advise_huge_pages(ptr: int, nbytes: int) -> bool:
-    """Ask Linux to back the whole 2 MB pages inside ``[ptr, ptr + nbytes)`` with transparent huge
-    pages (``madvise(MADV_HUGEPAGE)``); effective for pages not yet written. False where it was
-    not done (another OS, no whole page inside, THP unavailable)."""
-    import sys
-
-    start = -(-ptr // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
-    end = (ptr + nbytes) // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
-    libc = _libc() if sys.platform.startswith("linux") and end > start else None
-    if libc is None:
-        return False
-    return libc.madvise(start, end - start, _MADV_HUGEPAGE) == 0
-
-
-def weight_tensor(value, device):
-    """``value`` (a NumPy array or a tensor) as a tensor on ``device``. A large one on the CPU is a
-    fresh copy whose memory is advised onto huge pages before it is written
-    (``HUGE_PAGE_MIN_BYTES``); anything else is ``tvm.runtime.tensor``'s copy (or the tensor)."""
-    import tvm
-
-    is_array = isinstance(value, np.ndarray)
-    if is_array:
-        value = np.asarray(value, order="C")
-    nbytes = value.nbytes if is_array else value.numel() * tvm.DataType(value.dtype).itemsize
-    if device.dlpack_device_type() != _DLPACK_CPU or nbytes < HUGE_PAGE_MIN_BYTES:
-        return tvm.runtime.tensor(value, device) if is_array else value
-    out = tvm.runtime.empty(value.shape, str(value.dtype), device)
-    advise_huge_pages(out.data_ptr(), nbytes)
-    if is_array:
-        out.copyfrom(value)
-    else:
-        value.copyto(out)
-    return out
 
 
 _LIBRARIES: dict[tuple, Any] = {}

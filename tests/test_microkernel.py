@@ -98,6 +98,14 @@ def test_dot_microkernel_matches_numpy(rows, cols, prefetch, lanes):
     assert_close(out.numpy(), a @ w[0, :n].T, rtol=1e-5, atol=1e-5)
 
 
+def _dot_gemm_asm(mcpu: str, *args) -> str:
+    """Assembly of ``_dot_gemm(*args)`` compiled for ``mcpu`` (x86-64; compiled, never run)."""
+    target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
+    func, _ = _dot_gemm(*args)
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
+    return lib.mod.inspect_source("asm")
+
+
 @pytest.mark.parametrize(
     "prefetch, instruction, other",
     [(1, "prefetcht0", "prefetcht1"), (2, "prefetcht1", "prefetcht0")],
@@ -105,26 +113,16 @@ def test_dot_microkernel_matches_numpy(rows, cols, prefetch, lanes):
 def test_dot_microkernel_prefetches_into_the_asked_cache(prefetch, instruction, other):
     """Level 1 fills L1 (``prefetcht0``), level 2 L2 only (``prefetcht1``); 0 emits none. Code
     generation only (x86-64 AVX2 code, not run)."""
-    target = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v3"})
-
-    def asm(level):
-        func, _ = _dot_gemm(2, 4, 8, 64, 3, level)
-        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
-        return lib.mod.inspect_source("asm")
-
-    code = asm(prefetch)
+    code = _dot_gemm_asm("x86-64-v3", 2, 4, 8, 64, 3, prefetch)
     assert instruction in code and other not in code
-    assert "prefetch" not in asm(0)
+    assert "prefetch" not in _dot_gemm_asm("x86-64-v3", 2, 4, 8, 64, 3, 0)
 
 
 def test_dot_microkernel_sums_lanes_by_halving():
     """The horizontal sum of each accumulator halves the vector (512 -> 256 -> 128 bits, then
     within the register) instead of adding its 16 lanes one by one (which LLVM emitted as chains
     of lane inserts and adds, no 256-bit extract). Code generation only (AVX-512, not run)."""
-    target = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v4"})
-    func, _ = _dot_gemm(2, 4, 16, 64, 1, 0)
-    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
-    code = lib.mod.inspect_source("asm")
+    code = _dot_gemm_asm("x86-64-v4", 2, 4, 16, 64, 1, 0)
     accumulators = 2 * 4  # 2 rows x 4 weight rows
     assert code.count("vextractf64x4") >= accumulators  # each sum's first halving
     assert code.count("vinsertps") < 2 * accumulators  # one by one: 4 per accumulator and more

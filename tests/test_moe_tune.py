@@ -279,3 +279,34 @@ def test_tune_cli_writes_only_the_user_store(cache_dir, monkeypatch, capsys):
     assert lookup(host).device == key
     assert str(store) in shown and f"  {key}: " in shown
     assert _digest(TABLE_PATH) == shipped
+
+
+def test_tuner_places_the_experts_as_the_runner_does(monkeypatch):
+    """``time_stage_kernels`` (what ``qiao tune moe`` measures) puts the experts on the device
+    through ``weight_tensor``, the runners' placement (huge pages for large weights), so its
+    timings are those of the pages the compiled model will read, not of 4 KB ones."""
+    import numpy as np
+
+    from qiao.backends import get_backend
+    from qiao.compiler.kernels.moe_common import MoEConfig
+    from qiao.compiler.schedules import cpu_memory
+    from qiao.compiler.schedules.moe_table import lookup, time_stage_kernels
+
+    placed = []
+    real = cpu_memory.weight_tensor
+
+    def spy(value, device):
+        placed.append(value)
+        return real(value, device)
+
+    monkeypatch.setattr(cpu_memory, "weight_tensor", spy)
+    cfg = MoEConfig(4, 32, 16, 2)
+    rng = np.random.default_rng(0)
+    weights = (
+        rng.standard_normal((4, cfg.fc1_rows, 32), dtype=np.float32),
+        rng.standard_normal((4, 32, 16), dtype=np.float32),
+    )
+    cpu = get_backend("cpu").target("host")
+    times = time_stage_kernels(cpu, lookup(cpu), cfg, 6, repeat=1, weights=weights)
+    assert [id(w) for w in placed] == [id(w) for w in weights]
+    assert times["up"] > 0 and times["down"] > 0

@@ -373,6 +373,7 @@ def time_stage_kernels(
             rng.standard_normal((E, H, INTER), dtype=np.float32),
         )
     from qiao.compiler.schedules.cpu_info import cpu_device
+    from qiao.compiler.schedules.cpu_memory import weight_tensor
 
     dev = cpu_device()
 
@@ -400,7 +401,8 @@ def time_stage_kernels(
     ]
     align["main"](ids, *tables)
     counts, offsets, active, nact, pairs, bexp, nblk, pslot = tables
-    fc1, fc2 = nd(weights[0]), nd(weights[1])
+    # the experts on the pages the runner gives them (huge pages: 4 KB ones rank TLB misses)
+    fc1, fc2 = weight_tensor(weights[0], dev), weight_tensor(weights[1], dev)
     bias = nd(np.zeros((1,), np.float32))
     act = empty((blocks * BM, INTER), "float32")
     out = empty((tokens, K, H), "float32")
