@@ -126,3 +126,29 @@ def test_dot_microkernel_sums_lanes_by_halving():
     accumulators = 2 * 4  # 2 rows x 4 weight rows
     assert code.count("vextractf64x4") >= accumulators  # each sum's first halving
     assert code.count("vinsertps") < 2 * accumulators  # one by one: 4 per accumulator and more
+
+
+def test_macros_expand_without_reading_source_and_to_the_same_kernel(monkeypatch):
+    """qiao replaces TVMScript's parser lookup at every macro call (``tir_util.
+    fast_tvmscript_macros``: TVM's builds a source-reading ``FrameInfo`` for every outer frame,
+    most of a MoE compile). With it the macro calls inspect no frames (the parse of the PrimFunc
+    itself still does, once), and a kernel of nested macros parses to the same PrimFunc as with
+    TVM's own lookup."""
+    import inspect
+
+    from tvm.script.parser.core.parser import ScriptMacro
+
+    import qiao.compiler.kernels  # noqa: F401  (installs it, as any kernel build does)
+
+    ours = ScriptMacro._find_parser_def
+    assert ours.__module__ == "qiao.compiler.schedules.tir_util"
+    calls = []
+    real = inspect.getouterframes
+    monkeypatch.setattr(inspect, "getouterframes", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fast, _ = _dot_gemm(3, 4, 8, 64, 2, 2)
+    outside_macros = len(calls)
+    monkeypatch.setattr(ScriptMacro, "_find_parser_def", ours.__wrapped__)
+    slow, _ = _dot_gemm(3, 4, 8, 64, 2, 2)
+    # TVM's lookup inspects the frames once per macro call: the dot kernel, its lane sums, ...
+    assert len(calls) - outside_macros > outside_macros + 4
+    tvm.ir.assert_structural_equal(fast, slow)

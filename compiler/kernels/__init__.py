@@ -13,3 +13,8 @@ GroupQueryAttention (``qiao.compiler.passes.LowerAttention``): ``attention.gqa_a
 softmax attention over the cache rows each entry uses) and ``attention.kv_append`` (the in-place
 cache update).
 """
+
+from qiao.compiler.schedules.tir_util import fast_tvmscript_macros
+
+# the kernels are nested TVMScript macros: expanding them at TVM's pace took most of a compile
+fast_tvmscript_macros()
