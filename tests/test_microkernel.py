@@ -67,7 +67,8 @@ def _dot_gemm(rows, cols, lanes, k, n_groups, prefetch):
             for m in range(rows):
                 arow[m] = T.int64(rows - 1 - m)
             for g in range(n_groups):
-                tile(A, W, arow, T.int64(0), g * cols, (g + 1) * cols, acc0, acc1, red, g % 2 == 0)
+                pf = g % 2 == 0
+                tile(A, W, arow, T.int64(0), g * cols, (g + 1) * cols, acc0, acc1, red, pf, 0)
                 for m in range(rows):
                     for r in range(cols):
                         C[rows - 1 - m, g * cols + r] = red[m, r]

@@ -227,6 +227,28 @@ def test_moe_op_duplicate_router_scores(base_k2):
     assert_close(y, numpy_moe(x, across, BASE["fc1"], BASE["fc2"], 2), RTOL, ATOL)
 
 
+def check_blocks_and_passes(art, micro_m: int, seed: int):
+    """Run ``art`` (the k = 2 MoE of ``BASE``) on 41 tokens routed so that expert 3 takes several
+    passes of two register blocks with a lone last token, and experts 4 .. a full block and a
+    partial one of 2 .. micro_m - 1 tokens (two full blocks where micro_m is 2); against ONNX
+    Runtime and NumPy."""
+    x, logits = inputs(41, H, E, seed=seed)
+    n3 = 4 * micro_m + 1
+    sizes = [micro_m + r for r in range(2, max(micro_m, 3))]
+    assert len(sizes) <= E - 4 and sum(sizes) <= 41
+    logits[:, 3:] -= 50.0  # the unboosted picks fall on experts 0 .. 2
+    logits[:n3, 3] += 100.0
+    first = 0
+    for j, size in enumerate(sizes):
+        logits[first : first + size, 4 + j] += 100.0
+        first += size
+    counts = np.bincount(np.argsort(-logits, axis=1)[:, :2].ravel(), minlength=E)
+    assert counts[3] == n3 and list(counts[4 : 4 + len(sizes)]) == sizes
+    y = art.run({"x": x, "logits": logits})["y"]
+    assert_close(y, ort_run(moe_model(BASE, 2), x, logits), RTOL, ATOL, "vs onnxruntime")
+    assert_close(y, numpy_moe(x, logits, BASE["fc1"], BASE["fc2"], 2), RTOL, ATOL, "vs numpy")
+
+
 @pytest.mark.parametrize("prefetch", [0, 1, 2])
 def test_moe_op_token_blocks_and_passes(tmp_path, monkeypatch, prefetch):
     """The CPU grouped GEMMs walk each weight row group over all of an expert's tokens in passes
@@ -245,23 +267,7 @@ def test_moe_op_token_blocks_and_passes(tmp_path, monkeypatch, prefetch):
     path = tmp_path / "m.onnx"
     onnx.save(moe_model(BASE, k=2), str(path))
     art = compile(str(path), "cpu", tmp_path / "art", moe_schedule={"prefetch": prefetch})
-    x, logits = inputs(41, H, E, seed=21)
-    # expert 3: several passes and a lone last token; experts 4 ..: a full block and a partial
-    # one of 2 .. micro_m - 1 tokens (two full blocks where micro_m is 2)
-    n3 = 4 * micro_m + 1
-    sizes = [micro_m + r for r in range(2, max(micro_m, 3))]
-    assert len(sizes) <= E - 4 and sum(sizes) <= 41
-    logits[:, 3:] -= 50.0  # the unboosted picks fall on experts 0 .. 2
-    logits[:n3, 3] += 100.0
-    first = 0
-    for j, size in enumerate(sizes):
-        logits[first : first + size, 4 + j] += 100.0
-        first += size
-    counts = np.bincount(np.argsort(-logits, axis=1)[:, :2].ravel(), minlength=E)
-    assert counts[3] == n3 and list(counts[4 : 4 + len(sizes)]) == sizes
-    y = art.run({"x": x, "logits": logits})["y"]
-    assert_close(y, ort_run(moe_model(BASE, 2), x, logits), RTOL, ATOL, "vs onnxruntime")
-    assert_close(y, numpy_moe(x, logits, BASE["fc1"], BASE["fc2"], 2), RTOL, ATOL, "vs numpy")
+    check_blocks_and_passes(art, micro_m, seed=21)
 
 
 @pytest.mark.parametrize("arch", [None, "x86-64-v3"], ids=["host", "avx2"])
@@ -295,6 +301,37 @@ def test_moe_op_token_lanes_order(tmp_path, lanes_min, arch):
     y = art.run({"x": x, "logits": logits})["y"]
     assert_close(y, ort_run(moe_model(BASE, 2), x, logits), RTOL, ATOL, "vs onnxruntime")
     assert_close(y, numpy_moe(x, logits, BASE["fc1"], BASE["fc2"], 2), RTOL, ATOL, "vs numpy")
+
+
+@pytest.mark.parametrize("arch", [None, "x86-64-v3"], ids=["host", "avx2"])
+@pytest.mark.parametrize("k_chunk", [16, 32])
+def test_moe_op_reduction_chunks(tmp_path, monkeypatch, k_chunk, arch):
+    """With ``k_chunk`` the gate/up GEMM walks the hidden size in chunks, the partial sums of a
+    pass's tokens added in memory: 4 and 2 chunks of H = 64, one and two vectors each at 16
+    lanes, two and four at 8; passes shrunk to two register blocks, so an expert takes several
+    passes with a lone last token and the others full and partial blocks. Against ONNX Runtime
+    and NumPy."""
+    from qiao.backends import get_backend
+    from qiao.compiler import compile
+    from qiao.compiler.kernels import group_gemm
+    from qiao.compiler.schedules.cpu_info import missing_here
+    from qiao.compiler.schedules.moe_table import lookup
+
+    target = get_backend("cpu").target(arch)
+    if arch and missing_here(target):
+        pytest.skip(f"this CPU cannot run {arch} code (the host-code case runs)")
+    micro_m = lookup(target).micro_m
+    monkeypatch.setattr(group_gemm, "CHUNK_PANEL_BYTES", 2 * micro_m * 4 * k_chunk)
+    path = tmp_path / "m.onnx"
+    onnx.save(moe_model(BASE, k=2), str(path))
+    art = compile(
+        str(path),
+        "cpu",
+        tmp_path / "art",
+        arch=arch,
+        moe_schedule={"k_chunk": k_chunk, "lanes_min": 0},
+    )
+    check_blocks_and_passes(art, micro_m, seed=29)
 
 
 @pytest.mark.parametrize("k, normalize", [(1, 0), (E, 1)], ids=["k1", "k_equals_E"])

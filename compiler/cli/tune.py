@@ -115,6 +115,7 @@ def _main_moe(args) -> int:
             tiles_up=(16,),
             tiles_down=(64,),
             prefetch_options=(0,),
+            k_chunks=(),
         )
         if args.quick
         else {}

@@ -54,10 +54,17 @@ GEMV_LANES = 32  # GPU GEMV: threads splitting one dot product (a power of two: 
 TOKEN_PANEL_BYTES = 256 * 1024
 
 
-def token_panel_rows(red_len: int, micro_m: int) -> int:
+# CPU, with reduction chunks (``MoESchedule.k_chunk``): bytes of the pass's rows of A, one chunk
+# long, that stay in L1 while every weight row group of a task meets them (a 32-48 KB L1d).
+CHUNK_PANEL_BYTES = 32 * 1024
+
+
+def token_panel_rows(red_len: int, micro_m: int, budget: int | None = None) -> int:
     """Tokens whose rows of A (``red_len`` float32 each) one pass over a weight row group takes: a
-    multiple of ``micro_m`` that fits ``TOKEN_PANEL_BYTES``, at least ``micro_m``."""
-    return max(micro_m, TOKEN_PANEL_BYTES // (4 * red_len) // micro_m * micro_m)
+    multiple of ``micro_m`` that fits ``budget`` bytes (``TOKEN_PANEL_BYTES``), at least
+    ``micro_m``."""
+    budget = TOKEN_PANEL_BYTES if budget is None else budget
+    return max(micro_m, budget // (4 * red_len) // micro_m * micro_m)
 
 
 def _cpu_up_params(cfg: MoEConfig, sched):
@@ -161,6 +168,7 @@ def _cpu_grouped_gemm(
     unit: int = 1,
     lanes_min: int = 0,
     lanes: int = 1,
+    k_chunk: int = 0,
 ):
     """Generic CPU body over (active expert, output tile of ``TILE`` rows) tasks.
 
@@ -179,6 +187,13 @@ def _cpu_grouped_gemm(
     tasks of ``_lanes_params`` rows: each pass transposes up to three vectors of the expert's
     tokens into a panel ``AT[K, t]`` and every group of weight rows (a multiple of ``unit``)
     meets it once, the weights broadcast from memory, the tokens in lanes.
+
+    ``k_chunk`` (``MoESchedule.k_chunk``; 0 or one that does not divide ``red_len`` into whole
+    vectors: none) splits the reduction of experts with 2 .. ``lanes_min`` - 1 tokens: passes of
+    ``token_panel_rows(k_chunk, MR, CHUNK_PANEL_BYTES)`` tokens, the chunk loop outside the row
+    groups, so the chunk of the tokens' rows is read from L1 by every row group of the task
+    rather than from L2 by each (on AVX2 a register block of 2 x 4 loads 6 vectors per 8 FMAs);
+    the partial sums of each chunk are added in memory.
     """
     from tvm.script import tirx as T
 
@@ -188,6 +203,13 @@ def _cpu_grouped_gemm(
     level = prefetch_level if prefetch > 0 else 0
     common = dict(lanes=VL, k_vectors=KO, w_row=w_row, prefetch=level, widen=widen)
     micro = _token_blocks(MR, NR, common)
+    # reduction chunks: only where they divide the reduction into whole vectors
+    KC = k_chunk if 0 < k_chunk < red_len and red_len % k_chunk == 0 and k_chunk % VL == 0 else 0
+    chunked = dict(common, k_vectors=max(KC, VL) // VL)
+    micro_c = _token_blocks(MR, NR, chunked)
+    gemv_c = dot_microkernel(rows=1, cols=NR, **chunked)
+    NKC = red_len // KC if KC else 1
+    SBC = token_panel_rows(max(KC, 1), MR, CHUNK_PANEL_BYTES)
     gemv = dot_microkernel(rows=1, cols=NG, **common)
     gemv_nr = dot_microkernel(rows=1, cols=NR, **common)
     SB = token_panel_rows(red_len, MR)
@@ -225,6 +247,52 @@ def _cpu_grouped_gemm(
             off: T.let[T.int32] = OFF[e]
             if cnt >= LMIN:
                 T.evaluate(0)  # done in the lanes order
+            elif KC > 0 and cnt >= 2:
+                # passes over SBC tokens, each walking the reduction in chunks of KC: a chunk of
+                # the pass's rows of A stays in L1 while every weight row group of the task meets
+                # it; the partial sums of the pass's tokens wait in ``part``
+                part = T.alloc_buffer((SBC, TILE), "float32")
+                for sb in range((cnt + SBC - 1) // SBC):
+                    nb: T.let[T.int32] = T.min(SBC, cnt - sb * SBC)
+                    s0: T.let[T.int32] = off + sb * SBC  # the pass's first slot
+                    for kc in range(NKC):
+                        for g in range(TILE // NR):
+                            r0: T.let[T.int32] = r_tile + g * NR
+                            for mi in range((nb + MR - 1) // MR):
+                                t0: T.let[T.int32] = mi * MR
+                                if nb - t0 >= 2:
+                                    for m in T.unroll(MR):
+                                        arow[m] = a_row(PAIRS, s0 + T.min(t0 + m, nb - 1))
+                                    micro_c(
+                                        T.min(nb - t0, MR), A, W, arow, e, r0, r0 + NR, acc0, acc1,
+                                        red, mi == 0 or EVERY_BLOCK, kc * (KC // VL),
+                                    )  # fmt: skip
+                                    for m in T.unroll(MR):
+                                        if t0 + m < nb:
+                                            for r in T.unroll(NR):
+                                                part[t0 + m, g * NR + r] = (
+                                                    T.if_then_else(
+                                                        kc == 0,
+                                                        T.float32(0),
+                                                        part[t0 + m, g * NR + r],
+                                                    )
+                                                    + red[m, r]
+                                                )
+                                else:
+                                    arow[0] = a_row(PAIRS, s0 + t0)
+                                    gemv_c(
+                                        A, W, arow, e, r0, r0 + NR, acc0, acc1, red, True,
+                                        kc * (KC // VL),
+                                    )  # fmt: skip
+                                    for r in T.unroll(NR):
+                                        part[t0, g * NR + r] = (
+                                            T.if_then_else(
+                                                kc == 0, T.float32(0), part[t0, g * NR + r]
+                                            )
+                                            + red[0, r]
+                                        )
+                    for t in range(nb):
+                        epilogue(OUT, E1, E2, PAIRS, part, t, s0 + t, e, r_tile, TILE)
             elif cnt >= 2:
                 # passes over SB tokens: each group of NR weight rows meets all the pass's token
                 # blocks while it is in L1 (the prefetch of the next group overlaps them); the
@@ -240,7 +308,7 @@ def _cpu_grouped_gemm(
                                     arow[m] = a_row(PAIRS, off + T.min(t0 + m, cnt - 1))
                                 micro(
                                     T.min(cnt - t0, MR), A, W, arow, e, r0, r0 + NR, acc0, acc1,
-                                    red, mi == 0 or EVERY_BLOCK,
+                                    red, mi == 0 or EVERY_BLOCK, 0,
                                 )  # fmt: skip
                                 for m in T.unroll(MR):
                                     if t0 + m < cnt:
@@ -250,14 +318,14 @@ def _cpu_grouped_gemm(
                             else:
                                 # a last lone token
                                 arow[0] = a_row(PAIRS, off + t0)
-                                gemv_nr(A, W, arow, e, r0, r0 + NR, acc0, acc1, red, True)
+                                gemv_nr(A, W, arow, e, r0, r0 + NR, acc0, acc1, red, True, 0)
                                 epilogue(OUT, E1, E2, PAIRS, red, 0, off + t0, e, r0, NR)
             else:
                 # GEMV (a lone token: decode): NG weight rows per step, weights streamed once
                 arow[0] = a_row(PAIRS, off)
                 for g in range(TILE // NG):
                     r0: T.let[T.int32] = r_tile + g * NG
-                    gemv(A, W, arow, e, r0, r0 + NG, gacc0, gacc1, red, True)
+                    gemv(A, W, arow, e, r0, r0 + NG, gacc0, gacc1, red, True, 0)
                     epilogue(OUT, E1, E2, PAIRS, red, 0, off, e, r0, NG)
 
     return body
@@ -353,18 +421,18 @@ def _token_blocks(MR: int, NR: int, common: dict):
     if MR <= 2:
 
         @T.macro
-        def whole(rows, A, W, arow, e, r0, r_next, acc0, acc1, red, pf):
-            kernel(A, W, arow, e, r0, r_next, acc0, acc1, red, pf)
+        def whole(rows, A, W, arow, e, r0, r_next, acc0, acc1, red, pf, k0):
+            kernel(A, W, arow, e, r0, r_next, acc0, acc1, red, pf, k0)
 
         return whole
     fewer = _token_blocks(MR - 1, NR, common)
 
     @T.macro
-    def block(rows, A, W, arow, e, r0, r_next, acc0, acc1, red, pf):
+    def block(rows, A, W, arow, e, r0, r_next, acc0, acc1, red, pf, k0):
         if rows >= MR:
-            kernel(A, W, arow, e, r0, r_next, acc0, acc1, red, pf)
+            kernel(A, W, arow, e, r0, r_next, acc0, acc1, red, pf, k0)
         else:
-            fewer(rows, A, W, arow, e, r0, r_next, acc0, acc1, red, pf)
+            fewer(rows, A, W, arow, e, r0, r_next, acc0, acc1, red, pf, k0)
 
     return block
 
@@ -404,6 +472,7 @@ def _up_cpu_body(cfg: MoEConfig, sched):
         unit=U,
         lanes_min=sched.lanes_min,
         lanes=sched.vector_lanes,
+        k_chunk=sched.k_chunk,
     )
 
     @T.macro

@@ -1060,7 +1060,8 @@ def dot_microkernel(
         red[m, r] = sum_k A[arow[m], k] * W[e, w_row(r0 + r), k]
 
     with ``rows * cols`` SIMD accumulators (one per pair, ``lanes`` wide along ``k``), ``k`` walked
-    in ``k_vectors`` vector steps, and the lanes summed at the end. With ``prefetch`` each step also
+    in ``k_vectors`` vector steps from vector ``k0`` (a chunk of the reduction, or all of it from
+    0), and the lanes summed at the end. With ``prefetch`` each step also
     prefetches the same ``k`` of the weight rows ``w_row(r_next + r)`` (the next group), so they
     stream from memory while these are multiplied. ``register_tiles(cpu, "dot")`` lists the blocks
     that fit; a GEMV (decode) is the ``rows=1`` block.
@@ -1087,7 +1088,7 @@ def dot_microkernel(
     Returns
     -------
     tvm.script macro
-        ``tile(A, W, arow, e, r0, r_next, acc0, acc1, red, prefetch_now)``: ``arow`` holds the
+        ``tile(A, W, arow, e, r0, r_next, acc0, acc1, red, prefetch_now, k0)``: ``arow`` holds the
         ``rows`` row indices of ``A``; ``acc0``/``acc1`` have the ``dot_accumulators`` shapes;
         ``red`` (at least ``rows x cols``) receives the sums; ``prefetch_now`` (a condition, or
         ``True``) says whether this call prefetches.
@@ -1102,7 +1103,7 @@ def dot_microkernel(
         return T.Cast("float32", x) if widen else x
 
     @T.macro
-    def tile(A, W, arow, e, r0, r_next, acc0, acc1, red, prefetch_now):
+    def tile(A, W, arow, e, r0, r_next, acc0, acc1, red, prefetch_now, k0):
         for m in T.unroll(MR):
             for r in T.unroll(NA):
                 for lane in T.vectorized(VL):
@@ -1117,7 +1118,7 @@ def dot_microkernel(
                         T.call_llvm_intrin(
                             "void",
                             "llvm.prefetch.p0",
-                            T.address_of(W[e, w_row(r_next + r), ko * VL]),
+                            T.address_of(W[e, w_row(r_next + r), (k0 + ko) * VL]),
                             0,
                             4 - prefetch,  # LLVM's locality: 3 = L1 (T0), 2 = L2 (T1)
                             1,
@@ -1126,14 +1127,14 @@ def dot_microkernel(
             for m in T.unroll(MR):
                 for r in T.unroll(NA):
                     for lane in T.vectorized(VL):
-                        acc0[m, r, lane] = acc0[m, r, lane] + A[arow[m], ko * VL + lane] * w_value(
-                            W[e, w_row(r0 + r), ko * VL + lane]
-                        )
+                        acc0[m, r, lane] = acc0[m, r, lane] + A[
+                            arow[m], (k0 + ko) * VL + lane
+                        ] * w_value(W[e, w_row(r0 + r), (k0 + ko) * VL + lane])
                 for r in T.unroll(NB):
                     for lane in T.vectorized(VL):
-                        acc1[m, r, lane] = acc1[m, r, lane] + A[arow[m], ko * VL + lane] * w_value(
-                            W[e, w_row(r0 + NA + r), ko * VL + lane]
-                        )
+                        acc1[m, r, lane] = acc1[m, r, lane] + A[
+                            arow[m], (k0 + ko) * VL + lane
+                        ] * w_value(W[e, w_row(r0 + NA + r), (k0 + ko) * VL + lane])
         for m in T.unroll(MR):
             for r in T.unroll(NA):
                 lane_sum(acc0, m, r)
