@@ -33,7 +33,7 @@ def test_dot_register_tiles_fit_and_cover_the_former_moe_candidates():
         register_tiles(CPUInfo(256, 16, 2), "inner")
 
 
-def _dot_gemm(rows, cols, lanes, k, n_groups, prefetch):
+def _dot_gemm(rows, cols, lanes, k, n_groups, prefetch, prefetch_lines=1):
     """``C[m, g * cols + r] = A[m] . W[0, g * cols + r]`` through one ``dot_microkernel`` block per
     weight-row group, the rows of A taken in reverse (the gather the MoE kernel does); with
     ``prefetch`` only the even groups prefetch (a run-time ``prefetch_now``, as the MoE kernel's
@@ -50,6 +50,7 @@ def _dot_gemm(rows, cols, lanes, k, n_groups, prefetch):
         k_vectors=k // lanes,
         w_row=lambda r: r,
         prefetch=prefetch,
+        prefetch_lines=prefetch_lines,
     )
     ACC0, ACC1 = dot_accumulators(rows, cols, lanes)
 
@@ -83,10 +84,15 @@ def _dot_gemm(rows, cols, lanes, k, n_groups, prefetch):
     + [(2, 1, 0, 1)],
 )
 def test_dot_microkernel_matches_numpy(rows, cols, prefetch, lanes):
-    from qiao.compiler.schedules.cpu_info import cpu_device
 
     k, groups = 5 * lanes, 3
-    func, n = _dot_gemm(rows, cols, lanes, k, groups, prefetch)
+    _check_dot_gemm(*_dot_gemm(rows, cols, lanes, k, groups, prefetch), rows, cols, k)
+
+
+def _check_dot_gemm(func, n, rows, cols, k):
+    """Run ``func`` from ``_dot_gemm`` on this machine against NumPy."""
+    from qiao.compiler.schedules.cpu_info import cpu_device
+
     # this machine's CPU: the kernel runs here
     target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
@@ -105,6 +111,16 @@ def _dot_gemm_asm(mcpu: str, *args) -> str:
     func, _ = _dot_gemm(*args)
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
     return lib.mod.inspect_source("asm")
+
+
+def test_dot_microkernel_prefetches_each_line_twice_when_asked():
+    """``prefetch_lines=2``: each step asks for its own step of the next rows and the following
+    one (clamped to the last step); in the kernel's TIR, two prefetches per weight row."""
+    one, _ = _dot_gemm(2, 4, 16, 64, 2, 2)
+    two, n = _dot_gemm(2, 4, 16, 64, 2, 2, prefetch_lines=2)
+    assert one.script().count("llvm.prefetch") == 1 and "for j in T.unroll(2)" not in one.script()
+    assert two.script().count("llvm.prefetch") == 1 and "for j in T.unroll(2)" in two.script()
+    _check_dot_gemm(two, n, 2, 4, 64)
 
 
 @pytest.mark.parametrize(

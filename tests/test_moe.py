@@ -249,12 +249,13 @@ def check_blocks_and_passes(art, micro_m: int, seed: int):
     assert_close(y, numpy_moe(x, logits, BASE["fc1"], BASE["fc2"], 2), RTOL, ATOL, "vs numpy")
 
 
-@pytest.mark.parametrize("prefetch", [0, 1, 2])
-def test_moe_op_token_blocks_and_passes(tmp_path, monkeypatch, prefetch):
+@pytest.mark.parametrize("prefetch, lines", [(0, 1), (1, 1), (2, 1), (1, 2), (2, 2)])
+def test_moe_op_token_blocks_and_passes(tmp_path, monkeypatch, prefetch, lines):
     """The CPU grouped GEMMs walk each weight row group over all of an expert's tokens in passes
     of ``token_panel_rows`` tokens: full register blocks, a partial block of every size from 2 to
     ``micro_m - 1`` (each through the kernel of its own row count), a last lone token (the
-    one-row kernel) and several passes per expert, under every prefetch mode. The pass is shrunk
+    one-row kernel) and several passes per expert, under every prefetch mode (one or two steps of
+    each next row asked for per step). The pass is shrunk
     to two register blocks so small weights take them all."""
     from qiao.backends import get_backend
     from qiao.compiler import compile
@@ -266,7 +267,8 @@ def test_moe_op_token_blocks_and_passes(tmp_path, monkeypatch, prefetch):
     assert group_gemm.token_panel_rows(INTER, micro_m) == 2 * micro_m
     path = tmp_path / "m.onnx"
     onnx.save(moe_model(BASE, k=2), str(path))
-    art = compile(str(path), "cpu", tmp_path / "art", moe_schedule={"prefetch": prefetch})
+    schedule = {"prefetch": prefetch, "prefetch_lines": lines}
+    art = compile(str(path), "cpu", tmp_path / "art", moe_schedule=schedule)
     check_blocks_and_passes(art, micro_m, seed=21)
 
 

@@ -90,12 +90,17 @@ def test_tune_measures_and_writes_an_entry_the_lowering_uses(tmp_path, monkeypat
         tiles_down=(16, 32),
         prefetch_options=(0, 1),
         prefetch_levels=(1, 2),
+        prefetch_lines=(1, 2),
     )
     assert key == device and best.device == device
     assert (best.micro_m, best.micro_n) in {(2, 4), (3, 2)} and best.tile_down in (16, 32)
     assert best.prefetch in (0, 1) and best.prefetch_level in (1, 2)
     assert set(measured["prefetch"]) == {"0", "1/L1", "1/L2"}
-    assert all(v > 0 for v in measured["prefill_up"].values()) and len(lines) == 11
+    assert all(v > 0 for v in measured["prefill_up"].values())
+    # the prefetch lines are tried where the best schedule prefetches
+    assert best.prefetch_lines in (1, 2)
+    assert set(measured.get("prefetch_lines", {})) == ({"1", "2"} if best.prefetch else set())
+    assert len(lines) == 11 + (2 if best.prefetch else 0)
     write_entry(
         key, {**best.to_json(), "micro_m": 3, "micro_n": 2, "block_m": 3}, measured, path=str(table)
     )

@@ -116,6 +116,7 @@ def _main_moe(args) -> int:
             tiles_down=(64,),
             prefetch_options=(0,),
             k_chunks=(),
+            prefetch_lines=(),
         )
         if args.quick
         else {}

@@ -164,6 +164,7 @@ def _cpu_grouped_gemm(
     epilogue,
     prefetch: int,
     prefetch_level: int = 1,
+    prefetch_lines: int = 1,
     widen: bool = False,
     unit: int = 1,
     lanes_min: int = 0,
@@ -179,8 +180,9 @@ def _cpu_grouped_gemm(
     ``qiao.compiler.schedules.cpu_gemm.dot_microkernel``; ``prefetch`` (``MoESchedule.prefetch``)
     streams the next row group in while one is multiplied: 1 during every token block, 2 during the
     first token block of each pass only, 0 never; ``prefetch_level``
-    (``MoESchedule.prefetch_level``) the cache it fills, 1 = L1, 2 = L2; ``widen``: the weights
-    are float16/bfloat16, widened to float32 in registers.
+    (``MoESchedule.prefetch_level``) the cache it fills, 1 = L1, 2 = L2; ``prefetch_lines``
+    (``MoESchedule.prefetch_lines``) the steps of each row asked for per step; ``widen``: the
+    weights are float16/bfloat16, widened to float32 in registers.
 
     Experts with at least ``lanes_min`` tokens (``MoESchedule.lanes_min``; 0: none) take the
     token-lanes order instead (``cpu_gemm.lanes_microkernel``, ``lanes`` float32 per vector), in
@@ -202,6 +204,7 @@ def _cpu_grouped_gemm(
     KO = red_len // VL
     level = prefetch_level if prefetch > 0 else 0
     common = dict(lanes=VL, k_vectors=KO, w_row=w_row, prefetch=level, widen=widen)
+    common.update(prefetch_lines=prefetch_lines)
     micro = _token_blocks(MR, NR, common)
     # reduction chunks: only where they divide the reduction into whole vectors
     KC = k_chunk if 0 < k_chunk < red_len and red_len % k_chunk == 0 and k_chunk % VL == 0 else 0
@@ -468,6 +471,7 @@ def _up_cpu_body(cfg: MoEConfig, sched):
         epilogue=epilogue,
         prefetch=sched.prefetch,
         prefetch_level=sched.prefetch_level,
+        prefetch_lines=sched.prefetch_lines,
         widen=cfg.weight_dtype != "float32",
         unit=U,
         lanes_min=sched.lanes_min,
@@ -518,6 +522,7 @@ def _down_cpu_body(cfg: MoEConfig, sched):
         epilogue=epilogue,
         prefetch=sched.prefetch,
         prefetch_level=sched.prefetch_level,
+        prefetch_lines=sched.prefetch_lines,
         widen=cfg.weight_dtype != "float32",
     )
 

@@ -1049,7 +1049,15 @@ def dot_accumulators(rows: int, cols: int, lanes: int) -> tuple[tuple, tuple]:
 
 
 def dot_microkernel(
-    *, rows: int, cols: int, lanes: int, k_vectors: int, w_row, prefetch: int, widen: bool = False
+    *,
+    rows: int,
+    cols: int,
+    lanes: int,
+    k_vectors: int,
+    w_row,
+    prefetch: int,
+    widen: bool = False,
+    prefetch_lines: int = 1,
 ):
     """The register-blocked micro-kernel of a GEMM that reads its weight in place (TIR macro).
 
@@ -1084,6 +1092,10 @@ def dot_microkernel(
         ``W`` is float16/bfloat16 (``A`` float32): each loaded weight vector is widened to float32
         in registers (bfloat16: a 16-bit shift; float16: ``vcvtph2ps`` on F16C hosts), so the
         stream read from memory is half the bytes.
+    prefetch_lines : int
+        Vector steps of each next row prefetched per step: 1 the step's own, 2 also the following
+        one (within the chunk), so that every line is asked for twice: a software prefetch that
+        finds the core's miss buffers full is dropped, and the second one gets it in.
 
     Returns
     -------
@@ -1114,16 +1126,19 @@ def dot_microkernel(
         for ko in range(KO):
             if prefetch > 0 and prefetch_now:
                 for r in T.unroll(NA + NB):
-                    T.evaluate(
-                        T.call_llvm_intrin(
-                            "void",
-                            "llvm.prefetch.p0",
-                            T.address_of(W[e, w_row(r_next + r), (k0 + ko) * VL]),
-                            0,
-                            4 - prefetch,  # LLVM's locality: 3 = L1 (T0), 2 = L2 (T1)
-                            1,
+                    for j in T.unroll(prefetch_lines):
+                        T.evaluate(
+                            T.call_llvm_intrin(
+                                "void",
+                                "llvm.prefetch.p0",
+                                T.address_of(
+                                    W[e, w_row(r_next + r), (k0 + T.min(ko + j, KO - 1)) * VL]
+                                ),
+                                0,
+                                4 - prefetch,  # LLVM's locality: 3 = L1 (T0), 2 = L2 (T1)
+                                1,
+                            )
                         )
-                    )
             for m in T.unroll(MR):
                 for r in T.unroll(NA):
                     for lane in T.vectorized(VL):

@@ -66,6 +66,14 @@ class MoESchedule:
         CPU: the cache that software prefetch fills, 1 (L1) or 2 (L2). On the Intel AVX-512 host
         of 2026-12-03, L2 took 0.95-0.97x the time of L1 at T = 128 and 512 on the Qwen3-30B-A3B
         block (AVX-512 and AVX2 code), the same at T = 1 and 16.
+    prefetch_lines : int
+        CPU: vector steps of each next weight row prefetched per step, 1 (the step's own) or 2
+        (also the following one: every line is asked for twice, and a prefetch dropped while the
+        core's miss buffers are full gets a second chance). On the AVX-512 EPYC VM (2026-12-04,
+        Qwen3-30B-A3B block, 5-7 interleaved rounds against 1) 2 took 0.87x the time at T = 128
+        and 0.92x at T = 16 in rounds where the memory read ~60 GB/s, 0.94-0.99x where it read ~35;
+        on AVX2 code, whose 8-lane steps already ask for each line twice, 0.97x at T = 128 and
+        1.04x at T = 1 (a third request), so ``cpu/avx2`` keeps 1.
     lanes_min : int
         CPU gate/up grouped GEMM: experts with at least this many tokens take the token-lanes
         order (``cpu_gemm.lanes_microkernel``: tokens in SIMD lanes, weights broadcast, no
@@ -98,6 +106,7 @@ class MoESchedule:
     gemv_n: int = 8
     prefetch: int = 0
     prefetch_level: int = 1
+    prefetch_lines: int = 1
     lanes_min: int = 0
     k_chunk: int = 0
     tile_up: int = 16
@@ -141,6 +150,11 @@ def _check_entry(key: str, entry: Mapping[str, Any]) -> dict[str, Any]:
         raise QiaoError(
             f"MoE schedule table entry {key!r}: prefetch must be 0, 1 or 2, got "
             f"{entry['prefetch']}. fix: rerun `qiao tune moe` or correct the entry"
+        )
+    if entry.get("prefetch_lines", 1) > 2:
+        raise QiaoError(
+            f"MoE schedule table entry {key!r}: prefetch_lines must be 1 or 2, got "
+            f"{entry['prefetch_lines']}. fix: rerun `qiao tune moe` or correct the entry"
         )
     if entry.get("prefetch_level", 1) > 2:
         raise QiaoError(
@@ -458,6 +472,7 @@ def tune_cpu(
     prefetch_options=(0, 1, 2),
     prefetch_levels=(1, 2),
     k_chunks=(0, 256, 512, 1024),
+    prefetch_lines=(1, 2),
     root: str | os.PathLike | None = None,
 ) -> tuple[str, MoESchedule, dict[str, Any]]:
     """Measure candidate CPU schedules for ``cfg`` on this machine and return the best.
@@ -467,8 +482,9 @@ def tune_cpu(
     load), the gate/up reduction chunk (``k_chunk``) on ~8 tokens per expert (T = 128's load,
     where experts take the dot-product blocks), then software prefetch on both. ``candidates``
     (micro-kernel shapes), ``gemv_rows``, ``tiles_*``, ``k_chunks`` (those that divide the hidden
-    size into whole vectors; fewer than two: the entry's stays), ``prefetch_options`` and
-    ``prefetch_levels`` narrow the search; the search starts
+    size into whole vectors; fewer than two: the entry's stays), ``prefetch_options``,
+    ``prefetch_levels`` and ``prefetch_lines`` (tried where the best prefetches; fewer than two:
+    the entry's stays) narrow the search; the search starts
     from the entry ``lookup(target, root=root)`` gives. Nothing is written (``write_entry`` stores
     the result). Returns ``(table key, schedule, measurements)``.
     """
@@ -567,6 +583,16 @@ def tune_cpu(
     measurements["prefetch"] = {
         (f"{pf}/L{level}" if pf else "0"): v for (pf, level), v in scores.items()
     }
+    lines = list(dict.fromkeys(prefetch_lines))
+    if best.prefetch and len(lines) > 1:
+        scores = {}
+        for n in lines:
+            sched = best.replace(prefetch_lines=n)
+            t_dec, t_pre = measure(sched, tokens_decode), measure(sched, prefill)
+            scores[n] = t_dec["up"] + t_dec["down"] + t_pre["up"] + t_pre["down"]
+            log(f"prefetch_lines={n}: {scores[n] * 1e3:.3f} ms (decode + prefill)")
+        best = best.replace(prefetch_lines=min(scores, key=scores.get))
+        measurements["prefetch_lines"] = {str(k): v for k, v in scores.items()}
     return key, best, measurements
 
 
