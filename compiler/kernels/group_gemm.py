@@ -67,6 +67,14 @@ def token_panel_rows(red_len: int, micro_m: int, budget: int | None = None) -> i
     return max(micro_m, budget // (4 * red_len) // micro_m * micro_m)
 
 
+def reduction_chunk(k_chunk: int, red_len: int, lanes: int) -> int:
+    """The reduction chunk (``MoESchedule.k_chunk``) the CPU grouped GEMM takes for a reduction of
+    ``red_len`` at ``lanes`` float32 per vector: ``k_chunk`` where it splits the reduction into
+    whole vectors, else 0 (the whole reduction at once)."""
+    fits = 0 < k_chunk < red_len and red_len % k_chunk == 0 and k_chunk % lanes == 0
+    return k_chunk if fits else 0
+
+
 def _cpu_up_params(cfg: MoEConfig, sched):
     U = cfg.units_per_row_group
     PU = divisor_at_most(cfg.inter, max(1, sched.micro_n // U))
@@ -206,8 +214,7 @@ def _cpu_grouped_gemm(
     common = dict(lanes=VL, k_vectors=KO, w_row=w_row, prefetch=level, widen=widen)
     common.update(prefetch_lines=prefetch_lines)
     micro = _token_blocks(MR, NR, common)
-    # reduction chunks: only where they divide the reduction into whole vectors
-    KC = k_chunk if 0 < k_chunk < red_len and red_len % k_chunk == 0 and k_chunk % VL == 0 else 0
+    KC = reduction_chunk(k_chunk, red_len, VL)
     chunked = dict(common, k_vectors=max(KC, VL) // VL)
     micro_c = _token_blocks(MR, NR, chunked)
     gemv_c = dot_microkernel(rows=1, cols=NR, **chunked)
@@ -220,6 +227,15 @@ def _cpu_grouped_gemm(
     ACC0, ACC1 = dot_accumulators(MR, NR, VL)
     GACC0, GACC1 = dot_accumulators(1, NG, VL)
     LMIN = lanes_min if lanes_min > 0 else 1 << 30  # tokens from which the lanes order applies
+
+    @T.macro
+    def add_partial(part, red, t, m, g, kc):
+        # the chunk's sums of block row m into the pass's token t (the first chunk sets them)
+        for r in T.unroll(NR):
+            part[t, g * NR + r] = (
+                T.if_then_else(kc == 0, T.float32(0), part[t, g * NR + r]) + red[m, r]
+            )
+
     lanes_body = _lanes_body(
         red_len=red_len,
         lanes=lanes,
@@ -272,28 +288,14 @@ def _cpu_grouped_gemm(
                                     )  # fmt: skip
                                     for m in T.unroll(MR):
                                         if t0 + m < nb:
-                                            for r in T.unroll(NR):
-                                                part[t0 + m, g * NR + r] = (
-                                                    T.if_then_else(
-                                                        kc == 0,
-                                                        T.float32(0),
-                                                        part[t0 + m, g * NR + r],
-                                                    )
-                                                    + red[m, r]
-                                                )
+                                            add_partial(part, red, t0 + m, m, g, kc)
                                 else:
                                     arow[0] = a_row(PAIRS, s0 + t0)
                                     gemv_c(
                                         A, W, arow, e, r0, r0 + NR, acc0, acc1, red, True,
                                         kc * (KC // VL),
                                     )  # fmt: skip
-                                    for r in T.unroll(NR):
-                                        part[t0, g * NR + r] = (
-                                            T.if_then_else(
-                                                kc == 0, T.float32(0), part[t0, g * NR + r]
-                                            )
-                                            + red[0, r]
-                                        )
+                                    add_partial(part, red, t0, 0, g, kc)
                     for t in range(nb):
                         epilogue(OUT, E1, E2, PAIRS, part, t, s0 + t, e, r_tile, TILE)
             elif cnt >= 2:

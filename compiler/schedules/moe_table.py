@@ -555,11 +555,9 @@ def tune_cpu(
         best = best.replace(**{field: min(scores, key=scores.get)})
         measurements[field] = {str(k): v for k, v in scores.items()}
     # 2b. the gate/up reduction chunk, where experts take the dot-product register blocks
-    chunks = [
-        c
-        for c in dict.fromkeys(k_chunks)
-        if c == 0 or (c < cfg.hidden and cfg.hidden % c == 0 and c % lanes == 0)
-    ]
+    from qiao.compiler.kernels.group_gemm import reduction_chunk
+
+    chunks = [c for c in dict.fromkeys(k_chunks) if c == 0 or reduction_chunk(c, cfg.hidden, lanes)]
     if len(chunks) > 1:
         mid = max(1, 8 * cfg.num_experts // cfg.top_k)
         scores = {}
