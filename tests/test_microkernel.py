@@ -3,6 +3,8 @@ micro-kernel the MoE grouped GEMM is built from, checked against NumPy on its ow
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import tvm
@@ -169,3 +171,33 @@ def test_macros_expand_without_reading_source_and_to_the_same_kernel(monkeypatch
     # TVM's lookup inspects the frames once per macro call: the dot kernel, its lane sums, ...
     assert len(calls) - outside_macros > outside_macros + 4
     tvm.ir.assert_structural_equal(fast, slow)
+
+
+def _fma_loops(code: str, fmas: int) -> list[list[str]]:
+    """The basic blocks of ``code`` (assembly) with at least ``fmas`` FMA instructions."""
+    blocks, current = [], []
+    for line in code.splitlines():
+        if re.match(r"(\.LBB|[A-Za-z_])[\w.$]*:", line):  # a block's label (not a debug .Ltmp)
+            blocks.append(current)
+            current = []
+        elif line.strip() and not line.strip().startswith("."):
+            current.append(line.strip())
+    blocks.append(current)
+    return [b for b in blocks if sum(ins.startswith("vfmadd") for ins in b) >= fmas]
+
+
+@pytest.mark.parametrize("mcpu, lanes, regs", [("x86-64-v3", 8, 16), ("x86-64-v4", 16, 32)])
+def test_dot_microkernel_blocks_stay_in_registers(mcpu, lanes, regs):
+    """Every block ``register_tiles`` lists for the target's vector registers compiles to a
+    reduction loop that never touches the stack (no accumulator spilled). The token-outer order
+    kept all of a block's weight vectors live at once: the AVX2 3 x 4 block spilled an
+    accumulator every step although the budget (accumulators + token rows + one weight vector)
+    said it fits. Code generation only (x86-64, not run)."""
+    from qiao.compiler.schedules.cpu_gemm import register_tiles
+    from qiao.compiler.schedules.cpu_info import CPUInfo
+
+    for rows, cols in register_tiles(CPUInfo(256, regs, 2), "dot"):
+        loops = _fma_loops(_dot_gemm_asm(mcpu, rows, cols, lanes, 64 * lanes, 2, 2), rows * cols)
+        assert loops, (rows, cols)
+        spills = [ins for loop in loops for ins in loop if "(%rsp)" in ins]
+        assert not spills, ((rows, cols), spills[:4])

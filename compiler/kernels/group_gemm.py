@@ -202,7 +202,7 @@ def _cpu_grouped_gemm(
     vectors: none) splits the reduction of experts with 2 .. ``lanes_min`` - 1 tokens: passes of
     ``token_panel_rows(k_chunk, MR, CHUNK_PANEL_BYTES)`` tokens, the chunk loop outside the row
     groups, so the chunk of the tokens' rows is read from L1 by every row group of the task
-    rather than from L2 by each (on AVX2 a register block of 2 x 4 loads 6 vectors per 8 FMAs);
+    rather than from L2 by each (on AVX2 a register block of 3 x 4 loads 7 vectors per 12 FMAs);
     the partial sums of each chunk are added in memory.
     """
     from tvm.script import tirx as T

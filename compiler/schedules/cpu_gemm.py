@@ -1139,13 +1139,16 @@ def dot_microkernel(
                                 1,
                             )
                         )
-            for m in T.unroll(MR):
-                for r in T.unroll(NA):
+            # weight row outer, token inner: the block's rows of A and one weight vector are
+            # live at a time (the budget ``register_tiles`` counts)
+            for r in T.unroll(NA):
+                for m in T.unroll(MR):
                     for lane in T.vectorized(VL):
                         acc0[m, r, lane] = acc0[m, r, lane] + A[
                             arow[m], (k0 + ko) * VL + lane
                         ] * w_value(W[e, w_row(r0 + r), (k0 + ko) * VL + lane])
-                for r in T.unroll(NB):
+            for r in T.unroll(NB):
+                for m in T.unroll(MR):
                     for lane in T.vectorized(VL):
                         acc1[m, r, lane] = acc1[m, r, lane] + A[
                             arow[m], (k0 + ko) * VL + lane

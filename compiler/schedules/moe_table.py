@@ -83,9 +83,10 @@ class MoESchedule:
         CPU gate/up grouped GEMM (dot-product order): walk the reduction in chunks of this many
         float32, the chunk loop outside the weight row groups, so each chunk of the tokens' rows
         is read from L1 by every row group; 0: the whole reduction at once. On the AVX2 code path
-        (16 registers: a 2 x 4 register block loads 6 vectors per 8 FMAs) the Qwen3-30B-A3B block
-        at T = 128 took 0.91x the time with chunks of 512 (AVX-512 EPYC, 2026-12-04, 7
-        interleaved rounds); on the AVX-512 path (4 x 6 and 6 x 4 blocks) chunks were slower.
+        (16 registers: a 2 x 4 register block, then, loaded 6 vectors per 8 FMAs) the
+        Qwen3-30B-A3B block at T = 128 took 0.91x the time with chunks of 512 (AVX-512 EPYC,
+        2026-12-04, 7 interleaved rounds); on the AVX-512 path (4 x 6 and 6 x 4 blocks) chunks
+        were slower.
     tile_up, tile_down : int
         CPU: intermediate columns (gate/up) and output columns (down) of one parallel task.
     gpu_tile_n, gpu_tile_k : int
