@@ -135,7 +135,7 @@ class Sign(tvm_onnx.OnnxOpConverter):
         if "float" not in dtype:
             return relax.op.sign(x)
         # x > 0 ? 1 : (x < 0 ? -1 : x): NaN and ±0 are themselves, with no tirx.isnan (which has
-        # made TVM's vectorizer fail elsewhere: see passes/vectorizable_math._is_nan)
+        # made TVM's vectorizer fail elsewhere: see passes/vectorizable_math._clamp)
         negative = relax.op.where(relax.op.less(x, const(0, dtype)), const(-1, dtype), x)
         return relax.op.where(relax.op.greater(x, const(0, dtype)), const(1, dtype), negative)
 

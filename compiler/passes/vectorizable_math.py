@@ -3,10 +3,18 @@ expressions that LLVM vectorises.
 
 TVM lowers these intrinsics to libm calls, which LLVM cannot vectorise: a vectorised softmax or SiLU
 loop becomes one scalar ``expf`` call per lane, and that dominates small transformer layers. The
-replacements are the classic single-precision approximations (Cephes ``expf`` with Cody-Waite range
+replacements are the classic single-precision approximations (``expf`` with Cody-Waite range
 reduction, Eigen's rational ``erf``), accurate to a few ulp over the whole float range; ``exp``
 saturates below ``-88.38`` (about ``1e-38`` instead of ``0``, which no softmax can tell apart) and
-above ``88.38``; NaN stays NaN (the clamps alone would turn it into a bound).
+above ``88.38``.
+
+``exp``'s polynomial is of degree 5 (``1 + r + r²·P(r)``, ``P`` cubic, fitted for the least maximum
+relative error on ``|r| <= ln 2 / 2``: 1.1e-7, under float32's rounding), two multiply-adds
+fewer than Cephes' degree 7 for no accuracy a float32 can hold (2.3e-7 relative in float32 either
+way). NaN stays NaN at no cost: each clamp takes its constant first, ``min(c, x)`` being
+``c < x ? c : x``, which is ``x`` for a NaN ``x`` (one ``minps``, as ``passes.propagate_nan``
+writes ``max(c, x)``); the NaN then runs through the arithmetic. A select on the float's bits
+had cost three of the ~25 instructions per SiLU vector.
 """
 
 from __future__ import annotations
@@ -18,14 +26,8 @@ _EXP_LO = -88.3762626647949
 _LOG2E = 1.44269504088896341
 _LN2_HI = 0.693359375
 _LN2_LO = -2.12194440e-4
-_EXP_POLY = (
-    1.9875691500e-4,
-    1.3981999507e-3,
-    8.3334519073e-3,
-    4.1665795894e-2,
-    1.6666665459e-1,
-    5.0000001201e-1,
-)
+# P(r), highest power first (the fit above, rounded to float32)
+_EXP_POLY = (8.31255130469799e-3, 4.189014807343483e-2, 1.6667114198207855e-1, 4.99992311000824e-1)
 _TANH_P = (
     -5.70498872745e-3,
     2.06390887954e-2,
@@ -73,14 +75,13 @@ def _let(value, body_fn, name: str):
     return tirx.Let(var, value, body_fn(var))
 
 
-def _is_nan(v):
-    """``isnan(v)`` for float32 as integer arithmetic on its bits. Not ``tirx.isnan``: TVM's
-    vectorizer scalarises a loop over it and then fails on the Lets around it ("Let cannot bind
-    the same var to two different values"); not ``v != v``: the simplifier folds it to false."""
+def _clamp(x, lo: float, hi: float):
+    """``x`` clamped to ``[lo, hi]``, NaN kept: the constants come first (see the module
+    docstring). Not ``tirx.isnan`` around it: TVM's vectorizer scalarises a loop over it and then
+    fails on the Lets around it ("Let cannot bind the same var to two different values")."""
     from tvm import tirx
 
-    bits = tirx.reinterpret("int32", v) & tirx.const(0x7FFFFFFF, "int32")
-    return bits > tirx.const(0x7F800000, "int32")
+    return tirx.Max(_c(lo), tirx.Min(_c(hi), x))
 
 
 def fast_exp(x):
@@ -88,7 +89,7 @@ def fast_exp(x):
     from tvm import tirx
 
     def body(x_in):
-        v = tirx.Min(tirx.Max(x_in, _c(_EXP_LO)), _c(_EXP_HI))
+        v = _clamp(x_in, _EXP_LO, _EXP_HI)
 
         def reduced(clamped):
             n = tirx.floor(clamped * _c(_LOG2E) + _c(0.5))
@@ -102,8 +103,7 @@ def fast_exp(x):
                     scale = tirx.reinterpret(
                         "float32", tirx.shift_left(exponent, tirx.const(23, "int32"))
                     )
-                    # the clamp turns NaN into a bound: NaN in, NaN out (as libm's expf)
-                    return tirx.Select(_is_nan(x_in), x_in, y * scale)
+                    return y * scale
 
                 return _let(r, poly, "exp_r")
 
@@ -138,15 +138,13 @@ def fast_tanh(x):
 
 def fast_erf(x):
     """Eigen's rational ``erf`` approximation, clamped to [-4, 4] (where erf is ±1 in float32)."""
-    from tvm import tirx
 
     def body(x_in):
-        v = tirx.Min(tirx.Max(x_in, _c(-4.0)), _c(4.0))
+        v = _clamp(x_in, -4.0, 4.0)
 
         def with_clamped(c):
             def with_sq(x2):
-                erf = c * _horner(x2, _ERF_P) / _horner(x2, _ERF_Q)
-                return tirx.Select(_is_nan(x_in), x_in, erf)  # as in fast_exp
+                return c * _horner(x2, _ERF_P) / _horner(x2, _ERF_Q)
 
             return _let(c * c, with_sq, "erf_x2")
 
