@@ -73,7 +73,9 @@ class MoESchedule:
         Qwen3-30B-A3B block, 5-7 interleaved rounds against 1) 2 took 0.87x the time at T = 128
         and 0.92x at T = 16 in rounds where the memory read ~60 GB/s, 0.94-0.99x where it read ~35;
         on AVX2 code, whose 8-lane steps already ask for each line twice, 0.97x at T = 128 and
-        1.04x at T = 1 (a third request), so ``cpu/avx2`` keeps 1.
+        1.04x at T = 1 (a third request) with the 2 x 4 block of then. With the 3 x 4 block
+        (2026-12-05, 11 rounds, ~60 GB/s) 2 took 0.93x at T = 1, 0.90x at T = 16 (qiao ÷
+        roofline 1.26 -> 1.09), 0.99-1.00x at T = 128 / 512, so ``cpu/avx2`` takes 2 too.
     lanes_min : int
         CPU gate/up grouped GEMM: experts with at least this many tokens take the token-lanes
         order (``cpu_gemm.lanes_microkernel``: tokens in SIMD lanes, weights broadcast, no
