@@ -521,6 +521,11 @@ def tune_cpu(
             )
         return time_stage_kernels(target, schedule, cfg, tokens, repeat=repeat, weights=rng_weights)
 
+    def decode_and_prefill(schedule) -> float:
+        # both GEMMs at the decode and the prefill load: the score of the prefetch settings
+        t_dec, t_pre = measure(schedule, tokens_decode), measure(schedule, prefill)
+        return t_dec["up"] + t_dec["down"] + t_pre["up"] + t_pre["down"]
+
     # 1. decode: rows per GEMV step
     best = base
     scores = {}
@@ -575,8 +580,7 @@ def tune_cpu(
     for pf in prefetch_options:
         for level in prefetch_levels if pf else (best.prefetch_level,):
             sched = best.replace(prefetch=pf, prefetch_level=level)
-            t_dec, t_pre = measure(sched, tokens_decode), measure(sched, prefill)
-            scores[(pf, level)] = t_dec["up"] + t_dec["down"] + t_pre["up"] + t_pre["down"]
+            scores[(pf, level)] = decode_and_prefill(sched)
             ms = scores[(pf, level)] * 1e3
             log(f"prefetch={pf} level=L{level}: {ms:.3f} ms (decode + prefill)")
     pf, level = min(scores, key=scores.get)
@@ -588,9 +592,7 @@ def tune_cpu(
     if best.prefetch and len(lines) > 1:
         scores = {}
         for n in lines:
-            sched = best.replace(prefetch_lines=n)
-            t_dec, t_pre = measure(sched, tokens_decode), measure(sched, prefill)
-            scores[n] = t_dec["up"] + t_dec["down"] + t_pre["up"] + t_pre["down"]
+            scores[n] = decode_and_prefill(best.replace(prefetch_lines=n))
             log(f"prefetch_lines={n}: {scores[n] * 1e3:.3f} ms (decode + prefill)")
         best = best.replace(prefetch_lines=min(scores, key=scores.get))
         measurements["prefetch_lines"] = {str(k): v for k, v in scores.items()}
