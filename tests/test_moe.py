@@ -249,13 +249,35 @@ def check_blocks_and_passes(art, micro_m: int, seed: int):
     assert_close(y, numpy_moe(x, logits, BASE["fc1"], BASE["fc2"], 2), RTOL, ATOL, "vs numpy")
 
 
-@pytest.mark.parametrize("prefetch, lines", [(0, 1), (1, 1), (2, 1), (1, 2), (2, 2)])
-def test_moe_op_token_blocks_and_passes(tmp_path, monkeypatch, prefetch, lines):
+def check_token_counts(art, sizes: list[int], seed: int):
+    """Run ``art`` (the k = 2 MoE of ``BASE``) with expert e routed exactly ``sizes[e]`` tokens
+    (every count from a lone token to more than a register block); against ONNX Runtime and
+    NumPy."""
+    picks = [e for e, n in enumerate(sizes) for _ in range(n)]
+    T = len(picks) // 2
+    assert len(picks) == 2 * T and max(sizes) <= T
+    x, logits = inputs(T, H, E, seed=seed)
+    for t in range(T):  # token t: picks t and t + T of the sorted list, two different experts
+        logits[t, picks[t]] += 100.0
+        logits[t, picks[t + T]] += 90.0
+    counts = np.bincount(np.argsort(-logits, axis=1)[:, :2].ravel(), minlength=E)
+    assert list(counts) == sizes
+    y = art.run({"x": x, "logits": logits})["y"]
+    assert_close(y, ort_run(moe_model(BASE, 2), x, logits), RTOL, ATOL, "vs onnxruntime")
+    assert_close(y, numpy_moe(x, logits, BASE["fc1"], BASE["fc2"], 2), RTOL, ATOL, "vs numpy")
+
+
+@pytest.mark.parametrize(
+    "prefetch, lines, few",
+    [(0, 1, 0), (1, 1, 0), (2, 1, 0), (1, 2, 0), (2, 2, 0), (1, 2, 3), (2, 1, 99)],
+)
+def test_moe_op_token_blocks_and_passes(tmp_path, monkeypatch, prefetch, lines, few):
     """The CPU grouped GEMMs walk each weight row group over all of an expert's tokens in passes
     of ``token_panel_rows`` tokens: full register blocks, a partial block of every size from 2 to
     ``micro_m - 1`` (each through the kernel of its own row count), a last lone token (the
     one-row kernel) and several passes per expert, under every prefetch mode (one or two steps of
-    each next row asked for per step). The pass is shrunk
+    each next row asked for per step), and with experts of up to ``few`` tokens (3, or every one
+    that fits a register block) on their own path prefetching 4 steps. The pass is shrunk
     to two register blocks so small weights take them all."""
     from qiao.backends import get_backend
     from qiao.compiler import compile
@@ -267,9 +289,11 @@ def test_moe_op_token_blocks_and_passes(tmp_path, monkeypatch, prefetch, lines):
     assert group_gemm.token_panel_rows(INTER, micro_m) == 2 * micro_m
     path = tmp_path / "m.onnx"
     onnx.save(moe_model(BASE, k=2), str(path))
-    schedule = {"prefetch": prefetch, "prefetch_lines": lines}
+    schedule = {"prefetch": prefetch, "prefetch_lines": lines, "few_tokens": few}
+    schedule["few_prefetch_lines"] = 4 if few else 1
     art = compile(str(path), "cpu", tmp_path / "art", moe_schedule=schedule)
     check_blocks_and_passes(art, micro_m, seed=21)
+    check_token_counts(art, [1, 2, 3, 4, 5, 6, 7, 8], seed=22)
 
 
 @pytest.mark.parametrize("arch", [None, "x86-64-v3"], ids=["host", "avx2"])

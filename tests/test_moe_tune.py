@@ -78,6 +78,7 @@ def test_tune_measures_and_writes_an_entry_the_lowering_uses(tmp_path, monkeypat
     cpu = get_backend("cpu").target("host")
     device = f"cpu/{cpu.attrs['mcpu']}"
     lines = []
+    entry = lookup(cpu)  # where the search starts
     key, best, measured = tune_cpu(
         cpu,
         MoEConfig(4, 32, 16, 2),
@@ -91,6 +92,7 @@ def test_tune_measures_and_writes_an_entry_the_lowering_uses(tmp_path, monkeypat
         prefetch_options=(0, 1),
         prefetch_levels=(1, 2),
         prefetch_lines=(1, 2),
+        few_prefetch_lines=(2, 4),
     )
     assert key == device and best.device == device
     assert (best.micro_m, best.micro_n) in {(2, 4), (3, 2)} and best.tile_down in (16, 32)
@@ -100,7 +102,12 @@ def test_tune_measures_and_writes_an_entry_the_lowering_uses(tmp_path, monkeypat
     # the prefetch lines are tried where the best schedule prefetches
     assert best.prefetch_lines in (1, 2)
     assert set(measured.get("prefetch_lines", {})) == ({"1", "2"} if best.prefetch else set())
-    assert len(lines) == 11 + (2 if best.prefetch else 0)
+    # and so are the lines of the experts of few tokens (the entry's few_tokens, or 3 at most)
+    assert best.few_prefetch_lines in ((2, 4) if best.prefetch else (entry.few_prefetch_lines,))
+    assert set(measured.get("few_prefetch_lines", {})) == ({"2", "4"} if best.prefetch else set())
+    if best.prefetch:
+        assert best.few_tokens in (entry.few_tokens, min(3, best.micro_m))
+    assert len(lines) == 11 + (4 if best.prefetch else 0)
     write_entry(
         key, {**best.to_json(), "micro_m": 3, "micro_n": 2, "block_m": 3}, measured, path=str(table)
     )

@@ -117,6 +117,7 @@ def _main_moe(args) -> int:
             prefetch_options=(0,),
             k_chunks=(),
             prefetch_lines=(),
+            few_prefetch_lines=(),
         )
         if args.quick
         else {}

@@ -178,6 +178,8 @@ def _cpu_grouped_gemm(
     lanes_min: int = 0,
     lanes: int = 1,
     k_chunk: int = 0,
+    few_tokens: int = 0,
+    few_prefetch_lines: int = 1,
 ):
     """Generic CPU body over (active expert, output tile of ``TILE`` rows) tasks.
 
@@ -204,6 +206,10 @@ def _cpu_grouped_gemm(
     groups, so the chunk of the tokens' rows is read from L1 by every row group of the task
     rather than from L2 by each (on AVX2 a register block of 3 x 4 loads 7 vectors per 12 FMAs);
     the partial sums of each chunk are added in memory.
+
+    Experts with 2 .. ``few_tokens`` tokens (``MoESchedule.few_tokens``, at most ``MR``: one
+    register block, so each weight line is met once and the memory stream bounds them) and lone
+    tokens prefetch ``few_prefetch_lines`` steps of the next rows per step instead.
     """
     from tvm.script import tirx as T
 
@@ -214,13 +220,16 @@ def _cpu_grouped_gemm(
     common = dict(lanes=VL, k_vectors=KO, w_row=w_row, prefetch=level, widen=widen)
     common.update(prefetch_lines=prefetch_lines)
     micro = _token_blocks(MR, NR, common)
+    FEW = min(few_tokens, MR)
+    streaming = dict(common, prefetch_lines=few_prefetch_lines) if FEW else common
+    micro_few = _token_blocks(max(FEW, 2), NR, streaming)
     KC = reduction_chunk(k_chunk, red_len, VL)
     chunked = dict(common, k_vectors=max(KC, VL) // VL)
     micro_c = _token_blocks(MR, NR, chunked)
     gemv_c = dot_microkernel(rows=1, cols=NR, **chunked)
     NKC = red_len // KC if KC else 1
     SBC = token_panel_rows(max(KC, 1), MR, CHUNK_PANEL_BYTES)
-    gemv = dot_microkernel(rows=1, cols=NG, **common)
+    gemv = dot_microkernel(rows=1, cols=NG, **streaming)
     gemv_nr = dot_microkernel(rows=1, cols=NR, **common)
     SB = token_panel_rows(red_len, MR)
     EVERY_BLOCK = prefetch != 2  # else only a group's first token block prefetches the next
@@ -266,6 +275,17 @@ def _cpu_grouped_gemm(
             off: T.let[T.int32] = OFF[e]
             if cnt >= LMIN:
                 T.evaluate(0)  # done in the lanes order
+            elif cnt <= FEW and cnt >= 2:
+                # one register block of tokens (a stream of weights): every group of NR weight
+                # rows meets them once, prefetching the next with ``few_prefetch_lines``
+                for m in T.unroll(FEW):
+                    arow[m] = a_row(PAIRS, off + T.min(m, cnt - 1))
+                for g in range(TILE // NR):
+                    r0: T.let[T.int32] = r_tile + g * NR
+                    micro_few(cnt, A, W, arow, e, r0, r0 + NR, acc0, acc1, red, True, 0)
+                    for m in T.unroll(FEW):
+                        if m < cnt:
+                            epilogue(OUT, E1, E2, PAIRS, red, m, off + m, e, r0, NR)
             elif KC > 0 and cnt >= 2:
                 # passes over SBC tokens, each walking the reduction in chunks of KC: a chunk of
                 # the pass's rows of A stays in L1 while every weight row group of the task meets
@@ -479,6 +499,8 @@ def _up_cpu_body(cfg: MoEConfig, sched):
         lanes_min=sched.lanes_min,
         lanes=sched.vector_lanes,
         k_chunk=sched.k_chunk,
+        few_tokens=sched.few_tokens,
+        few_prefetch_lines=sched.few_prefetch_lines,
     )
 
     @T.macro
@@ -526,6 +548,8 @@ def _down_cpu_body(cfg: MoEConfig, sched):
         prefetch_level=sched.prefetch_level,
         prefetch_lines=sched.prefetch_lines,
         widen=cfg.weight_dtype != "float32",
+        few_tokens=sched.few_tokens,
+        few_prefetch_lines=sched.few_prefetch_lines,
     )
 
     @T.macro

@@ -35,6 +35,7 @@ from qiao.compiler.errors import QiaoError
 TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "moe_table.json")
 TABLE_VERSION = 1
 USER_TABLE = "moe_table.json"  # file name of the user's table inside the tuning store
+MAX_PREFETCH_LINES = 8  # CPU: the most vector steps of each next weight row one step prefetches
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,19 @@ class MoESchedule:
         1.04x at T = 1 (a third request) with the 2 x 4 block of then. With the 3 x 4 block
         (2026-12-05, 11 rounds, ~60 GB/s) 2 took 0.93x at T = 1, 0.90x at T = 16 (qiao ÷
         roofline 1.26 -> 1.09), 0.99-1.00x at T = 128 / 512, so ``cpu/avx2`` takes 2 too.
+    few_tokens, few_prefetch_lines : int
+        CPU: experts with at most ``few_tokens`` tokens (one register block of them, so each
+        weight line is met once: bound by the memory stream; 0: none) prefetch
+        ``few_prefetch_lines`` vector steps of each next weight row per step instead of
+        ``prefetch_lines``; decode's GEMV too. On the AVX-512 EPYC VM (2026-12-05, the
+        Qwen3-30B-A3B experts, 64 of them with exactly c tokens each, one core, against its
+        streaming read) 4 lines instead of 2 read the weights at 0.95 / 0.94 / 0.93 of the read
+        rate for c = 1 / 2 / 3 (0.89 / 0.73 / 0.67 with 2; 6 lines 0.82, 8 lines 0.78) and 0.84
+        for c = 6 (0.64), but prefetching 4 lines for every expert took 1.06-1.07x the time at
+        T = 128 and 512, where the experts' blocks are bound by the FMAs. On the whole block (9
+        interleaved rounds at ~65 GB/s) ``few_tokens`` 3 with 4 lines took 0.89x the time at T =
+        16 (qiao ÷ roofline 1.20 -> 1.12), 1.00x at T = 1 and 128; ``few_tokens`` 6 against 3
+        0.955x at T = 128, 1.01x at T = 16 and 512, so ``cpu/avx512`` takes 6 (its ``micro_m``).
     lanes_min : int
         CPU gate/up grouped GEMM: experts with at least this many tokens take the token-lanes
         order (``cpu_gemm.lanes_microkernel``: tokens in SIMD lanes, weights broadcast, no
@@ -110,6 +124,8 @@ class MoESchedule:
     prefetch: int = 0
     prefetch_level: int = 1
     prefetch_lines: int = 1
+    few_tokens: int = 0
+    few_prefetch_lines: int = 1
     lanes_min: int = 0
     k_chunk: int = 0
     tile_up: int = 16
@@ -128,6 +144,7 @@ class MoESchedule:
 
 
 _FIELDS = {f.name for f in dataclasses.fields(MoESchedule)}
+_MAY_BE_ZERO = ("prefetch", "lanes_min", "k_chunk", "few_tokens")  # 0: off
 
 
 def _check_entry(key: str, entry: Mapping[str, Any]) -> dict[str, Any]:
@@ -141,8 +158,7 @@ def _check_entry(key: str, entry: Mapping[str, Any]) -> dict[str, Any]:
     bad = [
         k
         for k, v in entry.items()
-        if k != "device"
-        and (not isinstance(v, int) or v < (0 if k in ("prefetch", "lanes_min", "k_chunk") else 1))
+        if k != "device" and (not isinstance(v, int) or v < (0 if k in _MAY_BE_ZERO else 1))
     ]
     if bad:
         raise QiaoError(
@@ -154,11 +170,12 @@ def _check_entry(key: str, entry: Mapping[str, Any]) -> dict[str, Any]:
             f"MoE schedule table entry {key!r}: prefetch must be 0, 1 or 2, got "
             f"{entry['prefetch']}. fix: rerun `qiao tune moe` or correct the entry"
         )
-    if entry.get("prefetch_lines", 1) > 2:
-        raise QiaoError(
-            f"MoE schedule table entry {key!r}: prefetch_lines must be 1 or 2, got "
-            f"{entry['prefetch_lines']}. fix: rerun `qiao tune moe` or correct the entry"
-        )
+    for field in ("prefetch_lines", "few_prefetch_lines"):
+        if not 1 <= entry.get(field, 1) <= MAX_PREFETCH_LINES:
+            raise QiaoError(
+                f"MoE schedule table entry {key!r}: {field} must be 1 .. {MAX_PREFETCH_LINES}, "
+                f"got {entry[field]}. fix: rerun `qiao tune moe` or correct the entry"
+            )
     if entry.get("prefetch_level", 1) > 2:
         raise QiaoError(
             f"MoE schedule table entry {key!r}: prefetch_level must be 1 (L1) or 2 (L2), got "
@@ -476,6 +493,7 @@ def tune_cpu(
     prefetch_levels=(1, 2),
     k_chunks=(0, 256, 512, 1024),
     prefetch_lines=(1, 2),
+    few_prefetch_lines=(2, 4, 6),
     root: str | os.PathLike | None = None,
 ) -> tuple[str, MoESchedule, dict[str, Any]]:
     """Measure candidate CPU schedules for ``cfg`` on this machine and return the best.
@@ -487,7 +505,9 @@ def tune_cpu(
     (micro-kernel shapes), ``gemv_rows``, ``tiles_*``, ``k_chunks`` (those that divide the hidden
     size into whole vectors; fewer than two: the entry's stays), ``prefetch_options``,
     ``prefetch_levels`` and ``prefetch_lines`` (tried where the best prefetches; fewer than two:
-    the entry's stays) narrow the search; the search starts
+    the entry's stays) narrow the search. ``few_prefetch_lines`` (the same; for the experts of up
+    to ``few_tokens`` tokens, the entry's or 3) is scored on decode plus ``num_experts // top_k``
+    tokens (about one per expert: the weight stream). The search starts
     from the entry ``lookup(target, root=root)`` gives. Nothing is written (``write_entry`` stores
     the result). Returns ``(table key, schedule, measurements)``.
     """
@@ -521,10 +541,12 @@ def tune_cpu(
             )
         return time_stage_kernels(target, schedule, cfg, tokens, repeat=repeat, weights=rng_weights)
 
+    def both_gemms(schedule, *loads) -> float:
+        # both GEMMs at each load (token counts): the score of the prefetch settings
+        return sum(sum(measure(schedule, tokens).values()) for tokens in loads)
+
     def decode_and_prefill(schedule) -> float:
-        # both GEMMs at the decode and the prefill load: the score of the prefetch settings
-        t_dec, t_pre = measure(schedule, tokens_decode), measure(schedule, prefill)
-        return t_dec["up"] + t_dec["down"] + t_pre["up"] + t_pre["down"]
+        return both_gemms(schedule, tokens_decode, prefill)
 
     # 1. decode: rows per GEMV step
     best = base
@@ -596,6 +618,17 @@ def tune_cpu(
             log(f"prefetch_lines={n}: {scores[n] * 1e3:.3f} ms (decode + prefill)")
         best = best.replace(prefetch_lines=min(scores, key=scores.get))
         measurements["prefetch_lines"] = {str(k): v for k, v in scores.items()}
+    few = list(dict.fromkeys(few_prefetch_lines))
+    if best.prefetch and len(few) > 1:
+        streamed = max(1, cfg.num_experts // cfg.top_k)
+        best = best.replace(few_tokens=best.few_tokens or min(3, best.micro_m))
+        scores = {}
+        for n in few:
+            scores[n] = both_gemms(best.replace(few_prefetch_lines=n), tokens_decode, streamed)
+            ms = scores[n] * 1e3
+            log(f"few_prefetch_lines={n}: {ms:.3f} ms (T={tokens_decode} + T={streamed})")
+        best = best.replace(few_prefetch_lines=min(scores, key=scores.get))
+        measurements["few_prefetch_lines"] = {str(k): v for k, v in scores.items()}
     return key, best, measurements
 
 
