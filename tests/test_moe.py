@@ -335,8 +335,8 @@ def test_moe_op_reduction_chunks(tmp_path, monkeypatch, k_chunk, arch):
     """With ``k_chunk`` the gate/up GEMM walks the hidden size in chunks, the partial sums of a
     pass's tokens added in memory: 4 and 2 chunks of H = 64, one and two vectors each at 16
     lanes, two and four at 8; passes shrunk to two register blocks, so an expert takes several
-    passes with a lone last token and the others full and partial blocks. Against ONNX Runtime
-    and NumPy."""
+    passes with a lone last token and the others full and partial blocks; then experts of every
+    count from 1 to 8 tokens. Against ONNX Runtime and NumPy."""
     from qiao.backends import get_backend
     from qiao.compiler import compile
     from qiao.compiler.kernels import group_gemm
@@ -358,6 +358,8 @@ def test_moe_op_reduction_chunks(tmp_path, monkeypatch, k_chunk, arch):
         moe_schedule={"k_chunk": k_chunk, "lanes_min": 0},
     )
     check_blocks_and_passes(art, micro_m, seed=29)
+    # every count from 1 to 8: the table's experts of few tokens skip the chunks, the rest chunk
+    check_token_counts(art, [1, 2, 3, 4, 5, 6, 7, 8], seed=30)
 
 
 @pytest.mark.parametrize("k, normalize", [(1, 0), (E, 1)], ids=["k1", "k_equals_E"])

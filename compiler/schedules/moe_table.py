@@ -90,6 +90,11 @@ class MoESchedule:
         interleaved rounds at ~65 GB/s) ``few_tokens`` 3 with 4 lines took 0.89x the time at T =
         16 (qiao ÷ roofline 1.20 -> 1.12), 1.00x at T = 1 and 128; ``few_tokens`` 6 against 3
         0.955x at T = 128, 1.01x at T = 16 and 512, so ``cpu/avx512`` takes 6 (its ``micro_m``).
+        On AVX2 code (half a line per step) one core read at 0.98 / 0.98 / 0.96 of the read rate
+        for c = 1 / 2 / 3 with 3 lines (0.90 / 0.79 / 0.80 with 2; 4 lines 0.93-0.97 / 0.89-0.93
+        / 0.86-0.88, 5 and more slower), and the whole block took 0.89x the time at T = 16 (qiao ÷
+        roofline 1.12 -> 1.02), 1.02x at T = 1 and 128 (within noise), so ``cpu/avx2`` takes 3
+        tokens (its ``micro_m``) and 3 lines.
     lanes_min : int
         CPU gate/up grouped GEMM: experts with at least this many tokens take the token-lanes
         order (``cpu_gemm.lanes_microkernel``: tokens in SIMD lanes, weights broadcast, no
