@@ -208,8 +208,9 @@ def _cpu_grouped_gemm(
     the partial sums of each chunk are added in memory.
 
     Experts with 2 .. ``few_tokens`` tokens (``MoESchedule.few_tokens``, at most ``MR``: one
-    register block, so each weight line is met once and the memory stream bounds them) and lone
-    tokens prefetch ``few_prefetch_lines`` steps of the next rows per step instead.
+    register block, so each weight line is met once and the memory stream bounds them) take one
+    token block per row group, prefetching ``few_prefetch_lines`` steps of the next rows per step
+    instead; with ``few_tokens`` >= 1 so does the lone-token GEMV (decode).
     """
     from tvm.script import tirx as T
 
