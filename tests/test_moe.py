@@ -120,6 +120,20 @@ def base_k2(compile_moe):
     return compile_moe("base_k2", moe_model(BASE, k=2))
 
 
+def run_against_references(art, x, logits):
+    """Run ``art`` (the k = 2 MoE of ``BASE``) and check it against ONNX Runtime and NumPy;
+    returns its output."""
+    y = art.run({"x": x, "logits": logits})["y"]
+    assert_close(y, ort_run(moe_model(BASE, 2), x, logits), RTOL, ATOL, "vs onnxruntime")
+    assert_close(y, numpy_moe(x, logits, BASE["fc1"], BASE["fc2"], 2), RTOL, ATOL, "vs numpy")
+    return y
+
+
+def routed_counts(logits, k=2):
+    """Tokens each expert receives under top-``k`` routing of ``logits``."""
+    return np.bincount(np.argsort(-logits, axis=1)[:, :k].ravel(), minlength=logits.shape[1])
+
+
 # ------------------------------------------------------------------------------------------------
 # The ONNX contract itself (what ORT computes), checked independently of qiao
 # ------------------------------------------------------------------------------------------------
@@ -159,9 +173,7 @@ def test_moe_op_all_token_counts_one_artifact(base_k2, T):
 
     assert base_k2.inputs[0]["shape"][0] == "tokens"  # one artifact, symbolic T
     x, logits = inputs(T, H, E, seed=T)
-    y = base_k2.run({"x": x, "logits": logits})["y"]
-    assert_close(y, ort_run(moe_model(BASE, 2), x, logits), RTOL, ATOL, "vs onnxruntime")
-    assert_close(y, numpy_moe(x, logits, BASE["fc1"], BASE["fc2"], 2), RTOL, ATOL, "vs numpy")
+    y = run_against_references(base_k2, x, logits)
     with torch.no_grad():
         ref = moe_reference(
             torch.from_numpy(x),
@@ -242,11 +254,9 @@ def check_blocks_and_passes(art, micro_m: int, seed: int):
     for j, size in enumerate(sizes):
         logits[first : first + size, 4 + j] += 100.0
         first += size
-    counts = np.bincount(np.argsort(-logits, axis=1)[:, :2].ravel(), minlength=E)
+    counts = routed_counts(logits)
     assert counts[3] == n3 and list(counts[4 : 4 + len(sizes)]) == sizes
-    y = art.run({"x": x, "logits": logits})["y"]
-    assert_close(y, ort_run(moe_model(BASE, 2), x, logits), RTOL, ATOL, "vs onnxruntime")
-    assert_close(y, numpy_moe(x, logits, BASE["fc1"], BASE["fc2"], 2), RTOL, ATOL, "vs numpy")
+    run_against_references(art, x, logits)
 
 
 def check_token_counts(art, sizes: list[int], seed: int):
@@ -260,11 +270,9 @@ def check_token_counts(art, sizes: list[int], seed: int):
     for t in range(T):  # token t: picks t and t + T of the sorted list, two different experts
         logits[t, picks[t]] += 100.0
         logits[t, picks[t + T]] += 90.0
-    counts = np.bincount(np.argsort(-logits, axis=1)[:, :2].ravel(), minlength=E)
+    counts = routed_counts(logits)
     assert list(counts) == sizes
-    y = art.run({"x": x, "logits": logits})["y"]
-    assert_close(y, ort_run(moe_model(BASE, 2), x, logits), RTOL, ATOL, "vs onnxruntime")
-    assert_close(y, numpy_moe(x, logits, BASE["fc1"], BASE["fc2"], 2), RTOL, ATOL, "vs numpy")
+    run_against_references(art, x, logits)
 
 
 @pytest.mark.parametrize(
@@ -322,11 +330,9 @@ def test_moe_op_token_lanes_order(tmp_path, lanes_min, arch):
     for e in (4, 5, 6, 7):
         logits[first : first + sizes[e], e] += 100.0
         first += sizes[e]
-    counts = np.bincount(np.argsort(-logits, axis=1)[:, :2].ravel(), minlength=E)
+    counts = routed_counts(logits)
     assert {e: counts[e] for e in sizes} == sizes
-    y = art.run({"x": x, "logits": logits})["y"]
-    assert_close(y, ort_run(moe_model(BASE, 2), x, logits), RTOL, ATOL, "vs onnxruntime")
-    assert_close(y, numpy_moe(x, logits, BASE["fc1"], BASE["fc2"], 2), RTOL, ATOL, "vs numpy")
+    run_against_references(art, x, logits)
 
 
 @pytest.mark.parametrize("arch", [None, "x86-64-v3"], ids=["host", "avx2"])
