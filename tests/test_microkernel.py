@@ -35,14 +35,15 @@ def test_dot_register_tiles_fit_and_cover_the_former_moe_candidates():
         register_tiles(CPUInfo(256, 16, 2), "inner")
 
 
-def _dot_gemm(rows, cols, lanes, k, n_groups, prefetch, prefetch_lines=1):
+def _dot_gemm(rows, cols, lanes, k, n_groups, prefetch, prefetch_lines=1, row_masks=False):
     """``C[m, g * cols + r] = A[m] . W[0, g * cols + r]`` through one ``dot_microkernel`` block per
     weight-row group, the rows of A taken in reverse (the gather the MoE kernel does); with
-    ``prefetch`` only the even groups prefetch (a run-time ``prefetch_now``, as the MoE kernel's
-    first-token-block-only mode)."""
+    ``prefetch`` only the even groups prefetch (a run-time ``prefetch_rows`` mask of all or
+    none, as the MoE kernel's first-token-block-only mode); with ``row_masks`` the odd groups
+    the first next row (one row of the mask, as its split mode)."""
     from tvm.script import tirx as T
 
-    from qiao.compiler.schedules.cpu_gemm import dot_accumulators, dot_microkernel
+    from qiao.compiler.schedules.cpu_gemm import PREFETCH_ALL, dot_accumulators, dot_microkernel
 
     N = cols * n_groups
     tile = dot_microkernel(
@@ -53,8 +54,10 @@ def _dot_gemm(rows, cols, lanes, k, n_groups, prefetch, prefetch_lines=1):
         w_row=lambda r: r,
         prefetch=prefetch,
         prefetch_lines=prefetch_lines,
+        row_masks=row_masks,
     )
     ACC0, ACC1 = dot_accumulators(rows, cols, lanes)
+    ODD = 1 if row_masks else 0  # the odd groups' mask
 
     @T.prim_func(s_tir=True)
     def main(a: T.handle, w: T.handle, c: T.handle):
@@ -70,7 +73,7 @@ def _dot_gemm(rows, cols, lanes, k, n_groups, prefetch, prefetch_lines=1):
             for m in range(rows):
                 arow[m] = T.int64(rows - 1 - m)
             for g in range(n_groups):
-                pf = g % 2 == 0
+                pf = T.if_then_else(g % 2 == 0, PREFETCH_ALL, ODD)
                 tile(A, W, arow, T.int64(0), g * cols, (g + 1) * cols, acc0, acc1, red, pf, 0)
                 for m in range(rows):
                     for r in range(cols):
@@ -89,6 +92,10 @@ def test_dot_microkernel_matches_numpy(rows, cols, prefetch, lanes):
 
     k, groups = 5 * lanes, 3
     _check_dot_gemm(*_dot_gemm(rows, cols, lanes, k, groups, prefetch), rows, cols, k)
+    if prefetch:  # prefetching one row of the next group by a run-time mask
+        func, n = _dot_gemm(rows, cols, lanes, k, groups, prefetch, row_masks=True)
+        assert ">> r & 1" in func.script()  # the bit test per row
+        _check_dot_gemm(func, n, rows, cols, k)
 
 
 def _check_dot_gemm(func, n, rows, cols, k):
@@ -117,7 +124,8 @@ def _dot_gemm_asm(mcpu: str, *args) -> str:
 
 def test_dot_microkernel_prefetches_each_line_twice_when_asked():
     """``prefetch_lines=2``: each step asks for its own step of the next rows and the following
-    one (clamped to the last step); in the kernel's TIR, two prefetches per weight row."""
+    one (at a row's last step, the line past its end: a prefetch never faults, and the loop
+    keeps no clamp); in the kernel's TIR, two prefetches per weight row."""
     one, _ = _dot_gemm(2, 4, 16, 64, 2, 2)
     two, n = _dot_gemm(2, 4, 16, 64, 2, 2, prefetch_lines=2)
     assert one.script().count("llvm.prefetch") == 1 and "for j in T.unroll(2)" not in one.script()

@@ -304,6 +304,28 @@ def test_moe_op_token_blocks_and_passes(tmp_path, monkeypatch, prefetch, lines, 
     check_token_counts(art, [1, 2, 3, 4, 5, 6, 7, 8], seed=22)
 
 
+@pytest.mark.parametrize("split_blocks", [5, 1])
+def test_moe_op_split_prefetch(tmp_path, monkeypatch, split_blocks):
+    """The split prefetch (``MoESchedule.prefetch`` 3): the rows two groups ahead shared out among
+    a pass's token blocks, in passes of up to ``SPLIT_BLOCKS`` blocks. The passes are not shrunk,
+    so expert 3 takes one pass of four full blocks and a lone token: with ``SPLIT_BLOCKS`` 5 the
+    four blocks after the first share the rows, with 1 every pass takes the first-block-only
+    prefetch instead (the others of two blocks too). Against ONNX Runtime and NumPy."""
+    from qiao.backends import get_backend
+    from qiao.compiler import compile
+    from qiao.compiler.kernels import group_gemm
+    from qiao.compiler.schedules.moe_table import lookup
+
+    micro_m = lookup(get_backend("cpu").target(None)).micro_m
+    assert group_gemm.token_panel_rows(INTER, micro_m) >= 4 * micro_m + 1
+    monkeypatch.setattr(group_gemm, "SPLIT_BLOCKS", split_blocks)
+    path = tmp_path / "m.onnx"
+    onnx.save(moe_model(BASE, k=2), str(path))
+    art = compile(str(path), "cpu", tmp_path / "art", moe_schedule={"prefetch": 3, "k_chunk": 0})
+    check_blocks_and_passes(art, micro_m, seed=31)
+    check_token_counts(art, [1, 2, 3, 4, 5, 6, 7, 8], seed=32)
+
+
 @pytest.mark.parametrize("arch", [None, "x86-64-v3"], ids=["host", "avx2"])
 @pytest.mark.parametrize("lanes_min", [2, 17])
 def test_moe_op_token_lanes_order(tmp_path, lanes_min, arch):
@@ -336,13 +358,14 @@ def test_moe_op_token_lanes_order(tmp_path, lanes_min, arch):
 
 
 @pytest.mark.parametrize("arch", [None, "x86-64-v3"], ids=["host", "avx2"])
-@pytest.mark.parametrize("k_chunk", [16, 32])
-def test_moe_op_reduction_chunks(tmp_path, monkeypatch, k_chunk, arch):
+@pytest.mark.parametrize("k_chunk, prefetch", [(16, None), (32, 3)])
+def test_moe_op_reduction_chunks(tmp_path, monkeypatch, k_chunk, prefetch, arch):
     """With ``k_chunk`` the gate/up GEMM walks the hidden size in chunks, the partial sums of a
     pass's tokens added in memory: 4 and 2 chunks of H = 64, one and two vectors each at 16
     lanes, two and four at 8; passes shrunk to two register blocks, so an expert takes several
     passes with a lone last token and the others full and partial blocks; then experts of every
-    count from 1 to 8 tokens. Against ONNX Runtime and NumPy."""
+    count from 1 to 8 tokens. The entry's prefetch, or the split one (3). Against ONNX Runtime
+    and NumPy."""
     from qiao.backends import get_backend
     from qiao.compiler import compile
     from qiao.compiler.kernels import group_gemm
@@ -361,7 +384,11 @@ def test_moe_op_reduction_chunks(tmp_path, monkeypatch, k_chunk, arch):
         "cpu",
         tmp_path / "art",
         arch=arch,
-        moe_schedule={"k_chunk": k_chunk, "lanes_min": 0},
+        moe_schedule={
+            "k_chunk": k_chunk,
+            "lanes_min": 0,
+            **({"prefetch": prefetch} if prefetch else {}),
+        },
     )
     check_blocks_and_passes(art, micro_m, seed=29)
     # every count from 1 to 8: the table's experts of few tokens skip the chunks, the rest chunk

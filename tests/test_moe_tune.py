@@ -49,8 +49,8 @@ def test_table_rejects_bad_entries(tmp_path, monkeypatch):
     bad.write_text(json.dumps({"version": 1, "entries": {"cpu/avx2": {"micro_m": 0}}}))
     with pytest.raises(QiaoError, match="positive integers"):
         lookup(target({"kind": "llvm", "mcpu": "x86-64-v3"}))
-    bad.write_text(json.dumps({"version": 1, "entries": {"cpu/avx2": {"prefetch": 3}}}))
-    with pytest.raises(QiaoError, match="prefetch must be 0, 1 or 2, got 3.*fix:"):
+    bad.write_text(json.dumps({"version": 1, "entries": {"cpu/avx2": {"prefetch": 4}}}))
+    with pytest.raises(QiaoError, match="prefetch must be 0, 1, 2 or 3, got 4.*fix:"):
         lookup(target({"kind": "llvm", "mcpu": "x86-64-v3"}))
     bad.write_text(json.dumps({"version": 1, "entries": {"cpu/avx2": {"prefetch_level": 3}}}))
     with pytest.raises(QiaoError, match="prefetch_level must be 1 .L1. or 2 .L2., got 3.*fix:"):

@@ -46,6 +46,11 @@ from qiao.compiler.kernels.moe_common import (
     pow2_divisor,
 )
 
+# CPU ``MoESchedule.prefetch`` 3 (split): the token blocks share out the prefetch of the rows
+# ``SPLIT_AHEAD`` groups ahead, in passes of at most ``SPLIT_BLOCKS`` token blocks.
+SPLIT = 3
+SPLIT_AHEAD = 2
+SPLIT_BLOCKS = 4
 GEMV_LANES = 32  # GPU GEMV: threads splitting one dot product (a power of two: a shuffle tree)
 # CPU: bytes of the rows of A (an expert's tokens) that one pass over a weight row group reuses;
 # they stay in L2 (half a 512 KB-1 MB Zen/Skylake-SP L2) while each group of weight rows, in L1,
@@ -189,7 +194,9 @@ def _cpu_grouped_gemm(
     ``1 x NG`` for a lone token) are the CPU GEMM's weight-in-place micro-kernel,
     ``qiao.compiler.schedules.cpu_gemm.dot_microkernel``; ``prefetch`` (``MoESchedule.prefetch``)
     streams the next row group in while one is multiplied: 1 during every token block, 2 during the
-    first token block of each pass only, 0 never; ``prefetch_level``
+    first token block of each pass only, 0 never, 3 (``SPLIT``) the group ``SPLIT_AHEAD`` ahead,
+    its rows shared out among the pass's token blocks (passes of up to ``SPLIT_BLOCKS`` blocks;
+    longer ones as 2); ``prefetch_level``
     (``MoESchedule.prefetch_level``) the cache it fills, 1 = L1, 2 = L2; ``prefetch_lines``
     (``MoESchedule.prefetch_lines``) the steps of each row asked for per step; ``widen``: the
     weights are float16/bfloat16, widened to float32 in registers.
@@ -214,15 +221,18 @@ def _cpu_grouped_gemm(
     """
     from tvm.script import tirx as T
 
-    from qiao.compiler.schedules.cpu_gemm import dot_accumulators, dot_microkernel
+    from qiao.compiler.schedules.cpu_gemm import PREFETCH_ALL, dot_accumulators, dot_microkernel
 
     KO = red_len // VL
     level = prefetch_level if prefetch > 0 else 0
     common = dict(lanes=VL, k_vectors=KO, w_row=w_row, prefetch=level, widen=widen)
-    common.update(prefetch_lines=prefetch_lines)
+    common.update(prefetch_lines=prefetch_lines, row_masks=prefetch == SPLIT)
     micro = _token_blocks(MR, NR, common)
     FEW = min(few_tokens, MR)
-    streaming = dict(common, prefetch_lines=few_prefetch_lines) if FEW else common
+    # the few-token blocks and decode's GEMV ask for all of the next rows (no masks)
+    streaming = dict(common, row_masks=False)
+    if FEW:
+        streaming.update(prefetch_lines=few_prefetch_lines)
     micro_few = _token_blocks(max(FEW, 2), NR, streaming)
     KC = reduction_chunk(k_chunk, red_len, VL)
     chunked = dict(common, k_vectors=max(KC, VL) // VL)
@@ -233,7 +243,23 @@ def _cpu_grouped_gemm(
     gemv = dot_microkernel(rows=1, cols=NG, **streaming)
     gemv_nr = dot_microkernel(rows=1, cols=NR, **common)
     SB = token_panel_rows(red_len, MR)
-    EVERY_BLOCK = prefetch != 2  # else only a group's first token block prefetches the next
+
+    AHEAD = SPLIT_AHEAD if prefetch == SPLIT else 1  # groups ahead (of a split pass)
+    # (a split pass and a longer one call the kernels apart: the two masks in one select put
+    # the split's divisions back into the kernel's loop: about 4x the time)
+
+    def share(mi, blocks, lone=False, split=True):
+        # the rows of the group ahead that token block ``mi`` of ``blocks`` prefetches (a mask)
+        if prefetch == SPLIT and split:
+            # round robin over the blocks, the first left out where there are three or more
+            skip = T.if_then_else(blocks >= 3, 1, 0)
+            return sum(
+                T.if_then_else(r % (blocks - skip) == mi - skip, 1 << r, 0) for r in range(NR)
+            )
+        if prefetch != 1 and not lone:  # only the first (a last lone token asks for all)
+            return T.if_then_else(mi == 0, PREFETCH_ALL, 0)
+        return PREFETCH_ALL
+
     ACC0, ACC1 = dot_accumulators(MR, NR, VL)
     GACC0, GACC1 = dot_accumulators(1, NG, VL)
     LMIN = lanes_min if lanes_min > 0 else 1 << 30  # tokens from which the lanes order applies
@@ -283,7 +309,7 @@ def _cpu_grouped_gemm(
                     arow[m] = a_row(PAIRS, off + T.min(m, cnt - 1))
                 for g in range(TILE // NR):
                     r0: T.let[T.int32] = r_tile + g * NR
-                    micro_few(cnt, A, W, arow, e, r0, r0 + NR, acc0, acc1, red, True, 0)
+                    micro_few(cnt, A, W, arow, e, r0, r0 + NR, acc0, acc1, red, PREFETCH_ALL, 0)
                     for m in T.unroll(FEW):
                         if m < cnt:
                             epilogue(OUT, E1, E2, PAIRS, red, m, off + m, e, r0, NR)
@@ -295,27 +321,42 @@ def _cpu_grouped_gemm(
                 for sb in range((cnt + SBC - 1) // SBC):
                     nb: T.let[T.int32] = T.min(SBC, cnt - sb * SBC)
                     s0: T.let[T.int32] = off + sb * SBC  # the pass's first slot
+                    nbl: T.let[T.int32] = (nb + MR - 1) // MR  # its token blocks
                     for kc in range(NKC):
                         for g in range(TILE // NR):
                             r0: T.let[T.int32] = r_tile + g * NR
-                            for mi in range((nb + MR - 1) // MR):
+                            for mi in range(nbl):
                                 t0: T.let[T.int32] = mi * MR
                                 if nb - t0 >= 2:
                                     for m in T.unroll(MR):
                                         arow[m] = a_row(PAIRS, s0 + T.min(t0 + m, nb - 1))
-                                    micro_c(
-                                        T.min(nb - t0, MR), A, W, arow, e, r0, r0 + NR, acc0, acc1,
-                                        red, mi == 0 or EVERY_BLOCK, kc * (KC // VL),
-                                    )  # fmt: skip
+                                    rows: T.let[T.int32] = T.min(nb - t0, MR)
+                                    if prefetch == SPLIT and nbl <= SPLIT_BLOCKS:
+                                        micro_c(
+                                            rows, A, W, arow, e, r0, r0 + AHEAD * NR, acc0, acc1,
+                                            red, share(mi, nbl), kc * (KC // VL),
+                                        )  # fmt: skip
+                                    else:
+                                        micro_c(
+                                            rows, A, W, arow, e, r0, r0 + NR, acc0, acc1, red,
+                                            share(mi, nbl, split=False), kc * (KC // VL),
+                                        )  # fmt: skip
                                     for m in T.unroll(MR):
                                         if t0 + m < nb:
                                             add_partial(part, red, t0 + m, m, g, kc)
                                 else:
                                     arow[0] = a_row(PAIRS, s0 + t0)
-                                    gemv_c(
-                                        A, W, arow, e, r0, r0 + NR, acc0, acc1, red, True,
-                                        kc * (KC // VL),
-                                    )  # fmt: skip
+                                    if prefetch == SPLIT and nbl <= SPLIT_BLOCKS:
+                                        gemv_c(
+                                            A, W, arow, e, r0, r0 + AHEAD * NR, acc0, acc1, red,
+                                            share(mi, nbl, lone=True), kc * (KC // VL),
+                                        )  # fmt: skip
+                                    else:
+                                        gemv_c(
+                                            A, W, arow, e, r0, r0 + NR, acc0, acc1, red,
+                                            share(mi, nbl, lone=True, split=False),
+                                            kc * (KC // VL),
+                                        )  # fmt: skip
                                     add_partial(part, red, t0, 0, g, kc)
                     for t in range(nb):
                         epilogue(OUT, E1, E2, PAIRS, part, t, s0 + t, e, r_tile, TILE)
@@ -324,18 +365,26 @@ def _cpu_grouped_gemm(
                 # blocks while it is in L1 (the prefetch of the next group overlaps them); the
                 # pass's rows of A stay in L2
                 for sb in range((cnt + SB - 1) // SB):
+                    nbl: T.let[T.int32] = (T.min(SB, cnt - sb * SB) + MR - 1) // MR
                     for g in range(TILE // NR):
                         r0: T.let[T.int32] = r_tile + g * NR
-                        for mi in range((T.min(SB, cnt - sb * SB) + MR - 1) // MR):
+                        for mi in range(nbl):
                             t0: T.let[T.int32] = sb * SB + mi * MR  # the block's first token
                             if cnt - t0 >= 2:
                                 # MR tokens, or the last 2 .. MR - 1 through the block of as many
                                 for m in T.unroll(MR):
                                     arow[m] = a_row(PAIRS, off + T.min(t0 + m, cnt - 1))
-                                micro(
-                                    T.min(cnt - t0, MR), A, W, arow, e, r0, r0 + NR, acc0, acc1,
-                                    red, mi == 0 or EVERY_BLOCK, 0,
-                                )  # fmt: skip
+                                rows: T.let[T.int32] = T.min(cnt - t0, MR)
+                                if prefetch == SPLIT and nbl <= SPLIT_BLOCKS:
+                                    micro(
+                                        rows, A, W, arow, e, r0, r0 + AHEAD * NR, acc0, acc1, red,
+                                        share(mi, nbl), 0,
+                                    )  # fmt: skip
+                                else:
+                                    micro(
+                                        rows, A, W, arow, e, r0, r0 + NR, acc0, acc1, red,
+                                        share(mi, nbl, split=False), 0,
+                                    )  # fmt: skip
                                 for m in T.unroll(MR):
                                     if t0 + m < cnt:
                                         epilogue(
@@ -344,14 +393,23 @@ def _cpu_grouped_gemm(
                             else:
                                 # a last lone token
                                 arow[0] = a_row(PAIRS, off + t0)
-                                gemv_nr(A, W, arow, e, r0, r0 + NR, acc0, acc1, red, True, 0)
+                                if prefetch == SPLIT and nbl <= SPLIT_BLOCKS:
+                                    gemv_nr(
+                                        A, W, arow, e, r0, r0 + AHEAD * NR, acc0, acc1, red,
+                                        share(mi, nbl, lone=True), 0,
+                                    )  # fmt: skip
+                                else:
+                                    gemv_nr(
+                                        A, W, arow, e, r0, r0 + NR, acc0, acc1, red,
+                                        share(mi, nbl, lone=True, split=False), 0,
+                                    )  # fmt: skip
                                 epilogue(OUT, E1, E2, PAIRS, red, 0, off + t0, e, r0, NR)
             else:
                 # GEMV (a lone token: decode): NG weight rows per step, weights streamed once
                 arow[0] = a_row(PAIRS, off)
                 for g in range(TILE // NG):
                     r0: T.let[T.int32] = r_tile + g * NG
-                    gemv(A, W, arow, e, r0, r0 + NG, gacc0, gacc1, red, True, 0)
+                    gemv(A, W, arow, e, r0, r0 + NG, gacc0, gacc1, red, PREFETCH_ALL, 0)
                     epilogue(OUT, E1, E2, PAIRS, red, 0, off, e, r0, NG)
 
     return body

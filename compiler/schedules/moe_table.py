@@ -62,7 +62,21 @@ class MoESchedule:
     prefetch : int
         CPU: prefetch the next group of weight rows while the current one is multiplied (the
         weight streams are what bounds decode and small batches): 1 while each of the expert's
-        token blocks is, 2 while only the first is, 0 never (the hardware prefetcher alone).
+        token blocks is, 2 while only the first is, 0 never (the hardware prefetcher alone), 3
+        (split) the group two ahead, its rows shared out among a pass's token blocks (round
+        robin, the first block left out where there are three or more: it reads the rows
+        prefetched for it), in passes of at most ``SPLIT_BLOCKS`` (4) blocks, otherwise as 2.
+        With 2 the first block's own reads and the prefetches of the next group go out at once
+        and the memory idles while the later blocks multiply from L1 (on one core the first of
+        three blocks took twice the time of the second). On one core of the AVX-512 EPYC VM
+        (2026-12-05, AVX2 code, 64 experts of exactly c tokens, both GEMMs, 5 interleaved
+        rounds) 3 took 0.93 / 0.90 / 0.99 / 1.00x the time of 2 for c = 5 / 8 / 12 / 32; the
+        group one ahead instead of two took 1.09x the time of two at c = 5 and 8. On the whole
+        Qwen3-30B-A3B block (AVX2 code, two threads) 3 took 0.89x the time at T = 128 (11
+        interleaved rounds, most at ~60 GB/s; qiao / roofline 1.32 -> 1.20) and 0.97x (9 at
+        ~33 GB/s), 1.00x at T = 16 and 512 (without the cap of four blocks: 1.02-1.03x at 512),
+        so ``cpu/avx2`` takes 3. On AVX-512 code (blocks of 6 tokens: T = 128's experts have one
+        or two) the split took 1.00x at T = 128 and 0.99x at T = 512: ``cpu/avx512`` keeps 1.
     prefetch_level : int
         CPU: the cache that software prefetch fills, 1 (L1) or 2 (L2). On the Intel AVX-512 host
         of 2026-12-03, L2 took 0.95-0.97x the time of L1 at T = 128 and 512 on the Qwen3-30B-A3B
@@ -170,9 +184,9 @@ def _check_entry(key: str, entry: Mapping[str, Any]) -> dict[str, Any]:
             f"MoE schedule table entry {key!r}: {bad} must be positive integers. fix: rerun "
             "`qiao tune moe` or correct the entry"
         )
-    if entry.get("prefetch", 0) > 2:
+    if entry.get("prefetch", 0) > 3:
         raise QiaoError(
-            f"MoE schedule table entry {key!r}: prefetch must be 0, 1 or 2, got "
+            f"MoE schedule table entry {key!r}: prefetch must be 0, 1, 2 or 3, got "
             f"{entry['prefetch']}. fix: rerun `qiao tune moe` or correct the entry"
         )
     for field in ("prefetch_lines", "few_prefetch_lines"):
@@ -494,7 +508,7 @@ def tune_cpu(
     gemv_rows=(4, 8, 12, 16),
     tiles_up=(8, 16, 32, 64),
     tiles_down=(32, 64, 128, 256),
-    prefetch_options=(0, 1, 2),
+    prefetch_options=(0, 1, 2, 3),
     prefetch_levels=(1, 2),
     k_chunks=(0, 256, 512, 1024),
     prefetch_lines=(1, 2),
