@@ -73,8 +73,9 @@ class MoESchedule:
         rounds) 3 took 0.93 / 0.90 / 0.99 / 1.00x the time of 2 for c = 5 / 8 / 12 / 32; the
         group one ahead instead of two took 1.09x the time of two at c = 5 and 8. On the whole
         Qwen3-30B-A3B block (AVX2 code, two threads) 3 took 0.89x the time at T = 128 (11
-        interleaved rounds, most at ~60 GB/s; qiao / roofline 1.32 -> 1.20) and 0.97x (9 at
-        ~33 GB/s), 1.00x at T = 16 and 512 (without the cap of four blocks: 1.02-1.03x at 512),
+        interleaved rounds, most at ~60 GB/s; qiao / roofline 1.32 -> 1.20; before the cap of
+        four blocks) and 0.97x (9 at ~33 GB/s), 1.00x at T = 16 and 512 (1.02-1.03x at 512
+        without the cap),
         so ``cpu/avx2`` takes 3. On AVX-512 code (blocks of 6 tokens: T = 128's experts have one
         or two) the split took 1.00x at T = 128 and 0.99x at T = 512: ``cpu/avx512`` keeps 1.
     prefetch_level : int
