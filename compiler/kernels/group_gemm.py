@@ -244,7 +244,6 @@ def _cpu_grouped_gemm(
     gemv_nr = dot_microkernel(rows=1, cols=NR, **common)
     SB = token_panel_rows(red_len, MR)
 
-    AHEAD = SPLIT_AHEAD if prefetch == SPLIT else 1  # groups ahead (of a split pass)
     # (a split pass and a longer one call the kernels apart: the two masks in one select put
     # the split's divisions back into the kernel's loop: about 4x the time)
 
@@ -333,8 +332,8 @@ def _cpu_grouped_gemm(
                                     rows: T.let[T.int32] = T.min(nb - t0, MR)
                                     if prefetch == SPLIT and nbl <= SPLIT_BLOCKS:
                                         micro_c(
-                                            rows, A, W, arow, e, r0, r0 + AHEAD * NR, acc0, acc1,
-                                            red, share(mi, nbl), kc * (KC // VL),
+                                            rows, A, W, arow, e, r0, r0 + SPLIT_AHEAD * NR,
+                                            acc0, acc1, red, share(mi, nbl), kc * (KC // VL),
                                         )  # fmt: skip
                                     else:
                                         micro_c(
@@ -348,8 +347,8 @@ def _cpu_grouped_gemm(
                                     arow[0] = a_row(PAIRS, s0 + t0)
                                     if prefetch == SPLIT and nbl <= SPLIT_BLOCKS:
                                         gemv_c(
-                                            A, W, arow, e, r0, r0 + AHEAD * NR, acc0, acc1, red,
-                                            share(mi, nbl, lone=True), kc * (KC // VL),
+                                            A, W, arow, e, r0, r0 + SPLIT_AHEAD * NR, acc0, acc1,
+                                            red, share(mi, nbl, lone=True), kc * (KC // VL),
                                         )  # fmt: skip
                                     else:
                                         gemv_c(
@@ -377,8 +376,8 @@ def _cpu_grouped_gemm(
                                 rows: T.let[T.int32] = T.min(cnt - t0, MR)
                                 if prefetch == SPLIT and nbl <= SPLIT_BLOCKS:
                                     micro(
-                                        rows, A, W, arow, e, r0, r0 + AHEAD * NR, acc0, acc1, red,
-                                        share(mi, nbl), 0,
+                                        rows, A, W, arow, e, r0, r0 + SPLIT_AHEAD * NR, acc0, acc1,
+                                        red, share(mi, nbl), 0,
                                     )  # fmt: skip
                                 else:
                                     micro(
@@ -395,7 +394,7 @@ def _cpu_grouped_gemm(
                                 arow[0] = a_row(PAIRS, off + t0)
                                 if prefetch == SPLIT and nbl <= SPLIT_BLOCKS:
                                     gemv_nr(
-                                        A, W, arow, e, r0, r0 + AHEAD * NR, acc0, acc1, red,
+                                        A, W, arow, e, r0, r0 + SPLIT_AHEAD * NR, acc0, acc1, red,
                                         share(mi, nbl, lone=True), 0,
                                     )  # fmt: skip
                                 else:
