@@ -719,7 +719,7 @@ def _reads_in_place(func, name: str) -> bool:
 POINTWISE = [
     (96, 16, 16, 1, True),
     (72, 24, 8, 1, True),
-    (16, 96, 16, 1, False),
+    (16, 192, 16, 1, False),
     (96, 16, 32, 2, False),
     (96, 16, 14, 1, False),
     (512, 16, 16, 1, False),
@@ -883,6 +883,36 @@ def test_long_reduction_convolution_takes_tall_one_vector_tiles():
         assert choose_tile(cpu, shape).nr_vectors == 2, shape
     long = GemmShape(None, 112, 196, 672, "float32", weight_rows=True)
     assert choose_tile(CPUInfo(256, 16, 2), long).nr_vectors == 2
+
+
+def test_pointwise_convolution_takes_tall_one_vector_tiles():
+    """A pointwise convolution (1x1, unit stride) takes the one-vector row-task tile on a target
+    with 32 registers whatever its reduction (MobileNetV3-Small's 240 -> 40 over 14x14, a 30 KB
+    panel: 4 tiles of 10 rows); the same shape not pointwise (a strided 1x1 convolution) or on 16
+    registers keeps the two-vector tile. The flag comes from the convolution itself: set for a
+    1x1 window of unit stride, not for stride 2 or a padded 3x3 window."""
+    from qiao.compiler.schedules.cpu_gemm import L1_PANEL_BYTES, GemmShape, choose_tile
+    from qiao.compiler.schedules.cpu_info import CPUInfo
+
+    avx512, avx2 = CPUInfo(512, 32, 2), CPUInfo(256, 16, 2)
+    assert 240 * 32 * 4 <= L1_PANEL_BYTES
+    pointwise = GemmShape(None, 40, 196, 240, "float32", weight_rows=True, pointwise=True)
+    tile = choose_tile(avx512, pointwise)
+    assert (tile.mr, tile.nr_vectors, tile.mc_tiles, tile.nc_tiles) == (10, 1, 1, 0), tile
+    assert choose_tile(avx2, pointwise).nr_vectors == 2
+    strided = GemmShape(None, 40, 196, 240, "float32", weight_rows=True)
+    assert choose_tile(avx512, strided).nr_vectors == 2
+    for kernel, stride, padding, flagged in ((1, 1, 0, True), (1, 2, 0, False), (3, 1, 1, False)):
+        scheduled, _ = _residual_conv(64, 48, 14, kernel, stride, padding)
+        assert ("qiao.gemm_pointwise" in scheduled.script()) == flagged, (kernel, stride)
+
+
+def test_pointwise_convolution_matches_torch():
+    """A 1x1 convolution 24 -> 88 over 28x28 (bias, residual add and ReLU fused; on a host with 32
+    vector registers through the one-vector row-task tile) matches torch in float64 at batch 1
+    and 3."""
+    _, check = _residual_conv(24, 88, 28, 1, 1, 0)
+    check(atol=1e-4)
 
 
 def test_long_reduction_convolution_matches_torch():
