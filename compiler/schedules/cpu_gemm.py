@@ -100,14 +100,14 @@ CONV_PANEL_BYTES = 256 * 1024
 # ``2 * mr``. EfficientNet-B0's 1x1 projections in the model (Intel AVX-512 host, batch 1,
 # 2026-12-04, per call): 672 -> 112 over 14x14 140 -> 124 us, 480 -> 112 100 -> 86 us, 480 -> 80
 # 87 -> 77 us; its head (320 -> 1280 over 7x7, a 40 KB panel) unchanged, 152 against 154 us.
-# A pointwise convolution (1x1, unit stride: ``GemmShape.pointwise``) takes those tiles whatever
-# its K: each row task then writes whole output planes of its own channels (probably why the
-# next layer's per-plane depthwise tasks also ran faster: the planes a core reads are those it
-# wrote) and pads less (196 positions: 13 vectors, not 7 two-vector tiles). Per call in the model
-# against the two-vector tile, AMD AVX-512 host, batch 8, 2026-12-05, interleaved: MobileNetV3-
-# Small 16 -> 72 over 56x56 0.62x the time, 24 -> 88 and 88 -> 24 over 28x28 0.63x / 0.67x,
-# 240 -> 40 over 14x14 0.83x; EfficientNet-B0 144 -> 40 over 28x28 0.59x, 112 -> 672 over 14x14
-# 0.85-0.95x; whole networks 0.95-0.99x. ResNet-18's strided 1x1 downsampling moved either way
+# A pointwise convolution (1x1, unit stride: ``GemmShape.pointwise``) takes those tiles whatever its
+# K: each row task then writes whole output planes of its own channels (in one of two
+# EfficientNet-B0 runs the depthwise convolutions after them ran faster too, as if a core read the
+# planes it wrote) and pads less (196 positions: 13 vectors, not 7 two-vector tiles). Per call in
+# the model against the two-vector tile, AMD AVX-512 host, batch 8, 2026-12-05, interleaved:
+# MobileNetV3-Small 16 -> 72 over 56x56 0.62x the time, 24 -> 88 and 88 -> 24 over 28x28 0.63x /
+# 0.67x, 240 -> 40 over 14x14 0.83x; EfficientNet-B0 144 -> 40 over 28x28 0.59x, 112 -> 672 over
+# 14x14 0.85-0.95x; whole networks 0.95-0.99x. ResNet-18's strided 1x1 downsampling moved either way
 # (0.89x, 1.08x, 1.09x): a strided convolution keeps the panel rule.
 L1_PANEL_BYTES = 32 * 1024
 # A convolution keeps its image positions as the vector axis ``J`` unless padding them to whole
