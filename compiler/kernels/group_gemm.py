@@ -435,13 +435,14 @@ def _lanes_body(*, red_len: int, lanes: int, lanes_min: int, out_rows: int, unit
     passes of up to three token vectors, each through the micro-kernel of as many vectors (an
     expert of 33-48 tokens on AVX-512 streams its weights once, not twice). An expert's vectors
     are shared out evenly among the fewest passes: 4 run as 2 + 2 and 7 as 3 + 2 + 2, not 3 + 1
-    and 3 + 3 + 1 (a one-vector block has half the accumulators: on one core it ran at 0.63x
-    the FMA rate of the two- and three-vector ones). Each pass transposes its tokens in blocks
-    of ``TB`` reduction steps, so the lines it reads and writes stay in L1 (the row-by-row
-    transpose took 5 % of the gate/up GEMM at T = 512 on AVX2 code, the blocked one 2 %).
-    On the AVX-512 EPYC VM (2026-12-05, Qwen3-30B-A3B block, T = 512, 5 interleaved rounds) the
-    gate/up GEMM took 0.92x the time on AVX2 code (170 -> 156 ms; the split 0.95x, the blocked
-    transpose 0.96x alone) and 0.97x on AVX-512 code (one pass per expert there)."""
+    and 3 + 3 + 1 (a one-vector block has half the accumulators: in the gate/up GEMM at T = 512,
+    AVX2 code, it ran at 0.63x the FMA rate of the two- and three-vector ones). Each pass
+    transposes its tokens in blocks of ``TB`` reduction steps, so the lines it reads and writes
+    stay in L1 (the row-by-row transpose took 5 % of the gate/up GEMM at T = 512 on AVX2 code,
+    the blocked one 2 %). On the AVX-512 EPYC VM (2026-12-05, Qwen3-30B-A3B block, T = 512, 5
+    interleaved rounds) the gate/up GEMM took 0.92x the time on AVX2 code (170 -> 156 ms; the
+    split 0.95x, the blocked transpose 0.96x alone) and 0.97x on AVX-512 code (one pass per
+    expert there)."""
     from tvm.script import tirx as T
 
     from qiao.compiler.schedules.cpu_gemm import lanes_microkernel
