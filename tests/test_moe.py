@@ -397,6 +397,50 @@ def test_moe_op_reduction_chunks(tmp_path, monkeypatch, k_chunk, prefetch, arch)
     check_token_counts(art, [1, 2, 3, 4, 5, 6, 7, 8], seed=30)
 
 
+@pytest.mark.parametrize("arch", [None, "x86-64-v3"], ids=["host", "avx2"])
+def test_moe_op_padded_token_rows(tmp_path, arch):
+    """Token rows of 4 KB (H = 1024): the gate/up GEMM reads the tokens from ``moe_pad_rows``'
+    copy, rows ``x_pad`` float32 apart (the lowered module holds the kernel and passes its
+    (T, H + x_pad) output on); with ``x_pad`` 0 nothing is copied. Experts of 1 to 24 tokens, so
+    that the GEMV, the few-token block, the dot blocks (in reduction chunks on AVX2) and the
+    token lanes all read the padded rows. Against ONNX Runtime and NumPy."""
+    from qiao.backends import get_backend
+    from qiao.compiler import compile
+    from qiao.compiler.frontend import import_onnx
+    from qiao.compiler.passes import LowerMoE
+    from qiao.compiler.schedules.cpu_info import missing_here
+    from qiao.compiler.schedules.moe_table import lookup
+
+    target = get_backend("cpu").target(arch)
+    hidden, pad = 1024, lookup(target).x_pad
+    assert pad > 0  # the shipped CPU entries pad
+    weights = make_weights(8, hidden, 16, seed=5)
+    model = moe_model(weights, k=2)
+    for x_pad, copies in ((pad, True), (0, False)):
+        lowered = LowerMoE(target, overrides={"x_pad": x_pad})(import_onnx(model).mod)
+        prims = {gv.name_hint: f for gv, f in lowered.functions_items()}
+        assert ("moe_pad_rows" in prims) == copies
+        columns = hidden + (x_pad if copies else 0)
+        assert f'X: T.Buffer((n, {columns}), "float32")' in prims["group_gemm_up"].script()
+        assert ("R.call_tir(moe_pad_rows, (x,)" in lowered["main"].script()) == copies
+    if arch and missing_here(target):
+        pytest.skip(f"this CPU cannot run {arch} code (the host-code case runs)")
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    art = compile(str(path), "cpu", tmp_path / "art", arch=arch)
+    sizes = [1, 2, 3, 5, 8, 13, 20, 24]
+    picks = [e for e, n in enumerate(sizes) for _ in range(n)]
+    T = len(picks) // 2
+    x, logits = inputs(T, hidden, 8, seed=31)
+    for t in range(T):  # token t: picks t and t + T of the sorted list, two different experts
+        logits[t, picks[t]] += 100.0
+        logits[t, picks[t + T]] += 90.0
+    assert list(routed_counts(logits)) == sizes
+    y = art.run({"x": x, "logits": logits})["y"]
+    assert_close(y, ort_run(model, x, logits), RTOL, ATOL, "vs onnxruntime")
+    assert_close(y, numpy_moe(x, logits, weights["fc1"], weights["fc2"], 2), RTOL, ATOL, "vs numpy")
+
+
 @pytest.mark.parametrize("k, normalize", [(1, 0), (E, 1)], ids=["k1", "k_equals_E"])
 def test_moe_op_k_extremes(compile_moe, k, normalize):
     art = compile_moe(f"k{k}", moe_model(BASE, k, normalize))

@@ -80,6 +80,39 @@ def reduction_chunk(k_chunk: int, red_len: int, lanes: int) -> int:
     return k_chunk if fits else 0
 
 
+def up_row_floats(cfg: MoEConfig, sched, *, gpu: bool = False) -> int:
+    """Float32 per token row of the gate/up GEMM's input: ``cfg.hidden``, plus
+    ``sched.x_pad`` (``MoESchedule.x_pad``) on the CPU where a row of ``x`` is a multiple of
+    4 KB; the lowering then gives the GEMM ``pad_rows(x)`` rather than ``x``."""
+    pad = 0 if gpu else sched.x_pad
+    return cfg.hidden + (pad if (cfg.hidden * 4) % 4096 == 0 else 0)
+
+
+def pad_rows(cols: int, padded: int, lanes: int):
+    """``xp[t, :cols] = x[t, :]``, ``xp[t, cols:padded] = 0``: the tokens' rows copied ``padded``
+    float32 apart (``MoESchedule.x_pad``), rows in parallel, ``lanes`` float32 per vector."""
+    from tvm.script import tirx as T
+
+    VL = pow2_divisor(math.gcd(cols, padded), lanes)
+
+    @T.prim_func(s_tir=True)
+    def moe_pad_rows(x_h: T.handle, xp_h: T.handle):
+        T.func_attr(KERNEL_ATTRS)
+        n = T.int64()
+        X = T.match_buffer(x_h, (n, cols), "float32")
+        XP = T.match_buffer(xp_h, (n, padded), "float32")
+        with T.sblock("root"):
+            for t in T.parallel(n):
+                for k0 in range(cols // VL):
+                    for k1 in T.vectorized(VL):
+                        XP[t, k0 * VL + k1] = X[t, k0 * VL + k1]
+                for k0 in range((padded - cols) // VL):
+                    for k1 in T.vectorized(VL):
+                        XP[t, cols + k0 * VL + k1] = T.float32(0)
+
+    return moe_pad_rows
+
+
 def _cpu_up_params(cfg: MoEConfig, sched):
     U = cfg.units_per_row_group
     PU = divisor_at_most(cfg.inter, max(1, sched.micro_n // U))
@@ -1232,7 +1265,7 @@ def _down_gpu_body(cfg: MoEConfig, sched):
 # ------------------------------------------------------------------------------------------------
 # Signatures (shared by the CPU and GPU bodies)
 # ------------------------------------------------------------------------------------------------
-def _up_func(cfg: MoEConfig, sched, body):
+def _up_func(cfg: MoEConfig, sched, body, x_cols: int):
     from tvm.script import tirx as T
 
     E, H, INTER, K, R, BM = (
@@ -1263,7 +1296,7 @@ def _up_func(cfg: MoEConfig, sched, body):
     ):
         T.func_attr(KERNEL_ATTRS)
         n = T.int64()
-        X = T.match_buffer(x_h, (n, H), "float32")
+        X = T.match_buffer(x_h, (n, x_cols), "float32")
         W1 = T.match_buffer(w_h, (T.int64(E), T.int64(R), T.int64(H)), cfg.weight_dtype)
         B1 = T.match_buffer(b_h, BSHAPE, "float32")
         IDS = T.match_buffer(ids_h, (n, K), "int32")
@@ -1328,7 +1361,7 @@ def _down_func(cfg: MoEConfig, sched, body):
 
 
 def _up_cpu(cfg, sched):
-    return _up_func(cfg, sched, _up_cpu_body(cfg, sched))
+    return _up_func(cfg, sched, _up_cpu_body(cfg, sched), up_row_floats(cfg, sched))
 
 
 def _down_cpu(cfg, sched):
@@ -1336,11 +1369,11 @@ def _down_cpu(cfg, sched):
 
 
 def _up_gpu(cfg, sched):
-    return _up_func(cfg, sched, _up_gpu_body(cfg, sched))
+    return _up_func(cfg, sched, _up_gpu_body(cfg, sched), cfg.hidden)
 
 
 def _down_gpu(cfg, sched):
     return _down_func(cfg, sched, _down_gpu_body(cfg, sched))
 
 
-__all__ = ["GEMV_LANES", "group_gemm_down", "group_gemm_up"]
+__all__ = ["GEMV_LANES", "group_gemm_down", "group_gemm_up", "pad_rows", "up_row_floats"]

@@ -4,6 +4,8 @@ with qiao's four MoE stages, scheduled for the target:
     moe_gating    softmax + top-k + renormalise          logits (T, E)       -> ids, weights (T, k)
     moe_align     counts, padded offsets, sorted slots    ids                 -> dispatch tables
     group_gemm_up gate/up GEMM + activation per slot      x (T, H), fc1       -> act (S, I)
+                  (CPU, rows of x a multiple of 4 KB: read from ``moe_pad_rows(x)``, rows padded
+                  by ``MoESchedule.x_pad`` floats so that they start in different L1 sets)
     group_gemm_down down GEMM x routing weight per pair   act, fc2            -> out (T, k, H)
     moe_combine   sum of the k rows of each token         out                 -> y (T, H)
 
@@ -125,7 +127,12 @@ def emit_moe(
         Integer experts packed for the CPU: its grouped GEMMs replace ``group_gemm_*`` (``fc1``,
         ``fc2``, ``b1``, ``b2`` are then unused).
     """
-    from qiao.compiler.kernels.group_gemm import group_gemm_down, group_gemm_up
+    from qiao.compiler.kernels.group_gemm import (
+        group_gemm_down,
+        group_gemm_up,
+        pad_rows,
+        up_row_floats,
+    )
     from qiao.compiler.kernels.moe_align import moe_align
     from qiao.compiler.kernels.moe_combine import moe_combine
     from qiao.compiler.kernels.moe_common import num_blocks
@@ -176,6 +183,10 @@ def emit_moe(
     up = add(group_gemm_up(cfg, schedule, gpu=gpu), "group_gemm_up")
     down = add(group_gemm_down(cfg, schedule, gpu=gpu), "group_gemm_down")
     dispatch = [ids, pairs, offsets, counts, active, num_active, block_expert, num_used, pair_slot]
+    x_cols = up_row_floats(cfg, schedule, gpu=gpu)
+    if x_cols != H:  # the tokens' rows set apart by a pad (``MoESchedule.x_pad``)
+        pad = add(pad_rows(H, x_cols, schedule.vector_lanes), "moe_pad_rows")
+        x = bb.emit(relax.call_tir(pad, [x], tt((n, x_cols), f32)))
     act = bb.emit(relax.call_tir(up, [x, fc1, b1, *dispatch], tt((blocks * BM, INTER), f32)))
     out = bb.emit(
         relax.call_tir(down, [act, fc2, b2, ids, weights, *dispatch[1:]], tt((n, K, H), f32))
