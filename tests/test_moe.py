@@ -120,12 +120,12 @@ def base_k2(compile_moe):
     return compile_moe("base_k2", moe_model(BASE, k=2))
 
 
-def run_against_references(art, x, logits):
-    """Run ``art`` (the k = 2 MoE of ``BASE``) and check it against ONNX Runtime and NumPy;
-    returns its output."""
+def run_against_references(art, x, logits, weights=BASE):
+    """Run ``art`` (the k = 2 MoE of ``weights``, ``BASE`` unless given) and check it against
+    ONNX Runtime and NumPy; returns its output."""
     y = art.run({"x": x, "logits": logits})["y"]
-    assert_close(y, ort_run(moe_model(BASE, 2), x, logits), RTOL, ATOL, "vs onnxruntime")
-    assert_close(y, numpy_moe(x, logits, BASE["fc1"], BASE["fc2"], 2), RTOL, ATOL, "vs numpy")
+    assert_close(y, ort_run(moe_model(weights, 2), x, logits), RTOL, ATOL, "vs onnxruntime")
+    assert_close(y, numpy_moe(x, logits, weights["fc1"], weights["fc2"], 2), RTOL, ATOL, "vs numpy")
     return y
 
 
@@ -259,20 +259,20 @@ def check_blocks_and_passes(art, micro_m: int, seed: int):
     run_against_references(art, x, logits)
 
 
-def check_token_counts(art, sizes: list[int], seed: int):
-    """Run ``art`` (the k = 2 MoE of ``BASE``) with expert e routed exactly ``sizes[e]`` tokens
-    (every count from a lone token to more than a register block); against ONNX Runtime and
-    NumPy."""
+def check_token_counts(art, sizes: list[int], seed: int, weights=BASE):
+    """Run ``art`` (the k = 2 MoE of ``weights``, ``BASE`` unless given) with expert e routed
+    exactly ``sizes[e]`` tokens (every count from a lone token to more than a register block);
+    against ONNX Runtime and NumPy."""
     picks = [e for e, n in enumerate(sizes) for _ in range(n)]
     T = len(picks) // 2
     assert len(picks) == 2 * T and max(sizes) <= T
-    x, logits = inputs(T, H, E, seed=seed)
+    hidden, experts = weights["fc1"].shape[2], weights["fc1"].shape[0]
+    x, logits = inputs(T, hidden, experts, seed=seed)
     for t in range(T):  # token t: picks t and t + T of the sorted list, two different experts
         logits[t, picks[t]] += 100.0
         logits[t, picks[t + T]] += 90.0
-    counts = routed_counts(logits)
-    assert list(counts) == sizes
-    run_against_references(art, x, logits)
+    assert list(routed_counts(logits)) == sizes
+    run_against_references(art, x, logits, weights)
 
 
 @pytest.mark.parametrize(
@@ -428,17 +428,7 @@ def test_moe_op_padded_token_rows(tmp_path, arch):
     path = tmp_path / "m.onnx"
     onnx.save(model, str(path))
     art = compile(str(path), "cpu", tmp_path / "art", arch=arch)
-    sizes = [1, 2, 3, 5, 8, 13, 20, 24]
-    picks = [e for e, n in enumerate(sizes) for _ in range(n)]
-    T = len(picks) // 2
-    x, logits = inputs(T, hidden, 8, seed=31)
-    for t in range(T):  # token t: picks t and t + T of the sorted list, two different experts
-        logits[t, picks[t]] += 100.0
-        logits[t, picks[t + T]] += 90.0
-    assert list(routed_counts(logits)) == sizes
-    y = art.run({"x": x, "logits": logits})["y"]
-    assert_close(y, ort_run(model, x, logits), RTOL, ATOL, "vs onnxruntime")
-    assert_close(y, numpy_moe(x, logits, weights["fc1"], weights["fc2"], 2), RTOL, ATOL, "vs numpy")
+    check_token_counts(art, [1, 2, 3, 5, 8, 13, 20, 24], seed=31, weights=weights)
 
 
 @pytest.mark.parametrize("k, normalize", [(1, 0), (E, 1)], ids=["k1", "k_equals_E"])
