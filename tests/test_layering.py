@@ -11,9 +11,10 @@ against the layers, lowest first:
     that export recognises, such as the MoE block, lives in models/).
 ``library``
     The lowering library (``frontend``, ``passes``, ``kernels``, ``schedules``, ``pipeline``,
-    ``options``, ``moe_op``, ``quantize``) and the artifact format (``artifact``: manifest,
-    hashes, params, which backends read their weights through). Knows TVM and ONNX, knows no
-    backend: imports ``errors`` and itself, never ``qiao.backends``, ``qiao.models`` or the front.
+    ``options``, ``moe_op``, ``quantize``, ``tvmscript``) and the artifact format (``artifact``:
+    manifest, hashes, params, which backends read their weights through). Knows TVM and ONNX,
+    knows no backend: imports ``errors`` and itself, never ``qiao.backends``, ``qiao.models`` or
+    the front.
 ``backends``
     ``qiao.backends``: may import ``errors``, the library and each other, never the front.
 ``front``
@@ -49,6 +50,7 @@ LIBRARY = (
     "qiao.compiler.moe_op",
     "qiao.compiler.quantize",  # an ONNX-to-ONNX rewrite the options parse schemes with
     "qiao.compiler.artifact",
+    "qiao.compiler.tvmscript",  # how TVM's script parser walks the stack (kernels, GPU rules)
 )
 BACKENDS_PUBLIC = ("qiao.backends", "qiao.backends.registry")
 

@@ -112,8 +112,8 @@ class BF16MatmulTensorization:
         if dtypes != ("bfloat16", "bfloat16", "float32"):
             return None
         # Imported only now: ``tvm.s_tir.tensor_intrin`` registers every target's intrinsics on
-        # import (about a minute on a 2-core host), which a model without bfloat16 GEMMs never
-        # needs.
+        # import (2 s on a 2-core host with ``fast_frames``, ~30 s without), which a model
+        # without half-precision GEMMs never needs.
         from tvm.s_tir.dlight.gpu.matmul import MatmulTensorization
         from tvm.s_tir.tensor_intrin import cuda as intrin
 
@@ -139,6 +139,9 @@ def gpu_rules(target: Any) -> list:
     """The ordered dlight GPU schedule rules for ``target``."""
     import tvm.s_tir.dlight as dl
 
+    from qiao.compiler.tvmscript import fast_frames
+
+    fast_frames()  # the tensor-core rules import every target's intrinsics (TVMScript) once
     return [
         BF16MatmulTensorization(),
         dl.gpu.Matmul(),
