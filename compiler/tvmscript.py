@@ -3,7 +3,8 @@
 TVM's script parser (``T.prim_func``, ``I.ir_module``, ``R.function``, and every ``T.macro`` call
 while a function is parsed) takes ``inspect.stack()`` / ``inspect.getouterframes()`` for the
 frames' globals and locals. Those build an ``inspect.FrameInfo`` per frame with its source line,
-and for a frame of generated code (the parser's own evaluated expressions: no file on disk)
+and for a frame without a source file (``<frozen importlib._bootstrap>`` when functions are
+parsed while a module is imported, the parser's evaluated ``<ast>`` code, ``<stdin>``)
 ``inspect`` searches every module in ``sys.modules`` for it each time. Importing
 ``tvm.s_tir.tensor_intrin`` (every target's tensor-core intrinsics, parsed at import; the CUDA
 half-precision GEMM schedules need it) took 26 s on a 2-core host that way, 2 s with the frames
