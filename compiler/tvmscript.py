@@ -1,34 +1,42 @@
-"""TVMScript parsing without reading source lines of every frame on the stack.
+"""TVMScript parsing without reading the source line of every frame on the stack.
 
-TVM's script parser (``T.prim_func``, ``I.ir_module``, ``R.function``, and every ``T.macro`` call
-while a function is parsed) takes ``inspect.stack()`` / ``inspect.getouterframes()`` for the
-frames' globals and locals. Those build an ``inspect.FrameInfo`` per frame with its source line,
-and for a frame without a source file (``<frozen importlib._bootstrap>`` when functions are
-parsed while a module is imported, the parser's evaluated ``<ast>`` code, ``<stdin>``)
-``inspect`` searches every module in ``sys.modules`` for it each time. Importing
-``tvm.s_tir.tensor_intrin`` (every target's tensor-core intrinsics, parsed at import; the CUDA
-half-precision GEMM schedules need it) took 26 s on a 2-core host that way, 2 s with the frames
-below.
+TVM 0.27's script parser walks the stack twice over: ``ScriptMacro._find_parser_def`` calls
+``inspect.getouterframes`` at every macro call (to find the parser in a frame's globals), and the
+decorators (``T.prim_func``, ``I.ir_module``, ``R.function``) take ``inspect.stack()`` for the
+frames' locals. Both build an ``inspect.FrameInfo`` per frame with its source line; for a frame
+without a source file (``<frozen importlib._bootstrap>`` when functions are parsed while a module
+is imported, the parser's evaluated ``<ast>`` code, ``<stdin>``) ``inspect`` searches every module
+in ``sys.modules`` each time.
 
-``fast_frames()`` gives those parser modules an ``inspect`` whose ``stack`` and
-``getouterframes`` return frame records with the same fields (``frame``, ``filename``,
-``lineno``, ``function``, ``code_context``, ``index``; ``positions`` is None), the line number
-taken with the stack, the source line read from ``linecache`` only when a caller asks for it
-(TVM reads it for one frame per parsed function). Everything else is ``inspect`` itself.
-Idempotent; only those modules see it.
+``fast_frames()`` installs two replacements, which read no source:
+
+- the macro lookup walks the frame chain (innermost first, as TVM's) for the parser. qiao's
+  kernels are nested macros (the MoE grouped GEMM's token blocks, dot micro-kernels, lane sums):
+  compiling one small MoE node spent 17 of its 22 s in TVM's lookup, in about 33,000 source
+  lookups;
+- the decorators' module ``inspect`` gives ``stack`` records with the same fields (``frame``,
+  ``filename``, ``lineno``, ``function``, ``code_context``, ``index``; ``positions`` is None), the
+  line number taken with the stack and the source line read from ``linecache`` only when a caller
+  asks for it (TVM reads it for one frame per parsed function); everything else is ``inspect``
+  itself. Importing ``tvm.s_tir.tensor_intrin`` (every target's tensor-core intrinsics, parsed at
+  import; the CUDA half-precision GEMM schedules need it) took 26 s on a 2-core host with the
+  macro lookup alone, 2 s with both.
+
+Installed once per process (kernels, the CPU GEMM rules, the prepare phase and the GPU rules call
+it); a TVM without these hooks is left as it is.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import linecache
 import sys
 from typing import Any
 
-# The TVM modules whose parsing walks the stack (TVM 0.27).
+# The TVM modules whose decorators take ``inspect.stack()`` (TVM 0.27).
 PARSER_MODULES = (
-    "tvm.script.parser.core.parser",
     "tvm.script.parser.ir.entry",
     "tvm.tirx.script.parser.entry",
     "tvm.relax.script.parser.entry",
@@ -81,8 +89,8 @@ def outer_frames(frame: Any) -> list[FrameRecord]:
 
 
 class _ParserInspect:
-    """``inspect`` for TVM's parser modules: ``stack`` and ``getouterframes`` give
-    ``FrameRecord`` lists; every other name is ``inspect``'s."""
+    """``inspect`` for TVM's parser modules: ``stack`` gives ``FrameRecord`` lists; every other
+    name is ``inspect``'s."""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(inspect, name)
@@ -91,16 +99,34 @@ class _ParserInspect:
     def stack(context: int = 1) -> list[FrameRecord]:
         return outer_frames(sys._getframe(1))
 
-    @staticmethod
-    def getouterframes(frame: Any, context: int = 1) -> list[FrameRecord]:
-        return outer_frames(frame)
+
+def _fast_macro_lookup() -> None:
+    """``ScriptMacro._find_parser_def`` walking the frame chain (see the module docstring)."""
+    from tvm.script.parser.core import parser as core
+
+    macro = getattr(core, "ScriptMacro", None)
+    name = getattr(macro, "parser_object_name", None)
+    if macro is None or name is None or not hasattr(macro, "_find_parser_def"):
+        return
+
+    def _find_parser_def(self):
+        frame = inspect.currentframe()
+        while frame is not None:
+            parser = frame.f_globals.get(name)
+            if parser is not None:
+                return parser
+            frame = frame.f_back
+        raise RuntimeError(f"{name} not available")
+
+    _find_parser_def.__wrapped__ = macro._find_parser_def  # TVM's own (the tests compare them)
+    macro._find_parser_def = _find_parser_def
 
 
+@functools.cache
 def fast_frames() -> None:
-    """Give TVM's script parser modules the lazy frame records (see the module docstring)."""
+    """Install the macro lookup and the decorators' frame records (see the module docstring)."""
+    _fast_macro_lookup()
     for name in PARSER_MODULES:
         module = importlib.import_module(name)
-        if isinstance(getattr(module, "inspect", None), _ParserInspect):
-            continue
         if getattr(module, "inspect", None) is inspect:  # a TVM that still uses the module
             module.inspect = _ParserInspect()

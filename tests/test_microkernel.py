@@ -156,9 +156,9 @@ def test_dot_microkernel_sums_lanes_by_halving():
 
 
 def test_macros_expand_without_reading_source_and_to_the_same_kernel(monkeypatch):
-    """qiao replaces TVMScript's parser lookup at every macro call (``tir_util.
-    fast_tvmscript_macros``: TVM's builds a source-reading ``FrameInfo`` for every outer frame,
-    most of a MoE compile). With it the macro calls inspect no frames (the parse of the PrimFunc
+    """qiao replaces TVMScript's parser lookup at every macro call (``qiao.compiler.tvmscript.
+    fast_frames``: TVM's builds a source-reading ``FrameInfo`` for every outer frame, most of a
+    MoE compile). With it the macro calls inspect no frames (the parse of the PrimFunc
     itself still does, once), and a kernel of nested macros parses to the same PrimFunc as with
     TVM's own lookup."""
     import inspect
@@ -168,7 +168,7 @@ def test_macros_expand_without_reading_source_and_to_the_same_kernel(monkeypatch
     import qiao.compiler.kernels  # noqa: F401  (installs it, as any kernel build does)
 
     ours = ScriptMacro._find_parser_def
-    assert ours.__module__ == "qiao.compiler.schedules.tir_util"
+    assert ours.__module__ == "qiao.compiler.tvmscript"
     calls = []
     real = inspect.getouterframes
     monkeypatch.setattr(inspect, "getouterframes", lambda *a, **k: calls.append(1) or real(*a, **k))

@@ -1,5 +1,6 @@
-"""``qiao.compiler.tvmscript``: TVM's script parser walks the stack with lazy frame records that
-carry what ``inspect.stack()`` gives, and parses as before with them."""
+"""``qiao.compiler.tvmscript``: TVM's script decorators take lazy frame records that carry what
+``inspect.stack()`` gives, and parse as before with them (the macro lookup's own test:
+``test_microkernel``)."""
 
 from __future__ import annotations
 
@@ -33,9 +34,9 @@ def test_records_carry_what_inspect_stack_gives():
 
 
 def test_parser_modules_take_the_records_and_still_parse():
-    """After ``fast_frames`` (twice: idempotent) the parser's modules see the records, and a
-    function using a closure variable, a macro (found through the stack) and a class-scoped
-    ``ir_module`` parse and run."""
+    """After ``fast_frames`` (twice: once installed) the decorators' modules see the records,
+    and a function using a closure variable and a macro, and a class-scoped ``ir_module``,
+    parse and run."""
     import importlib
 
     import tvm

@@ -14,7 +14,7 @@ softmax attention over the cache rows each entry uses) and ``attention.kv_append
 cache update).
 """
 
-from qiao.compiler.schedules.tir_util import fast_tvmscript_macros
+from qiao.compiler.tvmscript import fast_frames
 
 # the kernels are nested TVMScript macros: expanding them at TVM's pace took most of a compile
-fast_tvmscript_macros()
+fast_frames()

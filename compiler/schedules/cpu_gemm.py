@@ -53,7 +53,6 @@ from qiao.compiler.schedules.cpu_info import CPUInfo, CPURule, cpu_info
 from qiao.compiler.schedules.tir_util import (
     ACTIVATION_PARAMS,
     PACKING_MARK,
-    fast_tvmscript_macros,
     packing_first,
     replace_vars,
     root_statements,
@@ -62,8 +61,9 @@ from qiao.compiler.schedules.tir_util import (
     with_root_body,
     written_buffers,
 )
+from qiao.compiler.tvmscript import fast_frames
 
-fast_tvmscript_macros()  # the micro-kernels below are nested TVMScript macros
+fast_frames()  # the micro-kernels below are nested TVMScript macros
 
 log = logging.getLogger("qiao.schedules")
 

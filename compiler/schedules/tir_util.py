@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import inspect
-
 # Block annotation of a weight-packing stage: the pipeline lifts such leading stages to load time
 # (TVM's SplitLayoutRewritePreproc, then LiftTransformParams).
 PACKING_MARK = "meta_schedule.layout_rewrite_preproc"
@@ -247,35 +244,3 @@ def try_inline(sch, infos: list) -> list:
         if i is None:
             return infos
         infos.pop(i)
-
-
-@functools.cache
-def fast_tvmscript_macros() -> bool:
-    """Make TVMScript's macro expansion find its parser by walking the frame chain.
-
-    TVM 0.27's ``ScriptMacro._find_parser_def`` calls ``inspect.getouterframes`` at every macro
-    call: that builds a ``FrameInfo`` for every frame of the (deep, recursive) parser stack and
-    reads each frame's source line from disk. qiao's kernels are made of nested macros (the MoE
-    grouped GEMM's token blocks, dot micro-kernels, lane sums): compiling one small MoE node spent
-    17 of its 22 s there, in about 33,000 source lookups. The replacement walks the same frames in
-    the same order (innermost first) and returns the same parser, reading no source. Returns
-    whether it was installed (False where TVM's parser has no such method: left as it is)."""
-    from tvm.script.parser.core import parser as core
-
-    macro = getattr(core, "ScriptMacro", None)
-    name = getattr(macro, "parser_object_name", None)
-    if macro is None or name is None or not hasattr(macro, "_find_parser_def"):
-        return False
-
-    def _find_parser_def(self):
-        frame = inspect.currentframe()
-        while frame is not None:
-            parser = frame.f_globals.get(name)
-            if parser is not None:
-                return parser
-            frame = frame.f_back
-        raise RuntimeError(f"{name} not available")
-
-    _find_parser_def.__wrapped__ = macro._find_parser_def  # TVM's own (the tests compare them)
-    macro._find_parser_def = _find_parser_def
-    return True
