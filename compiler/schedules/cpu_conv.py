@@ -175,7 +175,7 @@ def _schedule_planes(
         run = sch.get_loops(epilogue)[_depth(sch, epilogue, task) :]
         if spatial >= 3 and len(run) >= 2 and static_int(sch.get(run[-1]).extent) == sums_row:
             sch.fuse(*run[-2:])
-        _vectorize_rows(sch, epilogue, lanes)
+        _vectorize_rows(sch, epilogue, lanes, group=2)
     else:
         sch.reverse_compute_at(epilogue, xo)
         sch.vectorize(sch.get_loops(epilogue)[-1])
@@ -264,19 +264,23 @@ def _transcendental(block) -> bool:
     return any(found)
 
 
-def _vectorize_rows(sch, block, lanes: int) -> None:
-    """Vectorise the innermost loop of ``block``: a row of at most two vectors as one vector
-    group (LLVM splits it into its vectors, 28 = 16 + 8 + 4 lanes), a longer one in vectors of
-    ``lanes`` (a ragged last vector is split off later, as scalar code). Rows of 28 on AVX-512 and
-    14 on AVX2 (a SiLU epilogue after a widened depthwise convolution) had a scalar tail of 12 or
-    6 elements, each with its own exponential: 1.23 -> 1.09 ms for a 240-channel 28x28 5x5 +
-    SiLU at batch 8 (AVX-512), 0.49 -> 0.40 ms for a 480-channel 14x14 3x3 (AVX2); longer
-    groups (up to four vectors) measured no faster."""
+def _vectorize_rows(sch, block, lanes: int, group: int = 1) -> None:
+    """Vectorise the innermost loop of ``block``: a row of at most ``group`` vectors as one
+    vector group (LLVM splits it into its vectors, 28 = 16 + 8 + 4 lanes), a longer one in
+    vectors of ``lanes`` (a ragged last vector is split off later, as scalar code).
+
+    ``group`` 2 is for a transcendental epilogue: rows of 28 on AVX-512 and 14 on AVX2 (a SiLU
+    epilogue after a widened depthwise convolution) had a scalar tail of 12 or 6 elements, each
+    with its own exponential: 1.23 -> 1.09 ms for a 240-channel 28x28 5x5 + SiLU at batch 8
+    (AVX-512), 0.49 -> 0.40 ms for a 480-channel 14x14 3x3 (AVX2); groups of up to four vectors
+    measured no faster. The padded copies keep ``group`` 1: with them grouped too,
+    MobileNetV3-Small at batch 1 read 1.01-1.05x the time in four interleaved runs (noise or
+    not, nothing there to gain)."""
     loop = sch.get_loops(block)[-1]
     extent = static_int(sch.get(loop).extent)
     if extent is not None and extent < 2:
         return
-    if extent is not None and extent <= 2 * lanes:
+    if extent is not None and extent <= group * lanes:
         sch.vectorize(loop)
         return
     sch.vectorize(sch.split(loop, [None, lanes])[1])
