@@ -47,9 +47,7 @@ def prepare_passes(
     from qiao.compiler.passes import LowerAttention, LowerMoE, LowerQuant
     from qiao.compiler.passes.fold_weight_casts import FoldWeightCasts
     from qiao.compiler.passes.widen_depthwise_rows import WidenDepthwiseRows
-    from qiao.compiler.tvmscript import fast_frames
 
-    fast_frames()  # the lowering passes below build their kernels in TVMScript
     return [
         relax.transform.DecomposeOpsForInference(),
         relax.transform.FoldConstant(),

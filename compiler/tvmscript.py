@@ -22,8 +22,9 @@ in ``sys.modules`` each time.
   import; the CUDA half-precision GEMM schedules need it) took 26 s on a 2-core host with the
   macro lookup alone, 2 s with both.
 
-Installed once per process (kernels, the CPU GEMM rules, the prepare phase and the GPU rules call
-it); a TVM without these hooks is left as it is.
+Installed once per process: importing the kernels package or the CPU GEMM rules installs it,
+and the GPU rules call it before TVM's tensor-core intrinsics are imported; a TVM without these
+hooks is left as it is.
 """
 
 from __future__ import annotations

@@ -338,8 +338,8 @@ def test_depthwise_rows_widened_to_whole_vectors(channels, size, stride, padding
 @pytest.mark.parametrize("arch", [None, "x86-64-v3"], ids=["host", "avx2"])
 def test_short_rows_are_one_vector_group(arch, size):
     """Rows one to two vectors wide of a SiLU epilogue (after a widened depthwise convolution:
-    14 on AVX2, 28 on AVX-512) are one vector group, which
-    LLVM splits into its vectors (28 = 16 + 8 + 4 lanes), not a vector and a scalar tail: the
+    14 on AVX2, 28 on AVX-512) are one vector group, which LLVM splits into its vectors
+    (28 = 16 + 8 + 4 lanes), not a vector and a scalar tail: the
     tail computed SiLU's exponential one element at a time (measured 1.23 -> 1.09 ms for
     EfficientNet-B0's 240-channel 28x28 5x5 at batch 8 on AVX-512, 0.49 -> 0.40 ms for its
     480-channel 14x14 3x3 on AVX2). Code generation only (the numbers: the widened cases above)."""

@@ -14,7 +14,7 @@ def _both_stacks():
     """(qiao's records, ``inspect.stack()``) taken on one line, so every frame is at one place."""
     from qiao.compiler.tvmscript import outer_frames
 
-    return outer_frames(sys._getframe()), inspect.stack()  # noqa: E702 - one line, one lineno
+    return outer_frames(sys._getframe()), inspect.stack()  # one line: one lineno
 
 
 def test_records_carry_what_inspect_stack_gives():

@@ -112,7 +112,7 @@ class BF16MatmulTensorization:
         if dtypes != ("bfloat16", "bfloat16", "float32"):
             return None
         # Imported only now: ``tvm.s_tir.tensor_intrin`` registers every target's intrinsics on
-        # import (2 s on a 2-core host with ``fast_frames``, ~30 s without), which a model
+        # import (2 s on a 2-core host with ``fast_frames``, 26 s without), which a model
         # without half-precision GEMMs never needs.
         from tvm.s_tir.dlight.gpu.matmul import MatmulTensorization
         from tvm.s_tir.tensor_intrin import cuda as intrin
