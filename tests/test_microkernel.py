@@ -35,7 +35,9 @@ def test_dot_register_tiles_fit_and_cover_the_former_moe_candidates():
         register_tiles(CPUInfo(256, 16, 2), "inner")
 
 
-def _dot_gemm(rows, cols, lanes, k, n_groups, prefetch, prefetch_lines=1, row_masks=False):
+def _dot_gemm(
+    rows, cols, lanes, k, n_groups, prefetch, prefetch_lines=1, row_masks=False, per_line=False
+):
     """``C[m, g * cols + r] = A[m] . W[0, g * cols + r]`` through one ``dot_microkernel`` block per
     weight-row group, the rows of A taken in reverse (the gather the MoE kernel does); with
     ``prefetch`` only the even groups prefetch (a run-time ``prefetch_rows`` mask of all or
@@ -55,6 +57,7 @@ def _dot_gemm(rows, cols, lanes, k, n_groups, prefetch, prefetch_lines=1, row_ma
         prefetch=prefetch,
         prefetch_lines=prefetch_lines,
         row_masks=row_masks,
+        per_line=per_line,
     )
     ACC0, ACC1 = dot_accumulators(rows, cols, lanes)
     ODD = 1 if row_masks else 0  # the odd groups' mask
@@ -131,6 +134,24 @@ def test_dot_microkernel_prefetches_each_line_twice_when_asked():
     assert one.script().count("llvm.prefetch") == 1 and "for j in T.unroll(2)" not in one.script()
     assert two.script().count("llvm.prefetch") == 1 and "for j in T.unroll(2)" in two.script()
     _check_dot_gemm(two, n, 2, 4, 64)
+
+
+@pytest.mark.parametrize("row_masks", [False, True])
+def test_dot_microkernel_walks_a_cache_line_per_loop_step(row_masks):
+    """``per_line`` with 8 float32 lanes (AVX2's width): two vector steps per loop step (one
+    64-byte line of each weight row), the rows ahead asked for at four steps (each line twice,
+    as two single steps with ``prefetch_lines=2`` did); a reduction of an odd number of steps
+    keeps one step per loop step. Both run against NumPy on this machine."""
+    func, n = _dot_gemm(3, 4, 8, 64, 3, 2, 2, row_masks, per_line=True)
+    script = func.script()
+    assert "for kl in range(4)" in script and "for u in T.unroll(2)" in script
+    assert "for j in T.unroll(4)" in script
+    _check_dot_gemm(func, n, 3, 4, 64)
+    odd, n = _dot_gemm(3, 4, 8, 40, 3, 2, 2, row_masks, per_line=True)
+    assert "for kl in range(5)" in odd.script() and "for j in T.unroll(2)" in odd.script()
+    _check_dot_gemm(odd, n, 3, 4, 40)
+    wide, _ = _dot_gemm(3, 4, 16, 64, 3, 2, 2, row_masks, per_line=True)  # 16 lanes: a line
+    assert "for kl in range(4)" in wide.script() and "T.unroll(2)" in wide.script()
 
 
 @pytest.mark.parametrize(

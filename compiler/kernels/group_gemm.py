@@ -259,11 +259,11 @@ def _cpu_grouped_gemm(
     KO = red_len // VL
     level = prefetch_level if prefetch > 0 else 0
     common = dict(lanes=VL, k_vectors=KO, w_row=w_row, prefetch=level, widen=widen)
-    common.update(prefetch_lines=prefetch_lines, row_masks=prefetch == SPLIT)
+    common.update(prefetch_lines=prefetch_lines, row_masks=prefetch == SPLIT, per_line=True)
     micro = _token_blocks(MR, NR, common)
     FEW = min(few_tokens, MR)
     # the few-token blocks and decode's GEMV ask for all of the next rows (no masks)
-    streaming = dict(common, row_masks=False)
+    streaming = dict(common, row_masks=False, per_line=False)
     if FEW:
         streaming.update(prefetch_lines=few_prefetch_lines)
     micro_few = _token_blocks(max(FEW, 2), NR, streaming)
