@@ -262,7 +262,8 @@ def _cpu_grouped_gemm(
     common.update(prefetch_lines=prefetch_lines, row_masks=prefetch == SPLIT, per_line=True)
     micro = _token_blocks(MR, NR, common)
     FEW = min(few_tokens, MR)
-    # the few-token blocks and decode's GEMV ask for all of the next rows (no masks)
+    # the few-token blocks and decode's GEMV ask for all of the next rows (no masks), a step at a
+    # time (bound by the memory stream: ``dot_microkernel``'s ``per_line``)
     streaming = dict(common, row_masks=False, per_line=False)
     if FEW:
         streaming.update(prefetch_lines=few_prefetch_lines)

@@ -1151,11 +1151,13 @@ def dot_microkernel(
         Walk the reduction one cache line of the weight rows per loop step (two steps of 8
         float32 on AVX2, one on AVX-512), where ``k_vectors`` allows: the prefetches and their
         row-mask tests come once per line instead of once per vector step, each line of the rows
-        ahead still asked for twice. On the AVX-512 EPYC VM (2026-12-05, AVX2 code, L3-resident
-        experts of 8 tokens on average, both GEMMs, 5 interleaved rounds, three runs) the 3 x 4
-        blocks took 0.93-0.95x (gate/up) and 0.85-0.94x (down) the time of one step per loop
-        step; with the prefetches asked once per line, 0.92x / 0.90x there but 1.07x on the down
-        GEMM of the Qwen3-30B-A3B block at T = 512 (32 tokens an expert; 7 rounds).
+        ahead still asked for twice. On the AVX-512 EPYC VM (2026-12-05, AVX2 code, the 3 x 4
+        blocks, L3-resident experts of 8 tokens on average, 5 interleaved rounds, two runs) the
+        gate/up GEMM took 0.95-0.97x and the down GEMM 0.84-0.94x the time of one step per loop
+        step; at 32 tokens an expert the down GEMM 0.89-0.98x. Asking once per line was faster
+        at 8 tokens (0.92x / 0.90x) but took 1.07x the time on the down GEMM of the
+        Qwen3-30B-A3B block at T = 512 (32 tokens an expert, 7 rounds), and 1.04x / 1.2x on the
+        streaming GEMVs at T = 1 (which keep single steps: ``group_gemm``).
 
     Returns
     -------
@@ -1175,7 +1177,8 @@ def dot_microkernel(
     # of the rows ahead asked for twice per line, as U single steps with ``prefetch_lines`` 2 did
     U = max(1, CACHE_LINE_BYTES // (VL * (2 if widen else 4))) if per_line else 1
     U = U if KO % U == 0 else 1
-    LINES = (U + prefetch_lines - 2) // U + 1  # the lines steps [s, s + U + lines - 1) span
+    # the lines that steps s .. s + U + prefetch_lines - 2 (what U single steps asked for) span
+    LINES = (U + prefetch_lines - 2) // U + 1
     NPF, STRIDE = LINES * min(U, 2), U // min(U, 2)  # requests per loop step, steps apart
 
     def w_value(x):
