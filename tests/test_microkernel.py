@@ -151,7 +151,8 @@ def test_dot_microkernel_walks_a_cache_line_per_loop_step(row_masks):
     assert "for kl in range(5)" in odd.script() and "for j in T.unroll(2)" in odd.script()
     _check_dot_gemm(odd, n, 3, 4, 40)
     wide, _ = _dot_gemm(3, 4, 16, 64, 3, 2, 2, row_masks, per_line=True)  # 16 lanes: a line
-    assert "for kl in range(4)" in wide.script() and "T.unroll(2)" in wide.script()
+    assert "for kl in range(4)" in wide.script() and "for j in T.unroll(2)" in wide.script()
+    assert "for u in T.unroll(2)" not in wide.script()
 
 
 @pytest.mark.parametrize(

@@ -48,10 +48,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from qiao.compiler.kernels.moe_common import KERNEL_ATTRS
+from qiao.compiler.schedules.cpu_info import CACHE_LINE_BYTES
 
 # integer kernel: how far ahead of the block being multiplied its codes are prefetched
 PREFETCH_BYTES = 4096
-WORDS_PER_LINE = 16  # int32 words in a 64-byte cache line
+WORDS_PER_LINE = CACHE_LINE_BYTES // 4  # int32 words in a cache line
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from qiao.compiler.schedules.cpu_conv import deinterleaved
-from qiao.compiler.schedules.cpu_info import CPUInfo, CPURule, cpu_info
+from qiao.compiler.schedules.cpu_info import CACHE_LINE_BYTES, CPUInfo, CPURule, cpu_info
 from qiao.compiler.schedules.tir_util import (
     ACTIVATION_PARAMS,
     PACKING_MARK,
@@ -62,8 +62,6 @@ from qiao.compiler.schedules.tir_util import (
     written_buffers,
 )
 from qiao.compiler.tvmscript import fast_frames
-
-CACHE_LINE_BYTES = 64  # x86-64 and AArch64 server cores
 
 fast_frames()  # the micro-kernels below are nested TVMScript macros
 

@@ -16,6 +16,7 @@ from typing import Any
 # (feature, SIMD register bits, number of SIMD registers), widest first.
 _X86_SIMD = (("avx512f", 512, 32), ("avx", 256, 16), ("sse2", 128, 16))
 _ARM_SIMD = (("sve", 128, 32), ("neon", 128, 32))
+CACHE_LINE_BYTES = 64  # x86-64 and AArch64 server cores (software prefetch and loop steps)
 
 
 @dataclass(frozen=True)
