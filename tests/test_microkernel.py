@@ -87,9 +87,10 @@ def _dot_gemm(
 
 @pytest.mark.parametrize(
     "rows, cols, prefetch, lanes",
-    # lanes: the horizontal sums halve 16 and 8 lanes; 3 and 1 take the serial sum
+    # lanes: rows of 4 and 8 accumulators are summed four at a time (16, 8 and 4 lanes), the
+    # others one by one, halving 16 and 8 lanes; 3 and 1 take the serial sum
     [(2, 4, 0, 8), (3, 5, 1, 8), (1, 8, 2, 8), (2, 3, 2, 8), (2, 3, 1, 16), (1, 2, 0, 3)]
-    + [(2, 1, 0, 1)],
+    + [(2, 1, 0, 1), (2, 4, 1, 16), (1, 8, 0, 16), (3, 4, 0, 4)],
 )
 def test_dot_microkernel_matches_numpy(rows, cols, prefetch, lanes):
 
@@ -168,13 +169,29 @@ def test_dot_microkernel_prefetches_into_the_asked_cache(prefetch, instruction, 
 
 
 def test_dot_microkernel_sums_lanes_by_halving():
-    """The horizontal sum of each accumulator halves the vector (512 -> 256 -> 128 bits, then
-    within the register) instead of adding its 16 lanes one by one (which LLVM emitted as chains
-    of lane inserts and adds, no 256-bit extract). Code generation only (AVX-512, not run)."""
-    code = _dot_gemm_asm("x86-64-v4", 2, 4, 16, 64, 1, 0)
-    accumulators = 2 * 4  # 2 rows x 4 weight rows
+    """The horizontal sum of an accumulator summed alone (a row of 3) halves the vector (512 ->
+    256 -> 128 bits, then within the register) instead of adding its 16 lanes one by one (which
+    LLVM emitted as chains of lane inserts and adds, no 256-bit extract). Code generation only
+    (AVX-512, not run)."""
+    code = _dot_gemm_asm("x86-64-v4", 2, 3, 16, 48, 1, 0)
+    accumulators = 2 * 3  # 2 rows x 3 weight rows
     assert code.count("vextractf64x4") >= accumulators  # each sum's first halving
     assert code.count("vinsertps") < 2 * accumulators  # one by one: 4 per accumulator and more
+
+
+@pytest.mark.parametrize(
+    "mcpu, rows, cols, lanes, extract",
+    [("x86-64-v3", 2, 4, 8, "vextractf128"), ("x86-64-v4", 1, 8, 16, "vextractf64x4")],
+    ids=["avx2-2x4", "avx512-1x8"],
+)
+def test_dot_microkernel_sums_four_accumulators_at_once(mcpu, rows, cols, lanes, extract):
+    """A row of 4 (or 8) accumulators is summed four at a time into one vector: pairwise adds
+    within each group of 4 lanes, then one halving per four sums, not per accumulator (one by
+    one a 3 x 4 block took 72 instructions, four at a time 15). Code generation only (not run;
+    the sums themselves: ``test_dot_microkernel_matches_numpy``)."""
+    code = _dot_gemm_asm(mcpu, rows, cols, lanes, 4 * lanes, 1, 0)
+    assert code.count(extract) == rows * cols // 4  # one by one: rows * cols
+    assert "vinsertps" not in code  # no sums gathered lane by lane
 
 
 def test_macros_expand_without_reading_source_and_to_the_same_kernel(monkeypatch):
@@ -194,10 +211,10 @@ def test_macros_expand_without_reading_source_and_to_the_same_kernel(monkeypatch
     calls = []
     real = inspect.getouterframes
     monkeypatch.setattr(inspect, "getouterframes", lambda *a, **k: calls.append(1) or real(*a, **k))
-    fast, _ = _dot_gemm(3, 4, 8, 64, 2, 2)
+    fast, _ = _dot_gemm(3, 3, 8, 64, 2, 2)  # a row of 3: each lane sum a macro call
     outside_macros = len(calls)
     monkeypatch.setattr(ScriptMacro, "_find_parser_def", ours.__wrapped__)
-    slow, _ = _dot_gemm(3, 4, 8, 64, 2, 2)
+    slow, _ = _dot_gemm(3, 3, 8, 64, 2, 2)
     # TVM's lookup inspects the frames once per macro call: the dot kernel, its lane sums, ...
     assert len(calls) - outside_macros > outside_macros + 4
     tvm.ir.assert_structural_equal(fast, slow)

@@ -300,7 +300,7 @@ def _cpu_grouped_gemm(
     @T.macro
     def add_partial(part, red, t, m, g, kc):
         # the chunk's sums of block row m into the pass's token t (the first chunk sets them)
-        for r in T.unroll(NR):
+        for r in T.vectorized(NR):
             part[t, g * NR + r] = (
                 T.if_then_else(kc == 0, T.float32(0), part[t, g * NR + r]) + red[m, r]
             )

@@ -1170,7 +1170,7 @@ def dot_microkernel(
 
     MR, VL, KO = rows, lanes, k_vectors
     NA, NB = (cols + 1) // 2, cols // 2
-    lane_sum = _lane_sum(VL)
+    row_sums = _row_sums(MR, NA, NB, VL)
     # ``per_line``: U vector steps per loop step (one cache line of a weight row), the prefetches
     # of the rows ahead asked for twice per line, as U single steps with ``prefetch_lines`` 2 did
     U = max(1, CACHE_LINE_BYTES // (VL * (2 if widen else 4))) if per_line else 1
@@ -1226,6 +1226,82 @@ def dot_microkernel(
                             acc1[m, r, lane] = acc1[m, r, lane] + A[
                                 arow[m], (k0 + kl * U + u) * VL + lane
                             ] * w_value(W[e, w_row(r0 + NA + r), (k0 + kl * U + u) * VL + lane])
+        row_sums(acc0, acc1, red)
+
+    return tile
+
+
+def _quad_sum(lanes: int, a, b, c, d):
+    """The lane sums of four ``lanes``-wide vectors (``lanes`` a multiple of 4) as one 4-wide
+    vector ``[sum(a), sum(b), sum(c), sum(d)]`` (a TIR expression): two rounds of pairwise adds
+    within each group of 4 lanes (``[a0 + a1, a2 + a3, b0 + b1, b2 + b3]``, then the same of two
+    of those: ``vhaddps`` on AVX2, ``faddp`` on NEON), then the groups halved onto each other."""
+    from tvm import tirx
+
+    def shuffle(vectors, indices):
+        return tirx.Shuffle(vectors, [tirx.const(i, "int32") for i in indices])
+
+    def pair_add(x, y):
+        even, odd = [], []
+        for g in range(0, lanes, 4):
+            even += [g, g + 2, lanes + g, lanes + g + 2]
+            odd += [g + 1, g + 3, lanes + g + 1, lanes + g + 3]
+        return shuffle([x, y], even) + shuffle([x, y], odd)
+
+    h = pair_add(pair_add(a, b), pair_add(c, d))
+    width = lanes
+    while width > 4:
+        width //= 2
+        h = shuffle([h], range(width)) + shuffle([h], range(width, 2 * width))
+    return h
+
+
+def _row_sums(MR: int, NA: int, NB: int, lanes: int):
+    """TIR macro ``sums(acc0, acc1, red)``: ``red[m, r]`` = the lane sum of ``dot_microkernel``'s
+    accumulator ``(m, r)`` (``r < NA`` in ``acc0``, the others in ``acc1``). Where the lanes are
+    a multiple of 4 and each row's accumulators make whole fours, four at a time through
+    ``_quad_sum`` (one vector store of four sums); otherwise one by one (``_lane_sum``). On the
+    AVX-512 EPYC VM (2026-12-06, L3-resident experts of 8 tokens on average, 7 interleaved
+    rounds, GFLOP/s medians) the MoE gate/up GEMM ran at 1.03x (AVX2 code) / 1.02x (AVX-512
+    code) the rate of summing the accumulators one by one, the down GEMM (K = 768) at 1.05x /
+    1.04x: the sums of a 3 x 4 block took 72 instructions one by one, 15 four at a time."""
+    from tvm.script import tirx as T
+
+    lane_sum = _lane_sum(lanes)
+    fours = lanes % 4 == 0
+
+    def vec(acc, m, r):
+        return acc[m, r, T.ramp(0, 1, lanes)]
+
+    if fours and NA == 2 and NB == 2:  # a row of four split two and two
+
+        @T.macro
+        def one_quad(acc0, acc1, red):
+            for m in T.unroll(MR):
+                red[m, T.ramp(0, 1, 4)] = _quad_sum(
+                    lanes, vec(acc0, m, 0), vec(acc0, m, 1), vec(acc1, m, 0), vec(acc1, m, 1)
+                )
+
+        return one_quad
+
+    if fours and NA % 4 == 0 and NB % 4 == 0:
+
+        @T.macro
+        def by_quads(acc0, acc1, red):
+            for m in T.unroll(MR):
+                for q in T.unroll(NA // 4):
+                    red[m, T.ramp(4 * q, 1, 4)] = _quad_sum(
+                        lanes, *[vec(acc0, m, 4 * q + j) for j in range(4)]
+                    )
+                for q in T.unroll(NB // 4):
+                    red[m, T.ramp(NA + 4 * q, 1, 4)] = _quad_sum(
+                        lanes, *[vec(acc1, m, 4 * q + j) for j in range(4)]
+                    )
+
+        return by_quads
+
+    @T.macro
+    def single(acc0, acc1, red):
         for m in T.unroll(MR):
             for r in T.unroll(NA):
                 lane_sum(acc0, m, r)
@@ -1234,7 +1310,7 @@ def dot_microkernel(
                 lane_sum(acc1, m, r)
                 red[m, NA + r] = acc1[m, r, 0]
 
-    return tile
+    return single
 
 
 def _lane_sum(lanes: int):
