@@ -360,11 +360,11 @@ def _cpu_grouped_gemm(
                         for g in range(TILE // NR):
                             r0: T.let[T.int32] = r_tile + g * NR
                             for mi in range(nbl):
-                                t0: T.let[T.int32] = _block_span(mi, nbl, nb, MR)[0]
-                                rows: T.let[T.int32] = _block_span(mi, nbl, nb, MR)[1]
-                                if rows >= 2:
+                                t0: T.let[T.int32] = mi * MR
+                                if nb - t0 >= 2:
                                     for m in T.unroll(MR):
                                         arow[m] = a_row(PAIRS, s0 + T.min(t0 + m, nb - 1))
+                                    rows: T.let[T.int32] = T.min(nb - t0, MR)
                                     if prefetch == SPLIT and nbl <= SPLIT_BLOCKS:
                                         micro_c(
                                             rows, A, W, arow, e, r0, r0 + SPLIT_AHEAD * NR,
@@ -376,7 +376,7 @@ def _cpu_grouped_gemm(
                                             share(mi, nbl, split=False), kc * (KC // VL),
                                         )  # fmt: skip
                                     for m in T.unroll(MR):
-                                        if m < rows:
+                                        if t0 + m < nb:
                                             add_partial(part, red, t0 + m, m, g, kc)
                                 else:
                                     arow[0] = a_row(PAIRS, s0 + t0)
@@ -399,19 +399,16 @@ def _cpu_grouped_gemm(
                 # blocks while it is in L1 (the prefetch of the next group overlaps them); the
                 # pass's rows of A stay in L2
                 for sb in range((cnt + SB - 1) // SB):
-                    nsb: T.let[T.int32] = T.min(SB, cnt - sb * SB)  # the pass's tokens
-                    nbl: T.let[T.int32] = (nsb + MR - 1) // MR
+                    nbl: T.let[T.int32] = (T.min(SB, cnt - sb * SB) + MR - 1) // MR
                     for g in range(TILE // NR):
                         r0: T.let[T.int32] = r_tile + g * NR
                         for mi in range(nbl):
-                            # the block's first token
-                            t0: T.let[T.int32] = sb * SB + _block_span(mi, nbl, nsb, MR)[0]
-                            rows: T.let[T.int32] = _block_span(mi, nbl, nsb, MR)[1]
-                            if rows >= 2:
-                                # MR tokens, or fewer (a last partial block, or the halves
-                                # of MR + 1) through the block of as many
+                            t0: T.let[T.int32] = sb * SB + mi * MR  # the block's first token
+                            if cnt - t0 >= 2:
+                                # MR tokens, or the last 2 .. MR - 1 through the block of as many
                                 for m in T.unroll(MR):
                                     arow[m] = a_row(PAIRS, off + T.min(t0 + m, cnt - 1))
+                                rows: T.let[T.int32] = T.min(cnt - t0, MR)
                                 if prefetch == SPLIT and nbl <= SPLIT_BLOCKS:
                                     micro(
                                         rows, A, W, arow, e, r0, r0 + SPLIT_AHEAD * NR, acc0, acc1,
@@ -423,7 +420,7 @@ def _cpu_grouped_gemm(
                                         share(mi, nbl, split=False), 0,
                                     )  # fmt: skip
                                 for m in T.unroll(MR):
-                                    if m < rows:
+                                    if t0 + m < cnt:
                                         epilogue(
                                             OUT, E1, E2, PAIRS, red, m, off + t0 + m, e, r0, NR
                                         )
@@ -450,33 +447,6 @@ def _cpu_grouped_gemm(
                     epilogue(OUT, E1, E2, PAIRS, red, 0, off, e, r0, NG)
 
     return body
-
-
-def _block_span(mi, nbl, n, MR: int):
-    """(first token, tokens) of token block ``mi`` of the ``nbl`` blocks over ``n`` tokens (TIR
-    expressions): blocks of ``MR``, except that a last lone token and the block before it share
-    ``MR + 1`` tokens as two halves (``MR`` 3: 4 tokens run as 2 + 2, 7 as 3 + 2 + 2; 6: 7 as
-    4 + 3), so no lone-token GEMV runs after a full block (on AVX2 a 1 x 4 block moves 5 vectors
-    per 4 FMAs and ran at about half the 3 x 4 block's rate per token). On the AVX-512 EPYC VM
-    (2026-12-06, AVX2 code, L3-resident experts of 8 tokens on average, 8 interleaved rounds,
-    GFLOP/s medians) the gate/up GEMM ran at 1.01x and the down GEMM at 1.02x the rate of
-    ``MR`` blocks and a lone last token; on AVX-512 code (6 rounds) at 1.09x (the best rounds
-    equal) and 0.99x."""
-    from tvm import tirx
-
-    if MR < 3:  # 3 tokens would run as 2 + 1 again
-        t0 = mi * MR
-        return t0, tirx.min(n - t0, MR)
-    half = (MR + 2) // 2
-    lone = tirx.all(n % MR == 1, n > MR)
-    last = tirx.all(lone, mi == nbl - 1)
-    t0 = mi * MR + tirx.if_then_else(last, half - MR, 0)
-    rows = tirx.if_then_else(
-        tirx.all(lone, mi >= nbl - 2),
-        tirx.if_then_else(last, MR + 1 - half, half),
-        tirx.min(n - t0, MR),
-    )
-    return t0, rows
 
 
 def _lanes_params(out_rows: int, lanes: int, unit: int) -> tuple[int, int, int]:
