@@ -15,8 +15,8 @@ group of ``micro_n`` weight rows meets every token of the expert (``token_panel_
 pass) while it is in L1, ``micro_m`` tokens at a time through a register-blocked micro-kernel
 (``micro_m`` tokens x ``micro_n`` weight rows, each accumulator one SIMD vector along the reduction
 axis, horizontal sums at the end, four accumulators at a time; a partial block takes the kernel
-of its own row count, a last lone token joins the block before as two halves, a pass of one token
-takes the one-row kernel). So each weight row is read from memory once, and with ``prefetch``
+of its own row count, a last lone token the one-row one). So each weight row is read from memory
+once, and with ``prefetch``
 the next group streams in while the current one is multiplied by all the tokens. A lone token
 (decode) takes the GEMV kernel: ``gemv_n`` weight rows per step, weights streamed once. Tasks
 exist only for experts with tokens, so the work follows k, not the number of experts.
@@ -425,7 +425,7 @@ def _cpu_grouped_gemm(
                                             OUT, E1, E2, PAIRS, red, m, off + t0 + m, e, r0, NR
                                         )
                             else:
-                                # a pass of a lone token (or blocks of 2 and a last one)
+                                # a last lone token
                                 arow[0] = a_row(PAIRS, off + t0)
                                 if prefetch == SPLIT and nbl <= SPLIT_BLOCKS:
                                     gemv_nr(
