@@ -1235,7 +1235,8 @@ def _quad_sum(lanes: int, a, b, c, d):
     """The lane sums of four ``lanes``-wide vectors (``lanes`` a multiple of 4) as one 4-wide
     vector ``[sum(a), sum(b), sum(c), sum(d)]`` (a TIR expression): two rounds of pairwise adds
     within each group of 4 lanes (``[a0 + a1, a2 + a3, b0 + b1, b2 + b3]``, then the same of two
-    of those: ``vhaddps`` on AVX2, ``faddp`` on NEON), then the groups halved onto each other."""
+    of those: LLVM emits ``vhaddps`` on AVX2, shuffles and adds on AVX-512; NEON code not
+    inspected), then the groups halved onto each other."""
     from tvm import tirx
 
     def shuffle(vectors, indices):
