@@ -35,6 +35,10 @@ def test_table_picks_entries_by_target():
     assert device_keys(target({"kind": "cuda", "arch": "sm_90"})) == ["cuda/sm_90", "cuda"]
     assert lookup(target({"kind": "cuda", "arch": "sm_90"})).device == "cuda"
     assert lookup(target({"kind": "llvm", "mcpu": "x86-64-v3"}), {"block_m": 7}).block_m == 7
+    # a CPU tuned apart: the Intel AVX-512 entry is the AVX-512 family's with reduction chunks
+    intel = lookup(target({"kind": "llvm", "mcpu": "rocketlake"}))
+    assert (intel.device, intel.k_chunk, avx512.k_chunk) == ("cpu/rocketlake", 256, 0)
+    assert intel.replace(device="cpu/avx512", k_chunk=0) == avx512
 
 
 def test_table_rejects_bad_entries(tmp_path, monkeypatch):

@@ -122,7 +122,14 @@ class MoESchedule:
         (16 registers: a 2 x 4 register block, then, loaded 6 vectors per 8 FMAs) the
         Qwen3-30B-A3B block at T = 128 took 0.91x the time with chunks of 512 (AVX-512 EPYC,
         2026-12-04, 7 interleaved rounds); on the AVX-512 path (4 x 6 and 6 x 4 blocks) chunks
-        were slower.
+        were slower there. On an Intel AVX-512 VM (LLVM ``rocketlake``, 48 KB L1d, 2 MB L2,
+        2026-12-06; its L2 feeds L1 too slowly for a register block's token rows read afresh by
+        every weight row group), chunks of 256 took 0.92x the time of 512 at T = 128 on AVX2 code
+        and 0.94x the time of none on AVX-512 code (whole block, 7 interleaved rounds; gate/up
+        GEMM alone 0.88x), T = 16 and 512 within the noise, so ``cpu/avx2`` takes 256 (the
+        EPYC VM's AVX2 code not re-measured with 256: a chunk holds half the tokens' bytes of
+        512 in L1) and that Intel CPU has its own entry, ``cpu/rocketlake`` (``cpu/avx512`` with
+        chunks of 256). Chunking the down GEMM's reduction (768) measured no gain there.
     x_pad : int
         CPU gate/up grouped GEMM: where a token row of ``x`` is a multiple of 4 KB (hidden 1024,
         2048, ...), read the tokens from a copy whose rows are this many float32 longer
