@@ -126,10 +126,11 @@ class MoESchedule:
         2026-12-06; its L2 feeds L1 too slowly for a register block's token rows read afresh by
         every weight row group), chunks of 256 took 0.92x the time of 512 at T = 128 on AVX2 code
         and 0.94x the time of none on AVX-512 code (whole block, 7 interleaved rounds; gate/up
-        GEMM alone 0.88x), T = 16 and 512 within the noise, so ``cpu/avx2`` takes 256 (the
-        EPYC VM's AVX2 code not re-measured with 256: a chunk holds half the tokens' bytes of
-        512 in L1) and that Intel CPU has its own entry, ``cpu/rocketlake`` (``cpu/avx512`` with
-        chunks of 256). Chunking the down GEMM's reduction (768) measured no gain there.
+        GEMM alone 0.88x), T = 16 and 512 within the noise. That CPU has its own entry,
+        ``cpu/rocketlake`` (``cpu/avx512`` with chunks of 256); ``cpu/avx2`` (any AVX2 machine)
+        keeps 512, where the EPYC VM measured 256 at 1.07-1.08x the time (2026-12-05, 3 x 4
+        block): ``qiao tune moe`` picks the chunk per machine. Chunking the down GEMM's reduction
+        (768) measured no gain on the Intel VM.
     x_pad : int
         CPU gate/up grouped GEMM: where a token row of ``x`` is a multiple of 4 KB (hidden 1024,
         2048, ...), read the tokens from a copy whose rows are this many float32 longer
