@@ -326,3 +326,20 @@ def test_tuner_places_the_experts_as_the_runner_does(monkeypatch):
     times = time_stage_kernels(cpu, lookup(cpu), cfg, 6, repeat=1, weights=weights)
     assert [id(w) for w in placed] == [id(w) for w in weights]
     assert times["up"] > 0 and times["down"] > 0
+
+
+def test_tuner_compiles_the_kernels_as_a_model_does():
+    """The tuner's kernels (``moe_table._compile_kernel``) go through the schedule phase's loop
+    passes as a compiled model's do: the gate/up epilogue's SiLU is a polynomial, not LLVM's
+    ``exp`` (libm's ``expf`` per element), which the plain TIR pipeline leaves."""
+    from qiao.backends import get_backend
+    from qiao.compiler.kernels.group_gemm import group_gemm_up
+    from qiao.compiler.kernels.moe_common import MoEConfig
+    from qiao.compiler.passes.shuffle_strided_loads import compile_cpu_kernel
+    from qiao.compiler.schedules.moe_table import _compile_kernel, lookup
+
+    cfg = MoEConfig(4, 64, 32, 2)
+    cpu = get_backend("cpu").target("x86-64-v3")  # compiled only, never run
+    func = group_gemm_up(cfg, lookup(cpu))
+    assert "@llvm.exp." in compile_cpu_kernel(func, cpu).mod.inspect_source("ll")
+    assert "@llvm.exp." not in _compile_kernel(func, cpu).mod.inspect_source("ll")
