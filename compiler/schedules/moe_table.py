@@ -126,7 +126,7 @@ class MoESchedule:
         2026-12-06; its L2 feeds L1 too slowly for a register block's token rows read afresh by
         every weight row group), chunks of 256 took 0.92x the time of 512 at T = 128 on AVX2 code
         and 0.94x the time of none on AVX-512 code (whole block, 7 interleaved rounds; gate/up
-        GEMM alone 0.88x), T = 16 and 512 within the noise. That CPU has its own entry,
+        GEMM alone 0.95x / 0.86x), T = 16 and 512 within the noise. That CPU has its own entry,
         ``cpu/rocketlake`` (``cpu/avx512`` with chunks of 256); ``cpu/avx2`` (any AVX2 machine)
         keeps 512, where the EPYC VM measured 256 at 1.07-1.08x the time (2026-12-05, 3 x 4
         block): ``qiao tune moe`` picks the chunk per machine. Chunking the down GEMM's reduction
