@@ -123,8 +123,8 @@ class MoESchedule:
         Qwen3-30B-A3B block at T = 128 took 0.91x the time with chunks of 512 (AVX-512 EPYC,
         2026-12-04, 7 interleaved rounds); on the AVX-512 path (4 x 6 and 6 x 4 blocks) chunks
         were slower there. On an Intel AVX-512 VM (LLVM ``rocketlake``, 48 KB L1d, 2 MB L2,
-        2026-12-06; its L2 feeds L1 too slowly for a register block's token rows read afresh by
-        every weight row group), chunks of 256 took 0.92x the time of 512 at T = 128 on AVX2 code
+        2026-12-06; a chunk keeps a pass's token rows in L1, where without it every weight row
+        group reads them from L2), chunks of 256 took 0.92x the time of 512 at T = 128 on AVX2 code
         and 0.94x the time of none on AVX-512 code (whole block, 7 interleaved rounds; gate/up
         GEMM alone 0.95x / 0.86x), T = 16 and 512 within the noise. That CPU has its own entry,
         ``cpu/rocketlake`` (``cpu/avx512`` with chunks of 256); ``cpu/avx2`` (any AVX2 machine)
