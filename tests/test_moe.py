@@ -359,6 +359,55 @@ def test_moe_op_token_lanes_order(tmp_path, lanes_min, arch):
     run_against_references(art, x, logits)
 
 
+@pytest.mark.parametrize("chunks, lanes_min", [(3, 0), (2, 2), (4, 0), (1, 0)])
+def test_moe_op_task_chunks(tmp_path, chunks, lanes_min):
+    """With ``task_chunks`` the grouped GEMMs' tasks run chunk by chunk of each expert's output
+    tiles (``group_gemm.expert_task``): H = 96 and I = 48 give 6 tiles per expert in both GEMMs
+    (gate/up tiles of 8 units, down tiles of 16 columns), dealt out in 3 chunks of 2, in 2 of 3,
+    in 3 for 4 (the largest divisor of 6 up to 4), or the experts in a run (1); with
+    ``lanes_min`` 2 the gate/up GEMM takes the token-lanes tasks. Experts of every count from 1
+    to 8 tokens, against ONNX Runtime and NumPy."""
+    from qiao.compiler import compile
+
+    weights = make_weights(E, 96, 48)
+    path = tmp_path / "m.onnx"
+    onnx.save(moe_model(weights, k=2), str(path))
+    schedule = {"task_chunks": chunks, "tile_up": 8, "tile_down": 16, "lanes_min": lanes_min}
+    art = compile(str(path), "cpu", tmp_path / "art", moe_schedule=schedule)
+    check_token_counts(art, [1, 2, 3, 4, 5, 6, 7, 8], seed=35, weights=weights)
+
+
+@pytest.mark.parametrize("tiles, chunks", [(6, 1), (6, 2), (6, 3), (6, 6), (4, 2)])
+def test_expert_task_gives_each_thread_a_chunk_of_every_expert(tiles, chunks):
+    """``expert_task`` is a bijection of the tasks onto (expert, tile), and TVM's static split of
+    the parallel loop over ``chunks`` threads (contiguous runs of the tasks) gives each thread the
+    same tiles of every active expert; with one chunk, runs of whole experts."""
+    from qiao.compiler.kernels.group_gemm import expert_task
+
+    active = [5, 0, 7, 2, 3]
+    nact = [len(active)]
+    pairs = [expert_task(t, nact, active, tiles, chunks) for t in range(len(active) * tiles)]
+    assert sorted(pairs) == sorted((e, j) for e in active for j in range(tiles))
+    run = len(pairs) // chunks
+    for thread in range(chunks):
+        mine = pairs[thread * run : (thread + 1) * run]
+        share = range(thread * tiles // chunks, (thread + 1) * tiles // chunks)
+        assert sorted(mine) == sorted((e, j) for e in active for j in share)
+        if chunks > 1:  # expert by expert within the chunk
+            assert [e for e, _ in mine] == [e for e in active for _ in share]
+
+
+def test_task_chunks_default_to_the_targets_cores():
+    """``lookup`` turns ``task_chunks`` 0 into the CPU target's cores; an override stays."""
+    import tvm
+
+    from qiao.compiler.schedules.moe_table import lookup
+
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v3", "num-cores": 3})
+    assert lookup(target).task_chunks == 3
+    assert lookup(target, {"task_chunks": 1}).task_chunks == 1
+
+
 @pytest.mark.parametrize("arch", [None, "x86-64-v3"], ids=["host", "avx2"])
 @pytest.mark.parametrize("k_chunk, prefetch", [(16, None), (32, 3)])
 def test_moe_op_reduction_chunks(tmp_path, monkeypatch, k_chunk, prefetch, arch):

@@ -131,7 +131,11 @@ def _main_moe(args) -> int:
         root=args.tuning_db,
         **narrow,
     )
-    values = {k: v for k, v in best.to_json().items() if not k.startswith("gpu_")}
+    values = {
+        k: v
+        for k, v in best.to_json().items()
+        if not k.startswith("gpu_") and k != "task_chunks"  # the target's cores (`lookup`)
+    }
     print(f"best for {key}: " + ", ".join(f"{k}={v}" for k, v in values.items() if k != "device"))
     if not args.dry_run:
         path = write_entry(key, values, measured, path=args.table, root=args.tuning_db)

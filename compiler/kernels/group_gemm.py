@@ -81,6 +81,21 @@ def reduction_chunk(k_chunk: int, red_len: int, lanes: int) -> int:
     return k_chunk if fits else 0
 
 
+def expert_task(task, NACT, ACTIVE, tiles: int, chunks: int):
+    """(expert, tile) of CPU task ``task`` of ``NACT[0] * tiles``, an expert's ``tiles`` output
+    tiles dealt out in ``chunks`` chunks (a divisor of ``tiles``; ``MoESchedule.task_chunks``):
+    tasks run chunk by chunk, each chunk expert by expert, so TVM's static split of the parallel
+    loop over ``chunks`` threads gives each thread one chunk of every expert. TIR expressions."""
+    if chunks == 1:
+        return ACTIVE[task // tiles], task % tiles
+    per_chunk = tiles // chunks
+    tasks_per_chunk = NACT[0] * per_chunk
+    return (
+        ACTIVE[task % tasks_per_chunk // per_chunk],
+        task // tasks_per_chunk * per_chunk + task % per_chunk,
+    )
+
+
 def up_row_floats(cfg: MoEConfig, sched, *, gpu: bool = False) -> int:
     """Float32 per token row of the gate/up GEMM's input: ``cfg.hidden``, plus
     ``sched.x_pad`` (``MoESchedule.x_pad``) on the CPU where a row of ``x`` is a multiple of
@@ -219,6 +234,7 @@ def _cpu_grouped_gemm(
     k_chunk: int = 0,
     few_tokens: int = 0,
     few_prefetch_lines: int = 1,
+    task_chunks: int = 1,
 ):
     """Generic CPU body over (active expert, output tile of ``TILE`` rows) tasks.
 
@@ -252,6 +268,9 @@ def _cpu_grouped_gemm(
     register block, so each weight line is met once and the memory stream bounds them) take one
     token block per row group, prefetching ``few_prefetch_lines`` steps of the next rows per step
     instead; with ``few_tokens`` >= 1 so does the lone-token GEMV (decode).
+
+    Tasks are ordered by ``expert_task`` with ``task_chunks`` chunks of each expert's tiles
+    (``MoESchedule.task_chunks``), the token-lanes tasks too.
     """
     from tvm.script import tirx as T
 
@@ -316,7 +335,9 @@ def _cpu_grouped_gemm(
         w_row=w_row,
         epilogue=epilogue,
         widen=widen,
+        task_chunks=task_chunks,
     )
+    CH = divisor_at_most(NT, task_chunks)
 
     @T.macro
     def body(A, W, PAIRS, OFF, CNT, ACTIVE, NACT, OUT, E1, E2):
@@ -330,8 +351,9 @@ def _cpu_grouped_gemm(
             gacc1 = T.alloc_buffer(GACC1, "float32")
             red = T.alloc_buffer((MR, max(NR, NG)), "float32")
             arow = T.alloc_buffer((MR,), "int64")
-            e: T.let[T.int64] = T.Cast("int64", ACTIVE[task // NT])
-            r_tile: T.let[T.int32] = task % NT * TILE
+            expert, tile = expert_task(task, NACT, ACTIVE, NT, CH)
+            e: T.let[T.int64] = T.Cast("int64", expert)
+            r_tile: T.let[T.int32] = tile * TILE
             cnt: T.let[T.int32] = CNT[e]
             off: T.let[T.int32] = OFF[e]
             if cnt >= LMIN:
@@ -465,7 +487,7 @@ def _lanes_params(out_rows: int, lanes: int, unit: int) -> tuple[int, int, int]:
 
 
 def _lanes_body(*, red_len: int, lanes: int, lanes_min: int, out_rows: int, unit: int, a_row,
-                w_row, epilogue, widen: bool):  # fmt: skip
+                w_row, epilogue, widen: bool, task_chunks: int = 1):  # fmt: skip
     """The token-lanes tasks of ``_cpu_grouped_gemm`` (experts with ``>= lanes_min`` tokens):
     passes of up to three token vectors, each through the micro-kernel of as many vectors (an
     expert of 33-48 tokens on AVX-512 streams its weights once, not twice). An expert's vectors
@@ -485,6 +507,7 @@ def _lanes_body(*, red_len: int, lanes: int, lanes_min: int, out_rows: int, unit
     LV = lanes
     NR2, NR3, TILE_L = _lanes_params(out_rows, LV, unit)
     NTL = out_rows // TILE_L
+    CH = divisor_at_most(NTL, task_chunks)
     SBL = 3 * LV
     TB = pow2_divisor(red_len, 16)  # reduction steps per transposed block
     common = dict(lanes=LV, k_len=red_len, w_row=w_row, widen=widen)
@@ -501,8 +524,9 @@ def _lanes_body(*, red_len: int, lanes: int, lanes_min: int, out_rows: int, unit
             acc1 = T.alloc_buffer((NR2, LV), "float32")
             acc2 = T.alloc_buffer((NR3, LV), "float32")
             red = T.alloc_buffer((SBL, NR2), "float32")
-            e: T.let[T.int64] = T.Cast("int64", ACTIVE[task // NTL])
-            r_tile: T.let[T.int32] = task % NTL * TILE_L
+            expert, tile = expert_task(task, NACT, ACTIVE, NTL, CH)
+            e: T.let[T.int64] = T.Cast("int64", expert)
+            r_tile: T.let[T.int32] = tile * TILE_L
             cnt: T.let[T.int32] = CNT[e]
             off: T.let[T.int32] = OFF[e]
             if cnt >= lanes_min:
@@ -612,6 +636,7 @@ def _up_cpu_body(cfg: MoEConfig, sched):
         k_chunk=sched.k_chunk,
         few_tokens=sched.few_tokens,
         few_prefetch_lines=sched.few_prefetch_lines,
+        task_chunks=max(1, sched.task_chunks),
     )
 
     @T.macro
@@ -661,6 +686,7 @@ def _down_cpu_body(cfg: MoEConfig, sched):
         widen=cfg.weight_dtype != "float32",
         few_tokens=sched.few_tokens,
         few_prefetch_lines=sched.few_prefetch_lines,
+        task_chunks=max(1, sched.task_chunks),
     )
 
     @T.macro
