@@ -359,6 +359,99 @@ def test_moe_op_token_lanes_order(tmp_path, lanes_min, arch):
     run_against_references(art, x, logits)
 
 
+@pytest.mark.parametrize("arch", [None, "x86-64-v3"], ids=["host", "avx2"])
+@pytest.mark.parametrize("k_chunk", [0, 32])
+def test_moe_op_lone_merge(tmp_path, monkeypatch, arch, k_chunk):
+    """With ``lone_merge`` a pass of ``q * micro_m + 1`` tokens runs its last ``micro_m + 1`` as
+    two blocks of about half (3 + 1 -> 2 + 2 on AVX2, 6 + 1 -> 4 + 3 on AVX-512), with and
+    without reduction chunks: experts of every count from 1 to 8 tokens (4 and 7 merge with
+    blocks of 3, 7 with blocks of 6), then, with passes shrunk to two register blocks, an
+    expert of several passes and the others full and partial blocks. Against ONNX Runtime and
+    NumPy."""
+    from qiao.backends import get_backend
+    from qiao.compiler import compile
+    from qiao.compiler.kernels import group_gemm
+    from qiao.compiler.schedules.cpu_info import missing_here
+    from qiao.compiler.schedules.moe_table import lookup
+
+    target = get_backend("cpu").target(arch)
+    if arch and missing_here(target):
+        pytest.skip(f"this CPU cannot run {arch} code (the host-code case runs)")
+    micro_m = lookup(target).micro_m
+    path = tmp_path / "m.onnx"
+    onnx.save(moe_model(BASE, k=2), str(path))
+    schedule = {"lone_merge": 1, "k_chunk": k_chunk, "lanes_min": 0, "few_tokens": 0}
+    art = compile(str(path), "cpu", tmp_path / "a", arch=arch, moe_schedule=schedule)
+    check_token_counts(art, [1, 2, 3, 4, 5, 6, 7, 8], seed=36)
+    monkeypatch.setattr(group_gemm, "TOKEN_PANEL_BYTES", 2 * micro_m * 4 * INTER)
+    monkeypatch.setattr(group_gemm, "CHUNK_PANEL_BYTES", 2 * micro_m * 4 * max(k_chunk, 1))
+    art = compile(str(path), "cpu", tmp_path / "b", arch=arch, moe_schedule=schedule)
+    check_blocks_and_passes(art, micro_m, seed=37)
+
+
+@pytest.mark.parametrize("arch", [None, "x86-64-v3"], ids=["host", "avx2"])
+@pytest.mark.parametrize("lone_merge", [0, 1])
+def test_down_gemm_writes_every_token_once(arch, lone_merge):
+    """The down grouped GEMM alone, its output filled with NaN first, so a token block that
+    skips or repeats a token shows: experts of 1 .. 13 tokens (every remainder of blocks of 3
+    and 6, ``lone_merge``'s ``q * micro_m + 1`` among them), against NumPy."""
+    import tvm
+
+    from qiao.backends import get_backend
+    from qiao.compiler.kernels.group_gemm import group_gemm_down
+    from qiao.compiler.kernels.moe_common import MoEConfig, num_blocks
+    from qiao.compiler.schedules import moe_table
+    from qiao.compiler.schedules.cpu_info import cpu_device, missing_here
+
+    target = get_backend("cpu").target(arch)
+    if arch and missing_here(target):
+        pytest.skip(f"this CPU cannot run {arch} code (the host-code case runs)")
+    n_exp, hidden, inter, k = 14, 64, 32, 2
+    cfg = MoEConfig(num_experts=n_exp, hidden=hidden, inter=inter, top_k=k)
+    sched = moe_table.lookup(target, {"lone_merge": lone_merge, "few_tokens": 0})
+    sizes = list(range(1, n_exp)) + [13]  # an even number of picks: two experts per token
+    picks = [e for e, n in enumerate(sizes) for _ in range(n)]
+    tokens = len(picks) // 2
+    rng = np.random.default_rng(5)
+    logits = rng.standard_normal((tokens, n_exp)).astype(np.float32)
+    for t in range(tokens):
+        logits[t, picks[t]] += 100.0
+        logits[t, picks[t + tokens]] += 90.0
+    dev, bm = cpu_device(), sched.block_m
+    blocks = num_blocks(tokens, k, n_exp, bm)
+
+    def empty(shape, dtype):
+        return tvm.runtime.empty(shape, dtype, dev)
+
+    def put(a):
+        return tvm.runtime.tensor(np.ascontiguousarray(a), dev)
+
+    ids, tw = empty((tokens, k), "int32"), empty((tokens, k), "float32")
+    gating, align = moe_table._dispatch_kernels(n_exp, k, True, bm, str(target))
+    gating["main"](put(logits), ids, tw)
+    tables = [empty((n_exp,), "int32"), empty((n_exp + 1,), "int32"), empty((n_exp,), "int32")]
+    tables += [empty((1,), "int32"), empty((blocks * bm,), "int32"), empty((blocks,), "int32")]
+    tables += [empty((1,), "int32"), empty((tokens, k), "int32")]
+    align["main"](ids, *tables)
+    counts, offsets, pairs = tables[0].numpy(), tables[1].numpy(), tables[4].numpy()
+    assert list(counts) == sizes
+    act = rng.standard_normal((blocks * bm, inter)).astype(np.float32)
+    fc2 = rng.standard_normal((n_exp, hidden, inter)).astype(np.float32)
+    out = put(np.full((tokens, k, hidden), np.nan, np.float32))
+    lib = moe_table._compile_kernel(group_gemm_down(cfg, sched), target)
+    bias = put(np.zeros(1, np.float32))
+    lib["main"](put(act), put(fc2), bias, ids, tw, tables[4], tables[1], tables[0], *tables[2:4],
+                *tables[5:], out)  # fmt: skip
+    expected = np.full((tokens, k, hidden), np.nan, np.float32)
+    weights = tw.numpy()
+    for e, n in enumerate(sizes):
+        for slot in range(offsets[e], offsets[e] + n):
+            t, j = divmod(int(pairs[slot]), k)
+            expected[t, j] = weights[t, j] * (fc2[e] @ act[slot])
+    assert not np.isnan(expected).any()
+    assert_close(out.numpy(), expected, 1e-4, 1e-4, "down GEMM vs numpy")
+
+
 @pytest.mark.parametrize("chunks, lanes_min", [(3, 0), (2, 2), (4, 0), (1, 0)])
 def test_moe_op_task_chunks(tmp_path, chunks, lanes_min):
     """With ``task_chunks`` the grouped GEMMs' tasks run chunk by chunk of each expert's output

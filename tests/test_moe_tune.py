@@ -32,6 +32,8 @@ def test_table_picks_entries_by_target():
     avx2 = lookup(target({"kind": "llvm", "mcpu": "x86-64-v3"}))
     assert (avx512.device, avx512.vector_lanes) == ("cpu/avx512", 16)
     assert (avx2.device, avx2.vector_lanes) == ("cpu/avx2", 8)
+    # the lone token's merge is AVX2's (3 x 4 blocks), not AVX-512's (6 x 4)
+    assert (avx2.lone_merge, avx512.lone_merge) == (1, 0)
     assert device_keys(target({"kind": "cuda", "arch": "sm_90"})) == ["cuda/sm_90", "cuda"]
     assert lookup(target({"kind": "cuda", "arch": "sm_90"})).device == "cuda"
     assert lookup(target({"kind": "llvm", "mcpu": "x86-64-v3"}), {"block_m": 7}).block_m == 7
@@ -58,6 +60,9 @@ def test_table_rejects_bad_entries(tmp_path, monkeypatch):
         lookup(target({"kind": "llvm", "mcpu": "x86-64-v3"}))
     bad.write_text(json.dumps({"version": 1, "entries": {"cpu/avx2": {"prefetch_level": 3}}}))
     with pytest.raises(QiaoError, match="prefetch_level must be 1 .L1. or 2 .L2., got 3.*fix:"):
+        lookup(target({"kind": "llvm", "mcpu": "x86-64-v3"}))
+    bad.write_text(json.dumps({"version": 1, "entries": {"cpu/avx2": {"lone_merge": 2}}}))
+    with pytest.raises(QiaoError, match="lone_merge must be 0 or 1, got 2.*fix:"):
         lookup(target({"kind": "llvm", "mcpu": "x86-64-v3"}))
     monkeypatch.delenv("QIAO_MOE_TABLE")
     with pytest.raises(QiaoError, match=r"\bunknown field"):

@@ -235,6 +235,7 @@ def _cpu_grouped_gemm(
     few_tokens: int = 0,
     few_prefetch_lines: int = 1,
     task_chunks: int = 1,
+    lone_merge: bool = False,
 ):
     """Generic CPU body over (active expert, output tile of ``TILE`` rows) tasks.
 
@@ -269,6 +270,9 @@ def _cpu_grouped_gemm(
     token block per row group, prefetching ``few_prefetch_lines`` steps of the next rows per step
     instead; with ``few_tokens`` >= 1 so does the lone-token GEMV (decode).
 
+    ``lone_merge`` (``MoESchedule.lone_merge``): a pass that would end in a lone token after
+    full blocks runs its last ``MR + 1`` tokens as two blocks of about half instead.
+
     Tasks are ordered by ``expert_task`` with ``task_chunks`` chunks of each expert's tiles
     (``MoESchedule.task_chunks``), the token-lanes tasks too.
     """
@@ -300,6 +304,26 @@ def _cpu_grouped_gemm(
 
     # (a split pass and a longer one call the kernels apart: the two masks in one select put
     # the split's divisions back into the kernel's loop: about 4x the time)
+
+    @T.macro
+    def plan(bt, nb, nbl):
+        # The blocks of a pass of nb tokens: full blocks of MR, the last 2 .. MR - 1 tokens as one,
+        # or, with ``lone_merge`` where that would leave a lone token (nb = q MR + 1, MR >= 3), the
+        # last MR + 1 as two of about half. Block mi starts at token mi MR + bt[0, k] and has
+        # bt[1, k] rows, k = ``kind(mi, nbl)``: 0 for all but the last two, 1 and 2 for those. A
+        # table, not conditions on mi in the block loop: those multiplied the compile time by
+        # 2-10, and lets relating the last blocks to each other by 20-70 (TVM's arithmetic
+        # analysis).
+        merge = nb % MR == 1 and nb > MR if lone_merge and MR >= 3 else False
+        bt[0, 0] = 0
+        bt[1, 0] = MR
+        bt[0, 1] = 0
+        bt[1, 1] = T.if_then_else(merge, (MR + 2) // 2, MR)
+        bt[0, 2] = T.if_then_else(merge, (MR + 2) // 2 - MR, 0)
+        bt[1, 2] = T.if_then_else(merge, (MR + 1) // 2, nb - (nbl - 1) * MR)
+
+    def kind(mi, nbl):
+        return T.max(mi - nbl + 3, 0)
 
     def share(mi, blocks, lone=False, split=True):
         # the rows of the group ahead that token block ``mi`` of ``blocks`` prefetches (a mask)
@@ -351,6 +375,7 @@ def _cpu_grouped_gemm(
             gacc1 = T.alloc_buffer(GACC1, "float32")
             red = T.alloc_buffer((MR, max(NR, NG)), "float32")
             arow = T.alloc_buffer((MR,), "int64")
+            bt = T.alloc_buffer((2, 3), "int32")
             expert, tile = expert_task(task, NACT, ACTIVE, NT, CH)
             e: T.let[T.int64] = T.Cast("int64", expert)
             r_tile: T.let[T.int32] = tile * TILE
@@ -378,15 +403,16 @@ def _cpu_grouped_gemm(
                     nb: T.let[T.int32] = T.min(SBC, cnt - sb * SBC)
                     s0: T.let[T.int32] = off + sb * SBC  # the pass's first slot
                     nbl: T.let[T.int32] = (nb + MR - 1) // MR  # its token blocks
+                    plan(bt, nb, nbl)
                     for kc in range(NKC):
                         for g in range(TILE // NR):
                             r0: T.let[T.int32] = r_tile + g * NR
                             for mi in range(nbl):
-                                t0: T.let[T.int32] = mi * MR
-                                if nb - t0 >= 2:
+                                t0: T.let[T.int32] = mi * MR + bt[0, kind(mi, nbl)]
+                                rows: T.let[T.int32] = bt[1, kind(mi, nbl)]
+                                if rows >= 2:
                                     for m in T.unroll(MR):
-                                        arow[m] = a_row(PAIRS, s0 + T.min(t0 + m, nb - 1))
-                                    rows: T.let[T.int32] = T.min(nb - t0, MR)
+                                        arow[m] = a_row(PAIRS, s0 + t0 + T.min(m, rows - 1))
                                     if prefetch == SPLIT and nbl <= SPLIT_BLOCKS:
                                         micro_c(
                                             rows, A, W, arow, e, r0, r0 + SPLIT_AHEAD * NR,
@@ -398,7 +424,7 @@ def _cpu_grouped_gemm(
                                             share(mi, nbl, split=False), kc * (KC // VL),
                                         )  # fmt: skip
                                     for m in T.unroll(MR):
-                                        if t0 + m < nb:
+                                        if m < rows:
                                             add_partial(part, red, t0 + m, m, g, kc)
                                 else:
                                     arow[0] = a_row(PAIRS, s0 + t0)
@@ -421,16 +447,19 @@ def _cpu_grouped_gemm(
                 # blocks while it is in L1 (the prefetch of the next group overlaps them); the
                 # pass's rows of A stay in L2
                 for sb in range((cnt + SB - 1) // SB):
-                    nbl: T.let[T.int32] = (T.min(SB, cnt - sb * SB) + MR - 1) // MR
+                    nb: T.let[T.int32] = T.min(SB, cnt - sb * SB)
+                    nbl: T.let[T.int32] = (nb + MR - 1) // MR
+                    plan(bt, nb, nbl)
                     for g in range(TILE // NR):
                         r0: T.let[T.int32] = r_tile + g * NR
                         for mi in range(nbl):
-                            t0: T.let[T.int32] = sb * SB + mi * MR  # the block's first token
-                            if cnt - t0 >= 2:
-                                # MR tokens, or the last 2 .. MR - 1 through the block of as many
+                            # the block's first token and its rows
+                            t0: T.let[T.int32] = sb * SB + mi * MR + bt[0, kind(mi, nbl)]
+                            rows: T.let[T.int32] = bt[1, kind(mi, nbl)]
+                            if rows >= 2:
+                                # a block of MR tokens, or of fewer through its own kernel
                                 for m in T.unroll(MR):
-                                    arow[m] = a_row(PAIRS, off + T.min(t0 + m, cnt - 1))
-                                rows: T.let[T.int32] = T.min(cnt - t0, MR)
+                                    arow[m] = a_row(PAIRS, off + t0 + T.min(m, rows - 1))
                                 if prefetch == SPLIT and nbl <= SPLIT_BLOCKS:
                                     micro(
                                         rows, A, W, arow, e, r0, r0 + SPLIT_AHEAD * NR, acc0, acc1,
@@ -442,7 +471,7 @@ def _cpu_grouped_gemm(
                                         share(mi, nbl, split=False), 0,
                                     )  # fmt: skip
                                 for m in T.unroll(MR):
-                                    if t0 + m < cnt:
+                                    if m < rows:
                                         epilogue(
                                             OUT, E1, E2, PAIRS, red, m, off + t0 + m, e, r0, NR
                                         )
@@ -637,6 +666,7 @@ def _up_cpu_body(cfg: MoEConfig, sched):
         few_tokens=sched.few_tokens,
         few_prefetch_lines=sched.few_prefetch_lines,
         task_chunks=max(1, sched.task_chunks),
+        lone_merge=bool(sched.lone_merge),
     )
 
     @T.macro
@@ -687,6 +717,7 @@ def _down_cpu_body(cfg: MoEConfig, sched):
         few_tokens=sched.few_tokens,
         few_prefetch_lines=sched.few_prefetch_lines,
         task_chunks=max(1, sched.task_chunks),
+        lone_merge=bool(sched.lone_merge),
     )
 
     @T.macro

@@ -144,6 +144,16 @@ class MoESchedule:
         1).
     tile_up, tile_down : int
         CPU: intermediate columns (gate/up) and output columns (down) of one parallel task.
+    lone_merge : int
+        CPU grouped GEMMs (dot-product order): 1: a pass of an expert's tokens that would end in
+        a lone token after full register blocks (``q * micro_m + 1`` tokens, ``micro_m`` >= 3)
+        runs its last ``micro_m + 1`` tokens as two blocks of about half (3 + 1 -> 2 + 2); 0:
+        full blocks and the lone token's one-row kernel. On the AVX-512 EPYC VM (2026-12-06,
+        experts held in L3: 32 of H = 2048, I = 64, 8 tokens each on average, 7 interleaved
+        rounds) AVX2 code (3 x 4 blocks; a lone token's block runs at about half the FMA rate per
+        token) ran the gate/up GEMM 1.02x and the down GEMM 1.03x as fast with 1, so
+        ``cpu/avx2`` takes 1; AVX-512 code (6 x 4 blocks: 6 + 1 -> 4 + 3) 0.99x and 0.89x, so
+        ``cpu/avx512`` keeps 0.
     task_chunks : int
         CPU: the tasks of each expert are dealt out in this many chunks of its output tiles, the
         task list ordered chunk, expert, tile, so that TVM's static split of a parallel loop
@@ -178,6 +188,7 @@ class MoESchedule:
     tile_up: int = 16
     tile_down: int = 64
     task_chunks: int = 0
+    lone_merge: int = 0
     gpu_tile_n: int = 64
     gpu_tile_k: int = 32
     gpu_thread_m: int = 2
@@ -192,7 +203,15 @@ class MoESchedule:
 
 
 _FIELDS = {f.name for f in dataclasses.fields(MoESchedule)}
-_MAY_BE_ZERO = ("prefetch", "lanes_min", "k_chunk", "few_tokens", "x_pad", "task_chunks")
+_MAY_BE_ZERO = (
+    "prefetch",
+    "lanes_min",
+    "k_chunk",
+    "few_tokens",
+    "x_pad",
+    "task_chunks",
+    "lone_merge",
+)
 
 
 def _check_entry(key: str, entry: Mapping[str, Any]) -> dict[str, Any]:
@@ -224,6 +243,11 @@ def _check_entry(key: str, entry: Mapping[str, Any]) -> dict[str, Any]:
                 f"MoE schedule table entry {key!r}: {field} must be 1 .. {MAX_PREFETCH_LINES}, "
                 f"got {entry[field]}. fix: rerun `qiao tune moe` or correct the entry"
             )
+    if entry.get("lone_merge", 0) > 1:
+        raise QiaoError(
+            f"MoE schedule table entry {key!r}: lone_merge must be 0 or 1, got "
+            f"{entry['lone_merge']}. fix: rerun `qiao tune moe` or correct the entry"
+        )
     if entry.get("prefetch_level", 1) > 2:
         raise QiaoError(
             f"MoE schedule table entry {key!r}: prefetch_level must be 1 (L1) or 2 (L2), got "
