@@ -357,8 +357,8 @@ def lookup(
     Returns
     -------
     MoESchedule
-        The most specific entry of the user's table or the shipped defaults; on a CPU target a
-        ``task_chunks`` of 0 becomes the target's cores.
+        The most specific entry of the user's table or the shipped defaults; a ``task_chunks`` of
+        0 becomes the target's cores (``cpu_info``; GPU kernels do not read it).
     """
     table = load_table(root=root)
     for key in device_keys(target) if keys is None else keys:
@@ -369,7 +369,7 @@ def lookup(
         schedule = MoESchedule(device="default")
     if overrides:
         schedule = schedule.replace(**_check_entry("backend override", dict(overrides)))
-    if schedule.task_chunks == 0 and target.kind.name == "llvm":
+    if schedule.task_chunks == 0:  # a CPU field (the GPU kernels never read it)
         from qiao.compiler.schedules.cpu_info import cpu_info
 
         schedule = schedule.replace(task_chunks=cpu_info(target).num_cores)
