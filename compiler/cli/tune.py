@@ -104,7 +104,7 @@ def main(args) -> int:
 def _main_moe(args) -> int:
     from qiao.backends import get_backend
     from qiao.compiler.kernels.moe_common import MoEConfig
-    from qiao.compiler.schedules.moe_table import tune_cpu, write_entry
+    from qiao.compiler.schedules.moe_table import RESOLVED_BY_LOOKUP, tune_cpu, write_entry
 
     target = get_backend("cpu").target(args.arch)
     cfg = MoEConfig(args.experts, args.hidden, args.inter, args.top_k)
@@ -134,7 +134,7 @@ def _main_moe(args) -> int:
     values = {
         k: v
         for k, v in best.to_json().items()
-        if not k.startswith("gpu_") and k != "task_chunks"  # the target's cores (`lookup`)
+        if not k.startswith("gpu_") and k not in RESOLVED_BY_LOOKUP
     }
     print(f"best for {key}: " + ", ".join(f"{k}={v}" for k, v in values.items() if k != "device"))
     if not args.dry_run:

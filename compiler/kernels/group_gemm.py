@@ -284,7 +284,6 @@ def _cpu_grouped_gemm(
     level = prefetch_level if prefetch > 0 else 0
     common = dict(lanes=VL, k_vectors=KO, w_row=w_row, prefetch=level, widen=widen)
     common.update(prefetch_lines=prefetch_lines, row_masks=prefetch == SPLIT, per_line=True)
-    micro = _token_blocks(MR, NR, common)
     FEW = min(few_tokens, MR)
     # the few-token blocks and decode's GEMV ask for all of the next rows (no masks), a step at a
     # time (bound by the memory stream: ``dot_microkernel``'s ``per_line``)
@@ -294,12 +293,9 @@ def _cpu_grouped_gemm(
     micro_few = _token_blocks(max(FEW, 2), NR, streaming)
     KC = reduction_chunk(k_chunk, red_len, VL)
     chunked = dict(common, k_vectors=max(KC, VL) // VL)
-    micro_c = _token_blocks(MR, NR, chunked)
-    gemv_c = dot_microkernel(rows=1, cols=NR, **chunked)
     NKC = red_len // KC if KC else 1
     SBC = token_panel_rows(max(KC, 1), MR, CHUNK_PANEL_BYTES)
     gemv = dot_microkernel(rows=1, cols=NG, **streaming)
-    gemv_nr = dot_microkernel(rows=1, cols=NR, **common)
     SB = token_panel_rows(red_len, MR)
 
     # (a split pass and a longer one call the kernels apart: the two masks in one select put
@@ -336,6 +332,40 @@ def _cpu_grouped_gemm(
         if prefetch != 1 and not lone:  # only the first (a last lone token asks for all)
             return T.if_then_else(mi == 0, PREFETCH_ALL, 0)
         return PREFETCH_ALL
+
+    def prefetching(kernel, lone=False):
+        # ``kernel`` (a ``_token_blocks`` block) asking for the rows ahead: ``SPLIT_AHEAD`` groups
+        # ahead shared out among a pass's blocks where it has at most ``SPLIT_BLOCKS``, else the
+        # next group (``share``)
+        @T.macro
+        def call(rows, A, W, arow, e, r0, acc0, acc1, red, mi, nbl, k0):
+            # (no names for r_next or the mask: a name in a macro is a let in the kernel)
+            if prefetch == SPLIT and nbl <= SPLIT_BLOCKS:
+                kernel(
+                    rows, A, W, arow, e, r0, r0 + SPLIT_AHEAD * NR, acc0, acc1, red,
+                    share(mi, nbl, lone), k0,
+                )  # fmt: skip
+            else:
+                kernel(
+                    rows, A, W, arow, e, r0, r0 + NR, acc0, acc1, red,
+                    share(mi, nbl, lone, split=False), k0,
+                )  # fmt: skip
+
+        return call
+
+    def one_row(kernel):
+        # a one-row ``dot_microkernel`` with the ``_token_blocks`` signature (``rows`` = 1)
+        @T.macro
+        def call(rows, A, W, arow, e, r0, r_next, acc0, acc1, red, pf, k0):
+            kernel(A, W, arow, e, r0, r_next, acc0, acc1, red, pf, k0)
+
+        return call
+
+    # the pass loops' kernels: ``kernel(rows, A, W, arow, e, r0, acc0, acc1, red, mi, nbl, k0)``
+    micro = prefetching(_token_blocks(MR, NR, common))
+    gemv_nr = prefetching(one_row(dot_microkernel(rows=1, cols=NR, **common)), lone=True)
+    micro_c = prefetching(_token_blocks(MR, NR, chunked))
+    gemv_c = prefetching(one_row(dot_microkernel(rows=1, cols=NR, **chunked)), lone=True)
 
     ACC0, ACC1 = dot_accumulators(MR, NR, VL)
     GACC0, GACC1 = dot_accumulators(1, NG, VL)
@@ -413,32 +443,19 @@ def _cpu_grouped_gemm(
                                 if rows >= 2:
                                     for m in T.unroll(MR):
                                         arow[m] = a_row(PAIRS, s0 + t0 + T.min(m, rows - 1))
-                                    if prefetch == SPLIT and nbl <= SPLIT_BLOCKS:
-                                        micro_c(
-                                            rows, A, W, arow, e, r0, r0 + SPLIT_AHEAD * NR,
-                                            acc0, acc1, red, share(mi, nbl), kc * (KC // VL),
-                                        )  # fmt: skip
-                                    else:
-                                        micro_c(
-                                            rows, A, W, arow, e, r0, r0 + NR, acc0, acc1, red,
-                                            share(mi, nbl, split=False), kc * (KC // VL),
-                                        )  # fmt: skip
+                                    micro_c(
+                                        rows, A, W, arow, e, r0, acc0, acc1, red, mi, nbl,
+                                        kc * (KC // VL),
+                                    )  # fmt: skip
                                     for m in T.unroll(MR):
                                         if m < rows:
                                             add_partial(part, red, t0 + m, m, g, kc)
                                 else:
                                     arow[0] = a_row(PAIRS, s0 + t0)
-                                    if prefetch == SPLIT and nbl <= SPLIT_BLOCKS:
-                                        gemv_c(
-                                            A, W, arow, e, r0, r0 + SPLIT_AHEAD * NR, acc0, acc1,
-                                            red, share(mi, nbl, lone=True), kc * (KC // VL),
-                                        )  # fmt: skip
-                                    else:
-                                        gemv_c(
-                                            A, W, arow, e, r0, r0 + NR, acc0, acc1, red,
-                                            share(mi, nbl, lone=True, split=False),
-                                            kc * (KC // VL),
-                                        )  # fmt: skip
+                                    gemv_c(
+                                        1, A, W, arow, e, r0, acc0, acc1, red, mi, nbl,
+                                        kc * (KC // VL),
+                                    )  # fmt: skip
                                     add_partial(part, red, t0, 0, g, kc)
                     for t in range(nb):
                         epilogue(OUT, E1, E2, PAIRS, part, t, s0 + t, e, r_tile, TILE)
@@ -460,16 +477,7 @@ def _cpu_grouped_gemm(
                                 # a block of MR tokens, or of fewer through its own kernel
                                 for m in T.unroll(MR):
                                     arow[m] = a_row(PAIRS, off + t0 + T.min(m, rows - 1))
-                                if prefetch == SPLIT and nbl <= SPLIT_BLOCKS:
-                                    micro(
-                                        rows, A, W, arow, e, r0, r0 + SPLIT_AHEAD * NR, acc0, acc1,
-                                        red, share(mi, nbl), 0,
-                                    )  # fmt: skip
-                                else:
-                                    micro(
-                                        rows, A, W, arow, e, r0, r0 + NR, acc0, acc1, red,
-                                        share(mi, nbl, split=False), 0,
-                                    )  # fmt: skip
+                                micro(rows, A, W, arow, e, r0, acc0, acc1, red, mi, nbl, 0)
                                 for m in T.unroll(MR):
                                     if m < rows:
                                         epilogue(
@@ -478,16 +486,7 @@ def _cpu_grouped_gemm(
                             else:
                                 # a last lone token
                                 arow[0] = a_row(PAIRS, off + t0)
-                                if prefetch == SPLIT and nbl <= SPLIT_BLOCKS:
-                                    gemv_nr(
-                                        A, W, arow, e, r0, r0 + SPLIT_AHEAD * NR, acc0, acc1, red,
-                                        share(mi, nbl, lone=True), 0,
-                                    )  # fmt: skip
-                                else:
-                                    gemv_nr(
-                                        A, W, arow, e, r0, r0 + NR, acc0, acc1, red,
-                                        share(mi, nbl, lone=True, split=False), 0,
-                                    )  # fmt: skip
+                                gemv_nr(1, A, W, arow, e, r0, acc0, acc1, red, mi, nbl, 0)
                                 epilogue(OUT, E1, E2, PAIRS, red, 0, off + t0, e, r0, NR)
             else:
                 # GEMV (a lone token: decode): NG weight rows per step, weights streamed once

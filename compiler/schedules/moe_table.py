@@ -203,6 +203,7 @@ class MoESchedule:
 
 
 _FIELDS = {f.name for f in dataclasses.fields(MoESchedule)}
+# fields that may be 0: off, or (``RESOLVED_BY_LOOKUP``) the target's own value
 _MAY_BE_ZERO = (
     "prefetch",
     "lanes_min",
@@ -212,6 +213,9 @@ _MAY_BE_ZERO = (
     "task_chunks",
     "lone_merge",
 )
+# fields whose 0 ``lookup`` replaces by the compiling target's value (``task_chunks``: its cores);
+# ``qiao tune moe`` leaves them out of the entries it writes, so they follow the machine
+RESOLVED_BY_LOOKUP = ("task_chunks",)
 
 
 def _check_entry(key: str, entry: Mapping[str, Any]) -> dict[str, Any]:
@@ -721,6 +725,7 @@ def tune_cpu(
 
 __all__ = [
     "MoESchedule",
+    "RESOLVED_BY_LOOKUP",
     "TABLE_PATH",
     "device_keys",
     "load_table",
