@@ -87,9 +87,13 @@ def _weights(form: str, bias: bool) -> dict[str, np.ndarray]:
 def _model(cases) -> onnx.ModelProto:
     """One MoE node per (form, bias), all on the same ``x`` [tokens, H] and ``logits`` [tokens, E];
     output ``y_<form>_<bias>``, weights initializers prefixed by the same key."""
+    return _layers_model([(_key(f, b), f, _weights(f, b)) for f, b in cases])
+
+
+def _layers_model(layers) -> onnx.ModelProto:
+    """One MoE node per (key, form, weights), all on ``x`` and ``logits``: output ``y_<key>``."""
     nodes, inits, outputs = [], [], []
-    for form, bias in cases:
-        key, weights = _key(form, bias), _weights(form, bias)
+    for key, form, weights in layers:
         spec = _spec(form).with_inputs(weights)
         names = ["x", "logits", *(f"{key}.{k}" for k in moe_op.WEIGHT_KEYS)]
         nodes.append(moe_op.make_node(spec, names, f"y_{key}", name=key))
@@ -191,6 +195,45 @@ def test_qiao_matches_reference_and_onnxruntime(qiao_outputs, onnxruntime_output
         if FORMS[form][1]:
             ort = onnxruntime_outputs[t][f"y_{_key(form, bias)}"]
             assert_close(got, ort, RTOL, ATOL, f"qiao vs ORT, T={t}")
+
+
+def test_moe_layers_of_one_config_share_their_kernels(tmp_path, monkeypatch):
+    """A model's MoE nodes of one config (each with its own weights) build each kernel once
+    (``moe_common.memoized``) and still compute each with its own weights; a node of another
+    config builds its own."""
+    from qiao.compiler import compile
+    from qiao.compiler.kernels import group_gemm
+
+    built = []
+
+    def counted(build):
+        def wrapper(cfg, *args, **kwargs):
+            built.append((build.__name__, cfg.activation))
+            return build(cfg, *args, **kwargs)
+
+        return wrapper
+
+    for name in ("group_gemm_up", "group_gemm_down"):
+        monkeypatch.setattr(group_gemm, name, counted(getattr(group_gemm, name)))
+    layers = [("relu", 0), ("relu", 1), ("gelu", 2), ("relu", 3)]  # (form, weight seed)
+    weights = [
+        moe_op.random_weights(_spec(form), E, H, INTER, seed=60 + seed, bias=False)
+        for form, seed in layers
+    ]
+    model = _layers_model(
+        [(f"l{i}", form, w) for i, ((form, _), w) in enumerate(zip(layers, weights))]
+    )
+    art = compile(model, "cpu", tmp_path / "art")
+    assert sorted(built) == sorted(
+        [("group_gemm_up", "relu"), ("group_gemm_down", "relu")]
+        + [("group_gemm_up", "gelu"), ("group_gemm_down", "gelu")]
+    )
+    for t in TOKENS:
+        feeds = _inputs(t)
+        got = art.run(feeds)
+        for i, ((form, _), w) in enumerate(zip(layers, weights)):
+            want = moe_op.reference(_spec(form), feeds["x"], feeds["logits"], w)
+            assert_close(got[f"y_l{i}"], want, RTOL, ATOL, f"layer {i} ({form}) vs NumPy, T={t}")
 
 
 @pytest.mark.parametrize(

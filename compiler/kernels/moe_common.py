@@ -201,12 +201,26 @@ def divisor_at_most(n: int, limit: int, multiple_of: int = 1) -> int:
     return best
 
 
+def memoized(kernels: dict | None, key, build):
+    """``build()`` (a kernel, a PrimFunc without its global symbol), or the one ``kernels`` holds
+    under ``key``, where ``build()``'s result is then kept (None: no memo). A model's MoE layers
+    mostly share one config; building a kernel (parsing its TVMScript) takes 0.1-0.8 s, which the
+    block builder's sharing of identical functions does not save."""
+    func = kernels.get(key) if kernels is not None else None
+    if func is None:
+        func = build().without_attr("global_symbol")
+        if kernels is not None:
+            kernels[key] = func
+    return func
+
+
 __all__ = [
     "ACTIVATIONS",
     "GATE_UP_LAYOUTS",
     "KERNEL_ATTRS",
     "MoEConfig",
     "divisor_at_most",
+    "memoized",
     "num_blocks",
     "num_slots",
     "pow2_divisor",

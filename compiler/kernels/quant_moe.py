@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from qiao.compiler.kernels.moe_common import KERNEL_ATTRS, MoEConfig
+from qiao.compiler.kernels.moe_common import KERNEL_ATTRS, MoEConfig, memoized
 from qiao.compiler.kernels.quant_gemm import (
     Int8Dot,
     NBitsLayout,
@@ -131,6 +131,12 @@ class PackedProjection:
     zero: np.ndarray
     bias: np.ndarray
 
+    @property
+    def kernel_shapes(self) -> tuple:
+        """What the grouped GEMM's code reads of the arrays: the code rows per tile and the zero
+        points' and bias's shapes."""
+        return self.codes.shape[1], self.zero.shape, self.bias.shape
+
 
 def pack_projection(
     q: QuantExperts,
@@ -173,10 +179,11 @@ def pack_projection(
     return PackedProjection(layout, stacked("codes"), stacked("scales"), zero, flat_bias)
 
 
-def _grouped_gemm(cfg: MoEConfig, sched: QuantGemmSchedule, proj, dot, down: bool):
-    """The grouped GEMM of one projection: ``down`` False for fc1 (gate/up and the activation,
-    writing ``act``), True for fc2 (times the routing weight, writing ``out``); ``dot`` an
-    ``Int8Dot`` for the integer kernel (``accuracy_level`` 4), None for the float one.
+def _grouped_gemm(cfg: MoEConfig, sched: QuantGemmSchedule, layout, shapes, dot, down: bool):
+    """The grouped GEMM of one projection (``layout``, ``PackedProjection.kernel_shapes``):
+    ``down`` False for fc1 (gate/up and the activation, writing ``act``), True for fc2 (times the
+    routing weight, writing ``out``); ``dot`` an ``Int8Dot`` for the integer kernel
+    (``accuracy_level`` 4), None for the float one.
 
     Returns
     -------
@@ -192,7 +199,7 @@ def _grouped_gemm(cfg: MoEConfig, sched: QuantGemmSchedule, proj, dot, down: boo
 
     from qiao.compiler.kernels.quant_gemm import int8_kernel
 
-    L, S = proj.layout, sched
+    L, S = layout, sched
     VL, NV, TN, K = S.lanes, S.nv, S.tile, cfg.top_k
     NT, E, H, INTER = L.n_tiles, cfg.num_experts, cfg.hidden, cfg.inter
     NB, KP = L.n_blocks, L.k_pad
@@ -230,8 +237,7 @@ def _grouped_gemm(cfg: MoEConfig, sched: QuantGemmSchedule, proj, dot, down: boo
         rows_pass = int8_kernel(L, dot, 2, a_row=a_row, store=store)
         a_cols = [(KP // 4, "int32"), (NB, f32), (NB, f32)]
         code_type = "int32"
-    code_rows = proj.codes.shape[1]
-    zshape, bshape = proj.zero.shape, proj.bias.shape
+    code_rows, zshape, bshape = shapes
 
     def a_shape(i, r):
         return (r, a_cols[i][0]) if a_cols[i] else (1,)
@@ -335,7 +341,7 @@ class QuantMoE:
         p2 = pack_projection(fc2, b2, np.arange(cfg.hidden), sched, int8)
         return cls(cfg, sched, p1, p2, dot), None
 
-    def _activations(self, bb, a, layout: NBitsLayout) -> list:
+    def _activations(self, bb, a, layout: NBitsLayout, kernels=None) -> list:
         """The kernel's activation operands for ``a``: ``[a, block sums, (1,)]`` or the int8
         codes, scales and code sums of ``quantize_rows``."""
         from tvm import relax
@@ -345,39 +351,42 @@ class QuantMoE:
             blocks = relax.ShapeExpr([rows, layout.n_blocks, layout.block_size])
             sums = bb.emit(relax.op.sum(relax.op.reshape(a, blocks), axis=[2]))
             return [a, sums, relax.const(np.zeros((1,), np.float32))]
-        func = quantize_rows(layout.k_pad, layout.block_size).without_attr("global_symbol")
+        key = ("quantize_rows", layout.k_pad, layout.block_size)
+        func = memoized(kernels, key, lambda: quantize_rows(layout.k_pad, layout.block_size))
         gv = bb.add_func(func, "quantize_rows")
         per_block = relax.TensorType((rows, layout.n_blocks), "float32")
         words = relax.TensorType((rows, layout.k_pad // 4), "int32")
         qa = bb.emit(relax.call_tir(gv, [a], [words, per_block, per_block]))
         return [bb.emit(relax.TupleGetItem(qa, i)) for i in range(3)]
 
-    def _emit(self, bb, proj, a, weights, tables, out, down: bool):
+    def _emit(self, bb, proj, a, weights, tables, out, down: bool, kernels=None):
         from tvm import relax
 
         counts, offsets, active, num_active, pairs = tables[:5]
-        func = _grouped_gemm(self.cfg, self.sched, proj, self.dot, down)
         name = "quant_group_gemm_down" if down else "quant_group_gemm_up"
-        gv = bb.add_func(func.without_attr("global_symbol"), name)
+        build = (self.cfg, self.sched, proj.layout, proj.kernel_shapes, self.dot, down)
+        func = memoized(kernels, (name, *build), lambda: _grouped_gemm(*build))
+        gv = bb.add_func(func, name)
         consts = [relax.const(x) for x in (proj.codes, proj.scales, proj.zero, proj.bias)]
-        args = [*self._activations(bb, a, proj.layout), *consts, weights]
+        args = [*self._activations(bb, a, proj.layout, kernels), *consts, weights]
         args += [pairs, offsets, counts, active, num_active]
         return bb.emit(relax.call_tir(gv, args, out))
 
-    def emit_up(self, bb, x, tables, slots):
-        """``act (S, I)`` from ``x (T, H)`` and ``moe_align``'s tables."""
+    def emit_up(self, bb, x, tables, slots, kernels=None):
+        """``act (S, I)`` from ``x (T, H)`` and ``moe_align``'s tables (``kernels``: the memo
+        of ``moe_common.memoized``)."""
         from tvm import relax
 
         unread = relax.const(np.zeros((1,), np.float32))
         out = relax.TensorType((slots, self.cfg.inter), "float32")
-        return self._emit(bb, self.fc1, x, unread, tables, out, down=False)
+        return self._emit(bb, self.fc1, x, unread, tables, out, False, kernels)
 
-    def emit_down(self, bb, act, weights, tables, tokens):
+    def emit_down(self, bb, act, weights, tables, tokens, kernels=None):
         """``out (T, k, H)`` from ``act`` and the routing weights."""
         from tvm import relax
 
         out = relax.TensorType((tokens, self.cfg.top_k, self.cfg.hidden), "float32")
-        return self._emit(bb, self.fc2, act, weights, tables, out, down=True)
+        return self._emit(bb, self.fc2, act, weights, tables, out, True, kernels)
 
 
 def float_config(cfg: MoEConfig) -> MoEConfig:

@@ -60,6 +60,7 @@ class _MoELowerer(PyExprMutator):
         self.schedule = schedule
         self.gpu = gpu
         self.lowered = 0
+        self.kernels = {}  # emit_moe's: a model's MoE layers of one config share their kernels
 
     def visit_call_(self, call):  # noqa: D102 - PyExprMutator hook
         call = super().visit_call_(call)
@@ -72,8 +73,9 @@ class _MoELowerer(PyExprMutator):
         if cfg.weight_bits:
             cfg, quant, fc1, fc2 = self._integer_experts(cfg, args)
         return emit_moe(
-            self.builder_, cfg, self.schedule, x, logits, fc1, b1, fc2, b2, self.gpu, quant
-        )
+            self.builder_, cfg, self.schedule, x, logits, fc1, b1, fc2, b2, self.gpu, quant,
+            kernels=self.kernels,
+        )  # fmt: skip
 
     def _integer_experts(self, cfg, args):
         """Integer experts (``QMoE``): packed for ``kernels.quant_moe`` on a CPU target whose
@@ -110,7 +112,18 @@ class _MoELowerer(PyExprMutator):
 
 
 def emit_moe(
-    bb: relax.BlockBuilder, cfg, schedule, x, logits, fc1, b1, fc2, b2, gpu: bool, quant=None
+    bb: relax.BlockBuilder,
+    cfg,
+    schedule,
+    x,
+    logits,
+    fc1,
+    b1,
+    fc2,
+    b2,
+    gpu: bool,
+    quant=None,
+    kernels: dict | None = None,
 ):
     """Emit the four MoE stages for ``cfg`` into ``bb``; returns ``y`` (T, H).
 
@@ -126,6 +139,9 @@ def emit_moe(
     quant : qiao.compiler.kernels.quant_moe.QuantMoE, optional
         Integer experts packed for the CPU: its grouped GEMMs replace ``group_gemm_*`` (``fc1``,
         ``fc2``, ``b1``, ``b2`` are then unused).
+    kernels : dict, optional
+        The kernels built so far, by name and arguments (``moe_common.memoized``), reused
+        instead of built again.
     """
     from qiao.compiler.kernels.group_gemm import (
         group_gemm_down,
@@ -135,7 +151,7 @@ def emit_moe(
     )
     from qiao.compiler.kernels.moe_align import moe_align
     from qiao.compiler.kernels.moe_combine import moe_combine
-    from qiao.compiler.kernels.moe_common import num_blocks
+    from qiao.compiler.kernels.moe_common import memoized, num_blocks
     from qiao.compiler.kernels.moe_gating import moe_gating
 
     E, H, INTER, K, BM = cfg.num_experts, cfg.hidden, cfg.inter, cfg.top_k, schedule.block_m
@@ -146,15 +162,16 @@ def emit_moe(
     def tt(shape, dtype):
         return relax.TensorType(shape, dtype)
 
-    def add(func, name):
+    def add(name, build, *args, **kwargs):
         # The kernels carry their name as global_symbol: MoE nodes of different configs would
         # clash. Without it the builder names each kernel uniquely (an identical one is shared)
         # and the build's AttachGlobalSymbol gives it that name.
-        return bb.add_func(func.without_attr("global_symbol"), name)
+        key = (name, args, tuple(sorted(kwargs.items())))
+        return bb.add_func(memoized(kernels, key, lambda: build(*args, **kwargs)), name)
 
-    gating = add(moe_gating(E, K, cfg.normalize, gpu=gpu), "moe_gating")
-    align = add(moe_align(E, K, BM, gpu=gpu), "moe_align")
-    combine = add(moe_combine(H, K, gpu=gpu, vector_lanes=schedule.vector_lanes), "moe_combine")
+    gating = add("moe_gating", moe_gating, E, K, cfg.normalize, gpu=gpu)
+    align = add("moe_align", moe_align, E, K, BM, gpu=gpu)
+    combine = add("moe_combine", moe_combine, H, K, gpu=gpu, vector_lanes=schedule.vector_lanes)
 
     routed = bb.emit(relax.call_tir(gating, [logits], [tt((n, K), i32), tt((n, K), f32)]))
     ids, weights = bb.emit(relax.TupleGetItem(routed, 0)), bb.emit(relax.TupleGetItem(routed, 1))
@@ -177,15 +194,15 @@ def emit_moe(
     t = [bb.emit(relax.TupleGetItem(tables, i)) for i in range(8)]
     counts, offsets, active, num_active, pairs, block_expert, num_used, pair_slot = t
     if quant is not None:
-        act = quant.emit_up(bb, x, t, blocks * BM)
-        out = quant.emit_down(bb, act, weights, t, n)
+        act = quant.emit_up(bb, x, t, blocks * BM, kernels)
+        out = quant.emit_down(bb, act, weights, t, n, kernels)
         return bb.emit(relax.call_tir(combine, [out], tt((n, H), f32)))
-    up = add(group_gemm_up(cfg, schedule, gpu=gpu), "group_gemm_up")
-    down = add(group_gemm_down(cfg, schedule, gpu=gpu), "group_gemm_down")
+    up = add("group_gemm_up", group_gemm_up, cfg, schedule, gpu=gpu)
+    down = add("group_gemm_down", group_gemm_down, cfg, schedule, gpu=gpu)
     dispatch = [ids, pairs, offsets, counts, active, num_active, block_expert, num_used, pair_slot]
     x_cols = up_row_floats(cfg, schedule, gpu=gpu)
     if x_cols != H:  # the tokens' rows set apart by a pad (``MoESchedule.x_pad``)
-        pad = add(pad_rows(H, x_cols, schedule.vector_lanes), "moe_pad_rows")
+        pad = add("moe_pad_rows", pad_rows, H, x_cols, schedule.vector_lanes)
         x = bb.emit(relax.call_tir(pad, [x], tt((n, x_cols), f32)))
     act = bb.emit(relax.call_tir(up, [x, fc1, b1, *dispatch], tt((blocks * BM, INTER), f32)))
     out = bb.emit(
