@@ -199,7 +199,7 @@ def test_qiao_matches_reference_and_onnxruntime(qiao_outputs, onnxruntime_output
 
 def test_moe_layers_of_one_config_share_their_kernels(tmp_path, monkeypatch):
     """A model's MoE nodes of one config (each with its own weights) build each kernel once
-    (``moe_common.memoized``) and still compute each with its own weights; a node of another
+    (``moe_common.add_kernel``) and still compute each with its own weights; a node of another
     config builds its own."""
     from qiao.compiler import compile
     from qiao.compiler.kernels import group_gemm

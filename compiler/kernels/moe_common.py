@@ -201,17 +201,20 @@ def divisor_at_most(n: int, limit: int, multiple_of: int = 1) -> int:
     return best
 
 
-def memoized(kernels: dict | None, key, build):
-    """``build()`` (a kernel, a PrimFunc without its global symbol), or the one ``kernels`` holds
-    under ``key``, where ``build()``'s result is then kept (None: no memo). A model's MoE layers
-    mostly share one config; building a kernel (parsing its TVMScript) takes 0.1-0.8 s, which the
-    block builder's sharing of identical functions does not save."""
+def add_kernel(bb, kernels: dict | None, name: str, build, *args, **kwargs):
+    """``bb.add_func`` of the kernel ``build(*args, **kwargs)`` under ``name`` (its global symbol
+    dropped: kernels of different configs would clash; the builder names each one uniquely and
+    shares an identical one, and the build's AttachGlobalSymbol gives it that name). ``kernels``
+    (None: none) memoizes the built kernels by name and arguments: a model's MoE layers mostly
+    share one config, and building a kernel (parsing its TVMScript) takes 0.1-0.8 s, which the
+    builder's sharing of identical functions does not save."""
+    key = (name, args, tuple(sorted(kwargs.items())))
     func = kernels.get(key) if kernels is not None else None
     if func is None:
-        func = build().without_attr("global_symbol")
+        func = build(*args, **kwargs).without_attr("global_symbol")
         if kernels is not None:
             kernels[key] = func
-    return func
+    return bb.add_func(func, name)
 
 
 __all__ = [
@@ -219,8 +222,8 @@ __all__ = [
     "GATE_UP_LAYOUTS",
     "KERNEL_ATTRS",
     "MoEConfig",
+    "add_kernel",
     "divisor_at_most",
-    "memoized",
     "num_blocks",
     "num_slots",
     "pow2_divisor",

@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from qiao.compiler.kernels.moe_common import KERNEL_ATTRS, MoEConfig, memoized
+from qiao.compiler.kernels.moe_common import KERNEL_ATTRS, MoEConfig, add_kernel
 from qiao.compiler.kernels.quant_gemm import (
     Int8Dot,
     NBitsLayout,
@@ -351,9 +351,9 @@ class QuantMoE:
             blocks = relax.ShapeExpr([rows, layout.n_blocks, layout.block_size])
             sums = bb.emit(relax.op.sum(relax.op.reshape(a, blocks), axis=[2]))
             return [a, sums, relax.const(np.zeros((1,), np.float32))]
-        key = ("quantize_rows", layout.k_pad, layout.block_size)
-        func = memoized(kernels, key, lambda: quantize_rows(layout.k_pad, layout.block_size))
-        gv = bb.add_func(func, "quantize_rows")
+        gv = add_kernel(
+            bb, kernels, "quantize_rows", quantize_rows, layout.k_pad, layout.block_size
+        )
         per_block = relax.TensorType((rows, layout.n_blocks), "float32")
         words = relax.TensorType((rows, layout.k_pad // 4), "int32")
         qa = bb.emit(relax.call_tir(gv, [a], [words, per_block, per_block]))
@@ -365,8 +365,7 @@ class QuantMoE:
         counts, offsets, active, num_active, pairs = tables[:5]
         name = "quant_group_gemm_down" if down else "quant_group_gemm_up"
         build = (self.cfg, self.sched, proj.layout, proj.kernel_shapes, self.dot, down)
-        func = memoized(kernels, (name, *build), lambda: _grouped_gemm(*build))
-        gv = bb.add_func(func, name)
+        gv = add_kernel(bb, kernels, name, _grouped_gemm, *build)
         consts = [relax.const(x) for x in (proj.codes, proj.scales, proj.zero, proj.bias)]
         args = [*self._activations(bb, a, proj.layout, kernels), *consts, weights]
         args += [pairs, offsets, counts, active, num_active]
@@ -374,7 +373,7 @@ class QuantMoE:
 
     def emit_up(self, bb, x, tables, slots, kernels=None):
         """``act (S, I)`` from ``x (T, H)`` and ``moe_align``'s tables (``kernels``: the memo
-        of ``moe_common.memoized``)."""
+        of ``moe_common.add_kernel``)."""
         from tvm import relax
 
         unread = relax.const(np.zeros((1,), np.float32))

@@ -18,6 +18,7 @@ nests otherwise.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Mapping
@@ -140,7 +141,7 @@ def emit_moe(
         Integer experts packed for the CPU: its grouped GEMMs replace ``group_gemm_*`` (``fc1``,
         ``fc2``, ``b1``, ``b2`` are then unused).
     kernels : dict, optional
-        The kernels built so far, by name and arguments (``moe_common.memoized``), reused
+        The kernels built so far, by name and arguments (``moe_common.add_kernel``), reused
         instead of built again.
     """
     from qiao.compiler.kernels.group_gemm import (
@@ -151,7 +152,7 @@ def emit_moe(
     )
     from qiao.compiler.kernels.moe_align import moe_align
     from qiao.compiler.kernels.moe_combine import moe_combine
-    from qiao.compiler.kernels.moe_common import memoized, num_blocks
+    from qiao.compiler.kernels.moe_common import add_kernel, num_blocks
     from qiao.compiler.kernels.moe_gating import moe_gating
 
     E, H, INTER, K, BM = cfg.num_experts, cfg.hidden, cfg.inter, cfg.top_k, schedule.block_m
@@ -162,12 +163,7 @@ def emit_moe(
     def tt(shape, dtype):
         return relax.TensorType(shape, dtype)
 
-    def add(name, build, *args, **kwargs):
-        # The kernels carry their name as global_symbol: MoE nodes of different configs would
-        # clash. Without it the builder names each kernel uniquely (an identical one is shared)
-        # and the build's AttachGlobalSymbol gives it that name.
-        key = (name, args, tuple(sorted(kwargs.items())))
-        return bb.add_func(memoized(kernels, key, lambda: build(*args, **kwargs)), name)
+    add = functools.partial(add_kernel, bb, kernels)  # add(name, build, *args, **kwargs)
 
     gating = add("moe_gating", moe_gating, E, K, cfg.normalize, gpu=gpu)
     align = add("moe_align", moe_align, E, K, BM, gpu=gpu)
