@@ -15,6 +15,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from qiao.compiler.content_cache import code_fingerprint
 from qiao.compiler.errors import ArtifactCorrupt, QiaoError, UnknownModel
 
 CACHE_SUBDIR = "decoders"
@@ -49,27 +50,6 @@ def folder_kind(path: str | os.PathLike) -> str | None:
     if os.path.isfile(os.path.join(path, "config.json")):
         return "hf"
     return None
-
-
-def _code_fingerprint() -> str:
-    """sha256 of qiao's Python sources and the TVM version: a compiled artifact depends on them."""
-    import tvm
-
-    import qiao.backends
-    import qiao.compiler
-    import qiao.models
-
-    digest = hashlib.sha256(f"tvm {tvm.__version__}".encode())
-    for package in (qiao.compiler, qiao.backends, qiao.models):
-        root = os.path.dirname(os.path.abspath(package.__file__))
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
-            for name in sorted(f for f in filenames if f.endswith(".py")):
-                path = os.path.join(dirpath, name)
-                digest.update(os.path.relpath(path, root).encode())
-                with open(path, "rb") as f:
-                    digest.update(f.read())
-    return digest.hexdigest()
 
 
 def _file_sha256(path: str, index: dict[str, Any]) -> str:
@@ -139,7 +119,7 @@ def cache_key(source: str | os.PathLike, target: str = "cpu", root: str | None =
     """The cache directory name of ``source`` compiled for ``target``: its name and the first 16
     hex digits of the hash of its content and of qiao's code."""
     text = os.fspath(source)
-    digest = hashlib.sha256(_code_fingerprint().encode())
+    digest = hashlib.sha256(code_fingerprint().encode())
     digest.update(target.encode())
     if folder_kind(text):
         digest.update(b"folder " + folder_sha256(text, root).encode())

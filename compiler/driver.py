@@ -120,14 +120,9 @@ def resolve_model(
             resolved = _resolve_genai(folder, spec.name, source, keep_external)
             resolved.spec = spec
             return resolved
-        proto = _export_to_proto(
-            spec.module,
-            spec.example_inputs,
-            input_names=spec.input_names,
-            output_names=spec.output_names,
-            dynamic_axes=spec.dynamic_axes,
-        )
-        source = {"kind": "builtin", "name": spec.name, "options": dict(model_options or {})}
+        options = dict(model_options or {})
+        proto = _builtin_proto(spec, options)
+        source = {"kind": "builtin", "name": spec.name, "options": options}
         return ResolvedModel(proto, spec.name, source, spec)
     import torch  # a dependency of qiao; imported here only to keep `import qiao` fast
 
@@ -154,6 +149,64 @@ def _export_to_proto(module, args, **kwargs) -> onnx.ModelProto:
         path = os.path.join(tmp, "model.onnx")
         export(module, args, path, **kwargs)
         return onnx.load(path)  # loads external data too
+
+
+# A built-in model's export is cached only below this much weight: a larger one is exported each
+# time rather than copied into the cache.
+BUILTIN_EXPORT_CACHE_BYTES = 1 << 30
+
+
+def _builtin_proto(spec, options: dict) -> onnx.ModelProto:
+    """A built-in model's ONNX, exported once for its content and kept in
+    ``$QIAO_CACHE_DIR/onnx``: the key hashes qiao's code, the exporting packages' versions, the
+    options, and the weights and example inputs the builder made (torch's export of one small model
+    takes seconds; the CLI and every test that names a built-in paid it each time)."""
+    import torch
+
+    from qiao.compiler.content_cache import cached_folder, code_fingerprint
+    from qiao.compiler.schedules.tuning import cache_dir
+
+    kwargs = dict(
+        input_names=spec.input_names,
+        output_names=spec.output_names,
+        dynamic_axes=spec.dynamic_axes,
+    )
+    tensors = [*spec.module.state_dict().items(), *enumerate(spec.example_inputs)]
+    if sum(t.numel() * t.element_size() for _, t in tensors) > BUILTIN_EXPORT_CACHE_BYTES:
+        return _export_to_proto(spec.module, spec.example_inputs, **kwargs)
+    digest = hashlib.sha256()
+    for name, t in tensors:
+        t = t.detach().reshape(-1).contiguous()
+        digest.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    key = {
+        "builtin": spec.name,
+        "options": options,
+        "export": kwargs,
+        "tensors": digest.hexdigest(),
+        "code": code_fingerprint(),
+        "versions": {p: _version(p) for p in ("torch", "torchvision", "onnxscript", "onnx")},
+    }
+
+    def make(tmp: str) -> None:
+        from qiao.compiler.export import export
+
+        export(spec.module, spec.example_inputs, os.path.join(tmp, "model.onnx"), **kwargs)
+
+    def complete(folder: str) -> bool:
+        return os.path.isfile(os.path.join(folder, "qiao_cache_key.json"))
+
+    folder = cached_folder(os.path.join(cache_dir(), "onnx"), spec.name, key, make, complete)
+    return onnx.load(os.path.join(folder, "model.onnx"))  # loads external data too
+
+
+def _version(package: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def model_files_sha256(path: str) -> str:

@@ -836,29 +836,11 @@ def cache_root() -> str:
 
 
 def _cached(name: str, key: Mapping[str, Any], make) -> str:
-    """The folder ``make(tmp_dir)`` writes, cached under ``cache_root()`` by the hash of ``key``;
-    written to a temporary sibling and renamed, so concurrent callers never see half a folder."""
-    blob = json.dumps(dict(key, export_version=EXPORT_VERSION), sort_keys=True, default=str)
-    digest = hashlib.sha256(blob.encode()).hexdigest()[:16]
-    root = cache_root()
-    final = os.path.join(root, f"{name}-{digest}")
-    if is_genai_folder(final):
-        return final
-    os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=root)
-    try:
-        make(tmp)
-        with open(os.path.join(tmp, "qiao_export.json"), "w") as f:
-            f.write(blob)
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process finished first: keep its copy
-            if not is_genai_folder(final):
-                raise
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    """The folder ``make(tmp_dir)`` writes, cached under ``cache_root()`` by the hash of ``key``."""
+    from qiao.compiler.content_cache import cached_folder
+
+    key = dict(key, export_version=EXPORT_VERSION)
+    return cached_folder(cache_root(), name, key, make, is_genai_folder, "qiao_export.json")
 
 
 def builtin_folder(spec) -> str:

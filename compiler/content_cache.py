@@ -1,0 +1,93 @@
+"""Content-keyed caches under ``$QIAO_CACHE_DIR``: a folder made once for a key (a hash of what
+made it) and reused by every later call, in this process or another, with the same key.
+
+``code_fingerprint`` hashes qiao's own sources, so an entry made by other code is never reused.
+``cached_folder`` writes a new entry to a temporary sibling and renames it into place: concurrent
+callers (xdist workers, two shells) never see half an entry, and the loser of a race keeps the
+winner's copy.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from typing import Any
+
+
+@functools.cache
+def code_fingerprint() -> str:
+    """sha256 of qiao's Python sources and the TVM version: a compiled artifact or an export
+    depends on them. Read once per process."""
+    import tvm
+
+    import qiao.backends
+    import qiao.compiler
+    import qiao.models
+
+    digest = hashlib.sha256(f"tvm {tvm.__version__}".encode())
+    for package in (qiao.compiler, qiao.backends, qiao.models):
+        root = os.path.dirname(os.path.abspath(package.__file__))
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+            for name in sorted(f for f in filenames if f.endswith(".py")):
+                path = os.path.join(dirpath, name)
+                digest.update(os.path.relpath(path, root).encode())
+                with open(path, "rb") as f:
+                    digest.update(f.read())
+    return digest.hexdigest()
+
+
+def cached_folder(
+    root: str,
+    name: str,
+    key: Mapping[str, Any],
+    make: Callable[[str], None],
+    complete: Callable[[str], bool],
+    key_file: str = "qiao_cache_key.json",
+) -> str:
+    """The folder ``make(tmp_dir)`` writes, kept at ``root/<name>-<hash of key>``.
+
+    Parameters
+    ----------
+    root : str
+        The cache's directory (created when missing).
+    name : str
+        A readable prefix of the entry's name.
+    key : mapping
+        Everything the folder's content depends on (JSON; other values by ``str``). Written into
+        the folder as ``key_file``.
+    make : callable
+        ``make(tmp_dir)`` fills a fresh, empty directory.
+    complete : callable
+        ``complete(folder)``: whether an existing entry is whole (a hit).
+
+    Returns
+    -------
+    str
+        The entry's path.
+    """
+    blob = json.dumps(dict(key), sort_keys=True, default=str)
+    digest = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    final = os.path.join(root, f"{name}-{digest}")
+    if complete(final):
+        return final
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=root)
+    try:
+        make(tmp)
+        with open(os.path.join(tmp, key_file), "w") as f:
+            f.write(blob)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process finished first: keep its copy
+            if not complete(final):
+                raise
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
