@@ -49,6 +49,7 @@ def cached_folder(
     make: Callable[[str], None],
     complete: Callable[[str], bool],
     key_file: str = "qiao_cache_key.json",
+    max_bytes: int | None = None,
 ) -> str:
     """The folder ``make(tmp_dir)`` writes, kept at ``root/<name>-<hash of key>``.
 
@@ -65,6 +66,9 @@ def cached_folder(
         ``make(tmp_dir)`` fills a fresh, empty directory.
     complete : callable
         ``complete(folder)``: whether an existing entry is whole (a hit).
+    max_bytes : int, optional
+        After a new entry is written, the least recently used entries of ``root`` are deleted
+        until all of them together take at most this much (the new one is kept).
 
     Returns
     -------
@@ -75,6 +79,7 @@ def cached_folder(
     digest = hashlib.sha256(blob.encode()).hexdigest()[:16]
     final = os.path.join(root, f"{name}-{digest}")
     if complete(final):
+        _touch(os.path.join(final, key_file))
         return final
     os.makedirs(root, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=root)
@@ -90,4 +95,45 @@ def cached_folder(
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+    if max_bytes is not None:
+        _prune(root, key_file, max_bytes, keep=final)
     return final
+
+
+def _touch(path: str) -> None:
+    try:
+        os.utime(path)  # the entry's last use, for _prune
+    except OSError:
+        pass
+
+
+def _folder_bytes(folder: str) -> int:
+    total = 0
+    for dirpath, _, filenames in os.walk(folder):
+        for name in filenames:
+            try:
+                total += os.path.getsize(os.path.join(dirpath, name))
+            except OSError:
+                pass
+    return total
+
+
+def _prune(root: str, key_file: str, max_bytes: int, keep: str) -> None:
+    """Delete the least recently used entries of ``root`` (by their key file's modification time)
+    until the entries take at most ``max_bytes``; ``keep`` stays. Best effort: another process
+    may be deleting or reading the same entries."""
+    entries = []
+    for name in os.listdir(root):
+        folder = os.path.join(root, name)
+        try:
+            used = os.path.getmtime(os.path.join(folder, key_file))
+        except OSError:
+            continue  # not an entry (a temporary folder being written, a stray file)
+        entries.append((used, folder, _folder_bytes(folder)))
+    total = sum(size for _, _, size in entries)
+    for _, folder, size in sorted(entries):
+        if total <= max_bytes:
+            break
+        if folder != keep:
+            shutil.rmtree(folder, ignore_errors=True)
+            total -= size

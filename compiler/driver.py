@@ -151,9 +151,11 @@ def _export_to_proto(module, args, **kwargs) -> onnx.ModelProto:
         return onnx.load(path)  # loads external data too
 
 
-# A built-in model's export is cached only below this much weight: a larger one is exported each
-# time rather than copied into the cache.
+# A built-in model's export is cached only below this much weight (a larger one is exported each
+# time rather than copied into the cache), and the cache keeps its most recently used exports up to
+# EXPORT_CACHE_TOTAL_BYTES.
 BUILTIN_EXPORT_CACHE_BYTES = 1 << 30
+EXPORT_CACHE_TOTAL_BYTES = 4 << 30
 
 
 def _builtin_proto(spec, options: dict) -> onnx.ModelProto:
@@ -172,7 +174,10 @@ def _builtin_proto(spec, options: dict) -> onnx.ModelProto:
         dynamic_axes=spec.dynamic_axes,
     )
     tensors = [*spec.module.state_dict().items(), *enumerate(spec.example_inputs)]
-    if sum(t.numel() * t.element_size() for _, t in tensors) > BUILTIN_EXPORT_CACHE_BYTES:
+    if (
+        not all(isinstance(t, torch.Tensor) for _, t in tensors)
+        or sum(t.numel() * t.element_size() for _, t in tensors) > BUILTIN_EXPORT_CACHE_BYTES
+    ):
         return _export_to_proto(spec.module, spec.example_inputs, **kwargs)
     digest = hashlib.sha256()
     for name, t in tensors:
@@ -196,7 +201,8 @@ def _builtin_proto(spec, options: dict) -> onnx.ModelProto:
     def complete(folder: str) -> bool:
         return os.path.isfile(os.path.join(folder, "qiao_cache_key.json"))
 
-    folder = cached_folder(os.path.join(cache_dir(), "onnx"), spec.name, key, make, complete)
+    root = os.path.join(cache_dir(), "onnx")
+    folder = cached_folder(root, spec.name, key, make, complete, max_bytes=EXPORT_CACHE_TOTAL_BYTES)
     return onnx.load(os.path.join(folder, "model.onnx"))  # loads external data too
 
 

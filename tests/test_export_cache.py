@@ -81,3 +81,23 @@ def test_a_model_over_the_limit_is_not_cached(exports, tmp_path, monkeypatch):
     driver.resolve_model("mlp", None, None, True)
     assert len(exports) == 2
     assert not (tmp_path / "onnx").exists()
+
+
+def test_the_least_recently_used_exports_go_past_the_size_limit(exports, tmp_path, monkeypatch):
+    from qiao.compiler.content_cache import _folder_bytes
+
+    root = tmp_path / "onnx"
+    for seed in (0, 1):  # same sizes, other weights
+        driver.resolve_model("mlp", None, {"seed": seed}, True)
+    first, second = sorted(
+        root.iterdir(), key=lambda p: (p / "qiao_cache_key.json").stat().st_mtime
+    )
+    size = _folder_bytes(str(first))
+    monkeypatch.setattr(driver, "EXPORT_CACHE_TOTAL_BYTES", int(2.5 * size))
+    driver.resolve_model("mlp", None, {"seed": 0}, True)  # a hit: now the most recently used
+    assert len(exports) == 2
+    driver.resolve_model("mlp", None, {"seed": 2}, True)  # a third entry: seed 1 goes
+    assert len(exports) == 3
+    assert first.exists() and not second.exists() and len(list(root.iterdir())) == 2
+    driver.resolve_model("mlp", None, {"seed": 1}, True)  # exported again
+    assert len(exports) == 4
