@@ -333,6 +333,42 @@ def test_tuner_places_the_experts_as_the_runner_does(monkeypatch):
     assert times["up"] > 0 and times["down"] > 0
 
 
+def test_tuner_compiles_each_kernel_once(monkeypatch):
+    """A schedule scored on several token counts, or on one GEMM, compiles each of its kernels once
+    (the kernels are the same for every count); ``stages`` times only the GEMMs it names, a
+    changed schedule compiles again."""
+    from qiao.backends import get_backend
+    from qiao.compiler.kernels.moe_common import MoEConfig
+    from qiao.compiler.schedules import moe_table
+
+    compiled = []
+    real = moe_table._compile_kernel
+
+    def counting(func, target):
+        compiled.append(func)
+        return real(func, target)
+
+    monkeypatch.setattr(moe_table, "_compile_kernel", counting)
+    moe_table._stage_kernel.cache_clear()
+    moe_table._dispatch_kernels.cache_clear()
+    cfg = MoEConfig(4, 32, 16, 2, activation="relu")  # a config no other test times
+    cpu = get_backend("cpu").target("host")
+    sched = moe_table.lookup(cpu)
+    up = moe_table.time_stage_kernels(cpu, sched, cfg, 6, repeat=1, stages=("up",))
+    assert set(up) == {"up"} and up["up"] > 0
+    both = moe_table.time_stage_kernels(cpu, sched, cfg, 11, repeat=1)
+    assert set(both) == {"up", "down"} and both["down"] > 0
+    moe_table.time_stage_kernels(cpu, sched, cfg, 1, repeat=1)
+    assert len(compiled) == 2 + 2  # gating and alignment, then up, then down
+    other = sched.replace(tile_down=2 * sched.tile_down)
+    assert set(moe_table.time_stage_kernels(cpu, other, cfg, 6, repeat=1, stages=("down",))) == {
+        "down"
+    }
+    assert len(compiled) == 5
+    with pytest.raises(ValueError, match="unknown stages"):
+        moe_table.time_stage_kernels(cpu, sched, cfg, 6, repeat=1, stages=("gate",))
+
+
 def test_tuner_compiles_the_kernels_as_a_model_does():
     """The tuner's kernels (``moe_table._compile_kernel``) go through the schedule phase's loop
     passes as a compiled model's do: the gate/up epilogue's SiLU is a polynomial, not LLVM's

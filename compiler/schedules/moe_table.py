@@ -460,6 +460,19 @@ def _compile_kernel(func, target):
     return compile_cpu_kernel(mod["main"], target)
 
 
+@functools.lru_cache(maxsize=64)
+def _stage_kernel(stage: str, cfg, schedule: MoESchedule, target_json: str):
+    """The compiled gate/up (``stage`` "up") or down grouped GEMM of ``cfg`` under ``schedule``:
+    the tuner scores one schedule on several token counts (one kernel serves every count) and
+    keeps most fields between candidates, so each kernel is compiled once."""
+    import tvm
+
+    from qiao.compiler.kernels.group_gemm import group_gemm_down, group_gemm_up
+
+    build = group_gemm_up if stage == "up" else group_gemm_down
+    return _compile_kernel(build(cfg, schedule), tvm.target.Target(target_json))
+
+
 @functools.lru_cache(maxsize=16)
 def _dispatch_kernels(
     num_experts: int, top_k: int, normalize: bool, block_m: int, target_json: str
@@ -485,16 +498,19 @@ def time_stage_kernels(
     seed: int = 0,
     repeat: int = 5,
     weights=None,
+    stages: tuple[str, ...] = ("up", "down"),
 ) -> dict[str, float]:
     """Median seconds of the gate/up and down grouped GEMMs for ``tokens`` tokens on this machine.
 
     Gating and alignment run once (compiled for ``target``) to produce the real dispatch tables; the
     two GEMMs are then timed with TVM's evaluator. ``weights`` = (fc1, fc2) numpy arrays to reuse.
+    ``stages`` names the GEMMs to time ("up", "down"; the down GEMM reads the gate/up output
+    buffer whatever it holds). Compiled kernels are kept for the next call.
     """
     import numpy as np
     import tvm
 
-    from qiao.compiler.kernels.group_gemm import group_gemm_down, group_gemm_up, up_row_floats
+    from qiao.compiler.kernels.group_gemm import up_row_floats
     from qiao.compiler.kernels.moe_common import num_blocks
 
     E, H, INTER, K, BM = cfg.num_experts, cfg.hidden, cfg.inter, cfg.top_k, schedule.block_m
@@ -537,7 +553,9 @@ def time_stage_kernels(
     # the experts on the pages the runner gives them (huge pages: 4 KB ones rank TLB misses)
     fc1, fc2 = weight_tensor(weights[0], dev), weight_tensor(weights[1], dev)
     bias = nd(np.zeros((1,), np.float32))
-    act = empty((blocks * BM, INTER), "float32")
+    # real values (not whatever memory holds: denormals would slow the down GEMM) when it is timed
+    # without the gate/up GEMM writing them first
+    act = nd(rng.standard_normal((blocks * BM, INTER), dtype=np.float32))
     out = empty((tokens, K, H), "float32")
     up_args = [x, fc1, bias, ids, pairs, offsets, counts, active, nact, bexp, nblk, pslot, act]
     down_args = [
@@ -556,12 +574,14 @@ def time_stage_kernels(
         pslot,
         out,
     ]
+    unknown = set(stages) - {"up", "down"}
+    if unknown:
+        raise ValueError(f"unknown stages {sorted(unknown)}: pass 'up' and/or 'down'")
     result = {}
-    for name, func, args in (
-        ("up", group_gemm_up(cfg, schedule), up_args),
-        ("down", group_gemm_down(cfg, schedule), down_args),
-    ):
-        lib = _compile_kernel(func, target)
+    for name, args in (("up", up_args), ("down", down_args)):
+        if name not in stages:
+            continue
+        lib = _stage_kernel(name, cfg, schedule, str(target))
         timer = lib.mod.time_evaluator("main", dev, number=1, repeat=repeat, min_repeat_ms=20)
         timer(*args)
         result[name] = float(np.median(timer(*args).results))
@@ -620,7 +640,7 @@ def tune_cpu(
         "tokens_prefill": prefill,
     }
 
-    def measure(schedule, tokens):
+    def measure(schedule, tokens, stages=("up", "down")):
         nonlocal rng_weights
         if rng_weights is None:
             import numpy as np
@@ -630,7 +650,9 @@ def tune_cpu(
                 rng.standard_normal((cfg.num_experts, cfg.fc1_rows, cfg.hidden), dtype=np.float32),
                 rng.standard_normal((cfg.num_experts, cfg.hidden, cfg.inter), dtype=np.float32),
             )
-        return time_stage_kernels(target, schedule, cfg, tokens, repeat=repeat, weights=rng_weights)
+        return time_stage_kernels(
+            target, schedule, cfg, tokens, repeat=repeat, weights=rng_weights, stages=stages
+        )
 
     def both_gemms(schedule, *loads) -> float:
         # both GEMMs at each load (token counts): the score of the prefetch settings
@@ -661,7 +683,7 @@ def tune_cpu(
             sched = best.replace(**{fields[0]: mm, fields[1]: mn})
             if stage == "up":
                 sched = sched.replace(block_m=mm)
-            scores[(mm, mn)] = measure(sched, prefill)[stage]
+            scores[(mm, mn)] = measure(sched, prefill, (stage,))[stage]
             log(f"prefill T={prefill} {stage} micro {mm}x{mn}: {scores[(mm, mn)] * 1e3:.3f} ms")
         mm, mn = min(scores, key=scores.get)
         best = best.replace(**{fields[0]: mm, fields[1]: mn})
@@ -671,7 +693,7 @@ def tune_cpu(
     for field, options, stage in (("tile_up", tiles_up, "up"), ("tile_down", tiles_down, "down")):
         scores = {}
         for v in options:
-            scores[v] = measure(best.replace(**{field: v}), prefill)[stage]
+            scores[v] = measure(best.replace(**{field: v}), prefill, (stage,))[stage]
             log(f"prefill T={prefill} {field}={v}: {scores[v] * 1e3:.3f} ms")
         best = best.replace(**{field: min(scores, key=scores.get)})
         measurements[field] = {str(k): v for k, v in scores.items()}
@@ -683,7 +705,7 @@ def tune_cpu(
         mid = max(1, 8 * cfg.num_experts // cfg.top_k)
         scores = {}
         for c in chunks:
-            scores[c] = measure(best.replace(k_chunk=c), mid)["up"]
+            scores[c] = measure(best.replace(k_chunk=c), mid, ("up",))["up"]
             log(f"T={mid} up k_chunk={c}: {scores[c] * 1e3:.3f} ms")
         best = best.replace(k_chunk=min(scores, key=scores.get))
         measurements["k_chunk"] = {str(k): v for k, v in scores.items()}
