@@ -298,8 +298,11 @@ def test_norms_and_rotary(norms_and_rotary, batch, seq):
 
 
 # --- the model builder's Qwen3, end to end -------------------------------------------------------
-def _builder_qwen3(folder):
-    """A 2-layer random Qwen3 as a Hugging Face folder, then ONNX Runtime GenAI's builder on it."""
+@pytest.fixture(scope="module")
+def builder_qwen3(tmp_path_factory):
+    """A 2-layer random Qwen3 as a Hugging Face folder, then ONNX Runtime GenAI's builder on it
+    (9 s: made once for both cache layouts)."""
+    folder = tmp_path_factory.mktemp("builder_qwen3")
     hf = hf_qwen3_folder(folder / "hf", num_attention_heads=HQ, num_key_value_heads=HKV, head_dim=D)
     return Path(genai_builder(hf, folder / "genai"))
 
@@ -311,12 +314,12 @@ def _builder_qwen3(folder):
     "installed: pip install -e '.[test]'",
 )
 @pytest.mark.parametrize("kv_cache", ["copy", "inplace"])
-def test_builder_qwen3_prefill_and_decode(tmp_path, kv_cache):
+def test_builder_qwen3_prefill_and_decode(builder_qwen3, tmp_path, kv_cache):
     """Ragged batch 2 (prompts of 6 and 4 tokens, right-padded), then two decode steps, with the
     cache as a past of the previous length and as GenAI's shared buffer of the context length
     (in place: the shared buffer only, a growing past is too short for it): qiao's logits and
     present KV (its own present fed back) against ONNX Runtime's."""
-    folder = _builder_qwen3(tmp_path)
+    folder = builder_qwen3
     config = json.loads((folder / "genai_config.json").read_text())["model"]
     assert config["type"] == "qwen3" and config["decoder"]["num_key_value_heads"] == HKV
     context = config["context_length"]
