@@ -311,3 +311,37 @@ def test_tune_model_cli_shares_the_store_with_compile_tune(cache_dir, tmp_path):
     assert f"{tuning.device_key(_host_target())}: 3" in shown.stdout
     gpu = run_cli("tune", "model", "mlp", "--target", "cuda", env=env)
     assert gpu.returncode != 0 and "fix: use --target cpu" in gpu.stderr
+
+
+def test_a_candidate_that_crashes_the_measuring_child_costs_only_itself(tmp_path):
+    """A kernel that kills the measuring process (a store far outside its buffer) is recorded as
+    failed; the candidates after it are measured by a fresh child, and so are later specs."""
+    from tvm.script import tirx as T
+
+    from qiao.compiler.passes.shuffle_strided_loads import compile_cpu_kernel
+    from qiao.compiler.schedules import tuning
+
+    @T.prim_func
+    def fill(a: T.Buffer((64,), "float32")):
+        T.func_attr({"global_symbol": "main"})
+        for i in range(64):
+            a[i] = T.float32(1)
+
+    @T.prim_func
+    def crash(a: T.Buffer((64,), "float32")):
+        T.func_attr({"global_symbol": "main"})
+        a[T.int64(1) << T.int64(44)] = T.float32(1)  # 64 TB past the buffer: unmapped
+
+    paths = []
+    for name, func in (("fill", fill), ("crash", crash)):
+        paths.append(str(tmp_path / f"{name}.so"))
+        compile_cpu_kernel(func, _host_target()).export_library(paths[-1])
+    args = [{"shape": [64], "dtype": "float32"}]
+    assert tuning.measure_libraries([paths[0]], args, repeat=1)[0] > 0
+    first = tuning._CHILD.proc
+    seconds = tuning.measure_libraries([paths[0], paths[1], paths[0]], args, repeat=1)
+    assert seconds[1] is None and seconds[0] > 0 and seconds[2] > 0
+    assert tuning._CHILD.proc is not first  # the crashed child was replaced
+    again = tuning._CHILD.proc
+    assert tuning.measure_libraries([paths[0]], args, repeat=1)[0] > 0
+    assert tuning._CHILD.proc is again  # and the new one serves the next spec

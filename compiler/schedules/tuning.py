@@ -23,21 +23,25 @@ root holds the user's MoE schedule table (``moe_table.json``, see
 the core count, and the CPU model when compiling for the host. A record holds the tile, its time,
 the default tile's time, the confirmed gain over the default (``None``: the default), the trial
 count and the dimensions measured at; records of an older schedule version are ignored rather than
-misapplied. Candidates run in a separate process, so a kernel that crashes costs a trial, not the
-compile.
+misapplied. Candidates run in a separate process (one kept for the whole tune: starting it imports
+TVM), so a kernel that crashes costs a trial, not the compile.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
 import os
+import queue
 import re
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -384,17 +388,92 @@ def _finish(func, target):
     return rewrite_math(split_ragged_vector_loops(func))
 
 
-def _run_child(spec: dict) -> tuple[subprocess.CompletedProcess, list[dict]]:
-    """Run the measuring child on ``spec``; its process and the JSON rows it printed."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "qiao.compiler.schedules.tuning", "measure"],
-        input=json.dumps(spec),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    return proc, rows
+class _MeasuringChild:
+    """The measuring child process, kept between specs: starting one imports TVM (about 3 s), once
+    per tune instead of once or twice per kernel. A spec is one JSON line on its stdin; it prints
+    one JSON row per library measured, then ``{"done": true}``. A child that crashes (a
+    candidate's kernel) or runs past the timeout is gone: the next spec starts another."""
+
+    TIMEOUT = 600  # seconds per spec
+
+    def __init__(self):
+        self.proc: subprocess.Popen | None = None
+        self.lines: queue.Queue = queue.Queue()
+        self.stderr = None
+        self.lock = threading.Lock()
+
+    def _start(self) -> None:
+        self.stderr = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "qiao.compiler.schedules.tuning", "measure"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            text=True,
+        )
+        self.lines = queue.Queue()
+        threading.Thread(target=self._read, args=(self.proc, self.lines), daemon=True).start()
+
+    @staticmethod
+    def _read(proc: subprocess.Popen, lines: queue.Queue) -> None:
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)  # end of output: the child exited
+
+    def _stop(self) -> str:
+        """End the child; the tail of what it wrote on stderr."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return ""
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        self.stderr.seek(0)
+        tail = self.stderr.read()[-300:].decode(errors="replace")
+        self.stderr.close()
+        return tail
+
+    def run(self, spec: dict) -> tuple[bool, list[dict], str]:
+        """``(finished, rows, stderr tail)``: ``finished`` is False when the child died or timed
+        out before the end of ``spec`` (``rows`` holds what it measured first)."""
+        with self.lock:
+            if self.proc is None or self.proc.poll() is not None:
+                self._stop()
+                self._start()
+            rows: list[dict] = []
+            try:
+                self.proc.stdin.write(json.dumps(spec) + "\n")
+                self.proc.stdin.flush()
+            except OSError:
+                return False, rows, self._stop()
+            deadline = time.monotonic() + self.TIMEOUT
+            while True:
+                try:
+                    line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    return False, rows, self._stop()
+                if line is None:
+                    return False, rows, self._stop()
+                if not line.startswith("{"):
+                    continue
+                row = json.loads(line)
+                if row.get("done"):
+                    return True, rows, ""
+                rows.append(row)
+
+    def close(self) -> None:
+        with self.lock:
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.stdin.close()  # the child's loop ends
+                try:
+                    self.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    pass
+            self._stop()
+
+
+_CHILD = _MeasuringChild()
+atexit.register(_CHILD.close)
 
 
 def measure_rounds(
@@ -403,13 +482,13 @@ def measure_rounds(
     """Per library, its median seconds per call in each of ``rounds`` rounds (every round times
     every library in turn, ``flush`` bytes written before each call); ``None`` when any failed."""
     spec = {"paths": paths, "args": args, "repeat": repeat, "rounds": rounds, "flush": flush}
-    proc, rows = _run_child(spec)
+    finished, rows, _ = _CHILD.run(spec)
     times: list[list[float]] = [[] for _ in paths]
     for row in rows:
         if row.get("seconds") is None:
             return None
         times[row["index"]].append(row["seconds"])
-    if proc.returncode != 0 or any(len(t) != rounds for t in times):
+    if not finished or any(len(t) != rounds for t in times):
         return None
     return times
 
@@ -421,26 +500,34 @@ def measure_libraries(paths: list[str], args: list[dict], repeat: int = 5) -> li
     pending = list(range(len(paths)))
     while pending:
         spec = {"paths": [paths[i] for i in pending], "args": args, "repeat": repeat}
-        proc, rows = _run_child(spec)
+        finished, rows, stderr = _CHILD.run(spec)
         done = 0
         for row in rows:
             results[pending[row["index"]]] = row.get("seconds")
             done = max(done, row["index"] + 1)
-        if proc.returncode != 0:
+        if not finished:
             if done < len(pending):
                 results[pending[done]] = None  # the candidate that was running when it died
-                log.info("candidate %s crashed: %s", paths[pending[done]], proc.stderr[-300:])
+                log.info("candidate %s crashed: %s", paths[pending[done]], stderr)
             done += 1
         pending = pending[done:]
     return [results.get(i) for i in range(len(paths))]
 
 
 def _measure_main() -> int:
-    """Child process: read a spec on stdin, print one JSON line per library as it is measured."""
+    """Child process (``_MeasuringChild``): for each spec line on stdin, one JSON line per library
+    as it is measured, then ``{"done": true}``; ends with its stdin."""
+    for line in sys.stdin:
+        if line.strip():
+            _measure_spec(json.loads(line))
+            print(json.dumps({"done": True}), flush=True)
+    return 0
+
+
+def _measure_spec(spec: dict) -> None:
     import numpy as np
     import tvm
 
-    spec = json.loads(sys.stdin.read())
     rng = np.random.default_rng(0)
     from qiao.compiler.schedules.cpu_info import cpu_device
 
@@ -474,10 +561,9 @@ def _measure_main() -> int:
                 print(json.dumps(row), flush=True)
                 continue
             print(json.dumps({"index": index, "round": round_, "seconds": secs}), flush=True)
-    return 0
 
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["measure"]:
         sys.exit(_measure_main())
-    sys.exit(f"usage: {sys.argv[0]} measure  (spec on stdin)")
+    sys.exit(f"usage: {sys.argv[0]} measure  (one JSON spec per line on stdin)")
