@@ -313,9 +313,10 @@ def test_tune_model_cli_shares_the_store_with_compile_tune(cache_dir, tmp_path):
     assert gpu.returncode != 0 and "fix: use --target cpu" in gpu.stderr
 
 
-def test_a_candidate_that_crashes_the_measuring_child_costs_only_itself(tmp_path):
+def test_a_candidate_that_crashes_the_measuring_child_costs_only_itself(tmp_path, monkeypatch):
     """A kernel that kills the measuring process (a store far outside its buffer) is recorded as
-    failed; the candidates after it are measured by a fresh child, and so are later specs."""
+    failed; the candidates after it are measured by a fresh child, which serves later specs
+    until the environment changes."""
     from tvm.script import tirx as T
 
     from qiao.compiler.passes.shuffle_strided_loads import compile_cpu_kernel
@@ -345,3 +346,6 @@ def test_a_candidate_that_crashes_the_measuring_child_costs_only_itself(tmp_path
     again = tuning._CHILD.proc
     assert tuning.measure_libraries([paths[0]], args, repeat=1)[0] > 0
     assert tuning._CHILD.proc is again  # and the new one serves the next spec
+    monkeypatch.setenv("TVM_NUM_THREADS", "1")
+    assert tuning.measure_libraries([paths[0]], args, repeat=1)[0] > 0
+    assert tuning._CHILD.proc is not again  # a child of the new environment

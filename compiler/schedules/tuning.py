@@ -392,7 +392,8 @@ class _MeasuringChild:
     """The measuring child process, kept between specs: starting one imports TVM (about 3 s), once
     per tune instead of once or twice per kernel. A spec is one JSON line on its stdin; it prints
     one JSON row per library measured, then ``{"done": true}``. A child that crashes (a
-    candidate's kernel) or runs past the timeout is gone: the next spec starts another."""
+    candidate's kernel) or runs past the timeout is gone, and one started under another
+    environment (``TVM_NUM_THREADS``...) is ended: the next spec starts another."""
 
     TIMEOUT = 600  # seconds per spec
 
@@ -400,10 +401,12 @@ class _MeasuringChild:
         self.proc: subprocess.Popen | None = None
         self.lines: queue.Queue = queue.Queue()
         self.stderr = None
+        self.env: dict[str, str] = {}
         self.lock = threading.Lock()
 
     def _start(self) -> None:
         self.stderr = tempfile.TemporaryFile()
+        self.env = dict(os.environ)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "qiao.compiler.schedules.tuning", "measure"],
             stdin=subprocess.PIPE,
@@ -437,7 +440,7 @@ class _MeasuringChild:
         """``(finished, rows, stderr tail)``: ``finished`` is False when the child died or timed
         out before the end of ``spec`` (``rows`` holds what it measured first)."""
         with self.lock:
-            if self.proc is None or self.proc.poll() is not None:
+            if self.proc is None or self.proc.poll() is not None or self.env != dict(os.environ):
                 self._stop()
                 self._start()
             rows: list[dict] = []
