@@ -47,7 +47,7 @@ def cached_folder(
     name: str,
     key: Mapping[str, Any],
     make: Callable[[str], None],
-    complete: Callable[[str], bool],
+    complete: Callable[[str], bool] | None = None,
     key_file: str = "qiao_cache_key.json",
     max_bytes: int | None = None,
 ) -> str:
@@ -64,8 +64,9 @@ def cached_folder(
         the folder as ``key_file``.
     make : callable
         ``make(tmp_dir)`` fills a fresh, empty directory.
-    complete : callable
-        ``complete(folder)``: whether an existing entry is whole (a hit).
+    complete : callable, optional
+        ``complete(folder)``: whether an existing entry is whole (a hit). Default: its key file
+        is there (written last, before the rename).
     max_bytes : int, optional
         After a new entry is written, the least recently used entries of ``root`` are deleted
         until all of them together take at most this much (the new one is kept).
@@ -75,6 +76,11 @@ def cached_folder(
     str
         The entry's path.
     """
+    if complete is None:
+
+        def complete(folder: str) -> bool:
+            return os.path.isfile(os.path.join(folder, key_file))
+
     blob = json.dumps(dict(key), sort_keys=True, default=str)
     digest = hashlib.sha256(blob.encode()).hexdigest()[:16]
     final = os.path.join(root, f"{name}-{digest}")

@@ -166,6 +166,7 @@ def _builtin_proto(spec, options: dict) -> onnx.ModelProto:
     import torch
 
     from qiao.compiler.content_cache import cached_folder, code_fingerprint
+    from qiao.compiler.fingerprint import dist_version
     from qiao.compiler.schedules.tuning import cache_dir
 
     kwargs = dict(
@@ -190,7 +191,7 @@ def _builtin_proto(spec, options: dict) -> onnx.ModelProto:
         "export": kwargs,
         "tensors": digest.hexdigest(),
         "code": code_fingerprint(),
-        "versions": {p: _version(p) for p in ("torch", "torchvision", "onnxscript", "onnx")},
+        "versions": {p: dist_version(p) for p in ("torch", "torchvision", "onnxscript", "onnx")},
     }
 
     def make(tmp: str) -> None:
@@ -198,21 +199,9 @@ def _builtin_proto(spec, options: dict) -> onnx.ModelProto:
 
         export(spec.module, spec.example_inputs, os.path.join(tmp, "model.onnx"), **kwargs)
 
-    def complete(folder: str) -> bool:
-        return os.path.isfile(os.path.join(folder, "qiao_cache_key.json"))
-
     root = os.path.join(cache_dir(), "onnx")
-    folder = cached_folder(root, spec.name, key, make, complete, max_bytes=EXPORT_CACHE_TOTAL_BYTES)
+    folder = cached_folder(root, spec.name, key, make, max_bytes=EXPORT_CACHE_TOTAL_BYTES)
     return onnx.load(os.path.join(folder, "model.onnx"))  # loads external data too
-
-
-def _version(package: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def model_files_sha256(path: str) -> str:

@@ -180,14 +180,19 @@ def gpu_info(run: Callable[[list[str]], str | None] = _command_output) -> list[d
     return gpus
 
 
+def dist_version(dist: str) -> str | None:
+    """The installed version of distribution ``dist`` (``None``: not installed)."""
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def software_versions() -> dict[str, str | None]:
     """Installed versions of qiao and the engines it is compared with (``None``: not installed)."""
     out: dict[str, str | None] = {"python": platform.python_version()}
     for dist in SOFTWARE:
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
+        out[dist] = dist_version(dist)
     try:
         import onnxruntime
 

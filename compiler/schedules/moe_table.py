@@ -504,9 +504,13 @@ def time_stage_kernels(
 
     Gating and alignment run once (compiled for ``target``) to produce the real dispatch tables; the
     two GEMMs are then timed with TVM's evaluator. ``weights`` = (fc1, fc2) numpy arrays to reuse.
-    ``stages`` names the GEMMs to time ("up", "down"; the down GEMM reads the gate/up output
-    buffer whatever it holds). Compiled kernels are kept for the next call.
+    ``stages`` names the GEMMs to time ("up", "down"; the activations the down GEMM reads start
+    random, so timed alone it never reads an uninitialised buffer). Compiled kernels are kept for
+    the next call.
     """
+    unknown = set(stages) - {"up", "down"}
+    if unknown:
+        raise ValueError(f"unknown stages {sorted(unknown)}: pass 'up' and/or 'down'")
     import numpy as np
     import tvm
 
@@ -574,9 +578,6 @@ def time_stage_kernels(
         pslot,
         out,
     ]
-    unknown = set(stages) - {"up", "down"}
-    if unknown:
-        raise ValueError(f"unknown stages {sorted(unknown)}: pass 'up' and/or 'down'")
     result = {}
     for name, args in (("up", up_args), ("down", down_args)):
         if name not in stages:
