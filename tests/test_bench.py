@@ -549,3 +549,29 @@ def test_bench_compiles_with_dim_ranges(tmp_path):
     proc = run_cli("bench", "mlp", "--batch", "1", "--baseline", "none", "--dim-range", "batch=1")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "fix: write it as NAME=LO:HI" in proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize("json_out", [False, True])
+def test_cli_report_exits_1_on_a_mismatch(tmp_path, capsys, json_out):
+    """`qiao bench` and `qiao bench --generate` report through one path: the result is written
+    (``--output``) and printed as JSON or as the formatter's table, and a case whose outputs
+    differ from a baseline's names the case on stderr and exits 1 (timings of wrong results)."""
+    from argparse import Namespace
+
+    from qiao.compiler.cli.bench import _report
+
+    def case(ok):
+        return {"target": "cpu", "size": "batch=1", "check": {"onnxruntime": {"ok": ok}}}
+
+    for ok, code in ((True, 0), (False, 1)):
+        out = tmp_path / f"{ok}.json"
+        result = {"cases": [case(True), case(ok)]}
+        args = Namespace(output=str(out), json=json_out)
+        assert _report(args, result, lambda r: f"table of {len(r['cases'])}", "bad ({})") == code
+        assert json.loads(out.read_text()) == result
+        printed = capsys.readouterr()
+        if json_out:
+            assert json.loads(printed.out) == result
+        else:
+            assert printed.out == f"table of 2\nwrote {out}\n"
+        assert printed.err == ("" if ok else "qiao bench: bad (cpu batch=1 vs onnxruntime)\n")

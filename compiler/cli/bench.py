@@ -107,7 +107,7 @@ def _progress(quiet: bool):
 
 
 def main(args) -> int:
-    from qiao.compiler.bench import bench, format_result, mismatches, parse_sizes, write_result
+    from qiao.compiler.bench import bench, format_result, parse_sizes
 
     if args.generate:
         return _generate(args)
@@ -137,28 +137,17 @@ def main(args) -> int:
     finally:
         if show is not None:
             sys.stderr.write("\r\033[K")
-    if args.output:
-        write_result(result, args.output)
-    if args.json:
-        json.dump(result, sys.stdout, indent=1)
-        sys.stdout.write("\n")
-    else:
-        print(format_result(result))
-        if args.output:
-            print(f"wrote {args.output}")
-    bad = mismatches(result)
-    if bad:
-        print(
-            f"qiao bench: outputs differ from a baseline ({'; '.join(bad)}): these timings are of "
-            "wrong results. fix: run `qiao validate` on the model and report it",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+    return _report(
+        args,
+        result,
+        format_result,
+        "outputs differ from a baseline ({}): these timings are of wrong results. fix: run "
+        "`qiao validate` on the model and report it",
+    )
 
 
 def _generate(args) -> int:
-    from qiao.compiler.bench import mismatches, parse_sizes, write_result
+    from qiao.compiler.bench import parse_sizes
     from qiao.compiler.bench.generate import bench_generate, format_generate
 
     if args.tokens:
@@ -185,21 +174,32 @@ def _generate(args) -> int:
     finally:
         if show is not None:
             sys.stderr.write("\r\033[K")
+    return _report(
+        args,
+        result,
+        format_generate,
+        "greedy tokens differ from a baseline's ({}). fix: run `qiao generate` on both and "
+        "report it",
+    )
+
+
+def _report(args, result: dict, formatter, mismatch: str) -> int:
+    """Write ``result`` (``--output``), print it (JSON or ``formatter``'s table); 1 where an
+    engine's outputs differ from a baseline's (``mismatch``, its ``{}`` the differences), else
+    0."""
+    from qiao.compiler.bench import mismatches, write_result
+
     if args.output:
         write_result(result, args.output)
     if args.json:
         json.dump(result, sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
-        print(format_generate(result))
+        print(formatter(result))
         if args.output:
             print(f"wrote {args.output}")
     bad = mismatches(result)
     if bad:
-        print(
-            f"qiao bench: greedy tokens differ from a baseline's ({'; '.join(bad)}). fix: run "
-            "`qiao generate` on both and report it",
-            file=sys.stderr,
-        )
+        print(f"qiao bench: {mismatch.format('; '.join(bad))}", file=sys.stderr)
         return 1
     return 0
