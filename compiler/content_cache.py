@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -93,6 +94,7 @@ def cached_folder(
         make(tmp)
         with open(os.path.join(tmp, key_file), "w") as f:
             f.write(blob)
+        _touch(os.path.join(tmp, key_file))
         try:
             os.rename(tmp, final)
         except OSError:  # another process finished first: keep its copy
@@ -107,8 +109,12 @@ def cached_folder(
 
 
 def _touch(path: str) -> None:
+    """Stamp ``path`` with the entry's last use, for ``_prune``: the clock's own time, not the
+    kernel's (``os.utime(path)`` and a write stamp the time of the last scheduler tick, a few ms
+    coarse, so an entry written and another used within one tick tied and pruning took either)."""
+    now = time.time_ns()
     try:
-        os.utime(path)  # the entry's last use, for _prune
+        os.utime(path, ns=(now, now))
     except OSError:
         pass
 
