@@ -2,11 +2,16 @@
 
 Shapes: fp32 1024³ and every matmul of the built-in transformer layer (hidden 256, intermediate
 688, 8 query / 2 KV heads of 32) at batch 1 × 128 and batch 16 × 128 tokens. Each kernel is built
-the way a model compile builds it: a Relax ``matmul`` legalised and fused, the row dimension
-symbolic (one kernel for every token count), scheduled by the CPU schedule phase (default schedule,
-no tuning records). The figure per case is the median over interleaved rounds of qiao's GFLOP/s
-divided by NumPy's (``ratio`` in the extra info); issue 16's floor is 0.9 (the smoke case's
-shape is not one of its cases).
+the way a model compile builds it: a Relax ``matmul`` legalised, the row dimension symbolic (one
+kernel for every token count), scheduled by the CPU schedule phase (default schedule, no tuning
+records), compiled by the CPU backend's TIR pipeline. A 2-D case is a linear layer (an ONNX
+``MatMul`` with the weight an initializer): its weight packing is lifted to load time
+(``LiftWeightPacking``) and runs once, as the runner does, and the timed call multiplies by the
+packed weight; the same GEMM packing the weight on every call is timed beside it and printed for
+information. A batched case is attention's ``Q·Kᵀ`` or ``P·V``: both operands are activations.
+The figure per case is the median over interleaved rounds of qiao's GFLOP/s divided by NumPy's
+(``ratio`` in the extra info); issue 16's floor is 0.9 (the smoke case's shape is not one of its
+cases).
 
     pytest benchmarks/test_gemm.py --benchmark-only -s          # full; prints each ratio
     QIAO_BENCH_SMOKE=1 pytest benchmarks/test_gemm.py -q        # CI: small shapes, one round
@@ -56,13 +61,41 @@ def _with_arch(case):
     return pytest.param(*values, *([None] * (5 - len(values))), id=case.id, marks=case.marks)
 
 
-def _kernel(batch, k, n, arch=None):
-    """The scheduled, compiled kernel ``x[batch?, m, k] @ w[batch?, k, n]`` (``m`` symbolic), for
-    the host's CPU or ``arch``."""
+def _called(mod, caller: str) -> list:
+    """The PrimFuncs the Relax function ``caller`` of ``mod`` calls, in order."""
+    from tvm import relax, tirx
+
+    if caller not in [g.name_hint for g, _ in mod.functions_items()]:
+        return []
+    found = []
+    for block in mod[caller].body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            if isinstance(value, relax.Call) and value.args:
+                callee = value.args[0]
+                if isinstance(callee, relax.GlobalVar):
+                    func = mod[callee]
+                    if isinstance(func, tirx.PrimFunc):
+                        found.append(func)
+    return found
+
+
+def _kernels(batch, k, n, arch=None):
+    """``((pack, packed_shape), kernel, per_call)``: the GEMM
+    ``x[batch?, m, k] @ w[batch?, k, n]`` (``m`` symbolic) built as a model compile builds it,
+    compiled for the host's CPU or ``arch``.
+
+    2-D (a linear layer, ``w`` a weight): ``pack(w, w_packed)`` is the weight packing the
+    pipeline lifts to load time (``LiftWeightPacking``), ``kernel(x, w_packed, out)`` what runs
+    per call, and ``per_call(x, w, out)`` the same GEMM packing ``w`` on every call (a weight
+    that changes per call; informational). Batched (attention's ``Q·Kᵀ``, ``P·V``: both operands
+    activations): the first and the last are None and ``kernel(x, w, out)``."""
     import tvm
     from tvm import relax
 
     from qiao.backends.cpu import CPUBackend
+    from qiao.compiler.passes.shuffle_strided_loads import compile_cpu_kernel
+    from qiao.compiler.pipeline import lift_params_passes
     from qiao.compiler.schedules import schedule_passes
 
     target = CPUBackend().target(arch)
@@ -71,17 +104,29 @@ def _kernel(batch, k, n, arch=None):
     lead = (batch,) if batch else ()
     x = relax.Var("x", relax.TensorType(lead + (m, k), "float32"))
     w = relax.Var("w", relax.TensorType(lead + (k, n), "float32"))
-    with bb.function("main", [x, w]):
+    # the model's inputs: x alone against a weight, both for attention's matmuls
+    with bb.function("main", [x, w], attrs={"num_input": 2 if batch else 1}):
         with bb.dataflow():
             out = bb.emit_output(relax.op.matmul(x, w))
         bb.emit_func_output(out)
     mod = bb.get()
     passes = [relax.transform.LegalizeOps(), *schedule_passes(target, {"use_tuning_db": False})]
     with target:
-        mod = tvm.transform.Sequential(passes)(mod)
-    (func,) = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
-    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
-    return lib.jit()["main"]
+        scheduled = tvm.transform.Sequential(passes)(mod)
+        lifted = tvm.transform.Sequential(lift_params_passes(target))(scheduled)
+
+    def build(func):
+        return compile_cpu_kernel(func, target).jit()["main"]
+
+    (kernel,) = _called(lifted, "main")
+    packs = _called(lifted, "main_transform_params")
+    if batch:
+        assert not packs, "attention's operands are activations: nothing to pack at load"
+        return None, build(kernel), None
+    (pack,) = packs
+    (whole,) = _called(scheduled, "main")
+    packed_shape = tuple(int(d) for d in pack.params[-1].ty.shape)
+    return (build(pack), packed_shape), build(kernel), build(whole)
 
 
 @pytest.mark.parametrize("batch, m, k, n, arch", [_with_arch(c) for c in CASES])
@@ -95,7 +140,7 @@ def test_gemm_vs_numpy(benchmark, smoke, batch, m, k, n, arch):
     missing = missing_here(CPUBackend().target(arch)) if arch else []
     if missing:
         pytest.skip(f"this host cannot run {arch} code: it lacks {missing}")
-    fn = _kernel(batch, k, n, arch)
+    packing, fn, per_call = _kernels(batch, k, n, arch)
     rng = np.random.default_rng(0)
     lead = (batch,) if batch else ()
     a = rng.standard_normal(lead + (m, k)).astype("float32")
@@ -103,33 +148,47 @@ def test_gemm_vs_numpy(benchmark, smoke, batch, m, k, n, arch):
     dev = cpu_device()
     ta, tb = tvm.runtime.tensor(a, dev), tvm.runtime.tensor(b, dev)
     tc = tvm.runtime.tensor(np.zeros(lead + (m, n), "float32"), dev)
-    fn(ta, tb, tc)
+    if packing is not None:  # once, as the runner does at load
+        pack, packed_shape = packing
+        tw = tvm.runtime.empty(packed_shape, "float32", dev)
+        pack(tb, tw)
+    else:
+        tw = tb
+    fn(ta, tw, tc)
     np.testing.assert_allclose(tc.numpy(), np.matmul(a, b), rtol=1e-4, atol=1e-3)
-
-    def ours():
-        fn(ta, tb, tc)
-
-    def numpy_sgemm():
-        np.matmul(a, b)
+    engines = {"qiao": lambda: fn(ta, tw, tc), "numpy": lambda: np.matmul(a, b)}
+    if per_call is not None:
+        td = tvm.runtime.tensor(np.zeros(lead + (m, n), "float32"), dev)
+        per_call(ta, tb, td)
+        np.testing.assert_allclose(td.numpy(), np.matmul(a, b), rtol=1e-4, atol=1e-3)
+        engines["packing_per_call"] = lambda: per_call(ta, tb, td)
 
     flops = 2.0 * (batch or 1) * m * n * k
     # The smoke shape (one 64³ block: call overhead more than arithmetic) is not an issue case.
     floor = None if (m, k, n) == (64, 64, 64) else FLOOR
-    times = interleaved({"qiao": ours, "numpy": numpy_sgemm}, 15, 0.05, smoke=smoke)
-    ours_s, ref_s = times["qiao"], times["numpy"]
+    times = interleaved(engines, 15, 0.05, smoke=smoke)
     ratio = statistics.median(round_ratios(times, "numpy"))
+
+    def gflops(name):
+        return flops / statistics.median(times[name]) / 1e9
+
     benchmark.group = f"gemm {'x'.join(map(str, [batch or 1, m, k, n]))} {arch or 'host'}"
     benchmark.extra_info.update(
-        ratio=ratio,
-        qiao_gflops=flops / statistics.median(ours_s) / 1e9,
-        numpy_gflops=flops / statistics.median(ref_s) / 1e9,
-        floor=floor,
+        ratio=ratio, qiao_gflops=gflops("qiao"), numpy_gflops=gflops("numpy"), floor=floor
     )
-    benchmark.pedantic(ours, rounds=1 if smoke else 5, iterations=1)
-    print(
-        f"\n  gemm {benchmark.group}: qiao {benchmark.extra_info['qiao_gflops']:.1f} GFLOP/s, "
-        f"numpy {benchmark.extra_info['numpy_gflops']:.1f} GFLOP/s, ratio {ratio:.2f}"
+    line = (
+        f"qiao {gflops('qiao'):.1f} GFLOP/s, numpy {gflops('numpy'):.1f} GFLOP/s, ratio {ratio:.2f}"
     )
+    if per_call is not None:
+        # informational: the weight packed on every call instead of once at load
+        per_call_ratio = statistics.median(round_ratios(times, "numpy", "packing_per_call"))
+        per_call_gflops = gflops("packing_per_call")
+        benchmark.extra_info.update(
+            packing_per_call_gflops=per_call_gflops, packing_per_call_ratio=per_call_ratio
+        )
+        line += f" (packing the weight per call {per_call_gflops:.1f}, {per_call_ratio:.2f})"
+    benchmark.pedantic(engines["qiao"], rounds=1 if smoke else 5, iterations=1)
+    print(f"\n  gemm {benchmark.group}: {line}")
     if os.environ.get("QIAO_BENCH_ENFORCE") == "1" and not smoke and floor is not None:
         assert ratio >= floor, f"{benchmark.group}: {ratio:.2f} of numpy's GFLOP/s < {floor}"
 
