@@ -366,6 +366,78 @@ def test_short_rows_are_one_vector_group(arch, size):
     assert ("pad_temp_tail" in names) == (size > lanes), names
 
 
+def test_chained_rows():
+    """Rows of a plane that share each window tap, against the registers the weights leave."""
+    from qiao.compiler.schedules.cpu_conv import chained_rows
+
+    # AVX-512 (32 registers), a 5x5 window: 25 weights stay in registers, 5 left for sums
+    assert chained_rows(14, 16, 16, 32, 25) == 2
+    assert chained_rows(7, 8, 16, 32, 25) == 7  # prime height: the whole 7x7 map
+    assert chained_rows(28, 32, 16, 32, 25) == 2  # two vectors a row
+    # a 3x3 window: a quarter of the registers for sums
+    assert chained_rows(28, 16, 16, 32, 9) == 7
+    assert chained_rows(56, 16, 16, 32, 9) == 8
+    # AVX2 (16 registers): a 5x5 window's weights are broadcast from memory, a 3x3 one's kept
+    assert chained_rows(28, 8, 8, 16, 25) == 4
+    assert chained_rows(14, 16, 8, 16, 25) == 2
+    assert chained_rows(14, 8, 8, 16, 9) == 2
+    assert chained_rows(7, 8, 8, 16, 9) == 7
+    # nothing to gain: one row, a symbolic height, rows too wide for two sums
+    assert chained_rows(1, 16, 16, 32, 25) == 1
+    assert chained_rows(None, 16, 16, 32, 25) == 1
+    assert chained_rows(14, 64, 8, 16, 25) == 1
+
+
+@pytest.mark.parametrize("epilogue", ["bias relu6", "bias silu"])
+@pytest.mark.parametrize("arch", [None, "x86-64-v3"], ids=["host", "avx2"])
+def test_rows_share_each_window_tap(arch, epilogue):
+    """A 5x5 depthwise convolution over 16x16 planes sums ``chained_rows`` output rows tap by
+    tap (the row loop unrolled inside the window loops: independent chains of multiply-adds,
+    one load of an input row for every row it feeds), and a cheap epilogue runs over those rows
+    unrolled, not as a loop LLVM vectorises across the rows with gathers and scatters. Code
+    generation for both ISAs (the numbers: ``test_depthwise_conv_matches_torch``, which runs
+    chained rows on this host)."""
+    from tvm import tirx
+
+    from qiao.backends.cpu import CPUBackend
+    from qiao.compiler.schedules.cpu_conv import chained_rows
+
+    target = CPUBackend().target(arch)
+    info = cpu_info(target)
+    lanes = info.lanes("float32")
+    func = _kernel(_depthwise(12, 16, 1, 2, 5, epilogue), "conv2d")
+    scheduled, rule = _schedule(func, target)
+    assert rule == "CPUWindowReduction"
+    together = chained_rows(16, 16, lanes, info.vector_registers, 25)
+    assert together > 1
+    inside_taps = []
+
+    def on_for(loop):
+        if loop.kind == tirx.ForKind.UNROLLED and int(loop.extent) == 5:
+            tvm_ffi.structural_walk(
+                loop.body,
+                [
+                    (
+                        tirx.For,
+                        lambda inner: (
+                            inside_taps.append(int(inner.extent))
+                            if inner.kind == tirx.ForKind.UNROLLED
+                            else None
+                        ),
+                    )
+                ],
+            )
+
+    tvm_ffi.structural_walk(scheduled.body, [(tirx.For, on_for)])
+    assert together in inside_taps, f"no unrolled loop of {together} rows inside the taps"
+    text = scheduled.script()
+    if "silu" not in epilogue:
+        serial = [ln.strip() for ln in text.splitlines() if f"in range(T.int64({together}))" in ln]
+        assert not serial, f"the epilogue loops over the chained rows: {serial}"
+    if arch is None:
+        _check_depthwise(func, target, 12, 16, 1, 2, 5, epilogue)
+
+
 def _calls(func, op: str) -> list:
     """The calls of Relax operator ``op`` in ``func``."""
     import tvm_ffi
