@@ -49,6 +49,9 @@ MAX_WINDOW = 64
 MIN_PARALLEL_WORK = 1 << 16
 # Windows of at least this many taps take a short row as one vector group (``_row_vector_width``).
 WHOLE_ROW_TAPS = 16
+# A plane of at most this many rows whose height no register budget divides (7x7: prime) sums
+# all its rows together (``chained_rows``), weights spilled or not.
+SMALL_MAP_ROWS = 8
 # Largest zero-padded input block one task keeps (about half an L1 data cache).
 PLANE_BYTES = 16 * 1024
 # Small planes are grouped into tasks of about this many padded input bytes.
@@ -183,7 +186,12 @@ def _schedule_planes(
     chains = []
     if spatial >= 3:
         row_loop = sch.get_loops(red)[_depth(sch, red, xo) - 2]
-        together = chained_rows(static_int(sch.get(row_loop).extent), width, lanes, registers, taps)
+        # a cheap epilogue runs on the sums while they are in registers, its operands beside them
+        live = registers
+        if consumers and not _transcendental(sch.get(epilogue)):
+            live -= _epilogue_operands(sch.get(epilogue), sch.get(red).writes[0].source)
+        rows = static_int(sch.get(row_loop).extent)
+        together = chained_rows(rows, width, lanes, registers, taps, live)
         if together > 1:
             _, inner = sch.split(row_loop, [None, together])
             sch.reorder(xo, *rd, inner)
@@ -501,12 +509,34 @@ def rows_per_task(rows: int, cap: int) -> int:
     return divisor if 2 * divisor >= cap else cap
 
 
-def chained_rows(rows: int | None, width: int, lanes: int, registers: int, taps: int) -> int:
+def _epilogue_operands(block, sums) -> int:
+    """Distinct float constants and buffers other than ``sums`` that the epilogue ``block``
+    reads: what it keeps in vector registers beside the sums (ReLU6 with a bias: 3)."""
+    import tvm_ffi
+    from tvm import tirx
+    from tvm.ir.expr import TensorLoad  # what tirx.BufferLoad builds
+
+    constants, buffers = set(), set()
+    tvm_ffi.structural_walk(
+        block.body,
+        [
+            (tirx.FloatImm, lambda c: constants.add(float(c.value))),
+            (TensorLoad, lambda load: buffers.add(load.source.name)),
+        ],
+    )
+    buffers.discard(sums.name)
+    return len(constants) + len(buffers)
+
+
+def chained_rows(
+    rows: int | None, width: int, lanes: int, registers: int, taps: int, live: int | None = None
+) -> int:
     """Output rows of a plane that go through the window's ``taps`` together, each with its own
     sums: a divisor of ``rows`` whose sums (``width`` float32 a row, a vector per power of two of
-    ``lanes``) fit the registers the window's weights leave (all of them, one per tap, where
-    they fit with two to spare; at most a quarter of the ``registers``); a map of prime height (7x7)
-    takes all its rows when they are at most twice as many.
+    ``lanes``) fit the ``live`` registers (``registers`` less the epilogue's operands) that the
+    window's weights leave (one per tap, where they fit with two to spare), at most a quarter of
+    the ``registers``; a map of at most ``SMALL_MAP_ROWS`` rows that no such divisor splits (7x7)
+    takes all of them.
 
     With one row at a time each output vector was one chain of dependent multiply-adds (25 of
     them, 4 cycles each, under a 5x5 window) and an input row was loaded once per tap reading
@@ -515,13 +545,16 @@ def chained_rows(rows: int | None, width: int, lanes: int, registers: int, taps:
     spilling weights, 1.1 ms); 576 channels 7x7 5x5 0.21 -> 0.17; 88 channels 28x28 3x3 0.19
     -> 0.16; in EfficientNet-B0 at batch 8 its depthwise kernels took 14.0 -> 12.9 ms (AVX-512
     code; 19.5 -> 17.7 in a slower hour) and 22.5 -> 18.8 ms (AVX2 code), in MobileNetV3-Small
-    2.56 -> 2.22 ms (AVX-512) and 3.90 -> 3.71 ms (AVX2)."""
+    2.56 -> 2.22 ms (AVX-512) and 3.90 -> 3.71 ms (AVX2). Two rows beside a hard-swish epilogue's
+    five operands and 25 weights (32 registers) spilled the weights and LLVM ran the two chains
+    one after the other: 240 channels 14x14 5x5 0.25 -> 0.47 ms, hence ``live``."""
     vectors = max(width // lanes + bin(width % lanes).count("1"), 1)
+    live = registers if live is None else live
     weights = taps if taps + 2 < registers else 0
-    cap = max(1, min(registers - 2 - weights, registers // 4) // vectors)
+    cap = max(1, min(live - 2 - weights, registers // 4) // vectors)
     chosen = _divisor_at_most(rows, cap)
-    if chosen == 1 and cap > 1:
-        chosen = _divisor_at_most(rows, 2 * cap)
+    if chosen == 1 and rows is not None and rows <= SMALL_MAP_ROWS:
+        chosen = rows
     return chosen
 
 
