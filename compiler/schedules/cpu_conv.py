@@ -25,7 +25,7 @@ small planes per task, rows of a plane when the padded plane would not fit in L1
   (``acc[y][x:x+v] += w[ry, rx] · pad[y·s + ry, x·s + rx : ... : s]``, taps unrolled, then the
   block's rows, ``chained_rows`` of them: independent accumulators in registers, and one load of
   an input row serves every output row it feeds); the epilogue (bias, ReLU6, residual add)
-  follows per vector;
+  follows on the block's sums while they are in registers;
 * strided windows read a padded input stored as ``s`` deinterleaved column planes
   (``pad[h, w % s, w // s]``), so that every tap is a contiguous vector load.
 
@@ -181,8 +181,8 @@ def _schedule_planes(
                 outer = [*sp[:-3], co]
     task = sch.fuse(*outer) if len(outer) > 1 else outer[0]
     sch.reorder(xo, *rd, xi)
-    # Independent sums: ``chains`` output rows of a plane go through each tap together (one
-    # vector load of an input row serves every output row whose window covers it).
+    # Independent sums: ``chained_rows`` output rows of a plane go through each tap together
+    # (one vector load of an input row serves every output row whose window covers it).
     chains = []
     if spatial >= 3:
         row_loop = sch.get_loops(red)[_depth(sch, red, xo) - 2]
@@ -190,8 +190,8 @@ def _schedule_planes(
         live = registers
         if consumers and not _transcendental(sch.get(epilogue)):
             live -= _epilogue_operands(sch.get(epilogue), sch.get(red).writes[0].source)
-        rows = static_int(sch.get(row_loop).extent)
-        together = chained_rows(rows, width, lanes, registers, taps, live)
+        height = static_int(sch.get(row_loop).extent)
+        together = chained_rows(height, width, lanes, registers, taps, live)
         if together > 1:
             _, inner = sch.split(row_loop, [None, together])
             sch.reorder(xo, *rd, inner)
