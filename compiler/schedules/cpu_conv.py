@@ -544,8 +544,10 @@ def chained_rows(
     time, 9 interleaved rounds): 672 channels 14x14 5x5 + ReLU 0.76 -> 0.65 ms (2 rows; 7 rows,
     spilling weights, 1.1 ms); 576 channels 7x7 5x5 0.21 -> 0.17; 88 channels 28x28 3x3 0.19
     -> 0.16; in EfficientNet-B0 at batch 8 its depthwise kernels took 14.0 -> 12.9 ms (AVX-512
-    code; 19.5 -> 17.7 in a slower hour) and 22.5 -> 18.8 ms (AVX2 code), in MobileNetV3-Small
-    2.56 -> 2.22 ms (AVX-512) and 3.90 -> 3.71 ms (AVX2). Two rows beside a hard-swish epilogue's
+    code) and 22.5 -> 18.8 ms (AVX2 code) under this rule's first form (a quarter of the
+    registers, no weights or epilogue counted), 19.5 -> 17.7 ms (AVX-512, a slower hour) with the
+    weights counted; with the rule as it is, MobileNetV3-Small's took 3.54 -> 3.32 ms (AVX-512,
+    16 rounds, a slow hour). Two rows beside a hard-swish epilogue's
     five operands and 25 weights (32 registers) spilled the weights and LLVM ran the two chains
     one after the other: 240 channels 14x14 5x5 0.25 -> 0.47 ms, hence ``live``."""
     vectors = max(width // lanes + bin(width % lanes).count("1"), 1)
