@@ -46,6 +46,7 @@ def prepare_passes(
 
     from qiao.compiler.passes import LowerAttention, LowerMoE, LowerQuant
     from qiao.compiler.passes.fold_weight_casts import FoldWeightCasts
+    from qiao.compiler.passes.subsample_pointwise import SubsamplePointwise
     from qiao.compiler.passes.widen_depthwise_rows import WidenDepthwiseRows
 
     return [
@@ -66,6 +67,8 @@ def prepare_passes(
         LowerAttention(gpu=gpu),
         # CPU: depthwise rows of 7 or 14 computed as whole vectors (sliced in the kernel)
         WidenDepthwiseRows(gpu=gpu),
+        # CPU: strided 1x1 convolutions read a subsampled copy of their input, in place
+        SubsamplePointwise(gpu=gpu),
     ]
 
 

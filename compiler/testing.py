@@ -100,6 +100,19 @@ def fused_module(build):
     return tvm.transform.Sequential(legalize_passes(None))(bb.get())
 
 
+def relax_calls(func, op: str) -> list:
+    """The calls of Relax operator ``op`` (``"relax.nn.conv2d"``) in ``func``."""
+    import tvm_ffi
+    from tvm import relax
+
+    found = []
+    tvm_ffi.structural_walk(
+        func,
+        [(relax.Call, lambda c: found.append(c) if getattr(c.op, "name", None) == op else None)],
+    )
+    return found
+
+
 def main_instructions(runner) -> str:
     """The VM instructions of a compiled artifact's ``main`` (``artifact.runner``): the kernels it
     calls on every run."""

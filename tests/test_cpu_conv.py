@@ -17,7 +17,7 @@ from tvm import relax
 from qiao.compiler.passes.shuffle_strided_loads import compile_cpu_kernel
 from qiao.compiler.schedules.cpu_gemm import DIRECT_ROWS, IMAGE_ROWS
 from qiao.compiler.schedules.cpu_info import cpu_info
-from qiao.compiler.testing import assert_close, fused_module, prim_func
+from qiao.compiler.testing import assert_close, fused_module, prim_func, relax_calls
 
 # float32 sums of at most 25 products of N(0, 1) values, against float64.
 TOL = {"rtol": 1e-5, "atol": 1e-5}
@@ -326,10 +326,10 @@ def test_depthwise_rows_widened_to_whole_vectors(channels, size, stride, padding
     out = (size + sum(_torch_padding(padding)[:2]) - kernel) // stride + 1
     wide = WIDE_ROWS.get(cpu_info(target).lanes("float32"), {}).get(out)
     widths = []
-    for call in _calls(mod["main"], "relax.nn.conv2d"):
+    for call in relax_calls(mod["main"], "relax.nn.conv2d"):
         widths.append(int(call.ty.shape.values[3]))
     assert widths == [wide or out]
-    assert len(_calls(mod["main"], "relax.strided_slice")) == (wide is not None)
+    assert len(relax_calls(mod["main"], "relax.strided_slice")) == (wide is not None)
     func = prim_func(tvm.transform.Sequential(legalize_passes(None))(mod), "conv2d")
     _check_depthwise(func, target, channels, size, stride, padding, kernel, epilogue)
 
@@ -445,18 +445,6 @@ def test_rows_share_each_window_tap(arch, epilogue):
         assert not serial, f"the epilogue loops over the chained rows: {serial}"
     if arch is None:
         _check_depthwise(func, target, 12, 16, 1, 2, 5, epilogue)
-
-
-def _calls(func, op: str) -> list:
-    """The calls of Relax operator ``op`` in ``func``."""
-    import tvm_ffi
-
-    found = []
-    tvm_ffi.structural_walk(
-        func,
-        [(relax.Call, lambda c: found.append(c) if getattr(c.op, "name", None) == op else None)],
-    )
-    return found
 
 
 def test_widened_width():

@@ -121,12 +121,20 @@ class WidenDepthwiseRows:
         self.gpu = gpu
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        # Only a CPU target's window schedule vectorises rows this way (its keys say "cpu").
-        target = tvm.target.Target.current(allow_none=True)
-        if target is None or "cpu" not in target.keys:
-            return mod
-        if self.gpu or (self.gpu is None and "gpu" in target.keys):
-            return mod
-        from qiao.compiler.schedules.cpu_info import cpu_info
+        # Only a CPU target's window schedule vectorises rows this way.
+        lanes = cpu_float32_lanes(self.gpu)
+        return mod if lanes is None else rewrite_functions(mod, _Widener(mod, lanes))
 
-        return rewrite_functions(mod, _Widener(mod, cpu_info(target).lanes("float32")))
+
+def cpu_float32_lanes(gpu: bool | None) -> int | None:
+    """The float32 lanes of the current target's vectors when it is a CPU target (its keys say
+    ``cpu``) and ``gpu`` (the backend's ``is_gpu``; ``None``: whether the keys say ``gpu``) is
+    not set, else ``None``: the CPU-only Relax rewrites leave the module alone."""
+    target = tvm.target.Target.current(allow_none=True)
+    if target is None or "cpu" not in target.keys:
+        return None
+    if gpu or (gpu is None and "gpu" in target.keys):
+        return None
+    from qiao.compiler.schedules.cpu_info import cpu_info
+
+    return cpu_info(target).lanes("float32")
