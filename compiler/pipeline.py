@@ -67,7 +67,7 @@ def prepare_passes(
         LowerAttention(gpu=gpu),
         # CPU: depthwise rows of 7 or 14 computed as whole vectors (sliced in the kernel)
         WidenDepthwiseRows(gpu=gpu),
-        # CPU: strided 1x1 convolutions read a subsampled copy of their input, in place
+        # CPU: strided 1x1 convolutions as a subsampling copy, then a pointwise convolution
         SubsamplePointwise(gpu=gpu),
     ]
 
