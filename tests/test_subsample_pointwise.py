@@ -67,6 +67,7 @@ def test_strided_pointwise_reads_a_subsampled_copy(size, stride, groups):
         ((28, 28), 3, (2, 2), 1, 1),  # a window: not a subsample
         ((28, 28), 1, (2, 2), 1, 1),  # padded: the padding's positions would be read too
         ((28, 28), 1, (1, 1), 0, 1),  # already pointwise
+        ((28, 28), 1, (2, 2), 0, 2),  # dilated: left to the GEMM schedule as it is
     ],
 )
 def test_other_convolutions_left_alone(size, kernel, stride, padding, dilation):

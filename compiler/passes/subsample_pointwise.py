@@ -32,8 +32,7 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from qiao.compiler.passes.placeholders import rewrite_functions
-from qiao.compiler.passes.relax_util import is_op, static_dims
-from qiao.compiler.passes.widen_depthwise_rows import cpu_float32_lanes
+from qiao.compiler.passes.relax_util import cpu_float32_lanes, is_op, static_dims
 
 
 def subsampled(call) -> tuple[int, int, int, int] | None:

@@ -35,7 +35,7 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from qiao.compiler.passes.placeholders import rewrite_functions
-from qiao.compiler.passes.relax_util import is_op, static_dims, tensor_dtype
+from qiao.compiler.passes.relax_util import cpu_float32_lanes, is_op, static_dims, tensor_dtype
 
 # Largest fraction of extra output columns computed to make a row whole vectors.
 MAX_WASTE = 0.15
@@ -124,17 +124,3 @@ class WidenDepthwiseRows:
         # Only a CPU target's window schedule vectorises rows this way.
         lanes = cpu_float32_lanes(self.gpu)
         return mod if lanes is None else rewrite_functions(mod, _Widener(mod, lanes))
-
-
-def cpu_float32_lanes(gpu: bool | None) -> int | None:
-    """The float32 lanes of the current target's vectors when it is a CPU target (its keys say
-    ``cpu``) and ``gpu`` (the backend's ``is_gpu``; ``None``: whether the keys say ``gpu``) is
-    not set, else ``None``: the CPU-only Relax rewrites leave the module alone."""
-    target = tvm.target.Target.current(allow_none=True)
-    if target is None or "cpu" not in target.keys:
-        return None
-    if gpu or (gpu is None and "gpu" in target.keys):
-        return None
-    from qiao.compiler.schedules.cpu_info import cpu_info
-
-    return cpu_info(target).lanes("float32")
