@@ -46,6 +46,7 @@ def prepare_passes(
 
     from qiao.compiler.passes import LowerAttention, LowerMoE, LowerQuant
     from qiao.compiler.passes.fold_weight_casts import FoldWeightCasts
+    from qiao.compiler.passes.pad_conv_rows import PadConvRows
     from qiao.compiler.passes.subsample_pointwise import SubsamplePointwise
     from qiao.compiler.passes.widen_depthwise_rows import WidenDepthwiseRows
 
@@ -69,6 +70,8 @@ def prepare_passes(
         WidenDepthwiseRows(gpu=gpu),
         # CPU: strided 1x1 convolutions as a subsampling copy, then a pointwise convolution
         SubsamplePointwise(gpu=gpu),
+        # CPU: convolutions over maps no register tile divides compute an extra row, sliced off
+        PadConvRows(gpu=gpu),
     ]
 
 

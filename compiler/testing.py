@@ -100,6 +100,24 @@ def fused_module(build):
     return tvm.transform.Sequential(legalize_passes(None))(bb.get())
 
 
+def compiled_graph(tmp_path, nodes, inputs, outputs, initializers, dim_ranges):
+    """A CPU artifact of the opset-13 ONNX graph ``nodes`` (``inputs``/``outputs``: value infos,
+    ``initializers``: ``{name: array}``), saved under ``tmp_path`` and compiled with
+    ``dim_ranges``: the small convolution models of the Relax-rewrite tests."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from qiao.compiler import compile
+
+    inits = [numpy_helper.from_array(a, n) for n, a in initializers.items()]
+    graph = helper.make_graph(nodes, "graph", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path = os.path.join(tmp_path, "model.onnx")
+    onnx.save(model, path)
+    return compile(path, "cpu", os.path.join(tmp_path, "art"), dim_ranges=dim_ranges)
+
+
 def relax_calls(func, op: str) -> list:
     """The calls of Relax operator ``op`` (``"relax.nn.conv2d"``) in ``func``."""
     import tvm_ffi

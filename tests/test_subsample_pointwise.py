@@ -7,15 +7,14 @@ Nothing here times anything: the speed-up is measured in the pass's docstring an
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 import torch
 import tvm
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 from tvm import relax
 
 from qiao.compiler.passes.subsample_pointwise import SubsamplePointwise
-from qiao.compiler.testing import assert_close, main_instructions, relax_calls
+from qiao.compiler.testing import assert_close, compiled_graph, main_instructions, relax_calls
 
 
 def _cpu_target():
@@ -103,20 +102,14 @@ def test_compiled_downsampling_matches_torch(tmp_path):
         helper.make_node("Add", ["s", "m"], ["a"]),
         helper.make_node("Relu", ["a"], ["y"]),
     ]
-    graph = helper.make_graph(
+    art = compiled_graph(
+        tmp_path,
         nodes,
-        "downsample",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", cin, size, size])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", cout, 8, 8])],
-        [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (w3, "w3"), (b1, "b1"))],
+        {"w1": w1, "w3": w3, "b1": b1},
+        {"N": (1, 4)},
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    path = tmp_path / "downsample.onnx"
-    onnx.save(model, path)
-    from qiao.compiler import compile
-
-    art = compile(str(path), "cpu", tmp_path / "art", dim_ranges={"N": (1, 4)})
     assert "strided_slice" in main_instructions(art.runner)
     for batch in (1, 3):
         x = rng.standard_normal((batch, cin, size, size)).astype(np.float32)

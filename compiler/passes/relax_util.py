@@ -1,5 +1,5 @@
 """Small questions Relax passes ask of an expression (its dtype, its operator, its static dims) and
-of the target they run under (``cpu_float32_lanes``)."""
+of the target they run under (``current_cpu``, ``cpu_float32_lanes``)."""
 
 from __future__ import annotations
 
@@ -32,10 +32,10 @@ def static_dims(expr) -> list | None:
     return [int(v) if isinstance(v, tvm.tirx.IntImm) else None for v in values]
 
 
-def cpu_float32_lanes(gpu: bool | None) -> int | None:
-    """The float32 lanes of the current target's vectors when it is a CPU target (its keys say
-    ``cpu``) and ``gpu`` (the backend's ``is_gpu``; ``None``: whether the keys say ``gpu``) is
-    not set, else ``None``: the CPU-only Relax rewrites leave the module alone."""
+def current_cpu(gpu: bool | None):
+    """The current target's ``CPUInfo`` when it is a CPU target (its keys say ``cpu``) and
+    ``gpu`` (the backend's ``is_gpu``; ``None``: whether the keys say ``gpu``) is not set, else
+    ``None``: the CPU-only Relax rewrites leave the module alone."""
     target = tvm.target.Target.current(allow_none=True)
     if target is None or "cpu" not in target.keys:
         return None
@@ -43,4 +43,11 @@ def cpu_float32_lanes(gpu: bool | None) -> int | None:
         return None
     from qiao.compiler.schedules.cpu_info import cpu_info
 
-    return cpu_info(target).lanes("float32")
+    return cpu_info(target)
+
+
+def cpu_float32_lanes(gpu: bool | None) -> int | None:
+    """The float32 lanes of the current target's vectors where ``current_cpu(gpu)`` gives a CPU,
+    else ``None``."""
+    cpu = current_cpu(gpu)
+    return None if cpu is None else cpu.lanes("float32")

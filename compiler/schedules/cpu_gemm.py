@@ -296,7 +296,7 @@ def choose_tile(cpu: CPUInfo, shape: GemmShape) -> GemmTile:
         k_unroll = next((u for u in (8, 4, 2) if shape.k % u == 0), 4 if shape.k >= 16 else 1)
     mc_tiles, nc_tiles = 1, 0
     tasks_wanted = 4 * cpu.num_cores
-    direct_mr = _direct_rows_height(cpu, shape.m) if shape.taps and shape.n is not None else 0
+    direct_mr = direct_rows_height(cpu, shape.m) if shape.taps and shape.n is not None else 0
     if direct_mr:
         # A convolution read in place (``direct_rows``): the tallest register tile dividing the
         # positions, one weight panel per task, unrolled by the window's taps (so that each
@@ -421,11 +421,12 @@ def _two_vector_rows(cpu: CPUInfo) -> int:
     return 8 if cpu.vector_registers >= 32 else 6
 
 
-def _direct_rows_height(cpu: CPUInfo, positions: int | None) -> int:
+def direct_rows_height(cpu: CPUInfo, positions: int | None) -> int:
     """Rows of a two-vector register tile for a convolution read in place (``direct_rows``): at
     most the default height (``_two_vector_rows``), at least 4 (8 accumulators: two FMA pipes of
     latency 4), dividing the ``positions`` (no row padding: a padded row would read past the
-    input); 0 when none does."""
+    input; ``passes.pad_conv_rows`` gives a map that none divides an output row more instead);
+    0 when none does."""
     if positions is None:
         return 0
     return next((mr for mr in range(_two_vector_rows(cpu), 3, -1) if positions % mr == 0), 0)
@@ -791,10 +792,7 @@ def direct_rows(sch, block, cpu: CPUInfo) -> int:
     if not _is_param(sch, reads[preferred].source) or _is_param(sch, reads[1 - preferred].source):
         return 0  # not weights against an activation
     positions, channels = _j_extent(stmt, preferred), _j_extent(stmt, 1 - preferred)
-    nr = 2 * gemm_lanes(cpu, sch, block)
-    if channels is None or _pad_waste(channels, nr) > J_WASTE_SWAP:
-        return 0
-    if not _direct_rows_height(cpu, positions):
+    if not direct_rows_height(cpu, positions):
         return 0
     # The reduction is (input channels, window rows, window columns) in that order.
     reduction = [
@@ -807,9 +805,20 @@ def direct_rows(sch, block, cpu: CPUInfo) -> int:
     taps = 1
     for extent in reduction[1:]:
         taps *= extent
-    if not 1 < taps <= DIRECT_MAX_TAPS or reduction[0] * taps < DIRECT_MIN_K:
+    if not direct_window(gemm_lanes(cpu, sch, block), channels, reduction[0], taps):
         return 0
     return taps
+
+
+def direct_window(lanes: int, channels: int | None, in_channels: int, taps: int) -> bool:
+    """Whether a convolution qualifies for ``direct_rows`` by all but its positions: its
+    ``channels`` (output) fill two-vector tiles of ``lanes`` with little padding
+    (``J_WASTE_SWAP``), its window has 2 .. ``DIRECT_MAX_TAPS`` taps and its reduction
+    (``in_channels`` per group times the taps) is at least ``DIRECT_MIN_K`` long. The positions
+    are ``direct_rows_height``'s question (``passes.pad_conv_rows`` asks both)."""
+    if channels is None or _pad_waste(channels, 2 * lanes) > J_WASTE_SWAP:
+        return False
+    return 1 < taps <= DIRECT_MAX_TAPS and in_channels * taps >= DIRECT_MIN_K
 
 
 def normalize_gemm(sch, block, lanes: int | None = None, cpu: CPUInfo | None = None):
