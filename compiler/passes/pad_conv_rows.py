@@ -4,31 +4,35 @@ The CPU GEMM schedule reads a convolution's input in place (``qiao.compiler.sche
 .direct_rows``: the image positions as register-tile rows, no im2col panel) only where a tile
 height of 4 .. 8 rows (4 .. 6 with 16 vector registers) divides the positions of a map, because a
 padded tile row would read past the input. Maps of odd sides without a factor 5 or 7 (57x57,
-113x113, 17x17: Inception-style or odd input resolutions) fall back to packed im2col panels,
-which ran 1.2-1.9x as long. This pass gives such a convolution ``e`` more output rows, padding
-its input's bottom by ``e * stride_h`` more zeros so that the window of every new row stays inside
-the padded input, and slices them off:
+113x113, 17x17, 13x13, 9x9: Inception-style or odd input resolutions) fall back to packed im2col
+panels, which ran 1.2-1.9x as long (small maps up to 4x). This pass gives such a convolution ``e``
+more output rows, padding its input's bottom by ``e * stride_h`` more zeros so that the window of
+every new row stays inside the padded input, and slices them off:
 
     strided_slice(conv2d(x, w, padding (top, left, bottom + e * s_h, right)), axes (2,), end (H,))
 
-(operator fusion puts the slice and what follows it, bias, residual add, ReLU, in the
-convolution's kernel: no copy of the output).
+(operator fusion puts the slice and what follows it, bias, residual add, ReLU, in the convolution's
+kernel: no copy of the output).
 
-``e`` is the fewest rows (at most a sixteenth of the map's, ``MAX_EXTRA``) after which a tile
-height divides the positions. Applied on CPU targets to float32 NCHW/OIHW convolutions with one
-group and static channels and spatial dims that ``direct_rows`` would take but for the positions
+``e`` is the fewest rows (at most an eighth of the map's, ``MAX_EXTRA``) after which a tile height
+divides the positions. Applied on CPU targets to float32 NCHW/OIHW convolutions with one group and
+static channels and spatial dims that ``direct_rows`` would take but for the positions
 (``cpu_gemm.direct_window``: enough output channels for its tiles, a window and a reduction long
-enough). The positions are
-counted as the schedule counts them: one image's map, or the whole batch where it is static.
+enough). The positions are counted as the schedule counts them: one image's map, or the whole batch
+where it is static.
 
 Measured per call, one Conv node (+ bias), without the pass and with it (slice included),
 interleaved with ONNX Runtime in one process (2-core AMD EPYC VM, Zen 4; 2026-12-07, medians of
 7-21 rounds): host code (AVX-512), 3x3 64 -> 64 over 57x57 19.6 -> 10.7 ms at batch 8 (ORT 10.4)
 and 1.89 -> 1.26 ms at batch 1 (ORT 1.27); 113x113 66.9 -> 39.3 ms at batch 8 (ORT 37.6); 256 ->
 256 over 17x17 15.4 -> 13.5 ms at batch 8 (ORT 12.7) and 1.93 -> 1.70 ms at batch 1 (ORT 1.62).
-AVX2 code (``x86-64-v3``): 57x57 batch 8 14.7 -> 9.9 ms, 17x17 batch 1 2.32 -> 2.02 ms. A 7x7
-map (ResNet's last stage on AVX2 code: 49 positions, 56 with a row more, 14 % more work)
-measured no gain (10.9 -> 10.8 ms): ``MAX_EXTRA`` leaves it. Whole ResNet-18 (``qiao.models
+AVX2 code (``x86-64-v3``): 57x57 batch 8 14.7 -> 9.9 ms, 17x17 batch 1 2.32 -> 2.02 ms. Small maps,
+host code: 64 -> 64 over 13x13 at batch 1 0.357 -> 0.079 ms (ORT 0.097), batch 8 1.88 -> 0.52 (ORT
+0.45); 256 -> 256 over 13x13 batch 1 4.30 -> 1.02 (ORT 0.91); 64 -> 64 over 11x11 0.167 -> 0.054
+(ORT 0.056); over 9x9 0.068 -> 0.044 (ORT 0.055), 128 -> 128 over 9x9 batch 8 1.47 -> 1.02 (ORT
+0.94). A 7x7 map (ResNet's last stage on AVX2 code: 49 positions, 56 with a row more, 14 % more
+work) went either way: 512 channels batch 8 10.9 -> 10.8 ms, 64 channels batch 1 0.054 -> 0.046,
+256 channels batch 1 0.403 -> 0.430: ``MAX_EXTRA`` leaves it. Whole ResNet-18 (``qiao.models
 .vision``, TorchScript export, interleaved with ORT) at 227x227 input (57x57 and 29x29 maps), ORT's
 time over qiao's: host code 0.79 -> 0.98 at batch 1 and 0.75 -> 0.93 at batch 8; AVX2 code 0.77 ->
 0.84 and 0.74 -> 0.85; at 299x299 (19x19), batch 1, host code 0.80 -> 0.90.
@@ -43,8 +47,8 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from qiao.compiler.passes.placeholders import rewrite_functions
 from qiao.compiler.passes.relax_util import current_cpu, is_op, static_dims, tensor_dtype
 
-# Extra output rows allowed: at most one per this many rows of the map (6 % more work).
-MAX_EXTRA = 16
+# Extra output rows allowed: at most one per this many rows of the map (12.5 % more work).
+MAX_EXTRA = 8
 
 
 def extra_rows(call, cpu) -> int:
