@@ -118,6 +118,21 @@ def compiled_graph(tmp_path, nodes, inputs, outputs, initializers, dim_ranges):
     return compile(path, "cpu", os.path.join(tmp_path, "art"), dim_ranges=dim_ranges)
 
 
+def marked(func, key: str) -> bool:
+    """Whether a block of the TIR function ``func`` carries the annotation ``key`` (the CPU GEMM
+    rule's ``IMAGE_ROWS``, ``DIRECT_ROWS``...)."""
+    import tvm_ffi
+    from tvm import s_tir
+
+    found = []
+
+    def on_block(block):
+        found.append(key in block.annotations)
+
+    tvm_ffi.structural_walk(func.body, [(s_tir.SBlock, on_block)])
+    return any(found)
+
+
 def relax_calls(func, op: str) -> list:
     """The calls of Relax operator ``op`` (``"relax.nn.conv2d"``) in ``func``."""
     import tvm_ffi

@@ -17,7 +17,7 @@ from tvm import relax
 from qiao.compiler.passes.shuffle_strided_loads import compile_cpu_kernel
 from qiao.compiler.schedules.cpu_gemm import DIRECT_ROWS, IMAGE_ROWS
 from qiao.compiler.schedules.cpu_info import cpu_info
-from qiao.compiler.testing import assert_close, fused_module, prim_func, relax_calls
+from qiao.compiler.testing import assert_close, fused_module, marked, prim_func, relax_calls
 
 # float32 sums of at most 25 products of N(0, 1) values, against float64.
 TOL = {"rtol": 1e-5, "atol": 1e-5}
@@ -654,19 +654,6 @@ def test_squeeze_excitation_gate_computed_once_per_channel(cin, cout, size):
         assert_close(got, ref.numpy().astype("float32"), name=f"batch {batch}", **TOL)
 
 
-def _marked(func, key: str) -> bool:
-    """Whether a block of ``func`` carries the GEMM rule's annotation ``key``: ``IMAGE_ROWS``
-    (a convolution's positions taken as the rows) or ``DIRECT_ROWS`` (read in place as rows)."""
-    import tvm_ffi
-    from tvm import s_tir
-
-    marked = []
-    tvm_ffi.structural_walk(
-        func.body, [(s_tir.SBlock, lambda b: marked.append(key in b.annotations))]
-    )
-    return any(marked)
-
-
 # (in channels, out channels, input map, kernel, stride, padding, positions as rows): a 7x7 output
 # (49 positions pad to 64 on two-vector tiles of 8 or 16 lanes: 31 % waste) against 64 output
 # channels (none) takes the positions as rows, a 3x3 and a 1x1 window, stride 1 and 2; a 14x14
@@ -735,7 +722,7 @@ def test_small_map_convolution_takes_positions_as_rows(
     conv2d in float64 at batch 1 and 3 (the im2col rows gathered through ``// 7`` and ``% 7``,
     stores strided by the map)."""
     scheduled, check = _residual_conv(cin, cout, size, kernel, stride, padding)
-    assert _marked(scheduled, IMAGE_ROWS) == swapped
+    assert marked(scheduled, IMAGE_ROWS) == swapped
     # float32 sums of up to cin * 9 = 288 products of N(0, 1) values.
     check(atol=1e-4)
 
@@ -773,10 +760,10 @@ def test_convolution_reads_its_input_in_place(cin, cout, size, kernel, stride, p
     zero-padded input at constant offsets, including tiles that cross image rows."""
     scheduled, check = _residual_conv(cin, cout, size, kernel, stride, padding)
     direct = cpu_info(_target()).lanes("float32") in lanes
-    assert _marked(scheduled, DIRECT_ROWS) == direct
+    assert marked(scheduled, DIRECT_ROWS) == direct
     # The reduction loads topi's zero-padded input itself, not a packed copy of it.
     assert _reads_in_place(scheduled, "pad_temp") == direct
-    assert _marked(scheduled, IMAGE_ROWS) or not direct
+    assert marked(scheduled, IMAGE_ROWS) or not direct
     # float32 sums of up to 16 * 25 = 400 products of N(0, 1) values.
     check(atol=2e-4)
 
@@ -879,7 +866,7 @@ def test_static_batch_convolution_scheduled_as_symbolic(cin, cout, size, kernel,
     if kernel == 1:
         assert _reads_in_place(scheduled, "x")
     else:
-        assert _marked(scheduled, DIRECT_ROWS)
+        assert marked(scheduled, DIRECT_ROWS)
         assert _reads_in_place(scheduled, "pad_temp")
     rng = np.random.default_rng(cin + cout)
     x = rng.standard_normal((1, cin, size, size)).astype("float32")

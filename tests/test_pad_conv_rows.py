@@ -21,6 +21,7 @@ from qiao.compiler.testing import (
     assert_close,
     compiled_graph,
     main_instructions,
+    marked,
     prim_func,
     relax_calls,
 )
@@ -125,17 +126,6 @@ def _scheduled_conv(mod):
     return prim_func(mod, "conv2d")
 
 
-def _marked_direct(func) -> bool:
-    import tvm_ffi
-    from tvm import s_tir
-
-    marked = []
-    tvm_ffi.structural_walk(
-        func.body, [(s_tir.SBlock, lambda b: marked.append(DIRECT_ROWS in b.annotations))]
-    )
-    return any(marked)
-
-
 @pytest.mark.parametrize("batch", [None, 1, 8])
 def test_padded_convolution_reads_its_input_in_place(batch):
     """The point of the rows: the GEMM schedule packs the 17x17 convolution's input into im2col
@@ -148,8 +138,8 @@ def test_padded_convolution_reads_its_input_in_place(batch):
     if batch == 8:
         tvm.ir.assert_structural_equal(padded, mod)
     else:
-        assert not _marked_direct(_scheduled_conv(mod))
-    assert _marked_direct(_scheduled_conv(padded))
+        assert not marked(_scheduled_conv(mod), DIRECT_ROWS)
+    assert marked(_scheduled_conv(padded), DIRECT_ROWS)
 
 
 @pytest.mark.parametrize("size,stride", [(17, 1), (33, 2)])
