@@ -41,6 +41,10 @@ def test_table_picks_entries_by_target():
     intel = lookup(target({"kind": "llvm", "mcpu": "rocketlake"}))
     assert (intel.device, intel.k_chunk, avx512.k_chunk) == ("cpu/rocketlake", 256, 0)
     assert intel.replace(device="cpu/avx512", k_chunk=0) == avx512
+    # AMD Zen 5 (512-bit FMAs, 48 KB L1d): chunks of 512 and 2 prefetch lines for a few tokens
+    zen5 = lookup(target({"kind": "llvm", "mcpu": "znver5"}))
+    assert (zen5.device, zen5.k_chunk, zen5.few_prefetch_lines) == ("cpu/znver5", 512, 2)
+    assert zen5.replace(device="cpu/avx512", k_chunk=0, few_prefetch_lines=4) == avx512
 
 
 def test_table_rejects_bad_entries(tmp_path, monkeypatch):

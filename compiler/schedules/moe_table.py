@@ -109,7 +109,10 @@ class MoESchedule:
         for c = 1 / 2 / 3 with 3 lines (0.90 / 0.79 / 0.80 with 2; 4 lines 0.93-0.97 / 0.89-0.93
         / 0.86-0.88, 5 and more slower), and the whole block took 0.89x the time at T = 16 (qiao ÷
         roofline 1.12 -> 1.02), 1.02x at T = 1 and 128 (within noise), so ``cpu/avx2`` takes 3
-        tokens (its ``micro_m``) and 3 lines.
+        tokens (its ``micro_m``) and 3 lines. On a 2-core AMD Zen 5 VM (LLVM ``znver5``: 512-bit
+        FMAs, 48 KB L1d, 1 MB L2 per core; 2026-12-07, stage kernels alone, 7 interleaved rounds)
+        2 lines on AVX-512 code took 0.88x the time of 4 at T = 1 and 0.92x at T = 16 (3 lines
+        0.95x / 0.95x), and AVX2 code kept 3-4: its ``cpu/znver5`` entry takes 2.
     lanes_min : int
         CPU gate/up grouped GEMM: experts with at least this many tokens take the token-lanes
         order (``cpu_gemm.lanes_microkernel``: tokens in SIMD lanes, weights broadcast, no
@@ -130,7 +133,11 @@ class MoESchedule:
         ``cpu/rocketlake`` (``cpu/avx512`` with chunks of 256); ``cpu/avx2`` (any AVX2 machine)
         keeps 512, where the EPYC VM measured 256 at 1.07-1.08x the time (2026-12-05, 3 x 4
         block): ``qiao tune moe`` picks the chunk per machine. Chunking the down GEMM's reduction
-        (768) measured no gain on the Intel VM.
+        (768) measured no gain on the Intel VM. On a 2-core AMD Zen 5 VM (LLVM ``znver5``, 48 KB
+        L1d, 2026-12-07) chunks of 512 took the AVX-512 gate/up GEMM at T = 128 from 39.9 to 32.4
+        ms (1024: 37.3; 5 interleaved rounds, stage kernels alone), T = 512 unchanged; with the
+        2 lines above the whole block took 0.91 / 0.92 / 0.95 / 1.00x the time at T = 1 / 16 /
+        128 / 512 (7 interleaved rounds): ``cpu/znver5`` is ``cpu/avx512`` with both.
     x_pad : int
         CPU gate/up grouped GEMM: where a token row of ``x`` is a multiple of 4 KB (hidden 1024,
         2048, ...), read the tokens from a copy whose rows are this many float32 longer
