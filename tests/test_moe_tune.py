@@ -111,7 +111,7 @@ def test_tune_measures_and_writes_an_entry_the_lowering_uses(tmp_path, monkeypat
     assert (best.micro_m, best.micro_n) in {(2, 4), (3, 2)} and best.tile_down in (16, 32)
     assert best.prefetch in (0, 1) and best.prefetch_level in (1, 2)
     assert set(measured["prefetch"]) == {"0", "1/L1", "1/L2"}
-    assert all(v > 0 for v in measured["prefill_up"].values())
+    assert all(v > 0 for v in measured["micro_up"].values())
     # the prefetch lines are tried where the best schedule prefetches
     assert best.prefetch_lines in (1, 2)
     assert set(measured.get("prefetch_lines", {})) == ({"1", "2"} if best.prefetch else set())
@@ -304,6 +304,57 @@ def test_tune_cli_writes_only_the_user_store(cache_dir, monkeypatch, capsys):
     assert lookup(host).device == key
     assert str(store) in shown and f"  {key}: " in shown
     assert _digest(TABLE_PATH) == shipped
+
+
+@pytest.mark.parametrize("lanes_min", [16, 0])
+def test_tuner_scores_the_gate_up_blocks_where_they_run(monkeypatch, lanes_min):
+    """The gate/up GEMM's dot-product blocks serve the experts below ``lanes_min`` tokens (the
+    larger ones take the token-lanes order), so its micro-kernel and tile are scored on about 8
+    tokens per expert, the down GEMM's on the prefill load; with no lanes order (``lanes_min``
+    0) the gate/up blocks serve the prefill too. Timings are faked: each candidate scores by
+    the load it was timed on, so a candidate timed on the wrong load loses."""
+    from qiao.backends import get_backend
+    from qiao.compiler.kernels.moe_common import MoEConfig
+    from qiao.compiler.schedules import moe_table
+
+    cfg = MoEConfig(16, 32, 16, 2)
+    mid, prefill = 8 * 16 // 2, 48
+    calls = []
+
+    def fake(target, schedule, cfg_, tokens, *, stages=("up", "down"), **_):
+        calls.append((schedule, tokens, stages))
+        # (3, 2) is the best gate/up block at 8 tokens an expert, (2, 4) at the prefill load
+        best_up = (3, 2) if tokens == mid else (2, 4)
+        up = 1.0 if (schedule.micro_m, schedule.micro_n) == best_up else 2.0
+        return {s: up if s == "up" else 1.0 for s in stages}
+
+    monkeypatch.setattr(moe_table, "time_stage_kernels", fake)
+    cpu = get_backend("cpu").target("host")
+    real_lookup = moe_table.lookup
+    monkeypatch.setattr(
+        moe_table,
+        "lookup",
+        lambda *a, **k: real_lookup(*a, **k).replace(lanes_min=lanes_min),
+    )
+    _key, best, measured = moe_table.tune_cpu(
+        cpu,
+        cfg,
+        tokens_prefill=prefill,
+        log=lambda line: None,
+        candidates=[(2, 4), (3, 2)],
+        gemv_rows=(4,),
+        tiles_up=(8, 16),
+        tiles_down=(16,),
+        prefetch_options=(0,),
+        k_chunks=(),
+    )
+    up_load = mid if lanes_min else prefill
+    assert measured["tokens_up_blocks"] == up_load
+    # every gate/up-only timing (micro-kernels, then tiles 8 and 16) on the blocks' load
+    up = [(sched.tile_up, t) for sched, t, st in calls if st == ("up",)]
+    assert {t for _tile, t in up} == {up_load} and {tile for tile, _t in up} >= {8, 16}
+    assert {t for _sched, t, st in calls if st == ("down",)} == {prefill}
+    assert (best.micro_m, best.micro_n, best.block_m) == ((3, 2, 3) if lanes_min else (2, 4, 2))
 
 
 def test_tuner_places_the_experts_as_the_runner_does(monkeypatch):

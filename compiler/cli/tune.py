@@ -5,7 +5,8 @@
   qiao tune show                               where the store is and what it holds
 
 `moe` times the MoE gate/up and down grouped GEMMs (decode: the GEMV kernel; prefill: register
-micro-kernels and task tiles) for one MoE shape — by default Qwen3-30B-A3B's expert shape with 16
+micro-kernels and task tiles, the gate/up ones on ~8 tokens per expert, where they run) for one
+MoE shape — by default Qwen3-30B-A3B's expert shape with 16
 experts, which keeps the same per-expert work at a fraction of the memory — and writes the winner as
 the entry of the target's CPU (`cpu/<mcpu>`) in the user's MoE table. `model` measures the model's
 GEMM-like kernels not yet tuned on this device (what `qiao compile --tune` does, without keeping an

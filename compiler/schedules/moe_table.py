@@ -617,10 +617,15 @@ def tune_cpu(
 ) -> tuple[str, MoESchedule, dict[str, Any]]:
     """Measure candidate CPU schedules for ``cfg`` on this machine and return the best.
 
-    The decode kernel (``gemv_n``) is chosen on ``tokens_decode`` tokens, the micro-kernels and
-    tiles on ``tokens_prefill`` (default: enough tokens for ~32 per expert, Qwen3-30B-A3B's T=512
-    load), the gate/up reduction chunk (``k_chunk``) on ~8 tokens per expert (T = 128's load,
-    where experts take the dot-product blocks), then software prefetch on both. ``candidates``
+    The decode kernel (``gemv_n``) is chosen on ``tokens_decode`` tokens, the down GEMM's
+    micro-kernel and tiles on ``tokens_prefill`` (default: enough tokens for ~32 per expert,
+    Qwen3-30B-A3B's T=512 load), the gate/up GEMM's micro-kernel, tiles and reduction chunk
+    (``k_chunk``) on ~8 tokens per expert (T = 128's load) where the entry sends experts of
+    ``lanes_min`` tokens or more to the token-lanes order: those are the experts its dot-product
+    blocks serve, while at ~32 tokens per expert the lanes blocks do all the work and the
+    candidates' scores are noise (on a 2-core AMD Zen 5 VM, 2026-12-07, that picked a 1 x 12
+    block for AVX2 code, which took the gate/up GEMM at T = 128 from 42.7 to 69.2 ms); then
+    software prefetch on decode and prefill together. ``candidates``
     (micro-kernel shapes), ``gemv_rows``, ``tiles_*``, ``k_chunks`` (those that divide the hidden
     size into whole vectors; fewer than two: the entry's stays), ``prefetch_options``,
     ``prefetch_levels`` and ``prefetch_lines`` (tried where the best prefetches; fewer than two:
@@ -639,6 +644,10 @@ def tune_cpu(
     key = device_keys(target)[0]
     base = lookup(target, root=root).replace(device=key, vector_lanes=lanes)
     prefill = tokens_prefill or max(1, 32 * cfg.num_experts // cfg.top_k)
+    mid = max(1, 8 * cfg.num_experts // cfg.top_k)  # about 8 tokens per expert
+    # the load each GEMM's dot-product blocks are scored on (the gate/up GEMM's larger experts
+    # take the token-lanes order from ``lanes_min`` tokens)
+    dot_load = {"up": mid if base.lanes_min > 0 else prefill, "down": prefill}
     rng_weights = None
     measurements: dict[str, Any] = {
         "config": dict(
@@ -646,6 +655,7 @@ def tune_cpu(
         ),
         "tokens_decode": tokens_decode,
         "tokens_prefill": prefill,
+        "tokens_up_blocks": dot_load["up"],
     }
 
     def measure(schedule, tokens, stages=("up", "down")):
@@ -691,18 +701,19 @@ def tune_cpu(
             sched = best.replace(**{fields[0]: mm, fields[1]: mn})
             if stage == "up":
                 sched = sched.replace(block_m=mm)
-            scores[(mm, mn)] = measure(sched, prefill, (stage,))[stage]
-            log(f"prefill T={prefill} {stage} micro {mm}x{mn}: {scores[(mm, mn)] * 1e3:.3f} ms")
+            scores[(mm, mn)] = measure(sched, dot_load[stage], (stage,))[stage]
+            ms = scores[(mm, mn)] * 1e3
+            log(f"T={dot_load[stage]} {stage} micro {mm}x{mn}: {ms:.3f} ms")
         mm, mn = min(scores, key=scores.get)
         best = best.replace(**{fields[0]: mm, fields[1]: mn})
         if stage == "up":
             best = best.replace(block_m=mm)
-        measurements[f"prefill_{stage}"] = {f"{a}x{b}": v for (a, b), v in scores.items()}
+        measurements[f"micro_{stage}"] = {f"{a}x{b}": v for (a, b), v in scores.items()}
     for field, options, stage in (("tile_up", tiles_up, "up"), ("tile_down", tiles_down, "down")):
         scores = {}
         for v in options:
-            scores[v] = measure(best.replace(**{field: v}), prefill, (stage,))[stage]
-            log(f"prefill T={prefill} {field}={v}: {scores[v] * 1e3:.3f} ms")
+            scores[v] = measure(best.replace(**{field: v}), dot_load[stage], (stage,))[stage]
+            log(f"T={dot_load[stage]} {field}={v}: {scores[v] * 1e3:.3f} ms")
         best = best.replace(**{field: min(scores, key=scores.get)})
         measurements[field] = {str(k): v for k, v in scores.items()}
     # 2b. the gate/up reduction chunk, where experts take the dot-product register blocks
@@ -710,7 +721,6 @@ def tune_cpu(
 
     chunks = [c for c in dict.fromkeys(k_chunks) if c == 0 or reduction_chunk(c, cfg.hidden, lanes)]
     if len(chunks) > 1:
-        mid = max(1, 8 * cfg.num_experts // cfg.top_k)
         scores = {}
         for c in chunks:
             scores[c] = measure(best.replace(k_chunk=c), mid, ("up",))["up"]
