@@ -120,7 +120,10 @@ def test_tune_measures_and_writes_an_entry_the_lowering_uses(tmp_path, monkeypat
     assert set(measured.get("few_prefetch_lines", {})) == ({"2", "4"} if best.prefetch else set())
     if best.prefetch:
         assert best.few_tokens in (entry.few_tokens, min(3, best.micro_m))
-    assert len(lines) == 11 + (4 if best.prefetch else 0)
+    # one line per candidate, and one per winner re-timed against the schedule so far
+    screened = [line for line in lines if " again, " not in line]
+    assert len(screened) == 11 + (4 if best.prefetch else 0)
+    assert len(lines) - len(screened) == len(measured["confirmed"])
     write_entry(
         key, {**best.to_json(), "micro_m": 3, "micro_n": 2, "block_m": 3}, measured, path=str(table)
     )
@@ -355,6 +358,52 @@ def test_tuner_scores_the_gate_up_blocks_where_they_run(monkeypatch, lanes_min):
     assert {t for _tile, t in up} == {up_load} and {tile for tile, _t in up} >= {8, 16}
     assert {t for _sched, t, st in calls if st == ("down",)} == {prefill}
     assert (best.micro_m, best.micro_n, best.block_m) == ((3, 2, 3) if lanes_min else (2, 4, 2))
+
+
+@pytest.mark.parametrize("fluke", [True, False])
+def test_tuner_keeps_a_screening_winner_only_when_it_wins_again(monkeypatch, fluke):
+    """A candidate that screened fastest replaces the schedule so far only when it is at least
+    ``MIN_GAIN`` faster again over interleaved rounds: a fluke of the screening (fast once,
+    slow after) leaves the entry's block; a real gain takes it. Timings are faked."""
+    from qiao.backends import get_backend
+    from qiao.compiler.kernels.moe_common import MoEConfig
+    from qiao.compiler.schedules import moe_table
+
+    timed = {}
+
+    def fake(target, schedule, cfg_, tokens, *, stages=("up", "down"), **_):
+        block = (schedule.micro_m, schedule.micro_n)
+        timed[block] = timed.get(block, 0) + ("up" in stages and len(stages) == 1)
+        if block == (2, 4):  # the candidate: 1.0 when screened, then 2.0 if a fluke
+            up = 2.0 if fluke and timed[block] > 1 else 1.0
+        else:
+            up = 1.5
+        return {s: up if s == "up" else 1.0 for s in stages}
+
+    monkeypatch.setattr(moe_table, "time_stage_kernels", fake)
+    real_lookup = moe_table.lookup
+    monkeypatch.setattr(
+        moe_table,
+        "lookup",
+        lambda *a, **k: real_lookup(*a, **k).replace(micro_m=3, micro_n=2, block_m=3),
+    )
+    lines = []
+    _key, best, measured = moe_table.tune_cpu(
+        get_backend("cpu").target("host"),
+        MoEConfig(16, 32, 16, 2),
+        tokens_prefill=48,
+        log=lines.append,
+        candidates=[(2, 4), (3, 2)],
+        gemv_rows=(4,),
+        tiles_up=(16,),
+        tiles_down=(16,),
+        prefetch_options=(0,),
+        k_chunks=(),
+    )
+    gain = measured["confirmed"]["up micro"]
+    assert gain == pytest.approx(0.75 if fluke else 1.5)
+    assert (best.micro_m, best.micro_n, best.block_m) == ((3, 2, 3) if fluke else (2, 4, 2))
+    assert any(line.startswith("up micro: (2, 4) against (3, 2) again") for line in lines)
 
 
 def test_tuner_places_the_experts_as_the_runner_does(monkeypatch):

@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import json
 import os
+import statistics
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -625,7 +626,11 @@ def tune_cpu(
     blocks serve, while at ~32 tokens per expert the lanes blocks do all the work and the
     candidates' scores are noise (on a 2-core AMD Zen 5 VM, 2026-12-07, that picked a 1 x 12
     block for AVX2 code, which took the gate/up GEMM at T = 128 from 42.7 to 69.2 ms); then
-    software prefetch on decode and prefill together. ``candidates``
+    software prefetch on decode and prefill together. Each step screens its candidates once; a
+    winner other than the schedule so far is timed against it again over ``CONFIRM_ROUNDS``
+    interleaved rounds and kept only at ``MIN_GAIN`` or more (the GEMM tuner's rule: on the Zen 5
+    VM one screening pass timed a 3 x 4 block at 15.4 ms against 5.3-7.5 for the others, and
+    whole-process slow spells of 1.4x come and go). ``candidates``
     (micro-kernel shapes), ``gemv_rows``, ``tiles_*``, ``k_chunks`` (those that divide the hidden
     size into whole vectors; fewer than two: the entry's stays), ``prefetch_options``,
     ``prefetch_levels`` and ``prefetch_lines`` (tried where the best prefetches; fewer than two:
@@ -637,6 +642,7 @@ def tune_cpu(
     """
     from qiao.compiler.schedules.cpu_gemm import fits_registers, register_tiles
     from qiao.compiler.schedules.cpu_info import cpu_info, require_runnable_here
+    from qiao.compiler.schedules.tuning import CONFIRM_ROUNDS, MIN_GAIN
 
     require_runnable_here(target, "tune")  # it measures here: foreign code would crash us
     info = cpu_info(target)
@@ -679,16 +685,40 @@ def tune_cpu(
     def decode_and_prefill(schedule) -> float:
         return both_gemms(schedule, tokens_decode, prefill)
 
+    confirmed: dict[str, float] = {}
+    measurements["confirmed"] = confirmed
+
+    def choose(name, scores, incumbent, schedule_of, score):
+        # the fastest candidate, where it is the incumbent (the schedule so far) or beats it by
+        # ``MIN_GAIN`` again over ``CONFIRM_ROUNDS`` interleaved rounds; else the incumbent
+        winner = min(scores, key=scores.get)
+        if winner == incumbent or incumbent not in scores:
+            return winner
+        ratios = []
+        for _ in range(CONFIRM_ROUNDS):
+            kept = score(schedule_of(incumbent))
+            ratios.append(kept / score(schedule_of(winner)))
+        gain = statistics.median(ratios)
+        confirmed[name] = gain
+        log(f"{name}: {winner} against {incumbent} again, {gain:.2f}x as fast")
+        return winner if gain >= MIN_GAIN else incumbent
+
     # 1. decode: rows per GEMV step
     best = base
     scores = {}
     for gemv_n in gemv_rows:
         if not fits_registers(info, 1, gemv_n):
             continue
-        t = measure(best.replace(gemv_n=gemv_n), tokens_decode)
-        scores[gemv_n] = t["up"] + t["down"]
+        scores[gemv_n] = sum(measure(best.replace(gemv_n=gemv_n), tokens_decode).values())
         log(f"decode T={tokens_decode} gemv_n={gemv_n}: {scores[gemv_n] * 1e3:.3f} ms")
-    best = best.replace(gemv_n=min(scores, key=scores.get))
+    gemv_n = choose(
+        "gemv_n",
+        scores,
+        best.gemv_n,
+        lambda v: best.replace(gemv_n=v),
+        lambda sched: sum(measure(sched, tokens_decode).values()),
+    )
+    best = best.replace(gemv_n=gemv_n)
     measurements["decode"] = {str(k): v for k, v in scores.items()}
     # 2. prefill: micro-kernel of each GEMM, then the task tiles
     for stage, fields in (
@@ -696,25 +726,35 @@ def tune_cpu(
         ("down", ("down_micro_m", "down_micro_n")),
     ):
         scores = {}
+
+        def with_block(block, fields=fields, stage=stage, base=best):
+            sched = base.replace(**{fields[0]: block[0], fields[1]: block[1]})
+            return sched.replace(block_m=block[0]) if stage == "up" else sched
+
+        def stage_time(sched, stage=stage):
+            return measure(sched, dot_load[stage], (stage,))[stage]
+
         # the register blocks of the CPU GEMM's weight-in-place micro-kernel (one budget rule)
         for mm, mn in candidates or register_tiles(info, "dot"):
-            sched = best.replace(**{fields[0]: mm, fields[1]: mn})
-            if stage == "up":
-                sched = sched.replace(block_m=mm)
-            scores[(mm, mn)] = measure(sched, dot_load[stage], (stage,))[stage]
+            scores[(mm, mn)] = stage_time(with_block((mm, mn)))
             ms = scores[(mm, mn)] * 1e3
             log(f"T={dot_load[stage]} {stage} micro {mm}x{mn}: {ms:.3f} ms")
-        mm, mn = min(scores, key=scores.get)
-        best = best.replace(**{fields[0]: mm, fields[1]: mn})
-        if stage == "up":
-            best = best.replace(block_m=mm)
+        incumbent = (getattr(best, fields[0]), getattr(best, fields[1]))
+        best = with_block(choose(f"{stage} micro", scores, incumbent, with_block, stage_time))
         measurements[f"micro_{stage}"] = {f"{a}x{b}": v for (a, b), v in scores.items()}
     for field, options, stage in (("tile_up", tiles_up, "up"), ("tile_down", tiles_down, "down")):
         scores = {}
+
+        def with_tile(v, field=field, base=best):
+            return base.replace(**{field: v})
+
+        def stage_time(sched, stage=stage):
+            return measure(sched, dot_load[stage], (stage,))[stage]
+
         for v in options:
-            scores[v] = measure(best.replace(**{field: v}), dot_load[stage], (stage,))[stage]
+            scores[v] = stage_time(with_tile(v))
             log(f"T={dot_load[stage]} {field}={v}: {scores[v] * 1e3:.3f} ms")
-        best = best.replace(**{field: min(scores, key=scores.get)})
+        best = with_tile(choose(field, scores, getattr(best, field), with_tile, stage_time))
         measurements[field] = {str(k): v for k, v in scores.items()}
     # 2b. the gate/up reduction chunk, where experts take the dot-product register blocks
     from qiao.compiler.kernels.group_gemm import reduction_chunk
@@ -725,7 +765,14 @@ def tune_cpu(
         for c in chunks:
             scores[c] = measure(best.replace(k_chunk=c), mid, ("up",))["up"]
             log(f"T={mid} up k_chunk={c}: {scores[c] * 1e3:.3f} ms")
-        best = best.replace(k_chunk=min(scores, key=scores.get))
+        chunk = choose(
+            "k_chunk",
+            scores,
+            best.k_chunk,
+            lambda c: best.replace(k_chunk=c),
+            lambda sched: measure(sched, mid, ("up",))["up"],
+        )
+        best = best.replace(k_chunk=chunk)
         measurements["k_chunk"] = {str(k): v for k, v in scores.items()}
     # 3. software prefetch of the next weight rows, and the cache it fills: on decode and
     # prefill together
@@ -736,7 +783,13 @@ def tune_cpu(
             scores[(pf, level)] = decode_and_prefill(sched)
             ms = scores[(pf, level)] * 1e3
             log(f"prefetch={pf} level=L{level}: {ms:.3f} ms (decode + prefill)")
-    pf, level = min(scores, key=scores.get)
+    pf, level = choose(
+        "prefetch",
+        scores,
+        (best.prefetch, best.prefetch_level),
+        lambda v: best.replace(prefetch=v[0], prefetch_level=v[1]),
+        decode_and_prefill,
+    )
     best = best.replace(prefetch=pf, prefetch_level=level)
     measurements["prefetch"] = {
         (f"{pf}/L{level}" if pf else "0"): v for (pf, level), v in scores.items()
@@ -747,7 +800,14 @@ def tune_cpu(
         for n in lines:
             scores[n] = decode_and_prefill(best.replace(prefetch_lines=n))
             log(f"prefetch_lines={n}: {scores[n] * 1e3:.3f} ms (decode + prefill)")
-        best = best.replace(prefetch_lines=min(scores, key=scores.get))
+        n = choose(
+            "prefetch_lines",
+            scores,
+            best.prefetch_lines,
+            lambda v: best.replace(prefetch_lines=v),
+            decode_and_prefill,
+        )
+        best = best.replace(prefetch_lines=n)
         measurements["prefetch_lines"] = {str(k): v for k, v in scores.items()}
     few = list(dict.fromkeys(few_prefetch_lines))
     if best.prefetch and len(few) > 1:
@@ -758,7 +818,14 @@ def tune_cpu(
             scores[n] = both_gemms(best.replace(few_prefetch_lines=n), tokens_decode, streamed)
             ms = scores[n] * 1e3
             log(f"few_prefetch_lines={n}: {ms:.3f} ms (T={tokens_decode} + T={streamed})")
-        best = best.replace(few_prefetch_lines=min(scores, key=scores.get))
+        n = choose(
+            "few_prefetch_lines",
+            scores,
+            best.few_prefetch_lines,
+            lambda v: best.replace(few_prefetch_lines=v),
+            lambda sched: both_gemms(sched, tokens_decode, streamed),
+        )
+        best = best.replace(few_prefetch_lines=n)
         measurements["few_prefetch_lines"] = {str(k): v for k, v in scores.items()}
     return key, best, measurements
 
