@@ -690,9 +690,10 @@ def tune_cpu(
 
     def choose(name, scores, incumbent, schedule_of, score):
         # the fastest candidate, where it is the incumbent (the schedule so far) or beats it by
-        # ``MIN_GAIN`` again over ``CONFIRM_ROUNDS`` interleaved rounds; else the incumbent
+        # ``MIN_GAIN`` again over ``CONFIRM_ROUNDS`` interleaved rounds (also where the
+        # incumbent was not among the candidates); else the incumbent
         winner = min(scores, key=scores.get)
-        if winner == incumbent or incumbent not in scores:
+        if winner == incumbent:
             return winner
         ratios = []
         for _ in range(CONFIRM_ROUNDS):
