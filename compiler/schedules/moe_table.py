@@ -721,7 +721,11 @@ def tune_cpu(
     )
     best = best.replace(gemv_n=gemv_n)
     measurements["decode"] = {str(k): v for k, v in scores.items()}
-    # 2. prefill: micro-kernel of each GEMM, then the task tiles
+
+    # 2. prefill: micro-kernel of each GEMM, then the task tiles, each on its blocks' load
+    def stage_time(stage):
+        return lambda sched: measure(sched, dot_load[stage], (stage,))[stage]
+
     for stage, fields in (
         ("up", ("micro_m", "micro_n")),
         ("down", ("down_micro_m", "down_micro_n")),
@@ -732,16 +736,14 @@ def tune_cpu(
             sched = base.replace(**{fields[0]: block[0], fields[1]: block[1]})
             return sched.replace(block_m=block[0]) if stage == "up" else sched
 
-        def stage_time(sched, stage=stage):
-            return measure(sched, dot_load[stage], (stage,))[stage]
-
         # the register blocks of the CPU GEMM's weight-in-place micro-kernel (one budget rule)
         for mm, mn in candidates or register_tiles(info, "dot"):
-            scores[(mm, mn)] = stage_time(with_block((mm, mn)))
+            scores[(mm, mn)] = stage_time(stage)(with_block((mm, mn)))
             ms = scores[(mm, mn)] * 1e3
             log(f"T={dot_load[stage]} {stage} micro {mm}x{mn}: {ms:.3f} ms")
         incumbent = (getattr(best, fields[0]), getattr(best, fields[1]))
-        best = with_block(choose(f"{stage} micro", scores, incumbent, with_block, stage_time))
+        choice = choose(f"{stage} micro", scores, incumbent, with_block, stage_time(stage))
+        best = with_block(choice)
         measurements[f"micro_{stage}"] = {f"{a}x{b}": v for (a, b), v in scores.items()}
     for field, options, stage in (("tile_up", tiles_up, "up"), ("tile_down", tiles_down, "down")):
         scores = {}
@@ -749,13 +751,11 @@ def tune_cpu(
         def with_tile(v, field=field, base=best):
             return base.replace(**{field: v})
 
-        def stage_time(sched, stage=stage):
-            return measure(sched, dot_load[stage], (stage,))[stage]
-
         for v in options:
-            scores[v] = stage_time(with_tile(v))
+            scores[v] = stage_time(stage)(with_tile(v))
             log(f"T={dot_load[stage]} {field}={v}: {scores[v] * 1e3:.3f} ms")
-        best = with_tile(choose(field, scores, getattr(best, field), with_tile, stage_time))
+        choice = choose(field, scores, getattr(best, field), with_tile, stage_time(stage))
+        best = with_tile(choice)
         measurements[field] = {str(k): v for k, v in scores.items()}
     # 2b. the gate/up reduction chunk, where experts take the dot-product register blocks
     from qiao.compiler.kernels.group_gemm import reduction_chunk
