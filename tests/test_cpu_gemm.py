@@ -58,6 +58,11 @@ def test_few_rows_tile_spans_whole_packed_panels():
     base = choose_tile(cpu, shape)
     assert few_rows_tile(cpu, base, shape).nr_vectors == base.nr_vectors
     assert 1 <= few_rows_max(base) < base.mr
+    # AVX2 (6-row tiles): two rows take the one-row tile; AVX-512 (8-row tiles, a 4-row middle
+    # tile): one row only, two take the middle tile
+    assert few_rows_max(choose_tile(cpu, shape), cpu) == 2
+    avx512 = CPUInfo(512, 32, 2)
+    assert few_rows_max(choose_tile(avx512, shape), avx512) == 1
 
 
 def _columns_kernel(k, n, batch_dims):
@@ -114,7 +119,7 @@ def test_column_task_gemm_matches_numpy_on_both_row_variants(batch_dims):
     assert tile.mc_tiles == 0, f"{tile}: not the column-task schedule under test"
     rng = np.random.default_rng(3)
     w = rng.standard_normal((k, n)).astype("float32")
-    few = few_rows_max(tile)
+    few = few_rows_max(tile, cpu)
     batches = (1, 3) if batch_dims else (None,)
     for b in batches:
         for m in (1, few, few + 1, tile.mr + 1, 4 * tile.mr + 3):

@@ -1895,11 +1895,17 @@ def merge_row_variants(func_many, func_few, use_few):
     return with_root_body(func_many, body, allocs)
 
 
-def few_rows_max(tile: GemmTile) -> int:
+def few_rows_max(tile: GemmTile, cpu: CPUInfo | None = None) -> int:
     """Most rows the few-rows variant of ``tile`` runs: a one-row micro-tile streams its ``B``
     panels from L2 and runs at about half the FMA rate of the full ``mr``-row tile, which computes
     its padding too; the one-row tile wins below about a third of ``mr`` (measured on AVX2, 1024 x
-    1024 and 1024 x 3072: 1-2 rows faster, 3 rows slower than six padded rows)."""
+    1024 and 1024 x 3072: 1-2 rows faster, 3 rows slower than six padded rows). With 32 vector
+    registers (``cpu``; AVX-512) and a ``MID_ROWS``-row tile to take the rest, one row: there two
+    rows ran 0.78-0.96x the time on the 4-row tile (one sweep of ``B``, two rows padded) as on two
+    one-row sweeps (AMD Zen 5 VM, 2026-12-07, 1024 x 1024 / 2048 / 4096 and 2048 x 2048, 9
+    interleaved rounds; AVX2 code on the same host 1.27-1.37x: it keeps two)."""
+    if cpu is not None and cpu.vector_registers >= 32 and tile.mr > MID_ROWS:
+        return 1
     return max(1, tile.mr // 3)
 
 
@@ -1946,7 +1952,7 @@ def row_tasks_tile(tile: GemmTile, shape: GemmShape, lanes: int) -> GemmTile | N
 def with_few_rows_variant(func, sch, tile: GemmTile, shape: GemmShape, target: Any):
     """``sch`` (``func``'s GEMM scheduled with ``tile``; ``shape`` from ``schedule_gemm``), plus a
     one-row-per-tile schedule (``few_rows_tile``) for when the symbolic row count is at most
-    ``few_rows_max(tile)`` (see the section comment), and for column tasks a row-tasks schedule
+    ``few_rows_max(tile, cpu)`` (see the section comment), and for column tasks a row-tasks schedule
     (``row_tasks_tile``) for when the rows of ``A`` outgrow ``ROW_TASKS_A_BYTES``; ``sch`` itself
     when the rows are static, the tile is one row already, or the variants cannot share their
     packing."""
@@ -1965,8 +1971,9 @@ def with_few_rows_variant(func, sch, tile: GemmTile, shape: GemmShape, target: A
     def const(value: int):
         return tirx.const(value, rows.ty.dtype)
 
-    low = scheduled(few_rows_tile(cpu_info(target), tile, shape))
-    use_low = rows < const(few_rows_max(tile) + 1)
+    cpu = cpu_info(target)
+    low = scheduled(few_rows_tile(cpu, tile, shape))
+    use_low = rows < const(few_rows_max(tile, cpu) + 1)
     if tile.mr > MID_ROWS:
         # Rows that a MID_ROWS-row tile pads an eighth less than the full one (3-4, 7-8 of 6):
         # that tile, a little less efficient per row than the full one.
@@ -1978,7 +1985,7 @@ def with_few_rows_variant(func, sch, tile: GemmTile, shape: GemmShape, target: A
     merged = merge_row_variants(sch.mod["main"], low, use_low)
     if merged is None:
         return sch
-    many = row_tasks_tile(tile, shape, cpu_info(target).lanes(shape.dtype))
+    many = row_tasks_tile(tile, shape, cpu.lanes(shape.dtype))
     if many is not None:
         a_bytes = rows * const(_b_bytes(shape, 1))  # one row of A: K elements
         with_rows = merge_row_variants(merged, scheduled(many), a_bytes > const(ROW_TASKS_A_BYTES))
