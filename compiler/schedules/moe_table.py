@@ -688,13 +688,18 @@ def tune_cpu(
     confirmed: dict[str, float] = {}
     measurements["confirmed"] = confirmed
 
-    def choose(name, scores, incumbent, schedule_of, score):
-        # the fastest candidate, where it is the incumbent (the schedule so far) or beats it by
-        # ``MIN_GAIN`` again over ``CONFIRM_ROUNDS`` interleaved rounds (also where the
-        # incumbent was not among the candidates); else the incumbent
+    def search(name, options, incumbent, schedule_of, score, describe):
+        # screen each option once (``describe(option, ms)``: its log line); the fastest is taken
+        # where it is the incumbent (the schedule so far) or beats it by ``MIN_GAIN`` again over
+        # ``CONFIRM_ROUNDS`` interleaved rounds (also where the incumbent was not screened), else
+        # the incumbent stays. Returns (choice, screening scores).
+        scores = {}
+        for option in options:
+            scores[option] = score(schedule_of(option))
+            log(describe(option, scores[option] * 1e3))
         winner = min(scores, key=scores.get)
         if winner == incumbent:
-            return winner
+            return winner, scores
         ratios = []
         for _ in range(CONFIRM_ROUNDS):
             kept = score(schedule_of(incumbent))
@@ -702,22 +707,17 @@ def tune_cpu(
         gain = statistics.median(ratios)
         confirmed[name] = gain
         log(f"{name}: {winner} against {incumbent} again, {gain:.2f}x as fast")
-        return winner if gain >= MIN_GAIN else incumbent
+        return (winner if gain >= MIN_GAIN else incumbent), scores
 
     # 1. decode: rows per GEMV step
     best = base
-    scores = {}
-    for gemv_n in gemv_rows:
-        if not fits_registers(info, 1, gemv_n):
-            continue
-        scores[gemv_n] = sum(measure(best.replace(gemv_n=gemv_n), tokens_decode).values())
-        log(f"decode T={tokens_decode} gemv_n={gemv_n}: {scores[gemv_n] * 1e3:.3f} ms")
-    gemv_n = choose(
+    gemv_n, scores = search(
         "gemv_n",
-        scores,
+        [n for n in gemv_rows if fits_registers(info, 1, n)],
         best.gemv_n,
         lambda v: best.replace(gemv_n=v),
         lambda sched: sum(measure(sched, tokens_decode).values()),
+        lambda v, ms: f"decode T={tokens_decode} gemv_n={v}: {ms:.3f} ms",
     )
     best = best.replace(gemv_n=gemv_n)
     measurements["decode"] = {str(k): v for k, v in scores.items()}
@@ -730,31 +730,37 @@ def tune_cpu(
         ("up", ("micro_m", "micro_n")),
         ("down", ("down_micro_m", "down_micro_n")),
     ):
-        scores = {}
 
         def with_block(block, fields=fields, stage=stage, base=best):
             sched = base.replace(**{fields[0]: block[0], fields[1]: block[1]})
             return sched.replace(block_m=block[0]) if stage == "up" else sched
 
         # the register blocks of the CPU GEMM's weight-in-place micro-kernel (one budget rule)
-        for mm, mn in candidates or register_tiles(info, "dot"):
-            scores[(mm, mn)] = stage_time(stage)(with_block((mm, mn)))
-            ms = scores[(mm, mn)] * 1e3
-            log(f"T={dot_load[stage]} {stage} micro {mm}x{mn}: {ms:.3f} ms")
-        incumbent = (getattr(best, fields[0]), getattr(best, fields[1]))
-        choice = choose(f"{stage} micro", scores, incumbent, with_block, stage_time(stage))
+        choice, scores = search(
+            f"{stage} micro",
+            candidates or register_tiles(info, "dot"),
+            (getattr(best, fields[0]), getattr(best, fields[1])),
+            with_block,
+            stage_time(stage),
+            lambda b, ms, stage=stage: (
+                f"T={dot_load[stage]} {stage} micro {b[0]}x{b[1]}: {ms:.3f} ms"
+            ),
+        )
         best = with_block(choice)
         measurements[f"micro_{stage}"] = {f"{a}x{b}": v for (a, b), v in scores.items()}
     for field, options, stage in (("tile_up", tiles_up, "up"), ("tile_down", tiles_down, "down")):
-        scores = {}
 
         def with_tile(v, field=field, base=best):
             return base.replace(**{field: v})
 
-        for v in options:
-            scores[v] = stage_time(stage)(with_tile(v))
-            log(f"T={dot_load[stage]} {field}={v}: {scores[v] * 1e3:.3f} ms")
-        choice = choose(field, scores, getattr(best, field), with_tile, stage_time(stage))
+        choice, scores = search(
+            field,
+            options,
+            getattr(best, field),
+            with_tile,
+            stage_time(stage),
+            lambda v, ms, field=field, stage=stage: f"T={dot_load[stage]} {field}={v}: {ms:.3f} ms",
+        )
         best = with_tile(choice)
         measurements[field] = {str(k): v for k, v in scores.items()}
     # 2b. the gate/up reduction chunk, where experts take the dot-product register blocks
@@ -762,34 +768,29 @@ def tune_cpu(
 
     chunks = [c for c in dict.fromkeys(k_chunks) if c == 0 or reduction_chunk(c, cfg.hidden, lanes)]
     if len(chunks) > 1:
-        scores = {}
-        for c in chunks:
-            scores[c] = measure(best.replace(k_chunk=c), mid, ("up",))["up"]
-            log(f"T={mid} up k_chunk={c}: {scores[c] * 1e3:.3f} ms")
-        chunk = choose(
+        chunk, scores = search(
             "k_chunk",
-            scores,
+            chunks,
             best.k_chunk,
             lambda c: best.replace(k_chunk=c),
             lambda sched: measure(sched, mid, ("up",))["up"],
+            lambda c, ms: f"T={mid} up k_chunk={c}: {ms:.3f} ms",
         )
         best = best.replace(k_chunk=chunk)
         measurements["k_chunk"] = {str(k): v for k, v in scores.items()}
     # 3. software prefetch of the next weight rows, and the cache it fills: on decode and
     # prefill together
-    scores = {}
-    for pf in prefetch_options:
-        for level in prefetch_levels if pf else (best.prefetch_level,):
-            sched = best.replace(prefetch=pf, prefetch_level=level)
-            scores[(pf, level)] = decode_and_prefill(sched)
-            ms = scores[(pf, level)] * 1e3
-            log(f"prefetch={pf} level=L{level}: {ms:.3f} ms (decode + prefill)")
-    pf, level = choose(
+    (pf, level), scores = search(
         "prefetch",
-        scores,
+        [
+            (pf, level)
+            for pf in prefetch_options
+            for level in (prefetch_levels if pf else (best.prefetch_level,))
+        ],
         (best.prefetch, best.prefetch_level),
         lambda v: best.replace(prefetch=v[0], prefetch_level=v[1]),
         decode_and_prefill,
+        lambda v, ms: f"prefetch={v[0]} level=L{v[1]}: {ms:.3f} ms (decode + prefill)",
     )
     best = best.replace(prefetch=pf, prefetch_level=level)
     measurements["prefetch"] = {
@@ -797,16 +798,13 @@ def tune_cpu(
     }
     lines = list(dict.fromkeys(prefetch_lines))
     if best.prefetch and len(lines) > 1:
-        scores = {}
-        for n in lines:
-            scores[n] = decode_and_prefill(best.replace(prefetch_lines=n))
-            log(f"prefetch_lines={n}: {scores[n] * 1e3:.3f} ms (decode + prefill)")
-        n = choose(
+        n, scores = search(
             "prefetch_lines",
-            scores,
+            lines,
             best.prefetch_lines,
             lambda v: best.replace(prefetch_lines=v),
             decode_and_prefill,
+            lambda v, ms: f"prefetch_lines={v}: {ms:.3f} ms (decode + prefill)",
         )
         best = best.replace(prefetch_lines=n)
         measurements["prefetch_lines"] = {str(k): v for k, v in scores.items()}
@@ -814,17 +812,13 @@ def tune_cpu(
     if best.prefetch and len(few) > 1:
         streamed = max(1, cfg.num_experts // cfg.top_k)
         best = best.replace(few_tokens=best.few_tokens or min(3, best.micro_m))
-        scores = {}
-        for n in few:
-            scores[n] = both_gemms(best.replace(few_prefetch_lines=n), tokens_decode, streamed)
-            ms = scores[n] * 1e3
-            log(f"few_prefetch_lines={n}: {ms:.3f} ms (T={tokens_decode} + T={streamed})")
-        n = choose(
+        n, scores = search(
             "few_prefetch_lines",
-            scores,
+            few,
             best.few_prefetch_lines,
             lambda v: best.replace(few_prefetch_lines=v),
             lambda sched: both_gemms(sched, tokens_decode, streamed),
+            lambda v, ms: f"few_prefetch_lines={v}: {ms:.3f} ms (T={tokens_decode} + T={streamed})",
         )
         best = best.replace(few_prefetch_lines=n)
         measurements["few_prefetch_lines"] = {str(k): v for k, v in scores.items()}
