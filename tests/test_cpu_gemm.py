@@ -57,7 +57,7 @@ def test_few_rows_tile_spans_whole_packed_panels():
     shape = GemmShape(None, None, 688, 256, "float32")
     base = choose_tile(cpu, shape)
     assert few_rows_tile(cpu, base, shape).nr_vectors == base.nr_vectors
-    assert 1 <= few_rows_max(base) < base.mr
+    assert 1 <= few_rows_max(base, cpu) < base.mr
     # AVX2 (6-row tiles): two rows take the one-row tile; AVX-512 (8-row tiles, a 4-row middle
     # tile): one row only, two take the middle tile
     assert few_rows_max(choose_tile(cpu, shape), cpu) == 2

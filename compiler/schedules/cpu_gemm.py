@@ -1895,7 +1895,7 @@ def merge_row_variants(func_many, func_few, use_few):
     return with_root_body(func_many, body, allocs)
 
 
-def few_rows_max(tile: GemmTile, cpu: CPUInfo | None = None) -> int:
+def few_rows_max(tile: GemmTile, cpu: CPUInfo) -> int:
     """Most rows the few-rows variant of ``tile`` runs: a one-row micro-tile streams its ``B``
     panels from L2 and runs at about half the FMA rate of the full ``mr``-row tile, which computes
     its padding too; the one-row tile wins below about a third of ``mr`` (measured on AVX2, 1024 x
@@ -1904,7 +1904,7 @@ def few_rows_max(tile: GemmTile, cpu: CPUInfo | None = None) -> int:
     rows ran 0.78-0.96x the time on the 4-row tile (one sweep of ``B``, two rows padded) as on two
     one-row sweeps (AMD Zen 5 VM, 2026-12-07, 1024 x 1024 / 2048 / 4096 and 2048 x 2048, 9
     interleaved rounds; AVX2 code on the same host 1.27-1.37x: it keeps two)."""
-    if cpu is not None and cpu.vector_registers >= 32 and tile.mr > MID_ROWS:
+    if cpu.vector_registers >= 32 and tile.mr > MID_ROWS:
         return 1
     return max(1, tile.mr // 3)
 
