@@ -310,6 +310,25 @@ def test_moe_op_token_blocks_and_passes(tmp_path, monkeypatch, prefetch, lines, 
     check_token_counts(art, [1, 2, 3, 4, 5, 6, 7, 8], seed=22)
 
 
+@pytest.mark.parametrize("arch", [None, "x86-64-v3"], ids=["host", "avx2"])
+def test_moe_op_few_lead(tmp_path, arch):
+    """With ``few_lead`` an expert of 2 .. ``micro_m`` tokens runs its first token through the
+    GEMV, then the others as one block (a second GEMV for 2 tokens): experts of every count
+    from 1 to 8 tokens (1 alone, 2 as two GEMVs, 3 .. ``micro_m`` as a GEMV and a block, more
+    through the passes). Against ONNX Runtime and NumPy."""
+    from qiao.backends import get_backend
+    from qiao.compiler import compile
+    from qiao.compiler.schedules.cpu_info import missing_here
+
+    if arch and missing_here(get_backend("cpu").target(arch)):
+        pytest.skip(f"this CPU cannot run {arch} code (the host-code case runs)")
+    path = tmp_path / "m.onnx"
+    onnx.save(moe_model(BASE, k=2), str(path))
+    schedule = {"few_tokens": 99, "few_lead": 1, "prefetch": 1, "lanes_min": 0}
+    art = compile(str(path), "cpu", tmp_path / "art", arch=arch, moe_schedule=schedule)
+    check_token_counts(art, [1, 2, 3, 4, 5, 6, 7, 8], seed=24)
+
+
 @pytest.mark.parametrize("split_blocks", [5, 1])
 def test_moe_op_split_prefetch(tmp_path, monkeypatch, split_blocks):
     """The split prefetch (``MoESchedule.prefetch`` 3): the rows two groups ahead shared out among
@@ -396,11 +415,16 @@ def test_moe_op_lone_merge(tmp_path, monkeypatch, arch, k_chunk):
 
 
 @pytest.mark.parametrize("arch", [None, "x86-64-v3"], ids=["host", "avx2"])
-@pytest.mark.parametrize("lone_merge", [0, 1])
-def test_down_gemm_writes_every_token_once(arch, lone_merge):
+@pytest.mark.parametrize(
+    "overrides",
+    [{"few_tokens": 0}, {"few_tokens": 0, "lone_merge": 1}, {"few_tokens": 99, "few_lead": 1}],
+    ids=["blocks", "lone_merge", "few_lead"],
+)
+def test_down_gemm_writes_every_token_once(arch, overrides):
     """The down grouped GEMM alone, its output filled with NaN first, so a token block that
     skips or repeats a token shows: experts of 1 .. 13 tokens (every remainder of blocks of 3
-    and 6, ``lone_merge``'s ``q * micro_m + 1`` among them), against NumPy."""
+    and 6, ``lone_merge``'s ``q * micro_m + 1`` among them; with ``few_lead`` the experts of up
+    to ``micro_m`` tokens as a GEMV and a block), against NumPy."""
     import tvm
 
     from qiao.backends import get_backend
@@ -414,7 +438,7 @@ def test_down_gemm_writes_every_token_once(arch, lone_merge):
         pytest.skip(f"this CPU cannot run {arch} code (the host-code case runs)")
     n_exp, hidden, inter, k = 14, 64, 32, 2
     cfg = MoEConfig(num_experts=n_exp, hidden=hidden, inter=inter, top_k=k)
-    sched = moe_table.lookup(target, {"lone_merge": lone_merge, "few_tokens": 0})
+    sched = moe_table.lookup(target, overrides)
     sizes = list(range(1, n_exp)) + [13]  # an even number of picks: two experts per token
     picks = [e for e, n in enumerate(sizes) for _ in range(n)]
     tokens = len(picks) // 2

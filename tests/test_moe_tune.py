@@ -44,7 +44,9 @@ def test_table_picks_entries_by_target():
     # AMD Zen 5 (512-bit FMAs, 48 KB L1d): chunks of 512 and 2 prefetch lines for a few tokens
     zen5 = lookup(target({"kind": "llvm", "mcpu": "znver5"}))
     assert (zen5.device, zen5.k_chunk, zen5.few_prefetch_lines) == ("cpu/znver5", 512, 2)
-    assert zen5.replace(device="cpu/avx512", k_chunk=0, few_prefetch_lines=4) == avx512
+    # and the GEMV first in the experts of few tokens
+    assert (zen5.few_lead, avx512.few_lead, avx2.few_lead) == (1, 0, 0)
+    assert zen5.replace(device="cpu/avx512", k_chunk=0, few_prefetch_lines=4, few_lead=0) == avx512
 
 
 def test_table_rejects_bad_entries(tmp_path, monkeypatch):
@@ -65,9 +67,10 @@ def test_table_rejects_bad_entries(tmp_path, monkeypatch):
     bad.write_text(json.dumps({"version": 1, "entries": {"cpu/avx2": {"prefetch_level": 3}}}))
     with pytest.raises(QiaoError, match="prefetch_level must be 1 .L1. or 2 .L2., got 3.*fix:"):
         lookup(target({"kind": "llvm", "mcpu": "x86-64-v3"}))
-    bad.write_text(json.dumps({"version": 1, "entries": {"cpu/avx2": {"lone_merge": 2}}}))
-    with pytest.raises(QiaoError, match="lone_merge must be 0 or 1, got 2.*fix:"):
-        lookup(target({"kind": "llvm", "mcpu": "x86-64-v3"}))
+    for field in ("lone_merge", "few_lead"):
+        bad.write_text(json.dumps({"version": 1, "entries": {"cpu/avx2": {field: 2}}}))
+        with pytest.raises(QiaoError, match=f"{field} must be 0 or 1, got 2.*fix:"):
+            lookup(target({"kind": "llvm", "mcpu": "x86-64-v3"}))
     monkeypatch.delenv("QIAO_MOE_TABLE")
     with pytest.raises(QiaoError, match=r"\bunknown field"):
         lookup(target({"kind": "llvm", "mcpu": "x86-64-v3"}), {"nope": 1})
@@ -124,9 +127,12 @@ def test_tune_measures_and_writes_an_entry_the_lowering_uses(tmp_path, monkeypat
     assert set(measured.get("few_prefetch_lines", {})) == ({"2", "4"} if best.prefetch else set())
     if best.prefetch:
         assert best.few_tokens in (entry.few_tokens, min(3, best.micro_m))
+    # the GEMV first or not, where experts of few tokens have their own path
+    leads = best.few_tokens >= 2
+    assert set(measured.get("few_lead", {})) == ({"0", "1"} if leads else set())
     # one line per candidate, and one per winner re-timed against the schedule so far
     screened = [line for line in lines if " again, " not in line]
-    assert len(screened) == 11 + (4 if best.prefetch else 0)
+    assert len(screened) == 11 + (4 if best.prefetch else 0) + (2 if leads else 0)
     assert len(lines) - len(screened) == len(measured["confirmed"])
     write_entry(
         key, {**best.to_json(), "micro_m": 3, "micro_n": 2, "block_m": 3}, measured, path=str(table)

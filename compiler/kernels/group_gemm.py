@@ -234,6 +234,7 @@ def _cpu_grouped_gemm(
     k_chunk: int = 0,
     few_tokens: int = 0,
     few_prefetch_lines: int = 1,
+    few_lead: bool = False,
     task_chunks: int = 1,
     lone_merge: bool = False,
 ):
@@ -268,7 +269,10 @@ def _cpu_grouped_gemm(
     Experts with 2 .. ``few_tokens`` tokens (``MoESchedule.few_tokens``, at most ``MR``: one
     register block, so each weight line is met once and the memory stream bounds them) take one
     token block per row group, prefetching ``few_prefetch_lines`` steps of the next rows per step
-    instead; with ``few_tokens`` >= 1 so does the lone-token GEMV (decode).
+    instead; with ``few_tokens`` >= 1 so does the lone-token GEMV (decode). With ``few_lead``
+    (``MoESchedule.few_lead``) the first of those tokens streams the task's weight rows in
+    through the GEMV instead, and the others then meet them in L2 as one block (a second GEMV
+    where only one is left), without prefetching.
 
     ``lone_merge`` (``MoESchedule.lone_merge``): a pass that would end in a lone token after
     full blocks runs its last ``MR + 1`` tokens as two blocks of about half instead.
@@ -416,6 +420,29 @@ def _cpu_grouped_gemm(
             off: T.let[T.int32] = OFF[e]
             if cnt >= LMIN:
                 T.evaluate(0)  # done in the lanes order
+            elif few_lead and cnt <= FEW and cnt >= 2:
+                # the first token streams the tile's weight rows in (the GEMV below); the
+                # others meet them in L2: one block, or a second GEMV where one is left
+                arow[0] = a_row(PAIRS, off)
+                for g in range(TILE // NG):
+                    r0: T.let[T.int32] = r_tile + g * NG
+                    gemv(A, W, arow, e, r0, r0 + NG, gacc0, gacc1, red, PREFETCH_ALL, 0)
+                    epilogue(OUT, E1, E2, PAIRS, red, 0, off, e, r0, NG)
+                if cnt == 2:
+                    arow[0] = a_row(PAIRS, off + 1)
+                    for g in range(TILE // NG):
+                        r0: T.let[T.int32] = r_tile + g * NG
+                        gemv(A, W, arow, e, r0, r0 + NG, gacc0, gacc1, red, 0, 0)
+                        epilogue(OUT, E1, E2, PAIRS, red, 0, off + 1, e, r0, NG)
+                else:
+                    for m in T.unroll(FEW):
+                        arow[m] = a_row(PAIRS, off + 1 + T.min(m, cnt - 2))
+                    for g in range(TILE // NR):
+                        r0: T.let[T.int32] = r_tile + g * NR
+                        micro_few(cnt - 1, A, W, arow, e, r0, r0 + NR, acc0, acc1, red, 0, 0)
+                        for m in T.unroll(FEW):
+                            if m < cnt - 1:
+                                epilogue(OUT, E1, E2, PAIRS, red, m, off + 1 + m, e, r0, NR)
             elif cnt <= FEW and cnt >= 2:
                 # one register block of tokens (a stream of weights): every group of NR weight
                 # rows meets them once, prefetching the next with ``few_prefetch_lines``
@@ -667,6 +694,7 @@ def _up_cpu_body(cfg: MoEConfig, sched):
         k_chunk=sched.k_chunk,
         few_tokens=sched.few_tokens,
         few_prefetch_lines=sched.few_prefetch_lines,
+        few_lead=bool(sched.few_lead),
         task_chunks=max(1, sched.task_chunks),
         lone_merge=bool(sched.lone_merge),
     )
@@ -718,6 +746,7 @@ def _down_cpu_body(cfg: MoEConfig, sched):
         widen=cfg.weight_dtype != "float32",
         few_tokens=sched.few_tokens,
         few_prefetch_lines=sched.few_prefetch_lines,
+        few_lead=bool(sched.few_lead),
         task_chunks=max(1, sched.task_chunks),
         lone_merge=bool(sched.lone_merge),
     )

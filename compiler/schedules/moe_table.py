@@ -114,6 +114,17 @@ class MoESchedule:
         FMAs, 48 KB L1d, 1 MB L2 per core; 2026-12-07, stage kernels alone, 7 interleaved rounds)
         2 lines on AVX-512 code took 0.88x the time of 4 at T = 1 and 0.92x at T = 16 (3 lines
         0.95x / 0.95x), and AVX2 code kept 3-4: its ``cpu/znver5`` entry takes 2.
+    few_lead : int
+        CPU: 1: in an expert of 2 .. ``few_tokens`` tokens the first token streams each task's
+        weight rows in through the GEMV (decode's kernel, the lightest reader), and the others
+        then meet them in L2 as one register block (a second GEMV where one is left); 0: all of
+        them in one block straight from memory. On a 2-core AMD Zen 5 VM (LLVM ``znver5``, 1 MB
+        L2; 2026-12-07, Qwen3-30B-A3B block, every expert given exactly c tokens, 9 interleaved
+        rounds) AVX-512 code took 0.92 / 0.89 / 0.90x the gate/up GEMM's time for c = 2 / 4 / 6
+        and 0.95-0.98x the down GEMM's; there the GEMV streamed its weights at 1.15-1.2x the rate
+        of the blocks of 2-6 tokens, whose reads lag the memory also with no software prefetch
+        at all. The whole block took 0.97x the time at T = 16 and 128 (random routing) and
+        AVX2 code (blocks of up to 3 tokens) gained nothing: ``cpu/znver5`` takes 1.
     lanes_min : int
         CPU gate/up grouped GEMM: experts with at least this many tokens take the token-lanes
         order (``cpu_gemm.lanes_microkernel``: tokens in SIMD lanes, weights broadcast, no
@@ -190,6 +201,7 @@ class MoESchedule:
     prefetch_lines: int = 1
     few_tokens: int = 0
     few_prefetch_lines: int = 1
+    few_lead: int = 0
     lanes_min: int = 0
     k_chunk: int = 0
     x_pad: int = 0
@@ -220,6 +232,7 @@ _MAY_BE_ZERO = (
     "x_pad",
     "task_chunks",
     "lone_merge",
+    "few_lead",
 )
 # fields whose 0 ``lookup`` replaces by the compiling target's value (``task_chunks``: its cores);
 # ``qiao tune moe`` leaves them out of the entries it writes, so they follow the machine
@@ -255,11 +268,12 @@ def _check_entry(key: str, entry: Mapping[str, Any]) -> dict[str, Any]:
                 f"MoE schedule table entry {key!r}: {field} must be 1 .. {MAX_PREFETCH_LINES}, "
                 f"got {entry[field]}. fix: rerun `qiao tune moe` or correct the entry"
             )
-    if entry.get("lone_merge", 0) > 1:
-        raise QiaoError(
-            f"MoE schedule table entry {key!r}: lone_merge must be 0 or 1, got "
-            f"{entry['lone_merge']}. fix: rerun `qiao tune moe` or correct the entry"
-        )
+    for field in ("lone_merge", "few_lead"):
+        if entry.get(field, 0) > 1:
+            raise QiaoError(
+                f"MoE schedule table entry {key!r}: {field} must be 0 or 1, got "
+                f"{entry[field]}. fix: rerun `qiao tune moe` or correct the entry"
+            )
     if entry.get("prefetch_level", 1) > 2:
         raise QiaoError(
             f"MoE schedule table entry {key!r}: prefetch_level must be 1 (L1) or 2 (L2), got "
@@ -614,6 +628,7 @@ def tune_cpu(
     k_chunks=(0, 256, 512, 1024),
     prefetch_lines=(1, 2),
     few_prefetch_lines=(2, 4, 6),
+    few_lead=(0, 1),
     root: str | os.PathLike | None = None,
 ) -> tuple[str, MoESchedule, dict[str, Any]]:
     """Measure candidate CPU schedules for ``cfg`` on this machine and return the best.
@@ -636,7 +651,8 @@ def tune_cpu(
     ``prefetch_levels`` and ``prefetch_lines`` (tried where the best prefetches; fewer than two:
     the entry's stays) narrow the search. ``few_prefetch_lines`` (the same; for the experts of up
     to ``few_tokens`` tokens, the entry's or 3) is scored on decode plus ``num_experts // top_k``
-    tokens (about one per expert: the weight stream). The search starts
+    tokens (about one per expert: the weight stream); ``few_lead`` (the same; where the entry
+    has experts of few tokens) on about four tokens per expert. The search starts
     from the entry ``lookup(target, root=root)`` gives. Nothing is written (``write_entry`` stores
     the result). Returns ``(table key, schedule, measurements)``.
     """
@@ -822,6 +838,19 @@ def tune_cpu(
         )
         best = best.replace(few_prefetch_lines=n)
         measurements["few_prefetch_lines"] = {str(k): v for k, v in scores.items()}
+    leads = list(dict.fromkeys(few_lead))
+    if best.few_tokens >= 2 and len(leads) > 1:
+        few_load = max(1, 4 * cfg.num_experts // cfg.top_k)  # about 4 tokens per expert
+        lead, scores = search(
+            "few_lead",
+            leads,
+            best.few_lead,
+            lambda v: best.replace(few_lead=v),
+            lambda sched: both_gemms(sched, few_load),
+            lambda v, ms: f"few_lead={v}: {ms:.3f} ms (T={few_load})",
+        )
+        best = best.replace(few_lead=lead)
+        measurements["few_lead"] = {str(k): v for k, v in scores.items()}
     return key, best, measurements
 
 
