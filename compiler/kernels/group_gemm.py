@@ -401,6 +401,27 @@ def _cpu_grouped_gemm(
     CH = divisor_at_most(NT, task_chunks)
 
     @T.macro
+    def gemv_tile(A, W, PAIRS, OUT, E1, E2, arow, e, r_tile, slot, pf, gacc0, gacc1, red):
+        # the GEMV of the token in ``slot`` over the task's rows, NG weight rows per step
+        arow[0] = a_row(PAIRS, slot)
+        for g in T.serial(TILE // NG):  # (T used in the body: annotations alone do not bind it)
+            r0: T.let[T.int32] = r_tile + g * NG
+            gemv(A, W, arow, e, r0, r0 + NG, gacc0, gacc1, red, pf, 0)
+            epilogue(OUT, E1, E2, PAIRS, red, 0, slot, e, r0, NG)
+
+    @T.macro
+    def few_block(A, W, PAIRS, OUT, E1, E2, arow, e, r_tile, slot, n, pf, acc0, acc1, red):
+        # the ``n`` tokens from ``slot`` (2 .. FEW) as one register block over the task's rows
+        for m in T.unroll(FEW):
+            arow[m] = a_row(PAIRS, slot + T.min(m, n - 1))
+        for g in range(TILE // NR):
+            r0: T.let[T.int32] = r_tile + g * NR
+            micro_few(n, A, W, arow, e, r0, r0 + NR, acc0, acc1, red, pf, 0)
+            for m in T.unroll(FEW):
+                if m < n:
+                    epilogue(OUT, E1, E2, PAIRS, red, m, slot + m, e, r0, NR)
+
+    @T.macro
     def body(A, W, PAIRS, OFF, CNT, ACTIVE, NACT, OUT, E1, E2):
         if lanes_min > 0:
             lanes_body(A, W, PAIRS, OFF, CNT, ACTIVE, NACT, OUT, E1, E2)
@@ -421,39 +442,27 @@ def _cpu_grouped_gemm(
             if cnt >= LMIN:
                 T.evaluate(0)  # done in the lanes order
             elif few_lead and cnt <= FEW and cnt >= 2:
-                # the first token streams the tile's weight rows in (the GEMV below); the
-                # others meet them in L2: one block, or a second GEMV where one is left
-                arow[0] = a_row(PAIRS, off)
-                for g in range(TILE // NG):
-                    r0: T.let[T.int32] = r_tile + g * NG
-                    gemv(A, W, arow, e, r0, r0 + NG, gacc0, gacc1, red, PREFETCH_ALL, 0)
-                    epilogue(OUT, E1, E2, PAIRS, red, 0, off, e, r0, NG)
+                # the first token streams the tile's weight rows in (its GEMV); the others
+                # meet them in L2: one block, or a second GEMV where one is left
+                gemv_tile(
+                    A, W, PAIRS, OUT, E1, E2, arow, e, r_tile, off, PREFETCH_ALL, gacc0, gacc1, red
+                )
                 if cnt == 2:
-                    arow[0] = a_row(PAIRS, off + 1)
-                    for g in range(TILE // NG):
-                        r0: T.let[T.int32] = r_tile + g * NG
-                        gemv(A, W, arow, e, r0, r0 + NG, gacc0, gacc1, red, 0, 0)
-                        epilogue(OUT, E1, E2, PAIRS, red, 0, off + 1, e, r0, NG)
+                    gemv_tile(
+                        A, W, PAIRS, OUT, E1, E2, arow, e, r_tile, off + 1, 0, gacc0, gacc1, red
+                    )
                 else:
-                    for m in T.unroll(FEW):
-                        arow[m] = a_row(PAIRS, off + 1 + T.min(m, cnt - 2))
-                    for g in range(TILE // NR):
-                        r0: T.let[T.int32] = r_tile + g * NR
-                        micro_few(cnt - 1, A, W, arow, e, r0, r0 + NR, acc0, acc1, red, 0, 0)
-                        for m in T.unroll(FEW):
-                            if m < cnt - 1:
-                                epilogue(OUT, E1, E2, PAIRS, red, m, off + 1 + m, e, r0, NR)
+                    few_block(
+                        A, W, PAIRS, OUT, E1, E2, arow, e, r_tile, off + 1, cnt - 1, 0, acc0,
+                        acc1, red,
+                    )  # fmt: skip
             elif cnt <= FEW and cnt >= 2:
                 # one register block of tokens (a stream of weights): every group of NR weight
                 # rows meets them once, prefetching the next with ``few_prefetch_lines``
-                for m in T.unroll(FEW):
-                    arow[m] = a_row(PAIRS, off + T.min(m, cnt - 1))
-                for g in range(TILE // NR):
-                    r0: T.let[T.int32] = r_tile + g * NR
-                    micro_few(cnt, A, W, arow, e, r0, r0 + NR, acc0, acc1, red, PREFETCH_ALL, 0)
-                    for m in T.unroll(FEW):
-                        if m < cnt:
-                            epilogue(OUT, E1, E2, PAIRS, red, m, off + m, e, r0, NR)
+                few_block(
+                    A, W, PAIRS, OUT, E1, E2, arow, e, r_tile, off, cnt, PREFETCH_ALL, acc0, acc1,
+                    red,
+                )  # fmt: skip
             elif KC > 0 and cnt >= 2:
                 # passes over SBC tokens, each walking the reduction in chunks of KC: a chunk of
                 # the pass's rows of A stays in L1 while every weight row group of the task meets
@@ -520,11 +529,9 @@ def _cpu_grouped_gemm(
                                 epilogue(OUT, E1, E2, PAIRS, red, 0, off + t0, e, r0, NR)
             else:
                 # GEMV (a lone token: decode): NG weight rows per step, weights streamed once
-                arow[0] = a_row(PAIRS, off)
-                for g in range(TILE // NG):
-                    r0: T.let[T.int32] = r_tile + g * NG
-                    gemv(A, W, arow, e, r0, r0 + NG, gacc0, gacc1, red, PREFETCH_ALL, 0)
-                    epilogue(OUT, E1, E2, PAIRS, red, 0, off, e, r0, NG)
+                gemv_tile(
+                    A, W, PAIRS, OUT, E1, E2, arow, e, r_tile, off, PREFETCH_ALL, gacc0, gacc1, red
+                )
 
     return body
 
