@@ -329,6 +329,28 @@ def test_moe_op_few_lead(tmp_path, arch):
     check_token_counts(art, [1, 2, 3, 4, 5, 6, 7, 8], seed=24)
 
 
+def test_few_token_prefetch_lines_zero_leaves_the_streams_to_the_hardware():
+    """``few_prefetch_lines`` 0: the decode GEMV and the few-token blocks issue no software
+    prefetch (the other paths keep theirs): the gate/up kernel's LLVM IR has fewer prefetches
+    than with 1 line, and with ``prefetch`` 0 none at all."""
+    from qiao.backends import get_backend
+    from qiao.compiler.kernels.group_gemm import group_gemm_up
+    from qiao.compiler.kernels.moe_common import MoEConfig
+    from qiao.compiler.schedules.moe_table import _compile_kernel, lookup
+
+    target = get_backend("cpu").target("x86-64-v3")  # only compiled: runs nowhere
+    cfg = MoEConfig(num_experts=4, hidden=64, inter=32, top_k=2)
+
+    def prefetches(**fields):
+        sched = lookup(target, {"prefetch": 1, "few_tokens": 3, **fields})
+        ll = _compile_kernel(group_gemm_up(cfg, sched), target).mod.inspect_source("ll")
+        return ll.count("call void @llvm.prefetch")
+
+    one, none = prefetches(few_prefetch_lines=1), prefetches(few_prefetch_lines=0)
+    assert 0 < none < one
+    assert prefetches(prefetch=0, few_prefetch_lines=1) == 0
+
+
 @pytest.mark.parametrize("split_blocks", [5, 1])
 def test_moe_op_split_prefetch(tmp_path, monkeypatch, split_blocks):
     """The split prefetch (``MoESchedule.prefetch`` 3): the rows two groups ahead shared out among

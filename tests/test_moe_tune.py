@@ -43,7 +43,7 @@ def test_table_picks_entries_by_target():
     assert intel.replace(device="cpu/avx512", k_chunk=0) == avx512
     # AMD Zen 5 (512-bit FMAs, 48 KB L1d): chunks of 512 and 2 prefetch lines for a few tokens
     zen5 = lookup(target({"kind": "llvm", "mcpu": "znver5"}))
-    assert (zen5.device, zen5.k_chunk, zen5.few_prefetch_lines) == ("cpu/znver5", 512, 2)
+    assert (zen5.device, zen5.k_chunk, zen5.few_prefetch_lines) == ("cpu/znver5", 512, 1)
     # and the GEMV first in the experts of few tokens
     assert (zen5.few_lead, avx512.few_lead, avx2.few_lead) == (1, 0, 0)
     assert zen5.replace(device="cpu/avx512", k_chunk=0, few_prefetch_lines=4, few_lead=0) == avx512
@@ -67,6 +67,15 @@ def test_table_rejects_bad_entries(tmp_path, monkeypatch):
     bad.write_text(json.dumps({"version": 1, "entries": {"cpu/avx2": {"prefetch_level": 3}}}))
     with pytest.raises(QiaoError, match="prefetch_level must be 1 .L1. or 2 .L2., got 3.*fix:"):
         lookup(target({"kind": "llvm", "mcpu": "x86-64-v3"}))
+    bad.write_text(json.dumps({"version": 1, "entries": {"cpu/avx2": {"few_prefetch_lines": 9}}}))
+    with pytest.raises(QiaoError, match="few_prefetch_lines must be 0 .. 8, got 9.*fix:"):
+        lookup(target({"kind": "llvm", "mcpu": "x86-64-v3"}))
+    bad.write_text(json.dumps({"version": 1, "entries": {"cpu/avx2": {"prefetch_lines": 0}}}))
+    with pytest.raises(QiaoError, match="prefetch_lines.*positive integers"):
+        lookup(target({"kind": "llvm", "mcpu": "x86-64-v3"}))
+    # no prefetch for the experts of few tokens (the hardware prefetcher alone) is an entry
+    bad.write_text(json.dumps({"version": 1, "entries": {"cpu/avx2": {"few_prefetch_lines": 0}}}))
+    assert lookup(target({"kind": "llvm", "mcpu": "x86-64-v3"})).few_prefetch_lines == 0
     for field in ("lone_merge", "few_lead"):
         bad.write_text(json.dumps({"version": 1, "entries": {"cpu/avx2": {field: 2}}}))
         with pytest.raises(QiaoError, match=f"{field} must be 0 or 1, got 2.*fix:"):

@@ -113,7 +113,14 @@ class MoESchedule:
         tokens (its ``micro_m``) and 3 lines. On a 2-core AMD Zen 5 VM (LLVM ``znver5``: 512-bit
         FMAs, 48 KB L1d, 1 MB L2 per core; 2026-12-07, stage kernels alone, 7 interleaved rounds)
         2 lines on AVX-512 code took 0.88x the time of 4 at T = 1 and 0.92x at T = 16 (3 lines
-        0.95x / 0.95x), and AVX2 code kept 3-4: its ``cpu/znver5`` entry takes 2.
+        0.95x / 0.95x), and AVX2 code kept 3-4. Later the same day, with ``few_lead`` (whole
+        block, 9 interleaved rounds) 1 line took 0.97 / 0.90 / 0.98x the time of 2 at T = 1 /
+        16 / 128, and in 20-40 rounds each against the read probe 0.94-0.98x at T = 1 and
+        0.93-0.97x at T = 16; 0 (no prefetch there: the hardware prefetcher alone) 0.94-0.97x
+        and 0.96-0.98x, so its ``cpu/znver5`` entry takes 1. AVX2 code there read fastest with 0
+        (T = 1: 0.82x the time of 3, 1 line 0.89x, 2 lines 0.95x), where the AVX-512 EPYC had
+        measured the hardware prefetcher alone at 0.49-0.69 of the read rate: ``cpu/avx2``
+        keeps 3, ``qiao tune moe`` tries 0 .. 6 per machine.
     few_lead : int
         CPU: 1: in an expert of 2 .. ``few_tokens`` tokens the first token streams each task's
         weight rows in through the GEMV (decode's kernel, the lightest reader), and the others
@@ -233,6 +240,7 @@ _MAY_BE_ZERO = (
     "task_chunks",
     "lone_merge",
     "few_lead",
+    "few_prefetch_lines",
 )
 # fields whose 0 ``lookup`` replaces by the compiling target's value (``task_chunks``: its cores);
 # ``qiao tune moe`` leaves them out of the entries it writes, so they follow the machine
@@ -262,11 +270,12 @@ def _check_entry(key: str, entry: Mapping[str, Any]) -> dict[str, Any]:
             f"MoE schedule table entry {key!r}: prefetch must be 0, 1, 2 or 3, got "
             f"{entry['prefetch']}. fix: rerun `qiao tune moe` or correct the entry"
         )
-    for field in ("prefetch_lines", "few_prefetch_lines"):
-        if not 1 <= entry.get(field, 1) <= MAX_PREFETCH_LINES:
+    for field, least in (("prefetch_lines", 1), ("few_prefetch_lines", 0)):
+        if not least <= entry.get(field, 1) <= MAX_PREFETCH_LINES:
             raise QiaoError(
-                f"MoE schedule table entry {key!r}: {field} must be 1 .. {MAX_PREFETCH_LINES}, "
-                f"got {entry[field]}. fix: rerun `qiao tune moe` or correct the entry"
+                f"MoE schedule table entry {key!r}: {field} must be {least} .. "
+                f"{MAX_PREFETCH_LINES}, got {entry[field]}. fix: rerun `qiao tune moe` or correct "
+                "the entry"
             )
     for field in ("lone_merge", "few_lead"):
         if entry.get(field, 0) > 1:
@@ -627,7 +636,7 @@ def tune_cpu(
     prefetch_levels=(1, 2),
     k_chunks=(0, 256, 512, 1024),
     prefetch_lines=(1, 2),
-    few_prefetch_lines=(2, 4, 6),
+    few_prefetch_lines=(0, 1, 2, 4, 6),
     few_lead=(0, 1),
     root: str | os.PathLike | None = None,
 ) -> tuple[str, MoESchedule, dict[str, Any]]:
