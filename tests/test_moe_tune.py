@@ -54,32 +54,27 @@ def test_table_rejects_bad_entries(tmp_path, monkeypatch):
     from qiao.compiler.schedules.moe_table import lookup
 
     bad = tmp_path / "t.json"
-    bad.write_text(json.dumps({"version": 1, "entries": {"cpu/avx2": {"micro_q": 3}}}))
     monkeypatch.setenv("QIAO_MOE_TABLE", str(bad))
-    with pytest.raises(QiaoError, match="unknown field.*micro_q.*fix:"):
-        lookup(target({"kind": "llvm", "mcpu": "x86-64-v3"}))
-    bad.write_text(json.dumps({"version": 1, "entries": {"cpu/avx2": {"micro_m": 0}}}))
-    with pytest.raises(QiaoError, match="positive integers"):
-        lookup(target({"kind": "llvm", "mcpu": "x86-64-v3"}))
-    bad.write_text(json.dumps({"version": 1, "entries": {"cpu/avx2": {"prefetch": 4}}}))
-    with pytest.raises(QiaoError, match="prefetch must be 0, 1, 2 or 3, got 4.*fix:"):
-        lookup(target({"kind": "llvm", "mcpu": "x86-64-v3"}))
-    bad.write_text(json.dumps({"version": 1, "entries": {"cpu/avx2": {"prefetch_level": 3}}}))
-    with pytest.raises(QiaoError, match="prefetch_level must be 1 .L1. or 2 .L2., got 3.*fix:"):
-        lookup(target({"kind": "llvm", "mcpu": "x86-64-v3"}))
-    bad.write_text(json.dumps({"version": 1, "entries": {"cpu/avx2": {"few_prefetch_lines": 9}}}))
-    with pytest.raises(QiaoError, match="few_prefetch_lines must be 0 .. 8, got 9.*fix:"):
-        lookup(target({"kind": "llvm", "mcpu": "x86-64-v3"}))
-    bad.write_text(json.dumps({"version": 1, "entries": {"cpu/avx2": {"prefetch_lines": 0}}}))
-    with pytest.raises(QiaoError, match="prefetch_lines.*positive integers"):
-        lookup(target({"kind": "llvm", "mcpu": "x86-64-v3"}))
+    avx2 = target({"kind": "llvm", "mcpu": "x86-64-v3"})
+
+    def entry(**fields):
+        bad.write_text(json.dumps({"version": 1, "entries": {"cpu/avx2": fields}}))
+        return lookup(avx2)
+
+    for fields, message in [
+        ({"micro_q": 3}, "unknown field.*micro_q.*fix:"),
+        ({"micro_m": 0}, "positive integers"),
+        ({"prefetch": 4}, "prefetch must be 0, 1, 2 or 3, got 4.*fix:"),
+        ({"prefetch_level": 3}, "prefetch_level must be 1 .L1. or 2 .L2., got 3.*fix:"),
+        ({"few_prefetch_lines": 9}, "few_prefetch_lines must be 0 .. 8, got 9.*fix:"),
+        ({"prefetch_lines": 0}, "prefetch_lines.*positive integers"),
+        ({"lone_merge": 2}, "lone_merge must be 0 or 1, got 2.*fix:"),
+        ({"few_lead": 2}, "few_lead must be 0 or 1, got 2.*fix:"),
+    ]:
+        with pytest.raises(QiaoError, match=message):
+            entry(**fields)
     # no prefetch for the experts of few tokens (the hardware prefetcher alone) is an entry
-    bad.write_text(json.dumps({"version": 1, "entries": {"cpu/avx2": {"few_prefetch_lines": 0}}}))
-    assert lookup(target({"kind": "llvm", "mcpu": "x86-64-v3"})).few_prefetch_lines == 0
-    for field in ("lone_merge", "few_lead"):
-        bad.write_text(json.dumps({"version": 1, "entries": {"cpu/avx2": {field: 2}}}))
-        with pytest.raises(QiaoError, match=f"{field} must be 0 or 1, got 2.*fix:"):
-            lookup(target({"kind": "llvm", "mcpu": "x86-64-v3"}))
+    assert entry(few_prefetch_lines=0).few_prefetch_lines == 0
     monkeypatch.delenv("QIAO_MOE_TABLE")
     with pytest.raises(QiaoError, match=r"\bunknown field"):
         lookup(target({"kind": "llvm", "mcpu": "x86-64-v3"}), {"nope": 1})
