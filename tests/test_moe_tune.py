@@ -41,7 +41,7 @@ def test_table_picks_entries_by_target():
     intel = lookup(target({"kind": "llvm", "mcpu": "rocketlake"}))
     assert (intel.device, intel.k_chunk, avx512.k_chunk) == ("cpu/rocketlake", 256, 0)
     assert intel.replace(device="cpu/avx512", k_chunk=0) == avx512
-    # AMD Zen 5 (512-bit FMAs, 48 KB L1d): chunks of 512 and 2 prefetch lines for a few tokens
+    # AMD Zen 5 (512-bit FMAs, 48 KB L1d): chunks of 512 and 1 prefetch line for a few tokens
     zen5 = lookup(target({"kind": "llvm", "mcpu": "znver5"}))
     assert (zen5.device, zen5.k_chunk, zen5.few_prefetch_lines) == ("cpu/znver5", 512, 1)
     # and the GEMV first in the experts of few tokens

@@ -270,10 +270,9 @@ def _cpu_grouped_gemm(
     register block, so each weight line is met once and the memory stream bounds them) take one
     token block per row group, prefetching ``few_prefetch_lines`` steps of the next rows per step
     instead (0: none); with ``few_tokens`` >= 1 so does the lone-token GEMV (decode). With
-    ``few_lead``
-    (``MoESchedule.few_lead``) the first of those tokens streams the task's weight rows in
-    through the GEMV instead, and the others then meet them in L2 as one block (a second GEMV
-    where only one is left), without prefetching.
+    ``few_lead`` (``MoESchedule.few_lead``) the first of those tokens streams the task's weight
+    rows in through the GEMV instead, and the others then meet them in L2 as one block (a
+    second GEMV where only one is left), without prefetching.
 
     ``lone_merge`` (``MoESchedule.lone_merge``): a pass that would end in a lone token after
     full blocks runs its last ``MR + 1`` tokens as two blocks of about half instead.
@@ -295,8 +294,9 @@ def _cpu_grouped_gemm(
     streaming = dict(common, row_masks=False, per_line=False)
     if FEW:
         # (0 lines: none, the hardware prefetcher alone)
-        streaming.update(prefetch_lines=max(few_prefetch_lines, 1))
-        streaming.update(prefetch=level if few_prefetch_lines else 0)
+        streaming.update(
+            prefetch_lines=max(few_prefetch_lines, 1), prefetch=level if few_prefetch_lines else 0
+        )
     micro_few = _token_blocks(max(FEW, 2), NR, streaming)
     KC = reduction_chunk(k_chunk, red_len, VL)
     chunked = dict(common, k_vectors=max(KC, VL) // VL)
