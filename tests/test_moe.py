@@ -374,14 +374,17 @@ def test_moe_op_split_prefetch(tmp_path, monkeypatch, split_blocks):
 
 
 @pytest.mark.parametrize("arch", [None, "x86-64-v3"], ids=["host", "avx2"])
-@pytest.mark.parametrize("lanes_min", [2, 17])
-def test_moe_op_token_lanes_order(tmp_path, lanes_min, arch):
+@pytest.mark.parametrize("lanes_min, sweep_kb", [(2, 0), (17, 0), (2, 16)])
+def test_moe_op_token_lanes_order(tmp_path, lanes_min, sweep_kb, arch):
     """Experts with at least ``lanes_min`` tokens take the token-lanes gate/up GEMM (tokens in
     SIMD lanes, transposed per pass of up to three vectors, an expert's vectors shared out evenly
     among its passes): at 8 lanes 55 tokens run as 3 + 2 + 2 vectors (the last partial), 40 as
     3 + 2, 12 as 2 (partial), 5 and 2 as 1; at 16 lanes 55 as 2 + 2, 40 as 3 (partial), 12, 5
     and 2 as 1; with ``lanes_min`` 17 the experts of 12 tokens and fewer take the dot-product
-    kernels. Against ONNX Runtime and NumPy."""
+    kernels. With ``lanes_sweep_kb`` 16 (panels of 2 KB a vector at 8 lanes, 4 KB at 16) and
+    groups of 1 KB of weight rows (4 of the 64), the passes meet each group in turn: at 8 lanes
+    55 tokens as a sweep of 3 + 2 vectors then one of 2, 40 as one sweep of 3 + 2; at 16 lanes
+    55 as one sweep of 2 + 2. Against ONNX Runtime and NumPy."""
     from qiao.backends import get_backend
     from qiao.compiler import compile
     from qiao.compiler.schedules.cpu_info import missing_here
@@ -391,7 +394,11 @@ def test_moe_op_token_lanes_order(tmp_path, lanes_min, arch):
     path = tmp_path / "m.onnx"
     onnx.save(moe_model(BASE, k=2), str(path))
     art = compile(
-        str(path), "cpu", tmp_path / "art", arch=arch, moe_schedule={"lanes_min": lanes_min}
+        str(path),
+        "cpu",
+        tmp_path / "art",
+        arch=arch,
+        moe_schedule={"lanes_min": lanes_min, "lanes_sweep_kb": sweep_kb, "lanes_group_kb": 1},
     )
     x, logits = inputs(60, H, E, seed=23)
     sizes = {3: 55, 4: 40, 5: 5, 6: 2, 7: 12}

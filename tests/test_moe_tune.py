@@ -47,6 +47,9 @@ def test_table_picks_entries_by_target():
     # and the GEMV first in the experts of few tokens
     assert (zen5.few_lead, avx512.few_lead, avx2.few_lead) == (1, 0, 0)
     assert zen5.replace(device="cpu/avx512", k_chunk=0, few_prefetch_lines=4, few_lead=0) == avx512
+    # token-lanes sweeps: panels of up to 1 MB of L2 on AVX-512 machines, 512 KB on AVX2 ones
+    assert (avx512.lanes_sweep_kb, zen5.lanes_sweep_kb, avx2.lanes_sweep_kb) == (1024, 1024, 512)
+    assert (avx512.lanes_group_kb, avx2.lanes_group_kb) == (192, 192)
 
 
 def test_table_rejects_bad_entries(tmp_path, monkeypatch):
@@ -70,11 +73,14 @@ def test_table_rejects_bad_entries(tmp_path, monkeypatch):
         ({"prefetch_lines": 0}, "prefetch_lines.*positive integers"),
         ({"lone_merge": 2}, "lone_merge must be 0 or 1, got 2.*fix:"),
         ({"few_lead": 2}, "few_lead must be 0 or 1, got 2.*fix:"),
+        ({"lanes_sweep_kb": 16385}, "lanes_sweep_kb must be 0 .. 16384 .KB of L2., got 16385"),
+        ({"lanes_group_kb": 0}, "lanes_group_kb.*positive integers"),
     ]:
         with pytest.raises(QiaoError, match=message):
             entry(**fields)
     # no prefetch for the experts of few tokens (the hardware prefetcher alone) is an entry
     assert entry(few_prefetch_lines=0).few_prefetch_lines == 0
+    assert entry(lanes_sweep_kb=0).lanes_sweep_kb == 0  # one token-lanes pass at a time
     monkeypatch.delenv("QIAO_MOE_TABLE")
     with pytest.raises(QiaoError, match=r"\bunknown field"):
         lookup(target({"kind": "llvm", "mcpu": "x86-64-v3"}), {"nope": 1})
@@ -113,6 +119,7 @@ def test_tune_measures_and_writes_an_entry_the_lowering_uses(tmp_path, monkeypat
         prefetch_levels=(1, 2),
         prefetch_lines=(1, 2),
         few_prefetch_lines=(2, 4),
+        lanes_sweeps=((0, 192), (512, 96)),
     )
     assert key == device and best.device == device
     # a candidate, or the entry's value where no candidate beat it by MIN_GAIN on re-timing
@@ -134,9 +141,19 @@ def test_tune_measures_and_writes_an_entry_the_lowering_uses(tmp_path, monkeypat
     # the GEMV first or not, where experts of few tokens have their own path
     leads = best.few_tokens >= 2
     assert set(measured.get("few_lead", {})) == ({"0", "1"} if leads else set())
+    # the token-lanes sweeps, where the entry has the token-lanes order
+    sweeps = best.lanes_min > 0
+    assert set(measured.get("lanes_sweep", {})) == ({"0/192", "512/96"} if sweeps else set())
+    assert (best.lanes_sweep_kb, best.lanes_group_kb) in {
+        (0, 192),
+        (512, 96),
+        (entry.lanes_sweep_kb, entry.lanes_group_kb),
+    }
     # one line per candidate, and one per winner re-timed against the schedule so far
     screened = [line for line in lines if " again, " not in line]
-    assert len(screened) == 11 + (4 if best.prefetch else 0) + (2 if leads else 0)
+    assert len(screened) == 11 + (4 if best.prefetch else 0) + (2 if leads else 0) + (
+        2 if sweeps else 0
+    )
     assert len(lines) - len(screened) == len(measured["confirmed"])
     write_entry(
         key, {**best.to_json(), "micro_m": 3, "micro_n": 2, "block_m": 3}, measured, path=str(table)
@@ -364,6 +381,7 @@ def test_tuner_scores_the_gate_up_blocks_where_they_run(monkeypatch, lanes_min):
         tiles_down=(16,),
         prefetch_options=(0,),
         k_chunks=(),
+        lanes_sweeps=(),
     )
     up_load = mid if lanes_min else prefill
     assert measured["tokens_up_blocks"] == up_load

@@ -63,6 +63,7 @@ TOKEN_PANEL_BYTES = 256 * 1024
 # CPU, with reduction chunks (``MoESchedule.k_chunk``): bytes of the pass's rows of A, one chunk
 # long, that stay in L1 while every weight row group of a task meets them (a 32-48 KB L1d).
 CHUNK_PANEL_BYTES = 32 * 1024
+MAX_SWEEP = 4  # CPU token-lanes order: the most passes of one sweep (``lanes_sweep_kb``)
 
 
 def token_panel_rows(red_len: int, micro_m: int, budget: int | None = None) -> int:
@@ -237,6 +238,8 @@ def _cpu_grouped_gemm(
     few_lead: bool = False,
     task_chunks: int = 1,
     lone_merge: bool = False,
+    lanes_sweep_kb: int = 0,
+    lanes_group_kb: int = 192,
 ):
     """Generic CPU body over (active expert, output tile of ``TILE`` rows) tasks.
 
@@ -257,7 +260,10 @@ def _cpu_grouped_gemm(
     token-lanes order instead (``cpu_gemm.lanes_microkernel``, ``lanes`` float32 per vector), in
     tasks of ``_lanes_params`` rows: each pass transposes up to three vectors of the expert's
     tokens into a panel ``AT[K, t]`` and every group of weight rows (a multiple of ``unit``)
-    meets it once, the weights broadcast from memory, the tokens in lanes.
+    meets it once, the weights broadcast from memory, the tokens in lanes; with ``lanes_sweep_kb``
+    (``MoESchedule.lanes_sweep_kb``; 0: none) the panels of as many passes as fit in that many KB
+    are transposed first and each group of ``lanes_group_kb`` KB of weight rows meets them in
+    turn (``_lanes_body``).
 
     ``k_chunk`` (``MoESchedule.k_chunk``; 0 or one that does not divide ``red_len`` into whole
     vectors: none) splits the reduction of experts with 2 .. ``lanes_min`` - 1 tokens: passes of
@@ -400,6 +406,8 @@ def _cpu_grouped_gemm(
         epilogue=epilogue,
         widen=widen,
         task_chunks=task_chunks,
+        sweep_bytes=lanes_sweep_kb * 1024,
+        group_bytes=lanes_group_kb * 1024,
     )
     CH = divisor_at_most(NT, task_chunks)
 
@@ -555,7 +563,8 @@ def _lanes_params(out_rows: int, lanes: int, unit: int) -> tuple[int, int, int]:
 
 
 def _lanes_body(*, red_len: int, lanes: int, lanes_min: int, out_rows: int, unit: int, a_row,
-                w_row, epilogue, widen: bool, task_chunks: int = 1):  # fmt: skip
+                w_row, epilogue, widen: bool, task_chunks: int = 1, sweep_bytes: int = 0,
+                group_bytes: int = 0):  # fmt: skip
     """The token-lanes tasks of ``_cpu_grouped_gemm`` (experts with ``>= lanes_min`` tokens):
     passes of up to three token vectors, each through the micro-kernel of as many vectors (an
     expert of 33-48 tokens on AVX-512 streams its weights once, not twice). An expert's vectors
@@ -567,7 +576,14 @@ def _lanes_body(*, red_len: int, lanes: int, lanes_min: int, out_rows: int, unit
     the blocked one 2 %). On the AVX-512 EPYC VM (2026-12-05, Qwen3-30B-A3B block, T = 512, 5
     interleaved rounds) the gate/up GEMM took 0.92x the time on AVX2 code (170 -> 156 ms; the
     split 0.95x, the blocked transpose 0.96x alone) and 0.97x on AVX-512 code (one pass per
-    expert there)."""
+    expert there).
+
+    Passes come in sweeps: the panels of as many passes as ``sweep_bytes`` holds (counted at the
+    expert's widest pass; at most ``MAX_SWEEP``, at least one) are transposed side by side, then
+    each group of weight rows (about ``group_bytes``, a multiple of both kernels' rows) meets
+    every pass of the sweep before the next group: read from memory once, again from L2. A sweep
+    of one pass walks the task's rows in order all the same, so with ``sweep_bytes`` 0 each pass
+    streams them all (``MoESchedule.lanes_sweep_kb``)."""
     from tvm.script import tirx as T
 
     from qiao.compiler.schedules.cpu_gemm import lanes_microkernel
@@ -577,16 +593,30 @@ def _lanes_body(*, red_len: int, lanes: int, lanes_min: int, out_rows: int, unit
     NTL = out_rows // TILE_L
     CH = divisor_at_most(NTL, task_chunks)
     SBL = 3 * LV
+    PANEL = red_len * LV * 4  # bytes of one token vector's transposed panel
+    NP = max(1, min(sweep_bytes // PANEL, MAX_SWEEP))  # the most passes one sweep holds
+    # weight rows a group meets the sweep's passes in turn (``group_bytes`` of them, at least one
+    # block of each kernel: they stay in L2 from one pass to the next); one pass: the task's rows
+    group = max(group_bytes // ((2 if widen else 4) * red_len), 1)
+    GS = divisor_at_most(TILE_L, group, math.lcm(NR2, NR3)) if NP > 1 else TILE_L
     TB = pow2_divisor(red_len, 16)  # reduction steps per transposed block
     common = dict(lanes=LV, k_len=red_len, w_row=w_row, widen=widen)
     one = lanes_microkernel(vectors=1, cols=NR2, **common)
     two = lanes_microkernel(vectors=2, cols=NR2, **common)
     three = lanes_microkernel(vectors=3, cols=NR3, **common)
 
+    def pass_vectors(sb, nv, npass):
+        # token vectors of pass ``sb`` of ``npass`` (the ``nv`` vectors shared out evenly)
+        return nv // npass + T.if_then_else(sb < nv % npass, 1, 0)
+
+    def pass_first(sb, nv, npass):
+        # the first token of pass ``sb``
+        return (sb * (nv // npass) + T.min(sb, nv % npass)) * LV
+
     @T.macro
     def body(A, W, PAIRS, OFF, CNT, ACTIVE, NACT, OUT, E1, E2):
         for task in T.parallel(NACT[0] * NTL):
-            at = T.alloc_buffer((red_len, SBL), "float32")
+            at = T.alloc_buffer((NP * red_len, SBL), "float32")
             rows = T.alloc_buffer((SBL,), "int64")
             acc0 = T.alloc_buffer((NR2, LV), "float32")
             acc1 = T.alloc_buffer((NR2, LV), "float32")
@@ -602,36 +632,52 @@ def _lanes_body(*, red_len: int, lanes: int, lanes_min: int, out_rows: int, unit
                 # to three (so 4 vectors run as 2 + 2, not 3 + 1)
                 nv: T.let[T.int32] = (cnt + LV - 1) // LV
                 npass: T.let[T.int32] = (nv + 2) // 3
-                for sb in range(npass):
-                    v: T.let[T.int32] = nv // npass + T.if_then_else(sb < nv % npass, 1, 0)
-                    t0: T.let[T.int32] = (sb * (nv // npass) + T.min(sb, nv % npass)) * LV
-                    c: T.let[T.int32] = T.min(v * LV, cnt - t0)
-                    for t in range(c):
-                        rows[t] = a_row(PAIRS, off + t0 + t)
-                    # transposed in blocks of TB along the reduction: the TB lines of ``at``
-                    # they write and the lines of A they read stay in L1
-                    for kb in range(red_len // TB):
+                # passes per sweep: as many as ``sweep_bytes`` holds the panels of
+                per: T.let[T.int32] = T.max(
+                    T.min(sweep_bytes // (PANEL * ((nv + npass - 1) // npass)), NP), 1
+                )
+                for sw in range((npass + per - 1) // per):
+                    nps: T.let[T.int32] = T.min(per, npass - sw * per)
+                    for p in range(nps):
+                        v: T.let[T.int32] = pass_vectors(sw * per + p, nv, npass)
+                        t0: T.let[T.int32] = pass_first(sw * per + p, nv, npass)
+                        c: T.let[T.int32] = T.min(v * LV, cnt - t0)
                         for t in range(c):
-                            for kk in T.unroll(TB):
-                                at[kb * TB + kk, t] = A[rows[t], kb * TB + kk]
-                        for t in range(v * LV - c):  # the last vector's unused lanes
-                            for kk in T.unroll(TB):
-                                at[kb * TB + kk, c + t] = T.float32(0)
-                    if v == 3:
-                        for g in range(TILE_L // NR3):
-                            r0: T.let[T.int32] = r_tile + g * NR3
-                            three(at, W, e, r0, acc0, acc1, acc2, red)
+                            rows[t] = a_row(PAIRS, off + t0 + t)
+                        # transposed in blocks of TB along the reduction: the TB lines of
+                        # ``at`` they write and the lines of A they read stay in L1
+                        for kb in range(red_len // TB):
                             for t in range(c):
-                                epilogue(OUT, E1, E2, PAIRS, red, t, off + t0 + t, e, r0, NR3)
-                    else:
-                        for g in range(TILE_L // NR2):
-                            r0: T.let[T.int32] = r_tile + g * NR2
-                            if v == 2:
-                                two(at, W, e, r0, acc0, acc1, acc2, red)
+                                for kk in T.unroll(TB):
+                                    at[p * red_len + kb * TB + kk, t] = A[rows[t], kb * TB + kk]
+                            for t in range(v * LV - c):  # the last vector's unused lanes
+                                for kk in T.unroll(TB):
+                                    at[p * red_len + kb * TB + kk, c + t] = T.float32(0)
+                    for gs in range(TILE_L // GS):
+                        for p in range(nps):
+                            v: T.let[T.int32] = pass_vectors(sw * per + p, nv, npass)
+                            t0: T.let[T.int32] = pass_first(sw * per + p, nv, npass)
+                            c: T.let[T.int32] = T.min(v * LV, cnt - t0)
+                            a0: T.let[T.int32] = p * red_len
+                            if v == 3:
+                                for g in range(GS // NR3):
+                                    r0: T.let[T.int32] = r_tile + gs * GS + g * NR3
+                                    three(at, W, e, r0, acc0, acc1, acc2, red, a0)
+                                    for t in range(c):
+                                        epilogue(
+                                            OUT, E1, E2, PAIRS, red, t, off + t0 + t, e, r0, NR3
+                                        )
                             else:
-                                one(at, W, e, r0, acc0, acc1, acc2, red)
-                            for t in range(c):
-                                epilogue(OUT, E1, E2, PAIRS, red, t, off + t0 + t, e, r0, NR2)
+                                for g in range(GS // NR2):
+                                    r0: T.let[T.int32] = r_tile + gs * GS + g * NR2
+                                    if v == 2:
+                                        two(at, W, e, r0, acc0, acc1, acc2, red, a0)
+                                    else:
+                                        one(at, W, e, r0, acc0, acc1, acc2, red, a0)
+                                    for t in range(c):
+                                        epilogue(
+                                            OUT, E1, E2, PAIRS, red, t, off + t0 + t, e, r0, NR2
+                                        )
 
     return body
 
@@ -707,6 +753,8 @@ def _up_cpu_body(cfg: MoEConfig, sched):
         few_lead=bool(sched.few_lead),
         task_chunks=max(1, sched.task_chunks),
         lone_merge=bool(sched.lone_merge),
+        lanes_sweep_kb=sched.lanes_sweep_kb,
+        lanes_group_kb=sched.lanes_group_kb,
     )
 
     @T.macro

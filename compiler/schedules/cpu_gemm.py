@@ -1366,9 +1366,10 @@ def lanes_microkernel(
     so the weight ``W[e, rows, K]`` (``K`` contiguous) needs no packing. For ``t < vectors *
     lanes`` and ``r < cols``::
 
-        red[t, r] = sum_k AT[k, t] * W[e, w_row(r0 + r), k]
+        red[t, r] = sum_k AT[a0 + k, t] * W[e, w_row(r0 + r), k]
 
-    ``AT[k, t]`` is the transposed token panel (the caller gathers it). Each step loads
+    ``AT[a0 + k, t]`` is the transposed token panel (the caller gathers it; ``a0``: its first
+    row, where one buffer holds the panels of several passes). Each step loads
     ``vectors`` vectors of ``AT`` and broadcasts ``cols`` weights (a memory operand of the FMA),
     ``vectors * cols`` accumulators: no horizontal sums, and the weight rows stream from memory
     once per panel of ``vectors * lanes`` tokens. On the Intel AVX-512 host (2026-12-03) a
@@ -1394,8 +1395,8 @@ def lanes_microkernel(
     Returns
     -------
     tvm.script macro
-        ``tile(AT, W, e, r0, acc0, acc1, acc2, red)``; ``acc0`` .. ``acc2`` are ``(cols, lanes)``
-        float32 buffers (one per token vector; the others unused), ``red`` at least
+        ``tile(AT, W, e, r0, acc0, acc1, acc2, red, a0)``; ``acc0`` .. ``acc2`` are ``(cols,
+        lanes)`` float32 buffers (one per token vector; the others unused), ``red`` at least
         ``(vectors * lanes, cols)``.
     """
     from tvm.script import tirx as T
@@ -1408,7 +1409,7 @@ def lanes_microkernel(
         return T.Cast("float32", x) if widen else x
 
     @T.macro
-    def tile(AT, W, e, r0, acc0, acc1, acc2, red):
+    def tile(AT, W, e, r0, acc0, acc1, acc2, red, a0):
         for r in T.unroll(NRL):
             for lane in T.vectorized(VL):
                 acc0[r, lane] = T.float32(0)
@@ -1421,15 +1422,17 @@ def lanes_microkernel(
         for k in range(k_len):
             for r in T.unroll(NRL):
                 for lane in T.vectorized(VL):
-                    acc0[r, lane] = acc0[r, lane] + AT[k, lane] * w_value(W[e, w_row(r0 + r), k])
+                    acc0[r, lane] = acc0[r, lane] + AT[a0 + k, lane] * w_value(
+                        W[e, w_row(r0 + r), k]
+                    )
                 if TWO:
                     for lane in T.vectorized(VL):
-                        acc1[r, lane] = acc1[r, lane] + AT[k, VL + lane] * w_value(
+                        acc1[r, lane] = acc1[r, lane] + AT[a0 + k, VL + lane] * w_value(
                             W[e, w_row(r0 + r), k]
                         )
                 if THREE:
                     for lane in T.vectorized(VL):
-                        acc2[r, lane] = acc2[r, lane] + AT[k, 2 * VL + lane] * w_value(
+                        acc2[r, lane] = acc2[r, lane] + AT[a0 + k, 2 * VL + lane] * w_value(
                             W[e, w_row(r0 + r), k]
                         )
         for r in T.unroll(NRL):
