@@ -64,17 +64,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def default_schedules(tmp_path_factory):
     """Benchmarks measure qiao's default schedules: tuning records in the user's cache
     (``qiao compile --tune``) would make figures depend on what was tuned on this machine before.
-    ``QIAO_BENCH_TUNED=1`` keeps the user's cache (to measure tuned compiles)."""
-    if os.environ.get("QIAO_BENCH_TUNED") == "1":
+    ``QIAO_BENCH_TUNED=1`` keeps the user's cache (to measure tuned compiles):
+    ``tuning.shipped_schedules``."""
+    from qiao.compiler.schedules.tuning import shipped_schedules
+
+    with shipped_schedules(tmp_path_factory.mktemp("empty-qiao-cache")):
         yield
-        return
-    saved = os.environ.get("QIAO_CACHE_DIR")
-    os.environ["QIAO_CACHE_DIR"] = str(tmp_path_factory.mktemp("empty-qiao-cache"))
-    yield
-    if saved is None:
-        os.environ.pop("QIAO_CACHE_DIR", None)
-    else:
-        os.environ["QIAO_CACHE_DIR"] = saved
 
 
 @pytest.fixture(scope="session")

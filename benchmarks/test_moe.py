@@ -28,6 +28,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -48,6 +49,7 @@ from moe_baselines import (  # noqa: E402
 )
 
 from qiao.compiler.bench import interleaved, round_ratios  # noqa: E402
+from qiao.compiler.schedules.tuning import shipped_schedules  # noqa: E402
 
 TOKENS = (1, 16, 128, 512)
 SMOKE_TOKENS = (1, 5)
@@ -102,10 +104,21 @@ def run_block_benchmark(smoke: bool, repeat: int | None = None, arch: str | None
     return {
         "dims": dims,
         "arch": arch or "host",
+        "schedule": schedule_source(engines[0].tvm_target),
         "sgemm_gflops": statistics.median(rates["sgemm"]) / 1e9,
         "read_gbs": statistics.median(rates["read"]) / 1e9,
         "rows": rows,
     }
+
+
+def schedule_source(target) -> str:
+    """The MoE schedule entry qiao compiled with and where it came from: the shipped defaults, or
+    the user's table (``qiao tune moe`` wrote it, or ``$QIAO_MOE_TABLE`` names it)."""
+    from qiao.compiler.schedules.moe_table import lookup, read_table, user_table_path
+
+    device = lookup(target).device
+    user = user_table_path()
+    return f"{device} ({'tuned: ' + user if device in read_table(user) else 'shipped defaults'})"
 
 
 def run_scaling_benchmark(smoke: bool, repeat: int | None = None) -> dict:
@@ -150,8 +163,8 @@ def run_scaling_benchmark(smoke: bool, repeat: int | None = None) -> dict:
 
 def format_block(result: dict) -> str:
     lines = [
-        f"MoE block {result['dims']}, qiao's code for {result['arch']}: "
-        f"sgemm {result['sgemm_gflops']:.1f} GFLOP/s, read "
+        f"MoE block {result['dims']}, qiao's code for {result['arch']} (schedule "
+        f"{result['schedule']}): sgemm {result['sgemm_gflops']:.1f} GFLOP/s, read "
         f"{result['read_gbs']:.1f} GB/s (medians, measured among the engines in every round; "
         "ratios: medians of per-round ratios)",
         f"{'T':>5} {'experts hit':>11} {'qiao ms':>9} {'ORT ms':>9} {'torch ms':>9} "
@@ -259,11 +272,13 @@ def main() -> None:
     if isa_env:
         print(f"baselines held to qiao's ISA: {' '.join(f'{k}={v}' for k, v in isa_env.items())}")
     smoke = is_smoke()
-    block = run_block_benchmark(smoke, arch=args.arch)
-    print(format_block(block))
-    failures = floor_failures(block)
-    print("floors: " + ("all met" if not failures else "; ".join(failures)))
-    scaling = run_scaling_benchmark(smoke)
+    # the shipped schedules, as under pytest (``QIAO_BENCH_TUNED=1``: the user's tuned entries)
+    with tempfile.TemporaryDirectory(prefix="qiao-bench-") as store, shipped_schedules(store):
+        block = run_block_benchmark(smoke, arch=args.arch)
+        print(format_block(block))
+        failures = floor_failures(block)
+        print("floors: " + ("all met" if not failures else "; ".join(failures)))
+        scaling = run_scaling_benchmark(smoke)
     print(format_scaling(scaling))
     out = os.environ.get("QIAO_MOE_BENCH_JSON")
     if out:

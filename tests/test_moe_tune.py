@@ -6,6 +6,7 @@ a temporary directory, so a user's own tuned entries never change what a test se
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -520,3 +521,32 @@ def test_tuner_compiles_the_kernels_as_a_model_does():
     func = group_gemm_up(cfg, lookup(cpu))
     assert "@llvm.exp." in compile_cpu_kernel(func, cpu).mod.inspect_source("ll")
     assert "@llvm.exp." not in _compile_kernel(func, cpu).mod.inspect_source("ll")
+
+
+@pytest.mark.parametrize("tuned", [False, True])
+def test_benchmarks_compile_with_the_shipped_schedules(tmp_path, monkeypatch, tuned):
+    """Inside ``shipped_schedules`` the tuning store is an empty one and ``QIAO_MOE_TABLE`` is
+    unset, so a tuned entry of this machine does not change a benchmark's figures;
+    ``QIAO_BENCH_TUNED=1`` keeps them. The environment is restored after."""
+    from qiao.compiler.schedules.moe_table import lookup, write_entry
+    from qiao.compiler.schedules.tuning import shipped_schedules
+
+    avx2 = target({"kind": "llvm", "mcpu": "x86-64-v3"})
+    table = tmp_path / "user.json"
+    write_entry("cpu/x86-64-v3", {"micro_m": 4, "micro_n": 2}, path=str(table))
+    monkeypatch.setenv("QIAO_MOE_TABLE", str(table))
+    monkeypatch.setenv("QIAO_CACHE_DIR", str(tmp_path / "mine"))
+    if tuned:
+        monkeypatch.setenv("QIAO_BENCH_TUNED", "1")
+    else:
+        monkeypatch.delenv("QIAO_BENCH_TUNED", raising=False)
+    assert lookup(avx2).device == "cpu/x86-64-v3"
+    store = tmp_path / "empty"
+    store.mkdir()
+    with shipped_schedules(store):
+        inside = lookup(avx2)
+        cache = os.environ["QIAO_CACHE_DIR"]
+    assert inside.device == ("cpu/x86-64-v3" if tuned else "cpu/avx2")
+    assert cache == str(tmp_path / "mine" if tuned else store)
+    assert os.environ["QIAO_MOE_TABLE"] == str(table)
+    assert os.environ["QIAO_CACHE_DIR"] == str(tmp_path / "mine")

@@ -30,6 +30,7 @@ TVM), so a kernel that crashes costs a trial, not the compile.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import json
 import logging
@@ -70,6 +71,29 @@ def cache_dir() -> str:
     return os.environ.get("QIAO_CACHE_DIR") or os.path.join(
         os.path.expanduser("~"), ".cache", "qiao"
     )
+
+
+@contextlib.contextmanager
+def shipped_schedules(store: str | os.PathLike):
+    """Compile with qiao's shipped schedules only, inside the ``with``: the benchmarks' setting,
+    so that their figures do not depend on what was tuned on the machine before. ``store`` (an
+    empty directory) becomes the tuning store and ``QIAO_MOE_TABLE`` is unset; the environment is
+    restored after. ``QIAO_BENCH_TUNED=1`` keeps the user's store and table (to measure tuned
+    compiles)."""
+    if os.environ.get("QIAO_BENCH_TUNED") == "1":
+        yield
+        return
+    saved = {k: os.environ.get(k) for k in ("QIAO_CACHE_DIR", "QIAO_MOE_TABLE")}
+    os.environ["QIAO_CACHE_DIR"] = os.fspath(store)
+    os.environ.pop("QIAO_MOE_TABLE", None)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def tuning_root(root: str | os.PathLike | None = None) -> str:
