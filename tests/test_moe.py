@@ -356,8 +356,8 @@ def test_moe_op_split_prefetch(tmp_path, monkeypatch, split_blocks):
     """The split prefetch (``MoESchedule.prefetch`` 3): the rows two groups ahead shared out among
     a pass's token blocks, in passes of up to ``SPLIT_BLOCKS`` blocks. The passes are not shrunk,
     so expert 3 takes one pass of four full blocks and a lone token: with ``SPLIT_BLOCKS`` 5 the
-    four blocks after the first share the rows, with 1 every pass takes the first-block-only
-    prefetch instead (the others of two blocks too). Against ONNX Runtime and NumPy."""
+    four blocks after the first share the rows, with 1 every block of a pass prefetches the next
+    group instead (the others of two blocks too). Against ONNX Runtime and NumPy."""
     from qiao.backends import get_backend
     from qiao.compiler import compile
     from qiao.compiler.kernels import group_gemm

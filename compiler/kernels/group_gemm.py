@@ -251,7 +251,7 @@ def _cpu_grouped_gemm(
     streams the next row group in while one is multiplied: 1 during every token block, 2 during the
     first token block of each pass only, 0 never, 3 (``SPLIT``) the group ``SPLIT_AHEAD`` ahead,
     its rows shared out among the pass's token blocks (passes of up to ``SPLIT_BLOCKS`` blocks;
-    longer ones as 2); ``prefetch_level``
+    longer ones as 1); ``prefetch_level``
     (``MoESchedule.prefetch_level``) the cache it fills, 1 = L1, 2 = L2; ``prefetch_lines``
     (``MoESchedule.prefetch_lines``) the steps of each row asked for per step; ``widen``: the
     weights are float16/bfloat16, widened to float32 in registers.
@@ -342,6 +342,9 @@ def _cpu_grouped_gemm(
             return sum(
                 T.if_then_else(r % (blocks - skip) == mi - skip, 1 << r, 0) for r in range(NR)
             )
+        if prefetch == SPLIT:
+            # a longer pass: every block asks for the next group (dropped requests retried)
+            return PREFETCH_ALL
         if prefetch != 1 and not lone:  # only the first (a last lone token asks for all)
             return T.if_then_else(mi == 0, PREFETCH_ALL, 0)
         return PREFETCH_ALL
