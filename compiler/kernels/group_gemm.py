@@ -635,7 +635,7 @@ def _lanes_body(*, red_len: int, lanes: int, lanes_min: int, out_rows: int, unit
                 # to three (so 4 vectors run as 2 + 2, not 3 + 1)
                 nv: T.let[T.int32] = (cnt + LV - 1) // LV
                 npass: T.let[T.int32] = (nv + 2) // 3
-                # passes per sweep: as many as ``sweep_bytes`` holds the panels of
+                # passes per sweep: as many as fit in ``sweep_bytes`` (at the widest pass's panel)
                 per: T.let[T.int32] = T.max(
                     T.min(sweep_bytes // (PANEL * ((nv + npass - 1) // npass)), NP), 1
                 )
