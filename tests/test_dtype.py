@@ -137,17 +137,20 @@ def _moe_model(h: int = 64, inter: int = 32, e: int = 8):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_moe_experts_match_numpy(tmp_path, dtype):
     """The MoE experts stored and read in ``dtype`` (the router float32): qiao's grouped GEMM
-    against the NumPy MoE reference (float64) on the rounded experts, at 1 token (GEMV) and 9."""
+    against the NumPy MoE reference (float64) on the rounded experts, at 1 token (GEMV), 9 and
+    200 (about 50 an expert: the gate/up GEMM's token-lanes order in two or more passes, met by
+    every group of 1 KB of weight rows in turn: ``lanes_sweep_kb``)."""
     from qiao.compiler import compile, moe_op
 
     model, spec, weights, router = _moe_model()
-    artifact = compile(model, "cpu", tmp_path / "moe", dtype=dtype)
+    sweeps = {"lanes_sweep_kb": 16, "lanes_group_kb": 1}
+    artifact = compile(model, "cpu", tmp_path / "moe", dtype=dtype, moe_schedule=sweeps)
     section = artifact.manifest["dtype"]
     assert section["ops"] == {"MoE": 2} and section["kept_float32"] == ["router"]
     stored = {str(p.dtype) for p in _params(artifact) if p.ndim == 3}
     assert stored == {dtype}
     rounded = {k: narrow(v, dtype).astype(np.float32) for k, v in weights.items()}
-    for tokens in (1, 9):
+    for tokens in (1, 9, 200):
         x = np.random.default_rng(tokens).standard_normal((tokens, 64)).astype(np.float32)
         want = moe_op.reference(spec, x, x @ router, rounded)
         assert_close(artifact.run({"x": x})["y"], want, rtol=1e-4, atol=1e-5)
