@@ -119,6 +119,7 @@ def _main_moe(args) -> int:
             k_chunks=(),
             prefetch_lines=(),
             few_prefetch_lines=(),
+            lanes_sweeps=(),
         )
         if args.quick
         else {}
