@@ -291,19 +291,16 @@ def _check_entry(key: str, entry: Mapping[str, Any]) -> dict[str, Any]:
             f"MoE schedule table entry {key!r}: prefetch must be 0, 1, 2 or 3, got "
             f"{entry['prefetch']}. fix: rerun `qiao tune moe` or correct the entry"
         )
-    for field, least in (("prefetch_lines", 1), ("few_prefetch_lines", 0)):
-        if not least <= entry.get(field, 1) <= MAX_PREFETCH_LINES:
+    for field, least, most, unit in (
+        ("prefetch_lines", 1, MAX_PREFETCH_LINES, ""),
+        ("few_prefetch_lines", 0, MAX_PREFETCH_LINES, ""),
+        ("lanes_sweep_kb", 0, MAX_LANES_SWEEP_KB, " (KB of L2)"),
+    ):
+        if not least <= entry.get(field, least) <= most:
             raise QiaoError(
-                f"MoE schedule table entry {key!r}: {field} must be {least} .. "
-                f"{MAX_PREFETCH_LINES}, got {entry[field]}. fix: rerun `qiao tune moe` or correct "
-                "the entry"
+                f"MoE schedule table entry {key!r}: {field} must be {least} .. {most}{unit}, got "
+                f"{entry[field]}. fix: rerun `qiao tune moe` or correct the entry"
             )
-    if not 0 <= entry.get("lanes_sweep_kb", 0) <= MAX_LANES_SWEEP_KB:
-        raise QiaoError(
-            f"MoE schedule table entry {key!r}: lanes_sweep_kb must be 0 .. {MAX_LANES_SWEEP_KB} "
-            f"(KB of L2), got {entry['lanes_sweep_kb']}. fix: rerun `qiao tune moe` or correct "
-            "the entry"
-        )
     for field in ("lone_merge", "few_lead"):
         if entry.get(field, 0) > 1:
             raise QiaoError(
