@@ -407,8 +407,9 @@ def test_tuner_keeps_a_screening_winner_only_when_it_wins_again(monkeypatch, flu
     def fake(target, schedule, cfg_, tokens, *, stages=("up", "down"), **_):
         block = (schedule.micro_m, schedule.micro_n)
         timed[block] = timed.get(block, 0) + ("up" in stages and len(stages) == 1)
-        if block == (2, 4):  # the candidate: 1.0 when screened, then 2.0 if a fluke
-            up = 2.0 if fluke and timed[block] > 1 else 1.0
+        if block == (2, 4):  # the candidate: 1.0 when screened (after a first timing that
+            # compiles it), then 2.0 if a fluke
+            up = 2.0 if fluke and timed[block] > 2 else 1.0
         else:
             up = 1.5
         return {s: up if s == "up" else 1.0 for s in stages}
@@ -437,6 +438,61 @@ def test_tuner_keeps_a_screening_winner_only_when_it_wins_again(monkeypatch, flu
     assert gain == pytest.approx(0.75 if fluke else 1.5)
     assert (best.micro_m, best.micro_n, best.block_m) == ((3, 2, 3) if fluke else (2, 4, 2))
     assert any(line.startswith("up micro: (2, 4) against (3, 2) again") for line in lines)
+
+
+def test_tuner_screens_each_candidate_against_the_schedule_so_far(monkeypatch):
+    """A slow spell of the machine during the screening slows whatever runs in it: each candidate
+    is timed between two timings of the schedule so far, the three back to back after a first
+    timing that compiles it, and scored by the ratio, so the best block, screened in a spell
+    that slows the incumbent around it alike, still wins (and is taken after re-timing), where
+    a candidate screened outside the spell at a worse time but a lower raw time than the best's
+    does not. Timings are faked: blocks (3, 2) (incumbent) 1.0, (4, 4) 1.3, (2, 4) 0.8, every
+    timing in the spell twice that."""
+    from qiao.backends import get_backend
+    from qiao.compiler.kernels.moe_common import MoEConfig
+    from qiao.compiler.schedules import moe_table
+
+    true_time = {(3, 2): 1.0, (4, 4): 1.3, (2, 4): 0.8}
+    up_calls = []
+
+    def fake(target, schedule, cfg_, tokens, *, stages=("up", "down"), **_):
+        block = (schedule.micro_m, schedule.micro_n)
+        up = true_time.get(block, 1.0)
+        if stages == ("up",):
+            up_calls.append(block)
+            # the spell: the up micro step's timings of (2, 4) and the incumbent around it
+            if 5 <= len(up_calls) <= 8:
+                up *= 2
+        return {s: up if s == "up" else 1.0 for s in stages}
+
+    monkeypatch.setattr(moe_table, "time_stage_kernels", fake)
+    real_lookup = moe_table.lookup
+    monkeypatch.setattr(
+        moe_table,
+        "lookup",
+        lambda *a, **k: real_lookup(*a, **k).replace(micro_m=3, micro_n=2, block_m=3),
+    )
+    lines = []
+    _key, best, measured = moe_table.tune_cpu(
+        get_backend("cpu").target("host"),
+        MoEConfig(16, 32, 16, 2),
+        tokens_prefill=48,
+        log=lines.append,
+        candidates=[(4, 4), (2, 4), (3, 2)],
+        gemv_rows=(4,),
+        tiles_up=(16,),
+        tiles_down=(16,),
+        prefetch_options=(0,),
+        k_chunks=(),
+        lanes_sweeps=(),
+    )
+    assert up_calls[:9] == [(4, 4), (3, 2), (4, 4), (3, 2)] + [(2, 4), (3, 2), (2, 4), (3, 2)] + [
+        (3, 2)
+    ]
+    assert measured["micro_up"] == {"4x4": 1.3, "2x4": 1.6, "3x2": 1.0}
+    assert measured["confirmed"]["up micro"] == pytest.approx(1.25)
+    assert (best.micro_m, best.micro_n, best.block_m) == (2, 4, 2)
+    assert any("up micro 2x4: 1600.000 ms (0.80x the schedule so far)" in line for line in lines)
 
 
 def test_tuner_places_the_experts_as_the_runner_does(monkeypatch):

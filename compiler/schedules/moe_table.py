@@ -675,11 +675,16 @@ def tune_cpu(
     blocks serve, while at ~32 tokens per expert the lanes blocks do all the work and the
     candidates' scores are noise (on a 2-core AMD Zen 5 VM, 2026-12-07, that picked a 1 x 12
     block for AVX2 code, which took the gate/up GEMM at T = 128 from 42.7 to 69.2 ms); then
-    software prefetch on decode and prefill together. Each step screens its candidates once; a
-    winner other than the schedule so far is timed against it again over ``CONFIRM_ROUNDS``
-    interleaved rounds and kept only at ``MIN_GAIN`` or more (the GEMM tuner's rule: on the Zen 5
-    VM one screening pass timed a 3 x 4 block at 15.4 ms against 5.3-7.5 for the others, and
-    whole-process slow spells of 1.4x come and go). ``candidates``
+    software prefetch on decode and prefill together. Each step screens its candidates once,
+    each between two timings of the schedule so far (the three back to back, the candidate's
+    kernels compiled first) and scored by its time over theirs (on the
+    Zen 5 VM, 2026-12-07, whole-process slow spells came and went within seconds to tens of
+    seconds: screened one after another, the few-token prefetch lines timed 3.9-13.1 ms
+    in one pass, and the setting that had won 1.12x the day before was never re-timed); the
+    best of them, where it beat the schedule so far, is timed against it again over
+    ``CONFIRM_ROUNDS`` interleaved rounds and kept only at ``MIN_GAIN`` or more (the GEMM
+    tuner's rule: on the Zen 5 VM one screening pass timed a 3 x 4 block at 15.4 ms against
+    5.3-7.5 for the others). ``candidates``
     (micro-kernel shapes), ``gemv_rows``, ``tiles_*``, ``k_chunks`` (those that divide the hidden
     size into whole vectors; fewer than two: the entry's stays), ``prefetch_options``,
     ``prefetch_levels`` and ``prefetch_lines`` (tried where the best prefetches; fewer than two:
@@ -741,22 +746,38 @@ def tune_cpu(
     measurements["confirmed"] = confirmed
 
     def search(name, options, incumbent, schedule_of, score, describe):
-        # screen each option once (``describe(option, ms)``: its log line); the fastest is taken
-        # where it is the incumbent (the schedule so far) or beats it by ``MIN_GAIN`` again over
-        # ``CONFIRM_ROUNDS`` interleaved rounds (also where the incumbent was not screened), else
-        # the incumbent stays. Returns (choice, screening scores).
-        scores = {}
+        # screen each option between two timings of the incumbent (the schedule so far), all
+        # three back to back (a first, discarded timing compiles the option's kernels: seconds),
+        # and score it by its time over the mean of those two: a slow spell of the machine that
+        # spans the three moves both sides alike (``describe(option, ms)``: its log line, with
+        # that ratio). The option of the lowest ratio below 1 is taken where it beats the
+        # incumbent by ``MIN_GAIN`` again over ``CONFIRM_ROUNDS`` interleaved rounds, else the
+        # incumbent stays. Returns (choice, screening scores: seconds per option).
+        def timed(option):
+            return score(schedule_of(option))
+
+        scores, ratios = {}, {}
         for option in options:
-            scores[option] = score(schedule_of(option))
-            log(describe(option, scores[option] * 1e3))
-        winner = min(scores, key=scores.get)
-        if winner == incumbent:
-            return winner, scores
-        ratios = []
+            if option == incumbent:
+                scores[option] = timed(option)
+                log(describe(option, scores[option] * 1e3) + " (the schedule so far)")
+                continue
+            timed(option)  # compiles it
+            before = timed(incumbent)
+            scores[option] = timed(option)
+            ratios[option] = scores[option] / ((before + timed(incumbent)) / 2)
+            log(
+                describe(option, scores[option] * 1e3)
+                + f" ({ratios[option]:.2f}x the schedule so far)"
+            )
+        if not ratios or min(ratios.values()) >= 1.0:
+            return incumbent, scores
+        winner = min(ratios, key=ratios.get)
+        rounds = []
         for _ in range(CONFIRM_ROUNDS):
-            kept = score(schedule_of(incumbent))
-            ratios.append(kept / score(schedule_of(winner)))
-        gain = statistics.median(ratios)
+            kept = timed(incumbent)
+            rounds.append(kept / timed(winner))
+        gain = statistics.median(rounds)
         confirmed[name] = gain
         log(f"{name}: {winner} against {incumbent} again, {gain:.2f}x as fast")
         return (winner if gain >= MIN_GAIN else incumbent), scores
