@@ -393,26 +393,12 @@ def test_tuner_scores_the_gate_up_blocks_where_they_run(monkeypatch, lanes_min):
     assert (best.micro_m, best.micro_n, best.block_m) == ((3, 2, 3) if lanes_min else (2, 4, 2))
 
 
-@pytest.mark.parametrize("fluke", [True, False])
-def test_tuner_keeps_a_screening_winner_only_when_it_wins_again(monkeypatch, fluke):
-    """A candidate that screened fastest replaces the schedule so far only when it is at least
-    ``MIN_GAIN`` faster again over interleaved rounds: a fluke of the screening (fast once,
-    slow after) leaves the entry's block; a real gain takes it. Timings are faked."""
+def _tune_up_micro(monkeypatch, fake, candidates):
+    """``tune_cpu`` on a tiny MoE with ``fake`` timings, from a 3 x 2 gate/up block, screening
+    the gate/up ``candidates`` and nothing else of note. Returns (best, measurements, log)."""
     from qiao.backends import get_backend
     from qiao.compiler.kernels.moe_common import MoEConfig
     from qiao.compiler.schedules import moe_table
-
-    timed = {}
-
-    def fake(target, schedule, cfg_, tokens, *, stages=("up", "down"), **_):
-        block = (schedule.micro_m, schedule.micro_n)
-        timed[block] = timed.get(block, 0) + ("up" in stages and len(stages) == 1)
-        if block == (2, 4):  # the candidate: 1.0 when screened (after a first timing that
-            # compiles it), then 2.0 if a fluke
-            up = 2.0 if fluke and timed[block] > 2 else 1.0
-        else:
-            up = 1.5
-        return {s: up if s == "up" else 1.0 for s in stages}
 
     monkeypatch.setattr(moe_table, "time_stage_kernels", fake)
     real_lookup = moe_table.lookup
@@ -427,13 +413,36 @@ def test_tuner_keeps_a_screening_winner_only_when_it_wins_again(monkeypatch, flu
         MoEConfig(16, 32, 16, 2),
         tokens_prefill=48,
         log=lines.append,
-        candidates=[(2, 4), (3, 2)],
+        candidates=candidates,
         gemv_rows=(4,),
         tiles_up=(16,),
         tiles_down=(16,),
         prefetch_options=(0,),
         k_chunks=(),
+        lanes_sweeps=(),
     )
+    return best, measured, lines
+
+
+@pytest.mark.parametrize("fluke", [True, False])
+def test_tuner_keeps_a_screening_winner_only_when_it_wins_again(monkeypatch, fluke):
+    """A candidate that screened fastest replaces the schedule so far only when it is at least
+    ``MIN_GAIN`` faster again over interleaved rounds: a fluke of the screening (fast once,
+    slow after) leaves the entry's block; a real gain takes it. Timings are faked."""
+
+    timed = {}
+
+    def fake(target, schedule, cfg_, tokens, *, stages=("up", "down"), **_):
+        block = (schedule.micro_m, schedule.micro_n)
+        timed[block] = timed.get(block, 0) + ("up" in stages and len(stages) == 1)
+        if block == (2, 4):  # the candidate: 1.0 when screened (after a first timing that
+            # compiles it), then 2.0 if a fluke
+            up = 2.0 if fluke and timed[block] > 2 else 1.0
+        else:
+            up = 1.5
+        return {s: up if s == "up" else 1.0 for s in stages}
+
+    best, measured, lines = _tune_up_micro(monkeypatch, fake, [(2, 4), (3, 2)])
     gain = measured["confirmed"]["up micro"]
     assert gain == pytest.approx(0.75 if fluke else 1.5)
     assert (best.micro_m, best.micro_n, best.block_m) == ((3, 2, 3) if fluke else (2, 4, 2))
@@ -448,9 +457,6 @@ def test_tuner_screens_each_candidate_against_the_schedule_so_far(monkeypatch):
     a candidate screened outside the spell at a worse time but a lower raw time than the best's
     does not. Timings are faked: blocks (3, 2) (incumbent) 1.0, (4, 4) 1.3, (2, 4) 0.8, every
     timing in the spell twice that."""
-    from qiao.backends import get_backend
-    from qiao.compiler.kernels.moe_common import MoEConfig
-    from qiao.compiler.schedules import moe_table
 
     true_time = {(3, 2): 1.0, (4, 4): 1.3, (2, 4): 0.8}
     up_calls = []
@@ -465,27 +471,7 @@ def test_tuner_screens_each_candidate_against_the_schedule_so_far(monkeypatch):
                 up *= 2
         return {s: up if s == "up" else 1.0 for s in stages}
 
-    monkeypatch.setattr(moe_table, "time_stage_kernels", fake)
-    real_lookup = moe_table.lookup
-    monkeypatch.setattr(
-        moe_table,
-        "lookup",
-        lambda *a, **k: real_lookup(*a, **k).replace(micro_m=3, micro_n=2, block_m=3),
-    )
-    lines = []
-    _key, best, measured = moe_table.tune_cpu(
-        get_backend("cpu").target("host"),
-        MoEConfig(16, 32, 16, 2),
-        tokens_prefill=48,
-        log=lines.append,
-        candidates=[(4, 4), (2, 4), (3, 2)],
-        gemv_rows=(4,),
-        tiles_up=(16,),
-        tiles_down=(16,),
-        prefetch_options=(0,),
-        k_chunks=(),
-        lanes_sweeps=(),
-    )
+    best, measured, lines = _tune_up_micro(monkeypatch, fake, [(4, 4), (2, 4), (3, 2)])
     assert up_calls[:9] == [(4, 4), (3, 2), (4, 4), (3, 2)] + [(2, 4), (3, 2), (2, 4), (3, 2)] + [
         (3, 2)
     ]
