@@ -151,11 +151,14 @@ def test_tune_measures_and_writes_an_entry_the_lowering_uses(tmp_path, monkeypat
         (entry.lanes_sweep_kb, entry.lanes_group_kb),
     }
     # one line per candidate, and one per winner re-timed against the schedule so far
-    screened = [line for line in lines if " again, " not in line]
+    whole = ("tuned against", "slower as a whole")  # the result against the start, if changed
+    screened = [line for line in lines if " again, " not in line and not line.startswith(whole)]
+    assert len(lines) - len(screened) - len(measured["confirmed"]) in (
+        (1, 2) if "overall" in measured else (0,)
+    )
     assert len(screened) == 11 + (4 if best.prefetch else 0) + (2 if leads else 0) + (
         2 if sweeps else 0
     )
-    assert len(lines) - len(screened) == len(measured["confirmed"])
     write_entry(
         key, {**best.to_json(), "micro_m": 3, "micro_n": 2, "block_m": 3}, measured, path=str(table)
     )
@@ -445,6 +448,10 @@ def test_tuner_keeps_a_screening_winner_only_when_it_wins_again(monkeypatch, flu
     best, measured, lines = _tune_up_micro(monkeypatch, fake, [(2, 4), (3, 2)])
     gain = measured["confirmed"]["up micro"]
     assert gain == pytest.approx(0.75 if fluke else 1.5)
+    # a changed schedule is timed as a whole against the start (1.5 + 1 against 1 + 1 per load)
+    assert ("overall" in measured) == (not fluke)
+    if not fluke:
+        assert measured["overall"]["gain"] == pytest.approx(1.25)
     assert (best.micro_m, best.micro_n, best.block_m) == ((3, 2, 3) if fluke else (2, 4, 2))
     assert any(line.startswith("up micro: (2, 4) against (3, 2) again") for line in lines)
 
@@ -479,6 +486,31 @@ def test_tuner_screens_each_candidate_against_the_schedule_so_far(monkeypatch):
     assert measured["confirmed"]["up micro"] == pytest.approx(1.25)
     assert (best.micro_m, best.micro_n, best.block_m) == (2, 4, 2)
     assert any("up micro 2x4: 1600.000 ms (0.80x the schedule so far)" in line for line in lines)
+
+
+def test_tuner_keeps_the_start_where_the_result_is_slower_as_a_whole(monkeypatch):
+    """Each step scores its candidates on one load; the result is timed against the entry the
+    search started from on decode, ~8 tokens per expert and the prefill together, and where it
+    is slower by ``MIN_GAIN`` the start's values stay. Timings are faked: the (2, 4) block wins
+    at 8 tokens an expert (1.0 against the entry's 1.5) and takes 10.0 at every other load."""
+    from qiao.compiler.schedules import tuning
+
+    mid = 8 * 16 // 2
+
+    def fake(target, schedule, cfg_, tokens, *, stages=("up", "down"), **_):
+        if (schedule.micro_m, schedule.micro_n) == (2, 4):
+            up = 1.0 if tokens == mid else 10.0
+        else:
+            up = 1.5
+        return {s: up if s == "up" else 1.0 for s in stages}
+
+    best, measured, lines = _tune_up_micro(monkeypatch, fake, [(2, 4), (3, 2)])
+    assert measured["confirmed"]["up micro"] == pytest.approx(1.5)  # the step took it
+    overall = measured["overall"]
+    assert overall["tokens"] == [1, mid, 48] and overall["against"].startswith("cpu/")
+    assert overall["gain"] == pytest.approx(7.5 / 24) and overall["gain"] < 1 / tuning.MIN_GAIN
+    assert (best.micro_m, best.micro_n, best.block_m) == (3, 2, 3)
+    assert any(line.startswith("slower as a whole: keeping") for line in lines)
 
 
 def test_tuner_places_the_experts_as_the_runner_does(monkeypatch):

@@ -684,7 +684,11 @@ def tune_cpu(
     best of them, where it beat the schedule so far, is timed against it again over
     ``CONFIRM_ROUNDS`` interleaved rounds and kept only at ``MIN_GAIN`` or more (the GEMM
     tuner's rule: on the Zen 5 VM one screening pass timed a 3 x 4 block at 15.4 ms against
-    5.3-7.5 for the others). ``candidates``
+    5.3-7.5 for the others). Last, where anything changed, the result is timed against the
+    entry it started from on decode, ~8 tokens per expert and the prefill together over
+    ``CONFIRM_ROUNDS`` interleaved rounds (``measurements["overall"]``), and the start is kept
+    where the result is slower by ``MIN_GAIN`` or more (each step's gain was measured on its own
+    load only). ``candidates``
     (micro-kernel shapes), ``gemv_rows``, ``tiles_*``, ``k_chunks`` (those that divide the hidden
     size into whole vectors; fewer than two: the entry's stays), ``prefetch_options``,
     ``prefetch_levels`` and ``prefetch_lines`` (tried where the best prefetches; fewer than two:
@@ -705,7 +709,8 @@ def tune_cpu(
     info = cpu_info(target)
     lanes = info.lanes("float32")
     key = device_keys(target)[0]
-    base = lookup(target, root=root).replace(device=key, vector_lanes=lanes)
+    start = lookup(target, root=root)
+    base = start.replace(device=key, vector_lanes=lanes)
     prefill = tokens_prefill or max(1, 32 * cfg.num_experts // cfg.top_k)
     mid = max(1, 8 * cfg.num_experts // cfg.top_k)  # about 8 tokens per expert
     # the load each GEMM's dot-product blocks are scored on (the gate/up GEMM's larger experts
@@ -922,6 +927,24 @@ def tune_cpu(
         )
         best = best.replace(lanes_sweep_kb=sweep_kb, lanes_group_kb=group_kb)
         measurements["lanes_sweep"] = {f"{a}/{b}": v for (a, b), v in scores.items()}
+    # 4. the whole: the result against the entry the search started from, both GEMMs at decode,
+    # about 8 tokens an expert and the prefill load, over interleaved rounds (each step's gain
+    # was measured on its own load); clearly slower (by ``MIN_GAIN``): the start is kept
+    if best != base:
+        loads = tuple(dict.fromkeys((tokens_decode, mid, prefill)))
+        rounds = []
+        for _ in range(CONFIRM_ROUNDS):
+            before = both_gemms(base, *loads)
+            rounds.append(before / both_gemms(best, *loads))
+        overall = statistics.median(rounds)
+        measurements["overall"] = {"against": start.device, "tokens": list(loads), "gain": overall}
+        log(
+            f"tuned against {start.device}: {overall:.2f}x as fast "
+            f"(T={' + '.join(map(str, loads))}, both GEMMs)"
+        )
+        if overall < 1 / MIN_GAIN:
+            log(f"slower as a whole: keeping {start.device}'s values")
+            best = base
     return key, best, measurements
 
 
