@@ -686,10 +686,10 @@ def tune_cpu(
     block for AVX2 code, which took the gate/up GEMM at T = 128 from 42.7 to 69.2 ms); then
     software prefetch on decode and prefill together. Each step screens its candidates once,
     each between two timings of the schedule so far (the three back to back, the candidate's
-    kernels compiled first) and scored by its time over theirs (on the
-    Zen 5 VM, 2026-12-07, whole-process slow spells came and went within seconds to tens of
-    seconds: screened one after another, the few-token prefetch lines timed 3.9-13.1 ms
-    in one pass, and the setting that had won 1.12x the day before was never re-timed); the
+    kernels compiled first) and scored by its time over theirs (on the Zen 5 VM, 2026-12-07,
+    whole-process slow spells came and went within seconds to tens of seconds: screened one
+    after another, the few-token prefetch lines timed 3.9-13.1 ms in one pass, and the setting
+    that had won 1.12x the day before was never re-timed); the
     best of them, where it beat the schedule so far, is timed against it again over
     ``CONFIRM_ROUNDS`` interleaved rounds and kept only at ``MIN_GAIN`` or more (the GEMM
     tuner's rule: on the Zen 5 VM one screening pass timed a 3 x 4 block at 15.4 ms against
@@ -759,6 +759,11 @@ def tune_cpu(
     confirmed: dict[str, float] = {}
     measurements["confirmed"] = confirmed
 
+    def gain(kept, tried) -> float:
+        # how many times faster ``tried()`` ran than ``kept()``: the median of the per-round
+        # ratios over ``CONFIRM_ROUNDS`` interleaved rounds
+        return statistics.median(kept() / tried() for _ in range(CONFIRM_ROUNDS))
+
     def search(name, options, incumbent, schedule_of, score, describe):
         # screen each option between two timings of the incumbent (the schedule so far), all
         # three back to back (a first, discarded timing compiles the option's kernels: seconds),
@@ -788,14 +793,10 @@ def tune_cpu(
         # the best ratios below 1, best first: where the first is not confirmed (a fluke of its
         # screening), the runner-up is re-timed too
         for winner in sorted((o for o in ratios if ratios[o] < 1.0), key=ratios.get)[:CONTENDERS]:
-            rounds = []
-            for _ in range(CONFIRM_ROUNDS):
-                kept = timed(incumbent)
-                rounds.append(kept / timed(winner))
-            gain = statistics.median(rounds)
-            confirmed[name] = gain
-            log(f"{name}: {winner} against {incumbent} again, {gain:.2f}x as fast")
-            if gain >= MIN_GAIN:
+            again = gain(lambda: timed(incumbent), lambda w=winner: timed(w))
+            confirmed[name] = again
+            log(f"{name}: {winner} against {incumbent} again, {again:.2f}x as fast")
+            if again >= MIN_GAIN:
                 return winner, scores
         return incumbent, scores
 
@@ -944,11 +945,7 @@ def tune_cpu(
     # was measured on its own load); clearly slower (by ``MIN_GAIN``): the start is kept
     if best != base:
         loads = tuple(dict.fromkeys((tokens_decode, mid, prefill)))
-        rounds = []
-        for _ in range(CONFIRM_ROUNDS):
-            before = both_gemms(base, *loads)
-            rounds.append(before / both_gemms(best, *loads))
-        overall = statistics.median(rounds)
+        overall = gain(lambda: both_gemms(base, *loads), lambda: both_gemms(best, *loads))
         measurements["overall"] = {"against": start.device, "tokens": list(loads), "gain": overall}
         log(
             f"tuned against {start.device}: {overall:.2f}x as fast "
