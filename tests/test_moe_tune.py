@@ -344,6 +344,25 @@ def test_tune_cli_writes_only_the_user_store(cache_dir, monkeypatch, capsys):
     assert _digest(TABLE_PATH) == shipped
 
 
+def test_tune_show_prints_what_tuning_bought(tmp_path, capsys):
+    """`qiao tune show` prints, under a tuned entry, the whole-result gain its tune measured
+    against the entry it started from (``measurements["overall"]``); an entry without it (an
+    unchanged result, an older table) prints none."""
+    from qiao.compiler.cli.__main__ import main
+    from qiao.compiler.schedules.moe_table import write_entry
+
+    overall = {"against": "cpu/avx2", "tokens": [1, 128, 512], "gain": 1.0834}
+    write_entry("cpu/x86-64-v3", {"micro_m": 4}, {"overall": overall}, root=str(tmp_path))
+    write_entry("cpu/znver9", {"micro_m": 2}, {"confirmed": {}}, root=str(tmp_path))
+    assert main(["tune", "show", "--tuning-db", str(tmp_path)]) == 0
+    shown = capsys.readouterr().out.splitlines()
+    at = shown.index("  cpu/x86-64-v3: micro_m=4")
+    assert (
+        shown[at + 1] == "    when tuned: 1.08x as fast as cpu/avx2 (T=1 + 128 + 512, both GEMMs)"
+    )
+    assert shown[shown.index("  cpu/znver9: micro_m=2") + 1].startswith("  shipped defaults")
+
+
 @pytest.mark.parametrize("lanes_min", [16, 0])
 def test_tuner_scores_the_gate_up_blocks_where_they_run(monkeypatch, lanes_min):
     """The gate/up GEMM's dot-product blocks serve the experts below ``lanes_min`` tokens (the

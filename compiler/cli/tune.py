@@ -199,8 +199,20 @@ def _main_show(args) -> int:
     user = user_table_path(args.tuning_db)
     mine, shipped = read_table(user), read_table(TABLE_PATH)
     print(f"MoE schedule table: {user}" + ("" if os.path.exists(user) else " (none yet)"))
+    try:  # what the tunes measured, kept beside the entries (informational: never checked)
+        with open(user) as f:
+            measured = json.load(f).get("measurements") or {}
+    except (OSError, ValueError, AttributeError):
+        measured = {}
     for key in sorted(mine):
         print(f"  {key}: " + ", ".join(f"{k}={v}" for k, v in sorted(mine[key].items())))
+        whole = measured.get(key, {}).get("overall") if isinstance(measured, dict) else None
+        if isinstance(whole, dict) and isinstance(whole.get("gain"), (int, float)):
+            loads = " + ".join(str(t) for t in whole.get("tokens", []))
+            print(
+                f"    when tuned: {whole['gain']:.2f}x as fast as {whole.get('against')} "
+                f"(T={loads}, both GEMMs)"
+            )
     print(f"  shipped defaults (read-only, {TABLE_PATH}): {', '.join(sorted(shipped))}")
     devices = sorted(os.listdir(root)) if os.path.isdir(root) else []
     shown = 0
