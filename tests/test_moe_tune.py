@@ -361,6 +361,13 @@ def test_tune_show_prints_what_tuning_bought(tmp_path, capsys):
         shown[at + 1] == "    when tuned: 1.08x as fast as cpu/avx2 (T=1 + 128 + 512, both GEMMs)"
     )
     assert shown[shown.index("  cpu/znver9: micro_m=2") + 1].startswith("  shipped defaults")
+    # measurements of another shape (hand-edited): the entries alone, no traceback
+    table = tmp_path / "moe_table.json"
+    data = json.loads(table.read_text())
+    data["measurements"]["cpu/x86-64-v3"] = ["not", "a", "mapping"]
+    table.write_text(json.dumps(data))
+    assert main(["tune", "show", "--tuning-db", str(tmp_path)]) == 0
+    assert "when tuned" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("lanes_min", [16, 0])

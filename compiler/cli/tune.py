@@ -206,7 +206,8 @@ def _main_show(args) -> int:
         measured = {}
     for key in sorted(mine):
         print(f"  {key}: " + ", ".join(f"{k}={v}" for k, v in sorted(mine[key].items())))
-        whole = measured.get(key, {}).get("overall") if isinstance(measured, dict) else None
+        mine_measured = measured.get(key) if isinstance(measured, dict) else None
+        whole = mine_measured.get("overall") if isinstance(mine_measured, dict) else None
         if isinstance(whole, dict) and isinstance(whole.get("gain"), (int, float)):
             loads = " + ".join(str(t) for t in whole.get("tokens", []))
             print(
