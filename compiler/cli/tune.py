@@ -191,7 +191,12 @@ def _main_model(args) -> int:
 def _main_show(args) -> int:
     import json
 
-    from qiao.compiler.schedules.moe_table import TABLE_PATH, read_table, user_table_path
+    from qiao.compiler.schedules.moe_table import (
+        TABLE_PATH,
+        read_measurements,
+        read_table,
+        user_table_path,
+    )
     from qiao.compiler.schedules.tuning import RECORDS, tuning_root
 
     root = tuning_root(args.tuning_db)
@@ -199,15 +204,10 @@ def _main_show(args) -> int:
     user = user_table_path(args.tuning_db)
     mine, shipped = read_table(user), read_table(TABLE_PATH)
     print(f"MoE schedule table: {user}" + ("" if os.path.exists(user) else " (none yet)"))
-    try:  # what the tunes measured, kept beside the entries (informational: never checked)
-        with open(user) as f:
-            measured = json.load(f).get("measurements") or {}
-    except (OSError, ValueError, AttributeError):
-        measured = {}
+    measured = read_measurements(user)
     for key in sorted(mine):
         print(f"  {key}: " + ", ".join(f"{k}={v}" for k, v in sorted(mine[key].items())))
-        mine_measured = measured.get(key) if isinstance(measured, dict) else None
-        whole = mine_measured.get("overall") if isinstance(mine_measured, dict) else None
+        whole = measured.get(key, {}).get("overall")
         if isinstance(whole, dict) and isinstance(whole.get("gain"), (int, float)):
             loads = " + ".join(str(t) for t in whole.get("tokens", []))
             print(

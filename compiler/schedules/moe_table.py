@@ -356,6 +356,20 @@ def read_table(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     return dict(_load(path, (st.st_mtime_ns, st.st_size)))
 
 
+def read_measurements(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """What the tunes measured, kept beside the entries of the table at ``path`` (``write_entry``'s
+    ``measured``), per device key. Informational, never checked: a missing or unreadable file,
+    or measurements of another shape (a hand-edited table), give none rather than an error."""
+    try:
+        with open(path) as f:
+            measured = json.load(f).get("measurements")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    if not isinstance(measured, dict):
+        return {}
+    return {k: v for k, v in measured.items() if isinstance(v, dict)}
+
+
 def user_table_path(root: str | os.PathLike | None = None) -> str:
     """The user's MoE table: ``<root>/moe_table.json`` when ``root`` is given, else
     ``$QIAO_MOE_TABLE``, else ``moe_table.json`` in the default tuning store."""
@@ -963,6 +977,7 @@ __all__ = [
     "TABLE_PATH",
     "device_keys",
     "load_table",
+    "read_measurements",
     "read_table",
     "lookup",
     "time_stage_kernels",
