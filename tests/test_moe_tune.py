@@ -88,13 +88,31 @@ def test_table_rejects_bad_entries(tmp_path, monkeypatch):
 
 
 def test_tune_measures_and_writes_an_entry_the_lowering_uses(tmp_path, monkeypatch):
-    """A narrowed search on a tiny MoE shape; the written entry drives a correct compile."""
+    """A narrowed search on a tiny MoE shape; the written entry drives a correct compile. The
+    tune places its experts on the device once (``weight_tensor``: fc1 and fc2) and every
+    measurement reads those pages: no copy per candidate (300 MB a call at the CLI's 16-expert
+    shape)."""
     import numpy as np
 
     from qiao.compiler import compile
     from qiao.compiler.kernels.moe_common import MoEConfig
+    from qiao.compiler.schedules import cpu_memory, moe_table
     from qiao.compiler.schedules.moe_table import TABLE_PATH, lookup, tune_cpu, write_entry
     from tests.test_moe import inputs, make_weights, moe_model, numpy_moe
+
+    placed, timed = [], []
+    real_place, real_time = cpu_memory.weight_tensor, moe_table.time_stage_kernels
+
+    def place(value, device):
+        placed.append(value.shape)
+        return real_place(value, device)
+
+    def time_stages(*args, **kwargs):
+        timed.append(kwargs["weights"])
+        return real_time(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_memory, "weight_tensor", place)
+    monkeypatch.setattr(moe_table, "time_stage_kernels", time_stages)
 
     table = tmp_path / "table.json"
     table.write_text(open(TABLE_PATH).read())
@@ -123,6 +141,9 @@ def test_tune_measures_and_writes_an_entry_the_lowering_uses(tmp_path, monkeypat
         lanes_sweeps=((0, 192), (512, 96)),
     )
     assert key == device and best.device == device
+    assert placed == [(4, MoEConfig(4, 32, 16, 2).fc1_rows, 32), (4, 32, 16)]
+    assert len(timed) > 2 and all(w is timed[0] for w in timed)
+    monkeypatch.setattr(cpu_memory, "weight_tensor", real_place)
     # a candidate, or the entry's value where no candidate beat it by MIN_GAIN on re-timing
     assert (best.micro_m, best.micro_n) in {(2, 4), (3, 2), (entry.micro_m, entry.micro_n)}
     assert best.tile_down in (16, 32, entry.tile_down)
@@ -593,6 +614,13 @@ def test_tuner_places_the_experts_as_the_runner_does(monkeypatch):
     times = time_stage_kernels(cpu, lookup(cpu), cfg, 6, repeat=1, weights=weights)
     assert [id(w) for w in placed] == [id(w) for w in weights]
     assert times["up"] > 0 and times["down"] > 0
+    # experts already placed are read where they are (the tuner places its own once)
+    from qiao.compiler.schedules.cpu_info import cpu_device
+
+    on_device = tuple(real(w, cpu_device()) for w in weights)
+    placed.clear()
+    times = time_stage_kernels(cpu, lookup(cpu), cfg, 6, repeat=1, weights=on_device)
+    assert placed == [] and times["up"] > 0 and times["down"] > 0
 
 
 def test_tuner_compiles_each_kernel_once(monkeypatch):

@@ -581,7 +581,11 @@ def time_stage_kernels(
     """Median seconds of the gate/up and down grouped GEMMs for ``tokens`` tokens on this machine.
 
     Gating and alignment run once (compiled for ``target``) to produce the real dispatch tables; the
-    two GEMMs are then timed with TVM's evaluator. ``weights`` = (fc1, fc2) numpy arrays to reuse.
+    two GEMMs are then timed with TVM's evaluator. ``weights`` = (fc1, fc2) to reuse: NumPy arrays,
+    placed on the device for this call as the runner places them (``weight_tensor``), or device
+    tensors so placed, read where they are (``tune_cpu`` places its experts once, so that every
+    candidate reads the same pages, no call copies them again (300 MB a call at the CLI's 16-expert
+    shape, some 500 calls a tune) and the tune holds one copy of them, not two).
     ``stages`` names the GEMMs to time ("up", "down"; the activations the down GEMM reads start
     random, so timed alone it never reads an uninitialised buffer). Compiled kernels are kept for
     the next call.
@@ -633,7 +637,7 @@ def time_stage_kernels(
     align["main"](ids, *tables)
     counts, offsets, active, nact, pairs, bexp, nblk, pslot = tables
     # the experts on the pages the runner gives them (huge pages: 4 KB ones rank TLB misses)
-    fc1, fc2 = weight_tensor(weights[0], dev), weight_tensor(weights[1], dev)
+    fc1, fc2 = (w if isinstance(w, tvm.runtime.Tensor) else weight_tensor(w, dev) for w in weights)
     bias = nd(np.zeros((1,), np.float32))
     # real values (not whatever memory holds: denormals would slow the down GEMM) when it is timed
     # without the gate/up GEMM writing them first
@@ -754,10 +758,16 @@ def tune_cpu(
         if rng_weights is None:
             import numpy as np
 
+            from qiao.compiler.schedules.cpu_info import cpu_device
+            from qiao.compiler.schedules.cpu_memory import weight_tensor
+
             rng = np.random.default_rng(0)
-            rng_weights = (
-                rng.standard_normal((cfg.num_experts, cfg.fc1_rows, cfg.hidden), dtype=np.float32),
-                rng.standard_normal((cfg.num_experts, cfg.hidden, cfg.inter), dtype=np.float32),
+            rng_weights = tuple(
+                weight_tensor(w, cpu_device())
+                for w in (
+                    rng.standard_normal((cfg.num_experts, cfg.fc1_rows, cfg.hidden), np.float32),
+                    rng.standard_normal((cfg.num_experts, cfg.hidden, cfg.inter), np.float32),
+                )
             )
         return time_stage_kernels(
             target, schedule, cfg, tokens, repeat=repeat, weights=rng_weights, stages=stages
