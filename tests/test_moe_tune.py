@@ -141,32 +141,45 @@ def test_tune_measures_and_writes_an_entry_the_lowering_uses(tmp_path, monkeypat
         lanes_sweeps=((0, 192), (512, 96)),
     )
     assert key == device and best.device == device
+    # what the search found: ``best``, or the start where the result was slower as a whole
+    # (its values then stay in the measurements)
+    searched = best.replace(**measured.get("overall", {}).get("result", {}))
+    if any(line.startswith("slower as a whole") for line in lines):
+        assert (best.micro_m, best.micro_n, best.prefetch) == (
+            entry.micro_m,
+            entry.micro_n,
+            entry.prefetch,
+        )
+    else:
+        assert searched == best
     assert placed == [(4, MoEConfig(4, 32, 16, 2).fc1_rows, 32), (4, 32, 16)]
     assert len(timed) > 2 and all(w is timed[0] for w in timed)
     monkeypatch.setattr(cpu_memory, "weight_tensor", real_place)
     # a candidate, or the entry's value where no candidate beat it by MIN_GAIN on re-timing
-    assert (best.micro_m, best.micro_n) in {(2, 4), (3, 2), (entry.micro_m, entry.micro_n)}
-    assert best.tile_down in (16, 32, entry.tile_down)
-    assert best.prefetch in (0, 1, entry.prefetch) and best.prefetch_level in (1, 2)
+    assert (searched.micro_m, searched.micro_n) in {(2, 4), (3, 2), (entry.micro_m, entry.micro_n)}
+    assert searched.tile_down in (16, 32, entry.tile_down)
+    assert searched.prefetch in (0, 1, entry.prefetch) and searched.prefetch_level in (1, 2)
     assert set(measured["prefetch"]) == {"0", "1/L1", "1/L2"}
     assert all(v > 0 for v in measured["micro_up"].values())
     # the prefetch lines are tried where the best schedule prefetches
-    assert best.prefetch_lines in (1, 2, entry.prefetch_lines)
-    assert set(measured.get("prefetch_lines", {})) == ({"1", "2"} if best.prefetch else set())
+    assert searched.prefetch_lines in (1, 2, entry.prefetch_lines)
+    assert set(measured.get("prefetch_lines", {})) == ({"1", "2"} if searched.prefetch else set())
     # and so are the lines of the experts of few tokens (the entry's few_tokens, or 3 at most)
-    assert best.few_prefetch_lines in ((2, 4) if best.prefetch else ()) + (
+    assert searched.few_prefetch_lines in ((2, 4) if searched.prefetch else ()) + (
         entry.few_prefetch_lines,
     )
-    assert set(measured.get("few_prefetch_lines", {})) == ({"2", "4"} if best.prefetch else set())
-    if best.prefetch:
-        assert best.few_tokens in (entry.few_tokens, min(3, best.micro_m))
+    assert set(measured.get("few_prefetch_lines", {})) == (
+        {"2", "4"} if searched.prefetch else set()
+    )
+    if searched.prefetch:
+        assert searched.few_tokens in (entry.few_tokens, min(3, searched.micro_m))
     # the GEMV first or not, where experts of few tokens have their own path
-    leads = best.few_tokens >= 2
+    leads = searched.few_tokens >= 2
     assert set(measured.get("few_lead", {})) == ({"0", "1"} if leads else set())
     # the token-lanes sweeps, where the entry has the token-lanes order
-    sweeps = best.lanes_min > 0
+    sweeps = searched.lanes_min > 0
     assert set(measured.get("lanes_sweep", {})) == ({"0/192", "512/96"} if sweeps else set())
-    assert (best.lanes_sweep_kb, best.lanes_group_kb) in {
+    assert (searched.lanes_sweep_kb, searched.lanes_group_kb) in {
         (0, 192),
         (512, 96),
         (entry.lanes_sweep_kb, entry.lanes_group_kb),
@@ -177,7 +190,7 @@ def test_tune_measures_and_writes_an_entry_the_lowering_uses(tmp_path, monkeypat
     again = [line for line in lines if " again, " in line]  # one or two re-timed a step
     assert len(measured["confirmed"]) <= len(again) <= 2 * len(measured["confirmed"])
     assert len(lines) - len(screened) - len(again) in ((1, 2) if "overall" in measured else (0,))
-    assert len(screened) == 11 + (4 if best.prefetch else 0) + (2 if leads else 0) + (
+    assert len(screened) == 11 + (4 if searched.prefetch else 0) + (2 if leads else 0) + (
         2 if sweeps else 0
     )
     write_entry(
@@ -367,12 +380,14 @@ def test_tune_cli_writes_only_the_user_store(cache_dir, monkeypatch, capsys):
 
 def test_tune_show_prints_what_tuning_bought(tmp_path, capsys):
     """`qiao tune show` prints, under a tuned entry, the whole-result gain its tune measured
-    against the entry it started from (``measurements["overall"]``); an entry without it (an
-    unchanged result, an older table) prints none."""
+    against the entry it started from (``measurements["overall"]``), and what the search found
+    where the entry kept its start's values; an entry without it (an unchanged result, an older
+    table) prints none."""
     from qiao.compiler.cli.__main__ import main
     from qiao.compiler.schedules.moe_table import write_entry
 
     overall = {"against": "cpu/avx2", "tokens": [1, 128, 512], "gain": 1.0834}
+    overall["result"] = {"micro_m": 4}  # kept: the entry has it
     write_entry("cpu/x86-64-v3", {"micro_m": 4}, {"overall": overall}, root=str(tmp_path))
     write_entry("cpu/znver9", {"micro_m": 2}, {"confirmed": {}}, root=str(tmp_path))
     assert main(["tune", "show", "--tuning-db", str(tmp_path)]) == 0
@@ -382,6 +397,15 @@ def test_tune_show_prints_what_tuning_bought(tmp_path, capsys):
         shown[at + 1] == "    when tuned: 1.08x as fast as cpu/avx2 (T=1 + 128 + 512, both GEMMs)"
     )
     assert shown[shown.index("  cpu/znver9: micro_m=2") + 1].startswith("  shipped defaults")
+    assert not any(line.startswith("    found, not kept") for line in shown)
+    # a result slower as a whole than its start: the entry keeps the start's values, and what
+    # the search found is printed under it
+    kept = {"against": "cpu/avx2", "tokens": [1], "gain": 0.5, "result": {"micro_m": 2}}
+    write_entry("cpu/x86-64-v3", {"micro_m": 3}, {"overall": kept}, root=str(tmp_path))
+    assert main(["tune", "show", "--tuning-db", str(tmp_path)]) == 0
+    shown = capsys.readouterr().out.splitlines()
+    at = shown.index("  cpu/x86-64-v3: micro_m=3")
+    assert shown[at + 2] == "    found, not kept (slower as a whole): micro_m=2"
     # measurements of another shape (hand-edited): the entries alone, no traceback
     table = tmp_path / "moe_table.json"
     data = json.loads(table.read_text())
@@ -563,8 +587,9 @@ def test_tuner_re_times_the_runner_up_where_the_screening_winner_was_a_fluke(mon
 def test_tuner_keeps_the_start_where_the_result_is_slower_as_a_whole(monkeypatch):
     """Each step scores its candidates on one load; the result is timed against the entry the
     search started from on decode, ~8 tokens per expert and the prefill together, and where it
-    is slower by ``MIN_GAIN`` the start's values stay. Timings are faked: the (2, 4) block wins
-    at 8 tokens an expert (1.0 against the entry's 1.5) and takes 10.0 at every other load."""
+    is slower by ``MIN_GAIN`` the start's values stay, the result's beside them in the
+    measurements. Timings are faked: the (2, 4) block wins at 8 tokens an expert (1.0 against the
+    entry's 1.5) and takes 10.0 at every other load."""
     from qiao.compiler.schedules import tuning
 
     mid = 8 * 16 // 2
@@ -583,6 +608,8 @@ def test_tuner_keeps_the_start_where_the_result_is_slower_as_a_whole(monkeypatch
     assert overall["gain"] == pytest.approx(7.5 / 24) and overall["gain"] < 1 / tuning.MIN_GAIN
     assert (best.micro_m, best.micro_n, best.block_m) == (3, 2, 3)
     assert any(line.startswith("slower as a whole: keeping") for line in lines)
+    # what the search found stays in the measurements (the table's entry has the start's values)
+    assert overall["result"] == {"micro_m": 2, "micro_n": 4, "block_m": 2}
 
 
 def test_tuner_places_the_experts_as_the_runner_does(monkeypatch):

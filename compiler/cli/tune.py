@@ -214,6 +214,12 @@ def _main_show(args) -> int:
                 f"    when tuned: {whole['gain']:.2f}x as fast as {whole.get('against')} "
                 f"(T={loads}, both GEMMs)"
             )
+            found = whole.get("result")
+            if isinstance(found, dict) and any(mine[key].get(k) != v for k, v in found.items()):
+                print(
+                    "    found, not kept (slower as a whole): "
+                    + ", ".join(f"{k}={v}" for k, v in sorted(found.items()))
+                )
     print(f"  shipped defaults (read-only, {TABLE_PATH}): {', '.join(sorted(shipped))}")
     devices = sorted(os.listdir(root)) if os.path.isdir(root) else []
     shown = 0

@@ -714,8 +714,9 @@ def tune_cpu(
     5.3-7.5 for the others); where it is not, the runner-up is (``CONTENDERS``). Last, where
     anything changed, the result is timed against the entry it started from on decode, ~8
     tokens per expert and the prefill together over ``CONFIRM_ROUNDS`` interleaved rounds
-    (``measurements["overall"]``), and the start is kept where the result is slower by
-    ``MIN_GAIN`` or more (each step's gain was measured on its own load only). ``candidates``
+    (``measurements["overall"]``: the gain, and under ``result`` the values found that differ
+    from the start), and the start is kept where the result is slower by ``MIN_GAIN`` or more
+    (each step's gain was measured on its own load only). ``candidates``
     (micro-kernel shapes), ``gemv_rows``, ``tiles_*``, ``k_chunks`` (those that divide the hidden
     size into whole vectors; fewer than two: the entry's stays), ``prefetch_options``,
     ``prefetch_levels`` and ``prefetch_lines`` (tried where the best prefetches; fewer than two:
@@ -970,7 +971,16 @@ def tune_cpu(
     if best != base:
         loads = tuple(dict.fromkeys((tokens_decode, mid, prefill)))
         overall = gain(lambda: both_gemms(base, *loads), lambda: both_gemms(best, *loads))
-        measurements["overall"] = {"against": start.device, "tokens": list(loads), "gain": overall}
+        start_values = base.to_json()
+        measurements["overall"] = {
+            "against": start.device,
+            "tokens": list(loads),
+            "gain": overall,
+            # what the search found, kept or not (where not, nothing else records it)
+            "result": {
+                k: v for k, v in best.to_json().items() if k != "device" and start_values[k] != v
+            },
+        }
         log(
             f"tuned against {start.device}: {overall:.2f}x as fast "
             f"(T={' + '.join(map(str, loads))}, both GEMMs)"
