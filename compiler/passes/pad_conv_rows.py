@@ -45,7 +45,13 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from qiao.compiler.passes.placeholders import rewrite_functions
-from qiao.compiler.passes.relax_util import current_cpu, is_op, static_dims, tensor_dtype
+from qiao.compiler.passes.relax_util import (
+    conv2d_like,
+    current_cpu,
+    is_op,
+    static_dims,
+    tensor_dtype,
+)
 
 # Extra output rows allowed: at most one per this many rows of the map (12.5 % more work).
 MAX_EXTRA = 8
@@ -97,17 +103,12 @@ class _RowPadder(PyExprMutator):
         attrs = call.attrs
         top, left, bottom, right = (int(p) for p in attrs.padding)
         taller = self.builder_.emit(
-            relax.op.nn.conv2d(
+            conv2d_like(
+                call,
                 call.args[0],
                 call.args[1],
-                strides=[int(s) for s in attrs.strides],
                 padding=[top, left, bottom + extra * int(attrs.strides[0]), right],
-                dilation=[int(d) for d in attrs.dilation],
                 groups=1,
-                data_layout="NCHW",
-                kernel_layout="OIHW",
-                out_layout="NCHW",
-                out_dtype=attrs.out_dtype,
             )
         )
         height = static_dims(call)[2]

@@ -1,5 +1,6 @@
 """Small questions Relax passes ask of an expression (its dtype, its operator, its static dims) and
-of the target they run under (``current_cpu``, ``cpu_float32_lanes``)."""
+of the target they run under (``current_cpu``, ``cpu_float32_lanes``), and ``conv2d_like``, the
+convolution the CPU rewrites of ``relax.nn.conv2d`` emit in its place."""
 
 from __future__ import annotations
 
@@ -51,3 +52,26 @@ def cpu_float32_lanes(gpu: bool | None) -> int | None:
     else ``None``."""
     cpu = current_cpu(gpu)
     return None if cpu is None else cpu.lanes("float32")
+
+
+def conv2d_like(call, data, weight, **changes):
+    """``relax.op.nn.conv2d(data, weight)`` with the attributes of ``call`` (an NCHW / OIHW
+    ``relax.nn.conv2d`` call), those named in ``changes`` (``strides``, ``padding``,
+    ``dilation``, ``groups``) replaced."""
+    attrs = call.attrs
+    args = dict(
+        strides=[int(s) for s in attrs.strides],
+        padding=[int(p) for p in attrs.padding],
+        dilation=[int(d) for d in attrs.dilation],
+        groups=int(attrs.groups),
+    )
+    args.update(changes)
+    return relax.op.nn.conv2d(
+        data,
+        weight,
+        **args,
+        data_layout="NCHW",
+        kernel_layout="OIHW",
+        out_layout="NCHW",
+        out_dtype=attrs.out_dtype,
+    )

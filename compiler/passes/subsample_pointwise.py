@@ -32,7 +32,7 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from qiao.compiler.passes.placeholders import rewrite_functions
-from qiao.compiler.passes.relax_util import cpu_float32_lanes, is_op, static_dims
+from qiao.compiler.passes.relax_util import conv2d_like, cpu_float32_lanes, is_op, static_dims
 
 
 def subsampled(call) -> tuple[int, int, int, int] | None:
@@ -70,23 +70,13 @@ class _Subsampler(PyExprMutator):
         if found is None:
             return call
         height, width, sh, sw = found
-        attrs = call.attrs
         picked = self.builder_.emit(
             relax.op.strided_slice(
                 call.args[0], axes=[2, 3], begin=[0, 0], end=[height, width], strides=[sh, sw]
             )
         )
-        return relax.op.nn.conv2d(
-            picked,
-            call.args[1],
-            strides=[1, 1],
-            padding=[0, 0, 0, 0],
-            dilation=[1, 1],
-            groups=int(attrs.groups),
-            data_layout="NCHW",
-            kernel_layout="OIHW",
-            out_layout="NCHW",
-            out_dtype=attrs.out_dtype,
+        return conv2d_like(
+            call, picked, call.args[1], strides=[1, 1], padding=[0, 0, 0, 0], dilation=[1, 1]
         )
 
 

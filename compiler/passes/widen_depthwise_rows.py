@@ -35,7 +35,13 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from qiao.compiler.passes.placeholders import rewrite_functions
-from qiao.compiler.passes.relax_util import cpu_float32_lanes, is_op, static_dims, tensor_dtype
+from qiao.compiler.passes.relax_util import (
+    conv2d_like,
+    cpu_float32_lanes,
+    is_op,
+    static_dims,
+    tensor_dtype,
+)
 
 # Largest fraction of extra output columns computed to make a row whole vectors.
 MAX_WASTE = 0.15
@@ -90,17 +96,11 @@ class _Widener(PyExprMutator):
         top, left, bottom, right = (int(p) for p in attrs.padding)
         stride = int(attrs.strides[1])
         conv = self.builder_.emit(
-            relax.op.nn.conv2d(
+            conv2d_like(
+                call,
                 call.args[0],
                 call.args[1],
-                strides=[int(s) for s in attrs.strides],
                 padding=[top, left, bottom, right + (wide - width) * stride],
-                dilation=[int(d) for d in attrs.dilation],
-                groups=int(attrs.groups),
-                data_layout="NCHW",
-                kernel_layout="OIHW",
-                out_layout="NCHW",
-                out_dtype=attrs.out_dtype,
             )
         )
         return relax.op.strided_slice(conv, axes=[3], begin=[0], end=[width])

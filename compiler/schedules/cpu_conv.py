@@ -12,7 +12,8 @@ output channels the vector columns: a windowed convolution whose positions divid
 tiles of 4-6 rows (AVX2) broadcasts its zero-padded input in place, no im2col panel
 (``cpu_gemm.direct_rows``: most of ResNet's 3x3 convolutions and its stem); a small map whose
 positions pad badly to whole tiles (7x7: 49 of 64, ``cpu_gemm.J_WASTE_SWAP``) packs its im2col
-rows once per call.
+rows once per call. A grouped convolution (1 < ``groups`` < input channels) reaches the schedules
+as one dense convolution per group and a concatenation (``passes/split_grouped_conv.py``).
 
 What is left are reductions over a small window with no second operand: max/average pooling and
 depthwise convolutions (``groups == channels``: the channel is in every operand, so there is no
