@@ -11,7 +11,10 @@ Cases are the issue's speed floors:
   and 8, on the host's code path (``--arch host``) and the AVX2 one (``x86-64-v3``, which runs on
   AVX-512 hosts too), against ONNX Runtime (always the host's best): the floor is 0.9 (issue 16);
   compiled with the batch sizes declared (``dim_ranges={"batch": (1, 8)}``, ``--dim-range``);
-  and each exported as ``torch.onnx.export`` does by default, every dim static (batch 1).
+  and each exported as ``torch.onnx.export`` does by default, every dim static (batch 1);
+* the Caffe2-era model zoo's AlexNet and ShuffleNet v1 at full size, exported as those files are
+  (opset 9, IR 3, initializers listed as inputs; ``CAFFE2``), static batch 1: within 2× (the
+  issue's last row, 0.06 then).
 
 One artifact per model serves its sizes (symbolic batch / sequence). Each case first checks qiao's
 outputs against ONNX Runtime's, then alternates rounds of qiao and ORT calls so both see the same
@@ -75,6 +78,53 @@ IMAGE = 64
 TORCHVISION = ("resnet18", "mobilenet_v3_small", "efficientnet_b0")
 TV_IMAGE = 224
 
+
+def _alexnet():
+    """BVLC AlexNet (227², three convolutions of 2 groups, LRN) as the Caffe2 model zoo had it."""
+    from torch import nn
+
+    lrn = dict(size=5, alpha=1e-4, beta=0.75, k=1.0)
+    features = nn.Sequential(
+        nn.Conv2d(3, 96, 11, 4), nn.ReLU(), nn.LocalResponseNorm(**lrn), nn.MaxPool2d(3, 2),
+        nn.Conv2d(96, 256, 5, 1, 2, groups=2), nn.ReLU(), nn.LocalResponseNorm(**lrn),
+        nn.MaxPool2d(3, 2),
+        nn.Conv2d(256, 384, 3, 1, 1), nn.ReLU(), nn.Conv2d(384, 384, 3, 1, 1, groups=2), nn.ReLU(),
+        nn.Conv2d(384, 256, 3, 1, 1, groups=2), nn.ReLU(), nn.MaxPool2d(3, 2),
+    )  # fmt: skip
+    return nn.Sequential(
+        features, nn.Flatten(), nn.Linear(256 * 6 * 6, 4096), nn.ReLU(), nn.Dropout(),
+        nn.Linear(4096, 4096), nn.ReLU(), nn.Dropout(), nn.Linear(4096, 1000), nn.Softmax(1),
+    )  # fmt: skip
+
+
+def _shufflenet():
+    """ShuffleNet v1, 3 groups (240 / 480 / 960 channels; 224²), as the Caffe2 model zoo had it."""
+    import torch
+    from torch import nn
+
+    from tests.zoo.classic import _ShuffleUnit, conv_bn
+
+    class Head(nn.Module):
+        def __init__(self, channels):
+            super().__init__()
+            self.fc = nn.Linear(channels, 1000)
+
+        def forward(self, x):
+            return torch.softmax(self.fc(torch.flatten(x.mean((2, 3), keepdim=True), 1)), 1)
+
+    layers, cin = [conv_bn(3, 24, 3, 2, 1), nn.MaxPool2d(3, 2, 1)], 24
+    for cout, units in ((240, 4), (480, 8), (960, 4)):
+        for i in range(units):
+            layers.append(_ShuffleUnit(cin, cout, 3, 2 if i == 0 else 1))
+            cin = cout
+    return nn.Sequential(*layers, Head(cin))
+
+
+# Networks of the Caffe2-era ONNX model zoo at full size, exported as those files are (TorchScript,
+# opset 9, then ``tests.zoo.common.caffe2_style``: IR 3, initializers listed as inputs), static
+# batch 1: the issue's last row (grouped convolutions, LRN, channel shuffles).
+CAFFE2 = {"alexnet": (_alexnet, 227), "shufflenet": (_shufflenet, 224)}
+
 # (model, dims, floor on ORT latency / qiao latency)
 CASES = [
     pytest.param("mlp", {"batch": 1}, 1 / 1.5, id="mlp-batch1"),
@@ -109,6 +159,8 @@ for _name in TORCHVISION:
     CASES.append(
         pytest.param(f"{_name}@host@static", {}, 0.9, id=f"{_name}-host-static1", marks=full)
     )
+for _name in CAFFE2:
+    CASES.append(pytest.param(f"caffe2:{_name}", {}, 1 / 2, id=f"{_name}-caffe2", marks=full))
 
 _artifacts: dict[str, object] = {}
 
@@ -120,7 +172,27 @@ def _artifact(name: str, root):
     from qiao.compiler import compile, export
 
     out = root / name
-    if "@" in name:  # a torchvision architecture, TorchScript opset 13, for one --arch
+    if name.startswith("caffe2:"):  # a Caffe2-era zoo network (``CAFFE2``)
+        import onnx
+        import torch
+
+        from tests.zoo.common import caffe2_style
+
+        build, image = CAFFE2[name.split(":")[1]]
+        torch.manual_seed(0)
+        path = root / f"{name.split(':')[1]}-caffe2.onnx"
+        torch.onnx.export(
+            build().eval(),
+            (torch.randn(1, 3, image, image),),
+            path,
+            input_names=["data"],
+            output_names=["prob"],
+            opset_version=9,
+            dynamo=False,
+        )
+        onnx.save(caffe2_style(onnx.load(path)), path)
+        _artifacts[name] = compile(path, "cpu", out)
+    elif "@" in name:  # a torchvision architecture, TorchScript opset 13, for one --arch
         import torch
 
         from qiao.backends import get_backend
