@@ -14,7 +14,8 @@ Cases are the issue's speed floors:
   and each exported as ``torch.onnx.export`` does by default, every dim static (batch 1);
 * the Caffe2-era model zoo's AlexNet and ShuffleNet v1 at full size, exported as those files are
   (opset 9, IR 3, initializers listed as inputs; ``CAFFE2``), static batch 1: within 2× (the
-  issue's last row, 0.06 then).
+  issue's last row, 0.06 then), and wav2vec2's / HuBERT's positional convolution (a grouped 1-D
+  one) at base size: within 2×.
 
 One artifact per model serves its sizes (symbolic batch / sequence). Each case first checks qiao's
 outputs against ONNX Runtime's, then alternates rounds of qiao and ORT calls so both see the same
@@ -161,6 +162,9 @@ for _name in TORCHVISION:
     )
 for _name in CAFFE2:
     CASES.append(pytest.param(f"caffe2:{_name}", {}, 1 / 2, id=f"{_name}-caffe2", marks=full))
+# wav2vec2's / HuBERT's positional convolution at base size (768 channels in 16 groups, kernel
+# 128, 500 frames: 10 s of audio), one ONNX Conv node
+CASES.append(pytest.param("pos_conv", {}, 1 / 2, id="wav2vec2-pos-conv", marks=full))
 
 _artifacts: dict[str, object] = {}
 
@@ -172,7 +176,28 @@ def _artifact(name: str, root):
     from qiao.compiler import compile, export
 
     out = root / name
-    if name.startswith("caffe2:"):  # a Caffe2-era zoo network (``CAFFE2``)
+    if name == "pos_conv":
+        import numpy as np
+        import onnx
+        from onnx import TensorProto, helper, numpy_helper
+
+        rng = np.random.default_rng(0)
+        channels, kernel, groups, frames = 768, 128, 16, 500
+        weights = {
+            "w": rng.standard_normal((channels, channels // groups, kernel), np.float32) * 0.02,
+            "b": rng.standard_normal(channels, np.float32),
+        }
+        graph = helper.make_graph(
+            [helper.make_node("Conv", ["x", "w", "b"], ["y"], group=groups, pads=[64, 64])],
+            "pos_conv",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, frames])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, channels, frames + 1])],
+            [numpy_helper.from_array(v, k) for k, v in weights.items()],
+        )
+        path = root / "pos_conv.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+        _artifacts[name] = compile(path, "cpu", out)
+    elif name.startswith("caffe2:"):  # a Caffe2-era zoo network (``CAFFE2``)
         import onnx
         import torch
 

@@ -56,11 +56,12 @@ def test_grouped_convolution_runs_group_by_group(groups):
     assert [str(v) for v in joined.ty.shape.values] == [str(v) for v in before.ty.shape.values]
 
 
-@pytest.mark.parametrize("groups,cout", [(1, 18), (12, 12), (12, 24)])
-def test_dense_and_depthwise_convolutions_left_alone(groups, cout):
+@pytest.mark.parametrize("groups,cin,cout", [(1, 12, 18), (12, 12, 12), (12, 12, 24), (18, 36, 36)])
+def test_dense_depthwise_and_many_group_convolutions_left_alone(groups, cin, cout):
     """``groups`` 1 is the GEMM schedule's already; ``groups`` = input channels (depthwise, with a
-    channel multiplier too) the window rule's."""
-    mod = _conv_module(groups, cout=cout)
+    channel multiplier too) the window rule's; more than ``MAX_GROUPS`` groups (here 18 of 2
+    channels) make GEMMs too small and too many to compile."""
+    mod = _conv_module(groups, cin=cin, cout=cout)
     with _cpu_target():
         after = SplitGroupedConv()(mod)
     tvm.ir.assert_structural_equal(after, mod)
@@ -74,6 +75,30 @@ def test_gpu_targets_left_alone():
     with _cpu_target():
         # the backend says GPU
         tvm.ir.assert_structural_equal(SplitGroupedConv(gpu=True)(mod), mod)
+
+
+def test_grouped_1d_convolution_runs_group_by_group():
+    """The same for a 1-D convolution (wav2vec2's and HuBERT's positional convolution: 16 groups,
+    kernel 128 over the frames)."""
+    n = tvm.tirx.Var("n", "int64")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((n, 16, 40), "float32"))
+    w = relax.Var("w", relax.TensorType((16, 4, 8), "float32"))
+    with bb.function("main", [x, w]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(relax.op.nn.conv1d(x, w, padding=4, groups=4)))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    (before,) = relax_calls(mod["main"], "relax.nn.conv1d")
+    with _cpu_target():
+        after = SplitGroupedConv()(mod)
+    convs = relax_calls(after["main"], "relax.nn.conv1d")
+    assert len(convs) == 4
+    for conv in convs:
+        assert int(conv.attrs.groups) == 1 and [int(p) for p in conv.attrs.padding] == [4, 4]
+        assert [int(v) for v in conv.args[1].ty.shape.values] == [4, 4, 8]
+    (joined,) = relax_calls(after["main"], "relax.concat")
+    assert [str(v) for v in joined.ty.shape.values] == [str(v) for v in before.ty.shape.values]
 
 
 def test_compiled_grouped_convolutions_match_torch(tmp_path):
@@ -113,3 +138,38 @@ def test_compiled_grouped_convolutions_match_torch(tmp_path):
         # float32 sums of up to 100 products of N(0, 1)-sized values, against float64
         got = art.run({"x": x})["y"].astype(np.float64)
         assert_close(got, expected, rtol=1e-4, atol=1e-3)
+
+
+def test_compiled_grouped_1d_convolution_matches_torch(tmp_path):
+    """A wav2vec2-style positional convolution (16 channels in 4 groups, kernel 8, padding 4,
+    bias, ReLU), symbolic frames: the compiled model splits it and matches torch in float64."""
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((16, 4, 8)).astype(np.float32) * 0.3
+    b = rng.standard_normal(16).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[4, 4], group=4),
+        helper.make_node("Relu", ["c"], ["y"]),
+    ]
+    art = compiled_graph(
+        tmp_path,
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, "T"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, "U"])],
+        {"w": w, "b": b},
+        {"T": (8, 64)},
+    )
+    assert "split" in main_instructions(art.runner)
+    for frames in (9, 40):
+        x = rng.standard_normal((1, 16, frames)).astype(np.float32)
+        expected = torch.relu(
+            torch.nn.functional.conv1d(
+                torch.from_numpy(x).double(),
+                torch.from_numpy(w).double(),
+                torch.from_numpy(b).double(),
+                padding=4,
+                groups=4,
+            )
+        ).numpy()
+        # float32 sums of 32 products of N(0, 1)-sized values, against float64
+        got = art.run({"x": x})["y"].astype(np.float64)
+        assert_close(got, expected, rtol=1e-4, atol=1e-4)

@@ -46,7 +46,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from qiao.compiler.passes.placeholders import rewrite_functions
 from qiao.compiler.passes.relax_util import (
-    conv2d_like,
+    conv_like,
     current_cpu,
     is_op,
     static_dims,
@@ -103,7 +103,7 @@ class _RowPadder(PyExprMutator):
         attrs = call.attrs
         top, left, bottom, right = (int(p) for p in attrs.padding)
         taller = self.builder_.emit(
-            conv2d_like(
+            conv_like(
                 call,
                 call.args[0],
                 call.args[1],

@@ -1,5 +1,5 @@
 """Small questions Relax passes ask of an expression (its dtype, its operator, its static dims) and
-of the target they run under (``current_cpu``, ``cpu_float32_lanes``), and ``conv2d_like``, the
+of the target they run under (``current_cpu``, ``cpu_float32_lanes``), and ``conv_like``, the
 convolution the CPU rewrites of ``relax.nn.conv2d`` emit in its place."""
 
 from __future__ import annotations
@@ -54,11 +54,17 @@ def cpu_float32_lanes(gpu: bool | None) -> int | None:
     return None if cpu is None else cpu.lanes("float32")
 
 
-def conv2d_like(call, data, weight, **changes):
-    """``relax.op.nn.conv2d(data, weight)`` with the attributes of ``call`` (an NCHW / OIHW
-    ``relax.nn.conv2d`` call), those named in ``changes`` (``strides``, ``padding``,
-    ``dilation``, ``groups``) replaced."""
+# the channels-first layouts of the convolutions the CPU rewrites handle: (data, kernel)
+CONV_LAYOUTS = {"nn.conv1d": ("NCW", "OIW"), "nn.conv2d": ("NCHW", "OIHW")}
+
+
+def conv_like(call, data, weight, **changes):
+    """The convolution ``call`` is (a ``relax.nn.conv1d`` / ``conv2d`` call in ``CONV_LAYOUTS``)
+    of ``data`` and ``weight``, with ``call``'s attributes but those named in ``changes``
+    (``strides``, ``padding``, ``dilation``, ``groups``)."""
     attrs = call.attrs
+    name = call.op.name.removeprefix("relax.")
+    data_layout, kernel_layout = CONV_LAYOUTS[name]
     args = dict(
         strides=[int(s) for s in attrs.strides],
         padding=[int(p) for p in attrs.padding],
@@ -66,12 +72,13 @@ def conv2d_like(call, data, weight, **changes):
         groups=int(attrs.groups),
     )
     args.update(changes)
-    return relax.op.nn.conv2d(
+    op = relax.op.nn.conv1d if name == "nn.conv1d" else relax.op.nn.conv2d
+    return op(
         data,
         weight,
         **args,
-        data_layout="NCHW",
-        kernel_layout="OIHW",
-        out_layout="NCHW",
+        data_layout=data_layout,
+        kernel_layout=kernel_layout,
+        out_layout=data_layout,
         out_dtype=attrs.out_dtype,
     )

@@ -32,7 +32,7 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from qiao.compiler.passes.placeholders import rewrite_functions
-from qiao.compiler.passes.relax_util import conv2d_like, cpu_float32_lanes, is_op, static_dims
+from qiao.compiler.passes.relax_util import conv_like, cpu_float32_lanes, is_op, static_dims
 
 
 def subsampled(call) -> tuple[int, int, int, int] | None:
@@ -75,7 +75,7 @@ class _Subsampler(PyExprMutator):
                 call.args[0], axes=[2, 3], begin=[0, 0], end=[height, width], strides=[sh, sw]
             )
         )
-        return conv2d_like(
+        return conv_like(
             call, picked, call.args[1], strides=[1, 1], padding=[0, 0, 0, 0], dilation=[1, 1]
         )
 

@@ -36,7 +36,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from qiao.compiler.passes.placeholders import rewrite_functions
 from qiao.compiler.passes.relax_util import (
-    conv2d_like,
+    conv_like,
     cpu_float32_lanes,
     is_op,
     static_dims,
@@ -96,7 +96,7 @@ class _Widener(PyExprMutator):
         top, left, bottom, right = (int(p) for p in attrs.padding)
         stride = int(attrs.strides[1])
         conv = self.builder_.emit(
-            conv2d_like(
+            conv_like(
                 call,
                 call.args[0],
                 call.args[1],
