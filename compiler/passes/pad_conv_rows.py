@@ -46,9 +46,9 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from qiao.compiler.passes.placeholders import rewrite_functions
 from qiao.compiler.passes.relax_util import (
+    conv_kind,
     conv_like,
     current_cpu,
-    is_op,
     static_dims,
     tensor_dtype,
 )
@@ -62,14 +62,13 @@ def extra_rows(call, cpu) -> int:
     ``cpu`` (a ``CPUInfo``): 0 where it leaves the call alone."""
     from qiao.compiler.schedules.cpu_gemm import direct_rows_height, direct_window
 
-    if not is_op(call, "nn.conv2d"):
+    if conv_kind(call) != "nn.conv2d":
         return 0
     attrs = call.attrs
     x, w = call.args
     x_shape, w_shape, y_shape = static_dims(x), static_dims(w), static_dims(call)
     if (
-        (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "OIHW", "NCHW")
-        or int(attrs.groups) != 1
+        int(attrs.groups) != 1
         or {tensor_dtype(x), tensor_dtype(w), tensor_dtype(call)} != {"float32"}
         or None in (x_shape, w_shape, y_shape)
         or len(y_shape) != 4

@@ -1,6 +1,6 @@
 """Small questions Relax passes ask of an expression (its dtype, its operator, its static dims) and
-of the target they run under (``current_cpu``, ``cpu_float32_lanes``), and ``conv_like``, the
-convolution the CPU rewrites of ``relax.nn.conv2d`` emit in its place."""
+of the target they run under (``current_cpu``, ``cpu_float32_lanes``); ``conv_kind``, which
+convolutions the CPU rewrites take, and ``conv_like``, the convolution they emit in one's place."""
 
 from __future__ import annotations
 
@@ -54,17 +54,32 @@ def cpu_float32_lanes(gpu: bool | None) -> int | None:
     return None if cpu is None else cpu.lanes("float32")
 
 
-# the channels-first layouts of the convolutions the CPU rewrites handle: (data, kernel)
-CONV_LAYOUTS = {"nn.conv1d": ("NCW", "OIW"), "nn.conv2d": ("NCHW", "OIHW")}
+# the convolutions the CPU rewrites handle, in their channels-first layouts: (op, data, kernel)
+CONV_LAYOUTS = {
+    "nn.conv1d": (relax.op.nn.conv1d, "NCW", "OIW"),
+    "nn.conv2d": (relax.op.nn.conv2d, "NCHW", "OIHW"),
+}
+
+
+def conv_kind(call) -> str | None:
+    """``"nn.conv1d"`` / ``"nn.conv2d"`` where ``call`` is that convolution with its data,
+    kernel and output in ``CONV_LAYOUTS``'s layouts (NCW / OIW / NCW, NCHW / OIHW / NCHW), else
+    ``None``."""
+    name = next((n for n in CONV_LAYOUTS if is_op(call, n)), None)
+    if name is None:
+        return None
+    _, data_layout, kernel_layout = CONV_LAYOUTS[name]
+    attrs = call.attrs
+    layouts = (attrs.data_layout, attrs.kernel_layout, attrs.out_layout)
+    return name if layouts == (data_layout, kernel_layout, data_layout) else None
 
 
 def conv_like(call, data, weight, **changes):
-    """The convolution ``call`` is (a ``relax.nn.conv1d`` / ``conv2d`` call in ``CONV_LAYOUTS``)
-    of ``data`` and ``weight``, with ``call``'s attributes but those named in ``changes``
-    (``strides``, ``padding``, ``dilation``, ``groups``)."""
+    """The convolution ``call`` is (one ``conv_kind`` names) of ``data`` and ``weight``, with
+    ``call``'s attributes but those named in ``changes`` (``strides``, ``padding``,
+    ``dilation``, ``groups``)."""
     attrs = call.attrs
-    name = call.op.name.removeprefix("relax.")
-    data_layout, kernel_layout = CONV_LAYOUTS[name]
+    op, data_layout, kernel_layout = CONV_LAYOUTS[call.op.name.removeprefix("relax.")]
     args = dict(
         strides=[int(s) for s in attrs.strides],
         padding=[int(p) for p in attrs.padding],
@@ -72,7 +87,6 @@ def conv_like(call, data, weight, **changes):
         groups=int(attrs.groups),
     )
     args.update(changes)
-    op = relax.op.nn.conv1d if name == "nn.conv1d" else relax.op.nn.conv2d
     return op(
         data,
         weight,

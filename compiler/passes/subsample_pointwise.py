@@ -32,22 +32,24 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from qiao.compiler.passes.placeholders import rewrite_functions
-from qiao.compiler.passes.relax_util import conv_like, cpu_float32_lanes, is_op, static_dims
+from qiao.compiler.passes.relax_util import (
+    conv_kind,
+    conv_like,
+    cpu_float32_lanes,
+    static_dims,
+)
 
 
 def subsampled(call) -> tuple[int, int, int, int] | None:
     """``(height, width, stride_h, stride_w)`` of a ``relax.nn.conv2d`` call this pass rewrites
     (1x1 kernel, a stride above 1, no padding, dilation 1, NCHW/OIHW, static spatial dims), else
     ``None``."""
-    if not is_op(call, "nn.conv2d"):
+    if conv_kind(call) != "nn.conv2d":
         return None
     attrs = call.attrs
     x_shape, w_shape = static_dims(call.args[0]), static_dims(call.args[1])
     if (
-        attrs.data_layout != "NCHW"
-        or attrs.kernel_layout != "OIHW"
-        or attrs.out_layout != "NCHW"
-        or x_shape is None
+        x_shape is None
         or w_shape is None
         or len(x_shape) != 4
         or w_shape[2:] != [1, 1]

@@ -36,9 +36,9 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from qiao.compiler.passes.placeholders import rewrite_functions
 from qiao.compiler.passes.relax_util import (
+    conv_kind,
     conv_like,
     cpu_float32_lanes,
-    is_op,
     static_dims,
     tensor_dtype,
 )
@@ -73,15 +73,12 @@ class _Widener(PyExprMutator):
 
     def visit_call_(self, call):  # noqa: D102 - PyExprMutator hook
         call = super().visit_call_(call)
-        if not is_op(call, "nn.conv2d") or tensor_dtype(call) != "float32":
+        if conv_kind(call) != "nn.conv2d" or tensor_dtype(call) != "float32":
             return call
         attrs = call.attrs
         x_shape, out_shape = static_dims(call.args[0]), static_dims(call)
         if (
-            attrs.data_layout != "NCHW"
-            or attrs.kernel_layout != "OIHW"
-            or attrs.out_layout != "NCHW"
-            or x_shape is None
+            x_shape is None
             or out_shape is None
             or x_shape[1] is None
             or int(attrs.groups) != x_shape[1]
