@@ -47,7 +47,6 @@ def prepare_passes(
     from qiao.compiler.passes import LowerAttention, LowerMoE, LowerQuant
     from qiao.compiler.passes.fold_weight_casts import FoldWeightCasts
     from qiao.compiler.passes.pad_conv_rows import PadConvRows
-    from qiao.compiler.passes.split_grouped_conv import SplitGroupedConv
     from qiao.compiler.passes.subsample_pointwise import SubsamplePointwise
     from qiao.compiler.passes.widen_depthwise_rows import WidenDepthwiseRows
 
@@ -67,8 +66,6 @@ def prepare_passes(
         ),
         # com.microsoft::GroupQueryAttention placeholders -> qiao's attention / KV append kernels
         LowerAttention(gpu=gpu),
-        # CPU: grouped (not depthwise) convolutions as one dense convolution per group
-        SplitGroupedConv(gpu=gpu),
         # CPU: depthwise rows of 7 or 14 computed as whole vectors (sliced in the kernel)
         WidenDepthwiseRows(gpu=gpu),
         # CPU: strided 1x1 convolutions as a subsampling copy, then a pointwise convolution

@@ -100,10 +100,11 @@ def fused_module(build):
     return tvm.transform.Sequential(legalize_passes(None))(bb.get())
 
 
-def compiled_graph(tmp_path, nodes, inputs, outputs, initializers, dim_ranges):
+def compiled_graph(tmp_path, nodes, inputs, outputs, initializers, dim_ranges, arch=None):
     """A CPU artifact of the opset-13 ONNX graph ``nodes`` (``inputs``/``outputs``: value infos,
     ``initializers``: ``{name: array}``), saved under ``tmp_path`` and compiled with
-    ``dim_ranges``: the small convolution models of the Relax-rewrite tests."""
+    ``dim_ranges`` (and ``arch``: ``None`` for this host): the small convolution models of the
+    Relax-rewrite tests."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -115,7 +116,7 @@ def compiled_graph(tmp_path, nodes, inputs, outputs, initializers, dim_ranges):
     model.ir_version = 8
     path = os.path.join(tmp_path, "model.onnx")
     onnx.save(model, path)
-    return compile(path, "cpu", os.path.join(tmp_path, "art"), dim_ranges=dim_ranges)
+    return compile(path, "cpu", os.path.join(tmp_path, "art"), dim_ranges=dim_ranges, arch=arch)
 
 
 def marked(func, key: str) -> bool:

@@ -729,24 +729,26 @@ def test_small_map_convolution_takes_positions_as_rows(
 
 # (in channels, out channels, input map, kernel, stride, padding, SIMD lanes (float32) on which it
 # is read in place): windowed convolutions whose output positions divide into register tiles of
-# 4 to 6 rows (16 registers) or 4 to 8 (32 registers) and whose output channels fill two-vector
-# tiles: 3x3 over 16x16 and 14x14 (196 positions: tiles of 4 or 7 rows crossing image rows), a
-# strided 5x5 and a 7x7 stride-2 stem over 3 channels (49 taps, a 147-long reduction). 16 output
-# channels fill AVX2's two-vector tile (16 lanes) but half of AVX-512's (32). They keep the
-# im2col panels over an 11x11 or 17x17 output (121 and 289 positions: no such divisor), with 40
-# output channels (tiles padded by 20 % or 60 %), for a 1x1 window and for a 3x3 stem over 3
-# channels (a 27-long reduction, under ``DIRECT_MIN_K``).
+# 4 to 6 rows (16 registers) or 4 to 8 (32 registers) with two-vector tiles (8 to 16 rows of one
+# vector, 4 to 9 of three): 3x3 over 16x16 and 14x14 (196 positions: tiles of 4 or 7 rows
+# crossing image rows), a strided 5x5 and a 7x7 stride-2 stem over 3 channels (49 taps, a
+# 147-long reduction). 16 output channels fill AVX2's two-vector tile (16 lanes) and one AVX-512
+# vector; 40 take three AVX-512 vectors (48, ``direct_vectors``) and five one-vector AVX2 tiles.
+# They keep the im2col panels over an 11x11 or 17x17 output (121 and 289 positions: no such
+# divisor), for a 1x1 window and for a 3x3 stem over 3 channels (a 27-long reduction, under
+# ``DIRECT_MIN_K``).
 BOTH = (8, 16)
 DIRECT = [
     (16, 32, 16, 3, 1, 1, BOTH),
     (16, 32, 14, 3, 1, 1, BOTH),
     (8, 32, 15, 5, 2, 2, BOTH),
     (3, 32, 32, 7, 2, 3, BOTH),
-    (3, 16, 32, 7, 2, 3, (8,)),
-    (16, 16, 16, 3, 1, 1, (8,)),
+    (3, 16, 32, 7, 2, 3, BOTH),
+    (16, 16, 16, 3, 1, 1, BOTH),
+    (16, 40, 16, 3, 1, 1, BOTH),
+    (16, 48, 14, 3, 1, 1, BOTH),
     (16, 32, 11, 3, 1, 1, ()),
     (16, 32, 17, 3, 1, 1, ()),
-    (16, 40, 16, 3, 1, 1, ()),
     (16, 32, 16, 1, 1, 0, ()),
     (3, 16, 32, 3, 2, 1, ()),
 ]
@@ -784,6 +786,38 @@ def test_direct_rows_tile():
         tasks = 3136 // mr // tile.mc_tiles * (64 // tile.nr(lanes))
         assert tasks >= 4 * cpu.num_cores, (cpu, tile)
         assert 3136 // mr % tile.mc_tiles == 0
+
+
+def test_direct_vectors():
+    """The vectors of a tile row read in place, against the output channels (per group): two
+    where they fill two-vector tiles within ``J_WASTE_SWAP`` (112 channels of 16 lanes pad to 128,
+    12.5 %), else the width that pads the fewest (ties: the wider); and the direct tile's height
+    fits the registers with that width (AVX2: 16 registers, AVX-512: 32)."""
+    from qiao.compiler.schedules.cpu_gemm import (
+        GemmShape,
+        choose_tile,
+        direct_rows_height,
+        direct_vectors,
+        fits_registers,
+    )
+    from qiao.compiler.schedules.cpu_info import CPUInfo
+
+    avx512 = {32: 2, 64: 2, 112: 2, 48: 3, 40: 3, 80: 1, 16: 1, 8: 1, 24: 2, 17: 2, 33: 3}
+    avx2 = {16: 2, 32: 2, 24: 3, 8: 1, 4: 1, 40: 1, 48: 2, 20: 3}
+    for lanes, expected in ((16, avx512), (8, avx2)):
+        got = {channels: direct_vectors(lanes, channels) for channels in expected}
+        assert got == expected, lanes
+    assert direct_vectors(16, None) == 0
+    for cpu, lanes in ((CPUInfo(256, 16, 2), 8), (CPUInfo(512, 32, 2), 16)):
+        for channels in (16, 24, 40, 48, 80):
+            nv = direct_vectors(lanes, channels)
+            mr = direct_rows_height(cpu, 3136, nv)
+            if not mr:
+                continue
+            shape = GemmShape(None, 3136, channels, 576, "float32", image_rows=True, taps=9)
+            tile = choose_tile(cpu, shape)
+            assert (tile.mr, tile.nr_vectors) == (mr, nv), (cpu, channels, tile)
+            assert fits_registers(cpu, mr, nv, order="outer"), (cpu, channels, tile)
 
 
 def _reads_in_place(func, name: str) -> bool:
@@ -945,34 +979,27 @@ def test_few_column_tasks_split_their_rows_over_the_cores():
 
 
 def test_long_reduction_convolution_takes_tall_one_vector_tiles():
-    """A packed convolution whose two-vector column panel (K x 32 floats on AVX-512) overflows
-    ``L1_PANEL_BYTES`` takes one-vector tiles as tall as the 32 registers allow, in row tasks that
-    share out evenly over the cores (EfficientNet-B0's projections: 672 -> 112 as 8 tiles of 14,
-    480 -> 80 as 8 of 10); a shorter reduction, a tile read in place, or 16 registers keep the
-    two-vector tile."""
-    from qiao.compiler.schedules.cpu_gemm import (
-        L1_PANEL_BYTES,
-        GemmShape,
-        check_tile,
-        choose_tile,
-        task_balance,
-    )
+    """A pointwise convolution with a long reduction takes one-vector tiles as tall as the 32
+    registers allow, in row tasks that share out evenly over the cores (EfficientNet-B0's
+    projections: 672 -> 112 as 8 tiles of 14, 480 -> 80 as 8 of 10); the same extents packed from
+    a window or a stride (each row task would pack the im2col columns again), a tile read in
+    place, or 16 registers keep the two-vector tile."""
+    from qiao.compiler.schedules.cpu_gemm import GemmShape, check_tile, choose_tile, task_balance
     from qiao.compiler.schedules.cpu_info import CPUInfo
 
     avx512 = CPUInfo(512, 32, 2)
     for m, n, k, mr in ((112, 196, 672, 14), (80, 196, 480, 10), (320, 49, 1152, 16)):
-        assert k * 32 * 4 > L1_PANEL_BYTES
-        shape = GemmShape(None, m, n, k, "float32", weight_rows=True)
+        shape = GemmShape(None, m, n, k, "float32", weight_rows=True, pointwise=True)
         tile = choose_tile(avx512, shape)
         check_tile(tile, shape, 16)
         assert (tile.mr, tile.nr_vectors, tile.mc_tiles, tile.nc_tiles) == (mr, 1, 1, 0), tile
         assert task_balance(-(-m // mr), 2) == 1
-    short = GemmShape(None, 112, 196, 240, "float32", weight_rows=True)
+    packed = GemmShape(None, 112, 196, 672, "float32", weight_rows=True)
     windowed = GemmShape(None, 112, 196, 672, "float32", taps=9, weight_rows=True)
-    for cpu, shape in ((avx512, short), (avx512, windowed), (CPUInfo(256, 16, 2), windowed)):
+    for cpu, shape in ((avx512, packed), (avx512, windowed), (CPUInfo(256, 16, 2), windowed)):
         assert choose_tile(cpu, shape).nr_vectors == 2, shape
-    long = GemmShape(None, 112, 196, 672, "float32", weight_rows=True)
-    assert choose_tile(CPUInfo(256, 16, 2), long).nr_vectors == 2
+    pointwise = GemmShape(None, 112, 196, 672, "float32", weight_rows=True, pointwise=True)
+    assert choose_tile(CPUInfo(256, 16, 2), pointwise).nr_vectors == 2
 
 
 def test_pointwise_convolution_takes_tall_one_vector_tiles():
@@ -981,11 +1008,10 @@ def test_pointwise_convolution_takes_tall_one_vector_tiles():
     panel: 4 tiles of 10 rows); the same shape not pointwise (a strided 1x1 convolution) or on 16
     registers keeps the two-vector tile. The flag comes from the convolution itself: set for a
     1x1 window of unit stride, not for stride 2 or a padded 3x3 window."""
-    from qiao.compiler.schedules.cpu_gemm import L1_PANEL_BYTES, GemmShape, choose_tile
+    from qiao.compiler.schedules.cpu_gemm import GemmShape, choose_tile
     from qiao.compiler.schedules.cpu_info import CPUInfo
 
     avx512, avx2 = CPUInfo(512, 32, 2), CPUInfo(256, 16, 2)
-    assert 240 * 32 * 4 <= L1_PANEL_BYTES
     pointwise = GemmShape(None, 40, 196, 240, "float32", weight_rows=True, pointwise=True)
     tile = choose_tile(avx512, pointwise)
     assert (tile.mr, tile.nr_vectors, tile.mc_tiles, tile.nc_tiles) == (10, 1, 1, 0), tile

@@ -85,14 +85,35 @@ def test_convolution_computes_extra_rows_and_slices_them_off(size, kernel, strid
     assert _out_dims(after) == _out_dims(mod) == [32, rows, rows]
 
 
+def test_grouped_convolution_computes_extra_rows_by_its_groups_channels():
+    """A grouped convolution reaches the in-place path too (the GEMM schedule batches its
+    groups, ``cpu_gemm.split_group_axis``): 2 groups of 8 -> 16 channels over 17x17 get the rows
+    of 16-channel tiles (``direct_vectors``: one AVX-512 vector, two AVX2 ones), and the
+    scheduled kernel reads its input in place."""
+    from qiao.compiler.schedules.cpu_gemm import direct_vectors
+
+    mod = _conv_module(17, 3, groups=2)
+    with _cpu_target() as target:
+        after = PadConvRows()(mod)
+    cpu = cpu_info(target)
+    vectors = direct_vectors(cpu.lanes("float32"), 16)
+    (conv,) = relax_calls(after["main"], "relax.nn.conv2d")
+    assert int(conv.attrs.groups) == 2
+    taller = int(conv.ty.shape.values[2])
+    assert not direct_rows_height(cpu, 17 * 17, vectors)
+    assert taller > 17 and direct_rows_height(cpu, taller * 17, vectors)
+    assert _out_dims(after) == _out_dims(mod) == [32, 17, 17]
+    assert not marked(_scheduled_conv(mod), DIRECT_ROWS)
+    assert marked(_scheduled_conv(after), DIRECT_ROWS)
+
+
 @pytest.mark.parametrize(
     "size,kernel,kwargs",
     [
         (16, 3, {}),  # 256 positions: tiles of 8 (or 4) rows divide them already
         (5, 3, {"cin": 32, "cout": 64, "padding": (0, 4)}),  # 3x11: a row more is a third more
-        (17, 3, {"groups": 2}),  # grouped: not the GEMM schedule's in-place path
         (17, 3, {"cin": 3}),  # a 27-long reduction: packed whatever its positions
-        (17, 3, {"cout": 20}),  # 20 output channels pad two-vector tiles by far too much
+        (17, 3, {"groups": 4}),  # 4 channels a group, 36 products: the window rule's
         (17, 1, {"padding": 0}),  # a 1x1 convolution keeps its panels
     ],
 )

@@ -68,22 +68,22 @@ def extra_rows(call, cpu) -> int:
     x, w = call.args
     x_shape, w_shape, y_shape = static_dims(x), static_dims(w), static_dims(call)
     if (
-        int(attrs.groups) != 1
-        or {tensor_dtype(x), tensor_dtype(w), tensor_dtype(call)} != {"float32"}
+        {tensor_dtype(x), tensor_dtype(w), tensor_dtype(call)} != {"float32"}
         or None in (x_shape, w_shape, y_shape)
         or len(y_shape) != 4
         or None in w_shape
         or None in y_shape[1:]
     ):
         return 0
-    cout, cin, kh, kw = w_shape
-    if not direct_window(cpu.lanes("float32"), cout, cin, kh * kw):
+    cout, cin, kh, kw = w_shape  # cin: input channels per group
+    vectors = direct_window(cpu.lanes("float32"), cout // int(attrs.groups), cin, kh * kw)
+    if not vectors:
         return 0
     batch, height, width = y_shape[0] or 1, y_shape[2], y_shape[3]
-    if direct_rows_height(cpu, batch * height * width):
+    if direct_rows_height(cpu, batch * height * width, vectors):
         return 0
     for extra in range(1, height // MAX_EXTRA + 1):
-        if direct_rows_height(cpu, batch * (height + extra) * width):
+        if direct_rows_height(cpu, batch * (height + extra) * width, vectors):
             return extra
     return 0
 
@@ -107,7 +107,6 @@ class _RowPadder(PyExprMutator):
                 call.args[0],
                 call.args[1],
                 padding=[top, left, bottom + extra * int(attrs.strides[0]), right],
-                groups=1,
             )
         )
         height = static_dims(call)[2]

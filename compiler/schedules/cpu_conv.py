@@ -12,13 +12,16 @@ output channels the vector columns: a windowed convolution whose positions divid
 tiles of 4-6 rows (AVX2) broadcasts its zero-padded input in place, no im2col panel
 (``cpu_gemm.direct_rows``: most of ResNet's 3x3 convolutions and its stem); a small map whose
 positions pad badly to whole tiles (7x7: 49 of 64, ``cpu_gemm.J_WASTE_SWAP``) packs its im2col
-rows once per call. A grouped convolution (1 < ``groups`` < input channels) reaches the schedules
-as one dense convolution per group and a concatenation (``passes/split_grouped_conv.py``).
+rows once per call. A grouped convolution (1 < ``groups`` < input channels) is one GEMM batched
+over its groups (``cpu_gemm.split_group_axis``), unless its window is small enough for the window
+rule below.
 
 What is left are reductions over a small window with no second operand: max/average pooling and
 depthwise convolutions (``groups == channels``: the channel is in every operand, so there is no
-GEMM column axis). ``CPUWindowReduction`` schedules them per task of whole (n, c) planes — several
-small planes per task, rows of a plane when the padded plane would not fit in L1:
+GEMM column axis), with a channel multiplier too, and grouped convolutions of a few channels a
+group whose products per output fit ``MAX_WINDOW`` (4 channels under a 3x3 window).
+``CPUWindowReduction`` schedules them per task of whole (n, c) planes — several small planes per
+task, rows of a plane when the padded plane would not fit in L1:
 
 * the zero-padded input of the task is built inside the task (``compute_at``; a fill pass and an
   in-bounds copy, both vectorised: ``decompose_padding``), so it is read from L1;
