@@ -14,8 +14,11 @@ Cases are the issue's speed floors:
   and each exported as ``torch.onnx.export`` does by default, every dim static (batch 1);
 * the Caffe2-era model zoo's AlexNet and ShuffleNet v1 at full size, exported as those files are
   (opset 9, IR 3, initializers listed as inputs; ``CAFFE2``), static batch 1: within 2× (the
-  issue's last row, 0.06 then), and wav2vec2's / HuBERT's positional convolution (a grouped 1-D
-  one) at base size: within 2×.
+  issue's last row, 0.06 then) (single convolutions, wav2vec2's grouped positional one among
+  them: ``benchmarks/test_conv.py``);
+* RegNetY-400MF at full size (``HF_FULL``: its widths and depths in a ``transformers`` config,
+  grouped 3x3 convolutions of 8 channels a group, squeeze-excitation), 3×224×224, batch 1 and 8:
+  within 2×.
 
 One artifact per model serves its sizes (symbolic batch / sequence). Each case first checks qiao's
 outputs against ONNX Runtime's, then alternates rounds of qiao and ORT calls so both see the same
@@ -74,8 +77,31 @@ def _convnext():
     return transformers.ConvNextModel(config)
 
 
+def _regnet_y_400mf():
+    import torch
+    import transformers
+
+    # RegNetY-400MF's widths and depths (torchvision's regnet_y_400mf, timm's regnety_004):
+    # grouped 3x3 convolutions of 8 channels a group (6 to 55 groups), squeeze-excitation
+    config = transformers.RegNetConfig(
+        embedding_size=32,
+        hidden_sizes=[48, 104, 208, 440],
+        depths=[1, 3, 6, 6],
+        groups_width=8,
+        layer_type="y",
+    )
+    model = transformers.RegNetModel(config)
+    for module in model.modules():  # He init keeps activations alive through the stack
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight)
+    return model
+
+
 HF_MODELS = {"resnet": _resnet, "mobilenet_v2": _mobilenet_v2, "convnext": _convnext}
 IMAGE = 64
+# full-size transformers networks (input IMAGE_FULL), batch 1 and 8
+HF_FULL = {"regnet_y_400mf": _regnet_y_400mf}
+IMAGE_FULL = 224
 TORCHVISION = ("resnet18", "mobilenet_v3_small", "efficientnet_b0")
 TV_IMAGE = 224
 
@@ -139,7 +165,7 @@ CASES = [
     pytest.param("cnn", {"batch": 1}, 1 / 2, id="cnn-batch1"),
     pytest.param("cnn", {"batch": 16}, 1 / 2, id="cnn-batch16", marks=full),
 ]
-for _name in HF_MODELS:
+for _name in (*HF_MODELS, *HF_FULL):
     for _batch in (1, 8):
         CASES.append(
             pytest.param(_name, {"batch": _batch}, 1 / 2, id=f"{_name}-batch{_batch}", marks=full)
@@ -162,9 +188,6 @@ for _name in TORCHVISION:
     )
 for _name in CAFFE2:
     CASES.append(pytest.param(f"caffe2:{_name}", {}, 1 / 2, id=f"{_name}-caffe2", marks=full))
-# wav2vec2's / HuBERT's positional convolution at base size (768 channels in 16 groups, kernel
-# 128, 500 frames: 10 s of audio), one ONNX Conv node
-CASES.append(pytest.param("pos_conv", {}, 1 / 2, id="wav2vec2-pos-conv", marks=full))
 
 _artifacts: dict[str, object] = {}
 
@@ -176,28 +199,7 @@ def _artifact(name: str, root):
     from qiao.compiler import compile, export
 
     out = root / name
-    if name == "pos_conv":
-        import numpy as np
-        import onnx
-        from onnx import TensorProto, helper, numpy_helper
-
-        rng = np.random.default_rng(0)
-        channels, kernel, groups, frames = 768, 128, 16, 500
-        weights = {
-            "w": rng.standard_normal((channels, channels // groups, kernel), np.float32) * 0.02,
-            "b": rng.standard_normal(channels, np.float32),
-        }
-        graph = helper.make_graph(
-            [helper.make_node("Conv", ["x", "w", "b"], ["y"], group=groups, pads=[64, 64])],
-            "pos_conv",
-            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, frames])],
-            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, channels, frames + 1])],
-            [numpy_helper.from_array(v, k) for k, v in weights.items()],
-        )
-        path = root / "pos_conv.onnx"
-        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
-        _artifacts[name] = compile(path, "cpu", out)
-    elif name.startswith("caffe2:"):  # a Caffe2-era zoo network (``CAFFE2``)
+    if name.startswith("caffe2:"):  # a Caffe2-era zoo network (``CAFFE2``)
         import onnx
         import torch
 
@@ -246,14 +248,15 @@ def _artifact(name: str, root):
         _artifacts[name] = compile(
             path, "cpu", out, arch=None if arch == "host" else arch, **ranges
         )
-    elif name in HF_MODELS:
+    elif name in HF_MODELS or name in HF_FULL:
         import torch
 
-        model = HF_MODELS[name]().eval()
+        model = {**HF_MODELS, **HF_FULL}[name]().eval()
+        image = IMAGE_FULL if name in HF_FULL else IMAGE
         path = root / f"{name}.onnx"
         export(
             model,
-            (torch.randn(1, 3, IMAGE, IMAGE),),
+            (torch.randn(1, 3, image, image),),
             path,
             input_names=["pixel_values"],
             output_names=["out"],

@@ -533,7 +533,17 @@ def split_group_axis(func) -> Any | None:
     simplified under the new iterators' bounds), the input reads ``g · (C / G) + c`` and the block
     is a GEMM batched over the groups: ``g`` in every operand, ``i`` in the weight and the output
     only, the positions in the input and the output, ``c`` and the window's taps the reduction;
-    one kernel for all groups, each group's weight slice packed at load time. Left alone: a
+    one kernel for all groups, each group's weight slice packed at load time.
+
+    One 3x3 Conv node (+ ReLU) at batch 1, host code, AMD Zen 5 VM, 2026-12-07, before (one
+    dense convolution per group for at most 16 groups, else TVM's generic schedule) -> after, ONNX
+    Runtime in parentheses: ResNeXt's 32 groups of 8 channels over 28x28 8.40 -> 0.174 ms (0.274),
+    of 16 over 14x14 7.99 -> 0.068 ms (0.097), of 32 over 7x7 8.42 -> 0.066 ms (0.096), RegNet's
+    54 of 8 over 14x14 3.32 -> 0.063 ms (0.150), 189 of 8 over 7x7 2.80 -> 0.151 ms (0.190); 3
+    groups of 80 over 28x28 3.11 -> 0.687 ms (0.619), 16 of 48 over 14x14 3.05 -> 0.276 ms
+    (0.276); AlexNet's 5x5 in 2 groups 1.32 -> 1.20 ms (1.01); ShuffleNet's 1x1 in 3 groups 0.078
+    -> 0.026 ms (0.037); wav2vec2's positional convolution (1-D, 16 groups, kernel 128, 500
+    frames) 31.9 -> 13.4 ms (13.7-15.7). Left alone: a
     window (more than one tap) of at most ``cpu_conv.MAX_WINDOW`` products per output
     (``C / G`` times the taps: depthwise convolutions with a channel multiplier, groups of 2-7
     channels under a 3x3 window), which ``CPUWindowReduction`` computes in place faster than
