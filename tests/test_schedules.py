@@ -352,6 +352,89 @@ def test_softmax_row_reduction_matches_numpy(seq):
     assert_close(got, (e / e.sum(-1, keepdims=True)).astype("float32"), rtol=1e-5, atol=1e-6)
 
 
+def _loops_above(func, block_name: str) -> list[int]:
+    """The static extents of the loops around the block ``block_name`` in ``func``."""
+    from tvm import s_tir, tirx
+
+    found: list[list[int]] = []
+
+    def visit(stmt, extents):
+        if isinstance(stmt, tirx.For):
+            extent = stmt.extent
+            value = int(extent.value) if isinstance(extent, tirx.IntImm) else -1
+            visit(stmt.body, extents + [value])
+        elif isinstance(stmt, s_tir.SBlockRealize):
+            if stmt.block.name_hint == block_name:
+                found.append(extents)
+            visit(stmt.block.body, extents)
+        elif isinstance(stmt, tirx.SeqStmt):
+            for child in stmt.seq:
+                visit(child, extents)
+        elif hasattr(stmt, "body"):
+            visit(stmt.body, extents)
+
+    visit(func.body, [])
+    assert len(found) == 1, found
+    return found[0]
+
+
+@pytest.mark.parametrize("op", ["softmax", "rms_norm"])
+def test_single_row_reduction_runs_once(op):
+    """One row (a classifier's softmax over [1, 1000] at batch 1, an RMSNorm over [1, 1, 2048]
+    exported with static shapes): normalisation drops the elementwise block's unit row loop, and
+    the rule once took its positions for the rows, so every output element ran the whole row's
+    reductions again (180 us for the softmax, not 2). The reductions now sit under no loop over
+    the positions; results match NumPy."""
+    shape = (1, 1000) if op == "softmax" else (1, 1, 2048)
+
+    def build(bb):
+        x = relax.Var("x", relax.TensorType(shape, "float32"))
+        w = relax.Var("w", relax.TensorType(shape[-1:], "float32"))
+        with bb.function("main", [x, w]):
+            with bb.dataflow():
+                if op == "softmax":
+                    y = relax.op.nn.softmax(x, axis=-1)
+                else:
+                    y = relax.op.nn.rms_norm(x, w, axes=[-1], epsilon=1e-6)
+                out = bb.emit_output(y)
+            bb.emit_func_output(out)
+
+    func = prim_func(fused_module(build), op)
+    target = _target()
+    scheduled, rule = _schedule(func, target)
+    assert rule == "CPURowReduction"
+    reductions = [
+        b.name_hint
+        for b in _blocks(scheduled)
+        if any(iv.iter_type == tvm.tirx.IterVar.CommReduce for iv in b.iter_vars)
+    ]
+    assert reductions
+    for name in reductions:
+        assert shape[-1] not in _loops_above(scheduled, name), name
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal(shape) * 4).astype("float32")
+    w = rng.standard_normal(shape[-1:]).astype("float32")
+    params = [p.name for p in scheduled.params]
+    args = [x] + ([w] if len(params) == 3 else []) + [np.zeros_like(x)]
+    got = _run(scheduled, target, args)[-1]
+    x64 = x.astype("float64")
+    if op == "softmax":
+        e = np.exp(x64 - x64.max(-1, keepdims=True))
+        ref = e / e.sum(-1, keepdims=True)
+    else:
+        ref = x64 / np.sqrt((x64**2).mean(-1, keepdims=True) + 1e-6) * w
+    assert_close(got, ref.astype("float32"), rtol=1e-5, atol=1e-5)
+
+
+def _blocks(func) -> list:
+    import tvm_ffi
+    from tvm import s_tir
+
+    found = []
+    tvm_ffi.structural_walk(func.body, [(s_tir.SBlock, found.append)])
+    return found
+
+
 def test_softmax_over_a_computed_length():
     """Wav2Vec2's attention (TorchScript): a softmax over ``samples // 10 - 1`` frames on both
     axes. Fused into one parallel loop, the row loops' bindings got a bounds predicate the
