@@ -45,6 +45,7 @@ def prepare_passes(
     from tvm import relax
 
     from qiao.compiler.passes import LowerAttention, LowerMoE, LowerQuant
+    from qiao.compiler.passes.fold_padding import FoldPadding
     from qiao.compiler.passes.fold_weight_casts import FoldWeightCasts
     from qiao.compiler.passes.pad_conv_rows import PadConvRows
     from qiao.compiler.passes.subsample_pointwise import SubsamplePointwise
@@ -66,6 +67,8 @@ def prepare_passes(
         ),
         # com.microsoft::GroupQueryAttention placeholders -> qiao's attention / KV append kernels
         LowerAttention(gpu=gpu),
+        # an exported Pad before a convolution or pooling becomes its padding
+        FoldPadding(),
         # CPU: depthwise rows of 7 or 14 computed as whole vectors (sliced in the kernel)
         WidenDepthwiseRows(gpu=gpu),
         # CPU: strided 1x1 convolutions as a subsampling copy, then a pointwise convolution

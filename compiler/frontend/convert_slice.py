@@ -200,6 +200,13 @@ class Pad(tvm_onnx.OnnxOpConverter):
         value = tvm_onnx.get_constant(inputs[2], params) if len(inputs) > 2 else None
         axes = tvm_onnx.get_constant(inputs[3], params) if len(inputs) > 3 else None
         if all(x is None or isinstance(x, tvm.ir.GenericConst) for x in (pads, value, axes)):
+            mode = attr.get("mode", b"constant")
+            before, after, fill = tvm_onnx.Pad._parse_pads_and_axes(inputs, params)
+            if mode in (b"constant", "constant") and min(before + after) >= 0:
+                # Relax's own pad (not a TE kernel), so that ``passes.fold_padding`` can give a
+                # convolution or pooling that follows it this padding instead
+                widths = [int(w) for pair in zip(before, after) for w in pair]
+                return relax.op.nn.pad(inputs[0], widths, pad_value=float(fill))
             return tvm_onnx.Pad._impl_v18(bb, inputs, attr, params)
         data = inputs[0]
         rank, dtype = data.ty.ndim, str(data.ty.dtype)
