@@ -62,10 +62,7 @@ class _Folder(PyExprMutator):
     def _pad_of(self, expr):
         """The ``relax.nn.pad`` call bound to ``expr`` (a dataflow var), or ``None``."""
         if isinstance(expr, relax.Var):
-            try:
-                expr = self.lookup_binding(expr)
-            except Exception:  # noqa: BLE001 - not bound in this function
-                return None
+            expr = self.lookup_binding(expr)  # None for a function parameter
         return expr if is_op(expr, "nn.pad") else None
 
     def visit_call_(self, call):  # noqa: D102 - PyExprMutator hook
