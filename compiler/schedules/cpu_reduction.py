@@ -143,11 +143,11 @@ def _unit_rows_back(sch, infos) -> None:
     Over a single row (a softmax over ``[1, 1000]``: a classifier's head at batch 1) the
     reductions keep their unit row loop and the elementwise blocks lose it, so the row loop of
     the last block would be its 1000 positions: each would run the whole row's reductions again
-    (a 1000-class softmax took 180 us, not 2). One unit loop is added above each elementwise block
-    per row loop it lacks."""
+    (a 1000-class softmax took 180 us; 1.3 us with the row). One unit loop is added above each
+    elementwise block per row loop it lacks."""
     from tvm import tirx
 
-    reduction = next((i for i in infos if not i.is_injective()), None)
+    reduction = next(i for i in infos if not i.is_injective())
     lead = _leading_spatial(reduction.dom_kind())
     red_loops = sch.get_loops(reduction.block_rv)
     unit = [
