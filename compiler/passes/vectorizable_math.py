@@ -264,7 +264,8 @@ def _bool_compare(node):
 
 
 def rewrite_math(func):
-    """``func`` with every float32 ``exp``/``sigmoid``/``tanh``/``erf`` call rewritten, and
+    """``func`` with every float32 ``exp``/``sigmoid``/``tanh``/``erf`` call and ``pow`` by a
+    constant non-integer exponent rewritten, and
     comparisons of boolean casts with zero folded to the boolean."""
     import tvm_ffi
     from tvm import tirx
