@@ -35,6 +35,17 @@ def _cpu_target(arch=None):
     return CPUBackend().target(arch)
 
 
+def _runnable_target(arch):
+    """The CPU target for ``arch``; the test is skipped where this host cannot run its code."""
+    from qiao.compiler.schedules.cpu_info import missing_here
+
+    target = _cpu_target(arch)
+    missing = missing_here(target) if arch else []
+    if missing:
+        pytest.skip(f"this host cannot run {arch} code: it lacks {missing}")
+    return target
+
+
 def _conv(cin, cout, groups, kernel, size=14, conv1d=False, batch=None, bias=False):
     """The conv kernel of one ``conv2d`` (or ``conv1d``) over a symbolic batch (or ``batch``),
     with a bias added (the epilogue folded into the kernel) where ``bias``."""
@@ -157,7 +168,7 @@ def test_each_output_stored_once(arch, cin, cout, groups, kernel):
     over the next group's first ones (``bound_group_channels``; in parallel those stores raced
     with the next group's and the model's output was wrong). The count comes from running the
     kernel (serially) with its stores counted, not from reading its code."""
-    target = _cpu_target(arch)
+    target = _runnable_target(arch)
     func = _conv(cin, cout, groups, kernel, size=8, batch=2, bias=True)
     with target:
         scheduled = CPUMatmul().apply(func, target, False)
@@ -251,10 +262,7 @@ def test_compiled_grouped_convolutions_match_torch(tmp_path, caplog, arch):
     """The chain, compiled with a symbolic batch for this host's code and for AVX2 code: every
     kernel gets a schedule rule (none fails or falls back), and the model matches torch in
     float64 at batch 1 and 3."""
-    from qiao.compiler.schedules.cpu_info import missing_here
-
-    if arch and missing_here(_cpu_target(arch)):
-        pytest.skip(f"this host cannot run {arch} code: it lacks {missing_here(_cpu_target(arch))}")
+    _runnable_target(arch)
     nodes, weights, reference = _chain()
     caplog.set_level(logging.WARNING, logger="qiao.schedules")
     art = compiled_graph(
