@@ -115,6 +115,43 @@ def bench_run(smoke):
     return run
 
 
+@pytest.fixture
+def versus_onnxruntime(benchmark, smoke):
+    """``versus_onnxruntime(run_qiao, run_ort, group=, floor=, flops=None, **extra_info)``:
+    time qiao's and ONNX Runtime's prepared calls interleaved (11 rounds, one in smoke mode),
+    record the median per-round ORT/qiao ratio in the benchmark's extra info, time qiao with
+    pytest-benchmark, print the figures (GFLOP/s given ``flops``), and under
+    ``QIAO_BENCH_ENFORCE=1`` fail below ``floor``. Returns the ratio."""
+    import os
+    import statistics
+
+    from qiao.compiler.bench import interleaved, round_ratios
+
+    def run(run_qiao, run_ort, *, group: str, floor: float, flops=None, **extra_info):
+        times = interleaved({"qiao": run_qiao, "onnxruntime": run_ort}, 11, 0.1, smoke=smoke)
+        speedup = statistics.median(round_ratios(times, "onnxruntime"))
+        t_qiao, t_ort = statistics.median(times["qiao"]), statistics.median(times["onnxruntime"])
+        benchmark.group = group
+        benchmark.extra_info.update(
+            speedup=speedup,
+            qiao_median_s=t_qiao,
+            onnxruntime_median_s=t_ort,
+            floor=floor,
+            **extra_info,
+        )
+        benchmark.pedantic(run_qiao, rounds=1 if smoke else 5, iterations=1)
+        rate = f" ({flops / t_qiao / 1e9:.0f} GFLOP/s)" if flops else ""
+        print(
+            f"\n  {group}: qiao {t_qiao * 1e3:.3f} ms{rate}, onnxruntime {t_ort * 1e3:.3f} ms, "
+            f"ORT/qiao {speedup:.2f} (floor {floor:.2f})"
+        )
+        if os.environ.get("QIAO_BENCH_ENFORCE") == "1" and not smoke:
+            assert speedup >= floor, f"{group}: ORT/qiao {speedup:.2f} < floor {floor:.2f}"
+        return speedup
+
+    return run
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     rows = []
     for group, engines in sorted(_medians.items()):

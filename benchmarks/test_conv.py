@@ -16,9 +16,6 @@ issue; a case below 1/2 fails under ``QIAO_BENCH_ENFORCE=1``.
 
 from __future__ import annotations
 
-import os
-import statistics
-
 import pytest
 
 full = pytest.mark.full_only
@@ -92,9 +89,9 @@ def _model(path, cin, cout, groups, kernel, size, stride):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_conv_vs_onnxruntime(benchmark, smoke, tmp_path, case):
+def test_conv_vs_onnxruntime(versus_onnxruntime, tmp_path, case):
     from qiao.compiler import compile
-    from qiao.compiler.bench import OnnxRuntimeEngine, QiaoEngine, interleaved, round_ratios
+    from qiao.compiler.bench import OnnxRuntimeEngine, QiaoEngine
     from qiao.compiler.validate import compare, tolerances
 
     path = tmp_path / f"{case}.onnx"
@@ -107,18 +104,6 @@ def test_conv_vs_onnxruntime(benchmark, smoke, tmp_path, case):
     check = compare("y", "onnxruntime", got, expected, rtol, atol)
     assert check.ok, f"{case}: differs from onnxruntime: {check}"
 
-    run_qiao, run_ort = qiao.prepare(inputs), ort.prepare(inputs)
-    times = interleaved({"qiao": run_qiao, "onnxruntime": run_ort}, 11, 0.1, smoke=smoke)
-    speedup = statistics.median(round_ratios(times, "onnxruntime"))
-    t_qiao, t_ort = statistics.median(times["qiao"]), statistics.median(times["onnxruntime"])
-    benchmark.group = f"conv {case}"
-    benchmark.extra_info.update(
-        speedup=speedup, qiao_median_s=t_qiao, onnxruntime_median_s=t_ort, floor=FLOOR
+    versus_onnxruntime(
+        qiao.prepare(inputs), ort.prepare(inputs), group=f"conv {case}", floor=FLOOR, flops=flops
     )
-    benchmark.pedantic(run_qiao, rounds=1 if smoke else 5, iterations=1)
-    print(
-        f"\n  conv {case}: qiao {t_qiao * 1e3:.3f} ms ({flops / t_qiao / 1e9:.0f} GFLOP/s), "
-        f"onnxruntime {t_ort * 1e3:.3f} ms, ORT/qiao {speedup:.2f}"
-    )
-    if os.environ.get("QIAO_BENCH_ENFORCE") == "1" and not smoke:
-        assert speedup >= FLOOR, f"conv {case}: ORT/qiao {speedup:.2f} < floor {FLOOR:.2f}"

@@ -34,7 +34,6 @@ figure is the median of the per-round ORT/qiao latency ratios (``speedup`` in th
 from __future__ import annotations
 
 import os
-import statistics
 
 import pytest
 
@@ -274,10 +273,10 @@ def artifact_root(tmp_path_factory):
 
 
 @pytest.mark.parametrize("model, dims, floor", CASES)
-def test_model_vs_onnxruntime(benchmark, smoke, artifact_root, model, dims, floor):
+def test_model_vs_onnxruntime(versus_onnxruntime, artifact_root, model, dims, floor):
     import numpy as np
 
-    from qiao.compiler.bench import OnnxRuntimeEngine, QiaoEngine, interleaved, round_ratios
+    from qiao.compiler.bench import OnnxRuntimeEngine, QiaoEngine
     from qiao.compiler.validate import compare, tolerances
 
     artifact = _artifact(model, artifact_root)
@@ -293,22 +292,10 @@ def test_model_vs_onnxruntime(benchmark, smoke, artifact_root, model, dims, floo
         check = compare(name, "onnxruntime", value, expected[name], rtol, max(atol, 1e-5 * scale))
         assert check.ok, f"{model} {dims}: {name} differs from onnxruntime: {check}"
 
-    run_qiao, run_ort = qiao.prepare(inputs), ort.prepare(inputs)
-    times = interleaved({"qiao": run_qiao, "onnxruntime": run_ort}, 11, 0.1, smoke=smoke)
-    t_qiao, t_ort = times["qiao"], times["onnxruntime"]
-    speedup = statistics.median(round_ratios(times, "onnxruntime"))
-    benchmark.group = f"{model} {' '.join(f'{k}={v}' for k, v in dims.items())}"
-    benchmark.extra_info["mcpu"] = artifact.manifest["target"].get("mcpu")
-    benchmark.extra_info.update(
-        speedup=speedup,
-        qiao_median_s=statistics.median(t_qiao),
-        onnxruntime_median_s=statistics.median(t_ort),
+    versus_onnxruntime(
+        qiao.prepare(inputs),
+        ort.prepare(inputs),
+        group=f"{model} {' '.join(f'{k}={v}' for k, v in dims.items())}",
         floor=floor,
+        mcpu=artifact.manifest["target"].get("mcpu"),
     )
-    benchmark.pedantic(run_qiao, rounds=1 if smoke else 5, iterations=1)
-    print(
-        f"\n  {benchmark.group}: qiao {statistics.median(t_qiao) * 1e3:.3f} ms, onnxruntime "
-        f"{statistics.median(t_ort) * 1e3:.3f} ms, ORT/qiao {speedup:.2f} (floor {floor:.2f})"
-    )
-    if os.environ.get("QIAO_BENCH_ENFORCE") == "1" and not smoke:
-        assert speedup >= floor, f"{benchmark.group}: ORT/qiao {speedup:.2f} < floor {floor:.2f}"
