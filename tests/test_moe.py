@@ -351,6 +351,94 @@ def test_few_token_prefetch_lines_zero_leaves_the_streams_to_the_hardware():
     assert prefetches(prefetch=0, few_prefetch_lines=1) == 0
 
 
+def _stream_prefetch_value(families, monkeypatch, env):
+    """What ``group_gemm.stream_prefetch(families)`` evaluates to in a compiled kernel run here
+    with ``QIAO_CPU_FAMILY`` set to ``env`` (``None``: unset)."""
+    import tvm
+    from tvm.script import tirx as T
+
+    from qiao.compiler.kernels.group_gemm import stream_prefetch
+    from qiao.compiler.schedules.cpu_info import CPU_FAMILY_ENV
+
+    @T.prim_func
+    def probe(out: T.Buffer((1,), "int32")):
+        out[0] = stream_prefetch(families)
+
+    if env is None:
+        monkeypatch.delenv(CPU_FAMILY_ENV, raising=False)
+    else:
+        monkeypatch.setenv(CPU_FAMILY_ENV, env)
+    lib = tvm.compile(tvm.IRModule({"main": probe}), target=tvm.target.Target({"kind": "llvm"}))
+    out = tvm.runtime.tensor(np.zeros(1, "int32"))
+    lib["main"](out)
+    return int(out.numpy()[0])
+
+
+def test_stream_prefetch_reads_the_running_cpu_family(monkeypatch):
+    """``stream_prefetch`` is decided when the kernel runs: no prefetch (0) on a listed family
+    (its code in ``QIAO_CPU_FAMILY``), every row (``PREFETCH_ALL``) on another family, an unset
+    or unreadable variable, or with no families listed."""
+    from qiao.compiler.schedules.cpu_gemm import PREFETCH_ALL
+    from qiao.compiler.schedules.cpu_info import cpu_family_code
+
+    listed = ("amd-26", "intel-6")
+    for env, expected in [
+        (str(cpu_family_code("amd-26")), 0),
+        (str(cpu_family_code("intel-6")), 0),
+        (str(cpu_family_code("amd-25")), PREFETCH_ALL),
+        ("0", PREFETCH_ALL),
+        ("junk", PREFETCH_ALL),
+        (None, PREFETCH_ALL),
+    ]:
+        assert _stream_prefetch_value(listed, monkeypatch, env) == expected, env
+    assert _stream_prefetch_value((), monkeypatch, "282") == PREFETCH_ALL
+
+
+@pytest.mark.parametrize("few_lead", [0, 1])
+def test_few_prefetch_off_masks_every_few_token_stream(few_lead):
+    """``few_prefetch_off`` reaches every few-token stream and only those: in the gate/up
+    kernel each of their micro-kernels (decode's GEMV, the few-token blocks of 2 and 3 rows,
+    with ``few_lead`` the leading GEMV) tests the run-time mask, once read from the
+    environment; without families, or with ``few_prefetch_lines`` 0, nothing is read."""
+    from qiao.backends import get_backend
+    from qiao.compiler.kernels.group_gemm import group_gemm_up
+    from qiao.compiler.kernels.moe_common import MoEConfig
+    from qiao.compiler.schedules.moe_table import lookup
+
+    target = get_backend("cpu").target("x86-64-v3")  # only lowered: runs nowhere
+    cfg = MoEConfig(num_experts=4, hidden=64, inter=32, top_k=2)
+
+    def script(**fields):
+        base = {"prefetch": 1, "few_tokens": 3, "few_lead": few_lead, "few_prefetch_lines": 3}
+        return group_gemm_up(cfg, lookup(target, {**base, **fields})).script()
+
+    masked = script(few_prefetch_off=["amd-26"])
+    assert masked == script()  # ``cpu/avx2``'s own
+    assert masked.count("spf != 0") == 3 + few_lead
+    assert masked.count('"getenv", "QIAO_CPU_FAMILY"') == 2  # (null test, then atoi) once
+    assert "== 282" in masked
+    for plain in (script(few_prefetch_off=[]), script(few_prefetch_lines=0)):
+        assert "getenv" not in plain
+
+
+def test_moe_op_few_prefetch_off_at_run_time(tmp_path, monkeypatch):
+    """An artifact whose few-token streams lose their prefetch on this machine's CPU family
+    (``few_prefetch_off``) gives the right answer with the family published, another one, and
+    an unknown one: experts of every count from 1 to 8 tokens, against ONNX Runtime and NumPy."""
+    from qiao.compiler import compile
+    from qiao.compiler.schedules.cpu_info import CPU_FAMILY_ENV, cpu_family_code, host_cpu_family
+
+    here = host_cpu_family() or "amd-26"
+    path = tmp_path / "m.onnx"
+    onnx.save(moe_model(BASE, k=2), str(path))
+    schedule = {"few_tokens": 99, "few_prefetch_lines": 3, "prefetch": 1, "lanes_min": 0}
+    schedule["few_prefetch_off"] = [here]
+    art = compile(str(path), "cpu", tmp_path / "art", moe_schedule=schedule)
+    for env in (str(cpu_family_code(here)), "1", "0"):
+        monkeypatch.setenv(CPU_FAMILY_ENV, env)
+        check_token_counts(art, [1, 2, 3, 4, 5, 6, 7, 8], seed=25)
+
+
 @pytest.mark.parametrize("split_blocks", [5, 1])
 def test_moe_op_split_prefetch(tmp_path, monkeypatch, split_blocks):
     """The split prefetch (``MoESchedule.prefetch`` 3): the rows two groups ahead shared out among

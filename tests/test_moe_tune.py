@@ -51,6 +51,12 @@ def test_table_picks_entries_by_target():
     # token-lanes sweeps: panels of up to 1 MB of L2 on AVX-512 machines, 512 KB on AVX2 ones
     assert (avx512.lanes_sweep_kb, zen5.lanes_sweep_kb, avx2.lanes_sweep_kb) == (1024, 1024, 512)
     assert (avx512.lanes_group_kb, avx2.lanes_group_kb) == (192, 192)
+    # AVX2 code drops the few-token prefetch where it runs on a Zen 5 (family 26), and only there
+    assert (avx2.few_prefetch_off, avx512.few_prefetch_off, zen5.few_prefetch_off) == (
+        ("amd-26",),
+        (),
+        (),
+    )
 
 
 def test_table_rejects_bad_entries(tmp_path, monkeypatch):
@@ -76,12 +82,18 @@ def test_table_rejects_bad_entries(tmp_path, monkeypatch):
         ({"few_lead": 2}, "few_lead must be 0 or 1, got 2.*fix:"),
         ({"lanes_sweep_kb": 16385}, "lanes_sweep_kb must be 0 .. 16384 .KB of L2., got 16385"),
         ({"lanes_group_kb": 0}, "lanes_group_kb.*positive integers"),
+        ({"few_prefetch_off": ["zen5"]}, "few_prefetch_off must list CPU families.*'zen5'.*fix:"),
+        ({"few_prefetch_off": ["amd-0"]}, "few_prefetch_off must list CPU families.*amd-26"),
+        ({"few_prefetch_off": [26]}, "few_prefetch_off must list CPU families"),
     ]:
         with pytest.raises(QiaoError, match=message):
             entry(**fields)
     # no prefetch for the experts of few tokens (the hardware prefetcher alone) is an entry
     assert entry(few_prefetch_lines=0).few_prefetch_lines == 0
     assert entry(lanes_sweep_kb=0).lanes_sweep_kb == 0  # one token-lanes pass at a time
+    # the CPU families whose few-token streams drop the prefetch at run time, one or a list
+    assert entry(few_prefetch_off=["amd-26", "intel-6"]).few_prefetch_off == ("amd-26", "intel-6")
+    assert entry(few_prefetch_off="amd-25").few_prefetch_off == ("amd-25",)
     monkeypatch.delenv("QIAO_MOE_TABLE")
     with pytest.raises(QiaoError, match=r"\bunknown field"):
         lookup(target({"kind": "llvm", "mcpu": "x86-64-v3"}), {"nope": 1})

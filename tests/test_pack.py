@@ -179,6 +179,42 @@ def test_runtime_feature_tables_match_qiao():
     assert runtime.ARM_FLAGS == cpu_info._ARM_FLAGS
 
 
+# /proc/cpuinfo openings: (text, family name); the first processor's block decides
+_CPUINFO = [
+    ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n\n"
+     "processor\t: 1\nvendor_id\t: GenuineIntel\ncpu family\t: 6\n", "amd-26"),
+    ("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 143\n", "intel-6"),
+    ("processor\t: 0\nBogoMIPS\t: 50.00\nCPU implementer\t: 0x41\n", None),
+    ("processor\t: 0\nvendor_id\t: HygonGenuine\ncpu family\t: 24\n", None),
+    ("vendor_id\t: AuthenticAMD\ncpu family\t: x\n", None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("text,family", _CPUINFO)
+def test_runtime_cpu_family_matches_qiao(text, family, monkeypatch):
+    """The bundle's copy of the CPU family the kernels choose by (it cannot import qiao): the
+    same name from the same /proc/cpuinfo text, published under the same variable with the same
+    code, and a value the user set is kept."""
+    from qiao.compiler.schedules import cpu_info
+
+    runtime = _runtime_module()
+    assert cpu_info.cpu_family_of(text) == runtime.cpu_family_of(text) == family
+    assert runtime.CPU_FAMILY_ENV == cpu_info.CPU_FAMILY_ENV
+    assert (runtime.CPU_VENDORS, runtime.CPU_VENDOR_CODES) == (
+        cpu_info.CPU_VENDORS,
+        cpu_info.CPU_VENDOR_CODES,
+    )
+    host = cpu_info.host_cpu_family()
+    for publish in (runtime.publish_cpu_family, cpu_info.publish_cpu_family):
+        monkeypatch.delenv(cpu_info.CPU_FAMILY_ENV, raising=False)
+        publish()
+        expected = cpu_info.cpu_family_code(host) if host else 0
+        assert os.environ[cpu_info.CPU_FAMILY_ENV] == str(expected)
+        monkeypatch.setenv(cpu_info.CPU_FAMILY_ENV, "7")
+        publish()
+        assert os.environ[cpu_info.CPU_FAMILY_ENV] == "7"
+
+
 def test_runtime_huge_page_rule_matches_qiao():
     """The bundle's copy of the runner's huge-page rule (it cannot import qiao): the same
     thresholds, and the same answer for a region without a whole 2 MB page."""

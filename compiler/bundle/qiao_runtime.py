@@ -51,6 +51,41 @@ ARM_FLAGS = {
 }  # fmt: skip
 
 
+# The CPU family the kernels choose by (a schedule choice only the running machine settles), as
+# qiao.compiler.schedules.cpu_info publishes it: ``vendor code * 256 + family`` in QIAO_CPU_FAMILY
+# (tests/test_pack.py checks the two agree): a bundle cannot import qiao.
+CPU_FAMILY_ENV = "QIAO_CPU_FAMILY"
+CPU_VENDORS = {"AuthenticAMD": "amd", "GenuineIntel": "intel"}
+CPU_VENDOR_CODES = {"amd": 1, "intel": 2}
+
+
+def cpu_family_of(cpuinfo: str) -> str | None:
+    """The family name (``amd-26``) of the first processor in /proc/cpuinfo's text, or None."""
+    fields: dict = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            break
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    vendor = CPU_VENDORS.get(fields.get("vendor_id", ""))
+    family = fields.get("cpu family", "")
+    return f"{vendor}-{int(family)}" if vendor and family.isdigit() else None
+
+
+def publish_cpu_family() -> None:
+    """Tell the kernels this machine's CPU family unless the user has (0: unknown)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            family = cpu_family_of(f.read())
+    except OSError:
+        family = None
+    code = 0
+    if family:
+        vendor, _, number = family.partition("-")
+        code = CPU_VENDOR_CODES[vendor] * 256 + int(number)
+    os.environ.setdefault(CPU_FAMILY_ENV, str(code))
+
+
 def advise_huge_pages(ptr: int, nbytes: int) -> bool:
     """Ask Linux to back the whole 2 MB pages inside ``[ptr, ptr + nbytes)`` with transparent huge
     pages (``madvise(MADV_HUGEPAGE)``); effective for pages not yet written. False where it was
@@ -198,6 +233,7 @@ class Bundle:
         # hardware threads, which assumes SMT), as `qiao run` does.
         if hasattr(os, "sched_getaffinity"):
             os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+        publish_cpu_family()
         running = f"{sys.version_info.major}.{sys.version_info.minor}"
         if self.manifest.get("python") not in (None, running):
             # tvm_ffi is a compiled extension: it imports only into the Python it was built for.

@@ -37,6 +37,7 @@ weights in registers. Other GPUs get float32 experts (``FoldWeightCasts`` keeps 
 
 from __future__ import annotations
 
+import functools
 import math
 
 from qiao.compiler.kernels.moe_common import (
@@ -213,6 +214,25 @@ def _epilogue_up(cfg: MoEConfig, red, m, p, B1, e, unit):
 # ------------------------------------------------------------------------------------------------
 # CPU: one register-blocked dot-product grouped GEMM, specialised by row mapping and epilogue
 # ------------------------------------------------------------------------------------------------
+def stream_prefetch(families: tuple[str, ...]):
+    """The prefetch mask (``cpu_gemm.PREFETCH_ALL`` or 0) of a weight stream that runs without
+    software prefetch on the CPU ``families`` (``cpu_info.cpu_family_code``'s names), as a TIR
+    expression read when the kernel runs: the family qiao's runners publish in
+    ``cpu_info.CPU_FAMILY_ENV`` (libc's getenv and atoi; unset or unknown: prefetch). No
+    families: ``PREFETCH_ALL``."""
+    from tvm.script import tirx as T
+
+    from qiao.compiler.schedules.cpu_gemm import PREFETCH_ALL
+    from qiao.compiler.schedules.cpu_info import CPU_FAMILY_ENV, cpu_family_code
+
+    if not families:
+        return T.int32(PREFETCH_ALL)
+    env = T.call_extern("handle", "getenv", CPU_FAMILY_ENV)
+    running = T.if_then_else(T.isnullptr(env), 0, T.call_extern("int32", "atoi", env))
+    listed = functools.reduce(T.Or, [running == cpu_family_code(f) for f in families])
+    return T.if_then_else(listed, T.int32(0), T.int32(PREFETCH_ALL))
+
+
 def _cpu_grouped_gemm(
     *,
     red_len: int,
@@ -236,6 +256,7 @@ def _cpu_grouped_gemm(
     few_tokens: int = 0,
     few_prefetch_lines: int = 1,
     few_lead: bool = False,
+    few_prefetch_off: tuple[str, ...] = (),
     task_chunks: int = 1,
     lone_merge: bool = False,
     lanes_sweep_kb: int = 0,
@@ -278,7 +299,10 @@ def _cpu_grouped_gemm(
     instead (0: none); with ``few_tokens`` >= 1 so does the lone-token GEMV (decode). With
     ``few_lead`` (``MoESchedule.few_lead``) the first of those tokens streams the task's weight
     rows in through the GEMV instead, and the others then meet them in L2 as one block (a
-    second GEMV where only one is left), without prefetching.
+    second GEMV where only one is left), without prefetching. On the CPU families of
+    ``few_prefetch_off`` (``MoESchedule.few_prefetch_off``) those streams run without prefetch
+    instead, as with ``few_prefetch_lines`` 0: the family is read when the kernel runs
+    (``stream_prefetch``).
 
     ``lone_merge`` (``MoESchedule.lone_merge``): a pass that would end in a lone token after
     full blocks runs its last ``MR + 1`` tokens as two blocks of about half instead.
@@ -304,6 +328,8 @@ def _cpu_grouped_gemm(
             prefetch_lines=max(few_prefetch_lines, 1), prefetch=level if few_prefetch_lines else 0
         )
     micro_few = _token_blocks(max(FEW, 2), NR, streaming)
+    # the few-token streams' prefetch mask (the running CPU's family may turn it off)
+    stream_pf = stream_prefetch(few_prefetch_off if FEW and few_prefetch_lines else ())
     KC = reduction_chunk(k_chunk, red_len, VL)
     chunked = dict(common, k_vectors=max(KC, VL) // VL)
     NKC = red_len // KC if KC else 1
@@ -439,6 +465,7 @@ def _cpu_grouped_gemm(
     def body(A, W, PAIRS, OFF, CNT, ACTIVE, NACT, OUT, E1, E2):
         if lanes_min > 0:
             lanes_body(A, W, PAIRS, OFF, CNT, ACTIVE, NACT, OUT, E1, E2)
+        spf: T.let[T.int32] = stream_pf  # (read once per call, before the tasks)
         for task in T.parallel(NACT[0] * NT):
             # "global" scope: constant-size scratch under 1 KB becomes a stack array (registers)
             acc0 = T.alloc_buffer(ACC0, "float32")
@@ -458,9 +485,7 @@ def _cpu_grouped_gemm(
             elif few_lead and cnt <= FEW and cnt >= 2:
                 # the first token streams the tile's weight rows in (its GEMV); the others
                 # meet them in L2: one block, or a second GEMV where one is left
-                gemv_tile(
-                    A, W, PAIRS, OUT, E1, E2, arow, e, r_tile, off, PREFETCH_ALL, gacc0, gacc1, red
-                )
+                gemv_tile(A, W, PAIRS, OUT, E1, E2, arow, e, r_tile, off, spf, gacc0, gacc1, red)
                 if cnt == 2:
                     gemv_tile(
                         A, W, PAIRS, OUT, E1, E2, arow, e, r_tile, off + 1, 0, gacc0, gacc1, red
@@ -474,8 +499,7 @@ def _cpu_grouped_gemm(
                 # one register block of tokens (a stream of weights): every group of NR weight
                 # rows meets them once, prefetching the next with ``few_prefetch_lines``
                 few_block(
-                    A, W, PAIRS, OUT, E1, E2, arow, e, r_tile, off, cnt, PREFETCH_ALL, acc0, acc1,
-                    red,
+                    A, W, PAIRS, OUT, E1, E2, arow, e, r_tile, off, cnt, spf, acc0, acc1, red,
                 )  # fmt: skip
             elif KC > 0 and cnt >= 2:
                 # passes over SBC tokens, each walking the reduction in chunks of KC: a chunk of
@@ -543,9 +567,7 @@ def _cpu_grouped_gemm(
                                 epilogue(OUT, E1, E2, PAIRS, red, 0, off + t0, e, r0, NR)
             else:
                 # GEMV (a lone token: decode): NG weight rows per step, weights streamed once
-                gemv_tile(
-                    A, W, PAIRS, OUT, E1, E2, arow, e, r_tile, off, PREFETCH_ALL, gacc0, gacc1, red
-                )
+                gemv_tile(A, W, PAIRS, OUT, E1, E2, arow, e, r_tile, off, spf, gacc0, gacc1, red)
 
     return body
 
@@ -754,6 +776,7 @@ def _up_cpu_body(cfg: MoEConfig, sched):
         few_tokens=sched.few_tokens,
         few_prefetch_lines=sched.few_prefetch_lines,
         few_lead=bool(sched.few_lead),
+        few_prefetch_off=sched.few_prefetch_off,
         task_chunks=max(1, sched.task_chunks),
         lone_merge=bool(sched.lone_merge),
         lanes_sweep_kb=sched.lanes_sweep_kb,
@@ -808,6 +831,7 @@ def _down_cpu_body(cfg: MoEConfig, sched):
         few_tokens=sched.few_tokens,
         few_prefetch_lines=sched.few_prefetch_lines,
         few_lead=bool(sched.few_lead),
+        few_prefetch_off=sched.few_prefetch_off,
         task_chunks=max(1, sched.task_chunks),
         lone_merge=bool(sched.lone_merge),
     )

@@ -214,6 +214,63 @@ class CPURule:
         return "cpu" in target.keys
 
 
+# The CPU family a kernel runs on, for the one schedule choice only the running machine settles:
+# the software prefetch of the few-token weight streams in generic-ISA code
+# (``MoESchedule.few_prefetch_off``: AVX2 code wants it on a Zen 4, runs faster without on a Zen 5).
+# TVM has no cpuid intrinsic and a TIR kernel no global state, so qiao's runners publish this
+# machine's family in the environment (``cpu_device``; a bundle's runtime likewise, its own copy)
+# and the kernel reads it with libc's getenv, once per call: ``vendor code * 256 + family``
+# (``cpu_family_code``); 0 or unset: unknown, the compiled choice stands.
+CPU_FAMILY_ENV = "QIAO_CPU_FAMILY"
+# /proc/cpuinfo ``vendor_id`` -> the vendor of a family name (``amd-26``), and its code
+CPU_VENDORS = {"AuthenticAMD": "amd", "GenuineIntel": "intel"}
+CPU_VENDOR_CODES = {"amd": 1, "intel": 2}
+
+
+def cpu_family_code(name: str) -> int:
+    """The code kernels compare for a CPU family name: ``<vendor>-<family>``, the vendor ``amd``
+    or ``intel`` and the family as ``/proc/cpuinfo`` gives it (``amd-25``: Zen 3 and 4, ``amd-26``:
+    Zen 5, ``intel-6``: most Intel cores). ``ValueError`` for another form."""
+    vendor, _, family = str(name).partition("-")
+    if vendor not in CPU_VENDOR_CODES or not family.isdigit() or not 0 < int(family) < 256:
+        raise ValueError(
+            f"{name!r} is not a CPU family: use <vendor>-<family>, the vendor one of "
+            f"{sorted(CPU_VENDOR_CODES)} and the family a number 1 .. 255 as /proc/cpuinfo's "
+            "'cpu family' gives it (amd-26)"
+        )
+    return CPU_VENDOR_CODES[vendor] * 256 + int(family)
+
+
+def cpu_family_of(cpuinfo: str) -> str | None:
+    """The family name (``amd-26``) of the first processor in ``/proc/cpuinfo``'s text; ``None``
+    for a vendor or format this does not know (an ARM machine, another OS)."""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            break  # the first processor's block ends
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    vendor = CPU_VENDORS.get(fields.get("vendor_id", ""))
+    family = fields.get("cpu family", "")
+    return f"{vendor}-{int(family)}" if vendor and family.isdigit() else None
+
+
+@functools.lru_cache(maxsize=1)
+def host_cpu_family() -> str | None:
+    """This machine's CPU family name (``cpu_family_of``); ``None`` where it cannot tell."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return cpu_family_of(f.read())
+    except OSError:
+        return None
+
+
+def publish_cpu_family() -> None:
+    """Tell the kernels this machine's CPU family (``CPU_FAMILY_ENV``) unless the user has."""
+    family = host_cpu_family()
+    os.environ.setdefault(CPU_FAMILY_ENV, str(cpu_family_code(family) if family else 0))
+
+
 THREADS_ENV = "TVM_NUM_THREADS"
 
 
@@ -232,8 +289,10 @@ def cpu_device():
     hardware threads (it assumes two per core): one thread on a 2-vCPU machine, so parallel kernels
     used half of it. Unless the user has chosen (``TVM_NUM_THREADS`` set), qiao sets one thread per
     usable core before anything runs. Kernels too small to pay for waking the pool stay serial (the
-    ``serial_small_kernels`` pass)."""
+    ``serial_small_kernels`` pass). The machine's CPU family is published for the kernels that
+    choose by it (``publish_cpu_family``)."""
     import tvm
 
     os.environ.setdefault(THREADS_ENV, str(usable_cores()))
+    publish_cpu_family()
     return tvm.cpu(0)

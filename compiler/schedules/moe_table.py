@@ -133,7 +133,20 @@ class MoESchedule:
         and 0.96-0.98x, so its ``cpu/znver5`` entry takes 1. AVX2 code there read fastest with 0
         (T = 1: 0.82x the time of 3, 1 line 0.89x, 2 lines 0.95x), where the AVX-512 EPYC had
         measured the hardware prefetcher alone at 0.49-0.69 of the read rate: ``cpu/avx2``
-        keeps 3, ``qiao tune moe`` tries 0 .. 6 per machine.
+        keeps 3 and turns them off at run time on a Zen 5 (``few_prefetch_off``), ``qiao tune
+        moe`` tries 0 .. 6 per machine.
+    few_prefetch_off : tuple of str
+        CPU: the families (``cpu_info.cpu_family_code``'s names: ``amd-26``) on which the
+        few-token blocks and decode's GEMV run without software prefetch, as with
+        ``few_prefetch_lines`` 0, chosen when the kernel runs (the CPU family qiao's runners
+        publish, ``cpu_info.publish_cpu_family``), not when it is compiled: generic-ISA code
+        (``cpu/avx2``, what ``--arch x86-64-v3`` builds) meets both kinds of machine. On the
+        2-core AMD Zen 5 VM (family 26) AVX2 code's decode read fastest with none (sessions
+        49-53: 0.82x the time of 3 lines at T = 1; on 2026-12-08 the whole block took 3.92
+        against 5.05 ms at T = 1 and qiao ÷ roofline 1.25 -> 1.04, 1.28 -> 1.11 at T = 16),
+        where the AVX-512 EPYC (Zen 4, family 25) read at 0.49-0.69 of the rate without it:
+        ``cpu/avx2`` names ``amd-26``. ``qiao tune moe`` clears it (a tuned entry is for one
+        machine).
     few_lead : int
         CPU: 1: in an expert of 2 .. ``few_tokens`` tokens the first token streams each task's
         weight rows in through the GEMV (decode's kernel, the lightest reader), and the others
@@ -235,6 +248,7 @@ class MoESchedule:
     prefetch_lines: int = 1
     few_tokens: int = 0
     few_prefetch_lines: int = 1
+    few_prefetch_off: tuple[str, ...] = ()
     few_lead: int = 0
     lanes_min: int = 0
     lanes_sweep_kb: int = 0
@@ -272,6 +286,8 @@ _MAY_BE_ZERO = (
     "few_prefetch_lines",
     "lanes_sweep_kb",
 )
+# fields that are not integers (checked on their own)
+_NOT_INTEGERS = ("few_prefetch_off",)
 # fields whose 0 ``lookup`` replaces by the compiling target's value (``task_chunks``: its cores);
 # ``qiao tune moe`` leaves them out of the entries it writes, so they follow the machine
 RESOLVED_BY_LOOKUP = ("task_chunks",)
@@ -285,10 +301,14 @@ def _check_entry(key: str, entry: Mapping[str, Any]) -> dict[str, Any]:
             "fix: use only "
             f"{sorted(_FIELDS - {'device'})} (see qiao.compiler.schedules.moe_table.MoESchedule)"
         )
+    entry = dict(entry)
+    if "few_prefetch_off" in entry:
+        entry["few_prefetch_off"] = _cpu_families(key, entry["few_prefetch_off"])
     bad = [
         k
         for k, v in entry.items()
-        if k != "device" and (not isinstance(v, int) or v < (0 if k in _MAY_BE_ZERO else 1))
+        if k not in ("device", *_NOT_INTEGERS)
+        and (not isinstance(v, int) or v < (0 if k in _MAY_BE_ZERO else 1))
     ]
     if bad:
         raise QiaoError(
@@ -321,7 +341,23 @@ def _check_entry(key: str, entry: Mapping[str, Any]) -> dict[str, Any]:
             f"MoE schedule table entry {key!r}: prefetch_level must be 1 (L1) or 2 (L2), got "
             f"{entry['prefetch_level']}. fix: rerun `qiao tune moe` or correct the entry"
         )
-    return dict(entry)
+    return entry
+
+
+def _cpu_families(key: str, names: Any) -> tuple[str, ...]:
+    from qiao.compiler.schedules.cpu_info import cpu_family_code
+
+    if isinstance(names, str) or not isinstance(names, (list, tuple)):
+        names = [names]
+    try:
+        for name in names:
+            cpu_family_code(name)
+    except ValueError as err:
+        raise QiaoError(
+            f"MoE schedule table entry {key!r}: few_prefetch_off must list CPU families: {err}. "
+            "fix: correct the entry"
+        ) from None
+    return tuple(names)
 
 
 @functools.lru_cache(maxsize=8)
@@ -730,7 +766,7 @@ def tune_cpu(
     the result). Returns ``(table key, schedule, measurements)``.
     """
     from qiao.compiler.schedules.cpu_gemm import fits_registers, register_tiles
-    from qiao.compiler.schedules.cpu_info import cpu_info, require_runnable_here
+    from qiao.compiler.schedules.cpu_info import cpu_info, host_cpu_family, require_runnable_here
     from qiao.compiler.schedules.tuning import MIN_GAIN
 
     require_runnable_here(target, "tune")  # it measures here: foreign code would crash us
@@ -738,7 +774,11 @@ def tune_cpu(
     lanes = info.lanes("float32")
     key = device_keys(target)[0]
     start = lookup(target, root=root)
-    base = start.replace(device=key, vector_lanes=lanes)
+    # a tuned entry is for this machine: what ``few_prefetch_off`` would choose here at run time
+    # becomes the entry's own ``few_prefetch_lines``
+    base = start.replace(device=key, vector_lanes=lanes, few_prefetch_off=())
+    if host_cpu_family() in start.few_prefetch_off:
+        base = base.replace(few_prefetch_lines=0)
     prefill = tokens_prefill or max(1, 32 * cfg.num_experts // cfg.top_k)
     mid = max(1, 8 * cfg.num_experts // cfg.top_k)  # about 8 tokens per expert
     # the load each GEMM's dot-product blocks are scored on (the gate/up GEMM's larger experts
