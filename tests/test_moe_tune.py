@@ -59,6 +59,21 @@ def test_table_picks_entries_by_target():
     )
 
 
+def test_tune_starts_from_what_the_entry_runs_here():
+    """A tune starts from what the entry runs on this machine: on a family its
+    ``few_prefetch_off`` lists, no few-token prefetch (``few_prefetch_lines`` 0); elsewhere its
+    lines; the tuned entry lists no families either way."""
+    from qiao.compiler.schedules.moe_table import MoESchedule, tune_start
+
+    entry = MoESchedule(device="cpu/avx2", few_prefetch_lines=3, few_prefetch_off=("amd-26",))
+    zen5 = tune_start(entry, "cpu/x86-64-v3", 8, "amd-26")
+    zen4 = tune_start(entry, "cpu/x86-64-v3", 8, "amd-25")
+    assert (zen5.few_prefetch_lines, zen4.few_prefetch_lines) == (0, 3)
+    assert zen5.few_prefetch_off == zen4.few_prefetch_off == ()
+    assert zen4 == entry.replace(device="cpu/x86-64-v3", few_prefetch_off=())
+    assert tune_start(entry, "cpu/x86-64-v3", 8, None).few_prefetch_lines == 3
+
+
 def test_table_rejects_bad_entries(tmp_path, monkeypatch):
     from qiao.compiler.errors import QiaoError
     from qiao.compiler.schedules.moe_table import lookup

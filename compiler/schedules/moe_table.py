@@ -707,6 +707,17 @@ def time_stage_kernels(
     return result
 
 
+def tune_start(start: MoESchedule, key: str, lanes: int, family: str | None) -> MoESchedule:
+    """Where ``tune_cpu`` starts for table key ``key`` on a machine of CPU ``family``: ``start``
+    (the entry lookups give) for ``lanes``-float vectors. A tuned entry is for this machine, so
+    what ``few_prefetch_off`` would choose here at run time becomes its own
+    ``few_prefetch_lines`` and it lists no families."""
+    base = start.replace(device=key, vector_lanes=lanes, few_prefetch_off=())
+    if family in start.few_prefetch_off:
+        base = base.replace(few_prefetch_lines=0)
+    return base
+
+
 def tune_cpu(
     target: Any,
     cfg,
@@ -774,11 +785,7 @@ def tune_cpu(
     lanes = info.lanes("float32")
     key = device_keys(target)[0]
     start = lookup(target, root=root)
-    # a tuned entry is for this machine: what ``few_prefetch_off`` would choose here at run time
-    # becomes the entry's own ``few_prefetch_lines``
-    base = start.replace(device=key, vector_lanes=lanes, few_prefetch_off=())
-    if host_cpu_family() in start.few_prefetch_off:
-        base = base.replace(few_prefetch_lines=0)
+    base = tune_start(start, key, lanes, host_cpu_family())
     prefill = tokens_prefill or max(1, 32 * cfg.num_experts // cfg.top_k)
     mid = max(1, 8 * cfg.num_experts // cfg.top_k)  # about 8 tokens per expert
     # the load each GEMM's dot-product blocks are scored on (the gate/up GEMM's larger experts
