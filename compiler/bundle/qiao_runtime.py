@@ -72,13 +72,19 @@ def cpu_family_of(cpuinfo: str) -> str | None:
     return f"{vendor}-{int(family)}" if vendor and family.isdigit() else None
 
 
-def publish_cpu_family() -> None:
-    """Tell the kernels this machine's CPU family unless the user has (0: unknown)."""
+def read_cpuinfo() -> str | None:
+    """/proc/cpuinfo's text (None: not there, another OS)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            family = cpu_family_of(f.read())
+            return f.read()
     except OSError:
-        family = None
+        return None
+
+
+def publish_cpu_family() -> None:
+    """Tell the kernels this machine's CPU family unless the user has (0: unknown)."""
+    text = read_cpuinfo()
+    family = None if text is None else cpu_family_of(text)
     code = 0
     if family:
         vendor, _, number = family.partition("-")
@@ -165,10 +171,8 @@ def host_arch() -> str:
 def host_cpu_features() -> set[str] | None:
     """LLVM names of the checked SIMD features the OS reports (``None``: cannot tell)."""
     table = ARM_FLAGS if host_arch() == "aarch64" else X86_FLAGS
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            text = f.read()
-    except OSError:
+    text = read_cpuinfo()
+    if text is None:
         return None
     flags: set[str] = set()
     for line in text.splitlines():

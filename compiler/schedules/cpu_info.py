@@ -119,13 +119,21 @@ def host_arch() -> str:
 
 
 @functools.lru_cache(maxsize=1)
+def _cpuinfo() -> str | None:
+    """``/proc/cpuinfo``'s text, read once (``None``: not there, another OS)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+@functools.lru_cache(maxsize=1)
 def host_cpu_features() -> frozenset[str] | None:
     """LLVM names of the checked SIMD features this machine's OS reports (``None``: unknown)."""
     table = _ARM_FLAGS if host_arch() == "aarch64" else _X86_FLAGS
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            text = f.read()
-    except OSError:
+    text = _cpuinfo()
+    if text is None:
         return None
     flags: set[str] = set()
     for line in text.splitlines():
@@ -255,14 +263,10 @@ def cpu_family_of(cpuinfo: str) -> str | None:
     return f"{vendor}-{int(family)}" if vendor and family.isdigit() else None
 
 
-@functools.lru_cache(maxsize=1)
 def host_cpu_family() -> str | None:
     """This machine's CPU family name (``cpu_family_of``); ``None`` where it cannot tell."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            return cpu_family_of(f.read())
-    except OSError:
-        return None
+    text = _cpuinfo()
+    return None if text is None else cpu_family_of(text)
 
 
 def publish_cpu_family() -> None:
